@@ -1,0 +1,1 @@
+"""The table (commands.yaml): its model, its loader and key expressions."""

@@ -1,0 +1,213 @@
+"""The loaded table as immutable values (SPEC 3).
+
+Owns: the attrs classes a loaded commands.yaml becomes, with normalised units
+(seconds as float, bytes as int, rates per second) and their defaults.
+Must not: parse YAML or text units (that is `loader.py`), or do I/O. A reload
+builds a whole new `Table`; nothing here is ever mutated.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import attrs
+
+from tlvproxy.config.keys import KeyExpr
+from tlvproxy.framing import HeaderLayout, default_layout
+
+if TYPE_CHECKING:
+    from tlvproxy.routing import Router
+    from tlvproxy.schema.codec import CommandCodec
+    from tlvproxy.schema.protos import Schema
+
+Codec = Literal["protobuf", "json", "raw"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@attrs.frozen(slots=True)
+class Address:
+    """A TCP address; `str()` gives HOST:PORT ([v6]:PORT for IPv6)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class ListenSpec:
+    http: Address = Address("0.0.0.0", 8080)
+    admin: Address | None = Address("127.0.0.1", 9180)
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class ProtoSpec:
+    paths: tuple[Path, ...] = ()
+    files: tuple[str, ...] = ()
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class NodeSpec:
+    address: Address
+    weight: int = 1
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class HeartbeatSpec:
+    command: int
+    interval: float
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class HealthSpec:
+    unhealthy_after: int = 3
+    healthy_after: int = 2
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class UpstreamSpec:
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    balance: Literal["round_robin", "consistent_hash"] = "round_robin"
+    hash_on: KeyExpr | None = None
+    connections: int = 2
+    connect_timeout: float = 1.0
+    timeout: float = 3.0
+    retries: int = 1
+    heartbeat: HeartbeatSpec | None = None
+    health: HealthSpec = HealthSpec()
+    # Cap on requests in flight per pooled connection (backpressure on slow nodes).
+    max_in_flight: int = 1024
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class JsonOptions:
+    field_names: Literal["proto", "camel"] = "proto"
+    enums: Literal["name", "number"] = "name"
+    emit_defaults: bool = True
+    ignore_unknown_fields: bool = False
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class HttpRouteSpec:
+    method: str
+    path: str
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class CommandSpec:
+    """One row of `commands`. A push command has `push` set and no http/upstream."""
+
+    name: str
+    command: int
+    upstream: str | None = None
+    codec: Codec = "protobuf"
+    request: str | None = None
+    response: str | None = None
+    push: str | None = None
+    http: HttpRouteSpec | None = None
+    uid: KeyExpr | None = None
+    fields: Mapping[str, KeyExpr] = attrs.field(factory=dict)
+    timeout: float | None = None
+    idempotent: bool = False
+    json: JsonOptions | None = None
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class WebSocketSpec:
+    path: str = "/ws"
+    upstream: str
+    hash_on: KeyExpr | None = None
+    uid: KeyExpr | None = None
+    mode: Literal["json", "binary"] = "json"
+    max_message: int = 64 * 1024
+    idle_timeout: float = 120.0
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class Limits:
+    max_header_bytes: int = 16 * 1024
+    max_request_body: int = 1024 * 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class RateLimitRule:
+    name: str
+    commands: tuple[str, ...] | None  # None: every command
+    key: KeyExpr
+    rate: float  # requests per second
+    burst: int = 0
+
+
+WafLocation = Literal["path", "query", "body", "headers"]
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class WafRule:
+    name: str
+    locations: frozenset[WafLocation]
+    pattern: re.Pattern[str]
+    action: Literal["deny", "log"] = "deny"
+
+
+@attrs.frozen(kw_only=True)
+class Table:
+    """A whole loaded table: configuration plus what was compiled from it.
+
+    `schema`, `codecs` and `router` are built by the loader; `version` is a digest
+    of the table file and the .proto files it compiled.
+    """
+
+    source: Path | None = None
+    version: str = ""
+    listen: ListenSpec = ListenSpec()
+    admin_token: str | None = None
+    workers: int = 1
+    http_parser: Literal["auto", "h11", "httptools"] = "auto"
+    trusted_proxies: tuple[Network, ...] = ()
+    shutdown_timeout: float = 30.0
+    proto: ProtoSpec = ProtoSpec()
+    framing: HeaderLayout = attrs.field(factory=default_layout)
+    upstreams: Mapping[str, UpstreamSpec] = attrs.field(factory=dict)
+    commands: tuple[CommandSpec, ...] = ()
+    json: JsonOptions = JsonOptions()
+    status_map: Mapping[int, int] = attrs.field(factory=dict)
+    envelope: bool = False
+    websocket: WebSocketSpec | None = None
+    limits: Limits = Limits()
+    rate_limits: tuple[RateLimitRule, ...] = ()
+    waf: tuple[WafRule, ...] = ()
+    demo: bool = False  # serve the web IM demo page at /demo/
+
+    schema: Schema | None = None
+    codecs: Mapping[str, CommandCodec] = attrs.field(factory=dict)
+    router: Router | None = None
+
+    commands_by_name: Mapping[str, CommandSpec] = attrs.field(init=False, repr=False)
+    commands_by_number: Mapping[int, CommandSpec] = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        _set = object.__setattr__
+        _set(self, "commands_by_name", {c.name: c for c in self.commands})
+        _set(self, "commands_by_number", {c.command: c for c in self.commands})
+
+    def find_command(self, name_or_number: str | int) -> CommandSpec | None:
+        """A command by name, by number, or by a numeric string like "0x1001" or "4097"."""
+        if isinstance(name_or_number, int) and not isinstance(name_or_number, bool):
+            return self.commands_by_number.get(name_or_number)
+        if not isinstance(name_or_number, str):
+            return None
+        found = self.commands_by_name.get(name_or_number)
+        if found is not None:
+            return found
+        try:
+            return self.commands_by_number.get(int(name_or_number, 0))
+        except ValueError:
+            return None
