@@ -8,13 +8,20 @@ The decoder has the shape of `h11.Connection`: `receive_data(chunk)` only
 buffers (b"" means EOF), `next_event()` returns a `Frame`, `NEED_DATA` or
 `ConnectionClosed`, or raises a `FramingError`. After an error it stays broken:
 the SPEC forbids resynchronising on a stream whose framing we no longer trust.
+
+Every upstream byte goes through the decoder, so it is built for speed: each
+layout compiles, once, a decoding function specialised to its fields (as attrs
+and namedtuple generate their `__init__`), and the decoder keeps each chunk as
+the `bytes` it was given and slices bodies straight out of it. Only a frame that
+straddles chunks is copied together.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, Literal
 
 import attrs
@@ -29,9 +36,13 @@ FLAG_PUSH: Final = 0x02
 FieldType = Literal["u8", "u16", "u32", "u64"]
 _STRUCT_CODES: Final[dict[str, str]] = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q"}
 _FIELD_BITS: Final[dict[str, int]] = {"u8": 8, "u16": 16, "u32": 32, "u64": 64}
-# Fields the gateway fills itself; every other field is sent as its `value` or 0.
-_STANDARD: Final = ("command", "seq", "uid", "flags", "status")
+# Fields the gateway fills itself (SPEC 1); any other field is sent as its `value` or 0.
+_FRAME_FIELDS: Final = ("command", "seq", "uid", "flags", "status")
 _REQUIRED: Final = ("command", "seq", "length")
+# Chunks smaller than this that arrive behind a partial frame are appended to one
+# bytearray rather than queued one by one: a peer trickling single bytes must not
+# make the decoder hold a Python object per byte.
+_SMALL_CHUNK: Final = 4096
 
 
 class NeedData(enum.Enum):
@@ -64,32 +75,50 @@ class FramingError(Exception):
 
 
 class BadStartByte(FramingError):
+    """A frame did not begin with 0x09; `offset` is that byte's."""
+
     reason = "bad_start_byte"
 
 
 class BadEndByte(FramingError):
+    """The byte after a body was not 0x0a; `offset` is that byte's."""
+
     reason = "bad_end_byte"
 
 
 class BodyTooLarge(FramingError):
+    """A header declared a body over max_body; `offset` is the length field's."""
+
     reason = "body_too_large"
 
 
 class LengthTooSmall(FramingError):
+    """With length_counts=frame, a length below start + header + end; `offset` is the
+    length field's."""
+
     reason = "length_too_small"
 
 
 class TruncatedFrame(FramingError):
+    """The stream ended inside a frame; `offset` is the end of the stream."""
+
     reason = "truncated_frame"
 
 
 class DecoderBroken(FramingError):
-    """A call on a decoder that has already raised: it never resynchronises."""
+    """A call on a decoder that has already raised: it never resynchronises.
+
+    `offset` is the failed error's; `cause` is that error.
+    """
 
     reason = "decoder_broken"
 
+    def __init__(self, cause: FramingError) -> None:
+        super().__init__(f"the decoder already failed ({cause})", cause.offset)
+        self.cause = cause
 
-# ---------------------------------------------------------------- layouts
+
+# ---------------------------------------------------------------- values
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -109,6 +138,7 @@ class Frame:
 
     `extra` holds the values of the layout's other fields (version, reserved or
     custom ones) in layout order; an empty tuple means "send their `value` or 0".
+    A field the layout lacks (uid, flags, status) decodes as 0 and is not sent.
     """
 
     command: int
@@ -128,42 +158,32 @@ class Frame:
         return bool(self.flags & FLAG_PUSH)
 
 
-def _build_frame(
-    command: int,
-    seq: int,
-    uid: int,
-    flags: int,
-    status: int,
-    body: bytes,
-    extra: tuple[int, ...],
-) -> Frame:
-    # attrs' frozen __init__ sets each slot through object.__setattr__; the
-    # decoder builds a million frames a second, so it fills the slots directly.
-    frame = object.__new__(Frame)
-    _set = object.__setattr__
-    _set(frame, "command", command)
-    _set(frame, "seq", seq)
-    _set(frame, "uid", uid)
-    _set(frame, "flags", flags)
-    _set(frame, "status", status)
-    _set(frame, "body", body)
-    _set(frame, "extra", extra)
-    return frame
-
-
 class LayoutError(ValueError):
     """A `framing` section that cannot describe a header."""
 
 
+def _field_tuple(fields: Iterable[HeaderField]) -> tuple[HeaderField, ...]:
+    # A list from a caller would make the layout unhashable; tables compare layouts.
+    return tuple(fields)
+
+
+# The decoder's per-layout functions: `scan(decoder)` is `next_event`, and
+# `from_wire(frame_bytes)` decodes one complete, checked frame.
+_Scan = Callable[["FrameDecoder"], "Frame | NeedData | ConnectionClosed"]
+_PackWire = Callable[[int, int, int, int, int, bytes, tuple[int, ...]], bytes]
+
+
 @attrs.frozen(slots=True, kw_only=True)
 class HeaderLayout:
-    """A header layout (SPEC 3 `framing`), compiled once to a `struct.Struct`.
+    """A header layout (SPEC 3 `framing`), compiled once when it is built.
 
     Raises LayoutError when a required field is missing, a name repeats, a type
-    is unknown, a fixed value does not fit its field or max_body is negative.
+    is unknown, a field the gateway fills has a fixed value, a fixed value does
+    not fit its field, the length field cannot count the smallest frame, or
+    max_body is negative.
     """
 
-    fields: tuple[HeaderField, ...]
+    fields: tuple[HeaderField, ...] = attrs.field(converter=_field_tuple)
     byte_order: Literal["big", "little"] = "big"
     length_counts: Literal["body", "frame"] = "body"
     max_body: int = DEFAULT_MAX_BODY
@@ -173,16 +193,38 @@ class HeaderLayout:
     frame_overhead: int = attrs.field(init=False, eq=False, repr=False)
     extra_names: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
     _index: dict[str, int] = attrs.field(init=False, eq=False, repr=False)
-    _extra_index: tuple[int, ...] = attrs.field(init=False, eq=False, repr=False)
-    _extra_defaults: tuple[int, ...] = attrs.field(init=False, eq=False, repr=False)
+    _length_offset: int = attrs.field(init=False, eq=False, repr=False)
+    _scan: _Scan = attrs.field(init=False, eq=False, repr=False)
+    _from_wire: Callable[[bytes], Frame] = attrs.field(init=False, eq=False, repr=False)
+    _pack_wire: _PackWire = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise LayoutError("; ".join(problems))
+        prefix = ">" if self.byte_order == "big" else "<"
+        codes = "".join(_STRUCT_CODES[f.type] for f in self.fields)
         names = [f.name for f in self.fields]
-        problems = [f"duplicate header field {n!r}" for n in sorted(set(names)) if names.count(n) > 1]
+        length_at = names.index("length")
+        _set = object.__setattr__
+        _set(self, "header", struct.Struct(prefix + codes))
+        _set(self, "frame_overhead", self.header.size + 2)
+        _set(self, "extra_names", tuple(n for n in names if n not in (*_FRAME_FIELDS, "length")))
+        _set(self, "_index", {name: i for i, name in enumerate(names)})
+        _set(self, "_length_offset", struct.calcsize(prefix + codes[:length_at]))
+        _compile(self)
+
+    def _problems(self) -> list[str]:
+        names = [f.name for f in self.fields]
+        problems = [
+            f"duplicate header field {n!r}" for n in sorted(set(names)) if names.count(n) > 1
+        ]
         problems += [f"the header needs a {n!r} field" for n in _REQUIRED if n not in names]
         for f in self.fields:
             if f.type not in _STRUCT_CODES:
                 problems.append(f"field {f.name!r}: unknown type {f.type!r} (u8, u16, u32, u64)")
+            elif f.value is not None and f.name in (*_FRAME_FIELDS, "length"):
+                problems.append(f"field {f.name!r} is filled by the gateway and takes no value")
             elif f.value is not None and not 0 <= f.value <= f.max_value:
                 problems.append(f"field {f.name!r}: value {f.value} does not fit {f.type}")
         if self.byte_order not in ("big", "little"):
@@ -190,20 +232,15 @@ class HeaderLayout:
         if self.length_counts not in ("body", "frame"):
             problems.append(f"length_counts must be body or frame, not {self.length_counts!r}")
         if self.max_body < 0:
-            problems.append("max_body cannot be negative")
-        if problems:
-            raise LayoutError("; ".join(problems))
-        prefix = ">" if self.byte_order == "big" else "<"
-        header = struct.Struct(prefix + "".join(_STRUCT_CODES[f.type] for f in self.fields))
-        index = {name: i for i, name in enumerate(names)}
-        extra = tuple(i for i, n in enumerate(names) if n not in _STANDARD and n != "length")
-        _set = object.__setattr__
-        _set(self, "header", header)
-        _set(self, "frame_overhead", header.size + 2)
-        _set(self, "extra_names", tuple(names[i] for i in extra))
-        _set(self, "_index", index)
-        _set(self, "_extra_index", extra)
-        _set(self, "_extra_defaults", tuple(self.fields[i].value or 0 for i in extra))
+            problems.append(f"max_body cannot be negative, got {self.max_body}")
+        if not problems and self.length_counts == "frame":
+            length = next(f for f in self.fields if f.name == "length")
+            smallest = 2 + sum(_FIELD_BITS[f.type] for f in self.fields) // 8
+            if smallest > length.max_value:
+                problems.append(
+                    f"a {length.type} length cannot count even an empty {smallest}-byte frame"
+                )
+        return problems
 
     def has(self, name: str) -> bool:
         """Whether the layout has a field of that name (flags, status and uid are optional)."""
@@ -219,7 +256,10 @@ class HeaderLayout:
         return self.max_body + self.frame_overhead
 
     def field_max(self, name: str) -> int:
-        """The largest value the named field can hold (seq wraps there)."""
+        """The largest value the named field can hold (seq wraps there).
+
+        Raises KeyError if the layout has no such field.
+        """
         return self.fields[self._index[name]].max_value
 
 
@@ -240,79 +280,147 @@ def default_layout(max_body: int = DEFAULT_MAX_BODY) -> HeaderLayout:
     )
 
 
+# ---------------------------------------------------------------- compiling a layout
+
+# Only integers, reprs of integer tuples and generated names are formatted into
+# these templates, never a string from the table.
+_DECODE_SOURCE: Final = """\
+def scan(self):
+    buf = self._buf
+    pos = self._pos
+    header_end = pos + {header_end}
+    if header_end <= len(buf) and buf[pos] == {start}:
+        {values} = unpack_from(buf, pos + 1)
+        if {length_ok}:
+            body_end = header_end + {body_length}
+            if body_end < len(buf) and buf[body_end] == {end}:
+                self._pos = body_end + 1
+                {build_frame}
+                return frame
+    return self._slow()
+
+
+def from_wire(buf):
+    {values} = unpack_from(buf, 1)
+    header_end = {header_end}
+    body_end = len(buf) - 1
+    {build_frame}
+    return frame
+
+
+def pack_wire(command, seq, uid, flags, status, body, extra):
+    if len(body) > {max_body}:
+        raise ValueError(f"body of {{len(body)}} bytes is over max_body {max_body}")
+    {take_extra}
+    try:
+        head = pack({start}, {pack_args})
+    except struct_error as exc:
+        raise ValueError(f"a header value does not fit the layout: {{exc}}") from None
+    return b"".join((head, body, {end_bytes!r}))
+"""
+
+
+def _extra_count_message(extra: tuple[int, ...], expected: int) -> str:
+    return f"the frame carries {len(extra)} extra header values, the layout has {expected}"
+
+
+def _compile(layout: HeaderLayout) -> None:
+    """Generate the layout's decode and encode functions (see the module docstring)."""
+    names = [f.name for f in layout.fields]
+    values = [f"v{i}" for i in range(len(names))]
+    extras = [i for i, n in enumerate(names) if n not in (*_FRAME_FIELDS, "length")]
+    length = values[names.index("length")]
+    overhead = layout.header.size + 2
+
+    def field(name: str) -> str:
+        return values[names.index(name)] if name in names else "0"
+
+    if layout.length_counts == "body":
+        length_ok, body_length, wire_length = f"{length} <= {layout.max_body}", length, "len(body)"
+    else:
+        length_ok = f"{overhead} <= {length} <= {layout.max_body + overhead}"
+        body_length = f"{length} - {overhead}"
+        wire_length = f"len(body) + {overhead}"
+    # One line of statements, so that it fits any indentation of the template.
+    build_frame = "; ".join(
+        [
+            "frame = new(Frame)",
+            *(f"set_{name}(frame, {field(name)})" for name in _FRAME_FIELDS),
+            "set_body(frame, buf[header_end:body_end])",
+            f"set_extra(frame, ({''.join(values[i] + ', ' for i in extras)}))",
+        ]
+    )
+    if extras:
+        defaults = tuple(layout.fields[i].value or 0 for i in extras)
+        take_extra = (
+            f"if not extra:\n        extra = {defaults!r}\n"
+            f"    elif len(extra) != {len(extras)}:\n"
+            f"        raise ValueError(extra_count_message(extra, {len(extras)}))\n"
+            f"    {''.join(f'e{k}, ' for k in range(len(extras)))}= extra"
+        )
+    else:
+        take_extra = "if extra:\n        raise ValueError(extra_count_message(extra, 0))"
+    pack_args = [
+        wire_length if name == "length" else f"e{extras.index(i)}" if i in extras else name
+        for i, name in enumerate(names)
+    ]
+    source = _DECODE_SOURCE.format(
+        header_end=1 + layout.header.size,
+        start=START_BYTE,
+        end=END_BYTE,
+        end_bytes=bytes([END_BYTE]),
+        values=", ".join(values),
+        length_ok=length_ok,
+        body_length=body_length,
+        build_frame=build_frame,
+        max_body=layout.max_body,
+        take_extra=take_extra,
+        pack_args=", ".join(pack_args),
+    )
+    namespace: dict[str, object] = {
+        "unpack_from": layout.header.unpack_from,
+        # The start byte is packed with the header: one concatenation less per frame.
+        "pack": struct.Struct(layout.header.format[0] + "B" + layout.header.format[1:]).pack,
+        "struct_error": struct.error,
+        "extra_count_message": _extra_count_message,
+        "new": object.__new__,
+        "Frame": Frame,
+        **{f"set_{a.name}": getattr(Frame, a.name).__set__ for a in attrs.fields(Frame)},
+    }
+    exec(compile(source, f"<tlvproxy.framing: {layout.header.format}>", "exec"), namespace)
+    _set = object.__setattr__
+    _set(layout, "_scan", namespace["scan"])
+    _set(layout, "_from_wire", namespace["from_wire"])
+    _set(layout, "_pack_wire", namespace["pack_wire"])
+
+
 # ---------------------------------------------------------------- encoding
 
 
-def _header_values(layout: HeaderLayout, frame: Frame) -> list[int]:
-    extra = frame.extra or layout._extra_defaults
-    if len(extra) != len(layout._extra_index):
-        raise ValueError(
-            f"frame carries {len(extra)} extra header values, "
-            f"the layout has {len(layout._extra_index)}"
-        )
-    length = len(frame.body) + (layout.frame_overhead if layout.length_counts == "frame" else 0)
-    values = [0] * len(layout.fields)
-    for position, value in zip(layout._extra_index, extra, strict=True):
-        values[position] = value
-    index = layout._index
-    values[index["command"]] = frame.command
-    values[index["seq"]] = frame.seq
-    values[index["length"]] = length
-    for name in ("uid", "flags", "status"):
-        if name in index:
-            values[index[name]] = getattr(frame, name)
-    return values
-
-
 def encode_frame(layout: HeaderLayout, frame: Frame) -> bytes:
-    """The wire bytes of `frame`. Raises ValueError if a field does not fit the layout."""
-    if len(frame.body) > layout.max_body:
-        raise ValueError(f"body of {len(frame.body)} bytes is over max_body {layout.max_body}")
-    try:
-        header = layout.header.pack(*_header_values(layout, frame))
-    except struct.error as exc:
-        raise ValueError(f"a header value does not fit the layout: {exc}") from None
-    return b"\x09" + header + frame.body + b"\x0a"
+    """The wire bytes of `frame`.
+
+    Raises ValueError if the body is over max_body, `extra` has the wrong number
+    of values, or a value does not fit its field.
+    """
+    return layout._pack_wire(
+        frame.command, frame.seq, frame.uid, frame.flags, frame.status, frame.body, frame.extra
+    )
 
 
 class RequestEncoder:
     """The fast path for the frames the gateway sends most: requests.
 
-    Precomputes everything but command, seq, uid and body; `encode` returns the
-    wire bytes. Raises ValueError like `encode_frame`.
+    `encode` returns the wire bytes and raises ValueError like `encode_frame`.
     """
 
-    __slots__ = ("_layout", "_pack", "_positions", "_template")
+    __slots__ = ("_pack_wire",)
 
     def __init__(self, layout: HeaderLayout) -> None:
-        self._layout = layout
-        self._pack = layout.header.pack
-        template = _header_values(
-            layout, Frame(command=0, seq=0, uid=0, flags=0, status=0, extra=())
-        )
-        self._template = template
-        idx = layout._index
-        self._positions = (idx["command"], idx["seq"], idx.get("uid"), idx["length"])
+        self._pack_wire = layout._pack_wire
 
     def encode(self, command: int, seq: int, uid: int, body: bytes, flags: int = 0) -> bytes:
-        layout = self._layout
-        if len(body) > layout.max_body:
-            raise ValueError(f"body of {len(body)} bytes is over max_body {layout.max_body}")
-        values = self._template.copy()
-        p_command, p_seq, p_uid, p_length = self._positions
-        values[p_command] = command
-        values[p_seq] = seq
-        if p_uid is not None:
-            values[p_uid] = uid
-        if flags and "flags" in layout._index:
-            values[layout._index["flags"]] = flags
-        values[p_length] = len(body) + (
-            layout.frame_overhead if layout.length_counts == "frame" else 0
-        )
-        try:
-            return b"\x09" + self._pack(*values) + body + b"\x0a"
-        except struct.error as exc:
-            raise ValueError(f"a header value does not fit the layout: {exc}") from None
+        return self._pack_wire(command, seq, uid, flags, 0, body, ())
 
 
 # ---------------------------------------------------------------- decoding
@@ -321,60 +429,72 @@ class RequestEncoder:
 class FrameDecoder:
     """Incremental, bounded TLV decoder (SPEC 1).
 
-    Holds at most one maximal frame plus the chunk being fed. Its work is linear
-    in the bytes fed, whatever the chunking: consumed bytes are dropped once per
-    `receive_data`, never by re-slicing the buffer per frame.
+    Fed a chunk at a time and drained with `next_event` after each, it holds at
+    most one maximal frame plus one chunk. Its work is linear in the bytes fed,
+    whatever the chunking: a frame inside a chunk is sliced out of it, and a frame
+    that straddles chunks is joined once, when all of it has arrived.
     """
 
     __slots__ = (
-        "_buffer",
+        "_buf",
         "_closed",
-        "_consumed",
         "_error",
+        "_frame_size",
         "_layout",
+        "_pending",
+        "_pending_size",
         "_pos",
-        "_unpack_from",
-        "_getters",
+        "_received",
+        "_scan",
     )
 
     def __init__(self, layout: HeaderLayout) -> None:
         self._layout = layout
-        self._unpack_from = layout.header.unpack_from
-        self._buffer = bytearray()
-        self._pos = 0  # parse position inside _buffer
-        self._consumed = 0  # stream offset of _buffer[0]
+        self._scan = layout._scan
+        # The chunk being parsed, always `bytes` so bodies slice out with one copy,
+        # and the parse position in it.
+        self._buf = b""
+        self._pos = 0
+        # Chunks that arrived while _buf still held part of a frame; each element
+        # is bytes or, for runs of small chunks, a bytearray collecting them.
+        self._pending: collections.deque[bytes | bytearray] = collections.deque()
+        self._pending_size = 0
+        self._received = 0  # bytes fed in all, so stream offsets need no bookkeeping
+        self._frame_size = 0  # size of the frame at _pos once its header is parsed
         self._closed = False
         self._error: FramingError | None = None
-        idx = layout._index
-        self._getters = (
-            idx["command"],
-            idx["seq"],
-            idx.get("uid"),
-            idx.get("flags"),
-            idx.get("status"),
-            idx["length"],
-            layout._extra_index,
-        )
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as a frame."""
-        return len(self._buffer) - self._pos
+        return len(self._buf) - self._pos + self._pending_size
 
     def receive_data(self, data: bytes) -> None:
-        """Buffer `data`; b"" means the peer closed the stream (EOF)."""
+        """Buffer `data`; b"" means the peer closed the stream (EOF).
+
+        Raises DecoderBroken after a FramingError, RuntimeError for data after EOF.
+        """
         if self._error is not None:
-            raise DecoderBroken("the decoder already failed", self._error.offset)
+            raise DecoderBroken(self._error)
         if not data:
             self._closed = True
             return
         if self._closed:
             raise RuntimeError("data received after EOF")
-        if self._pos:
-            del self._buffer[: self._pos]
-            self._consumed += self._pos
+        self._received += len(data)
+        if self._pos == len(self._buf) and not self._pending:
+            # bytes(x) is x itself for bytes, a private copy of a mutable buffer.
+            self._buf = bytes(data)
             self._pos = 0
-        self._buffer += data
+            return
+        pending = self._pending
+        self._pending_size += len(data)
+        if len(data) >= _SMALL_CHUNK:
+            pending.append(bytes(data))
+        elif pending and isinstance(pending[-1], bytearray):
+            pending[-1] += data
+        else:
+            pending.append(bytearray(data))
 
     def next_event(self) -> Frame | NeedData | ConnectionClosed:
         """The next complete `Frame`, `NEED_DATA`, or `ConnectionClosed` after a clean EOF.
@@ -383,59 +503,130 @@ class FrameDecoder:
         LengthTooSmall, TruncatedFrame) naming the stream offset; from then on
         every call raises DecoderBroken.
         """
-        if self._error is not None:
-            raise DecoderBroken("the decoder already failed", self._error.offset)
-        buffer = self._buffer
-        pos = self._pos
-        available = len(buffer) - pos
-        layout = self._layout
-        header_end = pos + 1 + layout.header.size
-        if available == 0:
-            return ConnectionClosed() if self._closed else NEED_DATA
-        if buffer[pos] != START_BYTE:
-            raise self._fail(BadStartByte, f"start byte 0x{buffer[pos]:02x}, expected 0x09", pos)
-        if len(buffer) < header_end:
-            return self._need_more()
-        values = self._unpack_from(buffer, pos + 1)
-        g_command, g_seq, g_uid, g_flags, g_status, g_length, g_extra = self._getters
-        length = values[g_length]
-        if layout.length_counts == "frame":
-            if length < layout.frame_overhead:
-                raise self._fail(
-                    LengthTooSmall,
-                    f"frame length {length} is below the {layout.frame_overhead}-byte minimum",
-                    pos + 1,
-                )
-            length -= layout.frame_overhead
-        if length > layout.max_body:
-            raise self._fail(
-                BodyTooLarge, f"body length {length} is over max_body {layout.max_body}", pos + 1
-            )
-        body_end = header_end + length
-        if len(buffer) <= body_end:
-            return self._need_more()
-        if buffer[body_end] != END_BYTE:
-            raise self._fail(BadEndByte, f"end byte 0x{buffer[body_end]:02x}, expected 0x0a", body_end)
-        self._pos = body_end + 1
-        return _build_frame(
-            values[g_command],
-            values[g_seq],
-            0 if g_uid is None else values[g_uid],
-            0 if g_flags is None else values[g_flags],
-            0 if g_status is None else values[g_status],
-            bytes(buffer[header_end:body_end]),
-            tuple(values[i] for i in g_extra) if g_extra else (),
-        )
+        return self._scan(self)
 
-    def _need_more(self) -> NeedData:
+    def _slow(self) -> Frame | NeedData | ConnectionClosed:
+        # Everything the layout's compiled scan does not handle: the end of the
+        # chunk, frames that straddle chunks, EOF and every error.
+        if self._error is not None:
+            raise DecoderBroken(self._error)
+        buf, pos = self._buf, self._pos
+        available = len(buf) - pos
+        if available == 0:
+            if self._pending:
+                self._promote(0)
+                return self._scan(self)
+            return ConnectionClosed() if self._closed else NEED_DATA
+        start = self._received - self._pending_size - available
+        if buf[pos] != START_BYTE:
+            raise self._fail(BadStartByte(f"start byte 0x{buf[pos]:02x}, expected 0x09", start))
+        layout = self._layout
+        size = self._frame_size
+        if not size:
+            header = self._peek(1 + layout.header.size)
+            if header is None:
+                return self._need_more(start)
+            size = self._check_length(header, start)
+            # Kept so that a frame trickling in is not re-parsed for every chunk.
+            self._frame_size = size
+        if available >= size:
+            wire = buf[pos : pos + size]
+            self._pos = pos + size
+        elif available + self._pending_size >= size:
+            wire = self._take(size)
+        else:
+            return self._need_more(start)
+        if wire[-1] != END_BYTE:
+            raise self._fail(
+                BadEndByte(f"end byte 0x{wire[-1]:02x}, expected 0x0a", start + size - 1)
+            )
+        self._frame_size = 0
+        return layout._from_wire(wire)
+
+    def _check_length(self, header: bytes, start: int) -> int:
+        # The frame's size, once its header is in: a length over max_body is refused
+        # before any of the body is waited for, as h11 refuses an oversized head.
+        layout = self._layout
+        length: int = layout.header.unpack_from(header, 1)[layout._index["length"]]
+        at = start + 1 + layout._length_offset
+        overhead = layout.frame_overhead
+        body = length
+        if layout.length_counts == "frame":
+            if length < overhead:
+                raise self._fail(
+                    LengthTooSmall(
+                        f"frame length {length} is below the {overhead}-byte minimum", at
+                    )
+                )
+            body = length - overhead
+        if body > layout.max_body:
+            raise self._fail(
+                BodyTooLarge(f"body length {body} is over max_body {layout.max_body}", at)
+            )
+        return body + overhead
+
+    def _peek(self, size: int) -> bytes | None:
+        """The next `size` bytes, or None if fewer have arrived; consumes nothing."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= size:
+            return buf[pos : pos + size]
+        if len(buf) - pos + self._pending_size < size:
+            return None
+        parts: list[bytes | bytearray] = [buf[pos:]]
+        missing = size - len(parts[0])
+        for chunk in self._pending:
+            parts.append(chunk[:missing])
+            missing -= len(parts[-1])
+            if not missing:
+                break
+        return b"".join(parts)
+
+    def _take(self, size: int) -> bytes:
+        """Consume the next `size` bytes, which reach into the pending chunks."""
+        parts: list[bytes | bytearray] = [self._buf[self._pos :]]
+        missing = size - len(parts[0])
+        pending = self._pending
+        while missing:
+            chunk = pending[0]
+            if len(chunk) > missing:
+                parts.append(chunk[:missing])
+                self._promote(missing)
+                break
+            parts.append(pending.popleft())
+            self._pending_size -= len(chunk)
+            missing -= len(chunk)
+        else:
+            self._buf, self._pos = b"", 0
+        return b"".join(parts)
+
+    def _promote(self, skip: int) -> None:
+        # The first pending chunk becomes the one being parsed, from `skip` on.
+        chunk = self._pending.popleft()
+        self._pending_size -= len(chunk)
+        if isinstance(chunk, bytes):
+            self._buf, self._pos = chunk, skip
+        else:
+            # A bytearray collected small chunks: copy only what is left of it.
+            del chunk[:skip]
+            self._buf, self._pos = bytes(chunk), 0
+
+    def _need_more(self, start: int) -> NeedData:
         if self._closed:
-            raise self._fail(TruncatedFrame, "the stream ended inside a frame", len(self._buffer))
+            raise self._fail(
+                TruncatedFrame(
+                    f"the stream ended {self._received - start} bytes into a frame",
+                    self._received,
+                )
+            )
         return NEED_DATA
 
-    def _fail(self, kind: type[FramingError], message: str, at: int) -> FramingError:
-        # `at` is a position in the buffer; the caller gets a stream offset.
-        self._error = kind(message, self._consumed + at)
-        return self._error
+    def _fail(self, error: FramingError) -> FramingError:
+        # Dead for good (SPEC 1): drop the buffered bytes, keep the error to repeat.
+        self._error = error
+        self._buf, self._pos = b"", 0
+        self._pending.clear()
+        self._pending_size = 0
+        return error
 
 
 def iter_frames(layout: HeaderLayout, chunks: Iterable[bytes]) -> list[Frame]:
@@ -444,10 +635,6 @@ def iter_frames(layout: HeaderLayout, chunks: Iterable[bytes]) -> list[Frame]:
     frames: list[Frame] = []
     for chunk in [*chunks, b""]:
         decoder.receive_data(chunk)
-        while True:
-            event = decoder.next_event()
-            if isinstance(event, Frame):
-                frames.append(event)
-            else:
-                break
+        while isinstance(event := decoder.next_event(), Frame):
+            frames.append(event)
     return frames

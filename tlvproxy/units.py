@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# A bare number is seconds, as an unquoted YAML number is, so "7" means 7s.
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
