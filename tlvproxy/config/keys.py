@@ -7,11 +7,13 @@ Must not: parse HTTP itself; the server builds the view from what it parsed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import attrs
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 KeySource = Literal["remote_addr", "header", "query", "path", "cookie"]
 _SOURCES: tuple[KeySource, ...] = ("header", "query", "path", "cookie")
@@ -76,7 +78,7 @@ def parse_key(text: object) -> KeyExpr:
         return KeyExpr("remote_addr")
     source, dot, name = text.partition(".")
     if dot and name and source in _SOURCES:
-        return KeyExpr(source, name.lower() if source == "header" else name)  # type: ignore[arg-type]  # narrowed by _SOURCES
+        return KeyExpr(source, name.lower() if source == "header" else name)
     raise ValueError(
         f"invalid key expression {text!r}: use remote_addr, header.NAME, query.NAME, "
         "path.NAME or cookie.NAME"

@@ -9,17 +9,18 @@ builds a whole new `Table`; nothing here is ever mutated.
 from __future__ import annotations
 
 import ipaddress
-import re
-from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from tlvproxy.config.keys import KeyExpr
 from tlvproxy.framing import HeaderLayout, default_layout
 
 if TYPE_CHECKING:
+    import re
+    from collections.abc import Mapping
+    from pathlib import Path
+
+    from tlvproxy.config.keys import KeyExpr
     from tlvproxy.routing import Router
     from tlvproxy.schema.codec import CommandCodec
     from tlvproxy.schema.protos import Schema
@@ -109,7 +110,7 @@ class CommandSpec:
     codec: Codec = "protobuf"
     request: str | None = None
     response: str | None = None
-    push: str | None = None
+    push: str | None = None  # the push message; "" for a json/raw push (`push: true`)
     http: HttpRouteSpec | None = None
     uid: KeyExpr | None = None
     fields: Mapping[str, KeyExpr] = attrs.field(factory=dict)

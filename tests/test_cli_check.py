@@ -1,0 +1,108 @@
+"""`tlvproxy check` (SPEC 2): the routes of a good table, every error of a bad one."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "tlvproxy", "check", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_demo_table_passes_and_prints_its_routes():
+    result = check("-c", "commands.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "COMMAND", "METHOD", "PATH", "UPSTREAM", "TYPES"]
+    assert lines[1].split() == [
+        "send_message",
+        "0x1001",
+        "POST",
+        "/v1/messages",
+        "im",
+        "demo.im.SendMessageRequest",
+        "->",
+        "demo.im.SendMessageResponse",
+    ]
+    assert "/v1/users/{user_id}/profile" in lines[2]
+    assert lines[3].split() == ["echo", "0x1003", "POST", "/v1/echo", "im", "json", "->", "json"]
+    assert lines[5].split() == [
+        "new_message",
+        "0x2001",
+        "PUSH",
+        "-",
+        "-",
+        "->",
+        "demo.im.MessagePush",
+    ]
+    assert lines[6] == "websocket: /ws -> upstream im (json mode, hash_on query.did, uid query.uid)"
+    assert lines[7].startswith("5 commands, table version ")
+
+
+def test_default_table_is_commands_yaml_in_the_working_directory():
+    result = check()
+    assert result.returncode == 0, result.stderr
+    assert "send_message" in result.stdout
+
+
+BROKEN = """\
+listen: {http: "localhost"}
+workers: -1
+unknown_section: {}
+proto: {paths: [proto], files: [demo/im.proto]}
+upstreams:
+  im: {nodes: [127.0.0.1:7001], balance: consistent_hash}
+commands:
+  - {name: a, command: 1, upstream: nope, request: demo.im.Nope, response: demo.im.Profile}
+  - {name: a, command: 1, upstream: im, codec: raw, http: {method: GET, path: /x}}
+  - {name: b, command: 2, upstream: im, codec: raw, http: {method: GET, path: /x}}
+rate_limits: [{name: r, key: remote_addr, rate: fast}]
+waf: [{name: w, pattern: "[unclosed"}]
+"""
+
+
+def test_broken_table_fails_with_every_error_on_stderr(tmp_path):
+    shutil.copytree(REPO / "proto", tmp_path / "proto")
+    (tmp_path / "bad.yaml").write_text(BROKEN)
+    result = check("-c", "bad.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "bad.yaml:1:16: listen.http: expected HOST:PORT, got 'localhost'",
+        "bad.yaml:2:10: workers: expected a number between 1 and 1024, got -1",
+        "bad.yaml:3:1: unknown_section: unknown key (expected one of: listen, admin_token,"
+        " workers, http_parser, trusted_proxies, shutdown_timeout, proto, framing, upstreams,"
+        " commands, json, status_map, envelope, websocket, limits, rate_limits, waf, demo)",
+        "bad.yaml:6:7: upstreams.im.hash_on: required when balance is consistent_hash",
+        "bad.yaml:8:37: commands[0].upstream: undefined upstream 'nope' (defined: im)",
+        "bad.yaml:8:52: commands[0].request: undefined message 'demo.im.Nope' (not in"
+        " proto.files); did you mean 'demo.im.Profile'?",
+        "bad.yaml:9:12: commands[1].name: duplicate command name 'a' (first at commands[0])",
+        "bad.yaml:9:24: commands[1].command: duplicate command number 0x0001 (first at"
+        " commands[0])",
+        "bad.yaml:10:79: commands[2].http.path: GET /x (b) duplicates GET /x (a)",
+        "bad.yaml:11:49: rate_limits[0].rate: expected a rate like 10/s or 600/m, got 'fast'",
+        "bad.yaml:12:26: waf[0].pattern: invalid regular expression: unterminated character"
+        " set at position 0",
+        "11 error(s) in bad.yaml",
+    ]
+
+
+def test_missing_table(tmp_path):
+    result = check("-c", str(tmp_path / "none.yaml"))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == (
+        f"{tmp_path / 'none.yaml'}: cannot read the table: No such file or directory"
+    )

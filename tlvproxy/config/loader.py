@@ -1,0 +1,738 @@
+"""commands.yaml -> one immutable `Table` (SPEC 3), or every problem with its location.
+
+Owns: the top-level keys, `proto`, `commands`, `websocket` and `rate_limits`,
+the cross-references between sections (upstreams, messages, commands, routes),
+compiling `proto.files`, building each command's codec and the router, the
+table's `version`, and the route listing `tlvproxy check` prints. The
+self-contained sections are read by `sections.py`, over `nodes.py`.
+Must not: open sockets, read a clock or import trio. It reads the table and the
+.proto files, and is slow enough (protoc) that a running gateway calls it through
+`trio.to_thread.run_sync` (STYLE 5).
+
+Decisions the SPEC leaves open:
+- `proto.paths` defaults to the table's own directory.
+- A protobuf command needs both `request` and `response`. A push command has
+  `push` and neither `upstream`, `http`, `request`, `response`, `uid`, `fields`,
+  `timeout` nor `idempotent`; for a json or raw push, `push: true` (stored as
+  `push == ""`, a push with no message type).
+- A command's `json:` mapping overrides the table's `json` key by key; the
+  command's `json` holds the merged options (None when it gives none).
+- `http.path` parameters and `fields` names must be top-level fields of the
+  request message (protobuf commands); `fields` is refused for json/raw commands,
+  whose bodies pass through unchanged.
+- `heartbeat.command` is a bare number; it need not be a command of the table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import yaml
+
+from tlvproxy.config import nodes, sections
+from tlvproxy.config.model import (
+    CommandSpec,
+    HttpRouteSpec,
+    JsonOptions,
+    ProtoSpec,
+    RateLimitRule,
+    Table,
+    UpstreamSpec,
+    WebSocketSpec,
+)
+from tlvproxy.config.nodes import Invalid, Node, NodeReader, join
+from tlvproxy.routing import InvalidTemplate, Router, parse_template, route_problems
+from tlvproxy.schema.codec import CommandCodec, JsonCodec, ProtobufCodec, RawCodec
+from tlvproxy.schema.protos import Schema, SchemaError, compile_schema
+from tlvproxy.units import parse_duration, parse_rate
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
+    from tlvproxy.config.keys import KeyExpr
+    from tlvproxy.config.model import Codec
+    from tlvproxy.framing import HeaderLayout
+
+_TOP_KEYS: Final = (
+    "listen",
+    "admin_token",
+    "workers",
+    "http_parser",
+    "trusted_proxies",
+    "shutdown_timeout",
+    "proto",
+    "framing",
+    "upstreams",
+    "commands",
+    "json",
+    "status_map",
+    "envelope",
+    "websocket",
+    "limits",
+    "rate_limits",
+    "waf",
+    "demo",
+)
+_COMMAND_KEYS: Final = (
+    "name",
+    "command",
+    "upstream",
+    "codec",
+    "request",
+    "response",
+    "push",
+    "http",
+    "uid",
+    "fields",
+    "timeout",
+    "idempotent",
+    "json",
+)
+_PUSH_FORBIDS: Final = (
+    "upstream",
+    "http",
+    "request",
+    "response",
+    "uid",
+    "fields",
+    "timeout",
+    "idempotent",
+)
+_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+# libyaml's parser keeps node marks too and composes a large table ~10x faster.
+_YAML_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+
+
+class TableError(Exception):
+    """The table did not load; `problems` are "FILE:LINE:COL: path.to.key: message"."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def load_table(path: Path) -> Table:
+    """Read, validate and compile the table at `path` (and its .proto files).
+
+    Returns the `Table` with its schema, codecs, router and version. Raises
+    TableError listing every problem found.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TableError([f"{path}: cannot read the table: {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TableError([f"{path}: the table is not UTF-8 text ({exc.reason})"]) from None
+    return parse_table(text, path)
+
+
+def parse_table(text: str, source: Path) -> Table:
+    """Like `load_table`, from the table's text; relative paths start at `source.parent`."""
+    return _TableLoader(text, source).load()
+
+
+# ---------------------------------------------------------------- value converters
+
+
+def _message_name(value: Any) -> str:
+    name = nodes.text(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):
+        raise Invalid(f"expected a full message name like demo.im.Profile, got {name!r}")
+    return name
+
+
+def _suggest(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# ---------------------------------------------------------------- the loader
+
+
+@attrs.define
+class _CommandNodes:
+    """Where a command's parts sit in the file, for cross-reference errors."""
+
+    index: int
+    keys: dict[str, Node]
+    http: dict[str, Node]
+    fields: dict[str, Node]
+
+
+class _TableLoader:
+    """One pass over one table text. `load()` returns the Table or raises TableError."""
+
+    def __init__(self, text: str, source: Path) -> None:
+        self.text = text
+        self.source = source
+        self.base = source.parent
+        self.r = NodeReader(source)
+        self.schema_problems: list[str] = []
+        self.proto_spec = ProtoSpec()
+        self.command_nodes: dict[int, _CommandNodes] = {}  # id(CommandSpec) -> nodes
+
+    def error(self, node: Node, path: str, message: str) -> None:
+        self.r.error(node, path, message)
+
+    def load(self) -> Table:
+        try:
+            root = yaml.compose(self.text, Loader=_YAML_LOADER)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            where = f"{self.source}:{mark.line + 1}:{mark.column + 1}" if mark else str(self.source)
+            raise TableError([f"{where}: invalid YAML: {exc.problem or exc.context}"]) from None
+        except yaml.YAMLError as exc:
+            raise TableError([f"{self.source}: invalid YAML: {exc}"]) from None
+        if root is None:
+            raise TableError([f"{self.source}: the table is empty"])
+        top = self.r.mapping(root, "", _TOP_KEYS)
+        if top is None:
+            raise TableError(self._problems())
+        table = self._table(top)
+        problems = self._problems()
+        if problems:
+            raise TableError(problems)
+        return table
+
+    def _problems(self) -> list[str]:
+        ordered = [text for _, text in sorted(self.r.problems, key=lambda p: p[0])]
+        return ordered + self.schema_problems
+
+    # ------------------------------------------------------------ top level
+
+    def _table(self, top: dict[str, Node]) -> Table:
+        r = self.r
+        framing = sections.read_framing(self.r, top.get("framing"))
+        json_options = sections.read_json(self.r, top.get("json"), "json", JsonOptions())
+        upstreams = sections.read_upstreams(self.r, top.get("upstreams"), framing)
+        schema = self._schema(top.get("proto"))
+        commands = self._commands(top.get("commands"), framing, json_options, upstreams, schema)
+        websocket = self._websocket(top.get("websocket"), upstreams, commands)
+        table_kwargs: dict[str, Any] = {
+            "source": self.source,
+            "listen": sections.read_listen(self.r, top.get("listen")),
+            "admin_token": r.get(top, "admin_token", "", nodes.optional_text, None),
+            "workers": r.get(top, "workers", "", nodes.integer(1, 1024), 1),
+            "http_parser": r.get(
+                top, "http_parser", "", nodes.choice("auto", "h11", "httptools"), "auto"
+            ),
+            "trusted_proxies": sections.read_networks(self.r, top.get("trusted_proxies")),
+            "shutdown_timeout": r.get(top, "shutdown_timeout", "", parse_duration, 30.0),
+            "proto": self.proto_spec,
+            "framing": framing,
+            "upstreams": upstreams,
+            "commands": commands,
+            "json": json_options,
+            "status_map": sections.read_status_map(self.r, top.get("status_map"), framing),
+            "envelope": r.get(top, "envelope", "", nodes.boolean, False),
+            "websocket": websocket,
+            "limits": sections.read_limits(self.r, top.get("limits")),
+            "rate_limits": self._rate_limits(top.get("rate_limits"), commands),
+            "waf": sections.read_waf(self.r, top.get("waf")),
+            "demo": r.get(top, "demo", "", nodes.boolean, False),
+        }
+        if schema is None or self.r.problems or self.schema_problems:
+            return Table(**table_kwargs)
+        table_kwargs["schema"] = schema
+        table_kwargs["codecs"] = _codecs(commands, json_options, schema)
+        table_kwargs["router"] = Router.build(commands)
+        digest = hashlib.sha256(self.text.encode("utf-8"))
+        digest.update(schema.digest.encode("ascii"))
+        table_kwargs["version"] = digest.hexdigest()[:16]
+        return Table(**table_kwargs)
+
+    # ------------------------------------------------------------ proto
+
+    def _schema(self, node: Node | None) -> Schema | None:
+        """Compile proto.files; None when the section or the compile failed."""
+        paths: list[Path] = []
+        files: list[str] = []
+        failed = False
+        found = {} if node is None else self.r.mapping(node, "proto", ("paths", "files"))
+        if found is None:
+            self.proto_spec = ProtoSpec()
+            return None
+        for key in ("paths", "files"):
+            if key in found and not isinstance(found[key], yaml.SequenceNode):
+                self.r.sequence(found[key], join("proto", key))
+                failed = True
+        if "paths" in found:
+            for i, item in enumerate(self.r.sequence(found["paths"], "proto.paths") or []):
+                path = join("proto.paths", i)
+                text = self.r.value(item, path, nodes.text, None)
+                if text is None:
+                    failed = True
+                    continue
+                directory = self.base / text
+                if not directory.is_dir():
+                    self.error(item, path, f"no such directory: {directory}")
+                    failed = True
+                paths.append(directory)
+        if not paths:
+            paths.append(self.base)
+        if "files" in found:
+            for i, item in enumerate(self.r.sequence(found["files"], "proto.files") or []):
+                path = join("proto.files", i)
+                text = self.r.value(item, path, nodes.text, None)
+                if text is None:
+                    failed = True
+                    continue
+                if not any((root / text).is_file() for root in paths):
+                    roots = ", ".join(str(p) for p in paths)
+                    self.error(item, path, f"{text} is not in the import paths ({roots})")
+                    failed = True
+                files.append(text)
+        self.proto_spec = ProtoSpec(paths=tuple(paths), files=tuple(files))
+        if failed:
+            return None
+        try:
+            return compile_schema(paths, files)
+        except SchemaError as exc:
+            self.schema_problems.extend(exc.problems)
+            return None
+
+    # ------------------------------------------------------------ commands
+
+    def _commands(
+        self,
+        node: Node | None,
+        framing: HeaderLayout,
+        json_options: JsonOptions,
+        upstreams: Mapping[str, UpstreamSpec],
+        schema: Schema | None,
+    ) -> tuple[CommandSpec, ...]:
+        if node is None:
+            return ()
+        items = self.r.sequence(node, "commands")
+        result: list[CommandSpec] = []
+        names: dict[str, int] = {}
+        numbers: dict[int, int] = {}
+        for i, item in enumerate(items or []):
+            spec = self._command(i, item, framing, json_options, upstreams, schema)
+            if spec is None:
+                continue
+            keys = self.command_nodes[id(spec)].keys
+            if spec.name in names:
+                first = names[spec.name]
+                self.error(
+                    keys["name"],
+                    join(join("commands", i), "name"),
+                    f"duplicate command name {spec.name!r} (first at commands[{first}])",
+                )
+            else:
+                names[spec.name] = i
+            if spec.command in numbers:
+                first = numbers[spec.command]
+                self.error(
+                    keys["command"],
+                    join(join("commands", i), "command"),
+                    f"duplicate command number 0x{spec.command:04x} (first at commands[{first}])",
+                )
+            else:
+                numbers[spec.command] = i
+            result.append(spec)
+        commands = tuple(result)
+        for spec, problem in route_problems(commands):
+            if isinstance(problem, InvalidTemplate):
+                continue  # _http reported it, even for commands left out of the table
+            where = self.command_nodes[id(spec)]
+            self.error(
+                where.http.get("path", where.keys["http"]),
+                join(join("commands", where.index), "http.path"),
+                str(problem),
+            )
+        return commands
+
+    def _command(
+        self,
+        index: int,
+        node: Node,
+        framing: HeaderLayout,
+        json_options: JsonOptions,
+        upstreams: Mapping[str, UpstreamSpec],
+        schema: Schema | None,
+    ) -> CommandSpec | None:
+        r = self.r
+        path = join("commands", index)
+        found = r.mapping(node, path, _COMMAND_KEYS, ("name", "command"))
+        if found is None:
+            return None
+        # A bad name, number or codec still lets every other key be checked; the
+        # command is only left out of the table (and of the duplicate checks).
+        name = r.get(found, "name", path, _command_name, None)
+        number = r.get(found, "command", path, nodes.integer(0, framing.field_max("command")), None)
+        codec: Codec | None = "protobuf"
+        if "codec" in found:
+            choices = nodes.choice("protobuf", "json", "raw")
+            codec = r.value(found["codec"], join(path, "codec"), choices, None)
+        is_push = "push" in found
+        push: str | None = None
+        if is_push:
+            push = self._push(found["push"], join(path, "push"), codec, schema)
+            for key in _PUSH_FORBIDS:
+                if key in found:
+                    self.error(found[key], join(path, key), "a push command cannot have " + key)
+        request = response = None
+        if codec == "protobuf" and not is_push:
+            for key in ("request", "response"):
+                if key not in found:
+                    self.error(node, join(path, key), "required for a protobuf command")
+            request = self._message(found.get("request"), join(path, "request"), schema)
+            response = self._message(found.get("response"), join(path, "response"), schema)
+        elif codec is not None and not is_push:
+            for key in ("request", "response"):
+                if key in found:
+                    self.error(found[key], join(path, key), "only a protobuf command has " + key)
+        upstream = None
+        if not is_push:
+            if "upstream" not in found:
+                self.error(node, join(path, "upstream"), "required (a push command has push)")
+            upstream = r.get(found, "upstream", path, nodes.text, None)
+            if upstream is not None and upstream not in upstreams:
+                known = ", ".join(upstreams) or "none"
+                self.error(
+                    found["upstream"],
+                    join(path, "upstream"),
+                    f"undefined upstream {upstream!r} (defined: {known})"
+                    + _suggest(upstream, upstreams),
+                )
+        http_keys: dict[str, Node] = {}
+        http = self._http(found.get("http"), join(path, "http"), http_keys)
+        fields_keys: dict[str, Node] = {}
+        fields = self._fields(
+            found.get("fields"), join(path, "fields"), codec or "protobuf", fields_keys
+        )
+        uid = r.get(found, "uid", path, sections.key_expr, None)
+        timeout = r.get(found, "timeout", path, sections.positive_duration, None)
+        idempotent = r.get(found, "idempotent", path, nodes.boolean, False)
+        command_json = None
+        if "json" in found:
+            command_json = sections.read_json(
+                self.r, found["json"], join(path, "json"), json_options
+            )
+        if name is None or number is None or codec is None:
+            return None
+        spec = CommandSpec(
+            name=name,
+            command=number,
+            upstream=upstream,
+            codec=codec,
+            request=request,
+            response=response,
+            push=push,
+            http=http,
+            uid=uid,
+            fields=fields,
+            timeout=timeout,
+            idempotent=idempotent,
+            json=command_json,
+        )
+        where = _CommandNodes(index, found, http_keys, fields_keys)
+        self.command_nodes[id(spec)] = where
+        if schema is not None and request is not None and schema.has_message(request):
+            self._check_request_fields(spec, where, path, schema)
+        return spec
+
+    def _push(self, node: Node, path: str, codec: str | None, schema: Schema | None) -> str | None:
+        if codec is None:
+            return ""
+        if codec != "protobuf":
+            try:
+                value = self.r.scalar(node)
+            except Invalid:
+                value = None
+            if value is not True:
+                self.error(node, path, f"a {codec} push command is written `push: true`")
+            return ""
+        return self._message(node, path, schema)
+
+    def _message(self, node: Node | None, path: str, schema: Schema | None) -> str | None:
+        if node is None:
+            return None
+        name = self.r.value(node, path, _message_name, None)
+        if name is None or schema is None:
+            return name
+        if not schema.has_message(name):
+            self.error(
+                node,
+                path,
+                f"undefined message {name!r} (not in proto.files)"
+                + _suggest(name, schema.message_names),
+            )
+        return name
+
+    def _http(self, node: Node | None, path: str, keys: dict[str, Node]) -> HttpRouteSpec | None:
+        if node is None:
+            return None
+        found = self.r.mapping(node, path, ("method", "path"), ("method", "path"))
+        if found is None or "method" not in found or "path" not in found:
+            return None
+        keys.update(found)
+        method = self.r.get(found, "method", path, _method, None)
+        template = self.r.get(found, "path", path, _template, None)
+        if method is None or template is None:
+            return None
+        return HttpRouteSpec(method=method, path=template)
+
+    def _fields(
+        self, node: Node | None, path: str, codec: str, keys: dict[str, Node]
+    ) -> dict[str, KeyExpr]:
+        if node is None:
+            return {}
+        if codec != "protobuf":
+            self.error(node, path, f"a {codec} command passes its body through; it has no fields")
+            return {}
+        result: dict[str, KeyExpr] = {}
+        for name, value in (self.r.mapping(node, path) or {}).items():
+            key = self.r.value(value, join(path, name), sections.key_expr, None)
+            if key is not None:
+                result[name] = key
+                keys[name] = value
+        return result
+
+    def _check_request_fields(
+        self, spec: CommandSpec, where: _CommandNodes, path: str, schema: Schema
+    ) -> None:
+        """Path parameters and `fields` must be top-level fields settable from a string."""
+        assert spec.request is not None  # the caller checked
+        descriptor = schema.descriptor(spec.request)
+        by_name = {f.name: f for f in descriptor.fields}
+        by_name.update({f.json_name: f for f in descriptor.fields})
+
+        def check(name: str, node: Node, where: str, what: str) -> None:
+            field = by_name.get(name)
+            if field is None:
+                self.error(
+                    node,
+                    where,
+                    f"{what} {name!r} is not a field of {spec.request}"
+                    + _suggest(name, [f.name for f in descriptor.fields]),
+                )
+            elif field.message_type is not None and not field.message_type.full_name.startswith(
+                "google.protobuf."
+            ):
+                self.error(
+                    node, where, f"{what} {name!r} is a message field; it cannot take a string"
+                )
+
+        if spec.http is not None:
+            try:
+                params = _template_params(spec.http.path)
+            except ValueError:
+                params = []  # route_problems reports the template
+            for name in params:
+                check(name, where.http["path"], join(path, "http.path"), "path parameter")
+        for name, node in where.fields.items():
+            check(name, node, join(path, f"fields.{name}"), "field")
+
+    # ------------------------------------------------------------ sections that refer to others
+
+    def _websocket(
+        self,
+        node: Node | None,
+        upstreams: Mapping[str, UpstreamSpec],
+        commands: tuple[CommandSpec, ...],
+    ) -> WebSocketSpec | None:
+        if node is None:
+            return None
+        r = self.r
+        keys = ("path", "upstream", "hash_on", "uid", "mode", "max_message", "idle_timeout")
+        found = r.mapping(node, "websocket", keys, ("upstream",))
+        if found is None or "upstream" not in found:
+            return None
+        path = r.get(found, "path", "websocket", _ws_path, "/ws")
+        upstream = r.get(found, "upstream", "websocket", nodes.text, "")
+        if upstream and upstream not in upstreams:
+            known = ", ".join(upstreams) or "none"
+            self.error(
+                found["upstream"],
+                "websocket.upstream",
+                f"undefined upstream {upstream!r} (defined: {known})"
+                + _suggest(upstream, upstreams),
+            )
+        for command in commands:
+            route = command.http
+            if route is not None and route.path == path and route.method == "GET":
+                self.error(
+                    found.get("path", node),
+                    "websocket.path",
+                    f"{path} is also the GET route of command {command.name!r}",
+                )
+        default = WebSocketSpec(upstream=upstream)
+        return WebSocketSpec(
+            path=path,
+            upstream=upstream,
+            hash_on=r.get(found, "hash_on", "websocket", sections.key_expr, None),
+            uid=r.get(found, "uid", "websocket", sections.key_expr, None),
+            mode=r.get(found, "mode", "websocket", nodes.choice("json", "binary"), "json"),
+            max_message=r.get(
+                found, "max_message", "websocket", sections.positive_size, default.max_message
+            ),
+            idle_timeout=r.get(
+                found, "idle_timeout", "websocket", sections.positive_duration, default.idle_timeout
+            ),
+        )
+
+    def _rate_limits(
+        self, node: Node | None, commands: tuple[CommandSpec, ...]
+    ) -> tuple[RateLimitRule, ...]:
+        if node is None:
+            return ()
+        r = self.r
+        known = {c.name for c in commands}
+        names: set[str] = set()
+        result: list[RateLimitRule] = []
+        for i, item in enumerate(r.sequence(node, "rate_limits") or []):
+            path = join("rate_limits", i)
+            keys = ("name", "commands", "key", "rate", "burst")
+            found = r.mapping(item, path, keys, ("name", "key", "rate"))
+            if found is None:
+                continue
+            name = r.get(found, "name", path, nodes.text, "")
+            if name in names:
+                self.error(found["name"], join(path, "name"), f"duplicate rule name {name!r}")
+            names.add(name)
+            selected: tuple[str, ...] | None = None
+            if "commands" in found:
+                cpath = join(path, "commands")
+                selected = ()
+                items = r.sequence(found["commands"], cpath)
+                if items == []:
+                    self.error(
+                        found["commands"], cpath, "name at least one command, or omit it for all"
+                    )
+                for j, cnode in enumerate(items or []):
+                    command = r.value(cnode, join(cpath, j), nodes.text, None)
+                    if command is None:
+                        continue
+                    if command not in known:
+                        self.error(
+                            cnode,
+                            join(cpath, j),
+                            f"unknown command {command!r}" + _suggest(command, known),
+                        )
+                    selected += (command,)
+            key = r.get(found, "key", path, sections.key_expr, None)
+            rate = r.get(found, "rate", path, parse_rate, None)
+            if key is None or rate is None:
+                continue
+            result.append(
+                RateLimitRule(
+                    name=name,
+                    commands=selected,
+                    key=key,
+                    rate=rate,
+                    burst=r.get(found, "burst", path, nodes.integer(0), 0),
+                )
+            )
+        return tuple(result)
+
+
+# ---------------------------------------------------------------- small converters
+
+
+def _command_name(value: Any) -> str:
+    name = nodes.text(value)
+    if not _NAME.fullmatch(name):
+        raise Invalid(
+            f"a command name starts with a letter or _ and then uses letters, digits, "
+            f"_ . or -; got {name!r}"
+        )
+    return name
+
+
+def _method(value: Any) -> str:
+    method = nodes.text(value).upper()
+    if method not in _METHODS:
+        raise Invalid(f"expected an HTTP method ({', '.join(_METHODS)}), got {value!r}")
+    return method
+
+
+def _template(value: Any) -> str:
+    template = nodes.text(value)
+    parse_template(template)  # raises InvalidTemplate (a ValueError) saying why
+    return template
+
+
+def _ws_path(value: Any) -> str:
+    path = nodes.text(value)
+    if _template_params(path):
+        raise Invalid(f"the websocket path cannot have parameters, got {path!r}")
+    return path
+
+
+def _template_params(template: str) -> list[str]:
+    """Parameter names of a template. Raises ValueError (InvalidTemplate)."""
+    return [s.name for s in parse_template(template) if not isinstance(s, str)]
+
+
+def _codecs(
+    commands: tuple[CommandSpec, ...], options: JsonOptions, schema: Schema
+) -> dict[str, CommandCodec]:
+    json_codec = JsonCodec()
+    raw_codec = RawCodec()
+    codecs: dict[str, CommandCodec] = {}
+    for command in commands:
+        if command.codec == "json":
+            codecs[command.name] = json_codec
+        elif command.codec == "raw":
+            codecs[command.name] = raw_codec
+        else:
+            response = command.push if command.push else command.response
+            assert response is not None  # the loader required it
+            codecs[command.name] = ProtobufCodec(
+                command.name,
+                schema.message_class(command.request) if command.request else None,
+                schema.message_class(response),
+                command.json or options,
+                schema,
+            )
+    return codecs
+
+
+# ---------------------------------------------------------------- tlvproxy check
+
+
+def route_lines(table: Table) -> list[str]:
+    """The `tlvproxy check` listing: one row per command (REST routes, WebSocket-only
+    commands and pushes), then the WebSocket endpoint."""
+    header = ("NAME", "COMMAND", "METHOD", "PATH", "UPSTREAM", "TYPES")
+    rows: list[tuple[str, ...]] = [header]
+    for command in table.commands:
+        if command.push is not None:
+            method, path, upstream = "PUSH", "-", "-"
+            types = f"-> {command.push or command.codec}"
+        else:
+            method = command.http.method if command.http else "-"
+            path = command.http.path if command.http else "(websocket only)"
+            upstream = command.upstream or "-"
+            if command.codec == "protobuf":
+                types = f"{command.request} -> {command.response}"
+            else:
+                types = f"{command.codec} -> {command.codec}"
+        rows.append((command.name, f"0x{command.command:04x}", method, path, upstream, types))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+        + "  "
+        + row[-1]
+        for row in rows
+    ]
+    ws = table.websocket
+    if ws is not None:
+        extras = [f"{ws.mode} mode"]
+        if ws.hash_on is not None:
+            extras.append(f"hash_on {ws.hash_on}")
+        if ws.uid is not None:
+            extras.append(f"uid {ws.uid}")
+        lines.append(f"websocket: {ws.path} -> upstream {ws.upstream} ({', '.join(extras)})")
+    lines.append(f"{len(table.commands)} commands, table version {table.version}")
+    return lines
