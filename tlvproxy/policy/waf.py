@@ -1,0 +1,199 @@
+"""The WAF: a table's regex rules -> which rules match a request or message (SPEC 4.4).
+
+Owns: scanning the decoded path, raw query, body and header values of a REST
+request, or a WebSocket text message, against the `waf` rules. It re-exports
+`catastrophic_reason` (from `regexes.py`), the check `tlvproxy check` uses to
+refuse a pattern whose backtracking is obviously exponential.
+Must not: answer, log or count. The caller turns a `deny` match into 403
+`forbidden` (close 1008 on WebSocket) and a `log` match into a log line.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import attrs
+
+from tlvproxy.errors import Forbidden
+from tlvproxy.policy.regexes import catastrophic_reason, required_literals
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from tlvproxy.config.model import WafLocation, WafRule
+    from tlvproxy.policy.regexes import RequiredLiteral, Requirement
+
+__all__ = ["Waf", "WafMatch", "catastrophic_reason"]
+
+# Where a REST request is scanned, in this order (a rule is reported once, at the
+# first location that matches). SPEC 3 `waf[].in`.
+_REQUEST_LOCATIONS: tuple[WafLocation, ...] = ("path", "query", "body", "headers")
+# The characters CPython's case-insensitive matching equates with an ASCII letter
+# although str.lower() does not (re._compiler's equivalences; checked by a test
+# over every code point): folded before looking for a rule's required literals.
+_FOLD_TO_ASCII = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+
+
+@attrs.frozen(slots=True)
+class WafMatch:
+    """A WAF rule matched: its name, its action and where it matched first.
+
+    `location` is one of path, query, body, headers (a WebSocket text message is
+    `body`).
+    """
+
+    rule: str
+    action: Literal["deny", "log"]
+    location: str
+
+    def error(self) -> Forbidden:
+        """The `forbidden` error for a `deny` match (SPEC 4.2: 403; close 1008 on WS)."""
+        return Forbidden(f"refused by WAF rule {self.rule!r} (matched in the {self.location})")
+
+
+@attrs.frozen(slots=True)
+class _CompiledRule:
+    index: int
+    rule: WafRule
+    requirements: tuple[Requirement, ...]
+
+
+class Waf:
+    """A table's `waf` rules, ready to scan requests and messages.
+
+    Before a rule's regex runs, the literals it cannot match without (such as
+    `union` and `select` in `(?i)union\\s+select`) are looked for with `str`'s
+    substring search, which is far cheaper than the regex engine; a text lacking
+    one cannot match, so the verdict is exactly the regex's.
+
+    Bodies: at most `max_scan_bytes` of a body or message are scanned, its first
+    and last `max_scan_bytes // 2` bytes when it is longer. This bounds the time a
+    large body costs (with 50 rules and the default 64 KiB, about 2 ms per
+    maximal body: benchmarks/bench_policy.py); a probe buried in the middle of a
+    body longer than `max_scan_bytes` is not seen. The loader rejects patterns
+    whose backtracking is obviously exponential (`catastrophic_reason`).
+    """
+
+    def __init__(self, rules: Sequence[WafRule], *, max_scan_bytes: int = 64 * 1024) -> None:
+        """Raises ValueError if `max_scan_bytes` is below 2."""
+        if max_scan_bytes < 2:
+            raise ValueError(f"max_scan_bytes must be >= 2, got {max_scan_bytes}")
+        self.max_scan_bytes = max_scan_bytes
+        # Deny rules first, so a caller that stops at the first match stops at a deny.
+        ordered = sorted(enumerate(rules), key=lambda item: item[1].action != "deny")
+        self._rules = tuple(
+            _CompiledRule(index, rule, required_literals(rule.pattern)) for index, rule in ordered
+        )
+        self._by_location = {
+            location: _LocationRules(tuple(c for c in self._rules if location in c.rule.locations))
+            for location in _REQUEST_LOCATIONS
+        }
+
+    def inspect_request(
+        self, *, path: str, query: str, body: bytes, headers: Sequence[tuple[str, str]]
+    ) -> list[WafMatch]:
+        """Every rule matching this REST request, `deny` rules first, each once.
+
+        `path` is the decoded path, `query` the raw query string, `body` the raw
+        body (decoded as UTF-8, invalid bytes replaced, within `max_scan_bytes`)
+        and `headers` (name, value) pairs whose values are scanned one by one.
+        """
+        found: dict[int, str] = {}
+        by_location = self._by_location
+        if by_location["path"].rules:
+            by_location["path"].scan("path", (path,), path, found)
+        if by_location["query"].rules:
+            by_location["query"].scan("query", (query,), query, found)
+        if by_location["body"].rules:
+            parts = self._body_parts(body)
+            by_location["body"].scan("body", parts, "\n".join(parts), found)
+        if by_location["headers"].rules and headers:
+            values = tuple(value for _, value in headers)
+            by_location["headers"].scan("headers", values, "\n".join(values), found)
+        return self._matches(found)
+
+    def inspect_message(self, text: str) -> list[WafMatch]:
+        """Every rule with `body` in its `in` matching a WebSocket text message.
+
+        Like a body, at most `max_scan_bytes` characters of it are scanned.
+        """
+        rules = self._by_location["body"]
+        if not rules.rules:
+            return []
+        found: dict[int, str] = {}
+        limit = self.max_scan_bytes
+        parts = (text,) if len(text) <= limit else (text[: limit // 2], text[-(limit // 2) :])
+        rules.scan("body", parts, "\n".join(parts), found)
+        return self._matches(found)
+
+    def _body_parts(self, body: bytes) -> tuple[str, ...]:
+        limit = self.max_scan_bytes
+        if len(body) <= limit:
+            return (body.decode("utf-8", errors="replace"),)
+        half = limit // 2
+        return (
+            body[:half].decode("utf-8", errors="replace"),
+            body[-half:].decode("utf-8", errors="replace"),
+        )
+
+    def _matches(self, found: dict[int, str]) -> list[WafMatch]:
+        if not found:
+            return []
+        return [
+            WafMatch(c.rule.name, c.rule.action, found[c.index])
+            for c in self._rules
+            if c.index in found
+        ]
+
+
+class _LocationRules:
+    """The rules of one location, indexed by the literals they need first.
+
+    A rule whose first requirement is "any of eval, assert, ..." is listed under
+    each of those literals; scanning a text looks each distinct literal up once
+    and tries only the rules listed under those present (plus rules without any
+    required literal).
+    """
+
+    def __init__(self, rules: tuple[_CompiledRule, ...]) -> None:
+        self.rules = rules
+        self.always = tuple(c for c in rules if not c.requirements)
+        by_anchor: dict[RequiredLiteral, list[_CompiledRule]] = {}
+        for compiled in rules:
+            if compiled.requirements:
+                for literal in compiled.requirements[0]:
+                    by_anchor.setdefault(literal, []).append(compiled)
+        self.plain = tuple((text, tuple(c)) for (text, fold), c in by_anchor.items() if not fold)
+        self.folded = tuple((text, tuple(c)) for (text, fold), c in by_anchor.items() if fold)
+        self.needs_fold = any(
+            fold for c in rules for requirement in c.requirements for _, fold in requirement
+        )
+
+    def scan(self, location: str, parts: Sequence[str], joined: str, found: dict[int, str]) -> None:
+        """Record in `found` each rule not yet found that matches one of `parts`.
+
+        `joined` holds every part, so a literal missing from it is missing from each.
+        """
+        candidates = [c for text, listed in self.plain if text in joined for c in listed]
+        folded = _fold(joined) if self.needs_fold else ""
+        if self.folded:
+            candidates.extend(c for text, listed in self.folded if text in folded for c in listed)
+        candidates.extend(self.always)
+        for compiled in candidates:
+            if compiled.index in found:
+                continue
+            if all(
+                any(text in (folded if fold else joined) for text, fold in requirement)
+                for requirement in compiled.requirements[1:]
+            ):
+                search = compiled.rule.pattern.search
+                if any(search(part) is not None for part in parts):
+                    found[compiled.index] = location
+
+
+def _fold(text: str) -> str:
+    """`text` case-folded so that an ASCII literal occurs in it wherever a
+    case-insensitive regex could match that literal."""
+    if text.isascii():
+        return text.lower()
+    return text.translate(_FOLD_TO_ASCII).lower()
