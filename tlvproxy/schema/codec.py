@@ -6,7 +6,9 @@ for the three codecs: `protobuf` (proto3 JSON mapping, honouring the table's
 `json` options), `json` (validated passthrough) and `raw` (bytes both ways).
 Must not: do I/O, know about HTTP or WebSocket framing, or touch the default
 descriptor pool. The loader builds every codec once per table; the servers only
-call them.
+call them. Protobuf bodies go through the converters of convert.py, built per
+message type; this module's generic reader stays the reference they fall back
+to, and the one that words every error.
 
 Decisions the SPEC leaves open:
 - `protobuf` JSON input follows the proto3 JSON mapping: both proto and lowerCamelCase
@@ -32,7 +34,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Final
 
@@ -41,45 +42,30 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, EncodeError, Message
 
 from tlvproxy.errors import BadRequest, UpstreamProtocolError
+from tlvproxy.schema.convert import (
+    FLOAT32_LIMIT,
+    INT_RANGES,
+    INTEGER_TEXT,
+    MAX_DEPTH,
+    PARSE_DICT_ERRORS,
+    WELL_KNOWN,
+    Converters,
+    Fallback,
+    decode_base64,
+    json_format_writer,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     from google.protobuf.descriptor import EnumDescriptor
-    from google.protobuf.descriptor_pool import DescriptorPool
 
     from tlvproxy.config.model import JsonOptions
+    from tlvproxy.schema.convert import Merge, Overlay, Writer
     from tlvproxy.schema.protos import Schema
 
 JSON_CONTENT_TYPE: Final = "application/json"
 RAW_CONTENT_TYPE: Final = "application/octet-stream"
-
-# Same bound as json_format's max_recursion_depth: deeper bodies are refused
-# rather than risking Python's recursion limit on recursive message types.
-_MAX_DEPTH: Final = 100
-
-# Messages whose JSON form is not an object of their fields (proto3 JSON mapping).
-_WELL_KNOWN: Final = frozenset(
-    "google.protobuf." + name
-    for name in (
-        "Any",
-        "Duration",
-        "FieldMask",
-        "Timestamp",
-        "Struct",
-        "Value",
-        "ListValue",
-        "DoubleValue",
-        "FloatValue",
-        "Int64Value",
-        "UInt64Value",
-        "Int32Value",
-        "UInt32Value",
-        "BoolValue",
-        "StringValue",
-        "BytesValue",
-    )
-)
 
 _T = FieldDescriptor
 _TYPE_NAMES: Final = {
@@ -99,14 +85,6 @@ _TYPE_NAMES: Final = {
     _T.TYPE_SINT32: "sint32",
     _T.TYPE_SINT64: "sint64",
 }
-_INT_RANGES: Final = {
-    _T.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
-    _T.CPPTYPE_UINT32: (0, 2**32 - 1),
-    _T.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
-    _T.CPPTYPE_UINT64: (0, 2**64 - 1),
-}
-_FLOAT32_MAX: Final = 3.4028234663852886e38
-_INTEGER_TEXT = re.compile(r"-?[0-9]+")
 _SPECIAL_FLOATS: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
@@ -154,16 +132,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: json.loads/json.dumps with options build a new decoder/encoder on
+# every call, which costs more than parsing a small body (issue 10).
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _loads(body: bytes) -> Any:
     """Parse JSON text strictly (no NaN/Infinity literals). Raises ValueError."""
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        # What json.loads does with bytes: UTF-8, -16 or -32, found from the first bytes.
+        return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except RecursionError:
         raise ValueError("the JSON nests too deeply") from None
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def _parse_body(body: bytes) -> Any:
@@ -176,6 +161,10 @@ def _parse_body(body: bytes) -> Any:
 def _show(value: object) -> str:
     try:
         text = json.dumps(value, ensure_ascii=False)
+        text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate cannot be written as UTF-8 in the error body: escape it.
+        text = json.dumps(value)
     except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -214,7 +203,7 @@ def _describe_type(field: FieldDescriptor) -> str:
     if field.message_type is not None:
         return f"an object ({field.message_type.full_name})"
     kind = _TYPE_NAMES.get(field.type, "value")
-    if field.cpp_type in _INT_RANGES:
+    if field.cpp_type in INT_RANGES:
         return f"an integer ({kind})"
     if field.cpp_type in (_T.CPPTYPE_DOUBLE, _T.CPPTYPE_FLOAT):
         return f"a number ({kind})"
@@ -231,12 +220,16 @@ def _integer(field: FieldDescriptor, value: object) -> int:
     if isinstance(value, int):
         number = value
     elif (isinstance(value, float) and value.is_integer()) or (
-        isinstance(value, str) and _INTEGER_TEXT.fullmatch(value)
+        isinstance(value, str) and INTEGER_TEXT.fullmatch(value)
     ):
-        number = int(value)
+        try:
+            number = int(value)
+        except ValueError:
+            # More digits than int() converts (sys.get_int_max_str_digits).
+            raise _Invalid(_describe_type(field), value, " (too many digits)") from None
     else:
         raise _Invalid(_describe_type(field), value)
-    low, high = _INT_RANGES[field.cpp_type]
+    low, high = INT_RANGES[field.cpp_type]
     if not low <= number <= high:
         raise _Invalid(_describe_type(field), value, f" (out of range {low}..{high})")
     return number
@@ -246,7 +239,10 @@ def _floating(field: FieldDescriptor, value: object) -> float:
     if isinstance(value, bool):
         raise _Invalid(_describe_type(field), value)
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise _Invalid(_describe_type(field), value, " (out of range)") from None
     elif isinstance(value, str) and value in _SPECIAL_FLOATS:
         return _SPECIAL_FLOATS[value]
     elif isinstance(value, str):
@@ -258,17 +254,9 @@ def _floating(field: FieldDescriptor, value: object) -> float:
             raise _Invalid(_describe_type(field), value)
     else:
         raise _Invalid(_describe_type(field), value)
-    if field.cpp_type == _T.CPPTYPE_FLOAT and abs(number) > _FLOAT32_MAX:
+    if field.cpp_type == _T.CPPTYPE_FLOAT and abs(number) >= FLOAT32_LIMIT:
         raise _Invalid(_describe_type(field), value, " (out of range for float)")
     return number
-
-
-def _decode_base64(text: str) -> bytes:
-    """Standard or URL-safe base64, padding optional. Raises ValueError."""
-    padded = text + "=" * (-len(text) % 4)
-    if "-" in text or "_" in text:
-        return base64.b64decode(padded, altchars=b"-_", validate=True)
-    return base64.b64decode(padded, validate=True)
 
 
 def _scalar(field: FieldDescriptor, value: object, from_text: bool, ignore_unknown: bool) -> Any:
@@ -277,7 +265,7 @@ def _scalar(field: FieldDescriptor, value: object, from_text: bool, ignore_unkno
     Raises _Invalid, or _Skip for an unknown enum name under ignore_unknown.
     """
     cpp = field.cpp_type
-    if cpp in _INT_RANGES:
+    if cpp in INT_RANGES:
         return _integer(field, value)
     if cpp in (_T.CPPTYPE_DOUBLE, _T.CPPTYPE_FLOAT):
         return _floating(field, value)
@@ -293,9 +281,14 @@ def _scalar(field: FieldDescriptor, value: object, from_text: bool, ignore_unkno
         raise _Invalid(_describe_type(field), value)
     if field.type == _T.TYPE_BYTES:
         try:
-            return _decode_base64(value)
+            return decode_base64(value)
         except ValueError:  # binascii.Error is one
             raise _Invalid(_describe_type(field), value) from None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        # JSON's \ud800 escapes decode to lone surrogates, which protobuf refuses.
+        raise _Invalid(_describe_type(field), value, " (it holds a lone surrogate)") from None
     return value
 
 
@@ -305,14 +298,14 @@ def _enum(field: FieldDescriptor, value: object, from_text: bool, ignore_unknown
         known = enum.values_by_name.get(value)
         if known is not None:
             return known.number
-        if from_text and _INTEGER_TEXT.fullmatch(value):
+        if from_text and INTEGER_TEXT.fullmatch(value):
             value = int(value)
         elif ignore_unknown:
             raise _Skip
         else:
             raise _Invalid(_describe_type(field), value)
     if isinstance(value, int) and not isinstance(value, bool):
-        low, high = _INT_RANGES[_T.CPPTYPE_INT32]
+        low, high = INT_RANGES[_T.CPPTYPE_INT32]
         # proto3 enums are open: any int32 is kept; proto2 (closed) ones are not.
         if low <= value <= high and (not enum.is_closed or value in enum.values_by_number):
             return value
@@ -334,7 +327,7 @@ class _Reader:
     def merge_body(self, value: object, message: Message) -> None:
         """Merge a parsed JSON body into `message`. Raises BadRequest."""
         descriptor = message.DESCRIPTOR
-        if descriptor.full_name not in _WELL_KNOWN and not isinstance(value, dict):
+        if descriptor.full_name not in WELL_KNOWN and not isinstance(value, dict):
             raise BadRequest(
                 f"the body must be a JSON object ({descriptor.full_name}), got {_show(value)}"
             )
@@ -342,13 +335,13 @@ class _Reader:
 
     def _merge(self, value: object, message: Message, path: str, depth: int) -> None:
         descriptor = message.DESCRIPTOR
-        if descriptor.full_name in _WELL_KNOWN:
+        if descriptor.full_name in WELL_KNOWN:
             self._well_known(value, message, path)
             return
         if not isinstance(value, dict):
             raise _located(path, _Invalid(f"an object ({descriptor.full_name})", value))
-        if depth >= _MAX_DEPTH:
-            raise BadRequest(f"field '{path}': the body nests more than {_MAX_DEPTH} levels")
+        if depth >= MAX_DEPTH:
+            raise BadRequest(f"field '{path}': the body nests more than {MAX_DEPTH} levels")
         message.SetInParent()
         fields = self._fields(descriptor.full_name)
         seen: dict[int, str] = {}
@@ -471,7 +464,7 @@ class _Reader:
                 ignore_unknown_fields=self._ignore_unknown,
                 descriptor_pool=self._pool,
             )
-        except json_format.ParseError as exc:
+        except PARSE_DICT_ERRORS as exc:
             where = f"field '{path}'" if path else "the body"
             raise BadRequest(
                 f"{where}: expected the JSON form of {message.DESCRIPTOR.full_name}, "
@@ -487,7 +480,7 @@ class _Reader:
                 continue
             entry = field.message_type
             if entry is not None:
-                if entry.full_name not in _WELL_KNOWN or field.is_repeated:
+                if entry.full_name not in WELL_KNOWN or field.is_repeated:
                     raise BadRequest(
                         f"field '{name}': {_describe_type(field)} cannot be set from a "
                         "string; send it in the JSON body"
@@ -521,11 +514,59 @@ def _located(path: str, error: _Invalid) -> BadRequest:
     )
 
 
+class _Side:
+    """One message type of a command with its converters: the fast reader and
+    overlay (None when the codec is built with fast=False) and the writer."""
+
+    def __init__(
+        self,
+        cls: type[Message],
+        converters: Converters | None,
+        options: JsonOptions,
+        schema: Schema,
+    ) -> None:
+        self.cls = cls
+        descriptor = schema.descriptor(cls.DESCRIPTOR.full_name)
+        self.merge: Merge | None = None
+        self.overlay: Overlay | None = None
+        self.write: Writer
+        if converters is None:
+            self.write = json_format_writer(options, schema.pool)
+        else:
+            self.merge = converters.reader(descriptor)
+            self.overlay = converters.overlay(descriptor)
+            self.write = converters.writer(descriptor)
+
+    def fast_fill(
+        self, message: Message, value: object, overlays: Sequence[Mapping[str, str]]
+    ) -> bool:
+        """Fill `message` through the fast reader; False when it fell back (the
+        message is then half-filled and must be dropped)."""
+        if self.merge is None or self.overlay is None:
+            return False
+        try:
+            if value is not _NO_BODY:
+                self.merge(value, message, 0)
+            for values in overlays:
+                self.overlay(message, values)
+        except Fallback:
+            return False
+        return True
+
+
+# An absent or blank REST body, as opposed to a body holding `null`.
+_NO_BODY: Final = object()
+
+
 class ProtobufCodec(CommandCodec):
     """proto3 JSON <-> protobuf bytes for one command (SPEC 3 `json` options).
 
     `request` is None for a push command: its `response` is the push message, and
-    encoding a request raises BadRequest.
+    encoding a request raises BadRequest. With `fast` (the default) bodies go
+    through converters specialised per message type (convert.py), falling back
+    to the generic reader for anything but plainly valid input; `fast=False`
+    keeps the reference path (generic reader, json_format writer) for tests and
+    benchmarks. Both give the same answers.
     """
 
     content_type = JSON_CONTENT_TYPE
@@ -537,34 +578,43 @@ class ProtobufCodec(CommandCodec):
         response: type[Message],
         options: JsonOptions,
         schema: Schema,
+        *,
+        fast: bool = True,
     ) -> None:
         self.command = command
         self.request = request
         self.response = response
         self.options = options
-        reader = _Reader(schema, options.ignore_unknown_fields)
-        self._request_reader = None if request is None else reader
-        self._response_reader = reader
-        self._to_dict: Callable[[Message], dict[str, Any]] = _dict_writer(options, schema.pool)
+        self._reader = _Reader(schema, options.ignore_unknown_fields)
+        converters = Converters(options, schema.pool) if fast else None
+        self._request = None if request is None else _Side(request, converters, options, schema)
+        self._response = _Side(response, converters, options, schema)
 
-    def _new_request(self) -> tuple[Message, _Reader]:
-        if self.request is None or self._request_reader is None:
+    def _request_side(self) -> _Side:
+        if self._request is None:
             raise BadRequest(f"{self.command} is a push command; it cannot be sent")
-        return self.request(), self._request_reader
+        return self._request
+
+    def _build(
+        self, side: _Side, value: object, overlays: Sequence[Mapping[str, str]] = ()
+    ) -> bytes:
+        message = side.cls()
+        if not side.fast_fill(message, value, overlays):
+            # The generic reader is the reference: it builds the message or raises
+            # the BadRequest naming the field.
+            message = side.cls()
+            if value is not _NO_BODY:
+                self._reader.merge_body(value, message)
+            for values in overlays:
+                self._reader.overlay(message, values)
+        return _serialize(message)
 
     def encode_request(self, body: bytes, overlays: Sequence[Mapping[str, str]]) -> bytes:
-        message, reader = self._new_request()
-        if body.strip():
-            reader.merge_body(_parse_body(body), message)
-        for overlay in overlays:
-            reader.overlay(message, overlay)
-        return _serialize(message)
+        side = self._request_side()
+        return self._build(side, _parse_body(body) if body.strip() else _NO_BODY, overlays)
 
     def encode_value(self, value: Any) -> bytes:
-        message, reader = self._new_request()
-        if value is not None:
-            reader.merge_body(value, message)
-        return _serialize(message)
+        return self._build(self._request_side(), _NO_BODY if value is None else value)
 
     def decode_response(self, body: bytes) -> Any:
         try:
@@ -574,44 +624,23 @@ class ProtobufCodec(CommandCodec):
                 f"{self.command}: the upstream's body is not a valid "
                 f"{self.response.DESCRIPTOR.full_name}: {exc}"
             ) from None
-        return self._to_dict(message)
+        return self._response.write(message)
 
     def response_json(self, body: bytes) -> bytes:
         return _dumps(self.decode_response(body))
 
     def decode_request(self, body: bytes) -> Any:
-        message, _ = self._new_request()
+        side = self._request_side()
         try:
-            message.ParseFromString(body)
+            message = side.cls.FromString(body)
         except DecodeError as exc:
             raise BadRequest(
-                f"{self.command}: the body is not a valid {message.DESCRIPTOR.full_name}: {exc}"
+                f"{self.command}: the body is not a valid {side.cls.DESCRIPTOR.full_name}: {exc}"
             ) from None
-        return self._to_dict(message)
+        return side.write(message)
 
     def encode_response(self, value: Any) -> bytes:
-        message = self.response()
-        if value is not None:
-            self._response_reader.merge_body(value, message)
-        return _serialize(message)
-
-
-def _dict_writer(options: JsonOptions, pool: DescriptorPool) -> Callable[[Message], dict[str, Any]]:
-    emit_defaults = options.emit_defaults
-    proto_names = options.field_names == "proto"
-    enum_numbers = options.enums == "number"
-
-    def write(message: Message) -> dict[str, Any]:
-        # int64 kinds come out as strings, as the proto3 JSON mapping requires.
-        return json_format.MessageToDict(
-            message,
-            always_print_fields_with_no_presence=emit_defaults,
-            preserving_proto_field_name=proto_names,
-            use_integers_for_enums=enum_numbers,
-            descriptor_pool=pool,
-        )
-
-    return write
+        return self._build(self._response, _NO_BODY if value is None else value)
 
 
 def _serialize(message: Message) -> bytes:
@@ -677,7 +706,7 @@ class RawCodec(CommandCodec):
             return value
         if isinstance(value, str):
             try:
-                return _decode_base64(value)
+                return decode_base64(value)
             except ValueError:
                 raise BadRequest(f"a raw body must be base64, got {_show(value)}") from None
         raise BadRequest(f"a raw body must be a base64 string, got {_show(value)}")
