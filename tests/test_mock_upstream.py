@@ -1,0 +1,264 @@
+"""The demo upstream (`tlvproxy mock-upstream`) and `tlvproxy call`, in process and as
+processes, over real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+
+from tlvproxy.config.loader import load_table
+from tlvproxy.config.model import Address, Table
+from tlvproxy.errors import BadRequest
+from tlvproxy.framing import FLAG_PUSH, FLAG_RESPONSE, Frame
+from tlvproxy.metrics import Metrics
+from tlvproxy.mock_upstream import DEMO_TABLE, serve_mock_upstream
+from tlvproxy.upstream.call import build_request, call_node, parse_address, render_reply
+from tlvproxy.upstream.connection import Connection, SendFailed
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def table() -> Table:
+    return load_table(DEMO_TABLE)
+
+
+@asynccontextmanager
+async def mock(table: Table) -> AsyncIterator[Address]:
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve_mock_upstream, "127.0.0.1", 0, table)
+        yield parse_address(address)
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def connect(
+    table: Table, address: Address, pushes: trio.MemorySendChannel[Frame] | None = None
+) -> AsyncIterator[Connection]:
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    conn = Connection(
+        stream, table.framing, Metrics(), node=str(address), max_in_flight=64, pushes=pushes
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        yield conn
+        conn.close(SendFailed("the test is over"))
+
+
+def body(table: Table, name: str, value: object) -> bytes:
+    return table.codecs[name].encode_value(value)
+
+
+def decoded(table: Table, name: str, frame: Frame) -> Any:
+    return table.codecs[name].decode_response(frame.body)
+
+
+async def test_heartbeat_echo_and_profiles(table: Table) -> None:
+    async with mock(table) as address, connect(table, address) as conn:
+        beat = await conn.request(0x0001, b"")
+        assert (beat.status, beat.body, beat.flags) == (0, b"", FLAG_RESPONSE)
+        echo = await conn.request(0x1003, b'{"text": "hi", "n": [1, 2]}', uid=5)
+        assert (echo.status, echo.body, echo.uid) == (0, b'{"text": "hi", "n": [1, 2]}', 5)
+        profile = await conn.request(0x1002, body(table, "get_profile", {"user_id": 42}))
+        assert profile.status == 0
+        assert decoded(table, "get_profile", profile) == {
+            "user_id": 42,
+            "nickname": "user42",
+            "gender": "GENDER_MALE",
+            "status": "STATUS_OFFLINE",
+            "created_at": "1700000000000",
+            "tags": ["demo"],
+        }
+        for unknown in (0, 1_000_000):
+            missing = await conn.request(0x1002, body(table, "get_profile", {"user_id": unknown}))
+            assert (missing.status, missing.body) == (2, b"")
+
+
+async def test_send_message_answers_and_pushes_to_the_recipient_only(table: Table) -> None:
+    send, pushes = trio.open_memory_channel[Frame](8)
+    async with (
+        mock(table) as address,
+        connect(table, address) as alice,
+        connect(table, address, send) as bob,
+    ):
+        # Bob's first frame carries his uid: that makes it his session.
+        assert (await bob.request(0x1003, b"{}", uid=2)).status == 0
+        sent = await alice.request(
+            0x1001, body(table, "send_message", {"to_uid": 2, "text": "hello bob"}), uid=1
+        )
+        answer = decoded(table, "send_message", sent)
+        assert sent.status == 0
+        push = await pushes.receive()
+        assert (push.command, push.flags, push.uid) == (0x2001, FLAG_PUSH, 2)
+        assert decoded(table, "new_message", push) == {
+            "from_uid": 1,
+            "to_uid": 2,
+            "text": "hello bob",
+            "msg_id": answer["msg_id"],
+            "sent_at": answer["sent_at"],
+        }
+        listed = await alice.request(0x1004, body(table, "list_messages", {"user_id": 2}))
+        [message] = decoded(table, "list_messages", listed)["messages"]
+        assert message["text"] == "hello bob"
+        online = await alice.request(0x1002, body(table, "get_profile", {"user_id": 2}))
+        assert decoded(table, "get_profile", online)["status"] == "STATUS_ONLINE"
+
+
+async def test_failure_switches(table: Table, autojump_clock: object) -> None:
+    async with mock(table) as address, connect(table, address) as conn:
+        teapot = await conn.request(0x1003, b'{"_status": 3, "x": 1}')
+        assert (teapot.status, teapot.body) == (3, b'{"_status": 3, "x": 1}')
+        started = trio.current_time()
+        late = await conn.request(0x1003, b'{"_delay_ms": 1500}')
+        assert late.status == 0
+        assert trio.current_time() - started >= 1.5
+        refused = await conn.request(
+            0x1001, body(table, "send_message", {"to_uid": 2, "text": "/status 3"}), uid=1
+        )
+        assert (refused.status, refused.body) == (3, b"")
+        started = trio.current_time()
+        delayed = await conn.request(
+            0x1001, body(table, "send_message", {"to_uid": 2, "text": "/delay 700 hi"}), uid=1
+        )
+        assert delayed.status == 0
+        assert trio.current_time() - started >= 0.7
+
+
+async def test_bad_requests_get_status_1(table: Table) -> None:
+    async with mock(table) as address, connect(table, address) as conn:
+        assert (await conn.request(0x7777, b"")).status == 1  # not in the table
+        assert (await conn.request(0x2001, b"")).status == 1  # a push command
+        assert (await conn.request(0x1003, b"{not json")).status == 1
+        assert (await conn.request(0x1002, b"\xff\xff\xff")).status == 1  # not protobuf
+        no_recipient = body(table, "send_message", {"text": "to nobody"})
+        assert (await conn.request(0x1001, no_recipient, uid=1)).status == 1
+
+
+async def test_a_malformed_frame_closes_only_that_connection(table: Table) -> None:
+    async with mock(table) as address, connect(table, address) as good:
+        bad = await trio.open_tcp_stream(address.host, address.port)
+        await bad.send_all(b"\x07garbage")
+        assert await bad.receive_some() == b""  # closed by the mock
+        await bad.aclose()
+        assert (await good.request(0x1003, b"1")).body == b"1"
+
+
+async def test_frames_packed_by_hand(table: Table) -> None:
+    # Interop with an independent encoder: the SPEC 1 header packed with struct.
+    header = struct.Struct(">BBHIIIHH")
+    async with mock(table) as address:
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        await stream.send_all(b"\x09" + header.pack(1, 0, 0x1003, 77, 9, 2, 0, 0) + b"[]\x0a")
+        data = b""
+        while len(data) < 24:
+            data += await stream.receive_some()
+        await stream.aclose()
+    assert data == b"\x09" + header.pack(1, 1, 0x1003, 77, 9, 2, 0, 0) + b"[]\x0a"
+
+
+async def test_call_in_process(table: Table) -> None:
+    async with mock(table) as address:
+        request = build_request(table, "get_profile", '{"user_id": 7}')
+        assert (request.command, request.timeout, request.connect_timeout) == (0x1002, 3.0, 1.0)
+        frame = await call_node(table, address, request)
+        reply = render_reply(table, request, frame)
+        assert reply["status"] == 0
+        assert reply["body"]["nickname"] == "user7"
+        by_number = build_request(table, "0x0001", None)
+        assert by_number.spec is None
+        beat = await call_node(table, address, by_number)
+        assert render_reply(table, by_number, beat) == {
+            "command": "0x0001",
+            "status": 0,
+            "body": None,
+        }
+
+
+@pytest.mark.parametrize(
+    ("command", "argument", "message"),
+    [
+        ("nope", None, "neither a name in the table nor a number"),
+        ("new_message", None, "is a push command"),
+        ("echo", "{bad", "not valid JSON"),
+        ("get_profile", '{"user_id": "x"}', "user_id"),
+        ("0x10000", None, "does not fit"),
+    ],
+)
+def test_call_refuses_bad_arguments(
+    table: Table, command: str, argument: str | None, message: str
+) -> None:
+    with pytest.raises(BadRequest, match=message):
+        build_request(table, command, argument)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("localhost", "HOST:PORT"), ("h:99999", "HOST:PORT"), ("::1:80", r"as \[HOST\]:PORT")],
+)
+def test_parse_address_errors(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_address(text)
+    assert parse_address("[::1]:7001") == Address("::1", 7001)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tlvproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_mock_upstream_and_call_as_processes() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tlvproxy", "mock-upstream", "--listen", "127.0.0.1:0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        record = json.loads(process.stdout.readline())
+        address = record["address"]
+        assert record["message"] == f"mock upstream listening on {address}"
+        assert not address.endswith(":0")
+        echoed = run_cli("call", address, "echo", '{"hello": ["world"]}')
+        assert (echoed.returncode, json.loads(echoed.stdout)) == (
+            0,
+            {"command": "echo", "status": 0, "body": {"hello": ["world"]}},
+        )
+        missing = run_cli("call", address, "0x1002", '{"user_id": 0}', "-c", "commands.yaml")
+        assert (missing.returncode, json.loads(missing.stdout)["status"]) == (1, 2)
+        bad = run_cli("call", address, "nope")
+        assert bad.returncode == 2
+        assert "unknown command 'nope'" in bad.stderr
+    finally:
+        process.terminate()
+        process.wait(10)
+    gone = run_cli("call", address, "echo")
+    assert gone.returncode == 3
+    assert "upstream_unavailable" in gone.stderr
+
+
+def test_mock_upstream_refuses_a_bad_listen_address() -> None:
+    result = run_cli("mock-upstream", "--listen", "nowhere")
+    assert result.returncode == 2
+    assert "--listen: expected HOST:PORT" in result.stderr

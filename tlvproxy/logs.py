@@ -1,0 +1,61 @@
+"""JSON logging set-up and the access record's shape (SPEC 7).
+
+Owns: the stdout JSON-lines handler (python-json-logger) and the field names of
+access records. Must not: decide what is logged; callers do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+ACCESS_LOGGER = "tlvproxy.access"
+
+
+def setup_logging(level: str = "info") -> None:
+    """Send every tlvproxy log record to stdout as one JSON object per line."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            static_fields={"pid": os.getpid()},
+            json_ensure_ascii=False,
+        )
+    )
+    root = logging.getLogger("tlvproxy")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def access_record(
+    *,
+    request_id: str,
+    client_ip: str,
+    method: str,
+    path: str,
+    route: str | None,
+    command: int | None,
+    node: str | None,
+    status: int,
+    upstream_status: int | None,
+    duration_ms: float,
+) -> dict[str, Any]:
+    """The `extra` of one REST access record, with the SPEC 7 field names."""
+    return {
+        "request_id": request_id,
+        "client_ip": client_ip,
+        "method": method,
+        "path": path,
+        "route": route,
+        "command": None if command is None else f"0x{command:04x}",
+        "upstream_node": node,
+        "status": status,
+        "upstream_status": upstream_status,
+        "duration_ms": round(duration_ms, 3),
+    }

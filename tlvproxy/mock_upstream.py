@@ -1,0 +1,312 @@
+"""The demo IM service: a TLV server for trying the gateway out (SPEC 2 `mock-upstream`).
+
+Owns: the demo service's behaviour, its in-memory messages, and which connection
+gets which push. Must not: be imported by the gateway; it uses framing.py and the
+table's codecs like any other TLV peer would.
+
+It speaks the table's framing layout and reads request bodies with the table's
+codecs (`decode_request` / `encode_response`), so it follows the table's message
+names and JSON options. Commands, by their name in the table:
+
+- `heartbeat` (always also 0x0001): empty answer, status 0.
+- `echo`: answers the body unchanged.
+- `send_message` (`demo.im.SendMessageRequest`): stores the message with
+  `from_uid` = the frame's uid, answers `{msg_id, sent_at}` and pushes
+  `new_message` (flags = push) to every connection whose session uid is the
+  recipient. A connection's session uid is the uid of the latest frame with a
+  non-zero uid it sent (a WebSocket session's uid).
+- `get_profile`: a made-up profile; status 2 (not found) for user 0 or
+  any user id from 1,000,000 on.
+- `list_messages`: the user's latest messages (sent or received), `limit` or 20.
+- Any other command, or a body that does not decode: status 1, empty body.
+
+Switches for trying failures:
+- an `echo` body that is a JSON object with `"_status": N` is answered with status
+  N (body unchanged); `"_delay_ms": N` answers N milliseconds late;
+- a `send_message` text of `/status N` answers status N without storing anything;
+  a text starting with `/delay MS ` is sent MS milliseconds late.
+Status codes follow the demo table's `status_map`: 1 bad request, 2 not found,
+3 conflict.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from tlvproxy.errors import BadRequest
+from tlvproxy.framing import (
+    FLAG_PUSH,
+    FLAG_RESPONSE,
+    NEED_DATA,
+    ConnectionClosed,
+    Frame,
+    FrameDecoder,
+    FramingError,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from tlvproxy.config.model import Table
+
+log = logging.getLogger("tlvproxy.mock_upstream")
+
+DEMO_TABLE: Final = Path(__file__).resolve().parent.parent / "commands.yaml"
+HEARTBEAT: Final = 0x0001
+NEW_MESSAGE: Final = 0x2001
+STATUS_BAD_REQUEST: Final = 1
+STATUS_NOT_FOUND: Final = 2
+UNKNOWN_USERS_FROM: Final = 1_000_000
+DEFAULT_LIST_LIMIT: Final = 20
+_CREATED_AT: Final = 1_700_000_000_000  # every demo user joined at this unix millisecond
+
+
+class _Client:
+    """One accepted connection."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.uid = 0
+        self._send_lock = trio.Lock()
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+
+def _field(value: Any, name: str) -> Any:
+    """A request field by its proto name or its lowerCamelCase JSON name."""
+    if not isinstance(value, dict):
+        return None
+    if name in value:
+        return value[name]
+    head, *rest = name.split("_")
+    return value.get(head + "".join(part.title() for part in rest))
+
+
+def _number(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+class MockService:
+    """The demo IM service over `table` (its framing and codecs)."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.layout = table.framing
+        self.messages: list[dict[str, Any]] = []
+        self._clients: set[_Client] = set()
+        self._unpushed: list[dict[str, Any]] = []  # stored, pushed after the answer
+        push = table.find_command("new_message")
+        self._push_command = push.command if push is not None else NEW_MESSAGE
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """Serve one connection until it closes or sends a malformed frame."""
+        client = _Client(stream)
+        self._clients.add(client)
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._read(client, nursery)
+        finally:
+            self._clients.discard(client)
+            await trio.aclose_forcefully(stream)
+
+    async def _read(self, client: _Client, nursery: trio.Nursery) -> None:
+        # Each request is answered in its own task, so a delayed one holds up nothing.
+        decoder = FrameDecoder(self.layout)
+        try:
+            while True:
+                try:
+                    data = await client.stream.receive_some()
+                except trio.BrokenResourceError:
+                    data = b""
+                decoder.receive_data(data)
+                while (event := decoder.next_event()) is not NEED_DATA:
+                    if isinstance(event, ConnectionClosed):
+                        return
+                    if event.uid:
+                        client.uid = event.uid
+                    nursery.start_soon(self._answer, client, event)
+        except FramingError as exc:
+            log.warning("malformed frame, closing the connection", extra={"error": str(exc)})
+            await trio.aclose_forcefully(client.stream)
+
+    async def _answer(self, client: _Client, frame: Frame) -> None:
+        status, body, delay = self._dispatch(frame)
+        if delay > 0:
+            await trio.sleep(delay)
+        reply = Frame(
+            command=frame.command,
+            seq=frame.seq,
+            uid=frame.uid,
+            flags=FLAG_RESPONSE,
+            status=status,
+            body=body,
+        )
+        try:
+            await client.send(encode_frame(self.layout, reply))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the client went away; nobody to answer
+        pushed = self._unpushed
+        self._unpushed = []
+        for message in pushed:
+            await self.push_message(message)
+
+    def _dispatch(self, frame: Frame) -> tuple[int, bytes, float]:
+        """(status, body, delay in seconds) for a request frame."""
+        if frame.command == HEARTBEAT:
+            return 0, b"", 0.0
+        spec = self.table.find_command(frame.command)
+        if spec is None or spec.push is not None:
+            return STATUS_BAD_REQUEST, b"", 0.0
+        codec = self.table.codecs[spec.name]
+        try:
+            value = codec.decode_request(frame.body)
+        except BadRequest as exc:
+            log.info("undecodable request", extra={"command": spec.name, "error": exc.message})
+            return STATUS_BAD_REQUEST, b"", 0.0
+        if spec.name == "echo":
+            return self._echo(frame.body, value)
+        if spec.name == "send_message":
+            status, answer, delay = self._send_message(frame.uid, value)
+        elif spec.name == "get_profile":
+            status, answer, delay = self._profile(value)
+        elif spec.name == "list_messages":
+            status, answer, delay = self._list_messages(value)
+        else:
+            return STATUS_BAD_REQUEST, b"", 0.0
+        try:
+            return status, (codec.encode_response(answer) if answer is not None else b""), delay
+        except BadRequest as exc:
+            log.warning("answer does not fit the response message", extra={"error": exc.message})
+            return STATUS_BAD_REQUEST, b"", 0.0
+
+    @staticmethod
+    def _echo(body: bytes, value: Any) -> tuple[int, bytes, float]:
+        if isinstance(value, dict):
+            return _number(value.get("_status")), body, _number(value.get("_delay_ms")) / 1000
+        return 0, body, 0.0
+
+    def _send_message(self, uid: int, value: Any) -> tuple[int, Any, float]:
+        text = str(_field(value, "text") or "")
+        delay = 0.0
+        if text.startswith("/status "):
+            return _number(text.split()[1]), None, 0.0
+        if text.startswith("/delay "):
+            ms, _, text = text.removeprefix("/delay ").partition(" ")
+            delay = _number(ms) / 1000
+        to_uid = _number(_field(value, "to_uid"))
+        if to_uid == 0:
+            return STATUS_BAD_REQUEST, None, 0.0
+        message = {
+            "msg_id": len(self.messages) + 1,
+            "from_uid": uid,
+            "to_uid": to_uid,
+            "text": text,
+            "sent_at": int(time.time() * 1000),
+        }
+        self.messages.append(message)
+        self._unpushed.append(message)
+        return 0, {"msg_id": message["msg_id"], "sent_at": message["sent_at"]}, delay
+
+    async def push_message(self, message: dict[str, Any]) -> None:
+        """Push `new_message` to every connection of the recipient."""
+        spec = self.table.find_command(self._push_command)
+        if spec is None:
+            return
+        body = self.table.codecs[spec.name].encode_response(message)
+        push = Frame(
+            command=self._push_command,
+            seq=0,
+            uid=message["to_uid"],
+            flags=FLAG_PUSH,
+            body=body,
+        )
+        wire = encode_frame(self.layout, push)
+        for client in [c for c in self._clients if c.uid == message["to_uid"]]:
+            try:
+                await client.send(wire)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                continue  # that session is gone; the others still get it
+
+    def _profile(self, value: Any) -> tuple[int, Any, float]:
+        user_id = _number(_field(value, "user_id"))
+        if user_id == 0 or user_id >= UNKNOWN_USERS_FROM:
+            return STATUS_NOT_FOUND, None, 0.0
+        online = any(c.uid == user_id for c in self._clients)
+        profile = {
+            "user_id": user_id,
+            "nickname": f"user{user_id}",
+            "gender": "GENDER_FEMALE" if user_id % 2 else "GENDER_MALE",
+            "status": "STATUS_ONLINE" if online else "STATUS_OFFLINE",
+            "created_at": _CREATED_AT,
+            "tags": ["demo"],
+        }
+        return 0, profile, 0.0
+
+    def _list_messages(self, value: Any) -> tuple[int, Any, float]:
+        user_id = _number(_field(value, "user_id"))
+        limit = _number(_field(value, "limit")) or DEFAULT_LIST_LIMIT
+        mine = [m for m in self.messages if user_id in (m["from_uid"], m["to_uid"])]
+        return 0, {"messages": mine[-limit:]}, 0.0
+
+
+async def serve_mock_upstream(
+    host: str,
+    port: int,
+    table: Table | None = None,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the demo service on HOST:PORT (port 0: any free port) until cancelled.
+
+    `table` defaults to the bundled demo table. Logs the address it listens on and
+    reports it ("host:port") through `task_status`. Raises OSError if it cannot bind.
+    """
+    if table is None:
+        from tlvproxy.config.loader import load_table
+
+        table = await trio.to_thread.run_sync(load_table, DEMO_TABLE)
+    service = MockService(table)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+    address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
+    log.info("mock upstream listening on %s", address, extra={"address": address})
+    task_status.started(address)
+    await trio.serve_listeners(service.handle, listeners)
+
+
+def run_mock_upstream(listen: str, table_path: Path) -> int:
+    """The whole `tlvproxy mock-upstream`: JSON logs on stdout; returns the exit status."""
+    from tlvproxy.config.loader import TableError, load_table
+    from tlvproxy.logs import setup_logging
+    from tlvproxy.upstream.call import parse_address
+
+    setup_logging("info")
+    try:
+        address = parse_address(listen)
+    except ValueError as exc:
+        print(f"tlvproxy mock-upstream: --listen: {exc}", file=sys.stderr)
+        return 2
+    try:
+        table = load_table(table_path)
+    except TableError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    try:
+        trio.run(serve_mock_upstream, address.host, address.port, table)
+    except OSError as exc:
+        print(f"tlvproxy mock-upstream: cannot listen on {listen}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -1,0 +1,1 @@
+"""The upstream half of the gateway: balancing, health, multiplexed connections, pools."""
