@@ -1,0 +1,882 @@
+"""The WebSocket gateway (SPEC 5) end to end: a real client, the real HTTP driver
+and pool, and the real mock upstream, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import socket
+import struct
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from tlvproxy.mock_upstream import serve_mock_upstream
+from tlvproxy.upstream.pool import Pool, open_pool
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+
+from tlvproxy.config.loader import load_table
+from tlvproxy.metrics import Metrics
+from tlvproxy.policy.ratelimit import RateLimiter
+from tlvproxy.policy.waf import Waf
+from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
+from tlvproxy.server.rest import RestHandler, error_response_for
+from tlvproxy.server.websocket import OUTGOING_QUEUE, serve_websocket
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from tlvproxy.config.model import Table
+
+PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
+HEADER = struct.Struct(">BBHIIIHH")  # SPEC 1 default header, packed by hand
+
+
+# ---------------------------------------------------------------- a tiny client
+
+
+class Closed(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"closed {code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class Client:
+    """A WebSocket client on trio + wsproto that answers closes like a browser."""
+
+    def __init__(self, stream: trio.SocketStream, ws: WSConnection) -> None:
+        self.stream = stream
+        self.ws = ws
+        self._pending: list[Any] = []
+        self._text: list[str] = []
+        self._bytes: list[bytes] = []
+
+    @classmethod
+    async def connect(
+        cls, port: int, target: str = "/ws?uid=1&did=a", *, receive_buffer: int | None = None
+    ) -> Client:
+        sock = trio.socket.socket()
+        if receive_buffer is not None:
+            # Before connect, so the window the client offers stays small.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="localhost", target=target)))
+        client = cls(stream, ws)
+        while True:
+            events = await client._events()
+            for index, event in enumerate(events):
+                if isinstance(event, RejectConnection | RejectData):
+                    raise AssertionError(f"handshake rejected: {event}")
+                if isinstance(event, AcceptConnection):
+                    client._pending.extend(events[index + 1 :])
+                    return client
+
+    async def _events(self) -> list[Any]:
+        data = await self.stream.receive_some(65536)
+        self.ws.receive_data(data or None)
+        return list(self.ws.events())
+
+    async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        if isinstance(message, dict):
+            message = json.dumps(message)
+        event = (
+            BytesMessage(data=message) if isinstance(message, bytes) else TextMessage(data=message)
+        )
+        await self.stream.send_all(self.ws.send(event))
+
+    async def receive(self) -> str | bytes:
+        """The next message; raises Closed (after answering the close) at the end."""
+        while True:
+            while self._pending:
+                event = self._pending.pop(0)
+                if isinstance(event, TextMessage):
+                    self._text.append(event.data)
+                    if event.message_finished:
+                        text = "".join(self._text)
+                        self._text.clear()
+                        return text
+                elif isinstance(event, BytesMessage):
+                    self._bytes.append(bytes(event.data))
+                    if event.message_finished:
+                        data = b"".join(self._bytes)
+                        self._bytes.clear()
+                        return data
+                elif isinstance(event, CloseConnection):
+                    if self.ws.state is ConnectionState.REMOTE_CLOSING:
+                        await self.stream.send_all(self.ws.send(event.response()))
+                    raise Closed(event.code, event.reason or "")
+                elif isinstance(event, Pong):
+                    return f"pong:{event.payload.decode()}"
+            self._pending.extend(await self._events())
+
+    async def receive_json(self) -> Any:
+        message = await self.receive()
+        assert isinstance(message, str), message
+        return json.loads(message)
+
+    async def call(self, cmd: str | int, seq: int, body: Any = None) -> Any:
+        message: dict[str, Any] = {"cmd": cmd, "seq": seq}
+        if body is not None:
+            message["body"] = body
+        await self.send(message)
+        return await self.receive_json()
+
+    async def drain(self, into: list[str | bytes]) -> None:
+        """Put every message into `into` until the close, which raises Closed."""
+        while True:
+            into.append(await self.receive())
+
+    async def expect_close(self) -> Closed:
+        with pytest.raises(Closed) as info:
+            await self.drain([])
+        return info.value
+
+    async def close(self, code: int = 1000) -> None:
+        await self.stream.send_all(self.ws.send(CloseConnection(code=code)))
+        await self.expect_close()
+        await self.stream.aclose()
+
+
+async def raw_exchange(port: int, head: bytes, *, until_close: bool = True) -> bytes:
+    """Send `head` and read until the server closes (or, if not `until_close`, the
+    end of the answer's head)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(head)
+        answer = b""
+        while until_close or b"\r\n\r\n" not in answer:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+# ---------------------------------------------------------------- the gateway
+
+
+TABLE = """
+listen: {{http: 127.0.0.1:0, admin: null}}
+proto: {{paths: [{proto}], files: [demo/im.proto]}}
+upstreams:
+  im:
+    nodes: [{nodes}]
+    balance: consistent_hash
+    hash_on: query.did
+    connect_timeout: 1s
+    timeout: {timeout}
+    health: {{unhealthy_after: 1, healthy_after: 1}}
+commands:
+  - name: heartbeat
+    command: 0x0001
+    upstream: im
+    request: demo.im.Heartbeat
+    response: demo.im.Heartbeat
+  - name: send_message
+    command: 0x1001
+    upstream: im
+    request: demo.im.SendMessageRequest
+    response: demo.im.SendMessageResponse
+  - name: get_profile
+    command: 0x1002
+    upstream: im
+    request: demo.im.GetProfileRequest
+    response: demo.im.Profile
+  - name: echo
+    command: 0x1003
+    upstream: im
+    codec: json
+  - name: new_message
+    command: 0x2001
+    push: demo.im.MessagePush
+websocket:
+  path: /ws
+  upstream: im
+  hash_on: query.did
+  uid: query.uid
+  mode: {mode}
+  max_message: {max_message}
+  idle_timeout: {idle_timeout}
+{extra}
+"""
+
+
+def make_table(
+    tmp_path: Path,
+    nodes: list[str],
+    *,
+    mode: str = "json",
+    max_message: str = "64 KiB",
+    idle_timeout: str = "120s",
+    timeout: str = "3s",
+    extra: str = "",
+) -> Table:
+    path = tmp_path / "commands.yaml"
+    path.write_text(
+        TABLE.format(
+            proto=PROTO_ROOT,
+            nodes=", ".join(nodes),
+            mode=mode,
+            max_message=max_message,
+            idle_timeout=idle_timeout,
+            timeout=timeout,
+            extra=extra,
+        )
+    )
+    return load_table(path)
+
+
+@attrs.frozen
+class Runtime:
+    table: Table
+    pools: dict[str, Pool]
+    limiter: RateLimiter
+    waf: Waf
+
+
+@attrs.frozen
+class Gateway:
+    port: int
+    shutdown: trio.Event
+    metrics: Metrics
+
+
+@asynccontextmanager
+async def open_mock_upstream() -> AsyncIterator[tuple[str, trio.CancelScope]]:
+    """The real mock upstream on 127.0.0.1:0; cancel the scope to take it down."""
+    stop = trio.CancelScope()
+
+    async def serve(task_status: trio.TaskStatus[str]) -> None:
+        with stop:
+            await serve_mock_upstream("127.0.0.1", 0, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve)
+        yield address, stop
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_gateway(table: Table) -> AsyncIterator[Gateway]:
+    """The HTTP driver with `serve_websocket` as its upgrade handler, on a real pool."""
+    metrics = Metrics()
+    shutdown = trio.Event()
+    async with (
+        trio.open_nursery() as nursery,
+        open_pool(table.upstreams["im"], table.framing, metrics) as pool,
+    ):
+        runtime = Runtime(
+            table=table,
+            pools={"im": pool},
+            limiter=RateLimiter(table.rate_limits),
+            waf=Waf(table.waf),
+        )
+        settings = HttpSettings.from_limits(table.limits, "h11")
+        rest = RestHandler(lambda: runtime, metrics)
+        errors = error_response_for(lambda: runtime, metrics)
+
+        async def upgrade(request: Any, stream: trio.abc.Stream, leftover: bytes) -> None:
+            await serve_websocket(
+                request, stream, leftover, runtime=runtime, metrics=metrics, shutdown=shutdown
+            )
+
+        async def handle(stream: trio.SocketStream) -> None:
+            peer = stream.socket.getpeername()[0]
+            await serve_http_connection(
+                stream, peer, settings, rest, errors, upgrade=upgrade, draining=shutdown.is_set
+            )
+
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        yield Gateway(port=port, shutdown=shutdown, metrics=metrics)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[str, trio.CancelScope]]:
+    async with open_mock_upstream() as found:
+        yield found
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, upstream: tuple[str, trio.CancelScope]) -> AsyncIterator[Gateway]:
+    async with open_gateway(make_table(tmp_path, [upstream[0]])) as found:
+        yield found
+
+
+def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    value = metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+def frame(command: int, seq: int, body: bytes, *, uid: int = 0, flags: int = 0) -> bytes:
+    return b"\x09" + HEADER.pack(1, flags, command, seq, uid, len(body), 0, 0) + body + b"\x0a"
+
+
+def unframe(data: bytes) -> tuple[int, int, int, int, int, bytes]:
+    """(flags, command, seq, uid, status, body) of one hand-parsed frame."""
+    assert data[0] == 0x09
+    assert data[-1] == 0x0A
+    _version, flags, command, seq, uid, length, status, _reserved = HEADER.unpack_from(data, 1)
+    body = data[1 + HEADER.size : -1]
+    assert len(body) == length
+    return flags, command, seq, uid, status, body
+
+
+@attrs.define
+class SilentUpstream:
+    """A TLV node that accepts and reads but never answers."""
+
+    node: str = ""
+    accepted: int = 0
+    closed: int = 0
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def _note(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        self.accepted += 1
+        self._note()
+        try:
+            while await stream.receive_some(65536):
+                pass
+        except trio.BrokenResourceError:
+            pass  # a reset is a close too
+        self.closed += 1
+        self._note()
+
+
+@asynccontextmanager
+async def open_silent_upstream() -> AsyncIterator[SilentUpstream]:
+    silent = SilentUpstream()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, silent.serve, 0, host="127.0.0.1"))
+        silent.node = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        yield silent
+        nursery.cancel_scope.cancel()
+
+
+class LogWatcher(logging.Handler):
+    """Collects the records of one logger; `wait_for(n)` waits until n arrived."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(name)
+        self.records: list[logging.LogRecord] = []
+        self._arrived = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._arrived.set()
+
+    async def wait_for(self, count: int) -> list[logging.LogRecord]:
+        with trio.fail_after(10):
+            while len(self.records) < count:
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+        return self.records
+
+    def __enter__(self) -> LogWatcher:
+        self.logger.addHandler(self)
+        self.previous_level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.previous_level)
+
+
+# ---------------------------------------------------------------- json mode
+
+
+async def test_request_and_response(gateway: Gateway) -> None:
+    client = await Client.connect(gateway.port)
+    assert await client.call("echo", 7, {"text": "hi", "n": [1, 2]}) == {
+        "cmd": "echo",
+        "seq": 7,
+        "status": 0,
+        "body": {"text": "hi", "n": [1, 2]},
+    }
+    # By number, as a string or an integer (SPEC 5: a command's name or number).
+    answer = await client.call("0x1002", 8, {"user_id": 42})
+    assert answer["cmd"] == "get_profile"
+    assert answer["seq"] == 8
+    assert answer["status"] == 0
+    assert answer["body"]["user_id"] == 42
+    assert (await client.call(0x1003, 9, [1]))["body"] == [1]
+    await client.close()
+    assert sample(gateway.metrics, "tlvproxy_websocket_messages_total", {"direction": "in"}) == 3
+    assert sample(gateway.metrics, "tlvproxy_websocket_messages_total", {"direction": "out"}) == 3
+
+
+async def test_requests_of_one_session_run_concurrently(gateway: Gateway) -> None:
+    client = await Client.connect(gateway.port)
+    for seq in range(20):
+        await client.send({"cmd": "echo", "seq": seq, "body": seq})
+    answers = [await client.receive_json() for _ in range(20)]
+    assert sorted(a["seq"] for a in answers) == list(range(20))
+    assert all(a["body"] == a["seq"] for a in answers)
+    await client.close()
+
+
+async def test_push_reaches_the_recipients_session_only(gateway: Gateway) -> None:
+    alice = await Client.connect(gateway.port, "/ws?uid=1&did=alice")
+    bob = await Client.connect(gateway.port, "/ws?uid=2&did=bob")
+    # Each session's first request tells the upstream whose connection it is.
+    assert (await bob.call("echo", 1, {}))["status"] == 0
+    sent = await alice.call("send_message", 2, {"to_uid": 2, "text": "hello bob"})
+    assert sent["status"] == 0
+    assert sent["seq"] == 2
+    push = await bob.receive_json()
+    assert push["cmd"] == "new_message"
+    assert push["push"] is True
+    assert push["body"]["from_uid"] == 1
+    assert push["body"]["to_uid"] == 2
+    assert push["body"]["text"] == "hello bob"
+    assert push["body"]["msg_id"] == sent["body"]["msg_id"]
+    # Alice's next message is her own answer: the push did not reach her.
+    assert (await alice.call("echo", 3, "x"))["seq"] == 3
+    await alice.close()
+    await bob.close()
+
+
+@pytest.mark.parametrize(
+    ("message", "seq", "expected"),
+    [
+        ("{not json", None, "message is not valid JSON"),
+        ("[" * 30_000 + "]" * 30_000, None, "nested too deeply"),
+        ('["echo", 1]', None, "must be a JSON object"),
+        ('{"cmd": "echo", "body": {}}', None, '"seq" must be an integer'),
+        ('{"cmd": "echo", "seq": "7"}', "7", '"seq" must be an integer'),
+        ('{"cmd": "nope", "seq": 4}', 4, "unknown command 'nope'"),
+        ('{"cmd": 4660, "seq": 4}', 4, "unknown command 4660"),
+        ('{"seq": 4}', 4, '"cmd" is missing'),
+        ('{"cmd": "echo", "seq": 4, "bdy": 1}', 4, "unknown member(s) 'bdy'"),
+        ('{"cmd": "new_message", "seq": 5}', 5, "is a push command"),
+        ('{"cmd": "get_profile", "seq": 6, "body": {"user_id": "x"}}', 6, "user_id"),
+        ('{"cmd": "get_profile", "seq": 6, "body": {"nope": 1}}', 6, "nope"),
+    ],
+)
+async def test_bad_messages_get_a_per_message_error(
+    gateway: Gateway, message: str, seq: object, expected: str
+) -> None:
+    client = await Client.connect(gateway.port)
+    await client.send(message)
+    answer = await client.receive_json()
+    assert answer["seq"] == seq
+    assert answer["error"]["code"] == "bad_request"
+    assert expected in answer["error"]["message"]
+    # The session stays open (SPEC 5).
+    assert (await client.call("echo", 10, 1))["body"] == 1
+    await client.close()
+
+
+async def test_a_binary_message_in_json_mode_is_a_per_message_error(gateway: Gateway) -> None:
+    client = await Client.connect(gateway.port)
+    await client.send(frame(0x1003, 1, b"{}"))
+    answer = await client.receive_json()
+    assert answer["error"]["code"] == "bad_request"
+    assert "json mode takes text messages" in answer["error"]["message"]
+    await client.close()
+
+
+async def test_non_zero_upstream_status_is_a_response_with_that_status(gateway: Gateway) -> None:
+    client = await Client.connect(gateway.port)
+    # The mock upstream answers status 2 (not found) for an unknown user.
+    answer = await client.call("get_profile", 3, {"user_id": 0})
+    assert answer["seq"] == 3
+    assert answer["status"] != 0
+    assert "error" not in answer
+    await client.close()
+
+
+async def test_rate_limited_messages_get_a_per_message_error(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope]
+) -> None:
+    extra = """
+rate_limits:
+  - name: echo_per_uid
+    commands: [echo]
+    key: query.uid
+    rate: 1/m
+    burst: 1
+"""
+    async with open_gateway(make_table(tmp_path, [upstream[0]], extra=extra)) as gateway:
+        client = await Client.connect(gateway.port)
+        other = await Client.connect(gateway.port, "/ws?uid=2&did=b")
+        assert (await client.call("echo", 1, 1))["status"] == 0
+        assert (await client.call("echo", 2, 2))["status"] == 0
+        refused = await client.call("echo", 3, 3)
+        assert refused["seq"] == 3
+        assert refused["error"]["code"] == "rate_limited"
+        assert "echo_per_uid" in refused["error"]["message"]
+        # Another key, and another command, are not limited.
+        assert (await other.call("echo", 1, 1))["status"] == 0
+        assert (await client.call("get_profile", 4, {"user_id": 1}))["status"] == 0
+        assert sample(gateway.metrics, "tlvproxy_rate_limited_total", {"rule": "echo_per_uid"}) == 1
+        await client.close()
+        await other.close()
+
+
+async def test_upstream_timeout_is_a_per_message_error(tmp_path: Path, autojump_clock: Any) -> None:
+    async with (
+        open_silent_upstream() as silent,
+        open_gateway(make_table(tmp_path, [silent.node], timeout="2s")) as gateway,
+    ):
+        client = await Client.connect(gateway.port)
+        answer = await client.call("echo", 5, {})
+        assert answer["seq"] == 5
+        assert answer["error"]["code"] == "upstream_timeout"
+        assert "2 s" in answer["error"]["message"]
+        # Still open: the next request gets its own answer (another timeout).
+        assert (await client.call("echo", 6, {}))["seq"] == 6
+        await client.close()
+
+
+# ---------------------------------------------------------------- handshake
+
+
+async def test_ping_is_answered_with_pong(gateway: Gateway) -> None:
+    client = await Client.connect(gateway.port)
+    await client.stream.send_all(client.ws.send(Ping(payload=b"abc")))
+    assert await client.receive() == "pong:abc"
+    await client.close()
+
+
+async def test_bad_handshakes_are_refused(gateway: Gateway) -> None:
+    good = (
+        "GET /ws?uid=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    answer = await raw_exchange(gateway.port, (good + "\r\n").encode(), until_close=False)
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in answer
+    cases = [
+        (good.replace("Version: 13", "Version: 8"), b"400", b"Sec-WebSocket-Version"),
+        (good.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"), b"400", b"16 bytes"),
+        (good.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), b"400", b"missing"),
+        (good.replace("/ws?", "/elsewhere?"), b"404", b"route_not_found"),
+        (good.replace("uid=1", "uid=abc"), b"400", b"query.uid"),
+        (good.replace("uid=1", "uid=4294967296"), b"400", b"out of range"),
+    ]
+    for head, status, detail in cases:
+        answer = await raw_exchange(gateway.port, (head + "\r\n").encode())
+        assert answer.startswith(b"HTTP/1.1 " + status), answer
+        assert detail in answer, answer
+
+
+# ---------------------------------------------------------------- close codes
+
+
+async def test_shutdown_closes_sessions_with_1001(gateway: Gateway) -> None:
+    with LogWatcher("tlvproxy.access") as access:
+        clients = [await Client.connect(gateway.port) for _ in range(3)]
+        assert (await clients[0].call("echo", 1, 1))["status"] == 0
+        assert gateway.metrics.websocket_sessions._value.get() == 3
+        gateway.shutdown.set()
+        for client in clients:
+            closed = await client.expect_close()
+            assert closed.code == 1001
+            assert closed.reason == "gateway shutting down"
+        records = await access.wait_for(3)
+    assert [r.close_code for r in records] == [1001] * 3
+    assert gateway.metrics.websocket_sessions._value.get() == 0
+
+
+async def test_waf_deny_closes_1008_and_log_only_records(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope], caplog: pytest.LogCaptureFixture
+) -> None:
+    extra = """
+waf:
+  - name: php_injection
+    in: [body]
+    pattern: '(?i)\\b(eval|system)\\s*\\('
+    action: deny
+  - name: curious
+    in: [body]
+    pattern: 'peek'
+    action: log
+"""
+    async with open_gateway(make_table(tmp_path, [upstream[0]], extra=extra)) as gateway:
+        client = await Client.connect(gateway.port)
+        assert (await client.call("echo", 1, "just a peek"))["status"] == 0
+        assert sample(gateway.metrics, "tlvproxy_waf_blocked_total", {"rule": "curious"}) == 1
+        await client.send({"cmd": "echo", "seq": 2, "body": "system('rm -rf /')"})
+        closed = await client.expect_close()
+        assert closed.code == 1008
+        assert "php_injection" in closed.reason
+        assert sample(gateway.metrics, "tlvproxy_waf_blocked_total", {"rule": "php_injection"}) == 1
+
+
+async def test_message_over_max_message_closes_1009(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope]
+) -> None:
+    async with open_gateway(make_table(tmp_path, [upstream[0]], max_message="1 KiB")) as gateway:
+        client = await Client.connect(gateway.port)
+        assert (await client.call("echo", 1, "x" * 900))["status"] == 0
+        await client.send({"cmd": "echo", "seq": 2, "body": "x" * 2000})
+        closed = await client.expect_close()
+        assert closed.code == 1009
+        assert "max_message" in closed.reason
+
+
+async def test_fragmented_message_over_max_message_closes_1009(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope]
+) -> None:
+    async with open_gateway(make_table(tmp_path, [upstream[0]], max_message="1 KiB")) as gateway:
+        client = await Client.connect(gateway.port)
+        for _ in range(3):
+            chunk = TextMessage(data="x" * 400, message_finished=False)
+            await client.stream.send_all(client.ws.send(chunk))
+        closed = await client.expect_close()
+        assert closed.code == 1009
+
+
+async def test_upstream_loss_closes_1011(
+    gateway: Gateway, upstream: tuple[str, trio.CancelScope]
+) -> None:
+    client = await Client.connect(gateway.port)
+    assert (await client.call("echo", 1, 1))["status"] == 0
+    upstream[1].cancel()
+    closed = await client.expect_close()
+    assert closed.code == 1011
+
+
+async def test_no_healthy_node_closes_1013(tmp_path: Path) -> None:
+    # A port nobody listens on: connects are refused.
+    probe = trio.socket.socket()
+    await probe.bind(("127.0.0.1", 0))
+    node = f"127.0.0.1:{probe.getsockname()[1]}"
+    probe.close()
+    async with open_gateway(make_table(tmp_path, [node])) as gateway:
+        codes = []
+        for _ in range(2):
+            client = await Client.connect(gateway.port)
+            codes.append((await client.expect_close()).code)
+        # The first refused connect makes the only node unhealthy (unhealthy_after: 1).
+        assert codes == [1011, 1013]
+
+
+async def test_idle_session_closes_after_idle_timeout(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope], autojump_clock: Any
+) -> None:
+    async with open_gateway(make_table(tmp_path, [upstream[0]], idle_timeout="30s")) as gateway:
+        client = await Client.connect(gateway.port)
+        await trio.sleep(20)
+        assert (await client.call("echo", 1, 1))["status"] == 0
+        await trio.sleep(20)  # 40 s since the start, 20 s since the last message
+        await client.stream.send_all(client.ws.send(Ping(payload=b"p")))
+        assert await client.receive() == "pong:p"
+        started = trio.current_time()
+        closed = await client.expect_close()
+        assert closed.code == 1000
+        assert "idle" in closed.reason
+        assert trio.current_time() - started == pytest.approx(30, abs=0.5)
+
+
+async def test_client_close_and_client_vanishing_are_logged(gateway: Gateway) -> None:
+    with LogWatcher("tlvproxy.access") as access:
+        client = await Client.connect(gateway.port, "/ws?uid=1&did=a&x=1")
+        assert (await client.call("echo", 1, 1))["status"] == 0
+        await client.close(4000)
+        gone = await Client.connect(gateway.port)
+        assert (await gone.call("echo", 1, 1))["status"] == 0
+        await gone.stream.aclose()
+        records = await access.wait_for(2)
+    assert [r.close_code for r in records] == [4000, 1006]
+    for record in records:
+        assert record.getMessage() == "websocket session"
+        assert record.messages_in == 1
+        assert record.messages_out == 1
+        assert record.path == "/ws"
+        assert record.client_ip == "127.0.0.1"
+        assert record.upstream_node is not None
+        assert record.duration_ms >= 0
+        assert len(record.request_id) == 32
+    assert gateway.metrics.websocket_sessions._value.get() == 0
+
+
+async def test_client_gone_closes_its_upstream_connection(tmp_path: Path) -> None:
+    async with (
+        open_silent_upstream() as silent,
+        open_gateway(make_table(tmp_path, [silent.node])) as gateway,
+    ):
+        client = await Client.connect(gateway.port)
+        with trio.fail_after(5):
+            while silent.accepted < 1:
+                await silent.changed.wait()
+        assert silent.closed == 0
+        await client.stream.aclose()
+        with trio.fail_after(5):
+            while silent.closed < 1:
+                await silent.changed.wait()
+        assert silent.accepted == 1
+
+
+# ---------------------------------------------------------------- binary mode
+
+
+async def test_binary_mode_passes_frames_through_with_the_clients_seq(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope]
+) -> None:
+    async with open_gateway(make_table(tmp_path, [upstream[0]], mode="binary")) as gateway:
+        client = await Client.connect(gateway.port)
+        for seq in (0xFFFFFFFF, 7, 7):  # the client's seqs, whatever they are
+            await client.send(frame(0x1003, seq, b'{"a":1}', uid=999))
+            reply = await client.receive()
+            assert isinstance(reply, bytes)
+            flags, command, got_seq, _uid, status, body = unframe(reply)
+            assert flags & 0x01
+            assert (command, got_seq, status, body) == (0x1003, seq, 0, b'{"a":1}')
+        await client.close()
+
+
+async def test_binary_mode_delivers_pushes_as_frames(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope]
+) -> None:
+    async with open_gateway(make_table(tmp_path, [upstream[0]], mode="binary")) as gateway:
+        alice = await Client.connect(gateway.port, "/ws?uid=1&did=alice")
+        bob = await Client.connect(gateway.port, "/ws?uid=2&did=bob")
+        await bob.send(frame(0x1003, 1, b"{}"))
+        assert unframe(await bob.receive())[2] == 1
+        # SendMessageRequest{to_uid: 2, text: "hi"}, protobuf packed by hand.
+        await alice.send(frame(0x1001, 5, b"\x08\x02\x12\x02hi", uid=1))
+        flags, command, seq, _uid, status, _body = unframe(await alice.receive())
+        assert (flags & 0x01, command, seq, status) == (1, 0x1001, 5, 0)
+        flags, command, _seq, _uid, _status, body = unframe(await bob.receive())
+        assert flags & 0x02
+        assert command == 0x2001
+        assert b"hi" in body
+        await alice.close()
+        await bob.close()
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (b"hello", "start byte"),
+        (frame(0x1003, 1, b"{}")[:-1] + b"\x00", "end byte"),
+        (frame(0x1003, 1, b"{}")[:-3], "stream ended"),
+        (frame(0x1003, 1, b"{}") * 2, "more than one frame"),
+        (b"", "an empty message"),
+        (frame(0x7777, 1, b""), "0x7777 is not in the table"),
+        (frame(0x2001, 1, b""), "'new_message' cannot be sent"),
+        ("text in binary mode", "binary mode takes binary messages"),
+    ],
+)
+async def test_binary_mode_closes_1008_on_an_invalid_frame(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope], message: bytes | str, reason: str
+) -> None:
+    async with open_gateway(make_table(tmp_path, [upstream[0]], mode="binary")) as gateway:
+        client = await Client.connect(gateway.port)
+        await client.send(message)
+        closed = await client.expect_close()
+        assert closed.code == 1008
+        assert reason in closed.reason
+
+
+async def test_binary_mode_timeout_answers_a_text_error(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    async with open_silent_upstream() as silent:
+        table = make_table(tmp_path, [silent.node], mode="binary", timeout="1s")
+        async with open_gateway(table) as gateway:
+            client = await Client.connect(gateway.port)
+            await client.send(frame(0x1003, 77, b"{}"))
+            answer = await client.receive_json()
+            assert answer["seq"] == 77
+            assert answer["error"]["code"] == "upstream_timeout"
+            await client.close()
+
+
+# ---------------------------------------------------------------- limits
+
+
+async def test_a_client_that_does_not_read_is_closed_1008(gateway: Gateway) -> None:
+    client = await Client.connect(gateway.port, receive_buffer=4096)
+    body = "x" * 16_000
+
+    async def flood() -> None:
+        for seq in range(100_000):
+            await client.send({"cmd": "echo", "seq": seq, "body": body})
+
+    with LogWatcher("tlvproxy.websocket") as warnings:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            records = await warnings.wait_for(1)
+            nursery.cancel_scope.cancel()
+    assert "not reading" in records[0].getMessage()
+    messages: list[str | bytes] = []
+    with pytest.raises(Closed) as closed:
+        await client.drain(messages)
+    assert closed.value.code == 1008
+    assert "client too slow" in closed.value.reason
+    # What was queued was flushed before the close frame.
+    assert len(messages) >= OUTGOING_QUEUE
+    assert all(json.loads(m)["body"] == body for m in messages)
+
+
+def count_tasks() -> int:
+    stack = [trio.lowlevel.current_root_task()]
+    count = 0
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+async def test_a_thousand_sessions_leave_no_task_or_fd_behind(gateway: Gateway) -> None:
+    with LogWatcher("tlvproxy.access") as access:
+        warm = await Client.connect(gateway.port)
+        await warm.close()
+        await access.wait_for(1)
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()  # sockets earlier tests dropped must not close mid-count
+        fds = len(os.listdir("/proc/self/fd"))
+        tasks = count_tasks()
+
+        async def session(n: int) -> None:
+            client = await Client.connect(gateway.port, f"/ws?uid={n}&did=d{n}")
+            assert (await client.call("echo", n, n))["body"] == n
+            if n % 2:
+                await client.close()
+            else:
+                await client.stream.aclose()  # gone without a close frame
+
+        for batch in range(20):
+            async with trio.open_nursery() as nursery:
+                for n in range(batch * 50, batch * 50 + 50):
+                    nursery.start_soon(session, n)
+        await access.wait_for(1001)
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) == fds
+        assert count_tasks() == tasks
+        assert gateway.metrics.websocket_sessions._value.get() == 0

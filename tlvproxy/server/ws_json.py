@@ -1,0 +1,135 @@
+"""The json-mode message protocol of WebSocket sessions (SPEC 5).
+
+Owns: turning a client's text message into a `JsonRequest` (the command, the
+client's seq and the encoded frame body), and rendering responses, pushes and
+per-message errors as text messages.
+Must not: do I/O, import trio, or decide whether a session closes: that is
+`server/websocket.py`. Every error here is per-message (the session stays open).
+
+Client messages are `{"cmd": NAME_OR_NUMBER, "seq": N, "body": {...}}`; `body`
+may be left out for a command whose request is empty.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from tlvproxy.errors import BadRequest, GatewayError, ws_error_message
+
+if TYPE_CHECKING:
+    from tlvproxy.config.keys import RequestView
+    from tlvproxy.config.model import CommandSpec, Table
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class JsonRequest:
+    """One parsed client request: what to send upstream, and the seq to answer with."""
+
+    command: CommandSpec
+    seq: int
+    body: bytes
+
+
+class MessageRejected(Exception):
+    """A client message answered with a per-message error; `seq` is echoed (None if unknown)."""
+
+    def __init__(self, seq: int | str | None, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.seq = seq
+        self.error = error
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_request(text: str, table: Table, upstream: str, view: RequestView) -> JsonRequest:
+    """Parse one client text message for a session on `upstream`.
+
+    A command's `fields` are filled from `view`, the session's opening request,
+    as on REST (SPEC 4.1): a client cannot set `client_ip` itself.
+
+    Raises MessageRejected carrying a BadRequest for invalid JSON, a message that
+    is not an object, a missing or non-integer seq, an unknown command, a push
+    command, a command served by another upstream, or a body its codec refuses.
+    """
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: json.loads recurses once per nesting level, and
+        # `[[[[...` fits max_message many thousand times over.
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise MessageRejected(None, BadRequest(f"message is not valid JSON: {detail}")) from None
+    if not isinstance(message, dict):
+        raise MessageRejected(
+            None, BadRequest('a message must be a JSON object {"cmd", "seq", "body"}')
+        )
+    seq = message.get("seq")
+    echo = seq if isinstance(seq, int | str) and not isinstance(seq, bool) else None
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise MessageRejected(
+            echo, BadRequest('"seq" must be an integer (the client\'s own number)')
+        )
+    unknown = sorted(set(message) - {"cmd", "seq", "body"})
+    if unknown:
+        raise MessageRejected(
+            seq,
+            BadRequest(f"unknown member(s) {', '.join(map(repr, unknown))}: use cmd, seq, body"),
+        )
+    command = _command(message.get("cmd"), table, upstream, seq)
+    codec = table.codecs[command.name]
+    value = message.get("body", {})
+    try:
+        if command.fields:
+            overlay = {
+                field: found
+                for field, key in command.fields.items()
+                if (found := key.evaluate(view)) is not None
+            }
+            body = codec.encode_request(_dumps(value).encode(), [overlay])
+        else:
+            body = codec.encode_value(value)
+    except BadRequest as exc:
+        raise MessageRejected(seq, exc) from None
+    return JsonRequest(command=command, seq=seq, body=body)
+
+
+def _command(cmd: object, table: Table, upstream: str, seq: int) -> CommandSpec:
+    if cmd is None:
+        raise MessageRejected(seq, BadRequest('"cmd" is missing: a command name or number'))
+    if not isinstance(cmd, str | int) or isinstance(cmd, bool):
+        raise MessageRejected(seq, BadRequest('"cmd" must be a command name or number'))
+    command = table.find_command(cmd)
+    if command is None:
+        raise MessageRejected(seq, BadRequest(f"unknown command {cmd!r}"))
+    if command.push is not None:
+        raise MessageRejected(
+            seq, BadRequest(f"{command.name!r} is a push command: only the upstream sends it")
+        )
+    if command.upstream != upstream:
+        raise MessageRejected(
+            seq,
+            BadRequest(
+                f"{command.name!r} is served by upstream {command.upstream!r}, "
+                f"not by this session's {upstream!r}"
+            ),
+        )
+    return command
+
+
+def render_response(command: CommandSpec, seq: int, status: int, body: Any) -> str:
+    """`{"cmd", "seq", "status", "body"}`; `body` is None when it did not decode."""
+    return _dumps({"cmd": command.name, "seq": seq, "status": status, "body": body})
+
+
+def render_push(command: CommandSpec, body: Any) -> str:
+    """`{"cmd", "push": true, "body"}`."""
+    return _dumps({"cmd": command.name, "push": True, "body": body})
+
+
+def render_error(error: GatewayError, seq: int | str | None) -> str:
+    """`{"seq", "error": {"code", "message"}}` (SPEC 5)."""
+    return _dumps(ws_error_message(error, seq))
