@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 60
 
-.PHONY: install run test lint fuzz bench clean
+.PHONY: install browser-deps run test lint fuzz bench clean
 
 install: $(STAMP)
 
@@ -16,9 +16,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/tlvproxy --help
+	scripts/run-demo.sh
 
-test: install
+# Debian's Chromium and ChromeDriver for tests/browser (headless; nothing is downloaded by the tests).
+browser-deps:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
+
+test: install browser-deps
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -28,7 +33,8 @@ lint: install
 
 fuzz: install
 	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
-	$(BIN)/python fuzz/fuzz_decoder.py -max_total_time=$(FUZZ_SECONDS) fuzz/corpus/decoder
+	mkdir -p build/fuzz-corpus
+	$(BIN)/python fuzz/fuzz_decoder.py -max_total_time=$(FUZZ_SECONDS) build/fuzz-corpus fuzz/corpus/decoder
 
 bench: install
 	$(BIN)/python benchmarks/run.py

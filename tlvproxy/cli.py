@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 DEFAULT_TABLE = Path("commands.yaml")
 
@@ -43,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="log level (default: info)",
     )
+    # Set by the supervisor for the worker processes it starts (SPEC 7 workers).
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate the table and print its routes")
     table_option(check)
@@ -66,9 +71,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one sub-command; returns the process exit code."""
     args = _parser().parse_args(argv)
     handlers = {
+        "serve": _serve,
         "check": _check,
+        "openapi": _openapi,
+        "call": _call,
+        "mock-upstream": _mock_upstream,
     }
     return handlers[args.command](args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tlvproxy.supervisor import run_serve
+
+    return run_serve(
+        args.config,
+        workers=args.workers,
+        http_parser=args.http_parser,
+        log_level=args.log_level,
+        worker_index=args.worker_index,
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -84,6 +105,35 @@ def _check(args: argparse.Namespace) -> int:
     for line in route_lines(table):
         print(line)
     return 0
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    import json
+
+    from tlvproxy.config.loader import TableError, load_table
+    from tlvproxy.openapi import build_document
+
+    try:
+        table = load_table(args.config)
+    except TableError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} error(s) in {args.config}", file=sys.stderr)
+        return 1
+    print(json.dumps(build_document(table), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _call(args: argparse.Namespace) -> int:
+    from tlvproxy.upstream.call import run_call
+
+    return run_call(args.address, args.cmd, args.json, args.config)
+
+
+def _mock_upstream(args: argparse.Namespace) -> int:
+    from tlvproxy.mock_upstream import run_mock_upstream
+
+    return run_mock_upstream(args.listen, args.config)
 
 
 if __name__ == "__main__":
