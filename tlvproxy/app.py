@@ -252,19 +252,28 @@ class Gateway:
                     task_status.started()
                     await self._drain_requested.wait()
                     self.ready = False
-                    self.shutdown.set()
-                    self._drain_signal.set()
                     await http_listener.aclose()
                     connections.cancel_scope.deadline = (
                         trio.current_time() + self.runtime.table.shutdown_timeout
+                    )
+                if connections.cancel_scope.cancelled_caught:
+                    log.warning(
+                        "shutdown_timeout passed; the remaining connections were closed",
+                        extra={"shutdown_timeout": self.runtime.table.shutdown_timeout},
                     )
                 admin_nursery.cancel_scope.cancel()
             pool_nursery.cancel_scope.cancel()
         log.info("gateway stopped")
 
     def drain(self) -> None:
-        """Start the graceful drain; `run()` returns when it is done."""
+        """Start the graceful drain; `run()` returns when it is done.
+
+        Connections see the drain at once (a request head parsed after this call
+        gets 503); `run()` then closes the listener and sets the deadline.
+        """
         self.ready = False
+        self.shutdown.set()
+        self._drain_signal.set()
         self._drain_requested.set()
 
     async def _accept(
@@ -296,7 +305,12 @@ class Gateway:
             await trio.aclose_forcefully(stream)
             return
         table = self.runtime.table
-        upgrade = self._upgrade if public and table.websocket is not None else None
+        if not public:
+            # The admin listener keeps answering while draining: /readyz must say
+            # 503 to the load balancer until the process exits (SPEC 7).
+            await serve_http_connection(stream, peer, self._settings(table), handler, errors)
+            return
+        upgrade = self._upgrade if table.websocket is not None else None
         await serve_http_connection(
             stream,
             peer,
@@ -305,7 +319,7 @@ class Gateway:
             errors,
             upgrade=upgrade,
             draining=self.shutdown.is_set,
-            drain_signal=self._drain_signal if public else None,
+            drain_signal=self._drain_signal,
         )
 
     async def _upgrade(self, request: Request, stream: trio.abc.Stream, leftover: bytes) -> None:
