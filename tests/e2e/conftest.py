@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import trio
 import yaml
 
-from tlvproxy.app import Gateway, open_gateway
+from tlvproxy.app import Gateway
 from tlvproxy.config.loader import load_table
-from tlvproxy.config.model import Table
 from tlvproxy.metrics import Metrics
 from tlvproxy.mock_upstream import serve_mock_upstream
+
+if TYPE_CHECKING:
+    import trio
+
+    from tlvproxy.config.model import Table
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = yaml.safe_load((ROOT / "commands.yaml").read_text())
@@ -90,13 +93,10 @@ class GatewayFactory:
 async def gateways(tmp_path: Path, upstream: str, parser: str, nursery: trio.Nursery):
     """Starts gateways on the demo table (with overrides); they drain at teardown."""
     factory = GatewayFactory(tmp_path, upstream, parser, nursery)
-    yield factory
+    return factory
 
 
 @pytest.fixture
 async def gateway(gateways: GatewayFactory) -> Gateway:
     """A gateway on the demo table in front of the real mock upstream."""
     return await gateways.start()
-
-
-__all__ = ["GatewayFactory", "open_gateway", "write_table"]

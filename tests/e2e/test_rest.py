@@ -69,30 +69,22 @@ async def test_json_codec_passes_the_body_through(gateway):
 
 
 async def test_request_id_is_echoed_or_made(gateway):
-    given = await fetch(gateway.http_address, "GET", "/v1/users/1/profile", None,
-                        {"X-Request-Id": "abc-123"})
+    given = await fetch(
+        gateway.http_address, "GET", "/v1/users/1/profile", None, {"X-Request-Id": "abc-123"}
+    )
     assert given.headers["x-request-id"] == "abc-123"
     made = await fetch(gateway.http_address, "GET", "/v1/users/1/profile")
     assert len(made.headers["x-request-id"]) >= 16
-    missing = await fetch(gateway.http_address, "GET", "/nowhere", None,
-                          {"X-Request-Id": "r-404"})
+    missing = await fetch(gateway.http_address, "GET", "/nowhere", None, {"X-Request-Id": "r-404"})
     assert missing.headers["x-request-id"] == "r-404"
     assert error_of(missing)["request_id"] == "r-404"
 
 
-async def test_trusted_proxy_supplies_the_client_address(gateways):
-    gateway = await gateways.start(trusted_proxies=["127.0.0.0/8"])
-    await fetch(gateway.http_address, "POST", "/v1/messages", SEND,
-                {**USER, "X-Forwarded-For": "203.0.113.9"})
-    listed = await fetch(gateway.http_address, "GET", "/v1/users/2/messages")
-    assert listed.json()["messages"][-1].get("client_ip") is None  # not stored by the mock
-    # The access record shows what the gateway believed.
-
-
 async def test_untrusted_forwarded_for_is_ignored(gateway, caplog):
     caplog.set_level(logging.INFO, logger="tlvproxy.access")
-    await fetch(gateway.http_address, "GET", "/v1/users/1/profile", None,
-                {"X-Forwarded-For": "203.0.113.9"})
+    await fetch(
+        gateway.http_address, "GET", "/v1/users/1/profile", None, {"X-Forwarded-For": "203.0.113.9"}
+    )
     records = [r for r in caplog.records if r.name == "tlvproxy.access"]
     assert records[-1].client_ip == "127.0.0.1"
 
@@ -100,17 +92,23 @@ async def test_untrusted_forwarded_for_is_ignored(gateway, caplog):
 async def test_trusted_forwarded_for_is_believed(gateways, caplog):
     caplog.set_level(logging.INFO, logger="tlvproxy.access")
     gateway = await gateways.start(trusted_proxies=["127.0.0.0/8"])
-    await fetch(gateway.http_address, "GET", "/v1/users/1/profile", None,
-                {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"})
+    await fetch(
+        gateway.http_address,
+        "GET",
+        "/v1/users/1/profile",
+        None,
+        {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"},
+    )
     records = [r for r in caplog.records if r.name == "tlvproxy.access"]
     assert records[-1].client_ip == "203.0.113.9"
 
 
 async def test_access_record_has_the_spec_fields(gateway, caplog):
     caplog.set_level(logging.INFO, logger="tlvproxy.access")
-    await fetch(gateway.http_address, "POST", "/v1/messages", SEND,
-                {**USER, "X-Request-Id": "log-1"})
-    record = [r for r in caplog.records if getattr(r, "request_id", None) == "log-1"][0]
+    await fetch(
+        gateway.http_address, "POST", "/v1/messages", SEND, {**USER, "X-Request-Id": "log-1"}
+    )
+    record = next(r for r in caplog.records if getattr(r, "request_id", None) == "log-1")
     assert record.method == "POST"
     assert record.path == "/v1/messages"
     assert record.route == "send_message"
@@ -137,15 +135,17 @@ async def test_400_bad_json(gateway):
 
 
 async def test_400_unknown_field_is_named(gateway):
-    answer = await fetch(gateway.http_address, "POST", "/v1/messages",
-                         {"to_uid": 2, "colour": "red"}, USER)
+    answer = await fetch(
+        gateway.http_address, "POST", "/v1/messages", {"to_uid": 2, "colour": "red"}, USER
+    )
     assert answer.status == 400
     assert "colour" in error_of(answer)["message"]
 
 
 async def test_400_wrong_type_names_the_field_and_the_type(gateway):
-    answer = await fetch(gateway.http_address, "POST", "/v1/messages",
-                         {"to_uid": "abc", "text": "x"}, USER)
+    answer = await fetch(
+        gateway.http_address, "POST", "/v1/messages", {"to_uid": "abc", "text": "x"}, USER
+    )
     error = error_of(answer)
     assert answer.status == 400
     assert "to_uid" in error["message"]
@@ -159,8 +159,7 @@ async def test_400_bad_path_parameter(gateway):
 
 
 async def test_400_bad_uid_header(gateway):
-    answer = await fetch(gateway.http_address, "POST", "/v1/messages", SEND,
-                         {"X-User-Id": "root"})
+    answer = await fetch(gateway.http_address, "POST", "/v1/messages", SEND, {"X-User-Id": "root"})
     assert answer.status == 400
     assert "x-user-id" in error_of(answer)["message"].lower()
 
@@ -183,8 +182,13 @@ async def test_400_malformed_request_closes_the_connection(gateway):
 
 
 async def test_403_waf_deny_names_the_rule(gateway):
-    answer = await fetch(gateway.http_address, "POST", "/v1/messages",
-                         {"to_uid": 2, "text": "eval(base64_decode('x'))"}, USER)
+    answer = await fetch(
+        gateway.http_address,
+        "POST",
+        "/v1/messages",
+        {"to_uid": 2, "text": "eval(base64_decode('x'))"},
+        USER,
+    )
     assert answer.status == 403
     error = error_of(answer)
     assert error["code"] == "forbidden"
@@ -193,17 +197,22 @@ async def test_403_waf_deny_names_the_rule(gateway):
 
 
 async def test_403_waf_checks_query_and_path(gateway):
-    query = await fetch(gateway.http_address, "GET",
-                        "/v1/users/1/profile?q=1%20UNION%20SELECT%20password")
+    query = await fetch(
+        gateway.http_address, "GET", "/v1/users/1/profile?q=1%20UNION%20SELECT%20password"
+    )
     assert query.status == 403
     traversal = await fetch(gateway.http_address, "GET", "/v1/users/1/../../etc/passwd")
-    assert traversal.status in (403, 404)
+    assert traversal.status == 403
 
 
 async def test_normal_chat_text_passes_the_waf(gateway):
-    answer = await fetch(gateway.http_address, "POST", "/v1/messages",
-                         {"to_uid": 2, "text": "I'll evaluate the system tomorrow; union of selected friends"},
-                         USER)
+    answer = await fetch(
+        gateway.http_address,
+        "POST",
+        "/v1/messages",
+        {"to_uid": 2, "text": "I'll evaluate the system; a reunion selected us"},
+        USER,
+    )
     assert answer.status == 200
 
 
@@ -260,16 +269,24 @@ async def test_413_body_too_large(gateways):
 
 async def test_431_head_too_large(gateways):
     gateway = await gateways.start(limits={"max_header_bytes": "1 KiB"})
-    answer = await fetch(gateway.http_address, "GET", "/v1/users/1/profile", None,
-                         {"X-Big": "b" * 2000})
+    answer = await fetch(
+        gateway.http_address, "GET", "/v1/users/1/profile", None, {"X-Big": "b" * 2000}
+    )
     assert answer.status == 431
     assert error_of(answer)["code"] == "headers_too_large"
 
 
 async def test_429_rate_limited_with_retry_after(gateways):
     gateway = await gateways.start(
-        rate_limits=[{"name": "tight", "commands": ["send_message"], "key": "header.X-User-Id",
-                      "rate": "1/m", "burst": 1}]
+        rate_limits=[
+            {
+                "name": "tight",
+                "commands": ["send_message"],
+                "key": "header.X-User-Id",
+                "rate": "1/m",
+                "burst": 1,
+            }
+        ]
     )
     statuses = []
     for _ in range(3):
@@ -278,8 +295,7 @@ async def test_429_rate_limited_with_retry_after(gateways):
     assert statuses == [200, 200, 429]
     assert error_of(answer)["code"] == "rate_limited"
     assert 1 <= int(answer.headers["retry-after"]) <= 60
-    other_user = await fetch(gateway.http_address, "POST", "/v1/messages", SEND,
-                             {"X-User-Id": "9"})
+    other_user = await fetch(gateway.http_address, "POST", "/v1/messages", SEND, {"X-User-Id": "9"})
     assert other_user.status == 200  # buckets are per key
     assert gateway.metrics.rate_limited.labels("tight")._value.get() == 1
 
@@ -431,14 +447,17 @@ async def test_pipelined_requests_are_answered_in_order(gateway):
         # The first is the slowest: order must still hold.
         body = json.dumps({"n": n, "_delay_ms": 100 if n == 0 else 0}).encode()
         wire += b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
-            len(body), body)
+            len(body),
+            body,
+        )
     await stream.send_all(wire)
     data = b""
     with trio.fail_after(5):
         while data.count(b"HTTP/1.1 200 ") < 5 or not data.endswith(b"}"):
             data += await stream.receive_some(65536)
-    bodies = [json.loads(part.rsplit(b"\r\n\r\n", 1)[-1]) for part in
-              data.split(b"HTTP/1.1 200 ")[1:]]
+    bodies = [
+        json.loads(part.rsplit(b"\r\n\r\n", 1)[-1]) for part in data.split(b"HTTP/1.1 200 ")[1:]
+    ]
     assert [b["n"] for b in bodies] == [0, 1, 2, 3, 4]
     await stream.aclose()
 
@@ -491,7 +510,7 @@ async def test_a_thousand_dropped_connections_leak_no_fd(gateway):
     await trio.testing.wait_all_tasks_blocked()
     gc.collect()
     before = len(os.listdir("/proc/self/fd"))
-    head = b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"partial"
+    head = b'POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"partial'
 
     async def drop(n):
         stream = await trio.open_tcp_stream(gateway.http_address.host, gateway.http_address.port)

@@ -104,6 +104,9 @@ class RestHandler:
         upstream_status: int | None = None
         try:
             assert table.router is not None  # the loader always builds one
+            # The WAF sees every request, routed or not: probes of unknown paths
+            # are refused (and counted) like any other (SPEC 4.4).
+            self._inspect(runtime, request)
             match = table.router.match(request.method, request.path)
             command = match.route.command
             route_label = command.name
@@ -113,7 +116,7 @@ class RestHandler:
                 query_string=request.query_string,
                 path_params=match.params,
             )
-            self._apply_policy(runtime, command, request, context)
+            self._apply_policy(runtime, command, context)
             node, frame_status, reply_body = await self._forward(runtime, command, request, context)
             upstream_status = frame_status
             response = self._answer(table, command, frame_status, reply_body, request_id)
@@ -140,13 +143,7 @@ class RestHandler:
         )
         return response
 
-    def _apply_policy(
-        self,
-        runtime: RestRuntime,
-        command: CommandSpec,
-        request: Request,
-        context: RequestContext,
-    ) -> None:
+    def _inspect(self, runtime: RestRuntime, request: Request) -> None:
         matches = runtime.waf.inspect_request(
             path=request.path,
             query=request.query_string,
@@ -160,6 +157,10 @@ class RestHandler:
             _waf_log.warning(
                 "waf rule matched", extra={"rule": found.rule, "location": found.location}
             )
+
+    def _apply_policy(
+        self, runtime: RestRuntime, command: CommandSpec, context: RequestContext
+    ) -> None:
         refusal = runtime.limiter.check(command.name, context, trio.current_time())
         if refusal is not None:
             self._metrics.rate_limited.labels(refusal.rule).inc()
