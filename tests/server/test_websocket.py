@@ -18,8 +18,6 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from tlvproxy.mock_upstream import serve_mock_upstream
-from tlvproxy.upstream.pool import Pool, open_pool
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -36,11 +34,13 @@ from wsproto.events import (
 
 from tlvproxy.config.loader import load_table
 from tlvproxy.metrics import Metrics
+from tlvproxy.mock_upstream import serve_mock_upstream
 from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
 from tlvproxy.server.rest import RestHandler, error_response_for
 from tlvproxy.server.websocket import OUTGOING_QUEUE, serve_websocket
+from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
