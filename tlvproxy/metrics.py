@@ -48,7 +48,7 @@ class Metrics:
             "1 when the node is healthy, 0 when not",
             ("upstream", "node"),
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.websocket_sessions = Gauge(
             "tlvproxy_websocket_sessions",

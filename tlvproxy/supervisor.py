@@ -7,7 +7,10 @@ backoff, signal fan-out), and the supervisor's admin listener.
 With several workers the supervisor serves the admin listener itself: /metrics
 sums every worker through prometheus-client's multiprocess mode (the workers
 write to a shared PROMETHEUS_MULTIPROC_DIR), /admin/reload validates the table
-and then sends SIGHUP to every worker. Must not: handle REST or WebSocket traffic.
+and then sends SIGHUP to every worker. A worker tells the supervisor it listens
+by writing its table version to a pipe (READY_FD_ENV): /readyz waits for every
+worker, and a worker that started on an older table is sent SIGHUP at once.
+Must not: handle REST or WebSocket traffic.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 import trio
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
 from tlvproxy.app import Gateway, ParserChoice, bind_listener
 from tlvproxy.config.loader import TableError, load_table
@@ -30,7 +34,10 @@ from tlvproxy.server.admin import AdminHandler, admin_error
 from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
+
+    from prometheus_client import Metric
 
     from tlvproxy.config.model import Table
 
@@ -39,6 +46,9 @@ log = logging.getLogger("tlvproxy.supervisor")
 _RESTART_BACKOFF_MIN = 0.5
 _RESTART_BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0  # a worker that ran this long resets the backoff
+
+# The environment variable naming the pipe a worker reports readiness on.
+READY_FD_ENV = "TLVPROXY_READY_FD"
 
 
 def run_serve(
@@ -71,14 +81,43 @@ async def _serve_worker(table: Table, http_parser: ParserChoice | None, is_worke
         table, Metrics(), http_parser=http_parser, reuse_port=is_worker, serve_admin=not is_worker
     )
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, gateway, nursery.cancel_scope)
-        await gateway.run()
-        nursery.cancel_scope.cancel()
+        # Signals are caught before the listeners open: a SIGTERM or SIGHUP that
+        # arrives as soon as the port answers must drain or reload, not kill.
+        await nursery.start(_handle_signals, gateway)
+        await nursery.start(_run_gateway, gateway, nursery.cancel_scope)
+        if is_worker:
+            _report_ready(table.version)
     return 0
 
 
-async def _handle_signals(gateway: Gateway, scope: trio.CancelScope) -> None:
+async def _run_gateway(
+    gateway: Gateway,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await gateway.run(task_status=task_status)
+    scope.cancel()
+
+
+def _report_ready(version: str) -> None:
+    """Tell the supervisor this worker listens, and on which table version."""
+    fd = os.environ.get(READY_FD_ENV)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), version.encode())
+        os.close(int(fd))
+    except (OSError, ValueError) as exc:
+        # The supervisor is gone or the variable is not ours: serving goes on.
+        log.warning("cannot report readiness", extra={"error": str(exc)})
+
+
+async def _handle_signals(
+    gateway: Gateway, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 try:
@@ -94,9 +133,39 @@ async def _handle_signals(gateway: Gateway, scope: trio.CancelScope) -> None:
                 log.info("draining", extra={"signal": signal.Signals(signum).name})
                 gateway.drain()
             else:
-                log.warning("second signal: closing every connection now")
-                scope.cancel()
+                # SPEC 7: a second signal forces the exit, whatever is still running.
+                log.warning("second signal: exiting now")
+                logging.shutdown()
                 os._exit(1)
+
+
+class _WorkerMetrics:
+    """The workers' metrics summed from their multiprocess files, without the
+    reload counter: the supervisor counts reloads once, not once per worker."""
+
+    def __init__(self, path: str) -> None:
+        self._collector = multiprocess.MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]  # prometheus_client.multiprocess is unannotated
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._collector.collect():  # type: ignore[no-untyped-call]  # unannotated, as above
+            if family.name != _RELOADS:
+                yield family
+
+
+class _Only:
+    """The families of `registry` named in `names`."""
+
+    def __init__(self, registry: CollectorRegistry, names: frozenset[str]) -> None:
+        self._registry = registry
+        self._names = names
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if family.name in self._names:
+                yield family
+
+
+_RELOADS = "tlvproxy_config_reloads"
 
 
 class Supervisor:
@@ -117,33 +186,30 @@ class Supervisor:
         self._http_parser = http_parser
         self._log_level = log_level
         self._processes: dict[int, trio.Process] = {}
+        self._ready: set[int] = set()  # indexes of workers that listen
         self._stopping = trio.Event()
+        self._forced = False  # a second signal killed the workers: exit 1
+        self._reload_lock = trio.Lock()
+        self._metrics = Metrics()  # the supervisor's own: the reload counter
         self._metrics_dir = ""
+        self._registry = CollectorRegistry()
 
     # ------------------------------------------------------------ admin backend
 
     @property
     def ready(self) -> bool:
-        return not self._stopping.is_set() and len(self._processes) == self._count
+        return not self._stopping.is_set() and len(self._ready) == self._count
 
     @property
     def table(self) -> Table:
         return self._table
 
     def metrics_exposition(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]  # prometheus_client.multiprocess is unannotated
-        return generate_latest(registry)
+        return generate_latest(self._registry)
 
     def upstream_states(self) -> dict[str, Any]:
-        from prometheus_client import CollectorRegistry, multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]  # prometheus_client.multiprocess is unannotated
         health: dict[tuple[str, str], bool] = {}
-        for family in registry.collect():
+        for family in self._registry.collect():
             if family.name == "tlvproxy_upstream_node_healthy":
                 for sample in family.samples:
                     key = (sample.labels["upstream"], sample.labels["node"])
@@ -164,32 +230,45 @@ class Supervisor:
         }
 
     async def reload(self) -> str:
-        table = await trio.to_thread.run_sync(load_table, self._config)
-        self._table = table
-        self._send_all(signal.SIGHUP)
-        return table.version
+        """Validate the table here, then have every worker load it (SIGHUP)."""
+        async with self._reload_lock:
+            try:
+                table = await trio.to_thread.run_sync(load_table, self._config)
+            except TableError:
+                self._metrics.config_reloads.labels("error").inc()
+                raise
+            self._table = table
+            for index in self._ready:
+                self._signal(index, signal.SIGHUP)
+            self._metrics.config_reloads.labels("ok").inc()
+            log.info("table reloaded; workers told", extra={"version": table.version})
+            return table.version
 
     # ------------------------------------------------------------ running
 
     async def run(self) -> int:
+        # Bound before any worker starts: a taken admin port fails the start, not later.
+        admin = None
+        if self._table.listen.admin is not None:
+            admin = bind_listener(self._table.listen.admin, reuse_port=False)
         self._metrics_dir = tempfile.mkdtemp(prefix="tlvproxy-metrics-")
+        self._registry.register(_WorkerMetrics(self._metrics_dir))
+        self._registry.register(_Only(self._metrics.registry, frozenset({_RELOADS})))
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._handle_signals)
+                await nursery.start(self._handle_signals)
+                if admin is not None:
+                    nursery.start_soon(self._serve_admin, admin)
                 async with trio.open_nursery() as workers:
                     for index in range(self._count):
                         workers.start_soon(self._keep_worker, index)
-                    if self._table.listen.admin is not None:
-                        nursery.start_soon(self._serve_admin)
                 nursery.cancel_scope.cancel()
         finally:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         log.info("all workers stopped")
-        return 0
+        return 1 if self._forced else 0
 
-    async def _keep_worker(self, index: int) -> None:
-        backoff = _RESTART_BACKOFF_MIN
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
+    def _command(self, index: int) -> list[str]:
         command = [
             sys.executable,
             "-m",
@@ -204,16 +283,13 @@ class Supervisor:
         ]
         if self._http_parser:
             command += ["--http-parser", self._http_parser]
+        return command
+
+    async def _keep_worker(self, index: int) -> None:
+        backoff = _RESTART_BACKOFF_MIN
         while not self._stopping.is_set():
-            # A session of its own: a terminal's Ctrl-C reaches the supervisor only,
-            # which forwards it once (a second SIGINT would force the exit).
-            process = await trio.lowlevel.open_process(command, env=env, start_new_session=True)
-            self._processes[index] = process
             started = trio.current_time()
-            log.info("worker started", extra={"worker": index, "worker_pid": process.pid})
-            code = await process.wait()
-            del self._processes[index]
-            _mark_dead(process.pid)
+            code = await self._run_worker(index)
             if self._stopping.is_set():
                 return
             log.error("worker died; restarting", extra={"worker": index, "exit_code": code})
@@ -222,15 +298,65 @@ class Supervisor:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, _RESTART_BACKOFF_MAX)
 
-    def _send_all(self, signum: int) -> None:
-        for process in list(self._processes.values()):
+    async def _run_worker(self, index: int) -> int:
+        """Run worker `index` once; returns its exit code."""
+        read_end, write_end = os.pipe()
+        env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir,
+            READY_FD_ENV: str(write_end),
+        }
+        try:
+            # A session of its own: a terminal's Ctrl-C reaches the supervisor only,
+            # which forwards it once (a second SIGINT would force the exit).
+            process = await trio.lowlevel.open_process(
+                self._command(index), env=env, start_new_session=True, pass_fds=(write_end,)
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self._processes[index] = process
+        log.info("worker started", extra={"worker": index, "worker_pid": process.pid})
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._await_ready, index, trio.lowlevel.FdStream(read_end))
+                code = await process.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._ready.discard(index)
+            del self._processes[index]
+            multiprocess.mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]  # unannotated, as above
+        return code
+
+    async def _await_ready(self, index: int, pipe: trio.lowlevel.FdStream) -> None:
+        async with pipe:
+            version = b""
+            while chunk := await pipe.receive_some():
+                version += chunk
+        if not version:
+            return  # the worker exited before it listened
+        self._ready.add(index)
+        if self._stopping.is_set():
+            self._signal(index, signal.SIGTERM)
+        elif version.decode() != self._table.version:
+            # It loaded the table before a reload the others were told about.
+            self._signal(index, signal.SIGHUP)
+
+    def _signal(self, index: int, signum: int) -> None:
+        process = self._processes.get(index)
+        if process is not None:
             try:
                 process.send_signal(signum)
             except ProcessLookupError:
-                continue
+                return
 
-    async def _handle_signals(self) -> None:
+    async def _handle_signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     try:
@@ -241,14 +367,19 @@ class Supervisor:
                             extra={"errors": exc.problems},
                         )
                 elif not self._stopping.is_set():
+                    log.info("draining workers", extra={"signal": signal.Signals(signum).name})
                     self._stopping.set()
-                    self._send_all(signal.SIGTERM)
+                    # A worker that does not listen yet has no signal handler;
+                    # it is told when it reports ready (_await_ready).
+                    for index in self._ready:
+                        self._signal(index, signal.SIGTERM)
                 else:
-                    self._send_all(signal.SIGKILL)
+                    log.warning("second signal: killing the workers")
+                    self._forced = True
+                    for index in list(self._processes):
+                        self._signal(index, signal.SIGKILL)
 
-    async def _serve_admin(self) -> None:
-        assert self._table.listen.admin is not None
-        listener = bind_listener(self._table.listen.admin, reuse_port=False)
+    async def _serve_admin(self, listener: trio.SocketListener) -> None:
         handler = AdminHandler(self)
         limits = self._table.limits
         settings = HttpSettings(
@@ -258,16 +389,14 @@ class Supervisor:
             keepalive_timeout=limits.keepalive_timeout,
             parser="h11",
         )
-        async with trio.open_nursery() as nursery:
+        async with listener, trio.open_nursery() as nursery:
             while True:
                 stream = await listener.accept()
-                peer = stream.socket.getpeername()[0]
+                try:
+                    peer = stream.socket.getpeername()[0]
+                except OSError:
+                    await trio.aclose_forcefully(stream)
+                    continue
                 nursery.start_soon(
                     serve_http_connection, stream, peer, settings, handler, admin_error
                 )
-
-
-def _mark_dead(pid: int) -> None:
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # unannotated, as above
