@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -36,7 +35,7 @@ from tlvproxy.server.websocket import serve_websocket
 from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import Mapping
     from pathlib import Path
 
     from tlvproxy.framing import HeaderLayout
@@ -342,17 +341,3 @@ def _longest_timeout(table: Table) -> float:
 def _address_of(listener: trio.SocketListener) -> Address:
     host, port = listener.socket.getsockname()[:2]
     return Address(host, port)
-
-
-@asynccontextmanager
-async def open_gateway(
-    table: Table, metrics: Metrics | None = None, **options: object
-) -> AsyncIterator[Gateway]:
-    """A running gateway for tests and embedding; drained on exit."""
-    gateway = Gateway(table, metrics or Metrics(), **options)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(gateway.run)
-        try:
-            yield gateway
-        finally:
-            gateway.drain()
