@@ -17,7 +17,6 @@ from prometheus_client import generate_latest
 
 from tlvproxy.config.loader import load_table
 from tlvproxy.config.model import Address, Table, UpstreamSpec
-from tlvproxy.metrics import Metrics
 from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.admin import AdminHandler, admin_error
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tlvproxy.framing import HeaderLayout
+    from tlvproxy.metrics import Metrics
 
 log = logging.getLogger("tlvproxy.app")
 
