@@ -36,8 +36,13 @@ fuzz: install
 	mkdir -p build/fuzz-corpus
 	$(BIN)/python fuzz/fuzz_decoder.py -max_total_time=$(FUZZ_SECONDS) build/fuzz-corpus fuzz/corpus/decoder
 
+# The micro benchmarks first, then the side-by-side run through ../shared/bench
+# (json and protobuf routes, 1 and 2 workers; about 2 minutes).
+MICRO_BENCHES := $(filter-out shared,$(patsubst benchmarks/bench_%.py,%,$(wildcard benchmarks/bench_*.py)))
+
 bench: install
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(MICRO_BENCHES)
+	$(BIN)/python benchmarks/run.py shared
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -16,17 +16,20 @@ from pythonjsonlogger.json import JsonFormatter
 ACCESS_LOGGER = "tlvproxy.access"
 
 
+def json_formatter() -> logging.Formatter:
+    """One JSON object per record: time, level, logger, message, pid, then extras."""
+    return JsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s",
+        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        static_fields={"pid": os.getpid()},
+        json_ensure_ascii=False,
+    )
+
+
 def setup_logging(level: str = "info") -> None:
     """Send every tlvproxy log record to stdout as one JSON object per line."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(
-        JsonFormatter(
-            "%(asctime)s %(levelname)s %(name)s %(message)s",
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            static_fields={"pid": os.getpid()},
-            json_ensure_ascii=False,
-        )
-    )
+    handler.setFormatter(json_formatter())
     root = logging.getLogger("tlvproxy")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -14,6 +14,7 @@ and `error_handler`), or start tasks: a connection is one task.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -189,6 +190,8 @@ class _Connection:
         drain_signal: DrainSignal | None,
     ) -> None:
         self._stream = stream
+        # The socket's descriptor for `_flush`'s fast path; -1 for other streams.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._remote_addr = remote_addr
         self._settings = settings
         self._handler = handler
@@ -365,6 +368,22 @@ class _Connection:
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         self._out_size = 0
+        fd = self._fd
+        if fd >= 0:
+            # Fast path: the answer usually fits the socket buffer, so write it
+            # now. SocketStream.send_all would also yield to the scheduler after
+            # the write; that checkpoint is not needed here, because the
+            # connection's next step (a receive, or the handler's upstream
+            # round trip) is one. What did not fit goes through send_all.
+            try:
+                sent = os.write(fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
         await self._stream.send_all(data)
 
     async def _close_gracefully(self) -> None:

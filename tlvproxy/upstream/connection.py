@@ -24,6 +24,7 @@ why). A FramingError's `reason` is counted in `tlvproxy_frames_rejected_total`.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -235,6 +236,7 @@ class Connection:
         outbox = self._outbox
         outbox_seqs = self._outbox_seqs
         send_all = self.stream.send_all
+        fd = self.stream.socket.fileno()
         try:
             while True:
                 if not outbox:
@@ -242,10 +244,19 @@ class Connection:
                     self._writer_idle = True
                     await self._wake.wait()
                     continue
+                # Every request queued since the last write goes in one send.
                 data = b"".join(outbox) if len(outbox) > 1 else outbox[0]
                 outbox.clear()
                 outbox_seqs.clear()
-                await send_all(data)
+                # Written at once when the socket buffer takes it all (the usual
+                # case): send_all would add a scheduler pass after the write,
+                # and waiting for the next request is a checkpoint already.
+                try:
+                    sent = os.write(fd, data)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(data):
+                    await send_all(data[sent:])
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._finish(ConnectionLost(f"{self.node}: write failed: {exc}"), broken=True)
 

@@ -1,0 +1,103 @@
+"""tlvproxy side by side with the reference peers, through the shared harness (../shared/bench).
+
+Usage: python benchmarks/bench_shared.py [--quick] [BENCH.PY OPTIONS ...]
+  e.g. --repeat 3, --upstream-delay-us 1000, --duration 5 (see bench.py --help)
+
+Adds four targets to the harness's nginx-lua, aiohttp and aiohttp-w2 peers,
+each started by benchmarks/shared_target.py on the harness's echo upstream:
+tlvproxy-json and tlvproxy-json-w2 (the `json` codec, 1 and 2 workers), and
+tlvproxy-pb and tlvproxy-pb-w2 (the protobuf route: JSON -> bench.Echo ->
+JSON). `--quick` measures 4 s per target after a 1 s warm-up.
+
+The harness runs under the system python3 (it installs aiohttp there, never
+in this virtualenv). Its correctness check compares the echoed JSON with the
+sent JSON; the protobuf route answers in the proto3 JSON mapping (int64
+values as strings, defaults emitted), so for the `tlvproxy-pb*` targets only,
+both sides are normalised that way before they are compared.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCH_DIR = HERE.parent.parent / "shared" / "bench"
+PEERS = "nginx-lua,aiohttp,aiohttp-w2"
+
+# Run by the system python3 in BENCH_DIR: bench.py with the protobuf targets'
+# comparison normalised, everything else untouched.
+_BOOTSTRAP = """
+import sys
+sys.path.insert(0, ".")
+import bench
+
+def _normal(value):
+    if isinstance(value, dict):
+        pairs = ((k, _normal(v)) for k, v in value.items())
+        return {k: v for k, v in pairs if v not in (0, "", False, None, [], {})}
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+_same_json = bench._same_json
+_smoke = bench.smoke
+
+def _proto3_same_json(a, b):
+    try:
+        return _normal(bench.json.loads(a)) == _normal(bench.json.loads(b))
+    except ValueError:
+        return False
+
+def smoke(target, body):
+    bench._same_json = _proto3_same_json if target.name.startswith("tlvproxy-pb") else _same_json
+    try:
+        return _smoke(target, body)
+    finally:
+        bench._same_json = _same_json
+
+bench.smoke = smoke
+sys.argv = ["bench.py"] + sys.argv[1:]
+try:
+    rc = bench.main()
+finally:
+    bench.stop_all()
+sys.exit(rc)
+"""
+
+
+def target_options() -> list[str]:
+    """The harness's --start options for the four tlvproxy targets."""
+    launcher = (
+        f"{sys.executable} {HERE / 'shared_target.py'} --port {{port}} --upstream {{upstream}}"
+    )
+    targets = {
+        "tlvproxy-json": "--route json --workers 1",
+        "tlvproxy-json-w2": "--route json --workers 2",
+        "tlvproxy-pb": "--route protobuf --workers 1",
+        "tlvproxy-pb-w2": "--route protobuf --workers 2",
+    }
+    options = []
+    for name, extra in targets.items():
+        options += ["--start", f"{name}={launcher} {extra}"]
+    return options
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if "--quick" in args:
+        args.remove("--quick")
+        args = ["--duration", "4", "--warmup", "1", "--settle", "5", *args]
+    python = shutil.which("python3")
+    if python is None or not (BENCH_DIR / "bench.py").is_file():
+        sys.exit(f"bench_shared: needs python3 and {BENCH_DIR}/bench.py")
+    command = [python, "-c", _BOOTSTRAP, "--targets", PEERS, *target_options(), *args]
+    sys.exit(subprocess.run(command, cwd=BENCH_DIR, check=False).returncode)
+
+
+if __name__ == "__main__":
+    main()
