@@ -4,6 +4,10 @@ Prints microseconds per request for
 - the whole REST handler (routing, policy, codec, pool round trip, metrics,
   access record) over a real pooled connection to an in-process TLV echo
   server, with 1 and with 64 requests in flight, json and protobuf routes;
+- the whole HTTP path (the connection driver with its DeadlineTimer, each
+  parser, then the handler) with 64 keep-alive client connections over
+  loopback, the clients and the upstream in the same process (their cost is
+  in the figure), 64 requests in flight;
 - its fixed per-request parts alone: the access record (built, formatted and
   written to /dev/null), the request id, the metric updates.
 
@@ -37,8 +41,14 @@ from tlvproxy.logs import ACCESS_LOGGER, access_record, json_formatter  # noqa: 
 from tlvproxy.metrics import Metrics  # noqa: E402
 from tlvproxy.policy.ratelimit import RateLimiter  # noqa: E402
 from tlvproxy.policy.waf import Waf  # noqa: E402
-from tlvproxy.server.http_conn import Request  # noqa: E402
-from tlvproxy.server.rest import RestHandler, request_id_of  # noqa: E402
+from tlvproxy.server.http_conn import (  # noqa: E402
+    DeadlineTimer,
+    DrainSignal,
+    HttpSettings,
+    Request,
+    serve_http_connection,
+)
+from tlvproxy.server.rest import RestHandler, error_response_for, request_id_of  # noqa: E402
 from tlvproxy.upstream.pool import open_pool  # noqa: E402
 
 BODY = (HERE.parent.parent / "shared" / "bench" / "wrk" / "body.json").read_bytes().strip()
@@ -99,6 +109,79 @@ async def handler_cost(route: str, requests: int, concurrency: int) -> float:
     return spent / (requests // concurrency * concurrency) * 1e6
 
 
+async def _http_client(port: int, wire: bytes, count: int) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(wire)
+    first = b""
+    while b"\r\n\r\n" not in first:
+        first += await stream.receive_some(65536)
+    head, _, rest = first.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(rest) < length:
+        rest += await stream.receive_some(65536)
+    # Every answer has the same size (same body, request ids of the same length).
+    size = len(head) + 4 + length
+    for _ in range(count - 1):
+        await stream.send_all(wire)
+        got = 0
+        while got < size:
+            got += len(await stream.receive_some(65536))
+    await stream.aclose()
+
+
+async def http_cost(route: str, parser: str, requests: int, concurrency: int) -> float:
+    """Microseconds of this process's CPU per request through the HTTP driver and
+    RestHandler, clients and upstream included (they cost the same for any gateway code)."""
+    directory = Path(tempfile.mkdtemp(prefix="bench-rest-"))
+    (directory / "bench.proto").write_text(PROTO)
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        (directory / "commands.yaml").write_text(table_text(0, f"127.0.0.1:{port}", route))
+        table = load_table(directory / "commands.yaml")
+        nursery.start_soon(trio.serve_listeners, lambda s: _echo(s, table.framing), listeners)
+        metrics = Metrics()
+        async with open_pool(table.upstreams["echo"], table.framing, metrics) as pool:
+            runtime = Runtime(
+                table=table, pools={"echo": pool}, limiter=RateLimiter(()), waf=Waf(())
+            )
+            handler = RestHandler(lambda: runtime, metrics)
+            errors = error_response_for(lambda: runtime, metrics)
+            settings = HttpSettings.from_limits(table.limits, parser)  # type: ignore[arg-type]
+            signal = DrainSignal()
+            timer = DeadlineTimer()  # as the gateway runs it (app.py)
+            nursery.start_soon(timer.run)
+
+            async def serve(stream: trio.SocketStream) -> None:
+                await serve_http_connection(
+                    stream,
+                    "127.0.0.1",
+                    settings,
+                    handler,
+                    errors,
+                    drain_signal=signal,
+                    timer=timer,
+                )
+
+            http = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            http_port = http[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, serve, http)
+            wire = (
+                b"POST /v1/echo HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+            )
+            await _http_client(http_port, wire, 100)
+            each = requests // concurrency
+            started = time.process_time()
+            async with trio.open_nursery() as clients:
+                for _ in range(concurrency):
+                    clients.start_soon(_http_client, http_port, wire, each)
+            spent = time.process_time() - started
+        nursery.cancel_scope.cancel()
+    return spent / (each * concurrency) * 1e6
+
+
 def part_costs() -> dict[str, float]:
     """Microseconds of each fixed per-request part."""
     handler = logging.StreamHandler(io.StringIO())
@@ -151,6 +234,11 @@ def main() -> None:
         for concurrency in (1, 64):
             cost = trio.run(handler_cost, route, args.requests, concurrency)
             print(f"  {route:9} {concurrency:3} in flight{'':25} {cost:16.1f}")
+    print(f"{'HTTP path, in-process clients and upstream':48} {'us/request (CPU)':>16}")
+    for route in ("json", "protobuf"):
+        for parser in ("httptools", "h11"):
+            cost = trio.run(http_cost, route, parser, args.requests, 64)
+            print(f"  {route:9} {parser:9} 64 connections{'':11} {cost:16.1f}")
     print(f"{'fixed parts':48} {'us/request':>16}")
     for name, seconds in part_costs().items():
         print(f"  {name:46} {seconds / 20000 * 1e6:16.2f}")

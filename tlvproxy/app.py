@@ -21,6 +21,7 @@ from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.admin import AdminHandler, admin_error
 from tlvproxy.server.http_conn import (
+    DeadlineTimer,
     DrainSignal,
     ErrorHandler,
     Handler,
@@ -108,6 +109,7 @@ class Gateway:
         self.admin_address: Address | None = None
         self._drain_requested = trio.Event()
         self._drain_signal = DrainSignal()  # wakes idle keep-alive connections to close
+        self._timer = DeadlineTimer()  # fires every connection's time limits
 
     # ------------------------------------------------------------ the table
 
@@ -220,6 +222,8 @@ class Gateway:
         table = self._initial
         async with trio.open_nursery() as pool_nursery:
             self._pool_nursery = pool_nursery
+            # In the outermost nursery: it outlives every connection, drain included.
+            pool_nursery.start_soon(self._timer.run)
             await self._install(table)
             http_listener = bind_listener(table.listen.http, reuse_port=self._reuse_port)
             self.http_address = _address_of(http_listener)
@@ -307,7 +311,9 @@ class Gateway:
         if not public:
             # The admin listener keeps answering while draining: /readyz must say
             # 503 to the load balancer until the process exits (SPEC 7).
-            await serve_http_connection(stream, peer, self._settings(table), handler, errors)
+            await serve_http_connection(
+                stream, peer, self._settings(table), handler, errors, timer=self._timer
+            )
             return
         upgrade = self._upgrade if table.websocket is not None else None
         await serve_http_connection(
@@ -319,6 +325,7 @@ class Gateway:
             upgrade=upgrade,
             draining=self.shutdown.is_set,
             drain_signal=self._drain_signal,
+            timer=self._timer,
         )
 
     async def _upgrade(self, request: Request, stream: trio.abc.Stream, leftover: bytes) -> None:

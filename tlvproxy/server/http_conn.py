@@ -3,7 +3,8 @@
 Owns: the connection's life (SPEC 4.3): keep-alive, pipelining (answers in
 order, several in one send when they are ready together), `100 Continue`,
 the time limits (`header_timeout` for each request's head and body,
-`keepalive_timeout` between requests, SPEC 4.2 408), draining (503 for a new
+`keepalive_timeout` between requests, SPEC 4.2 408; fired by trio deadlines,
+or by a `DeadlineTimer` shared by a worker's connections), draining (503 for a new
 request, idle connections closed at once, SPEC 7), the handover of an upgraded
 connection, and closing the stream whatever happens.
 Must not: parse HTTP itself (a `RequestParser` from `parsers.py` does that, h11
@@ -13,7 +14,10 @@ and `error_handler`), or start tasks: a connection is one task.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -46,6 +50,12 @@ _MAX_BATCH = 65536
 # reset the connection and destroy the answer in flight (RFC 9112 9.6).
 _LINGER_TIMEOUT = 1.0
 _LINGER_MAX = 1024 * 1024
+# A read that found its bytes already there yields to the scheduler only once
+# in this many in a row (see `_Connection._read_now`).
+_FAST_READS = 16
+# The timer's heap is rebuilt from its live entries past this size (or four
+# times the live entries of the last rebuild).
+_PRUNE_MIN = 1024
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -129,6 +139,63 @@ class DrainSignal:
             scope.cancel()
 
 
+class DeadlineTimer:
+    """Fires the time limits of every connection given it, from one task (`run`).
+
+    A connection waiting for bytes registers its deadline here (a heap push)
+    rather than on its trio cancel scope, where setting and clearing a deadline
+    costs several microseconds per wait; at the deadline the timer cancels the
+    connection's scope, as trio would. Entries whose connection has
+    moved on are dropped when they reach the top of the heap, and the heap is
+    rebuilt from the live entries when stale ones pile up, so it stays about
+    as large as the number of waiting connections.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Connection]] = []
+        self._order = itertools.count()  # ties: never compare connections
+        self._target = math.inf  # when the sleeping `run` wakes up by itself
+        self._sleep: trio.CancelScope | None = None
+        self._prune_at = _PRUNE_MIN
+
+    def watch(self, connection: _Connection, deadline: float) -> None:
+        """Cancel `connection`'s scope at `deadline` unless its wait is over."""
+        heap = self._heap
+        heapq.heappush(heap, (deadline, next(self._order), connection))
+        if len(heap) > self._prune_at:
+            self._prune()
+        if deadline < self._target and self._sleep is not None:
+            self._sleep.cancel()  # wake `run` to sleep until this earlier deadline
+
+    async def run(self) -> None:
+        """Cancel the connections whose deadline has passed, until cancelled."""
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap:
+                deadline, _, connection = heap[0]
+                if connection._deadline == deadline:
+                    if deadline > now:
+                        break
+                    connection._scope.cancel()
+                heapq.heappop(heap)
+            self._target = heap[0][0] if heap else math.inf
+            with trio.CancelScope(deadline=self._target) as self._sleep:
+                await trio.sleep_forever()
+            self._sleep = None
+            self._target = math.inf
+
+    def _prune(self) -> None:
+        live = {
+            id(connection): entry
+            for entry in self._heap
+            if (connection := entry[2])._deadline == entry[0]
+        }
+        self._heap[:] = live.values()
+        heapq.heapify(self._heap)
+        self._prune_at = max(_PRUNE_MIN, 4 * len(self._heap))
+
+
 def _never() -> bool:
     return False
 
@@ -148,6 +215,7 @@ async def serve_http_connection(
     upgrade: UpgradeHandler | None = None,
     draining: Callable[[], bool] = _never,
     drain_signal: DrainSignal | None = None,
+    timer: DeadlineTimer | None = None,
 ) -> None:
     """Serve HTTP/1.1 on `stream` until either side closes it; always close it.
 
@@ -159,11 +227,20 @@ async def serve_http_connection(
     the connection closes; a GatewayError from `handler` is answered the same
     way but keeps the connection. A GET with `Upgrade: websocket` goes to
     `upgrade(request, stream, leftover)` when given, which owns the stream
-    until it returns. Returns normally; only trio.Cancelled and
-    KeyboardInterrupt get out.
+    until it returns. `timer`, when given (and running), fires the time
+    limits instead of trio deadlines, which is cheaper per request. Returns
+    normally; only trio.Cancelled and KeyboardInterrupt get out.
     """
     connection = _Connection(
-        stream, remote_addr, settings, handler, error_handler, upgrade, draining, drain_signal
+        stream,
+        remote_addr,
+        settings,
+        handler,
+        error_handler,
+        upgrade,
+        draining,
+        drain_signal,
+        timer,
     )
     try:
         await connection.serve()
@@ -188,6 +265,7 @@ class _Connection:
         upgrade: UpgradeHandler | None,
         draining: Callable[[], bool],
         drain_signal: DrainSignal | None,
+        timer: DeadlineTimer | None,
     ) -> None:
         self._stream = stream
         # The socket's descriptor for `_flush`'s fast path; -1 for other streams.
@@ -208,6 +286,14 @@ class _Connection:
         self._out_size = 0
         self._head: RequestHead | None = None
         self._received_at = 0.0
+        self._fast_reads = 0  # reads in a row that found their bytes without waiting
+        # The connection's one cancel scope: armed with a deadline only while it
+        # waits for bytes (see `_wait_receive`), cancelled by the drain signal
+        # only while idle.
+        self._scope = trio.CancelScope()
+        self._timer = timer
+        self._deadline = math.inf  # when the wait under way must end; read by `timer`
+        self._idle = True  # whether that wait is between requests
 
     def _is_draining(self) -> bool:
         signal = self._drain_signal
@@ -215,7 +301,15 @@ class _Connection:
 
     async def serve(self) -> None:
         try:
-            await self._serve_requests()
+            with self._scope:
+                await self._serve_requests()
+            if self._scope.cancelled_caught and not self._idle:
+                # A deadline fired while a request was under way (SPEC 4.2 408).
+                part = "head" if self._head is None else "body"
+                raise RequestTimeout(
+                    f"the request {part} did not arrive within {self._settings.header_timeout:g}s"
+                )
+            # Otherwise: idle too long, or draining: close without a word.
         except GatewayError as error:
             head = self._head
             request = None if head is None else self._request(head, b"")
@@ -231,14 +325,17 @@ class _Connection:
         while True:
             event = parser.next_event()
             if event is NEED_DATA:
-                if self._out:
+                # Right after an answer, the peer has had no time to send more:
+                # waiting at once saves a read bound to fail.
+                answered = bool(self._out)
+                if answered:
                     await self._flush()
                 if self._head is None and not parser.has_partial_request:
                     if self._is_draining():
                         return
-                    data = await self._receive_idle(idle_deadline)
+                    data = None if answered else await self._read_now()
                     if data is None:
-                        return  # idle too long, or draining: close without a word
+                        data = await self._wait_receive(idle_deadline, idle=True)
                     if header_deadline is None:
                         header_deadline = trio.current_time() + header_timeout
                 else:
@@ -247,7 +344,10 @@ class _Connection:
                     if self._head is not None and parser.expects_continue:
                         self._out.append(parser.send_continue())
                         await self._flush()
-                    data = await self._receive(header_deadline)
+                        answered = True
+                    data = None if answered else await self._read_now()
+                    if data is None:
+                        data = await self._wait_receive(header_deadline, idle=False)
                 parser.receive_data(data)
             elif type(event) is RequestHead:
                 self._head = event
@@ -340,28 +440,93 @@ class _Connection:
             received_at=self._received_at,
         )
 
-    async def _receive(self, deadline: float) -> bytes:
-        """The next bytes of a request under way; RequestTimeout past `deadline`."""
-        with trio.CancelScope(deadline=deadline):
-            return _as_bytes(await self._stream.receive_some(_RECEIVE_SIZE))
-        part = "head" if self._head is None else "body"
-        raise RequestTimeout(
-            f"the request {part} did not arrive within {self._settings.header_timeout:g}s"
-        )
+    async def _read_now(self) -> bytes | None:
+        """The bytes already received on the socket, without waiting; None when
+        there are none yet (or the stream is not a socket): the caller then
+        waits for them under its deadline (`_wait_receive`).
 
-    async def _receive_idle(self, deadline: float) -> bytes | None:
-        """The first bytes of a next request; None past `deadline` or once draining."""
-        scope = trio.CancelScope(deadline=deadline)
-        signal = self._drain_signal
+        Why this is safe: it is `SocketStream.receive_some`'s own sequence (a
+        cancellation check, a non-blocking read, and on data a shielded yield)
+        except that the yield after a successful read is taken only once every
+        `_FAST_READS` reads in a row. The connection's next step usually yields
+        anyway (the handler's upstream round trip, or a receive that waits), and
+        the periodic yield keeps the worker fair to others when a peer's bytes
+        are always there (pipelined requests answered without an upstream call).
+        Deadlines behave as before: trio's receive also returns bytes already
+        there without looking at a deadline; only waiting is bounded by it.
+        """
+        fd = self._fd
+        if fd < 0:
+            return None
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(fd, _RECEIVE_SIZE)
+        except BlockingIOError:
+            self._fast_reads = 0
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+        self._fast_reads += 1
+        if self._fast_reads >= _FAST_READS:
+            self._fast_reads = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    async def _wait_receive(self, deadline: float, *, idle: bool) -> bytes:
+        """The next bytes, waited for until `deadline`; past it (or once draining,
+        when `idle`) the connection's scope is cancelled and `serve` decides: a
+        408 when a request was under way, a silent close when idle.
+
+        One scope for the connection's life, armed around each wait, instead of
+        a new cancel scope per wait: entering and leaving a trio cancel scope
+        costs about as much as parsing a request.
+        """
+        scope = self._scope
+        self._idle = idle
+        signal = self._drain_signal if idle else None
         if signal is not None:
             signal._idle.add(scope)
+        self._arm(deadline)
         try:
-            with scope:
-                return _as_bytes(await self._stream.receive_some(_RECEIVE_SIZE))
+            data = await self._receive_some()
         finally:
+            self._disarm()
             if signal is not None:
                 signal._idle.discard(scope)
-        return None
+        if scope.cancel_called:
+            # The deadline or the drain signal fired as the bytes came in: they
+            # are too late, and the handler must not run in a cancelled scope.
+            await trio.lowlevel.checkpoint()
+        return data
+
+    def _arm(self, deadline: float) -> None:
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None:
+            self._scope.deadline = deadline
+        else:
+            timer.watch(self, deadline)
+
+    def _disarm(self) -> None:
+        self._deadline = math.inf
+        if self._timer is None:
+            self._scope.deadline = math.inf
+
+    async def _receive_some(self) -> bytes:
+        # A socket is waited on first: `_read_now` found nothing, or an answer
+        # just went out and the peer had no time to send more, so trying the
+        # read first, as `receive_some` does, is a system call bound to fail.
+        fd = self._fd
+        if fd < 0:
+            return _as_bytes(await self._stream.receive_some(_RECEIVE_SIZE))
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, _RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
 
     async def _flush(self) -> None:
         out = self._out

@@ -209,7 +209,9 @@ class RestHandler:
         spec = pool.spec
         key = spec.hash_on.evaluate(context) if spec.hash_on is not None else None
         timeout = command.timeout if command.timeout is not None else spec.timeout
-        with trio.move_on_after(timeout) as scope:
+        # A scope with an absolute deadline: the same as move_on_after(timeout),
+        # without its extra call per request.
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             reply = await pool.request(
                 command.command, body, uid=uid, key=key, idempotent=command.idempotent
             )

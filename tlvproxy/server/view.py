@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from functools import cached_property
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from tlvproxy.config.model import Network
+
+
+_NO_VALUES: Mapping[str, str] = MappingProxyType({})
 
 
 def client_address(
@@ -93,6 +97,8 @@ class RequestContext:
     @cached_property
     def query(self) -> Mapping[str, str]:
         """Query values by name; the first of repeated names wins."""
+        if not self._query_string:
+            return _NO_VALUES  # most REST calls have no query: skip parse_qsl
         found: dict[str, str] = {}
         for name, value in parse_qsl(self._query_string, keep_blank_values=True):
             found.setdefault(name, value)

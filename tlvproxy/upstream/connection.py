@@ -262,11 +262,20 @@ class Connection:
 
     async def _read_loop(self) -> None:
         decoder = FrameDecoder(self.layout)
-        receive = self.stream.receive_some
+        fd = self.stream.socket.fileno()
+        wait_readable = trio.lowlevel.wait_readable
+        read = os.read
         dispatch = self._dispatch
         try:
             while True:
-                data = await receive(RECEIVE_SIZE)
+                # Wait, then read: `receive_some` would try the read first, and
+                # with the responses just dispatched that read is usually bound
+                # to fail. The wait is this loop's checkpoint.
+                await wait_readable(fd)
+                try:
+                    data = read(fd, RECEIVE_SIZE)
+                except BlockingIOError:
+                    continue
                 self.last_received = trio.current_time()
                 decoder.receive_data(data)
                 while True:
