@@ -49,6 +49,9 @@ _STABLE_AFTER = 10.0  # a worker that ran this long resets the backoff
 
 # The environment variable naming the pipe a worker reports readiness on.
 READY_FD_ENV = "TLVPROXY_READY_FD"
+# A pipe whose write end only the supervisor holds: EOF on it tells a worker that
+# its supervisor is gone (even SIGKILLed), so it drains instead of living on.
+LIFELINE_FD_ENV = "TLVPROXY_LIFELINE_FD"
 
 
 def run_serve(
@@ -87,7 +90,19 @@ async def _serve_worker(table: Table, http_parser: ParserChoice | None, is_worke
         await nursery.start(_run_gateway, gateway, nursery.cancel_scope)
         if is_worker:
             _report_ready(table.version)
+            lifeline = os.environ.get(LIFELINE_FD_ENV)
+            if lifeline is not None:
+                nursery.start_soon(_drain_when_orphaned, gateway, int(lifeline))
     return 0
+
+
+async def _drain_when_orphaned(gateway: Gateway, fd: int) -> None:
+    async with trio.lowlevel.FdStream(fd) as lifeline:
+        while await lifeline.receive_some():
+            pass  # nothing is ever written; only EOF matters
+    if not gateway.shutdown.is_set():
+        log.warning("the supervisor is gone; draining")
+        gateway.drain()
 
 
 async def _run_gateway(
@@ -301,22 +316,29 @@ class Supervisor:
     async def _run_worker(self, index: int) -> int:
         """Run worker `index` once; returns its exit code."""
         read_end, write_end = os.pipe()
+        lifeline_read, lifeline_write = os.pipe()
         env = {
             **os.environ,
             "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir,
             READY_FD_ENV: str(write_end),
+            LIFELINE_FD_ENV: str(lifeline_read),
         }
         try:
             # A session of its own: a terminal's Ctrl-C reaches the supervisor only,
             # which forwards it once (a second SIGINT would force the exit).
             process = await trio.lowlevel.open_process(
-                self._command(index), env=env, start_new_session=True, pass_fds=(write_end,)
+                self._command(index),
+                env=env,
+                start_new_session=True,
+                pass_fds=(write_end, lifeline_read),
             )
         except BaseException:
             os.close(read_end)
+            os.close(lifeline_write)
             raise
         finally:
             os.close(write_end)
+            os.close(lifeline_read)
         self._processes[index] = process
         log.info("worker started", extra={"worker": index, "worker_pid": process.pid})
         try:
@@ -325,6 +347,7 @@ class Supervisor:
                 code = await process.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            os.close(lifeline_write)
             self._ready.discard(index)
             del self._processes[index]
             multiprocess.mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]  # unannotated, as above

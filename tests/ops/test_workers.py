@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -126,3 +127,20 @@ def test_a_killed_worker_is_restarted(procs: Processes, upstream: str) -> None:
     assert died[0]["exit_code"] == -signal.SIGKILL
     gateway.process.send(signal.SIGTERM)
     assert gateway.process.wait() == 0
+
+
+def test_workers_drain_when_the_supervisor_is_killed(procs: Processes, upstream: str) -> None:
+    gateway = procs.gateway(upstream, "--workers", "2")
+    workers = workers_of(gateway)
+    assert len(workers) == 2
+
+    os.kill(gateway.process.pid, signal.SIGKILL)
+
+    def running(pid: int) -> bool:
+        # An exited worker has no /proc entry, or an empty cmdline while a zombie.
+        try:
+            return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except OSError:
+            return False
+
+    wait_for(lambda: not any(map(running, workers)), "the orphaned workers to exit")
