@@ -95,7 +95,19 @@ def main() -> None:
     python = shutil.which("python3")
     if python is None or not (BENCH_DIR / "bench.py").is_file():
         sys.exit(f"bench_shared: needs python3 and {BENCH_DIR}/bench.py")
-    command = [python, "-c", _BOOTSTRAP, "--targets", PEERS, *target_options(), *args]
+    # Results go to our build/ folder: ../shared is the team's, not a scratch space.
+    results = HERE.parent / "build" / "bench-results"
+    command = [
+        python,
+        "-c",
+        _BOOTSTRAP,
+        "--targets",
+        PEERS,
+        "--out",
+        str(results),
+        *target_options(),
+        *args,
+    ]
     sys.exit(subprocess.run(command, cwd=BENCH_DIR, check=False).returncode)
 
 
