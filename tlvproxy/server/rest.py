@@ -13,7 +13,7 @@ import logging
 from base64 import b64encode
 from collections.abc import Callable, Mapping
 from random import getrandbits
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -28,32 +28,17 @@ from tlvproxy.errors import (
 )
 from tlvproxy.logs import ACCESS_LOGGER, access_record
 from tlvproxy.server.http_conn import Request, Response
+from tlvproxy.server.runtime import TableRuntime
 from tlvproxy.server.static import demo_response
 from tlvproxy.server.view import RequestContext, client_address
 
 if TYPE_CHECKING:
     from tlvproxy.config.model import CommandSpec, Table
     from tlvproxy.metrics import Metrics
-    from tlvproxy.policy.ratelimit import RateLimiter
-    from tlvproxy.policy.waf import Waf
-    from tlvproxy.upstream.pool import Pool
 
 _JSON = "application/json"
 _access = logging.getLogger(ACCESS_LOGGER)
 _waf_log = logging.getLogger("tlvproxy.waf")
-
-
-class RestRuntime(Protocol):
-    """What a REST request needs of the table it runs on (see app.Runtime)."""
-
-    @property
-    def table(self) -> Table: ...
-    @property
-    def pools(self) -> Mapping[str, Pool]: ...
-    @property
-    def limiter(self) -> RateLimiter: ...
-    @property
-    def waf(self) -> Waf: ...
 
 
 def request_id_of(request: Request | None) -> str:
@@ -83,7 +68,7 @@ def render_error(error: GatewayError, request_id: str, *, envelope: bool) -> Res
     return Response(status=status, headers=headers, body=_dumps(error_body(error, request_id)))
 
 
-RuntimeSource = Callable[[], RestRuntime]
+RuntimeSource = Callable[[], TableRuntime]
 ErrorHandler = Callable[[GatewayError, Request | None], Response]
 
 
@@ -101,7 +86,7 @@ class RestHandler:
         self._time_children: dict[str, Callable[[float], None]] = {}
 
     async def __call__(self, request: Request) -> Response:
-        runtime: RestRuntime = self._runtime()
+        runtime: TableRuntime = self._runtime()
         table = runtime.table
         if table.demo and (page := demo_response(request.path, request.method)) is not None:
             return page
@@ -167,7 +152,7 @@ class RestHandler:
             self._time_children[route] = observe
         observe(duration)
 
-    def _inspect(self, runtime: RestRuntime, request: Request) -> None:
+    def _inspect(self, runtime: TableRuntime, request: Request) -> None:
         matches = runtime.waf.inspect_request(
             path=request.path,
             query=request.query_string,
@@ -183,7 +168,7 @@ class RestHandler:
             )
 
     def _apply_policy(
-        self, runtime: RestRuntime, command: CommandSpec, context: RequestContext
+        self, runtime: TableRuntime, command: CommandSpec, context: RequestContext
     ) -> None:
         refusal = runtime.limiter.check(command.name, context, trio.current_time())
         if refusal is not None:
@@ -192,7 +177,7 @@ class RestHandler:
 
     async def _forward(
         self,
-        runtime: RestRuntime,
+        runtime: TableRuntime,
         command: CommandSpec,
         request: Request,
         context: RequestContext,

@@ -37,7 +37,7 @@ import contextlib
 import json
 import logging
 import uuid
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
@@ -74,14 +74,11 @@ from tlvproxy.server import ws_json
 from tlvproxy.server.view import RequestContext, client_address
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
-    from tlvproxy.config.model import CommandSpec, Table, WebSocketSpec
+    from tlvproxy.config.model import CommandSpec, WebSocketSpec
     from tlvproxy.metrics import Metrics
-    from tlvproxy.policy.ratelimit import RateLimiter
-    from tlvproxy.policy.waf import Waf
     from tlvproxy.server.http_conn import Request
-    from tlvproxy.upstream.pool import Pool, Session
+    from tlvproxy.server.runtime import TableRuntime
+    from tlvproxy.upstream.pool import Session
 
 # Requests of one session in flight at once; past it the reader stops reading.
 MAX_IN_FLIGHT: Final = 32
@@ -107,19 +104,6 @@ _WS_KEY_BYTES: Final = 16
 
 log = logging.getLogger("tlvproxy.websocket")
 _access = logging.getLogger(ACCESS_LOGGER)
-
-
-class WebSocketRuntime(Protocol):
-    """What a session needs of the table it runs on (see app.Runtime)."""
-
-    @property
-    def table(self) -> Table: ...
-    @property
-    def pools(self) -> Mapping[str, Pool]: ...
-    @property
-    def limiter(self) -> RateLimiter: ...
-    @property
-    def waf(self) -> Waf: ...
 
 
 class _InvalidFrame(Exception):
@@ -212,7 +196,7 @@ async def serve_websocket(
     stream: trio.abc.Stream,
     leftover: bytes,
     *,
-    runtime: WebSocketRuntime,
+    runtime: TableRuntime,
     metrics: Metrics,
     shutdown: trio.Event,
 ) -> None:
@@ -321,7 +305,7 @@ class _Session:
         *,
         stream: trio.abc.Stream,
         leftover: bytes,
-        runtime: WebSocketRuntime,
+        runtime: TableRuntime,
         spec: WebSocketSpec,
         metrics: Metrics,
         shutdown: trio.Event,

@@ -1,0 +1,31 @@
+"""What a request or session needs of the table it runs on.
+
+Owns: the `TableRuntime` protocol, which `app.Runtime` satisfies, so that the
+REST and WebSocket servers depend on its shape and not on the app.
+Must not: hold state; a reload builds a new runtime (SPEC 7).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from tlvproxy.config.model import Table
+    from tlvproxy.policy.ratelimit import RateLimiter
+    from tlvproxy.policy.waf import Waf
+    from tlvproxy.upstream.pool import Pool
+
+
+class TableRuntime(Protocol):
+    """One loaded table with its upstream pools (by upstream name) and policy."""
+
+    @property
+    def table(self) -> Table: ...
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+    @property
+    def limiter(self) -> RateLimiter: ...
+    @property
+    def waf(self) -> Waf: ...
