@@ -225,30 +225,13 @@ class Pool:
         return None if index is None else self._nodes[index]
 
     async def _attempt(self, node: _Node, command: int, body: bytes, uid: int) -> Frame:
-        try:
+        async def call() -> Frame:
             conn = node.pick()
             if conn is None or (conn.in_flight and len(node.live) < self.spec.connections):
                 conn = await self._acquire(node, conn)
-            frame = await conn.request(command, body, uid)
-        except trio.Cancelled as exc:
-            # A cancel scope's deadline (the caller's timeout) is a node timeout; any
-            # other cancellation (shutdown, a client gone) says nothing about the node.
-            if exc.source == "deadline":
-                node.count_timeout()
-                self._failure(node)
-            raise
-        except UpstreamUnavailable:
-            node.count_unavailable()
-            raise
-        except UpstreamProtocolError:
-            node.count_protocol_error()
-            raise
-        if frame.status:
-            node.count_status()
-        else:
-            node.count_ok()
-        node.health.record_answer()
-        return frame
+            return await conn.request(command, body, uid)
+
+        return await self._counted(node, call)
 
     async def _acquire(self, node: _Node, best: Connection | None) -> Connection:
         # Slow path of `_attempt`: open connections up to `spec.connections`.
@@ -454,7 +437,8 @@ class Pool:
         if conn.broken:
             self._failure(node)
 
-    async def _session_call(self, node: _Node, call: Callable[[], Awaitable[Frame]]) -> Frame:
+    async def _counted(self, node: _Node, call: Callable[[], Awaitable[Frame]]) -> Frame:
+        """`call()`'s frame, with its outcome counted on `node` (metrics, health)."""
         try:
             frame = await call()
         except trio.Cancelled as exc:
@@ -508,14 +492,12 @@ class Session:
 
     async def request(self, command: int, body: bytes, *, uid: int = 0) -> Frame:
         """Like `Pool.request` on this session's connection, without retries."""
-        return await self._pool._session_call(
-            self._node, lambda: self._conn.request(command, body, uid)
-        )
+        return await self._pool._counted(self._node, lambda: self._conn.request(command, body, uid))
 
     async def send_frame(self, frame: Frame) -> Frame:
         """Pass `frame` through with a fresh upstream seq; return the response, whose
         seq is the upstream one (the caller restores its own). Raises like `request`."""
-        return await self._pool._session_call(self._node, lambda: self._conn.send_frame(frame))
+        return await self._pool._counted(self._node, lambda: self._conn.send_frame(frame))
 
 
 @asynccontextmanager
