@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.cli import REPO, run_cli
 
 
 def check(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, "-m", "tlvproxy", "check", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("check", *args, cwd=cwd)
 
 
 def test_demo_table_passes_and_prints_its_routes():

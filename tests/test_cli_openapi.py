@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from openapi_spec_validator import validate
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.cli import REPO, run_cli
 
 
 def openapi(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, "-m", "tlvproxy", "openapi", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("openapi", *args, cwd=cwd)
 
 
 def test_prints_a_valid_document_of_the_demo_table():

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from tlvproxy.config.model import Table
+
 DEFAULT_TABLE = Path("commands.yaml")
 
 
@@ -92,15 +94,24 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
-def _check(args: argparse.Namespace) -> int:
-    from tlvproxy.config.loader import TableError, load_table, route_lines
+def _load(path: Path) -> Table | None:
+    """The table at `path`, or None after printing every problem to stderr."""
+    from tlvproxy.config.loader import TableError, load_table
 
     try:
-        table = load_table(args.config)
+        return load_table(path)
     except TableError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        print(f"{len(exc.problems)} error(s) in {args.config}", file=sys.stderr)
+        print(f"{len(exc.problems)} error(s) in {path}", file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    from tlvproxy.config.loader import route_lines
+
+    table = _load(args.config)
+    if table is None:
         return 1
     for line in route_lines(table):
         print(line)
@@ -110,15 +121,10 @@ def _check(args: argparse.Namespace) -> int:
 def _openapi(args: argparse.Namespace) -> int:
     import json
 
-    from tlvproxy.config.loader import TableError, load_table
     from tlvproxy.openapi import build_document
 
-    try:
-        table = load_table(args.config)
-    except TableError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        print(f"{len(exc.problems)} error(s) in {args.config}", file=sys.stderr)
+    table = _load(args.config)
+    if table is None:
         return 1
     print(json.dumps(build_document(table), indent=2, ensure_ascii=False))
     return 0
