@@ -262,6 +262,9 @@ _RULES = [
     waf_rule("lookahead", r"ab(?=c)"),
     waf_rule("verbose", r"(?x) s y s  # a comment"),
     waf_rule("mixed_case", r"(?i:ab)Sce"),
+    # These share "(" with `php`, so the three are indexed under it.
+    waf_rule("php_eval", r"(?i)\beval\s*\("),
+    waf_rule("php_system", r"\bsystem\s*\("),
 ]
 # Tokens that make up the rules' literals, in several cases and with the
 # characters Python's case-insensitive matching treats specially.
@@ -269,7 +272,7 @@ _token = st.sampled_from(
     [
         *"abcsyeSE(). /-0123 \n",
         *("union", "select", "SELECT", "eval", "EVAL", "..", "sys", "ab", "AB", "Sce", "sCE"),
-        *("aBSce", "union select", "\u017fy\u017ftem(", "eval (", "../", "abc"),
+        *("aBSce", "union select", "\u017fy\u017ftem(", "eval (", "../", "abc", "system"),
         *("\u017f", "\u212a", "\u0131", "\u0130", "é"),
     ]
 )

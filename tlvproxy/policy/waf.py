@@ -10,6 +10,7 @@ Must not: answer, log or count. The caller turns a `deny` match into 403
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Literal
 
 import attrs
@@ -147,22 +148,30 @@ class Waf:
 
 
 class _LocationRules:
-    """The rules of one location, indexed by the literals they need first.
+    """The rules of one location, indexed by a literal requirement each.
 
-    A rule whose first requirement is "any of eval, assert, ..." is listed under
-    each of those literals; scanning a text looks each distinct literal up once
-    and tries only the rules listed under those present (plus rules without any
-    required literal).
+    A rule is listed under each literal of its anchor: the requirement that the
+    most rules of this location share (on a tie, its most selective one). Rules
+    for PHP calls such as `eval(` and `system(` all need "(", so one substring
+    search rules them all out. Scanning a text looks each distinct anchor literal
+    up once and tries only the rules listed under those present (plus rules
+    without any required literal), checking their other requirements before
+    their regex.
     """
 
     def __init__(self, rules: tuple[_CompiledRule, ...]) -> None:
         self.rules = rules
-        self.always = tuple(c for c in rules if not c.requirements)
-        by_anchor: dict[RequiredLiteral, list[_CompiledRule]] = {}
+        self.always: tuple[tuple[_CompiledRule, tuple[Requirement, ...]], ...] = tuple(
+            (c, ()) for c in rules if not c.requirements
+        )
+        shared = Counter(frozenset(req) for c in rules for req in set(c.requirements))
+        by_anchor: dict[RequiredLiteral, list[tuple[_CompiledRule, tuple[Requirement, ...]]]] = {}
         for compiled in rules:
             if compiled.requirements:
-                for literal in compiled.requirements[0]:
-                    by_anchor.setdefault(literal, []).append(compiled)
+                anchor = max(compiled.requirements, key=lambda req: shared[frozenset(req)])
+                others = tuple(req for req in compiled.requirements if req is not anchor)
+                for literal in anchor:
+                    by_anchor.setdefault(literal, []).append((compiled, others))
         self.plain = tuple((text, tuple(c)) for (text, fold), c in by_anchor.items() if not fold)
         self.folded = tuple((text, tuple(c)) for (text, fold), c in by_anchor.items() if fold)
         self.needs_fold = any(
@@ -179,12 +188,12 @@ class _LocationRules:
         if self.folded:
             candidates.extend(c for text, listed in self.folded if text in folded for c in listed)
         candidates.extend(self.always)
-        for compiled in candidates:
+        for compiled, others in candidates:
             if compiled.index in found:
                 continue
             if all(
                 any(text in (folded if fold else joined) for text, fold in requirement)
-                for requirement in compiled.requirements[1:]
+                for requirement in others
             ):
                 search = compiled.rule.pattern.search
                 if any(search(part) is not None for part in parts):
