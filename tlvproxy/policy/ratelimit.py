@@ -113,28 +113,39 @@ class RateLimiter:
             return None
         buckets = self._buckets
         values = [key.evaluate(request) for key in plan.keys]
-        admitted: list[tuple[tuple[int, str], float]] = []
-        added = 0
-        for index, rule, key_position in plan.steps:
+        # Every rule is checked before any bucket counts the request.
+        admitted: list[tuple[tuple[int, str], list[float] | None, float]] = []
+        for index, rate, burst, key_position in plan.steps:
             value = values[key_position]
             slot = (index, ABSENT_KEY if value is None else value)
             bucket = buckets.get(slot)
-            drained = 0.0
             if bucket is None:
+                admitted.append((slot, None, 1.0))
+                continue
+            elapsed = now - bucket[1]
+            level = bucket[0] - rate * elapsed if elapsed > 0.0 else bucket[0]
+            if level - burst > _EPSILON:
+                # A refused key is in use: keep its buckets from eviction.
+                for checked, existing, _ in admitted:
+                    if existing is not None:
+                        buckets.move_to_end(checked)
+                buckets.move_to_end(slot)
+                wait = (level - burst) / rate
+                return Refusal(self._rules[index].name, max(1, math.ceil(wait - _EPSILON)))
+            admitted.append((slot, bucket, level + 1.0 if level > 0.0 else 1.0))
+        added = 0
+        for slot, bucket, level in admitted:
+            if bucket is None:
+                buckets[slot] = [level, now]
                 added += 1
             else:
+                bucket[0] = level
+                bucket[1] = now
                 buckets.move_to_end(slot)
-                drained = max(bucket[0] - rule.rate * max(now - bucket[1], 0.0), 0.0)
-            if drained - rule.burst > _EPSILON:
-                wait = (drained - rule.burst) / rule.rate
-                return Refusal(rule.name, max(1, math.ceil(wait - _EPSILON)))
-            admitted.append((slot, drained + 1.0))
         if added:
+            # After the updates: the buckets just counted hold at least one request
+            # and sit at the recent end, so expiring never drops them.
             self._expire(now, _EXPIRE_BATCH * added)
-        for slot, level in admitted:
-            # Assigning keeps a touched bucket at the recent end, and puts back one
-            # that _expire just dropped for being drained.
-            buckets[slot] = [level, now]
         while len(buckets) > self.max_keys:
             buckets.popitem(last=False)
         return None
@@ -163,7 +174,7 @@ class _Plan:
     they read (each evaluated once per check)."""
 
     keys: tuple[KeyExpr, ...]
-    steps: tuple[tuple[int, RateLimitRule, int], ...]  # (rule index, rule, key position)
+    steps: tuple[tuple[int, float, float, int], ...]  # (rule index, rate, burst, key position)
 
     @classmethod
     def of(cls, rules: tuple[RateLimitRule, ...], command_name: str) -> _Plan:
@@ -173,5 +184,6 @@ class _Plan:
         for index, rule in enumerate(rules):
             listed = rule.commands is None or command_name in rule.commands
             if listed:
-                steps.append((index, rule, keys.setdefault(rule.key, len(keys))))
+                position = keys.setdefault(rule.key, len(keys))
+                steps.append((index, rule.rate, float(rule.burst), position))
         return cls(tuple(keys), tuple(steps))
