@@ -8,7 +8,6 @@ Must not: parse HTTP; it reads what the HTTP driver already parsed.
 from __future__ import annotations
 
 import ipaddress
-from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
@@ -71,7 +70,16 @@ def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
 class RequestContext:
     """A `tlvproxy.config.keys.RequestView` of one request or WebSocket handshake."""
 
-    __slots__ = ("__dict__", "_header_pairs", "_query_string", "path_params", "remote_addr")
+    # Headers and query are mapped on first use (most requests need neither);
+    # plain slots rather than functools.cached_property, which takes a lock.
+    __slots__ = (
+        "_header_pairs",
+        "_headers",
+        "_query",
+        "_query_string",
+        "path_params",
+        "remote_addr",
+    )
 
     def __init__(
         self,
@@ -85,21 +93,33 @@ class RequestContext:
         self._header_pairs = headers
         self._query_string = query_string
         self.path_params: Mapping[str, str] = path_params or {}
+        self._headers: Mapping[str, str] | None = None
+        self._query: Mapping[str, str] | None = None
 
-    @cached_property
+    @property
     def headers(self) -> Mapping[str, str]:
         """Header values by lower-case name; the first of repeated headers wins."""
-        found: dict[str, str] = {}
-        for name, value in self._header_pairs:
-            found.setdefault(name, value)
+        found = self._headers
+        if found is None:
+            pairs: dict[str, str] = {}
+            for name, value in self._header_pairs:
+                pairs.setdefault(name, value)
+            found = self._headers = pairs
         return found
 
-    @cached_property
+    @property
     def query(self) -> Mapping[str, str]:
         """Query values by name; the first of repeated names wins."""
-        if not self._query_string:
-            return _NO_VALUES  # most REST calls have no query: skip parse_qsl
-        found: dict[str, str] = {}
-        for name, value in parse_qsl(self._query_string, keep_blank_values=True):
-            found.setdefault(name, value)
+        found = self._query
+        if found is None:
+            found = self._query = _parse_query(self._query_string)
         return found
+
+
+def _parse_query(query_string: str) -> Mapping[str, str]:
+    if not query_string:
+        return _NO_VALUES  # most REST calls have no query: skip parse_qsl
+    found: dict[str, str] = {}
+    for name, value in parse_qsl(query_string, keep_blank_values=True):
+        found.setdefault(name, value)
+    return found
