@@ -9,6 +9,11 @@ tlvproxy-json and tlvproxy-json-w2 (the `json` codec, 1 and 2 workers), and
 tlvproxy-pb and tlvproxy-pb-w2 (the protobuf route: JSON -> bench.Echo ->
 JSON). `--quick` measures 4 s per target after a 1 s warm-up.
 
+A fifth target, trio-floor (benchmarks/floor_target.py), is the floor of
+trio + httptools on this machine: a minimal translator over one multiplexed
+upstream connection, with no logging, metrics or policy. It is not tlvproxy;
+it shows in the same run how much of tlvproxy's cost the stack itself sets.
+
 The harness runs under the system python3 (it installs aiohttp there, never
 in this virtualenv). Its correctness check compares the echoed JSON with the
 sent JSON; the protobuf route answers in the proto3 JSON mapping (int64
@@ -71,7 +76,7 @@ sys.exit(rc)
 
 
 def target_options() -> list[str]:
-    """The harness's --start options for the four tlvproxy targets."""
+    """The harness's --start options for the four tlvproxy targets and trio-floor."""
     launcher = (
         f"{sys.executable} {HERE / 'shared_target.py'} --port {{port}} --upstream {{upstream}}"
     )
@@ -84,6 +89,8 @@ def target_options() -> list[str]:
     options = []
     for name, extra in targets.items():
         options += ["--start", f"{name}={launcher} {extra}"]
+    floor = f"{sys.executable} {HERE / 'floor_target.py'} --port {{port}} --upstream {{upstream}}"
+    options += ["--start", f"trio-floor={floor}"]
     return options
 
 
