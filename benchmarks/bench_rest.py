@@ -41,6 +41,7 @@ from tlvproxy.logs import ACCESS_LOGGER, access_record, json_formatter  # noqa: 
 from tlvproxy.metrics import Metrics  # noqa: E402
 from tlvproxy.policy.ratelimit import RateLimiter  # noqa: E402
 from tlvproxy.policy.waf import Waf  # noqa: E402
+from tlvproxy.server.access_log import AccessLog  # noqa: E402
 from tlvproxy.server.http_conn import (  # noqa: E402
     DeadlineTimer,
     DrainSignal,
@@ -82,7 +83,7 @@ async def handler_cost(route: str, requests: int, concurrency: int) -> float:
             runtime = Runtime(
                 table=table, pools={"echo": pool}, limiter=RateLimiter(()), waf=Waf(())
             )
-            handler = RestHandler(lambda: runtime, metrics)
+            handler = RestHandler(lambda: runtime, metrics, AccessLog())
             request = Request(
                 method="POST",
                 target="/v1/echo",
@@ -146,7 +147,7 @@ async def http_cost(route: str, parser: str, requests: int, concurrency: int) ->
             runtime = Runtime(
                 table=table, pools={"echo": pool}, limiter=RateLimiter(()), waf=Waf(())
             )
-            handler = RestHandler(lambda: runtime, metrics)
+            handler = RestHandler(lambda: runtime, metrics, AccessLog())
             errors = error_response_for(lambda: runtime, metrics)
             settings = HttpSettings.from_limits(table.limits, parser)  # type: ignore[arg-type]
             signal = DrainSignal()

@@ -19,6 +19,7 @@ from tlvproxy.config.loader import load_table
 from tlvproxy.config.model import Address, Table, UpstreamSpec
 from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
+from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.admin import AdminHandler, admin_error
 from tlvproxy.server.http_conn import (
     DeadlineTimer,
@@ -110,6 +111,7 @@ class Gateway:
         self._drain_requested = trio.Event()
         self._drain_signal = DrainSignal()  # wakes idle keep-alive connections to close
         self._timer = DeadlineTimer()  # fires every connection's time limits
+        self.access_log = AccessLog()
 
     # ------------------------------------------------------------ the table
 
@@ -224,6 +226,7 @@ class Gateway:
             self._pool_nursery = pool_nursery
             # In the outermost nursery: it outlives every connection, drain included.
             pool_nursery.start_soon(self._timer.run)
+            pool_nursery.start_soon(self.access_log.run)
             await self._install(table)
             http_listener = bind_listener(table.listen.http, reuse_port=self._reuse_port)
             self.http_address = _address_of(http_listener)
@@ -231,7 +234,7 @@ class Gateway:
             if self._serve_admin and table.listen.admin is not None:
                 admin_listener = bind_listener(table.listen.admin, reuse_port=False)
                 self.admin_address = _address_of(admin_listener)
-            rest = RestHandler(self.current, self.metrics)
+            rest = RestHandler(self.current, self.metrics, self.access_log)
             errors = error_response_for(self.current, self.metrics)
             async with trio.open_nursery() as admin_nursery:
                 if admin_listener is not None:

@@ -85,6 +85,7 @@ async def test_untrusted_forwarded_for_is_ignored(gateway, caplog):
     await fetch(
         gateway.http_address, "GET", "/v1/users/1/profile", None, {"X-Forwarded-For": "203.0.113.9"}
     )
+    gateway.access_log.flush()
     records = [r for r in caplog.records if r.name == "tlvproxy.access"]
     assert records[-1].client_ip == "127.0.0.1"
 
@@ -99,6 +100,7 @@ async def test_trusted_forwarded_for_is_believed(gateways, caplog):
         None,
         {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"},
     )
+    gateway.access_log.flush()
     records = [r for r in caplog.records if r.name == "tlvproxy.access"]
     assert records[-1].client_ip == "203.0.113.9"
 
@@ -108,6 +110,7 @@ async def test_access_record_has_the_spec_fields(gateway, caplog):
     await fetch(
         gateway.http_address, "POST", "/v1/messages", SEND, {**USER, "X-Request-Id": "log-1"}
     )
+    gateway.access_log.flush()
     record = next(r for r in caplog.records if getattr(r, "request_id", None) == "log-1")
     assert record.method == "POST"
     assert record.path == "/v1/messages"

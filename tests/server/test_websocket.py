@@ -37,6 +37,7 @@ from tlvproxy.metrics import Metrics
 from tlvproxy.mock_upstream import serve_mock_upstream
 from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
+from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
 from tlvproxy.server.rest import RestHandler, error_response_for
 from tlvproxy.server.websocket import OUTGOING_QUEUE, serve_websocket
@@ -294,7 +295,7 @@ async def open_gateway(table: Table) -> AsyncIterator[Gateway]:
             waf=Waf(table.waf),
         )
         settings = HttpSettings.from_limits(table.limits, "h11")
-        rest = RestHandler(lambda: runtime, metrics)
+        rest = RestHandler(lambda: runtime, metrics, AccessLog())
         errors = error_response_for(lambda: runtime, metrics)
 
         async def upgrade(request: Any, stream: trio.abc.Stream, leftover: bytes) -> None:

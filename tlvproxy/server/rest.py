@@ -26,7 +26,7 @@ from tlvproxy.errors import (
     error_body,
     status_of,
 )
-from tlvproxy.logs import ACCESS_LOGGER, access_record
+from tlvproxy.logs import access_record
 from tlvproxy.server.http_conn import Request, Response
 from tlvproxy.server.runtime import TableRuntime
 from tlvproxy.server.static import demo_response
@@ -35,9 +35,9 @@ from tlvproxy.server.view import RequestContext, client_address
 if TYPE_CHECKING:
     from tlvproxy.config.model import CommandSpec, Table
     from tlvproxy.metrics import Metrics
+    from tlvproxy.server.access_log import AccessLog
 
 _JSON = "application/json"
-_access = logging.getLogger(ACCESS_LOGGER)
 _waf_log = logging.getLogger("tlvproxy.waf")
 
 
@@ -75,11 +75,12 @@ ErrorHandler = Callable[[GatewayError, Request | None], Response]
 class RestHandler:
     """Answers REST requests on whatever table `runtime()` returns at the time."""
 
-    def __init__(self, runtime: RuntimeSource, metrics: Metrics) -> None:
+    def __init__(self, runtime: RuntimeSource, metrics: Metrics, access_log: AccessLog) -> None:
         # Each request reads `runtime()` once and keeps it (SPEC 7: in-flight
         # requests finish on the table they started with).
         self._runtime = runtime
         self._metrics = metrics
+        self._access_log = access_log
         # Metric children by label values, looked up once: `.labels()` costs
         # more than the increment itself.
         self._count_children: dict[tuple[str, str, int], Callable[[], None]] = {}
@@ -120,9 +121,8 @@ class RestHandler:
         duration = trio.current_time() - request.received_at
         self._count(route_label, request.method, status)
         self._time(route_label, duration)
-        _access.info(
-            "request",
-            extra=access_record(
+        self._access_log.add(
+            access_record(
                 request_id=request_id,
                 client_ip=client_ip,
                 method=request.method,
