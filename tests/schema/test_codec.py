@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tlvproxy.config.model import JsonOptions
@@ -427,6 +427,76 @@ def test_json_codec_errors():
         c.response_json(b"<html>")
     with pytest.raises(BadRequest, match="not valid JSON"):
         c.decode_request(b"{")
+
+
+# JSON-looking bytes: real documents (with NaN, huge and tiny numbers, lone
+# surrogates), in UTF-8, -16 or -32, and fragments built from JSON's own tokens.
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=8,
+)
+_json_bytes = st.one_of(
+    st.builds(
+        lambda value, encoding: json.dumps(value).encode(encoding, "surrogatepass"),
+        _json_values,
+        st.sampled_from(["utf-8", "utf-16", "utf-32", "utf-8-sig"]),
+    ),
+    st.lists(
+        st.sampled_from(
+            [
+                "[",
+                "]",
+                "{",
+                "}",
+                ",",
+                ":",
+                '"',
+                "\\u",
+                "d800",
+                "1",
+                "-",
+                ".",
+                "e",
+                "400",
+                "9" * 25,
+                "true",
+                "nul",
+                "NaN",
+                "Infinity",
+                " ",
+                "\x01",
+                "\xff",
+                "é",
+            ]
+        ),
+        max_size=12,
+    ).map(lambda tokens: "".join(tokens).encode("utf-8", "surrogatepass")),
+)
+
+
+@settings(max_examples=1000)
+@given(body=_json_bytes)
+def test_json_codec_accepts_exactly_what_the_strict_parser_accepts(body):
+    # The pass-through check takes a faster parser first: it must never
+    # change which bodies are valid (SPEC 4.1: the body must be valid JSON).
+    assume(body.strip())  # an empty body means {} or null, not a parse
+    c = JsonCodec()
+    try:
+        c.decode_request(body)
+        expected = True
+    except BadRequest:
+        expected = False
+    try:
+        accepted = c.encode_request(body, []) is body
+    except BadRequest:
+        accepted = False
+    assert accepted == expected
+    try:
+        answered = c.response_json(body) is body
+    except UpstreamProtocolError:
+        answered = False
+    assert answered == expected
 
 
 def test_raw_codec_bytes_both_ways_and_base64_values():

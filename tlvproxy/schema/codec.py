@@ -37,6 +37,7 @@ import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Final
 
+import orjson
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, EncodeError, Message
@@ -145,6 +146,19 @@ def _loads(body: bytes) -> Any:
         return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except RecursionError:
         raise ValueError("the JSON nests too deeply") from None
+
+
+def _check(body: bytes) -> None:
+    """Raise ValueError unless `body` is JSON text that `_loads` accepts."""
+    try:
+        # orjson parses a typical body 4x faster. Whatever it accepts, `_loads`
+        # accepts too (not always as the same value: orjson reads an integer
+        # over 64 bits as a float, so its value is not used); what it refuses
+        # (UTF-16, 1e400, a lone surrogate escape, invalid input) `_loads`
+        # decides, and words the error.
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        _loads(body)
 
 
 def _dumps(value: Any) -> bytes:
@@ -661,7 +675,10 @@ class JsonCodec(CommandCodec):
     def encode_request(self, body: bytes, overlays: Sequence[Mapping[str, str]]) -> bytes:
         if not body.strip():
             return b"{}"
-        _parse_body(body)
+        try:
+            _check(body)
+        except ValueError as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from None
         return body
 
     def encode_value(self, value: Any) -> bytes:
@@ -681,7 +698,10 @@ class JsonCodec(CommandCodec):
     def response_json(self, body: bytes) -> bytes:
         if not body.strip():
             return b"null"
-        self.decode_response(body)
+        try:
+            _check(body)
+        except ValueError as exc:
+            raise UpstreamProtocolError(f"the upstream's body is not valid JSON: {exc}") from None
         return body
 
     def decode_request(self, body: bytes) -> Any:
