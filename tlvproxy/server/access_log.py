@@ -7,12 +7,12 @@ back.
 Must not: choose the record's fields (`logs.access_record`) or its format (the
 handler `logs.setup_logging` installs).
 
-Why batches: one record formatted in between the rest of a request's work cost
-about 28 us of CPU per request on the 2-core development box; formatted back to
-back the logging code stays in the CPU caches (json route, 1 worker: 161.5 ->
-133.9 us of CPU per request, docs/development.md). A record keeps the time it
-was added; at most one scheduler pass separates it from its line, and `flush()`
-hands over what is pending at once (`run()` does when it ends).
+Why batches: a record formatted in between the rest of a request's work finds
+the logging code cold in the CPU caches; formatted back to back it does not
+(json route, 1 worker, wrk -c64 on the 2-core development box: about 155 ->
+122 us of CPU per request). A record keeps the time it was added; at most one
+scheduler pass separates it from its line, and `flush()` hands over what is
+pending at once (`run()` does when it ends).
 """
 
 from __future__ import annotations
