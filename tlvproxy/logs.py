@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import sys
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from pythonjsonlogger.core import LogData
 
 ACCESS_LOGGER = "tlvproxy.access"
@@ -44,6 +48,87 @@ def json_formatter() -> logging.Formatter:
     )
 
 
+class LineHandler(logging.Handler):
+    """Each record as one line of UTF-8 on a file descriptor (stdout).
+
+    Inside `holding()`, lines wait and go out when it ends, in as few writes as
+    possible (`AccessLog` holds them while it hands over a batch of records).
+    Every write holds whole lines and at most PIPE_BUF bytes, unless one line is
+    longer: a write that size to a pipe is atomic (POSIX), so the lines of
+    workers sharing one stdout pipe never interleave.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._lines: list[bytes] = []
+        self._held = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record).encode("utf-8", "backslashreplace") + b"\n"
+        except Exception:  # noqa: BLE001 - logging's contract: report, never raise
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        if not self._held:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the lines waiting, if any."""
+        with self.lock:  # type: ignore[union-attr]  # Handler.__init__ creates it
+            lines = self._lines
+            self._lines = []
+        if not lines:
+            return
+        try:
+            for chunk in whole_line_chunks(lines, select.PIPE_BUF):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+        except OSError:
+            # stdout is gone or broken: say so on stderr, as logging does.
+            self.handleError(logging.makeLogRecord({"msg": "writing log lines failed"}))
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Keep lines until the block ends, then write them together."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+            self.flush()
+
+
+def whole_line_chunks(lines: list[bytes], limit: int) -> Iterator[bytes]:
+    """`lines` joined into chunks of whole lines of at most `limit` bytes each
+    (a longer line is a chunk of its own)."""
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) > limit:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
+
+
+@contextmanager
+def holding_lines(logger: logging.Logger) -> Iterator[None]:
+    """Hold every `LineHandler` that `logger`'s records reach (see `holding`)."""
+    with ExitStack() as stack:
+        current: logging.Logger | None = logger
+        while current is not None:
+            for handler in current.handlers:
+                if isinstance(handler, LineHandler):
+                    stack.enter_context(handler.holding())
+            current = current.parent if current.propagate else None
+        yield
+
+
 def setup_logging(level: str = "info") -> None:
     """Send every tlvproxy log record to stdout as one JSON object per line."""
     # The logging HOWTO's "Optimization" switches: no record needs the caller's
@@ -53,7 +138,7 @@ def setup_logging(level: str = "info") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stdout)
+    handler = LineHandler(sys.stdout.fileno())
     handler.setFormatter(json_formatter())
     root = logging.getLogger("tlvproxy")
     root.handlers[:] = [handler]

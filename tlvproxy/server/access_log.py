@@ -3,7 +3,7 @@
 Owns: the access records of one process between the request that made them and
 the `tlvproxy.access` logger. A request adds its record and goes on; `run()`
 passes everything added during one pass of the scheduler to the logger, back to
-back.
+back, their lines written together.
 Must not: choose the record's fields (`logs.access_record`) or its format (the
 handler `logs.setup_logging` installs).
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from tlvproxy.logs import ACCESS_LOGGER
+from tlvproxy.logs import ACCESS_LOGGER, holding_lines
 
 # Bounds what waits when `run()` is not running (or is starved): past this many
 # records, `add` flushes them itself.
@@ -56,15 +56,16 @@ class AccessLog:
         logger = self._logger
         if not logger.isEnabledFor(logging.INFO):
             return
-        for created, fields in pending:
-            record = logger.makeRecord(
-                logger.name, logging.INFO, __file__, 0, "request", (), None, extra=fields
-            )
-            # The time the request ended, not the time of the batch (the same
-            # arithmetic as LogRecord.__init__).
-            record.created = created
-            record.msecs = int((created - int(created)) * 1000) + 0.0
-            logger.handle(record)
+        with holding_lines(logger):
+            for created, fields in pending:
+                record = logger.makeRecord(
+                    logger.name, logging.INFO, __file__, 0, "request", (), None, extra=fields
+                )
+                # The time the request ended, not the time of the batch (the
+                # same arithmetic as LogRecord.__init__).
+                record.created = created
+                record.msecs = int((created - int(created)) * 1000) + 0.0
+                logger.handle(record)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Flush after each scheduler pass that added records; forever, then once more."""
