@@ -53,7 +53,7 @@ from tlvproxy.upstream.connection import Connection, ConnectionLost, SendFailed
 from tlvproxy.upstream.health import BACKOFF_BASE, Backoff, NodeHealth
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable
 
     from tlvproxy.config.model import NodeSpec, UpstreamSpec
     from tlvproxy.framing import HeaderLayout
@@ -174,8 +174,13 @@ class Pool:
         tried: list[_Node] = []
         node = self._first(key)
         while True:
+            conn = node.pick()
+            if conn is None or (conn.in_flight and len(node.live) < self.spec.connections):
+                attempt = self._request_when_connected(node, conn, command, body, uid)
+            else:
+                attempt = conn.request(command, body, uid)
             try:
-                frame = await self._attempt(node, command, body, uid)
+                frame = await self._counted(node, attempt)
                 return Reply(frame, node.name)
             except (UpstreamUnavailable, UpstreamProtocolError) as exc:
                 tried.append(node)
@@ -224,17 +229,14 @@ class Pool:
             index = self._ring.choose(key, eligible)
         return None if index is None else self._nodes[index]
 
-    async def _attempt(self, node: _Node, command: int, body: bytes, uid: int) -> Frame:
-        async def call() -> Frame:
-            conn = node.pick()
-            if conn is None or (conn.in_flight and len(node.live) < self.spec.connections):
-                conn = await self._acquire(node, conn)
-            return await conn.request(command, body, uid)
-
-        return await self._counted(node, call)
+    async def _request_when_connected(
+        self, node: _Node, best: Connection | None, command: int, body: bytes, uid: int
+    ) -> Frame:
+        # Slow path of `request`: open connections up to `spec.connections` first.
+        conn = await self._acquire(node, best)
+        return await conn.request(command, body, uid)
 
     async def _acquire(self, node: _Node, best: Connection | None) -> Connection:
-        # Slow path of `_attempt`: open connections up to `spec.connections`.
         while True:
             opening = len(node.live) + node.connecting < self.spec.connections
             ready = node.backoff.ready(trio.current_time())
@@ -437,10 +439,10 @@ class Pool:
         if conn.broken:
             self._failure(node)
 
-    async def _counted(self, node: _Node, call: Callable[[], Awaitable[Frame]]) -> Frame:
-        """`call()`'s frame, with its outcome counted on `node` (metrics, health)."""
+    async def _counted(self, node: _Node, attempt: Awaitable[Frame]) -> Frame:
+        """`attempt`'s frame, with its outcome counted on `node` (metrics, health)."""
         try:
-            frame = await call()
+            frame = await attempt
         except trio.Cancelled as exc:
             # A cancel scope's deadline (the caller's timeout) is a node timeout; any
             # other cancellation (shutdown, a client gone) says nothing about the node.
@@ -492,12 +494,12 @@ class Session:
 
     async def request(self, command: int, body: bytes, *, uid: int = 0) -> Frame:
         """Like `Pool.request` on this session's connection, without retries."""
-        return await self._pool._counted(self._node, lambda: self._conn.request(command, body, uid))
+        return await self._pool._counted(self._node, self._conn.request(command, body, uid))
 
     async def send_frame(self, frame: Frame) -> Frame:
         """Pass `frame` through with a fresh upstream seq; return the response, whose
         seq is the upstream one (the caller restores its own). Raises like `request`."""
-        return await self._pool._counted(self._node, lambda: self._conn.send_frame(frame))
+        return await self._pool._counted(self._node, self._conn.send_frame(frame))
 
 
 @asynccontextmanager
