@@ -6,7 +6,8 @@ directory, the shared tree is read-only), starts it on a free port, and drives
 through 16, each request in its own `trio.move_on_after` (as server/rest.py does)
 and metrics on. Then the same without the per-request cancel scope, and, for
 scale, a bare trio loop (one reader task, one writer task, an Event per waiter)
-with and without a per-request cancel scope: the ceiling of this machine.
+with and without a per-request cancel scope: the ceiling of this machine. The
+garbage collector is set up as `tlvproxy serve` sets it (`tune_gc`).
 
 Run: .venv/bin/python benchmarks/bench_upstream.py [--requests N]
 """
@@ -28,6 +29,7 @@ import trio
 from tlvproxy.config.model import Address, NodeSpec, UpstreamSpec
 from tlvproxy.framing import default_layout
 from tlvproxy.metrics import Metrics
+from tlvproxy.supervisor import tune_gc
 from tlvproxy.upstream.pool import open_pool
 
 ECHO_SOURCES = Path(__file__).resolve().parents[2] / "shared" / "bench" / "upstream"
@@ -169,6 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300_000)
     args = parser.parse_args()
+    tune_gc()
     with tempfile.TemporaryDirectory(prefix="tlvbench-") as workdir:
         process, port = start_echo(build_echo(Path(workdir)))
         try:

@@ -1,8 +1,9 @@
 """Running the gateway: one process, or a supervisor and N workers (SPEC 7).
 
 Owns: signal handling (SIGHUP reloads, SIGTERM/SIGINT drain, a second one forces
-the exit), the worker processes (SO_REUSEPORT on the HTTP port, restarts with
-backoff, signal fan-out), and the supervisor's admin listener.
+the exit), the garbage collector's settings, the worker processes (SO_REUSEPORT
+on the HTTP port, restarts with backoff, signal fan-out), and the supervisor's
+admin listener.
 
 With several workers the supervisor serves the admin listener itself: /metrics
 sums every worker through prometheus-client's multiprocess mode (the workers
@@ -15,6 +16,7 @@ Must not: handle REST or WebSocket traffic.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -47,6 +49,12 @@ _RESTART_BACKOFF_MIN = 0.5
 _RESTART_BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0  # a worker that ran this long resets the backoff
 
+# The cyclic garbage collector's thresholds in a serving process (CPython's
+# default: 700, 10, 10). A request allocates and frees a few dozen container
+# objects, almost none of them cyclic garbage; with requests in flight by the
+# hundred the default ran a collection every few requests.
+GC_THRESHOLDS = (20_000, 20, 20)
+
 # The environment variable naming the pipe a worker reports readiness on.
 READY_FD_ENV = "TLVPROXY_READY_FD"
 # A pipe whose write end only the supervisor holds: EOF on it tells a worker that
@@ -71,12 +79,25 @@ def run_serve(
             log.error("table error", extra={"problem": problem})
         return 1
     count = workers or table.workers
+    tune_gc()
     if worker_index is not None:
         return trio.run(_serve_worker, table, http_parser, True)
     if count <= 1:
         return trio.run(_serve_worker, table, http_parser, False)
     supervisor = Supervisor(config, table, count, http_parser=http_parser, log_level=log_level)
     return trio.run(supervisor.run)
+
+
+def tune_gc() -> None:
+    """Set the garbage collector up for serving, once start-up is done.
+
+    What exists now (modules, descriptor pools, the table) lives as long as the
+    process: `gc.freeze()` keeps full collections from scanning it again and
+    again. Then `GC_THRESHOLDS`. On the json route (1 worker, wrk -c64) the two
+    took CPU per request from 105.5 to 97.0 us.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _serve_worker(table: Table, http_parser: ParserChoice | None, is_worker: bool) -> int:
