@@ -89,6 +89,13 @@ class Waf:
             location: _LocationRules(tuple(c for c in self._rules if location in c.rule.locations))
             for location in _REQUEST_LOCATIONS
         }
+        # Every location's anchor literals together: a request whose text holds
+        # none of them matches no rule that has any, so the usual clean request
+        # costs one pass over its text instead of one per location.
+        locations = self._by_location.values()
+        self._plain_anchors = tuple({text for rules in locations for text, _ in rules.plain})
+        self._folded_anchors = tuple({text for rules in locations for text, _ in rules.folded})
+        self._has_always = any(rules.always for rules in locations)
 
     def inspect_request(
         self, *, path: str, query: str, body: bytes, headers: Sequence[tuple[str, str]]
@@ -99,19 +106,37 @@ class Waf:
         body (decoded as UTF-8, invalid bytes replaced, within `max_scan_bytes`)
         and `headers` (name, value) pairs whose values are scanned one by one.
         """
-        found: dict[int, str] = {}
         by_location = self._by_location
+        texts: list[tuple[str, tuple[str, ...]]] = []
         if by_location["path"].rules:
-            by_location["path"].scan("path", (path,), path, found)
+            texts.append(("path", (path,)))
         if by_location["query"].rules:
-            by_location["query"].scan("query", (query,), query, found)
+            texts.append(("query", (query,)))
         if by_location["body"].rules:
-            parts = self._body_parts(body)
-            by_location["body"].scan("body", parts, "\n".join(parts), found)
+            texts.append(("body", self._body_parts(body)))
         if by_location["headers"].rules and headers:
-            values = tuple(value for _, value in headers)
-            by_location["headers"].scan("headers", values, "\n".join(values), found)
+            texts.append(("headers", tuple(value for _, value in headers)))
+        if not texts:
+            return []
+        if not self._has_always and not self._holds_an_anchor(
+            "\n".join(part for _, parts in texts for part in parts)
+        ):
+            return []
+        found: dict[int, str] = {}
+        for location, parts in texts:
+            by_location[location].scan(location, parts, "\n".join(parts), found)
         return self._matches(found)
+
+    def _holds_an_anchor(self, text: str) -> bool:
+        for anchor in self._plain_anchors:
+            if anchor in text:
+                return True
+        if self._folded_anchors:
+            folded = _fold(text)
+            for anchor in self._folded_anchors:
+                if anchor in folded:
+                    return True
+        return False
 
     def inspect_message(self, text: str) -> list[WafMatch]:
         """Every rule with `body` in its `in` matching a WebSocket text message.
