@@ -107,7 +107,7 @@ class Waf:
         and `headers` (name, value) pairs whose values are scanned one by one.
         """
         by_location = self._by_location
-        texts: list[tuple[str, tuple[str, ...]]] = []
+        texts: list[tuple[WafLocation, tuple[str, ...]]] = []
         if by_location["path"].rules:
             texts.append(("path", (path,)))
         if by_location["query"].rules:
