@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Final
 
@@ -139,8 +140,22 @@ _DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+# 19 digits in a row: maybe an integer outside 64 bits (-9223372036854775809,
+# 18446744073709551616), which orjson reads as a float.
+_LONG_DIGIT_RUN: Final = re.compile(rb"\d{19}")
+
+
 def _loads(body: bytes) -> Any:
     """Parse JSON text strictly (no NaN/Infinity literals). Raises ValueError."""
+    # orjson parses a typical body 4x faster, to the same value, unless it holds
+    # an integer outside 64 bits. Such a body goes to the json module, as does
+    # whatever orjson refuses (UTF-16, 1e400, a lone surrogate escape, nesting
+    # over 1024, invalid JSON): the json module decides and words the error.
+    if _LONG_DIGIT_RUN.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
     try:
         # What json.loads does with bytes: UTF-8, -16 or -32, found from the first bytes.
         return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
@@ -148,21 +163,17 @@ def _loads(body: bytes) -> Any:
         raise ValueError("the JSON nests too deeply") from None
 
 
-def _check(body: bytes) -> None:
-    """Raise ValueError unless `body` is JSON text that `_loads` accepts."""
-    try:
-        # orjson parses a typical body 4x faster. Whatever it accepts, `_loads`
-        # accepts too (not always as the same value: orjson reads an integer
-        # over 64 bits as a float, so its value is not used); what it refuses
-        # (UTF-16, 1e400, a lone surrogate escape, invalid input) `_loads`
-        # decides, and words the error.
-        orjson.loads(body)
-    except orjson.JSONDecodeError:
-        _loads(body)
-
-
 def _dumps(value: Any) -> bytes:
     return _ENCODER.encode(value).encode()
+
+
+def _dumps_converted(value: Any) -> bytes:
+    """JSON text of a converter's output (str keys, no NaN floats: the proto3
+    mapping writes those as strings), by orjson, 5x faster than `_dumps`."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:  # an integer outside 64 bits, say
+        return _dumps(value)
 
 
 def _parse_body(body: bytes) -> Any:
@@ -641,7 +652,7 @@ class ProtobufCodec(CommandCodec):
         return self._response.write(message)
 
     def response_json(self, body: bytes) -> bytes:
-        return _dumps(self.decode_response(body))
+        return _dumps_converted(self.decode_response(body))
 
     def decode_request(self, body: bytes) -> Any:
         side = self._request_side()
@@ -675,10 +686,7 @@ class JsonCodec(CommandCodec):
     def encode_request(self, body: bytes, overlays: Sequence[Mapping[str, str]]) -> bytes:
         if not body.strip():
             return b"{}"
-        try:
-            _check(body)
-        except ValueError as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        _parse_body(body)
         return body
 
     def encode_value(self, value: Any) -> bytes:
@@ -698,10 +706,7 @@ class JsonCodec(CommandCodec):
     def response_json(self, body: bytes) -> bytes:
         if not body.strip():
             return b"null"
-        try:
-            _check(body)
-        except ValueError as exc:
-            raise UpstreamProtocolError(f"the upstream's body is not valid JSON: {exc}") from None
+        self.decode_response(body)
         return body
 
     def decode_request(self, body: bytes) -> Any:
