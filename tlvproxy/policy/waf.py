@@ -92,10 +92,15 @@ class Waf:
         # Every location's anchor literals together: a request whose text holds
         # none of them matches no rule that has any, so the usual clean request
         # costs one pass over its text instead of one per location.
-        locations = self._by_location.values()
-        self._plain_anchors = tuple({text for rules in locations for text, _ in rules.plain})
-        self._folded_anchors = tuple({text for rules in locations for text, _ in rules.folded})
-        self._has_always = any(rules.always for rules in locations)
+        # Those behind the most rules first: when the text holds one, the search
+        # stops there (a browser's User-Agent always holds the "(" of PHP rules).
+        anchors: Counter[RequiredLiteral] = Counter()
+        for location_rules in self._by_location.values():
+            anchors.update(location_rules.index.anchors())
+        ranked = [literal for literal, _ in anchors.most_common()]
+        self._plain_anchors = tuple(text for text, fold in ranked if not fold)
+        self._folded_anchors = tuple(text for text, fold in ranked if fold)
+        self._has_always = any(lr.index.always for lr in self._by_location.values())
 
     def inspect_request(
         self, *, path: str, query: str, body: bytes, headers: Sequence[tuple[str, str]]
@@ -172,33 +177,16 @@ class Waf:
         ]
 
 
-class _LocationRules:
-    """The rules of one location, indexed by a literal requirement each.
+# A rule and the literal requirements it has left to check.
+_Entry = tuple[_CompiledRule, tuple["Requirement", ...]]
 
-    A rule is listed under each literal of its anchor: the requirement that the
-    most rules of this location share (on a tie, its most selective one). Rules
-    for PHP calls such as `eval(` and `system(` all need "(", so one substring
-    search rules them all out. Scanning a text looks each distinct anchor literal
-    up once and tries only the rules listed under those present (plus rules
-    without any required literal), checking their other requirements before
-    their regex.
-    """
+
+class _LocationRules:
+    """The rules of one location, and the index that finds a text's candidates."""
 
     def __init__(self, rules: tuple[_CompiledRule, ...]) -> None:
         self.rules = rules
-        self.always: tuple[tuple[_CompiledRule, tuple[Requirement, ...]], ...] = tuple(
-            (c, ()) for c in rules if not c.requirements
-        )
-        shared = Counter(frozenset(req) for c in rules for req in set(c.requirements))
-        by_anchor: dict[RequiredLiteral, list[tuple[_CompiledRule, tuple[Requirement, ...]]]] = {}
-        for compiled in rules:
-            if compiled.requirements:
-                anchor = max(compiled.requirements, key=lambda req: shared[frozenset(req)])
-                others = tuple(req for req in compiled.requirements if req is not anchor)
-                for literal in anchor:
-                    by_anchor.setdefault(literal, []).append((compiled, others))
-        self.plain = tuple((text, tuple(c)) for (text, fold), c in by_anchor.items() if not fold)
-        self.folded = tuple((text, tuple(c)) for (text, fold), c in by_anchor.items() if fold)
+        self.index = _AnchorIndex([(c, c.requirements) for c in rules])
         self.needs_fold = any(
             fold for c in rules for requirement in c.requirements for _, fold in requirement
         )
@@ -208,12 +196,8 @@ class _LocationRules:
 
         `joined` holds every part, so a literal missing from it is missing from each.
         """
-        candidates = [c for text, listed in self.plain if text in joined for c in listed]
         folded = _fold(joined) if self.needs_fold else ""
-        if self.folded:
-            candidates.extend(c for text, listed in self.folded if text in folded for c in listed)
-        candidates.extend(self.always)
-        for compiled, others in candidates:
+        for compiled, others in self.index.candidates(joined, folded):
             if compiled.index in found:
                 continue
             if all(
@@ -223,6 +207,63 @@ class _LocationRules:
                 search = compiled.rule.pattern.search
                 if any(search(part) is not None for part in parts):
                     found[compiled.index] = location
+
+
+class _AnchorIndex:
+    """Rules indexed under one literal requirement each, their anchor.
+
+    Rules that share a requirement form a group under it: the PHP-call rules
+    (`eval(`, `system(`, ...) all need "(", so one substring search rules the
+    whole group out, and when "(" is there the group's own index, by each rule's
+    next requirement, picks among them. A rule that shares nothing is listed
+    under each literal of its most selective requirement. A text's candidates
+    are the rules under the literals it holds, plus the rules with no required
+    literal, each with the requirements it still has to meet.
+    """
+
+    def __init__(self, entries: Sequence[_Entry]) -> None:
+        self.size = len(entries)
+        self.always = tuple(entry for entry in entries if not entry[1])
+        shared = Counter(frozenset(req) for _, reqs in entries for req in set(reqs))
+        solo: dict[RequiredLiteral, list[_Entry]] = {}
+        groups: dict[frozenset[RequiredLiteral], tuple[Requirement, list[_Entry]]] = {}
+        for compiled, requirements in entries:
+            if not requirements:
+                continue
+            common = max(requirements, key=lambda req: shared[frozenset(req)])
+            rest = tuple(req for req in requirements if req is not common)
+            if shared[frozenset(common)] > 1 and rest:
+                groups.setdefault(frozenset(common), (common, []))[1].append((compiled, rest))
+            else:
+                for literal in requirements[0]:
+                    solo.setdefault(literal, []).append((compiled, requirements[1:]))
+        self.plain = tuple((text, tuple(e)) for (text, fold), e in solo.items() if not fold)
+        self.folded = tuple((text, tuple(e)) for (text, fold), e in solo.items() if fold)
+        self.groups = tuple((common, _AnchorIndex(group)) for common, group in groups.values())
+
+    def anchors(self) -> Counter[RequiredLiteral]:
+        """The literals looked up first, each with the number of rules behind it:
+        a text holding none has no candidate but the rules without a literal."""
+        found: Counter[RequiredLiteral] = Counter()
+        for text, listed in self.plain:
+            found[text, False] += len(listed)
+        for text, listed in self.folded:
+            found[text, True] += len(listed)
+        for common, index in self.groups:
+            for literal in common:
+                found[literal] += index.size
+        return found
+
+    def candidates(self, joined: str, folded: str) -> list[_Entry]:
+        """The rules `joined` (and `folded`, its `_fold`) may match."""
+        found = [entry for text, listed in self.plain if text in joined for entry in listed]
+        if self.folded:
+            found.extend(e for text, listed in self.folded if text in folded for e in listed)
+        for common, index in self.groups:
+            if any(text in (folded if fold else joined) for text, fold in common):
+                found.extend(index.candidates(joined, folded))
+        found.extend(self.always)
+        return found
 
 
 def _fold(text: str) -> str:
