@@ -143,3 +143,15 @@ def test_chunks_are_whole_lines_within_the_limit(lines, limit):
         assert end in boundaries
     for chunk in chunks:
         assert len(chunk) <= limit or chunk.count(b"\n") == 1
+
+
+@given(
+    created=st.floats(min_value=0, max_value=4e9),
+    earlier=st.floats(min_value=0, max_value=4e9),
+)
+def test_the_time_field_is_what_logging_would_write(created, earlier):
+    formatter = json_formatter()
+    reference = logging.Formatter()
+    for when in (earlier, created, created):  # a cached second, then another
+        record = logging.makeLogRecord({"created": when, "msecs": (when - int(when)) * 1000})
+        assert formatter.formatTime(record) == reference.formatTime(record)

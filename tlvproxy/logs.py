@@ -11,6 +11,7 @@ import logging
 import os
 import select
 import sys
+import time
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,24 @@ class _Formatter(OrjsonFormatter):
     orjson refuses: text holding a lone surrogate, which a JSON body's "\\ud800"
     can carry into a record. Such a record is written with \\u escapes, not lost.
     """
+
+    _second: tuple[int, str] = (-1, "")  # a second, and its local time as text
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """`logging.Formatter.formatTime`, the text of each second made once: the
+        records of a batch mostly share it, and strftime is a fifth of a record's
+        formatting."""
+        msec_format = self.default_msec_format
+        if datefmt is not None or msec_format is None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (
+                second,
+                time.strftime(self.default_time_format, self.converter(second)),
+            )
+        return msec_format % (cached[1], record.msecs)
 
     def jsonify_log_record(self, log_data: LogData) -> str:
         try:
