@@ -28,6 +28,7 @@ from tlvproxy.server.http_conn import (
     Handler,
     HttpSettings,
     Request,
+    Submitter,
     serve_http_connection,
 )
 from tlvproxy.server.parsers import resolve_parser_name
@@ -198,7 +199,7 @@ class Gateway:
         task_status: trio.TaskStatus[_PoolHandle] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         close = trio.Event()
-        async with open_pool(spec, layout, self.metrics) as pool:
+        async with open_pool(spec, layout, self.metrics, self._timer) as pool:
             task_status.started(_PoolHandle(spec=spec, layout=layout, pool=pool, close=close))
             await close.wait()
 
@@ -285,7 +286,7 @@ class Gateway:
     async def _accept(
         self,
         listener: trio.SocketListener,
-        handler: Handler,
+        handler: Handler | Submitter,
         errors: ErrorHandler,
         public: bool,
         nursery: trio.Nursery,
@@ -303,7 +304,11 @@ class Gateway:
             nursery.start_soon(self._serve_connection, stream, handler, errors, public)
 
     async def _serve_connection(
-        self, stream: trio.SocketStream, handler: Handler, errors: ErrorHandler, public: bool
+        self,
+        stream: trio.SocketStream,
+        handler: Handler | Submitter,
+        errors: ErrorHandler,
+        public: bool,
     ) -> None:
         try:
             peer = stream.socket.getpeername()[0]

@@ -17,7 +17,7 @@ from tlvproxy.config.model import (
     NodeSpec,
     UpstreamSpec,
 )
-from tlvproxy.errors import NoHealthyNode, UpstreamUnavailable
+from tlvproxy.errors import NoHealthyNode, UpstreamProtocolError, UpstreamUnavailable
 from tlvproxy.framing import default_layout
 from tlvproxy.metrics import Metrics
 from tlvproxy.upstream.connection import ConnectionLost, SendFailed
@@ -51,6 +51,14 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 async def ignore(conn: RawConn, request: Request) -> None:
     pass
+
+
+async def malformed_for_bad(conn: RawConn, request: Request) -> None:
+    """Echo, except that the request with body b"bad" gets bytes that are no frame."""
+    if request.body == b"bad":
+        await conn.send(b"\x07" + b"not a frame" * 3)  # 0x07: not the start byte 0x09
+    else:
+        await conn.answer(request)
 
 
 async def dead_port(start_upstream) -> RawUpstream:
@@ -118,6 +126,66 @@ async def test_every_connection_at_its_cap_fails_without_sending(start_upstream)
             await pool.request(0x1001, b"c")
         nursery.cancel_scope.cancel()
     assert len(upstream.requests) == 2
+
+
+async def test_a_request_right_after_a_framing_error_goes_on_a_new_connection(
+    start_upstream,
+) -> None:
+    """A request made while a connection broken by a malformed frame is still being
+    torn down must not fail: with the node reachable, it goes on a new connection
+    (SPEC 4.5). Only the request sent on the broken connection may fail.
+
+    Pins a race: the broken connection stayed among the node's live connections
+    until its task finished tearing down, so with `connections: 1` the pool opened
+    no new one and failed the request with "every connection has N requests in
+    flight". Request B is made in the scheduler pass where A learns of the framing
+    error, with no checkpoint in between: always inside that window.
+    """
+    upstream = await start_upstream(malformed_for_bad)
+    metrics = Metrics()
+    async with pool_for(spec_for(upstream, connections=1), metrics) as pool:
+        with pytest.raises(UpstreamProtocolError, match="malformed frame"):
+            await pool.request(0x1001, b"bad")
+        reply = await pool.request(0x1001, b"good")
+        assert (reply.node, reply.frame.body) == (upstream.address, b"good")
+        assert pool.node_states()[0].healthy
+    assert [[r.body for r in conn.requests] for conn in upstream.conns] == [[b"bad"], [b"good"]]
+    assert sample(metrics, "tlvproxy_frames_rejected_total", reason="bad_start_byte") == 1
+
+
+async def test_concurrent_requests_during_a_framing_error_teardown_succeed(
+    start_upstream,
+) -> None:
+    """Like the test above, with several requests from other tasks, woken by A's
+    failure while the broken connection is torn down: none may fail (SPEC 4.5), and
+    they share one new connection (`connections: 1`).
+    """
+    upstream = await start_upstream(malformed_for_bad)
+    a_failed = trio.Event()
+    outcomes: list[object] = []
+
+    async def request_a(pool: Pool) -> None:
+        try:
+            await pool.request(0x1001, b"bad")
+        except (UpstreamProtocolError, ConnectionLost) as exc:
+            outcomes.append(type(exc).__name__)
+        a_failed.set()
+
+    async def request_b(pool: Pool, i: int) -> None:
+        await a_failed.wait()
+        try:
+            outcomes.append((await pool.request(0x1001, b"b%d" % i)).frame.body)
+        except UpstreamUnavailable as exc:
+            outcomes.append(exc.message)
+
+    async with pool_for(spec_for(upstream, connections=1)) as pool:
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(request_b, pool, i)
+            nursery.start_soon(request_a, pool)
+        assert sorted(map(str, outcomes)) == ["UpstreamProtocolError", "b'b0'", "b'b1'", "b'b2'"]
+        assert pool.node_states()[0].healthy
+    assert len(upstream.conns) == 2
 
 
 async def test_round_robin_honours_weights(start_upstream) -> None:

@@ -131,13 +131,25 @@ class H11Parser:
     def expects_continue(self) -> bool:
         return self._conn.client_is_waiting_for_100_continue
 
+    @property
+    def can_pipeline(self) -> bool:
+        # h11 pauses after a request until it is answered; its own `_method`
+        # is then always the one being answered.
+        return False
+
     def send_continue(self) -> bytes:
         return self._send(
             h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
         )
 
     def send_response(
-        self, status: int, headers: Sequence[tuple[str, str]], body: bytes, *, close: bool
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        *,
+        close: bool,
+        method: str | None = None,
     ) -> bytes:
         check_status(status, body)
         wire_headers = list(headers)

@@ -1,26 +1,35 @@
-"""One HTTP/1.1 connection: read requests, call the handler, write the answers.
+"""One HTTP/1.1 connection: read requests, submit them, write the answers in order.
 
 Owns: the connection's life (SPEC 4.3): keep-alive, pipelining (answers in
-order, several in one send when they are ready together), `100 Continue`,
-the time limits (`header_timeout` for each request's head and body,
-`keepalive_timeout` between requests, SPEC 4.2 408; fired by trio deadlines,
-or by a `DeadlineTimer` shared by a worker's connections), draining (503 for a new
-request, idle connections closed at once, SPEC 7), the handover of an upgraded
-connection, and closing the stream whatever happens.
+request order, written as soon as the one at the head is ready), `100
+Continue`, the time limits (`header_timeout` for each request's head and body,
+`keepalive_timeout` between requests, SPEC 4.2 408; fired by a `DeadlineTimer`
+shared by a worker's connections), draining (503 for a new request, idle
+connections closed at once, SPEC 7), the handover of an upgraded connection,
+and closing the stream whatever happens.
 Must not: parse HTTP itself (a `RequestParser` from `parsers.py` does that, h11
-or httptools alike), know routes or JSON (`rest.py` does, through `handler`
-and `error_handler`), or start tasks: a connection is one task.
+or httptools alike), or know routes or JSON (`rest.py` does, through `handler`
+and `error_handler`).
+
+Requests are state, not tasks (docs/reference.md "How a request flows"): the
+connection's one task reads, parses and hands each request to the handler
+with its `Answer`, its place in the answer order. A `Submitter` (the REST
+handler) sets the answer later, from whichever task completes it (the
+upstream connection's reader, or its timer): that task writes the answers now
+ready at the head of the order with a non-blocking send, so this task is woken
+once per batch of bytes received, never a second time for the answer. Only a
+send that would block is left to a flush task started for it. An async
+`Handler` (the admin API) is simply awaited.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import math
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -35,6 +44,7 @@ from tlvproxy.server.parsers import (
     new_parser,
     split_target,
 )
+from tlvproxy.timer import DeadlineTimer
 
 if TYPE_CHECKING:
     from tlvproxy.config.model import Limits
@@ -43,8 +53,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("tlvproxy.http")
 
 _RECEIVE_SIZE = 65536
-# Pipelined answers wait in memory until the next read, or until this many bytes.
-_MAX_BATCH = 65536
+# Answers a connection may owe at once: past this many pipelined requests it
+# stops reading until some are answered (and the bytes a client does not read
+# stop it past _MAX_OUT), so a client cannot make it hold unbounded work.
+_MAX_PIPELINED = 32
+_MAX_OUT = 1024 * 1024
 # After the last answer of a closing connection, what the peer still sends is
 # read and dropped for a moment, so that closing with unread bytes does not
 # reset the connection and destroy the answer in flight (RFC 9112 9.6).
@@ -53,9 +66,19 @@ _LINGER_MAX = 1024 * 1024
 # A read that found its bytes already there yields to the scheduler only once
 # in this many in a row (see `_Connection._read_now`).
 _FAST_READS = 16
-# The timer's heap is rebuilt from its live entries past this size (or four
-# times the live entries of the last rebuild).
-_PRUNE_MIN = 1024
+
+__all__ = [
+    "Answer",
+    "DeadlineTimer",
+    "DrainSignal",
+    "ErrorHandler",
+    "Handler",
+    "HttpSettings",
+    "Request",
+    "Response",
+    "Submitter",
+    "serve_http_connection",
+]
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -90,11 +113,6 @@ class Response:
     body: bytes = b""
 
 
-Handler = Callable[[Request], Awaitable[Response]]
-ErrorHandler = Callable[[GatewayError, Request | None], Response]
-UpgradeHandler = Callable[[Request, trio.abc.Stream, bytes], Awaitable[None]]
-
-
 @attrs.frozen(slots=True, kw_only=True)
 class HttpSettings:
     """The limits (SPEC 3 `limits`) and the parser one connection runs with."""
@@ -121,12 +139,13 @@ class DrainSignal:
     """Tells every connection sharing it that the gateway drains (SPEC 7).
 
     Once `set()`, a new request gets 503 and closes the connection, and idle
-    connections close at once: `set()` wakes those waiting for a next request.
+    connections close at once: `set()` wakes those waiting for a next request
+    (one that still owes answers closes after writing them).
     """
 
     def __init__(self) -> None:
         self._set = False
-        self._idle: set[trio.CancelScope] = set()
+        self._idle: set[_Connection] = set()
 
     def is_set(self) -> bool:
         """True once `set()` was called."""
@@ -135,65 +154,45 @@ class DrainSignal:
     def set(self) -> None:
         """Start draining and wake every idle connection so it closes."""
         self._set = True
-        for scope in self._idle:
-            scope.cancel()
+        for connection in list(self._idle):
+            connection._drain()
 
 
-class DeadlineTimer:
-    """Fires the time limits of every connection given it, from one task (`run`).
+class Answer:
+    """One request's place in its connection's answer order.
 
-    A connection waiting for bytes registers its deadline here (a heap push)
-    rather than on its trio cancel scope, where setting and clearing a deadline
-    costs several microseconds per wait; at the deadline the timer cancels the
-    connection's scope, as trio would. Entries whose connection has
-    moved on are dropped when they reach the top of the heap, and the heap is
-    rebuilt from the live entries when stale ones pile up, so it stays about
-    as large as the number of waiting connections.
+    The handler calls `set` once, from any task; the answer is written as soon
+    as every earlier one has been.
     """
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _Connection]] = []
-        self._order = itertools.count()  # ties: never compare connections
-        self._target = math.inf  # when the sleeping `run` wakes up by itself
-        self._sleep: trio.CancelScope | None = None
-        self._prune_at = _PRUNE_MIN
+    __slots__ = ("_connection", "keep_alive", "method", "response")
 
-    def watch(self, connection: _Connection, deadline: float) -> None:
-        """Cancel `connection`'s scope at `deadline` unless its wait is over."""
-        heap = self._heap
-        heapq.heappush(heap, (deadline, next(self._order), connection))
-        if len(heap) > self._prune_at:
-            self._prune()
-        if deadline < self._target and self._sleep is not None:
-            self._sleep.cancel()  # wake `run` to sleep until this earlier deadline
+    def __init__(self, connection: _Connection, method: str, keep_alive: bool) -> None:
+        self._connection = connection
+        self.method = method
+        self.keep_alive = keep_alive
+        self.response: Response | None = None
 
-    async def run(self) -> None:
-        """Cancel the connections whose deadline has passed, until cancelled."""
-        heap = self._heap
-        while True:
-            now = trio.current_time()
-            while heap:
-                deadline, _, connection = heap[0]
-                if connection._deadline == deadline:
-                    if deadline > now:
-                        break
-                    connection._scope.cancel()
-                heapq.heappop(heap)
-            self._target = heap[0][0] if heap else math.inf
-            with trio.CancelScope(deadline=self._target) as self._sleep:
-                await trio.sleep_forever()
-            self._sleep = None
-            self._target = math.inf
+    def set(self, response: Response) -> None:
+        """The final answer. Never raises: a connection gone meanwhile drops it."""
+        self.response = response
+        connection = self._connection
+        order = connection._order
+        if not connection._in_batch and order and order[0] is self:
+            connection._write_ready()
 
-    def _prune(self) -> None:
-        live = {
-            id(connection): entry
-            for entry in self._heap
-            if (connection := entry[2])._deadline == entry[0]
-        }
-        self._heap[:] = live.values()
-        heapq.heapify(self._heap)
-        self._prune_at = max(_PRUNE_MIN, 4 * len(self._heap))
+
+Handler = Callable[[Request], Awaitable[Response]]
+ErrorHandler = Callable[[GatewayError, Request | None], Response]
+UpgradeHandler = Callable[[Request, trio.abc.Stream, bytes], Awaitable[None]]
+
+
+@runtime_checkable
+class Submitter(Protocol):
+    """A handler that answers later: `submit` returns at once, and the answer's
+    `set` is called once, now or from another task. It must not raise."""
+
+    def submit(self, request: Request, answer: Answer) -> None: ...
 
 
 def _never() -> bool:
@@ -209,7 +208,7 @@ async def serve_http_connection(
     stream: trio.abc.Stream,
     remote_addr: str,
     settings: HttpSettings,
-    handler: Handler,
+    handler: Handler | Submitter,
     error_handler: ErrorHandler,
     *,
     upgrade: UpgradeHandler | None = None,
@@ -222,14 +221,14 @@ async def serve_http_connection(
     Errors the driver detects become answers through `error_handler` and close
     the connection (SPEC 4.2): BadRequest (malformed), HeadersTooLarge,
     PayloadTooLarge, RequestTimeout, ShuttingDown (a request while `draining()`
-    or `drain_signal` is set). An exception from `handler` is logged and
-    answered with error_handler(GatewayError("internal error"), request), then
-    the connection closes; a GatewayError from `handler` is answered the same
+    or `drain_signal` is set). An exception from an async `handler` is logged
+    and answered with error_handler(GatewayError("internal error"), request),
+    then the connection closes; a GatewayError from it is answered the same
     way but keeps the connection. A GET with `Upgrade: websocket` goes to
-    `upgrade(request, stream, leftover)` when given, which owns the stream
-    until it returns. `timer`, when given (and running), fires the time
-    limits instead of trio deadlines, which is cheaper per request. Returns
-    normally; only trio.Cancelled and KeyboardInterrupt get out.
+    `upgrade(request, stream, leftover)` when given, once every earlier answer
+    is written; it owns the stream until it returns. The time limits fire from
+    `timer` (a running `DeadlineTimer`), or from a timer of the connection's
+    own. Returns normally; only trio.Cancelled and KeyboardInterrupt get out.
     """
     connection = _Connection(
         stream,
@@ -240,17 +239,28 @@ async def serve_http_connection(
         upgrade,
         draining,
         drain_signal,
-        timer,
     )
     try:
-        await connection.serve()
-    except trio.BrokenResourceError:
-        # The peer reset or vanished: there is nobody left to answer.
-        log.debug("HTTP connection from %s lost", remote_addr)
-    except Exception:
-        # The one catch-all (STYLE 4): a bug here must cost one connection, not the worker.
-        log.exception("HTTP connection from %s failed", remote_addr)
+        async with trio.open_nursery() as nursery:
+            connection._nursery = nursery
+            if timer is None:
+                timer = DeadlineTimer()
+                await nursery.start(timer.run)
+            connection._timer = timer
+            try:
+                await connection.serve()
+            except trio.BrokenResourceError:
+                # The peer reset or vanished: there is nobody left to answer.
+                log.debug("HTTP connection from %s lost", remote_addr)
+            except Exception:
+                # The one catch-all (STYLE 4): a bug here must cost one
+                # connection, not the worker.
+                log.exception("HTTP connection from %s failed", remote_addr)
+            finally:
+                # The flush task and the connection's own timer end with it.
+                nursery.cancel_scope.cancel()
     finally:
+        connection._closed = True
         await trio.aclose_forcefully(stream)
 
 
@@ -260,19 +270,23 @@ class _Connection:
         stream: trio.abc.Stream,
         remote_addr: str,
         settings: HttpSettings,
-        handler: Handler,
+        handler: Handler | Submitter,
         error_handler: ErrorHandler,
         upgrade: UpgradeHandler | None,
         draining: Callable[[], bool],
         drain_signal: DrainSignal | None,
-        timer: DeadlineTimer | None,
     ) -> None:
         self._stream = stream
-        # The socket's descriptor for `_flush`'s fast path; -1 for other streams.
+        # The socket's descriptor for the non-blocking reads and writes; -1 for
+        # other streams, which go through their own receive_some and send_all.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._remote_addr = remote_addr
         self._settings = settings
-        self._handler = handler
+        if isinstance(handler, Submitter):
+            self._submit: Callable[[Request, Answer], None] | None = handler.submit
+            self._handler: Handler | None = None
+        else:
+            self._submit, self._handler = None, handler
         self._error_handler = error_handler
         self._upgrade = upgrade
         self._draining = draining
@@ -282,17 +296,29 @@ class _Connection:
             max_header_bytes=settings.max_header_bytes,
             max_body=settings.max_request_body,
         )
-        self._out: list[bytes] = []
-        self._out_size = 0
+        self._pipelining = self._parser.can_pipeline
         self._head: RequestHead | None = None
         self._received_at = 0.0
         self._fast_reads = 0  # reads in a row that found their bytes without waiting
+        self._nursery: trio.Nursery | None = None
+        self._timer: DeadlineTimer | None = None
+        # The answer order, and the bytes a blocked send left (a flush task
+        # writes them; `_flushing` while it runs).
+        self._order: deque[Answer] = deque()
+        self._out = bytearray()
+        self._flushing = False
+        self._in_batch = False  # this task is handling a batch: it writes at its end
+        self._answered_at = -math.inf  # when the last answer was written
+        self._settled: trio.Event | None = None  # set when the order or `_out` shrinks
+        self._closing = False  # an answer with `Connection: close` went out
+        self._close_after_answers = False  # draining: close once the order is empty
+        self._broken = False  # a write failed: the peer is gone
+        self._closed = False  # the stream is closed: late answers are dropped
         # The connection's one cancel scope: armed with a deadline only while it
         # waits for bytes (see `_wait_receive`), cancelled by the drain signal
         # only while idle.
         self._scope = trio.CancelScope()
-        self._timer = timer
-        self._deadline = math.inf  # when the wait under way must end; read by `timer`
+        self.timer_deadline = math.inf  # when the wait under way must end; read by the timer
         self._idle = True  # whether that wait is between requests
 
     def _is_draining(self) -> bool:
@@ -301,9 +327,14 @@ class _Connection:
 
     async def serve(self) -> None:
         try:
+            graceful = False
             with self._scope:
-                await self._serve_requests()
-            if self._scope.cancelled_caught and not self._idle:
+                graceful = await self._serve_requests()
+            if graceful or self._closing:
+                # The last request asked to close, or an answer closed the
+                # connection while this task waited for bytes.
+                await self._close_gracefully()
+            elif self._scope.cancelled_caught and not self._idle:
                 # A deadline fired while a request was under way (SPEC 4.2 408).
                 part = "head" if self._head is None else "body"
                 raise RequestTimeout(
@@ -315,7 +346,8 @@ class _Connection:
             request = None if head is None else self._request(head, b"")
             await self._answer_and_close(self._error_handler(error, request))
 
-    async def _serve_requests(self) -> None:
+    async def _serve_requests(self) -> bool:
+        """Serve requests until the connection ends; True to close it gracefully."""
         parser = self._parser
         header_timeout = self._settings.header_timeout
         # A new connection's first head must arrive within header_timeout of the
@@ -323,16 +355,22 @@ class _Connection:
         idle_deadline = trio.current_time() + header_timeout
         header_deadline: float | None = idle_deadline
         while True:
+            self._in_batch = True
             event = parser.next_event()
             if event is NEED_DATA:
+                self._in_batch = False
                 # Right after an answer, the peer has had no time to send more:
                 # waiting at once saves a read bound to fail.
-                answered = bool(self._out)
+                answered = self._answered
                 if answered:
-                    await self._flush()
+                    self._answered = False
+                    self._write_ready()
+                if self._closing:
+                    return True
                 if self._head is None and not parser.has_partial_request:
                     if self._is_draining():
-                        return
+                        await self._settle(0)
+                        return False
                     data = None if answered else await self._read_now()
                     if data is None:
                         data = await self._wait_receive(idle_deadline, idle=True)
@@ -342,8 +380,9 @@ class _Connection:
                     if header_deadline is None:
                         header_deadline = trio.current_time() + header_timeout
                     if self._head is not None and parser.expects_continue:
-                        self._out.append(parser.send_continue())
-                        await self._flush()
+                        # After every earlier answer, as the order demands.
+                        await self._settle(0)
+                        self._send_now(parser.send_continue())
                         answered = True
                     data = None if answered else await self._read_now()
                     if data is None:
@@ -362,53 +401,62 @@ class _Connection:
                 if head.upgrade:
                     if self._wants_upgrade(head):
                         await self._hand_over(request)
-                        return
+                        return False
                     # A switch we do not take leaves the parser past the end of
                     # HTTP on this connection: answer, then close (SPEC 4.3).
                     keep_alive = False
                 else:
                     keep_alive = head.keep_alive
                 if not await self._answer(request, keep_alive):
-                    return
+                    return True
+                if len(self._order) >= _MAX_PIPELINED or not self._pipelining:
+                    # h11 parses the next request only once this one is
+                    # answered; httptools up to _MAX_PIPELINED answers ahead.
+                    await self._settle(_MAX_PIPELINED - 1 if self._pipelining else 0)
+                    if self._closing:
+                        return True
                 header_deadline = None
                 idle_deadline = trio.current_time() + self._settings.keepalive_timeout
             else:
-                return  # the peer closed between requests
+                return False  # the peer closed between requests
+
+    _answered = False  # an answer was queued since the last write (see `_answer`)
 
     async def _answer(self, request: Request, keep_alive: bool) -> bool:
-        """Call the handler and queue its answer; False when the connection closed."""
+        """Give `request` to the handler with its place in the answer order;
+        False when the connection must close after this answer."""
+        answer = Answer(self, request.method, keep_alive)
+        self._order.append(answer)
+        self._answered = True
+        submit = self._submit
+        if submit is not None:
+            try:
+                submit(request, answer)
+            except Exception:
+                log.exception("handler failed on %s %s", request.method, request.target)
+                answer.keep_alive = False
+                answer.set(self._internal_error(request))
+            return answer.keep_alive
+        assert self._handler is not None  # one of the two is set
         try:
             response = await self._handler(request)
         except GatewayError as error:
             response = self._error_handler(error, request)
         except Exception:
             log.exception("handler failed on %s %s", request.method, request.target)
-            await self._answer_and_close(self._internal_error(request))
-            return False
-        close = not keep_alive or self._is_draining()
-        try:
-            data = self._parser.send_response(
-                response.status, response.headers, response.body, close=close
-            )
-        except InvalidResponse:
-            log.exception("handler answered %s %s invalidly", request.method, request.target)
-            await self._answer_and_close(self._internal_error(request))
-            return False
-        if close:
-            self._out.append(data)
-            await self._close_gracefully()
-            return False
-        self._out.append(data)
-        self._out_size += len(data)
-        if self._out_size > _MAX_BATCH:
-            await self._flush()
-        return True
+            answer.keep_alive = False
+            response = self._internal_error(request)
+        answer.set(response)
+        return answer.keep_alive
 
     def _internal_error(self, request: Request) -> Response:
         return self._error_handler(GatewayError("internal error"), request)
 
     async def _answer_and_close(self, response: Response) -> None:
-        self._out.append(
+        await self._settle(0)
+        if self._closing:
+            return  # an answer already closed the connection: nothing may follow
+        self._send_now(
             self._parser.send_response(response.status, response.headers, response.body, close=True)
         )
         await self._close_gracefully()
@@ -422,8 +470,9 @@ class _Connection:
 
     async def _hand_over(self, request: Request) -> None:
         assert self._upgrade is not None  # checked by _wants_upgrade
-        if self._out:
-            await self._flush()
+        await self._settle(0)
+        if self._closing:
+            return
         await self._upgrade(request, self._stream, self._parser.trailing_data())
 
     def _request(self, head: RequestHead, body: bytes) -> Request:
@@ -440,6 +489,145 @@ class _Connection:
             received_at=self._received_at,
         )
 
+    # ------------------------------------------------------------ answers
+
+    def _write_ready(self) -> None:
+        """Write the answers ready at the head of the order, without waiting.
+
+        Called by this task at the end of a batch, and by whichever task sets
+        the answer at the head. Never raises: a broken peer marks the
+        connection broken, and this task finds out at its next read.
+        """
+        order = self._order
+        if self._closed or not order or order[0].response is None:
+            return
+        parser = self._parser
+        parts: list[bytes] = []
+        while order and (answer := order[0]).response is not None:
+            order.popleft()
+            response = answer.response
+            # While draining, the last answer owed closes the connection (SPEC 7).
+            close = not answer.keep_alive or (
+                not order and (self._close_after_answers or self._is_draining())
+            )
+            try:
+                data = parser.send_response(
+                    response.status,
+                    response.headers,
+                    response.body,
+                    close=close,
+                    method=answer.method,
+                )
+            except InvalidResponse:
+                log.exception("handler answered %s invalidly", answer.method)
+                internal = self._error_handler(GatewayError("internal error"), None)
+                close = True
+                data = parser.send_response(
+                    internal.status, internal.headers, internal.body, close=True
+                )
+            parts.append(data)
+            if close:
+                # Nothing may follow `Connection: close`; the requests after it
+                # get no answer, as on any connection that closes.
+                order.clear()
+                self._closing = True
+                if not self._in_batch:
+                    self._scope.cancel()  # this task waits for bytes: it closes now
+                break
+        self._answered_at = trio.current_time()
+        self._send_now(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _send_now(self, data: bytes) -> None:
+        """Send `data` after what is pending, without waiting; what does not
+        fit goes to the flush task."""
+        if self._broken:
+            return
+        out = self._out
+        if not out and self._fd >= 0:
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._break()
+                return
+            if sent == len(data):
+                self._notify_settled()
+                return
+            data = data[sent:]
+        out += data
+        if not self._flushing:
+            self._flushing = True
+            assert self._nursery is not None  # set before serve() runs
+            self._nursery.start_soon(self._flush_out)
+
+    async def _flush_out(self) -> None:
+        out = self._out
+        try:
+            while out:
+                if self._fd >= 0:
+                    try:
+                        sent = os.write(self._fd, out)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(self._fd)
+                        continue
+                    del out[:sent]
+                else:
+                    data = bytes(out)
+                    out.clear()
+                    await self._stream.send_all(data)
+                self._notify_settled()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._break()
+        finally:
+            self._flushing = False
+            self._notify_settled()
+
+    def _break(self) -> None:
+        # The peer is gone: nothing more can be written.
+        self._broken = True
+        self._order.clear()
+        self._out.clear()
+        self._notify_settled()
+
+    def _notify_settled(self) -> None:
+        event = self._settled
+        if event is not None:
+            self._settled = None
+            event.set()
+        if self._close_after_answers and not self._order and not self._out:
+            self._scope.cancel()
+
+    async def _settle(self, owed: int) -> None:
+        """Write what is ready, then wait until at most `owed` answers are owed."""
+        self._in_batch = False
+        self._write_ready()
+        await self._wait_settled(owed)
+
+    async def _wait_settled(self, owed: int) -> None:
+        """Wait until at most `owed` answers are pending (and, for 0, every
+        byte of them written). Raises BrokenResourceError once the peer is gone."""
+        while True:
+            if self._broken:
+                raise trio.BrokenResourceError("the peer is gone")
+            if len(self._order) <= owed and (
+                not self._out if owed == 0 else len(self._out) <= _MAX_OUT
+            ):
+                return
+            if self._settled is None:
+                self._settled = trio.Event()
+            await self._settled.wait()
+
+    def _drain(self) -> None:
+        # The drain signal reached this idle connection: close it now, or once
+        # the answers it still owes are written.
+        if self._order or self._out:
+            self._close_after_answers = True
+        else:
+            self._scope.cancel()
+
+    # ------------------------------------------------------------ reading
+
     async def _read_now(self) -> bytes | None:
         """The bytes already received on the socket, without waiting; None when
         there are none yet (or the stream is not a socket): the caller then
@@ -449,11 +637,11 @@ class _Connection:
         cancellation check, a non-blocking read, and on data a shielded yield)
         except that the yield after a successful read is taken only once every
         `_FAST_READS` reads in a row. The connection's next step usually yields
-        anyway (the handler's upstream round trip, or a receive that waits), and
-        the periodic yield keeps the worker fair to others when a peer's bytes
-        are always there (pipelined requests answered without an upstream call).
-        Deadlines behave as before: trio's receive also returns bytes already
-        there without looking at a deadline; only waiting is bounded by it.
+        anyway (a receive that waits), and the periodic yield keeps the worker
+        fair to others when a peer's bytes are always there (pipelined
+        requests). Deadlines behave as before: trio's receive also returns
+        bytes already there without looking at a deadline; only waiting is
+        bounded by it.
         """
         fd = self._fd
         if fd < 0:
@@ -477,22 +665,22 @@ class _Connection:
         when `idle`) the connection's scope is cancelled and `serve` decides: a
         408 when a request was under way, a silent close when idle.
 
-        One scope for the connection's life, armed around each wait, instead of
-        a new cancel scope per wait: entering and leaving a trio cancel scope
-        costs about as much as parsing a request.
+        One scope for the connection's life, armed around each wait by the
+        timer, instead of a new cancel scope per wait: entering and leaving a
+        trio cancel scope costs about as much as parsing a request.
         """
         scope = self._scope
         self._idle = idle
         signal = self._drain_signal if idle else None
         if signal is not None:
-            signal._idle.add(scope)
+            signal._idle.add(self)
         self._arm(deadline)
         try:
             data = await self._receive_some()
         finally:
-            self._disarm()
+            self.timer_deadline = math.inf
             if signal is not None:
-                signal._idle.discard(scope)
+                signal._idle.discard(self)
         if scope.cancel_called:
             # The deadline or the drain signal fired as the bytes came in: they
             # are too late, and the handler must not run in a cancelled scope.
@@ -500,17 +688,23 @@ class _Connection:
         return data
 
     def _arm(self, deadline: float) -> None:
-        self._deadline = deadline
-        timer = self._timer
-        if timer is None:
-            self._scope.deadline = deadline
-        else:
-            timer.watch(self, deadline)
+        self.timer_deadline = deadline
+        assert self._timer is not None  # set before serve() runs
+        self._timer.watch(self, deadline)
 
-    def _disarm(self) -> None:
-        self._deadline = math.inf
-        if self._timer is None:
-            self._scope.deadline = math.inf
+    def expire(self, now: float) -> None:
+        """The timer's call: the wait under way is over time."""
+        if self._idle:
+            # keepalive_timeout counts from the last answer (docs/configuration.md
+            # `limits`): a connection that still owes answers is not idle yet.
+            if self._order or self._out:
+                self._arm(now + self._settings.keepalive_timeout)
+                return
+            idle_until = self._answered_at + self._settings.keepalive_timeout
+            if idle_until > now:
+                self._arm(idle_until)
+                return
+        self._scope.cancel()
 
     async def _receive_some(self) -> bytes:
         # A socket is waited on first: `_read_now` found nothing, or an answer
@@ -528,32 +722,10 @@ class _Connection:
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
 
-    async def _flush(self) -> None:
-        out = self._out
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        self._out_size = 0
-        fd = self._fd
-        if fd >= 0:
-            # Fast path: the answer usually fits the socket buffer, so write it
-            # now. SocketStream.send_all would also yield to the scheduler after
-            # the write; that checkpoint is not needed here, because the
-            # connection's next step (a receive, or the handler's upstream
-            # round trip) is one. What did not fit goes through send_all.
-            try:
-                sent = os.write(fd, data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            if sent == len(data):
-                return
-            data = data[sent:]
-        await self._stream.send_all(data)
-
     async def _close_gracefully(self) -> None:
         """Send what is queued, half-close, and drop what the peer still sends."""
-        await self._flush()
+        await self._settle(0)
+        self._closing = True
         stream = self._stream
         if isinstance(stream, trio.abc.HalfCloseableStream):
             await stream.send_eof()

@@ -275,12 +275,22 @@ class HttptoolsParser:
     def expects_continue(self) -> bool:
         return self._continue
 
+    @property
+    def can_pipeline(self) -> bool:
+        return True
+
     def send_continue(self) -> bytes:
         self._continue = False
         return _CONTINUE
 
     def send_response(
-        self, status: int, headers: Sequence[tuple[str, str]], body: bytes, *, close: bool
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        *,
+        close: bool,
+        method: str | None = None,
     ) -> bytes:
         check_status(status, body)
         parts = [_STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n"]
@@ -292,7 +302,7 @@ class HttptoolsParser:
         parts.append("Connection: close\r\n\r\n" if close else "\r\n")
         head = "".join(parts).encode("ascii")
         # A HEAD answer keeps the Content-Length a GET would get (RFC 9110 9.3.2).
-        if not body or self._method == "HEAD":
+        if not body or (method or self._method) == "HEAD":
             return head
         return head + body
 

@@ -119,14 +119,26 @@ class RequestParser(Protocol):
     def expects_continue(self) -> bool:
         """True when the peer waits for `100 Continue` before sending the body."""
 
+    @property
+    def can_pipeline(self) -> bool:
+        """True when `next_event` may go on to the next request before this one
+        is answered (the answers are still sent in request order)."""
+
     def send_continue(self) -> bytes:
         """The bytes of `100 Continue`."""
 
     def send_response(
-        self, status: int, headers: Sequence[tuple[str, str]], body: bytes, *, close: bool
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        *,
+        close: bool,
+        method: str | None = None,
     ) -> bytes:
         """The bytes of a whole response, with Content-Length and, when `close`,
-        `Connection: close` added; no body for HEAD, 204 or 304.
+        `Connection: close` added; no body for HEAD, 204 or 304. `method` is the
+        request's (by default the last one parsed).
 
         Raises InvalidResponse if the status or a header cannot be sent as given.
         """

@@ -3,7 +3,9 @@
 Owns: building the request body (JSON body, then query, then path parameters,
 then `fields`), the uid and hash key, policy checks, the upstream deadline, the
 status mapping, the envelope, the error rendering and the access record.
-Must not: parse HTTP (the driver did) or pick nodes (the pool does).
+Must not: parse HTTP (the driver did), pick nodes (the pool does) or wait: a
+request is submitted, and completed by whichever task has its answer
+(docs/reference.md "How a request flows").
 """
 
 from __future__ import annotations
@@ -27,18 +29,20 @@ from tlvproxy.errors import (
     status_of,
 )
 from tlvproxy.logs import access_record
-from tlvproxy.server.http_conn import Request, Response
+from tlvproxy.server.http_conn import Answer, Request, Response
 from tlvproxy.server.runtime import TableRuntime
 from tlvproxy.server.static import demo_response
 from tlvproxy.server.view import RequestContext, client_address
 
 if TYPE_CHECKING:
-    from tlvproxy.config.model import CommandSpec, Table
+    from tlvproxy.config.model import CommandSpec
+    from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.access_log import AccessLog
 
 _JSON = "application/json"
 _waf_log = logging.getLogger("tlvproxy.waf")
+_log = logging.getLogger("tlvproxy.rest")
 
 
 def request_id_of(request: Request | None) -> str:
@@ -73,7 +77,12 @@ ErrorHandler = Callable[[GatewayError, Request | None], Response]
 
 
 class RestHandler:
-    """Answers REST requests on whatever table `runtime()` returns at the time."""
+    """Answers REST requests on whatever table `runtime()` returns at the time.
+
+    A `Submitter` (server/http_conn.py): `submit` does the request's work up
+    to the upstream frame and hands it to the pool; the upstream connection's
+    reader (or its timer) completes the `_Exchange`, which renders the answer.
+    """
 
     def __init__(self, runtime: RuntimeSource, metrics: Metrics, access_log: AccessLog) -> None:
         # Each request reads `runtime()` once and keeps it (SPEC 7: in-flight
@@ -86,56 +95,52 @@ class RestHandler:
         self._count_children: dict[tuple[str, str, int], Callable[[], None]] = {}
         self._time_children: dict[str, Callable[[float], None]] = {}
 
-    async def __call__(self, request: Request) -> Response:
+    def submit(self, request: Request, answer: Answer) -> None:
+        """Answer `request` through `answer`, now or when the upstream replies."""
         runtime: TableRuntime = self._runtime()
         table = runtime.table
         if table.demo and (page := demo_response(request.path, request.method)) is not None:
-            return page
-        request_id = request_id_of(request)
-        client_ip = client_address(request.remote_addr, request.headers, table.trusted_proxies)
-        command: CommandSpec | None = None
-        route_label = "unmatched"
-        node: str | None = None
-        upstream_status: int | None = None
+            answer.set(page)
+            return
+        exchange = _Exchange(self, runtime, request, answer)
         try:
             assert table.router is not None  # the loader always builds one
             # The WAF sees every request, routed or not: probes of unknown paths
             # are refused (and counted) like any other (SPEC 4.4).
             self._inspect(runtime, request)
             match = table.router.match(request.method, request.path)
-            command = match.route.command
-            route_label = command.name
+            command = exchange.command = match.route.command
             context = RequestContext(
-                remote_addr=client_ip,
+                remote_addr=exchange.client_ip,
                 headers=request.headers,
                 query_string=request.query_string,
                 path_params=match.params,
             )
             self._apply_policy(runtime, command, context)
-            node, frame_status, reply_body = await self._forward(runtime, command, request, context)
-            upstream_status = frame_status
-            response = self._answer(table, command, frame_status, reply_body, request_id)
+            codec = table.codecs[command.name]
+            overlays: list[Mapping[str, str]] = [context.query, context.path_params]
+            if command.fields:
+                overlays.append(_field_values(command, context))
+            body = codec.encode_request(request.body, overlays)
+            uid = _uid(command, context)
+            assert command.upstream is not None  # routed commands always name one
+            pool = runtime.pools[command.upstream]
+            spec = pool.spec
+            key = spec.hash_on.evaluate(context) if spec.hash_on is not None else None
+            timeout = command.timeout if command.timeout is not None else spec.timeout
+            exchange.timeout = timeout
         except GatewayError as error:
-            response = render_error(error, request_id, envelope=table.envelope)
-        status = response.status
-        duration = trio.current_time() - request.received_at
-        self._count(route_label, request.method, status)
-        self._time(route_label, duration)
-        self._access_log.add(
-            access_record(
-                request_id=request_id,
-                client_ip=client_ip,
-                method=request.method,
-                path=request.path,
-                route=None if command is None else route_label,
-                command=None if command is None else command.command,
-                node=node,
-                status=status,
-                upstream_status=upstream_status,
-                duration_ms=duration * 1000,
-            ),
+            exchange.on_error(error, None)
+            return
+        pool.submit(
+            exchange,
+            command.command,
+            body,
+            uid=uid,
+            key=key,
+            idempotent=command.idempotent,
+            deadline=trio.current_time() + timeout,
         )
-        return response
 
     def _count(self, route: str, method: str, status: int) -> None:
         key = (route, method, status)
@@ -175,46 +180,94 @@ class RestHandler:
             self._metrics.rate_limited.labels(refusal.rule).inc()
             raise refusal.error()
 
-    async def _forward(
-        self,
-        runtime: TableRuntime,
-        command: CommandSpec,
-        request: Request,
-        context: RequestContext,
-    ) -> tuple[str, int, bytes]:
-        table = runtime.table
-        codec = table.codecs[command.name]
-        overlays: list[Mapping[str, str]] = [context.query, context.path_params]
-        if command.fields:
-            overlays.append(_field_values(command, context))
-        body = codec.encode_request(request.body, overlays)
-        uid = _uid(command, context)
-        assert command.upstream is not None  # routed commands always name one
-        pool = runtime.pools[command.upstream]
-        spec = pool.spec
-        key = spec.hash_on.evaluate(context) if spec.hash_on is not None else None
-        timeout = command.timeout if command.timeout is not None else spec.timeout
-        # A scope with an absolute deadline: the same as move_on_after(timeout),
-        # without its extra call per request.
-        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-            reply = await pool.request(
-                command.command, body, uid=uid, key=key, idempotent=command.idempotent
-            )
-        if scope.cancelled_caught:
-            raise UpstreamTimeout(
-                f"upstream {command.upstream!r} did not answer {command.name!r} "
-                f"within {timeout:g} s"
-            )
-        return reply.node, reply.frame.status, reply.frame.body
 
-    def _answer(
-        self,
-        table: Table,
-        command: CommandSpec,
-        status: int,
-        body: bytes,
-        request_id: str,
-    ) -> Response:
+class _Exchange:
+    """One REST request from its submission to its answer: the pool's `Completion`.
+
+    Its `on_reply` and `on_error` run in the upstream connection's tasks (or
+    in `submit`), so they never raise: a bug answers 500 and is logged.
+    """
+
+    __slots__ = (
+        "answer",
+        "client_ip",
+        "command",
+        "handler",
+        "request",
+        "request_id",
+        "table",
+        "timeout",
+    )
+
+    def __init__(
+        self, handler: RestHandler, runtime: TableRuntime, request: Request, answer: Answer
+    ) -> None:
+        self.handler = handler
+        self.table = runtime.table
+        self.request = request
+        self.answer = answer
+        self.request_id = request_id_of(request)
+        self.client_ip = client_address(
+            request.remote_addr, request.headers, self.table.trusted_proxies
+        )
+        self.command: CommandSpec | None = None
+        self.timeout = 0.0
+
+    def on_reply(self, frame: Frame, node: str) -> None:
+        command = self.command
+        assert command is not None  # only a routed request reaches the pool
+        try:
+            response = self._render(command, frame.status, frame.body)
+        except GatewayError as error:
+            response = render_error(error, self.request_id, envelope=self.table.envelope)
+        except Exception:  # noqa: BLE001 - runs in the upstream reader: a bug costs one answer
+            _log.exception("rendering the answer to %s failed", command.name)
+            response = self._internal_error()
+        self._finish(response, node, frame.status)
+
+    def on_error(self, error: GatewayError, node: str | None) -> None:
+        command = self.command
+        if isinstance(error, UpstreamTimeout) and command is not None:
+            error = UpstreamTimeout(
+                f"upstream {command.upstream!r} did not answer {command.name!r} "
+                f"within {self.timeout:g} s"
+            )
+        self._finish(render_error(error, self.request_id, envelope=self.table.envelope), node, None)
+
+    def _internal_error(self) -> Response:
+        return Response(
+            status=500,
+            headers=[("Content-Type", _JSON), ("X-Request-Id", self.request_id)],
+            body=_dumps(error_body(GatewayError("internal error"), self.request_id)),
+        )
+
+    def _finish(self, response: Response, node: str | None, upstream_status: int | None) -> None:
+        request = self.request
+        command = self.command
+        handler = self.handler
+        status = response.status
+        route = "unmatched" if command is None else command.name
+        duration = trio.current_time() - request.received_at
+        handler._count(route, request.method, status)
+        handler._time(route, duration)
+        handler._access_log.add(
+            access_record(
+                request_id=self.request_id,
+                client_ip=self.client_ip,
+                method=request.method,
+                path=request.path,
+                route=None if command is None else route,
+                command=None if command is None else command.command,
+                node=node,
+                status=status,
+                upstream_status=upstream_status,
+                duration_ms=duration * 1000,
+            ),
+        )
+        self.answer.set(response)
+
+    def _render(self, command: CommandSpec, status: int, body: bytes) -> Response:
+        table = self.table
         codec = table.codecs[command.name]
         if status != 0:
             try:
@@ -227,11 +280,11 @@ class RestHandler:
                 http_status=table.status_map.get(status, 500),
                 body=decoded,
             )
-        headers = [("Content-Type", codec.content_type), ("X-Request-Id", request_id)]
+        request_id = self.request_id
         try:
             payload = codec.response_json(body)
         except UpstreamProtocolError:
-            self._metrics.frames_rejected.labels("undecodable_body").inc()
+            self.handler._metrics.frames_rejected.labels("undecodable_body").inc()
             raise
         if table.envelope:
             # SPEC 4.2: {code, msg, data}; a raw body has no JSON form, so it goes as base64.
@@ -241,6 +294,7 @@ class RestHandler:
                 headers=[("Content-Type", _JSON), ("X-Request-Id", request_id)],
                 body=b'{"code":0,"msg":"ok","data":' + data + b"}",
             )
+        headers = [("Content-Type", codec.content_type), ("X-Request-Id", request_id)]
         return Response(status=200, headers=headers, body=payload)
 
 

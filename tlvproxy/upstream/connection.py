@@ -1,12 +1,19 @@
 """One multiplexed TLV connection to an upstream node (SPEC 1).
 
 Owns: a trio stream to one node, its reader task (frames decoded with
-`FrameDecoder`, each response handed to the request waiting on its seq), its
-writer task (requests queued by any number of tasks, coalesced into one
-`send_all`), seq allocation, the in-flight cap, and push delivery.
-Must not: choose nodes, count health, retry, or set deadlines: the pool does the
-first three and the caller owns time (STYLE 5). `request` waits until the answer
-comes or the caller's cancel scope fires; the seq entry is removed either way.
+`FrameDecoder`, each response handed to the waiter of its seq), its writer task
+(the frames queued during one scheduler pass leave in one send), seq
+allocation, the in-flight cap, the deadlines of the requests it carries, and
+push delivery.
+Must not: choose nodes, count health or retry: the pool does.
+
+Requests are state, not tasks (docs/reference.md "How a request flows"): a
+`Waiter` is submitted with its deadline; the reader calls it with the
+response, the timer (one `DeadlineTimer` task for many connections) when its
+deadline passes first, and the end of the connection with the reason. The
+deadlines sit in a heap here, so an answered request costs the timer nothing
+(its entry goes stale). `request` is the same for a task that awaits the
+answer: its cancel scope owns the time, and the seq is freed either way.
 
 Matching (SPEC 1): a frame with the push flag is a push. Any other frame is the
 response to the request in flight with its seq; without a `flags` field, a frame
@@ -24,8 +31,10 @@ why). A FramingError's `reason` is counted in `tlvproxy_frames_rejected_total`.
 
 from __future__ import annotations
 
+import heapq
+import math
 import os
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
 import outcome
@@ -49,11 +58,15 @@ from tlvproxy.framing import (
     RequestEncoder,
     encode_frame,
 )
+from tlvproxy.timer import DeadlineTimer
 
 if TYPE_CHECKING:
     from tlvproxy.metrics import Metrics
 
 RECEIVE_SIZE: Final = 65536
+# The deadline heap is rebuilt from its live entries past this size (or four
+# times the live entries of the last rebuild).
+_PRUNE_MIN: Final = 1024
 
 
 class SendFailed(UpstreamUnavailable):
@@ -65,16 +78,56 @@ class ConnectionLost(UpstreamUnavailable):
     """The connection broke after the request was written: it may have been executed."""
 
 
-class _Slot:
-    """A one-shot slot for the task waiting on one seq."""
+class Waiter(Protocol):
+    """One request waiting on a connection for its response (`submit`).
+
+    Exactly one of the three is called, once, from the connection's reader,
+    its timer or whoever closes it; never from inside `submit`. A waiter must
+    not raise: it runs in the connection's own tasks.
+    """
+
+    @property
+    def deadline(self) -> float:
+        """When the request gives up (`math.inf`: never); read once, at `submit`."""
+
+    def on_response(self, frame: Frame) -> None:
+        """The response frame arrived."""
+
+    def on_error(self, error: GatewayError) -> None:
+        """The connection ended first: SendFailed when the request was never
+        written, else ConnectionLost or UpstreamProtocolError."""
+
+    def on_timeout(self) -> None:
+        """`deadline` passed first; the seq is free and a late answer is dropped."""
+
+
+class _TaskWaiter:
+    """The waiter of `Connection.request`: the task awaiting the response."""
 
     __slots__ = ("task",)
 
     def __init__(self, task: trio.lowlevel.Task) -> None:
         self.task: trio.lowlevel.Task | None = task
 
+    deadline = math.inf  # the awaiting task's cancel scopes own its time
+
+    def on_response(self, frame: Frame) -> None:
+        self._resume(outcome.Value(frame))
+
+    def on_error(self, error: GatewayError) -> None:
+        self._resume(outcome.Error(error))
+
+    def on_timeout(self) -> None:
+        raise AssertionError("a task waiter has no deadline")  # pragma: no cover
+
+    def _resume(self, result: outcome.Outcome[Frame]) -> None:
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task, result)
+
     def abort(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        # Cancelled: the reader must no longer reschedule this task.
+        # Cancelled: nothing may reschedule this task any more.
         self.task = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -86,6 +139,8 @@ class Connection:
     given, receives upstream-initiated frames and is closed when the connection ends
     (its receiver then gets EndOfChannel); the connection owns it. At most
     `max_in_flight` requests wait at once (capped by the seq space of the layout).
+    The deadlines of submitted requests fire from `timer` (a running
+    `DeadlineTimer`); without one, `run()` runs a timer of its own.
     """
 
     def __init__(
@@ -97,6 +152,7 @@ class Connection:
         node: str,
         max_in_flight: int,
         pushes: trio.MemorySendChannel[Frame] | None = None,
+        timer: DeadlineTimer | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -104,13 +160,20 @@ class Connection:
         self.stream = stream
         self.layout = layout
         self._metrics = metrics
-        self._encoder = RequestEncoder(layout)
+        self._encode = RequestEncoder(layout).encode
         self._seq_max = layout.field_max("seq")
         self._seq = 0
         self._has_flags = layout.has("flags")
         # A seq in flight is never reused, so the seq space bounds the waiters too.
         self.max_in_flight = min(max_in_flight, self._seq_max + 1)
-        self._waiters: dict[int, _Slot] = {}
+        self._waiters: dict[int, Waiter] = {}
+        # (deadline, seq, waiter) of the waiters with a deadline; an entry whose
+        # waiter is no longer `_waiters[seq]` is stale (answered or withdrawn).
+        self._deadlines: list[tuple[float, int, Waiter]] = []
+        self._prune_at = _PRUNE_MIN
+        self._timer = timer
+        self._own_timer = timer is None
+        self.timer_deadline = math.inf  # the deadline registered with the timer
         self._outbox: list[bytes] = []
         self._outbox_seqs: list[int] = []
         self._writer_idle = False
@@ -134,33 +197,67 @@ class Connection:
 
     # ------------------------------------------------------------ requests
 
-    async def request(self, command: int, body: bytes, uid: int = 0) -> Frame:
-        """Send one request frame and return its response frame.
+    def submit(self, waiter: Waiter, command: int, body: bytes, uid: int = 0) -> int:
+        """Queue one request frame for `waiter`; its seq. The frame leaves with
+        every other frame queued in the same scheduler pass, in one send.
 
-        Raises SendFailed (never written), ConnectionLost (lost before the response),
-        UpstreamProtocolError (the upstream sent a malformed frame), PayloadTooLarge
-        (body over the layout's max_body) or BadRequest (a header value that does not
-        fit the layout, such as a uid too large). Cancellation leaves no waiter behind.
+        Raises, and then never calls `waiter`: SendFailed (closed, or the
+        in-flight cap reached), PayloadTooLarge (body over the layout's
+        max_body) or BadRequest (a header value that does not fit the layout,
+        such as a uid too large).
         """
         if self.error is not None or len(self._waiters) >= self.max_in_flight:
             self._check_open()
         seq = self._allocate_seq()
         try:
-            wire = self._encoder.encode(command, seq, uid, body)
+            wire = self._encode(command, seq, uid, body)
         except ValueError as exc:
             raise self._encode_error(body, exc) from None
-        return await self._roundtrip(seq, wire)
+        self._queue(waiter, seq, wire)
+        return seq
 
-    async def send_frame(self, frame: Frame) -> Frame:
-        """Send `frame` as it is but with a fresh seq; return the response frame (whose
-        seq is the one sent: the caller restores its own). Raises like `request`."""
+    def submit_frame(self, waiter: Waiter, frame: Frame) -> int:
+        """Queue `frame` as it is but with a fresh seq (the one returned); the
+        response frame carries that seq, the caller restores its own. Raises
+        like `submit`."""
         self._check_open()
         seq = self._allocate_seq()
         try:
             wire = encode_frame(self.layout, attrs.evolve(frame, seq=seq))
         except ValueError as exc:
             raise self._encode_error(frame.body, exc) from None
-        return await self._roundtrip(seq, wire)
+        self._queue(waiter, seq, wire)
+        return seq
+
+    def withdraw(self, seq: int, waiter: Waiter) -> None:
+        """Forget `waiter` (its caller gave up): its seq is free, a late answer is
+        dropped and counted, and `waiter` is not called."""
+        if self._waiters.get(seq) is waiter:
+            del self._waiters[seq]
+
+    async def request(self, command: int, body: bytes, uid: int = 0) -> Frame:
+        """Send one request frame and return its response frame.
+
+        Raises like `submit`, then ConnectionLost (lost before the response) or
+        UpstreamProtocolError (the upstream sent a malformed frame). No deadline:
+        the caller's cancel scope owns it, and cancellation frees the seq.
+        """
+        waiter = _TaskWaiter(trio.lowlevel.current_task())
+        seq = self.submit(waiter, command, body, uid)
+        return await self._wait(seq, waiter)
+
+    async def send_frame(self, frame: Frame) -> Frame:
+        """`submit_frame`, awaited like `request`."""
+        waiter = _TaskWaiter(trio.lowlevel.current_task())
+        seq = self.submit_frame(waiter, frame)
+        return await self._wait(seq, waiter)
+
+    async def _wait(self, seq: int, waiter: _TaskWaiter) -> Frame:
+        try:
+            frame: Frame = await trio.lowlevel.wait_task_rescheduled(waiter.abort)
+        finally:
+            self.withdraw(seq, waiter)
+        return frame
 
     def close(self, error: GatewayError) -> None:
         """Finish the connection now: every waiter fails, `run()` returns."""
@@ -195,20 +292,58 @@ class Connection:
                 self._seq = seq
                 return seq
 
-    async def _roundtrip(self, seq: int, wire: bytes) -> Frame:
-        slot = _Slot(trio.lowlevel.current_task())
+    def _queue(self, waiter: Waiter, seq: int, wire: bytes) -> None:
+        self._waiters[seq] = waiter
+        deadline = waiter.deadline
+        if deadline != math.inf:
+            heap = self._deadlines
+            heapq.heappush(heap, (deadline, seq, waiter))
+            if len(heap) > self._prune_at:
+                self._prune()
+            if deadline < self.timer_deadline:
+                self._watch(deadline)
+        self._outbox.append(wire)
+        self._outbox_seqs.append(seq)
+        if self._writer_idle:
+            # The writer runs after this scheduler pass: every frame queued in
+            # the pass leaves in its one send.
+            self._writer_idle = False
+            self._wake.set()
+
+    # ------------------------------------------------------------ deadlines
+
+    def _watch(self, deadline: float) -> None:
+        self.timer_deadline = deadline
+        if self._timer is not None:
+            self._timer.watch(self, deadline)
+
+    def expire(self, now: float) -> None:
+        """The timer's call: every waiter whose deadline has passed times out."""
+        heap = self._deadlines
         waiters = self._waiters
-        waiters[seq] = slot
-        try:
-            self._outbox.append(wire)
-            self._outbox_seqs.append(seq)
-            if self._writer_idle:
-                self._writer_idle = False
-                self._wake.set()
-            frame: Frame = await trio.lowlevel.wait_task_rescheduled(slot.abort)
-            return frame
-        finally:
-            del waiters[seq]
+        while heap:
+            deadline, seq, waiter = heap[0]
+            if waiters.get(seq) is waiter:
+                if deadline > now:
+                    break
+                del waiters[seq]
+                heapq.heappop(heap)
+                waiter.on_timeout()
+            else:
+                heapq.heappop(heap)
+        # Register the earliest entry left; a stale one only wakes us early.
+        self.timer_deadline = math.inf
+        if heap:
+            self._watch(heap[0][0])
+
+    def _prune(self) -> None:
+        # Answered requests leave stale entries behind; past four times the
+        # live ones, keep only the live ones (amortised O(1) per request).
+        waiters = self._waiters
+        heap = [entry for entry in self._deadlines if waiters.get(entry[1]) is entry[2]]
+        heapq.heapify(heap)
+        self._deadlines = heap
+        self._prune_at = max(_PRUNE_MIN, 4 * len(heap))
 
     # ------------------------------------------------------------ tasks
 
@@ -223,6 +358,11 @@ class Connection:
                 self._cancel_scope = nursery.cancel_scope
                 if self.error is not None:
                     nursery.cancel_scope.cancel()
+                if self._own_timer:
+                    self._timer = DeadlineTimer()
+                    await nursery.start(self._timer.run)
+                    if self.timer_deadline != math.inf:
+                        self._timer.watch(self, self.timer_deadline)
                 nursery.start_soon(self._write_loop)
                 task_status.started()
                 await self._read_loop()
@@ -265,7 +405,8 @@ class Connection:
         fd = self.stream.socket.fileno()
         wait_readable = trio.lowlevel.wait_readable
         read = os.read
-        dispatch = self._dispatch
+        waiters = self._waiters
+        has_flags = self._has_flags
         try:
             while True:
                 # Wait, then read: `receive_some` would try the read first, and
@@ -285,11 +426,20 @@ class Connection:
                     if isinstance(event, ConnectionClosed):
                         self._finish(
                             ConnectionLost(f"{self.node}: the upstream closed the connection"),
-                            broken=bool(self._waiters),
+                            broken=bool(waiters),
                         )
                         return
-                    if dispatch(event):
-                        await self._deliver_push(event)
+                    # SPEC 1: a push flag makes a push; without a flags field, so
+                    # does a seq that no request waits for.
+                    if not (has_flags and event.flags & FLAG_PUSH):
+                        waiter = waiters.pop(event.seq, None)
+                        if waiter is not None:
+                            waiter.on_response(event)
+                            continue
+                        if has_flags:
+                            self._metrics.frames_rejected.labels("unknown_seq").inc()
+                            continue
+                    await self._deliver_push(event)
         except FramingError as exc:
             self._metrics.frames_rejected.labels(exc.reason).inc()
             self._finish(
@@ -298,22 +448,6 @@ class Connection:
             )
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._finish(ConnectionLost(f"{self.node}: read failed: {exc}"), broken=True)
-
-    def _dispatch(self, frame: Frame) -> bool:
-        """Hand a response to its waiter; True when `frame` is a push to deliver."""
-        if self._has_flags and frame.flags & FLAG_PUSH:
-            return True
-        slot = self._waiters.get(frame.seq)
-        task = None if slot is None else slot.task
-        if task is None:
-            if not self._has_flags:
-                return True
-            self._metrics.frames_rejected.labels("unknown_seq").inc()
-            return False
-        assert slot is not None
-        slot.task = None
-        trio.lowlevel.reschedule(task, outcome.Value(frame))
-        return False
 
     async def _deliver_push(self, frame: Frame) -> None:
         pushes = self._pushes
@@ -337,15 +471,16 @@ class Connection:
         unsent = set(self._outbox_seqs)
         self._outbox.clear()
         self._outbox_seqs.clear()
-        for seq, slot in self._waiters.items():
-            task = slot.task
-            if task is None:
-                continue
-            slot.task = None
-            trio.lowlevel.reschedule(task, outcome.Error(_waiter_error(error, seq in unsent)))
+        waiters, self._waiters = self._waiters, {}
+        self._deadlines = []
+        self.timer_deadline = math.inf
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
         self.closed.set()
+        # Last: a waiter may submit its request again elsewhere (the pool's
+        # retries), and must find this connection finished.
+        for seq, waiter in waiters.items():
+            waiter.on_error(_waiter_error(error, seq in unsent))
 
 
 def _waiter_error(error: GatewayError, unsent: bool) -> GatewayError:

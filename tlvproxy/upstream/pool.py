@@ -35,19 +35,23 @@ Policies decided here:
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
+import outcome
 import trio
 
 from tlvproxy.errors import (
     GatewayError,
     NoHealthyNode,
     UpstreamProtocolError,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from tlvproxy.framing import Frame
+from tlvproxy.timer import DeadlineTimer
 from tlvproxy.upstream.balance import HashRing, RoundRobin
 from tlvproxy.upstream.connection import Connection, ConnectionLost, SendFailed
 from tlvproxy.upstream.health import BACKOFF_BASE, Backoff, NodeHealth
@@ -60,6 +64,10 @@ if TYPE_CHECKING:
     from tlvproxy.metrics import Metrics
 
 log = logging.getLogger("tlvproxy.upstream")
+
+# How often one request may be put on a new connection of the same node after
+# the one it was queued on went down before writing it.
+_MAX_RESENDS: Final = 2
 
 
 @attrs.frozen(slots=True)
@@ -114,6 +122,10 @@ class _Node:
     def available(self, now: float) -> bool:
         return self.health.healthy and (bool(self.live) or self.backoff.ready(now))
 
+    def open_count(self) -> int:
+        """Live connections that are still open (not being torn down)."""
+        return sum(1 for conn in self.live if conn.error is None)
+
     def pick(self) -> Connection | None:
         """The least-loaded usable connection, if it is idle or no other may be opened."""
         best: Connection | None = None
@@ -129,6 +141,189 @@ class _Node:
         return best
 
 
+class Completion(Protocol):
+    """Who learns the outcome of `Pool.submit`; called once, and must not raise."""
+
+    def on_reply(self, frame: Frame, node: str) -> None:
+        """The response frame, and the node ("host:port") that answered."""
+
+    def on_error(self, error: GatewayError, node: str | None) -> None:
+        """Why there is no response, and the node last tried (None: none was)."""
+
+
+class _TaskCompletion:
+    """The completion of `Pool.request`: the task awaiting the reply."""
+
+    __slots__ = ("result", "task")
+
+    def __init__(self) -> None:
+        # The task once it waits; until then an outcome is kept in `result`
+        # (`submit` may settle before returning).
+        self.task: trio.lowlevel.Task | None = None
+        self.result: outcome.Outcome[Reply] | None = None
+
+    def on_reply(self, frame: Frame, node: str) -> None:
+        self._resume(outcome.Value(Reply(frame, node)))
+
+    def on_error(self, error: GatewayError, node: str | None) -> None:
+        self._resume(outcome.Error(error))
+
+    def _resume(self, result: outcome.Outcome[Reply]) -> None:
+        task = self.task
+        if task is None:
+            self.result = result
+        else:
+            self.task = None
+            trio.lowlevel.reschedule(task, result)
+
+    async def wait(self) -> Reply:
+        if self.result is not None:
+            await trio.lowlevel.checkpoint()
+            return self.result.unwrap()
+        self.task = trio.lowlevel.current_task()
+        reply: Reply = await trio.lowlevel.wait_task_rescheduled(self._abort)
+        return reply
+
+    def _abort(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self.task = None  # an outcome after this is kept in `result`, unread
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class _Attempt:
+    """One request of `Pool.submit` on its way: the connection's `Waiter`.
+
+    It counts each outcome on its node (metrics, health) and applies the retry
+    policy before its completion hears of it.
+    """
+
+    __slots__ = (
+        "body",
+        "command",
+        "completion",
+        "conn",
+        "deadline",
+        "idempotent",
+        "key",
+        "node",
+        "pool",
+        "resent",
+        "seq",
+        "settled",
+        "tried",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        pool: Pool,
+        completion: Completion,
+        command: int,
+        body: bytes,
+        uid: int,
+        key: str | None,
+        idempotent: bool,
+        deadline: float,
+    ) -> None:
+        self.pool = pool
+        self.completion = completion
+        self.command = command
+        self.body = body
+        self.uid = uid
+        self.key = key
+        self.idempotent = idempotent
+        self.deadline = deadline
+        self.node: _Node | None = None
+        self.conn: Connection | None = None
+        self.seq = 0
+        self.tried: list[_Node] = []
+        self.resent = 0
+        self.settled = False
+
+    def put_on(self, conn: Connection) -> None:
+        """Submit to `conn` (a usable connection of `self.node`)."""
+        try:
+            self.seq = conn.submit(self, self.command, self.body, self.uid)
+        except SendFailed as exc:
+            self.failed(exc)
+            return
+        except GatewayError as exc:  # PayloadTooLarge, BadRequest: no node would take it
+            self._settle(exc)
+            return
+        self.conn = conn
+
+    def withdraw(self) -> None:
+        """The caller gave up: free the seq, report nothing."""
+        self.settled = True
+        if self.conn is not None:
+            self.conn.withdraw(self.seq, self)
+
+    # The Waiter side: called by the connection.
+
+    def on_response(self, frame: Frame) -> None:
+        node = self.node
+        assert node is not None  # set before the request was put on a connection
+        if frame.status:
+            node.count_status()
+        else:
+            node.count_ok()
+        node.health.record_answer()
+        self.settled = True
+        self.completion.on_reply(frame, node.name)
+
+    def on_error(self, error: GatewayError) -> None:
+        node = self.node
+        assert node is not None
+        self.conn = None
+        if isinstance(error, UpstreamProtocolError):
+            node.count_protocol_error()
+        else:
+            node.count_unavailable()
+        if isinstance(error, SendFailed) and self.resent < _MAX_RESENDS:
+            # Never written: the connection went down under it. Another
+            # connection of the same node takes it, a new one if need be (SPEC 4.5).
+            self.resent += 1
+            self.pool._send(self, node)
+            return
+        self.failed(error)
+
+    def on_timeout(self) -> None:
+        self.conn = None
+        self.timed_out()
+
+    # Outcomes.
+
+    def timed_out(self) -> None:
+        """The deadline passed: a timeout of the node (health), never retried."""
+        node = self.node
+        if node is not None:
+            node.count_timeout()
+            self.pool._failure(node)
+        self._settle(
+            UpstreamTimeout(f"upstream {self.pool.spec.name!r}: no answer before the deadline")
+        )
+
+    def failed(self, error: GatewayError) -> None:
+        """Retry on another node when the policy allows (SPEC 4.5), else report."""
+        node = self.node
+        assert node is not None
+        tried = self.tried
+        tried.append(node)
+        following = None
+        pool = self.pool
+        if len(tried) <= pool.spec.retries and (isinstance(error, SendFailed) or self.idempotent):
+            following = pool._next(self.key if pool._hash_requests else None, tried)
+        if following is None:
+            self._settle(error)
+            return
+        pool._send(self, following)
+
+    def _settle(self, error: GatewayError) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        self.completion.on_error(error, None if self.node is None else self.node.name)
+
+
 class Pool:
     """Requests to one upstream. Build it with `open_pool`."""
 
@@ -138,6 +333,7 @@ class Pool:
         layout: HeaderLayout,
         metrics: Metrics,
         nursery: trio.Nursery,
+        timer: DeadlineTimer,
     ) -> None:
         if not spec.nodes:
             raise ValueError(f"upstream {spec.name!r} has no nodes")
@@ -145,6 +341,7 @@ class Pool:
         self.layout = layout
         self._metrics = metrics
         self._nursery = nursery
+        self._timer = timer
         self._nodes = [_Node(node, spec, metrics) for node in spec.nodes]
         self._round_robin = RoundRobin([node.weight for node in self._nodes])
         self._ring = HashRing([(node.name, node.weight) for node in self._nodes])
@@ -152,6 +349,34 @@ class Pool:
         self._max_in_flight = spec.max_in_flight
 
     # ------------------------------------------------------------ requests
+
+    def submit(
+        self,
+        completion: Completion,
+        command: int,
+        body: bytes,
+        *,
+        uid: int = 0,
+        key: str | None = None,
+        idempotent: bool = False,
+        deadline: float = math.inf,
+    ) -> None:
+        """Send one request to a node of this upstream; `completion` gets the
+        outcome, exactly once, possibly before this returns.
+
+        Its `on_reply` gets the response frame; its `on_error` gets
+        UpstreamTimeout (`deadline` passed), NoHealthyNode, UpstreamUnavailable
+        (SendFailed: never sent; ConnectionLost: lost before the response),
+        UpstreamProtocolError, or PayloadTooLarge / BadRequest when the request
+        does not fit a frame.
+        """
+        attempt = _Attempt(self, completion, command, body, uid, key, idempotent, deadline)
+        node = self._first(key if self._hash_requests else None)
+        if node is None:
+            error = NoHealthyNode(f"upstream {self.spec.name!r}: no healthy node")
+            completion.on_error(error, None)
+            return
+        self._send(attempt, node)
 
     async def request(
         self,
@@ -162,34 +387,26 @@ class Pool:
         key: str | None = None,
         idempotent: bool = False,
     ) -> Reply:
-        """Send one request to a node of this upstream and return its response.
+        """`submit`, awaited: the reply, or the error raised.
 
-        No timeout: the caller wraps this in a cancel scope; a cancellation at the
-        deadline counts as a timeout of the node. Raises NoHealthyNode,
-        UpstreamUnavailable (SendFailed: never sent; ConnectionLost: lost before the
-        response), UpstreamProtocolError, or PayloadTooLarge / BadRequest when the
-        request does not fit a frame.
+        No timeout: the caller's cancel scope owns the time; a cancellation at
+        its deadline counts as a timeout of the node, and frees the request's seq.
         """
-        key = key if self._hash_requests else None
-        tried: list[_Node] = []
-        node = self._first(key)
-        while True:
-            conn = node.pick()
-            if conn is None or (conn.in_flight and len(node.live) < self.spec.connections):
-                attempt = self._request_when_connected(node, conn, command, body, uid)
-            else:
-                attempt = conn.request(command, body, uid)
-            try:
-                frame = await self._counted(node, attempt)
-                return Reply(frame, node.name)
-            except (UpstreamUnavailable, UpstreamProtocolError) as exc:
-                tried.append(node)
-                following = None
-                if len(tried) <= self.spec.retries and (isinstance(exc, SendFailed) or idempotent):
-                    following = self._next(key, tried)
-                if following is None:
-                    raise
-                node = following
+        completion = _TaskCompletion()
+        deadline = trio.current_effective_deadline()
+        attempt = _Attempt(self, completion, command, body, uid, key, idempotent, math.inf)
+        node = self._first(key if self._hash_requests else None)
+        if node is None:
+            raise NoHealthyNode(f"upstream {self.spec.name!r}: no healthy node")
+        self._send(attempt, node)
+        try:
+            return await completion.wait()
+        except trio.Cancelled:
+            if not attempt.settled and trio.current_time() >= deadline:
+                attempt.timed_out()
+            raise
+        finally:
+            attempt.withdraw()
 
     def node_states(self) -> list[NodeState]:
         """Each node's address, weight, health, requests in flight and open connections."""
@@ -205,18 +422,15 @@ class Pool:
             for node in self._nodes
         ]
 
-    def _first(self, key: str | None) -> _Node:
-        """The node for a first attempt; raises NoHealthyNode when none is eligible."""
+    def _first(self, key: str | None) -> _Node | None:
+        """The node for a first attempt; None when none is eligible."""
         nodes = self._nodes
         if len(nodes) == 1:
             node = nodes[0]
             if (node.health.healthy and node.live) or node.available(trio.current_time()):
                 return node
-        else:
-            following = self._next(key, [])
-            if following is not None:
-                return following
-        raise NoHealthyNode(f"upstream {self.spec.name!r}: no healthy node")
+            return None
+        return self._next(key, [])
 
     def _next(self, key: str | None, tried: list[_Node]) -> _Node | None:
         """An eligible node not in `tried`: by the ring when `key` is given, else by
@@ -229,23 +443,55 @@ class Pool:
             index = self._ring.choose(key, eligible)
         return None if index is None else self._nodes[index]
 
-    async def _request_when_connected(
-        self, node: _Node, best: Connection | None, command: int, body: bytes, uid: int
-    ) -> Frame:
-        # Slow path of `request`: open connections up to `spec.connections` first.
-        conn = await self._acquire(node, best)
-        return await conn.request(command, body, uid)
+    def _send(self, attempt: _Attempt, node: _Node) -> None:
+        """Put `attempt` on a connection of `node`, opening one when needed."""
+        attempt.node = node
+        conn = node.pick()
+        if conn is None or (conn.in_flight and len(node.live) < self.spec.connections):
+            # Only the connections still open count (SPEC 4.5): one being torn
+            # down after an error must not stop a new one from opening.
+            opening = node.open_count() + node.connecting < self.spec.connections
+            if opening and node.backoff.ready(trio.current_time()):
+                if conn is None:
+                    self._nursery.start_soon(self._send_when_connected, attempt, node)
+                    return
+                self._nursery.start_soon(self._connect_in_background, node)
+            elif conn is None:
+                if node.connecting:
+                    self._nursery.start_soon(self._send_when_connected, attempt, node)
+                    return
+                if opening:
+                    problem = f"{node.name}: reconnect backoff, no connection open"
+                else:
+                    problem = (
+                        f"{node.name}: every connection has {self._max_in_flight} "
+                        "requests in flight"
+                    )
+                attempt.failed(SendFailed(problem))
+                return
+        attempt.put_on(conn)
 
-    async def _acquire(self, node: _Node, best: Connection | None) -> Connection:
+    async def _send_when_connected(self, attempt: _Attempt, node: _Node) -> None:
+        # The slow path of `_send`: wait for a connection of `node` (its own
+        # connect, or one under way), within the request's deadline.
+        with trio.move_on_at(attempt.deadline):
+            try:
+                conn = await self._acquire(node)
+            except SendFailed as exc:
+                attempt.failed(exc)
+                return
+            if not attempt.settled:
+                attempt.put_on(conn)
+            return
+        attempt.timed_out()
+
+    async def _acquire(self, node: _Node) -> Connection:
         while True:
-            opening = len(node.live) + node.connecting < self.spec.connections
-            ready = node.backoff.ready(trio.current_time())
-            if best is not None:
-                if opening and ready:
-                    self._nursery.start_soon(self._connect_in_background, node)
-                return best
-            if opening:
-                if not ready:
+            conn = node.pick()
+            if conn is not None:
+                return conn
+            if node.open_count() + node.connecting < self.spec.connections:
+                if not node.backoff.ready(trio.current_time()):
                     raise SendFailed(f"{node.name}: reconnect backoff, no connection open")
                 return await self._connect(node)
             if not node.connecting:
@@ -253,7 +499,6 @@ class Pool:
                     f"{node.name}: every connection has {self._max_in_flight} requests in flight"
                 )
             await node.changed.wait()
-            best = node.pick()
 
     # ------------------------------------------------------------ connections
 
@@ -284,6 +529,7 @@ class Pool:
             node=node.name,
             max_in_flight=self._max_in_flight,
             pushes=pushes,
+            timer=self._timer,
         )
 
     async def _connect(self, node: _Node) -> Connection:
@@ -411,6 +657,8 @@ class Pool:
         """
         tried: list[_Node] = []
         node = self._first(key)
+        if node is None:
+            raise NoHealthyNode(f"upstream {self.spec.name!r}: no healthy node")
         while True:
             try:
                 stream = await self._open_stream(node)
@@ -504,11 +752,21 @@ class Session:
 
 @asynccontextmanager
 async def open_pool(
-    spec: UpstreamSpec, layout: HeaderLayout, metrics: Metrics
+    spec: UpstreamSpec,
+    layout: HeaderLayout,
+    metrics: Metrics,
+    timer: DeadlineTimer | None = None,
 ) -> AsyncIterator[Pool]:
-    """A running pool for `spec`; its connections and tasks end with the context."""
+    """A running pool for `spec`; its connections and tasks end with the context.
+
+    Request deadlines fire from `timer` (a running `DeadlineTimer`, shared by a
+    worker's pools), or from a timer of the pool's own.
+    """
     async with trio.open_nursery() as nursery:
-        pool = Pool(spec, layout, metrics, nursery)
+        if timer is None:
+            timer = DeadlineTimer()
+            await nursery.start(timer.run)
+        pool = Pool(spec, layout, metrics, nursery, timer)
         for node in pool._nodes:
             if spec.heartbeat is not None:
                 nursery.start_soon(pool.run_heartbeats, node)
