@@ -1,5 +1,5 @@
-"""The JSON log line: its fields, records orjson alone could not write, and how
-lines reach stdout."""
+"""The JSON log line: its fields, records orjson alone could not write, how
+lines reach stdout, and `log_batch`'s lines made without a LogRecord each."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import itertools
 import json
 import logging
 import os
+import select
 import sys
+import time
 
 import pytest
 from hypothesis import given
@@ -19,6 +21,7 @@ from tlvproxy.logs import (
     access_record,
     holding_lines,
     json_formatter,
+    log_batch,
     whole_line_chunks,
 )
 
@@ -155,3 +158,193 @@ def test_the_time_field_is_what_logging_would_write(created, earlier):
     for when in (earlier, created, created):  # a cached second, then another
         record = logging.makeLogRecord({"created": when, "msecs": (when - int(when)) * 1000})
         assert formatter.formatTime(record) == reference.formatTime(record)
+
+
+# ---------------------------------------------------------------- log_batch
+
+
+def _reference_line(logger: logging.Logger, created: float, extra: dict) -> bytes:
+    """The line a record made and formatted one at a time gets (what AccessLog
+    did before `log_batch`): makeRecord, the record dated, LineHandler's format."""
+    record = logger.makeRecord(
+        logger.name, logging.INFO, __file__, 0, "request", (), None, extra=extra
+    )
+    record.created = created
+    record.msecs = int((created - int(created)) * 1000) + 0.0
+    return json_formatter().format(record).encode("utf-8", "backslashreplace") + b"\n"
+
+
+@contextlib.contextmanager
+def _line_logger(name: str, level: int = logging.INFO):
+    """A logger whose records reach one LineHandler, on a pipe; yields the
+    logger and a function reading what was written."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    handler = LineHandler(write_fd)
+    handler.setFormatter(json_formatter())
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield logger, lambda: _read(read_fd)
+    finally:
+        logger.removeHandler(handler)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+_NOW = time.time()
+
+_BATCH_EXTRAS = [
+    access_record(
+        request_id="r-1",
+        client_ip="127.0.0.1",
+        method="POST",
+        path="/v1/é/☃/𝄞",  # two- to four-byte UTF-8
+        route="echo",
+        command=0x1001,
+        node="127.0.0.1:9000",
+        status=200,
+        upstream_status=0,
+        duration_ms=1.23456,
+    ),
+    access_record(  # None values
+        request_id="r-2",
+        client_ip="::1",
+        method="GET",
+        path="/nowhere",
+        route=None,
+        command=None,
+        node=None,
+        status=404,
+        upstream_status=None,
+        duration_ms=0.0,
+    ),
+    {"duration_ms": 1e16, "ratio": 0.1, "tiny": 5e-324, "negative": -0.0, "nan": float("nan")},
+    {"flag": True, "list": [1, "two", None], "nested": {"k": "v", "n": 1.5}},
+    {"time": "overridden", "pid": 0, "level": "x", "logger": "y"},  # same keys, same places
+    {},
+]
+
+
+def test_batch_lines_are_the_formatters_lines_without_a_record_each():
+    formatter = json_formatter()
+    batch = [(_NOW + n * 0.0004, extra) for n, extra in enumerate(_BATCH_EXTRAS)]
+    batch.append((1.0, {"at": "a second after the epoch, in another second"}))
+
+    def no_record(created: float, extra: dict) -> bytes | None:
+        raise AssertionError(f"{extra} should not need a LogRecord")
+
+    lines: list[bytes] = []
+    formatter.lines("tlvproxy.access", "request", batch, lines, no_record)
+    logger = logging.getLogger("tlvproxy.access")
+    assert lines == [_reference_line(logger, created, extra) for created, extra in batch]
+
+
+def test_a_batch_reaches_a_line_handler_as_the_formatters_lines():
+    batch = [(_NOW + n * 0.0004, extra) for n, extra in enumerate(_BATCH_EXTRAS)]
+    with _line_logger("tests.logs.batch") as (logger, read):
+        log_batch(logger, "request", batch, pathname=__file__)
+        written = read()
+    assert written == b"".join(_reference_line(logger, c, e) for c, e in batch)
+
+
+def test_a_lone_surrogate_in_a_batch_is_written_as_the_formatter_writes_it():
+    batch = [
+        (_NOW, {"request_id": "before"}),
+        (_NOW, {"body_excerpt": "a\ud800b", "path": "/é"}),
+        (_NOW, {"request_id": "after"}),
+    ]
+    with _line_logger("tests.logs.surrogate") as (logger, read):
+        log_batch(logger, "request", batch, pathname=__file__)
+        written = read()
+    assert written == b"".join(_reference_line(logger, c, e) for c, e in batch)
+    values = [json.loads(line) for line in written.splitlines()]
+    assert values[1]["body_excerpt"] == "a\ud800b"
+    assert [v.get("request_id") for v in values] == ["before", None, "after"]
+
+
+_EXTRA_NAMES = st.one_of(
+    st.text(max_size=6),
+    # Names the formatter renames or drops, and LogRecord attributes makeRecord refuses.
+    st.sampled_from(["_private", "time", "pid", "level", "message", "asctime", "msg", "name"]),
+)
+_EXTRA_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),  # past 64 bits orjson refuses them: the json module writes them
+    st.floats(),
+    st.text(),  # lone surrogates included
+    st.lists(st.text(max_size=3), max_size=2),
+)
+
+
+@given(
+    extras=st.lists(
+        st.tuples(
+            st.floats(min_value=0, max_value=4e9),
+            st.dictionaries(_EXTRA_NAMES, _EXTRA_VALUES, max_size=4),
+        ),
+        max_size=4,
+    )
+)
+def test_any_batch_is_written_as_record_by_record_formatting_would(extras):
+    expected: list[bytes] = []
+    refused: type[Exception] | None = None
+    logger = logging.getLogger("tests.logs.any")
+    for created, extra in extras:
+        try:
+            expected.append(_reference_line(logger, created, extra))
+        except KeyError:  # makeRecord refuses the name; the records before it are written
+            refused = KeyError
+            break
+    with _line_logger("tests.logs.any") as (logger, read):
+        if refused is None:
+            log_batch(logger, "request", extras, pathname=__file__)
+        else:
+            with pytest.raises(refused):
+                log_batch(logger, "request", extras, pathname=__file__)
+        assert read() == b"".join(expected)
+
+
+def test_a_batch_below_the_level_writes_nothing():
+    with _line_logger("tests.logs.quiet", logging.WARNING) as (logger, read):
+        log_batch(logger, "request", [(_NOW, {"request_id": "quiet"})], pathname=__file__)
+        assert read() == b""
+
+
+def test_other_handlers_still_receive_log_records(caplog):
+    batch = [(_NOW, {"request_id": "seen"}), (_NOW + 0.5, {"request_id": "twice"})]
+    with _line_logger("tests.logs.shared") as (logger, read):
+        logger.propagate = True  # to caplog's handler too: a LogRecord per line
+        with caplog.at_level(logging.INFO, logger="tests.logs.shared"):
+            log_batch(logger, "request", batch, pathname=__file__)
+        written = read()
+    assert written == b"".join(_reference_line(logger, c, e) for c, e in batch)
+    records = [r for r in caplog.records if r.name == "tests.logs.shared"]
+    assert [(r.getMessage(), r.request_id, r.created) for r in records] == [
+        ("request", "seen", _NOW),
+        ("request", "twice", _NOW + 0.5),
+    ]
+    assert records[0].pathname == __file__
+
+
+def test_a_batch_is_written_in_whole_lines_of_at_most_pipe_buf(monkeypatch):
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    batch = [(_NOW, {"request_id": f"r{n}", "pad": "x" * 100}) for n in range(200)]
+    with _line_logger("tests.logs.chunks") as (logger, read):
+        monkeypatch.setattr(os, "write", write)
+        log_batch(logger, "request", batch, pathname=__file__)
+        monkeypatch.undo()
+        written = read()
+    assert b"".join(writes) == written
+    assert len(written.splitlines()) == 200
+    assert all(len(chunk) <= select.PIPE_BUF and chunk.endswith(b"\n") for chunk in writes)
+    assert len(writes) < 200 // 2  # several lines per write

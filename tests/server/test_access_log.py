@@ -1,4 +1,5 @@
-"""AccessLog: records reach the logger in batches, in order, with their own time."""
+"""AccessLog: records reach the logger in batches, in order, with their own time;
+the request tally is published after each batch."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 import trio
 import trio.testing
 
+from tlvproxy.metrics import Metrics, RequestTally
+from tlvproxy.server import access_log
 from tlvproxy.server.access_log import MAX_PENDING, AccessLog
 
 
@@ -70,6 +73,7 @@ def test_a_record_keeps_the_time_it_was_added(sink):
     access.flush()
     [record] = collected.records
     assert before <= record.created <= after
+    assert record.pathname == access_log.__file__  # where the record was made, as before
     assert record.msecs == int((record.created - int(record.created)) * 1000)
 
 
@@ -92,3 +96,49 @@ def test_nothing_is_logged_below_the_level_and_nothing_is_kept(sink):
     logger.setLevel(logging.INFO)
     access.flush()
     assert collected.records == []
+
+
+def _requests(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value(
+        "tlvproxy_http_requests_total", {"route": "echo", "method": "GET", "status": "200"}
+    )
+
+
+async def test_the_tally_is_published_after_each_pass(sink):
+    logger, collected = sink
+    metrics = Metrics()
+    tally = RequestTally(metrics)
+    access = AccessLog(logger, tally=tally)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(access.run)
+        for n in range(3):
+            tally.count("echo", "GET", 200, 0.002)
+            access.add({"request_id": f"r{n}"})
+        assert _requests(metrics) is None  # counted, not yet published
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(collected.records) == 3
+        assert _requests(metrics) == 3
+        assert (
+            metrics.registry.get_sample_value(
+                "tlvproxy_http_request_duration_seconds_bucket", {"route": "echo", "le": "0.0025"}
+            )
+            == 3
+        )
+        tally.count("echo", "GET", 200, 0.002)
+        access.add({"request_id": "r3"})
+        await trio.testing.wait_all_tasks_blocked()
+        assert _requests(metrics) == 4
+        nursery.cancel_scope.cancel()
+
+
+def test_the_tally_is_published_below_the_log_level_too(sink):
+    logger, collected = sink
+    logger.setLevel(logging.WARNING)
+    metrics = Metrics()
+    tally = RequestTally(metrics)
+    access = AccessLog(logger, tally=tally)
+    tally.count("echo", "GET", 200, 0.002)
+    access.add({"request_id": "quiet"})
+    access.flush()
+    assert collected.records == []
+    assert _requests(metrics) == 1

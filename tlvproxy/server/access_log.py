@@ -3,9 +3,10 @@
 Owns: the access records of one process between the request that made them and
 the `tlvproxy.access` logger. A request adds its record and goes on; `run()`
 passes everything added during one pass of the scheduler to the logger, back to
-back, their lines written together.
+back, their lines written together, then publishes the `RequestTally` (so the
+REST metrics lag requests by at most one pass, too).
 Must not: choose the record's fields (`logs.access_record`) or its format (the
-handler `logs.setup_logging` installs).
+handler `logs.setup_logging` installs; `logs.log_batch` writes its lines).
 
 Why batches: a record formatted in between the rest of a request's work finds
 the logging code cold in the CPU caches; formatted back to back it does not
@@ -19,11 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tlvproxy.logs import ACCESS_LOGGER, holding_lines
+from tlvproxy.logs import ACCESS_LOGGER, log_batch
+
+if TYPE_CHECKING:
+    from tlvproxy.metrics import RequestTally
 
 # Bounds what waits when `run()` is not running (or is starved): past this many
 # records, `add` flushes them itself.
@@ -33,8 +37,11 @@ MAX_PENDING = 1024
 class AccessLog:
     """The REST access records of one process, waiting for the next batch."""
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, logger: logging.Logger | None = None, tally: RequestTally | None = None
+    ) -> None:
         self._logger = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
+        self._tally = tally
         self._pending: list[tuple[float, dict[str, Any]]] = []
         self._wake = trio.Event()
 
@@ -48,24 +55,16 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
-        """Hand every pending record to the logger now, oldest first."""
+        """Hand every pending record to the logger now, oldest first, then
+        publish the tally (if any)."""
         pending = self._pending
-        if not pending:
-            return
-        self._pending = []
-        logger = self._logger
-        if not logger.isEnabledFor(logging.INFO):
-            return
-        with holding_lines(logger):
-            for created, fields in pending:
-                record = logger.makeRecord(
-                    logger.name, logging.INFO, __file__, 0, "request", (), None, extra=fields
-                )
-                # The time the request ended, not the time of the batch (the
-                # same arithmetic as LogRecord.__init__).
-                record.created = created
-                record.msecs = int((created - int(created)) * 1000) + 0.0
-                logger.handle(record)
+        try:
+            if pending:
+                self._pending = []
+                log_batch(self._logger, "request", pending, pathname=__file__)
+        finally:
+            if self._tally is not None:
+                self._tally.publish()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Flush after each scheduler pass that added records; forever, then once more."""
