@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 
 from tlvproxy.config.loader import load_table
 from tlvproxy.config.model import Address, Table, UpstreamSpec
+from tlvproxy.metrics import RequestTally
 from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.access_log import AccessLog
@@ -112,7 +113,10 @@ class Gateway:
         self._drain_requested = trio.Event()
         self._drain_signal = DrainSignal()  # wakes idle keep-alive connections to close
         self._timer = DeadlineTimer()  # fires every connection's time limits
-        self.access_log = AccessLog()
+        # REST requests are counted in plain numbers and published with each
+        # batch of access records, once per scheduler pass.
+        self.tally = RequestTally(metrics)
+        self.access_log = AccessLog(tally=self.tally)
 
     # ------------------------------------------------------------ the table
 
@@ -235,7 +239,7 @@ class Gateway:
             if self._serve_admin and table.listen.admin is not None:
                 admin_listener = bind_listener(table.listen.admin, reuse_port=False)
                 self.admin_address = _address_of(admin_listener)
-            rest = RestHandler(self.current, self.metrics, self.access_log)
+            rest = RestHandler(self.current, self.metrics, self.access_log, self.tally)
             errors = error_response_for(self.current, self.metrics)
             async with trio.open_nursery() as admin_nursery:
                 if admin_listener is not None:
@@ -331,7 +335,6 @@ class Gateway:
             handler,
             errors,
             upgrade=upgrade,
-            draining=self.shutdown.is_set,
             drain_signal=self._drain_signal,
             timer=self._timer,
         )

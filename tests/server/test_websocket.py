@@ -33,7 +33,7 @@ from wsproto.events import (
 )
 
 from tlvproxy.config.loader import load_table
-from tlvproxy.metrics import Metrics
+from tlvproxy.metrics import Metrics, RequestTally
 from tlvproxy.mock_upstream import serve_mock_upstream
 from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
@@ -295,7 +295,8 @@ async def open_gateway(table: Table) -> AsyncIterator[Gateway]:
             waf=Waf(table.waf),
         )
         settings = HttpSettings.from_limits(table.limits, "h11")
-        rest = RestHandler(lambda: runtime, metrics, AccessLog())
+        tally = RequestTally(metrics)
+        rest = RestHandler(lambda: runtime, metrics, AccessLog(tally=tally), tally)
         errors = error_response_for(lambda: runtime, metrics)
 
         async def upgrade(request: Any, stream: trio.abc.Stream, leftover: bytes) -> None:

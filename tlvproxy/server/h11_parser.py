@@ -150,6 +150,7 @@ class H11Parser:
         *,
         close: bool,
         method: str | None = None,
+        checked: bool = False,
     ) -> bytes:
         check_status(status, body)
         wire_headers = list(headers)

@@ -111,6 +111,9 @@ class Response:
     status: int
     headers: Sequence[tuple[str, str]] = ()
     body: bytes = b""
+    # True when the status and headers are known to be valid (built by the
+    # gateway from checked values), so serialising skips their checks.
+    checked: bool = False
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -289,7 +292,7 @@ class _Connection:
             self._submit, self._handler = None, handler
         self._error_handler = error_handler
         self._upgrade = upgrade
-        self._draining = draining
+        self._draining = None if draining is _never else draining
         self._drain_signal = drain_signal
         self._parser: RequestParser = new_parser(
             settings.parser,
@@ -318,12 +321,24 @@ class _Connection:
         # waits for bytes (see `_wait_receive`), cancelled by the drain signal
         # only while idle.
         self._scope = trio.CancelScope()
+        self._cancelled = False  # `_scope` was cancelled (cheaper to read than cancel_called)
+        # The clock's own method: trio.current_time() is three calls deep.
+        self._now = trio.lowlevel.current_clock().current_time
         self.timer_deadline = math.inf  # when the wait under way must end; read by the timer
         self._idle = True  # whether that wait is between requests
 
     def _is_draining(self) -> bool:
         signal = self._drain_signal
-        return (signal is not None and signal.is_set()) or self._draining()
+        if signal is not None and signal._set:
+            return True
+        draining = self._draining
+        return draining is not None and draining()
+
+    def _cancel(self) -> None:
+        # End the wait under way (and `_serve_requests`): a deadline, the
+        # drain, or an answer that closes the connection.
+        self._cancelled = True
+        self._scope.cancel()
 
     async def serve(self) -> None:
         try:
@@ -352,7 +367,8 @@ class _Connection:
         header_timeout = self._settings.header_timeout
         # A new connection's first head must arrive within header_timeout of the
         # accept; later ones within header_timeout of their first byte (SPEC 3).
-        idle_deadline = trio.current_time() + header_timeout
+        now = self._now
+        idle_deadline = now() + header_timeout
         header_deadline: float | None = idle_deadline
         while True:
             self._in_batch = True
@@ -374,11 +390,11 @@ class _Connection:
                     data = None if answered else await self._read_now()
                     if data is None:
                         data = await self._wait_receive(idle_deadline, idle=True)
-                    if header_deadline is None:
-                        header_deadline = trio.current_time() + header_timeout
                 else:
                     if header_deadline is None:
-                        header_deadline = trio.current_time() + header_timeout
+                        # The request began with the bytes read last; the rest
+                        # must follow within header_timeout.
+                        header_deadline = now() + header_timeout
                     if self._head is not None and parser.expects_continue:
                         # After every earlier answer, as the order demands.
                         await self._settle(0)
@@ -390,7 +406,7 @@ class _Connection:
                 parser.receive_data(data)
             elif type(event) is RequestHead:
                 self._head = event
-                self._received_at = trio.current_time()
+                self._received_at = now()
                 if self._is_draining():
                     raise ShuttingDown("the gateway is shutting down; retry on a new connection")
             elif type(event) is RequestEnd:
@@ -416,7 +432,9 @@ class _Connection:
                     if self._closing:
                         return True
                 header_deadline = None
-                idle_deadline = trio.current_time() + self._settings.keepalive_timeout
+                # An early deadline for the wait for the next request: `expire`
+                # moves it to keepalive_timeout after the last answer.
+                idle_deadline = self._received_at + self._settings.keepalive_timeout
             else:
                 return False  # the peer closed between requests
 
@@ -517,6 +535,7 @@ class _Connection:
                     response.body,
                     close=close,
                     method=answer.method,
+                    checked=response.checked,
                 )
             except InvalidResponse:
                 log.exception("handler answered %s invalidly", answer.method)
@@ -532,9 +551,9 @@ class _Connection:
                 order.clear()
                 self._closing = True
                 if not self._in_batch:
-                    self._scope.cancel()  # this task waits for bytes: it closes now
+                    self._cancel()  # this task waits for bytes: it closes now
                 break
-        self._answered_at = trio.current_time()
+        self._answered_at = self._now()
         self._send_now(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def _send_now(self, data: bytes) -> None:
@@ -596,7 +615,7 @@ class _Connection:
             self._settled = None
             event.set()
         if self._close_after_answers and not self._order and not self._out:
-            self._scope.cancel()
+            self._cancel()
 
     async def _settle(self, owed: int) -> None:
         """Write what is ready, then wait until at most `owed` answers are owed."""
@@ -624,7 +643,7 @@ class _Connection:
         if self._order or self._out:
             self._close_after_answers = True
         else:
-            self._scope.cancel()
+            self._cancel()
 
     # ------------------------------------------------------------ reading
 
@@ -669,7 +688,6 @@ class _Connection:
         timer, instead of a new cancel scope per wait: entering and leaving a
         trio cancel scope costs about as much as parsing a request.
         """
-        scope = self._scope
         self._idle = idle
         signal = self._drain_signal if idle else None
         if signal is not None:
@@ -681,7 +699,7 @@ class _Connection:
             self.timer_deadline = math.inf
             if signal is not None:
                 signal._idle.discard(self)
-        if scope.cancel_called:
+        if self._cancelled:
             # The deadline or the drain signal fired as the bytes came in: they
             # are too late, and the handler must not run in a cancelled scope.
             await trio.lowlevel.checkpoint()
@@ -704,7 +722,7 @@ class _Connection:
             if idle_until > now:
                 self._arm(idle_until)
                 return
-        self._scope.cancel()
+        self._cancel()
 
     async def _receive_some(self) -> bytes:
         # A socket is waited on first: `_read_now` found nothing, or an answer

@@ -291,11 +291,14 @@ class HttptoolsParser:
         *,
         close: bool,
         method: str | None = None,
+        checked: bool = False,
     ) -> bytes:
-        check_status(status, body)
+        if not checked:
+            check_status(status, body)
+            for name, value in headers:
+                check_header(name, value)
         parts = [_STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n"]
         for name, value in headers:
-            check_header(name, value)
             parts.append(f"{name}: {value}\r\n")
         if status not in NO_BODY_STATUSES:
             parts.append(f"Content-Length: {len(body)}\r\n")

@@ -135,10 +135,12 @@ class RequestParser(Protocol):
         *,
         close: bool,
         method: str | None = None,
+        checked: bool = False,
     ) -> bytes:
         """The bytes of a whole response, with Content-Length and, when `close`,
         `Connection: close` added; no body for HEAD, 204 or 304. `method` is the
-        request's (by default the last one parsed).
+        request's (by default the last one parsed). `checked`: the caller
+        vouches for the status and headers (see `check_status`, `check_header`).
 
         Raises InvalidResponse if the status or a header cannot be sent as given.
         """

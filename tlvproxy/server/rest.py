@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from base64 import b64encode
 from collections.abc import Callable, Mapping
 from random import getrandbits
@@ -37,10 +38,12 @@ from tlvproxy.server.view import RequestContext, client_address
 if TYPE_CHECKING:
     from tlvproxy.config.model import CommandSpec
     from tlvproxy.framing import Frame
-    from tlvproxy.metrics import Metrics
+    from tlvproxy.metrics import Metrics, RequestTally
     from tlvproxy.server.access_log import AccessLog
 
 _JSON = "application/json"
+# A caller's request id that can be echoed as a header value as it is.
+_REQUEST_ID = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,198}[\x21-\x7e])?")
 _waf_log = logging.getLogger("tlvproxy.waf")
 _log = logging.getLogger("tlvproxy.rest")
 
@@ -48,12 +51,17 @@ _log = logging.getLogger("tlvproxy.rest")
 def request_id_of(request: Request | None) -> str:
     """The caller's X-Request-Id, or a new one (SPEC 4.1).
 
-    A new id is 128 random bits in hex, like a uuid4's: unique, but drawn from
-    `random` (reseeded in every forked worker), because os.urandom costs a
-    system call per request and a request id is not a secret.
+    A caller's id is kept when it can go back as a header as it is: printable
+    ASCII, at most 200 characters (docs/reference.md "Request ids"); another
+    gets a new id instead of breaking the answer (SPEC 4.3). A new id is 128
+    random bits in hex, like a uuid4's: unique, but drawn from `random`
+    (reseeded in every forked worker), because os.urandom costs a system call
+    per request and a request id is not a secret.
     """
     given = request.header("x-request-id") if request is not None else None
-    return given if given else f"{getrandbits(128):032x}"
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return f"{getrandbits(128):032x}"
 
 
 def _dumps(value: Any) -> bytes:
@@ -68,8 +76,9 @@ def render_error(error: GatewayError, request_id: str, *, envelope: bool) -> Res
         code = error.status if isinstance(error, UpstreamStatus) else status
         data = error.body if isinstance(error, UpstreamStatus) else None
         body = _dumps({"code": code, "msg": error.message, "data": data})
-        return Response(status=200, headers=headers, body=body)
-    return Response(status=status, headers=headers, body=_dumps(error_body(error, request_id)))
+        return Response(status=200, headers=headers, body=body, checked=True)
+    body = _dumps(error_body(error, request_id))
+    return Response(status=status, headers=headers, body=body, checked=True)
 
 
 RuntimeSource = Callable[[], TableRuntime]
@@ -84,16 +93,20 @@ class RestHandler:
     reader (or its timer) completes the `_Exchange`, which renders the answer.
     """
 
-    def __init__(self, runtime: RuntimeSource, metrics: Metrics, access_log: AccessLog) -> None:
+    def __init__(
+        self,
+        runtime: RuntimeSource,
+        metrics: Metrics,
+        access_log: AccessLog,
+        tally: RequestTally,
+    ) -> None:
         # Each request reads `runtime()` once and keeps it (SPEC 7: in-flight
         # requests finish on the table they started with).
         self._runtime = runtime
         self._metrics = metrics
         self._access_log = access_log
-        # Metric children by label values, looked up once: `.labels()` costs
-        # more than the increment itself.
-        self._count_children: dict[tuple[str, str, int], Callable[[], None]] = {}
-        self._time_children: dict[str, Callable[[float], None]] = {}
+        # Requests are counted in plain numbers, published once per pass.
+        self._tally = tally
 
     def submit(self, request: Request, answer: Answer) -> None:
         """Answer `request` through `answer`, now or when the upstream replies."""
@@ -116,7 +129,8 @@ class RestHandler:
                 query_string=request.query_string,
                 path_params=match.params,
             )
-            self._apply_policy(runtime, command, context)
+            now = trio.current_time()
+            self._apply_policy(runtime, command, context, now)
             codec = table.codecs[command.name]
             overlays: list[Mapping[str, str]] = [context.query, context.path_params]
             if command.fields:
@@ -139,23 +153,8 @@ class RestHandler:
             uid=uid,
             key=key,
             idempotent=command.idempotent,
-            deadline=trio.current_time() + timeout,
+            deadline=now + timeout,
         )
-
-    def _count(self, route: str, method: str, status: int) -> None:
-        key = (route, method, status)
-        inc = self._count_children.get(key)
-        if inc is None:
-            inc = self._metrics.http_requests.labels(route, method, str(status)).inc
-            self._count_children[key] = inc
-        inc()
-
-    def _time(self, route: str, duration: float) -> None:
-        observe = self._time_children.get(route)
-        if observe is None:
-            observe = self._metrics.http_request_duration.labels(route).observe
-            self._time_children[route] = observe
-        observe(duration)
 
     def _inspect(self, runtime: TableRuntime, request: Request) -> None:
         matches = runtime.waf.inspect_request(
@@ -173,9 +172,9 @@ class RestHandler:
             )
 
     def _apply_policy(
-        self, runtime: TableRuntime, command: CommandSpec, context: RequestContext
+        self, runtime: TableRuntime, command: CommandSpec, context: RequestContext, now: float
     ) -> None:
-        refusal = runtime.limiter.check(command.name, context, trio.current_time())
+        refusal = runtime.limiter.check(command.name, context, now)
         if refusal is not None:
             self._metrics.rate_limited.labels(refusal.rule).inc()
             raise refusal.error()
@@ -248,8 +247,7 @@ class _Exchange:
         status = response.status
         route = "unmatched" if command is None else command.name
         duration = trio.current_time() - request.received_at
-        handler._count(route, request.method, status)
-        handler._time(route, duration)
+        handler._tally.count(route, request.method, status, duration)
         handler._access_log.add(
             access_record(
                 request_id=self.request_id,
@@ -293,9 +291,10 @@ class _Exchange:
                 status=200,
                 headers=[("Content-Type", _JSON), ("X-Request-Id", request_id)],
                 body=b'{"code":0,"msg":"ok","data":' + data + b"}",
+                checked=True,
             )
         headers = [("Content-Type", codec.content_type), ("X-Request-Id", request_id)]
-        return Response(status=200, headers=headers, body=payload)
+        return Response(status=200, headers=headers, body=payload, checked=True)
 
 
 def _field_values(command: CommandSpec, context: RequestContext) -> dict[str, str]:
