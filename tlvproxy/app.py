@@ -126,7 +126,8 @@ class Gateway:
         return self._runtime
 
     def current(self) -> Runtime:
-        return self.runtime
+        """The runtime of the current table (once running); read per request."""
+        return self._runtime  # type: ignore[return-value]  # set by _install before serving
 
     # ------------------------------------------------------------ admin backend
 

@@ -89,6 +89,8 @@ class Waf:
             location: _LocationRules(tuple(c for c in self._rules if location in c.rule.locations))
             for location in _REQUEST_LOCATIONS
         }
+        # False when no rule looks at REST requests: they skip `inspect_request`.
+        self.inspects_requests = any(lr.rules for lr in self._by_location.values())
         # Every location's anchor literals together: a request whose text holds
         # none of them matches no rule that has any, so the usual clean request
         # costs one pass over its text instead of one per location.

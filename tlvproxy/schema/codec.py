@@ -98,6 +98,9 @@ class CommandCodec(ABC):
     """
 
     content_type: str
+    # False when `encode_request` ignores its overlays (the body passes through):
+    # a caller can then skip computing them.
+    uses_overlays: bool = True
 
     @abstractmethod
     def encode_request(self, body: bytes, overlays: Sequence[Mapping[str, str]]) -> bytes:
@@ -161,6 +164,19 @@ def _loads(body: bytes) -> Any:
         return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except RecursionError:
         raise ValueError("the JSON nests too deeply") from None
+
+
+def _check(body: bytes) -> None:
+    """Raise ValueError unless `body` is JSON text (strictly, as `_loads`).
+
+    Only validity matters here, not the value, so an integer outside 64 bits,
+    which orjson reads as a float, needs no second look: one orjson parse
+    accepts the usual body, and the json module decides the rest.
+    """
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        _loads(body)
 
 
 def _dumps(value: Any) -> bytes:
@@ -682,11 +698,15 @@ class JsonCodec(CommandCodec):
     """A JSON body passed through unchanged once it parses (SPEC 4.1)."""
 
     content_type = JSON_CONTENT_TYPE
+    uses_overlays = False
 
     def encode_request(self, body: bytes, overlays: Sequence[Mapping[str, str]]) -> bytes:
-        if not body.strip():
+        if not body or body.isspace():
             return b"{}"
-        _parse_body(body)
+        try:
+            _check(body)
+        except ValueError as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from None
         return body
 
     def encode_value(self, value: Any) -> bytes:
@@ -704,9 +724,12 @@ class JsonCodec(CommandCodec):
             raise UpstreamProtocolError(f"the upstream's body is not valid JSON: {exc}") from None
 
     def response_json(self, body: bytes) -> bytes:
-        if not body.strip():
+        if not body or body.isspace():
             return b"null"
-        self.decode_response(body)
+        try:
+            _check(body)
+        except ValueError as exc:
+            raise UpstreamProtocolError(f"the upstream's body is not valid JSON: {exc}") from None
         return body
 
     def decode_request(self, body: bytes) -> Any:
@@ -722,6 +745,7 @@ class RawCodec(CommandCodec):
     """Bytes both ways; base64 strings where a JSON value is needed."""
 
     content_type = RAW_CONTENT_TYPE
+    uses_overlays = False
 
     def encode_request(self, body: bytes, overlays: Sequence[Mapping[str, str]]) -> bytes:
         return body

@@ -324,7 +324,12 @@ class _Connection:
         self._cancelled = False  # `_scope` was cancelled (cheaper to read than cancel_called)
         # The clock's own method: trio.current_time() is three calls deep.
         self._now = trio.lowlevel.current_clock().current_time
-        self.timer_deadline = math.inf  # when the wait under way must end; read by the timer
+        # The deadline of the wait under way (inf: none), and the deadline of
+        # this connection's entry in the timer (read by the timer; inf: none).
+        # A later deadline does not push a new entry: the timer fires at the
+        # old one and `expire` moves it on, so most waits cost no heap push.
+        self._wanted = math.inf
+        self.timer_deadline = math.inf
         self._idle = True  # whether that wait is between requests
 
     def _is_draining(self) -> bool:
@@ -696,7 +701,7 @@ class _Connection:
         try:
             data = await self._receive_some()
         finally:
-            self.timer_deadline = math.inf
+            self._wanted = math.inf
             if signal is not None:
                 signal._idle.discard(self)
         if self._cancelled:
@@ -706,23 +711,30 @@ class _Connection:
         return data
 
     def _arm(self, deadline: float) -> None:
-        self.timer_deadline = deadline
-        assert self._timer is not None  # set before serve() runs
-        self._timer.watch(self, deadline)
+        self._wanted = deadline
+        if deadline < self.timer_deadline:
+            self.timer_deadline = deadline
+            assert self._timer is not None  # set before serve() runs
+            self._timer.watch(self, deadline)
 
     def expire(self, now: float) -> None:
-        """The timer's call: the wait under way is over time."""
+        """The timer's call: end the wait under way if it is over time."""
+        self.timer_deadline = math.inf  # the entry that called is used up
+        wanted = self._wanted
+        if wanted == math.inf:
+            return  # not waiting
         if self._idle:
             # keepalive_timeout counts from the last answer (docs/configuration.md
             # `limits`): a connection that still owes answers is not idle yet.
+            keepalive = self._settings.keepalive_timeout
             if self._order or self._out:
-                self._arm(now + self._settings.keepalive_timeout)
-                return
-            idle_until = self._answered_at + self._settings.keepalive_timeout
-            if idle_until > now:
-                self._arm(idle_until)
-                return
-        self._cancel()
+                wanted = now + keepalive
+            else:
+                wanted = max(wanted, self._answered_at + keepalive)
+        if wanted > now:
+            self._arm(wanted)
+        else:
+            self._cancel()
 
     async def _receive_some(self) -> bytes:
         # A socket is waited on first: `_read_now` found nothing, or an answer

@@ -120,7 +120,8 @@ class RestHandler:
             assert table.router is not None  # the loader always builds one
             # The WAF sees every request, routed or not: probes of unknown paths
             # are refused (and counted) like any other (SPEC 4.4).
-            self._inspect(runtime, request)
+            if runtime.waf.inspects_requests:
+                self._inspect(runtime, request)
             match = table.router.match(request.method, request.path)
             command = exchange.command = match.route.command
             context = RequestContext(
@@ -130,18 +131,22 @@ class RestHandler:
                 path_params=match.params,
             )
             now = trio.current_time()
-            self._apply_policy(runtime, command, context, now)
+            if runtime.limiter.applies(command.name):
+                self._apply_policy(runtime, command, context, now)
             codec = table.codecs[command.name]
-            overlays: list[Mapping[str, str]] = [context.query, context.path_params]
-            if command.fields:
-                overlays.append(_field_values(command, context))
-            body = codec.encode_request(request.body, overlays)
-            uid = _uid(command, context)
+            if codec.uses_overlays:
+                overlays: list[Mapping[str, str]] = [context.query, context.path_params]
+                if command.fields:
+                    overlays.append(_field_values(command, context))
+                body = codec.encode_request(request.body, overlays)
+            else:
+                body = codec.encode_request(request.body, ())
+            uid = 0 if command.uid is None else _uid(command, context)
             assert command.upstream is not None  # routed commands always name one
             pool = runtime.pools[command.upstream]
             spec = pool.spec
-            key = spec.hash_on.evaluate(context) if spec.hash_on is not None else None
-            timeout = command.timeout if command.timeout is not None else spec.timeout
+            key = None if spec.hash_on is None else spec.hash_on.evaluate(context)
+            timeout = spec.timeout if command.timeout is None else command.timeout
             exchange.timeout = timeout
         except GatewayError as error:
             exchange.on_error(error, None)
@@ -206,8 +211,11 @@ class _Exchange:
         self.request = request
         self.answer = answer
         self.request_id = request_id_of(request)
-        self.client_ip = client_address(
-            request.remote_addr, request.headers, self.table.trusted_proxies
+        trusted = self.table.trusted_proxies
+        self.client_ip = (
+            client_address(request.remote_addr, request.headers, trusted)
+            if trusted
+            else request.remote_addr
         )
         self.command: CommandSpec | None = None
         self.timeout = 0.0
