@@ -17,6 +17,7 @@ import trio.testing
 
 from tlvproxy.errors import GatewayError, RateLimited, status_of
 from tlvproxy.server.http_conn import (
+    Answer,
     DrainSignal,
     HttpSettings,
     Request,
@@ -181,6 +182,42 @@ async def test_pipelined_requests_are_answered_in_order(settings):
         assert [r.headers["x-path"] for r in replies if r] == ["/1", "/2", "/3"]
         assert replies[1] is not None
         assert replies[1].body == b"two"
+
+
+class LaterAnswers:
+    """A Submitter that answers each request from another task, one scheduler
+    pass later, as the upstream reader does for REST requests."""
+
+    def __init__(self, nursery: trio.Nursery, body: bytes) -> None:
+        self.nursery = nursery
+        self.body = body
+        self.seen = 0
+
+    def submit(self, request: Request, answer: Answer) -> None:
+        self.seen += 1
+        self.nursery.start_soon(self._answer, answer)
+
+    async def _answer(self, answer: Answer) -> None:
+        await trio.lowlevel.checkpoint()
+        answer.set(Response(200, [], self.body))
+
+
+async def test_a_client_that_does_not_read_stops_being_read(settings):
+    """Pipelined requests whose answers the client never reads: the driver
+    stops parsing once the unsent answers pass its bound, instead of
+    queueing every answer in memory."""
+    async with trio.open_nursery() as nursery:
+        handler = LaterAnswers(nursery, b"z" * 262_144)
+        async with serving(settings, handler) as (open_client, _):
+            client = await open_client()
+            # One request at a time, each answered before the next arrives, so
+            # that no answers are owed: only the bytes unsent can stop it.
+            for _ in range(400):  # 100 MiB of answers asked for
+                await client.send(get("/big"))
+                await trio.testing.wait_all_tasks_blocked(cushion=0.002)
+            # What the kernel's socket buffers hold, and the bound; far from 400.
+            assert 0 < handler.seen < 150
+        nursery.cancel_scope.cancel()
 
 
 async def test_chunked_body_in_pieces(settings):

@@ -430,9 +430,15 @@ class _Connection:
                     keep_alive = head.keep_alive
                 if not await self._answer(request, keep_alive):
                     return True
-                if len(self._order) >= _MAX_PIPELINED or not self._pipelining:
+                if (
+                    len(self._order) >= _MAX_PIPELINED
+                    or len(self._out) > _MAX_OUT
+                    or not self._pipelining
+                ):
                     # h11 parses the next request only once this one is
-                    # answered; httptools up to _MAX_PIPELINED answers ahead.
+                    # answered; httptools up to _MAX_PIPELINED answers ahead,
+                    # and not while a client that does not read holds more
+                    # than _MAX_OUT of answers unsent.
                     await self._settle(_MAX_PIPELINED - 1 if self._pipelining else 0)
                     if self._closing:
                         return True
