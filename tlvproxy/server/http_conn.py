@@ -148,7 +148,7 @@ class DrainSignal:
 
     def __init__(self) -> None:
         self._set = False
-        self._idle: set[_Connection] = set()
+        self._connections: set[_Connection] = set()
 
     def is_set(self) -> bool:
         """True once `set()` was called."""
@@ -157,7 +157,7 @@ class DrainSignal:
     def set(self) -> None:
         """Start draining and wake every idle connection so it closes."""
         self._set = True
-        for connection in list(self._idle):
+        for connection in list(self._connections):
             connection._drain()
 
 
@@ -243,6 +243,8 @@ async def serve_http_connection(
         draining,
         drain_signal,
     )
+    if drain_signal is not None:
+        drain_signal._connections.add(connection)
     try:
         async with trio.open_nursery() as nursery:
             connection._nursery = nursery
@@ -264,6 +266,8 @@ async def serve_http_connection(
                 nursery.cancel_scope.cancel()
     finally:
         connection._closed = True
+        if drain_signal is not None:
+            drain_signal._connections.discard(connection)
         await trio.aclose_forcefully(stream)
 
 
@@ -428,7 +432,10 @@ class _Connection:
                     keep_alive = False
                 else:
                     keep_alive = head.keep_alive
-                if not await self._answer(request, keep_alive):
+                if self._submit is not None:
+                    if not self._submit_request(request, keep_alive):
+                        return True
+                elif not await self._answer(request, keep_alive):
                     return True
                 if (
                     len(self._order) >= _MAX_PIPELINED
@@ -451,21 +458,27 @@ class _Connection:
 
     _answered = False  # an answer was queued since the last write (see `_answer`)
 
-    async def _answer(self, request: Request, keep_alive: bool) -> bool:
-        """Give `request` to the handler with its place in the answer order;
+    def _submit_request(self, request: Request, keep_alive: bool) -> bool:
+        """Give `request` to the Submitter with its place in the answer order;
         False when the connection must close after this answer."""
         answer = Answer(self, request.method, keep_alive)
         self._order.append(answer)
         self._answered = True
-        submit = self._submit
-        if submit is not None:
-            try:
-                submit(request, answer)
-            except Exception:
-                log.exception("handler failed on %s %s", request.method, request.target)
-                answer.keep_alive = False
-                answer.set(self._internal_error(request))
-            return answer.keep_alive
+        assert self._submit is not None  # the caller checked
+        try:
+            self._submit(request, answer)
+        except Exception:
+            log.exception("handler failed on %s %s", request.method, request.target)
+            answer.keep_alive = False
+            answer.set(self._internal_error(request))
+        return answer.keep_alive
+
+    async def _answer(self, request: Request, keep_alive: bool) -> bool:
+        """Await the async handler's answer to `request`, in its place in the
+        answer order; False when the connection must close after it."""
+        answer = Answer(self, request.method, keep_alive)
+        self._order.append(answer)
+        self._answered = True
         assert self._handler is not None  # one of the two is set
         try:
             response = await self._handler(request)
@@ -649,8 +662,11 @@ class _Connection:
             await self._settled.wait()
 
     def _drain(self) -> None:
-        # The drain signal reached this idle connection: close it now, or once
-        # the answers it still owes are written.
+        # The drain signal: a connection waiting for its next request closes
+        # now, or once the answers it still owes are written; any other finds
+        # out at its next request or wait.
+        if not self._idle or self._wanted == math.inf:
+            return
         if self._order or self._out:
             self._close_after_answers = True
         else:
@@ -700,16 +716,11 @@ class _Connection:
         trio cancel scope costs about as much as parsing a request.
         """
         self._idle = idle
-        signal = self._drain_signal if idle else None
-        if signal is not None:
-            signal._idle.add(self)
         self._arm(deadline)
         try:
             data = await self._receive_some()
         finally:
             self._wanted = math.inf
-            if signal is not None:
-                signal._idle.discard(self)
         if self._cancelled:
             # The deadline or the drain signal fired as the bytes came in: they
             # are too late, and the handler must not run in a cancelled scope.
