@@ -377,6 +377,8 @@ class _Connection:
         # A new connection's first head must arrive within header_timeout of the
         # accept; later ones within header_timeout of their first byte (SPEC 3).
         now = self._now
+        signal = self._drain_signal
+        draining = self._draining
         idle_deadline = now() + header_timeout
         header_deadline: float | None = idle_deadline
         while True:
@@ -416,7 +418,9 @@ class _Connection:
             elif type(event) is RequestHead:
                 self._head = event
                 self._received_at = now()
-                if self._is_draining():
+                if (signal is not None and signal._set) or (
+                    draining is not None and draining()
+                ):
                     raise ShuttingDown("the gateway is shutting down; retry on a new connection")
             elif type(event) is RequestEnd:
                 head = self._head

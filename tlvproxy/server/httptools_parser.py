@@ -116,6 +116,18 @@ class HttptoolsParser:
             self._head_bytes += len(piece)
         self._tail = piece[-3:] if len(piece) >= 3 else (self._tail + piece)[-3:]
         self._feed(piece)
+        remaining = self._remaining
+        if (
+            self._state == _BODY_LENGTH
+            and 0 < remaining <= len(self._pending)
+            and self._error is None
+        ):
+            # The head just ended and its whole body is here: feed it now, the
+            # step the next call would take.
+            data = self._pending
+            self._remaining = 0
+            self._pending = data[remaining:]
+            self._feed(data[:remaining])
         if (
             self._error is None
             and self._state == _HEAD

@@ -215,7 +215,7 @@ def split_target(target: str) -> tuple[str, str]:
     """(percent-decoded path, raw query) of an origin- or absolute-form target."""
     if target.startswith("/"):
         raw_path, _, query = target.partition("?")
-        return unquote(raw_path), query
+        return (unquote(raw_path) if "%" in raw_path else raw_path), query
     if target == "*":
         return target, ""
     parts = urlsplit(target)
