@@ -34,11 +34,11 @@ from tlvproxy.server.http_conn import (
 )
 from tlvproxy.server.parsers import resolve_parser_name
 from tlvproxy.server.rest import RestHandler, error_response_for
-from tlvproxy.server.websocket import serve_websocket
+from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
 from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Mapping
     from pathlib import Path
 
     from tlvproxy.framing import HeaderLayout
@@ -112,6 +112,7 @@ class Gateway:
         self.admin_address: Address | None = None
         self._drain_requested = trio.Event()
         self._drain_signal = DrainSignal()  # wakes idle keep-alive connections to close
+        self.websockets = WebSocketSessions()  # the drain closes them with 1001
         self._timer = DeadlineTimer()  # fires every connection's time limits
         # REST requests are counted in plain numbers and published with each
         # batch of access records, once per scheduler pass.
@@ -286,6 +287,7 @@ class Gateway:
         self.ready = False
         self.shutdown.set()
         self._drain_signal.set()
+        self.websockets.drain()
         self._drain_requested.set()
 
     async def _accept(
@@ -340,14 +342,18 @@ class Gateway:
             timer=self._timer,
         )
 
-    async def _upgrade(self, request: Request, stream: trio.abc.Stream, leftover: bytes) -> None:
-        await serve_websocket(
+    def _upgrade(
+        self, request: Request, stream: trio.abc.Stream, leftover: bytes
+    ) -> Awaitable[None]:
+        # Returns the session's coroutine rather than awaiting it: no frame of
+        # this method stays with every idle WebSocket session.
+        return serve_websocket(
             request,
             stream,
             leftover,
             runtime=self.runtime,
             metrics=self.metrics,
-            shutdown=self.shutdown,
+            sessions=self.websockets,
         )
 
 

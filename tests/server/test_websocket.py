@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -40,7 +41,7 @@ from tlvproxy.policy.waf import Waf
 from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
 from tlvproxy.server.rest import RestHandler, error_response_for
-from tlvproxy.server.websocket import OUTGOING_QUEUE, serve_websocket
+from tlvproxy.server.websocket import OUTGOING_QUEUE, WebSocketSessions, serve_websocket
 from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
@@ -260,8 +261,27 @@ class Runtime:
 @attrs.frozen
 class Gateway:
     port: int
-    shutdown: trio.Event
+    sessions: WebSocketSessions
     metrics: Metrics
+
+
+class WrappedStream(trio.abc.Stream):
+    """A stream that is not a socket's (as a TLS stream is not)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 @asynccontextmanager
@@ -280,10 +300,16 @@ async def open_mock_upstream() -> AsyncIterator[tuple[str, trio.CancelScope]]:
 
 
 @asynccontextmanager
-async def open_gateway(table: Table) -> AsyncIterator[Gateway]:
-    """The HTTP driver with `serve_websocket` as its upgrade handler, on a real pool."""
+async def open_gateway(
+    table: Table, *, send_buffer: int | None = None, wrap: bool = False
+) -> AsyncIterator[Gateway]:
+    """The HTTP driver with `serve_websocket` as its upgrade handler, on a real pool.
+
+    `send_buffer` sets SO_SNDBUF on the gateway's side of each client connection;
+    `wrap` hands the session a `WrappedStream` instead of the socket's stream.
+    """
     metrics = Metrics()
-    shutdown = trio.Event()
+    sessions = WebSocketSessions()
     async with (
         trio.open_nursery() as nursery,
         open_pool(table.upstreams["im"], table.framing, metrics) as pool,
@@ -300,19 +326,23 @@ async def open_gateway(table: Table) -> AsyncIterator[Gateway]:
         errors = error_response_for(lambda: runtime, metrics)
 
         async def upgrade(request: Any, stream: trio.abc.Stream, leftover: bytes) -> None:
+            if wrap:
+                stream = WrappedStream(stream)
             await serve_websocket(
-                request, stream, leftover, runtime=runtime, metrics=metrics, shutdown=shutdown
+                request, stream, leftover, runtime=runtime, metrics=metrics, sessions=sessions
             )
 
         async def handle(stream: trio.SocketStream) -> None:
+            if send_buffer is not None:
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
             peer = stream.socket.getpeername()[0]
             await serve_http_connection(
-                stream, peer, settings, rest, errors, upgrade=upgrade, draining=shutdown.is_set
+                stream, peer, settings, rest, errors, upgrade=upgrade, draining=sessions.is_draining
             )
 
         listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
-        yield Gateway(port=port, shutdown=shutdown, metrics=metrics)
+        yield Gateway(port=port, sessions=sessions, metrics=metrics)
         nursery.cancel_scope.cancel()
 
 
@@ -380,6 +410,73 @@ async def open_silent_upstream() -> AsyncIterator[SilentUpstream]:
         silent.node = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         yield silent
         nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class ScriptedUpstream:
+    """A TLV node whose answers the test writes by hand: it collects the requests
+    of its one connection, parsed with `struct` (an independent reading of SPEC 1)."""
+
+    node: str = ""
+    stream: trio.SocketStream | None = None
+    requests: list[tuple[int, int, int, bytes]] = attrs.field(
+        factory=list
+    )  # command, seq, uid, body
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        buffer = b""
+        while data := await stream.receive_some(65536):
+            # The connection that sends requests; the pool's probes send none.
+            self.stream = stream
+            buffer += data
+            while len(buffer) >= 2 + HEADER.size:
+                end = 1 + HEADER.size + HEADER.unpack_from(buffer, 1)[5] + 1
+                if len(buffer) < end:
+                    break
+                _flags, command, seq, uid, _status, body = unframe(buffer[:end])
+                self.requests.append((command, seq, uid, body))
+                buffer = buffer[end:]
+            self.changed.set()
+            self.changed = trio.Event()
+
+    async def wait_for(self, count: int) -> list[tuple[int, int, int, bytes]]:
+        with trio.fail_after(10):
+            while len(self.requests) < count:
+                await self.changed.wait()
+        return self.requests
+
+    async def send(self, data: bytes) -> None:
+        assert self.stream is not None
+        await self.stream.send_all(data)
+
+
+@asynccontextmanager
+async def open_scripted_upstream() -> AsyncIterator[ScriptedUpstream]:
+    scripted = ScriptedUpstream()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, scripted.serve, 0, host="127.0.0.1")
+        )
+        scripted.node = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        yield scripted
+        nursery.cancel_scope.cancel()
+
+
+def ws_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> bytes:
+    """One client frame packed by hand (RFC 6455 5.2), masked with a fixed key."""
+    first = (0x80 if fin else 0) | opcode
+    mask_bit = 0x80 if masked else 0
+    if len(payload) < 126:
+        head = struct.pack("!BB", first, mask_bit | len(payload))
+    elif len(payload) < 65536:
+        head = struct.pack("!BBH", first, mask_bit | 126, len(payload))
+    else:
+        head = struct.pack("!BBQ", first, mask_bit | 127, len(payload))
+    if not masked:
+        return head + payload
+    key = b"\x12\x34\x56\x78"
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 class LogWatcher(logging.Handler):
@@ -560,6 +657,164 @@ async def test_upstream_timeout_is_a_per_message_error(tmp_path: Path, autojump_
         await client.close()
 
 
+async def test_requests_are_state_and_time_out_from_the_deadline_heap(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    async with (
+        open_scripted_upstream() as upstream,
+        open_gateway(make_table(tmp_path, [upstream.node], timeout="2s")) as gateway,
+    ):
+        client = await Client.connect(gateway.port)
+        await upstream.wait_for(0)
+        await trio.testing.wait_all_tasks_blocked()
+        idle_tasks = count_tasks()
+        started = trio.current_time()
+        await client.send({"cmd": "echo", "seq": 1, "body": 1})
+        await trio.sleep(1)
+        await client.send({"cmd": "echo", "seq": 2, "body": 2})
+        await trio.sleep(0.5)
+        await client.send({"cmd": "echo", "seq": 3, "body": 3})
+        requests = await upstream.wait_for(3)
+        # Three requests in flight, and not one task more.
+        await trio.testing.wait_all_tasks_blocked()
+        assert count_tasks() == idle_tasks
+        await upstream.send(frame(0x1003, requests[1][1], b"2", flags=1))
+        answers = []
+        for _ in range(3):
+            answer = await client.receive_json()
+            answers.append((answer["seq"], trio.current_time() - started))
+        assert answers[0] == (2, pytest.approx(1.5, abs=0.1))
+        assert answers[1] == (1, pytest.approx(2.0, abs=0.1))
+        assert answers[2] == (3, pytest.approx(3.5, abs=0.1))
+        # The late answer to seq 1 is dropped and counted; the session goes on.
+        await upstream.send(frame(0x1003, requests[0][1], b"1", flags=1))
+        await client.send({"cmd": "echo", "seq": 4, "body": 4})
+        requests = await upstream.wait_for(4)
+        await upstream.send(frame(0x1003, requests[3][1], b"4", flags=1))
+        assert (await client.receive_json())["body"] == 4
+        rejected = sample(
+            gateway.metrics, "tlvproxy_frames_rejected_total", {"reason": "unknown_seq"}
+        )
+        assert rejected == 1
+        timeouts = sample(
+            gateway.metrics,
+            "tlvproxy_upstream_requests_total",
+            {"upstream": "im", "node": upstream.node, "outcome": "timeout"},
+        )
+        assert timeouts == 2
+        await client.close()
+
+
+async def test_a_push_arriving_while_requests_wait_goes_out_at_once(tmp_path: Path) -> None:
+    async with (
+        open_scripted_upstream() as upstream,
+        open_gateway(make_table(tmp_path, [upstream.node])) as gateway,
+    ):
+        client = await Client.connect(gateway.port)
+        await client.send({"cmd": "echo", "seq": 1, "body": "one"})
+        await client.send({"cmd": "echo", "seq": 2, "body": "two"})
+        requests = await upstream.wait_for(2)
+        # MessagePush{to_uid: 1, text: "hi"}, then the answers in reverse order.
+        push = frame(0x2001, 0, b"\x10\x01\x1a\x02hi", flags=2)
+        await upstream.send(push)
+        pushed = await client.receive_json()
+        assert (pushed["cmd"], pushed["push"]) == ("new_message", True)
+        assert (pushed["body"]["to_uid"], pushed["body"]["text"]) == (1, "hi")
+        await upstream.send(
+            frame(0x1003, requests[1][1], b'"two"', flags=1)
+            + push
+            + frame(0x1003, requests[0][1], b'"one"', flags=1)
+        )
+        assert (await client.receive_json())["seq"] == 2
+        assert (await client.receive_json())["push"] is True
+        assert (await client.receive_json())["seq"] == 1
+        await client.close()
+
+
+async def test_a_client_that_stops_reading_gets_every_answer_when_it_reads_again(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope]
+) -> None:
+    async with open_gateway(make_table(tmp_path, [upstream[0]]), send_buffer=4096) as gateway:
+        client = await Client.connect(gateway.port, receive_buffer=4096)
+        assert (await client.call("echo", 0, 0))["body"] == 0
+        body = "x" * 30_000
+        count = OUTGOING_QUEUE // 2
+        for seq in range(1, count + 1):
+            await client.send({"cmd": "echo", "seq": seq, "body": body})
+        # The socket takes a few answers, then one flush task writes the rest
+        # (not one per message) as the client reads again.
+        with trio.fail_after(10):
+            while not count_tasks("._flush"):  # noqa: ASYNC110 - no event says a write blocked
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        assert count_tasks("._flush") == 1
+        answers = [await client.receive_json() for _ in range(count)]
+        assert sorted(a["seq"] for a in answers) == list(range(1, count + 1))
+        assert all(a["body"] == body for a in answers)
+        await trio.testing.wait_all_tasks_blocked()
+        assert count_tasks("._flush") == 0
+        assert (await client.call("echo", 99, 99))["body"] == 99
+        await client.close()
+
+
+async def test_fragments_and_control_frames_between_them(gateway: Gateway) -> None:
+    client = await Client.connect(gateway.port)
+    text = json.dumps({"cmd": "echo", "seq": 1, "body": "split in three"}).encode()
+    first, second, third = text[:10], text[10:20], text[20:]
+    await client.stream.send_all(
+        ws_frame(0x1, first, fin=False)
+        + ws_frame(0x9, b"between")  # a ping inside a fragmented message
+        + ws_frame(0x0, second, fin=False)
+        + ws_frame(0x0, third)
+        + ws_frame(0x1, json.dumps({"cmd": "echo", "seq": 2, "body": "whole"}).encode())
+    )
+    assert await client.receive() == "pong:between"
+    answers = [await client.receive_json() for _ in range(2)]
+    assert sorted((a["seq"], a["body"]) for a in answers) == [(1, "split in three"), (2, "whole")]
+    # A frame that trickles in a byte at a time, and a binary one in json mode.
+    for byte in ws_frame(0x1, json.dumps({"cmd": "echo", "seq": 3, "body": "é" * 70}).encode()):
+        await client.stream.send_all(bytes([byte]))
+        await trio.lowlevel.checkpoint()
+    assert (await client.receive_json())["body"] == "é" * 70
+    await client.stream.send_all(ws_frame(0x2, b"\x00"))
+    assert (await client.receive_json())["error"]["code"] == "bad_request"
+    await client.close()
+    assert sample(gateway.metrics, "tlvproxy_websocket_messages_total", {"direction": "in"}) == 4
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (ws_frame(0x1, b'{"seq": "\xff"}'), 1007),  # not UTF-8
+        (ws_frame(0x1, b"{}", masked=False), 1002),  # a client must mask
+        (ws_frame(0x0, b"{}"), 1002),  # a continuation of nothing
+        (ws_frame(0x9, b"p" * 126), 1002),  # a control frame over 125 bytes
+        (ws_frame(0x1, b"[", fin=False) + ws_frame(0x0, b"", fin=False) * 1024, 1009),
+    ],
+)
+async def test_protocol_errors_close_the_session(gateway: Gateway, data: bytes, code: int) -> None:
+    client = await Client.connect(gateway.port)
+    await client.stream.send_all(data)
+    closed = await client.expect_close()
+    assert closed.code == code
+
+
+async def test_a_stream_other_than_a_socket_works_the_same(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope]
+) -> None:
+    async with open_gateway(make_table(tmp_path, [upstream[0]]), wrap=True) as gateway:
+        client = await Client.connect(gateway.port)
+        for seq in range(3):
+            await client.send({"cmd": "echo", "seq": seq, "body": seq})
+        answers = [await client.receive_json() for _ in range(3)]
+        assert sorted(a["body"] for a in answers) == [0, 1, 2]
+        await client.stream.send_all(client.ws.send(Ping(payload=b"w")))
+        assert await client.receive() == "pong:w"
+        await client.close(4001)
+        await trio.testing.wait_all_tasks_blocked()
+        assert count_tasks("._flush") == 0
+
+
 # ---------------------------------------------------------------- handshake
 
 
@@ -600,7 +855,7 @@ async def test_shutdown_closes_sessions_with_1001(gateway: Gateway) -> None:
         clients = [await Client.connect(gateway.port) for _ in range(3)]
         assert (await clients[0].call("echo", 1, 1))["status"] == 0
         assert gateway.metrics.websocket_sessions._value.get() == 3
-        gateway.shutdown.set()
+        gateway.sessions.drain()
         for client in clients:
             closed = await client.expect_close()
             assert closed.code == 1001
@@ -843,12 +1098,13 @@ async def test_a_client_that_does_not_read_is_closed_1008(gateway: Gateway) -> N
     assert all(json.loads(m)["body"] == body for m in messages)
 
 
-def count_tasks() -> int:
+def count_tasks(name: str = "") -> int:
+    """The tasks of this process (those whose name ends with `name`)."""
     stack = [trio.lowlevel.current_root_task()]
     count = 0
     while stack:
         task = stack.pop()
-        count += 1
+        count += task.name.endswith(name)
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return count

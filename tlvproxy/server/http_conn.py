@@ -418,9 +418,7 @@ class _Connection:
             elif type(event) is RequestHead:
                 self._head = event
                 self._received_at = now()
-                if (signal is not None and signal._set) or (
-                    draining is not None and draining()
-                ):
+                if (signal is not None and signal._set) or (draining is not None and draining()):
                     raise ShuttingDown("the gateway is shutting down; retry on a new connection")
             elif type(event) is RequestEnd:
                 head = self._head

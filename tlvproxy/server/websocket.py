@@ -1,57 +1,65 @@
 """One WebSocket session <-> one dedicated upstream connection (SPEC 5).
 
 Owns: the RFC 6455 opening handshake after the HTTP driver hands over an
-`Upgrade: websocket` request, the wsproto connection, the session's tasks (a
-reader, one writer, a push pump, a drain watcher, a task per request), seq
-mapping in binary mode, the per-message WAF and rate-limit seams (SPEC 4.4),
-the close codes, backpressure and the per-session access record.
+`Upgrade: websocket` request, the wsproto connection, the session's requests
+on their way, seq mapping in binary mode, the per-message WAF and rate-limit
+seams (SPEC 4.4), the close codes, backpressure, the drain of a worker's
+sessions (`WebSocketSessions`) and the per-session access record.
 Must not: parse HTTP (the driver did), pick nodes or frame requests (the pool
 does), or hold protocol logic of json mode (`ws_json.py` does).
 
-Tasks and ownership: only the reader feeds wsproto and only the writer
-serialises events, so `wsproto.Connection` has one owner per direction. Every
-outgoing message (response, push, per-message error, pong) goes through one
-bounded memory channel to the writer.
+Requests are state, not tasks (STYLE 5.1, docs/reference.md "How a request
+flows"). The session's one task reads the client: it parses a batch of
+messages and submits each request to the dedicated upstream connection as a
+waiter (`_Call`) whose deadline is the command's timeout. The connection's
+reader completes it (or the worker's deadline timer, with a per-message
+`upstream_timeout`, or the connection's end, with a 1011 close): it renders
+the response and writes it to the client with a non-blocking send. Pushes go
+the same way, rendered and written by the same reader (`on_push`). Only bytes
+the client's socket does not take at once are left to a flush task, started
+for the occasion; messages queued meanwhile wait behind them, in order. An idle
+session thus costs one task here, plus the upstream connection's reader and
+writer, and a worker's drain reaches its sessions through one registry rather
+than a task each.
+
+wsproto: a plain message (one final, masked text or binary frame) is read
+with `ws_wire` (`_on_frames`); every other frame (control frames, fragments,
+anything wrong) goes, whole, to a wsproto connection made for the first such
+frame, which judges it. Data messages are framed with `ws_wire.frame` (a
+server's frames are unmasked, and no extension is ever negotiated), so wsproto
+sends only pongs and the close frame, which move its state; no data may follow
+either side's close. An idle session has no wsproto connection at all.
 
 Close codes (SPEC 5): 1001 drain, 1008 policy (a WAF deny, an invalid binary
 frame, a text message in binary mode, and a client that does not read: see
-backpressure), 1009 message over `max_message`, 1011 upstream connection lost or
-broken, 1013 no healthy node. A session idle for `idle_timeout` closes with 1000
-(nothing went wrong; it just ended). A client's own close is answered with its
-code.
+backpressure), 1009 message over `max_message` or of over `MAX_FRAGMENTS`
+fragments, 1011 upstream connection lost or broken, 1013 no healthy node. A
+session idle for `idle_timeout` closes with 1000 (nothing went wrong; it just
+ended). A client's own close is answered with its code.
 
-Backpressure: the reader takes at most `MAX_IN_FLIGHT` requests at once (then
-stops reading, so TCP pushes back on the client); responses and pushes wait in
-a queue of `OUTGOING_QUEUE` messages. When that queue is full the client is not
-reading what it asked for, so the session closes with 1008 ("client too slow")
-and a warning is logged, instead of buffering without bound. Queued messages are
-then flushed and the close frame sent within `CLOSE_TIMEOUT`, after which the TCP
-connection is dropped.
+Backpressure: at most `MAX_IN_FLIGHT` requests of a session wait for their
+answer; with that many the reader stops reading, so TCP pushes back on the
+client. While a write to the client is blocked, at most `OUTGOING_QUEUE`
+messages wait behind it: past that the client is not reading what it asked for,
+so the session closes with 1008 ("client too slow") and a warning is logged,
+instead of buffering without bound. What is queued is then flushed and the
+close frame sent within `CLOSE_TIMEOUT`, after which the TCP connection is
+dropped.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import json
 import logging
+import math
+import os
 import uuid
 from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Message,
-    Ping,
-    Pong,
-    TextMessage,
-)
-from wsproto.utilities import generate_accept_token
+from wsproto.events import CloseConnection, Message, Ping, Pong
 
 from tlvproxy.errors import (
     BadRequest,
@@ -60,7 +68,6 @@ from tlvproxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnavailable,
-    error_body,
 )
 from tlvproxy.framing import (
     ConnectionClosed,
@@ -72,8 +79,22 @@ from tlvproxy.framing import (
 from tlvproxy.logs import ACCESS_LOGGER
 from tlvproxy.server import ws_json
 from tlvproxy.server.view import RequestContext, client_address
+from tlvproxy.server.ws_wire import (
+    BINARY,
+    FIN,
+    MAX_CONTROL_PAYLOAD,
+    TEXT,
+    accept_head,
+    frame_head,
+    handshake_problem,
+    reject_bytes,
+    unmask,
+)
+from tlvproxy.server.ws_wire import frame as wire_frame
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from tlvproxy.config.model import CommandSpec, WebSocketSpec
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.http_conn import Request
@@ -82,10 +103,10 @@ if TYPE_CHECKING:
 
 # Requests of one session in flight at once; past it the reader stops reading.
 MAX_IN_FLIGHT: Final = 32
-# Messages waiting for the writer; a full queue means the client does not read.
+# Messages waiting behind a blocked write; more means the client does not read.
 OUTGOING_QUEUE: Final = 64
-# Pushes the pool may queue for the session before its reader waits for us.
-PUSH_BUFFER: Final = 16
+# Fragments of one message (SPEC 5); more closes the session with 1009.
+MAX_FRAGMENTS: Final = 1024
 # Bound on the closing handshake: flushing, the close frame, the client's reply.
 CLOSE_TIMEOUT: Final = 5.0
 _READ_SIZE: Final = 65536
@@ -99,8 +120,6 @@ INTERNAL: Final = 1011
 TRY_AGAIN_LATER: Final = 1013
 ABNORMAL: Final = 1006  # no close frame: the client vanished (never sent on the wire)
 
-_WS_VERSION: Final = "13"
-_WS_KEY_BYTES: Final = 16
 
 log = logging.getLogger("tlvproxy.websocket")
 _access = logging.getLogger(ACCESS_LOGGER)
@@ -108,66 +127,6 @@ _access = logging.getLogger(ACCESS_LOGGER)
 
 class _InvalidFrame(Exception):
     """A binary message that is not exactly one acceptable TLV frame (closes 1008)."""
-
-
-# ---------------------------------------------------------------- handshake
-
-
-def _handshake_problem(request: Request) -> str | None:
-    """Why `request` is not a valid RFC 6455 opening handshake, or None."""
-    connection_tokens: set[str] = set()
-    upgrade = ""
-    version = key = None
-    for name, value in request.headers:
-        if name == "connection":
-            connection_tokens.update(t.strip().lower() for t in value.split(","))
-        elif name == "upgrade":
-            upgrade = value.strip().lower()
-        elif name == "sec-websocket-version":
-            version = value.strip()
-        elif name == "sec-websocket-key":
-            key = value.strip()
-    if request.method != "GET":
-        return "a WebSocket handshake must be a GET"
-    if "upgrade" not in connection_tokens or upgrade != "websocket":
-        return "a WebSocket handshake needs 'Connection: Upgrade' and 'Upgrade: websocket'"
-    if version != _WS_VERSION:
-        return f"unsupported Sec-WebSocket-Version {version!r}: only 13 is spoken"
-    if key is None:
-        return "the Sec-WebSocket-Key header is missing"
-    try:
-        nonce = base64.b64decode(key, validate=True)
-    except binascii.Error:
-        nonce = b""
-    if len(nonce) != _WS_KEY_BYTES:
-        return "Sec-WebSocket-Key must be 16 bytes in base64"
-    return None
-
-
-def _accept_head(request: Request, request_id: str) -> bytes:
-    key = (request.header("sec-websocket-key") or "").strip().encode()
-    return (
-        b"HTTP/1.1 101 Switching Protocols\r\n"
-        b"Upgrade: websocket\r\n"
-        b"Connection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + generate_accept_token(key) + b"\r\n"
-        b"X-Request-Id: " + request_id.encode() + b"\r\n\r\n"
-    )
-
-
-def _reject_bytes(error: GatewayError, request_id: str) -> bytes:
-    # Sec-WebSocket-Version tells a client speaking another version what we speak
-    # (RFC 6455 4.4); it is harmless on the other refusals.
-    body = json.dumps(error_body(error, request_id), ensure_ascii=False).encode()
-    return (
-        f"HTTP/1.1 {error.http_status} {_REASONS.get(error.http_status, 'Error')}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        f"Connection: close\r\nX-Request-Id: {request_id}\r\n"
-        f"Sec-WebSocket-Version: {_WS_VERSION}\r\n\r\n"
-    ).encode() + body
-
-
-_REASONS: Final = {400: "Bad Request", 404: "Not Found"}
 
 
 def _session_uid(spec: WebSocketSpec, context: RequestContext) -> int | None:
@@ -191,20 +150,64 @@ def _session_uid(spec: WebSocketSpec, context: RequestContext) -> int | None:
     return uid
 
 
-async def serve_websocket(
+# ---------------------------------------------------------------- the drain
+
+
+class WebSocketSessions:
+    """A worker's open sessions, so that its drain closes them with 1001 (SPEC 7).
+
+    Each session is registered for its life; `drain()` closes every one, and
+    any opened afterwards at once. A set, where a task per session waiting for
+    the drain would cost a task's memory per idle session.
+    """
+
+    __slots__ = ("_draining", "_open")
+
+    def __init__(self) -> None:
+        self._open: set[_Session] = set()
+        self._draining = False
+
+    def __len__(self) -> int:
+        """The sessions open now."""
+        return len(self._open)
+
+    def is_draining(self) -> bool:
+        """True once `drain()` was called."""
+        return self._draining
+
+    def drain(self) -> None:
+        """Close every open session with 1001, and every later one at once."""
+        self._draining = True
+        for session in list(self._open):
+            session.go_away()
+
+    def _add(self, session: _Session) -> None:
+        self._open.add(session)
+        if self._draining:
+            session.go_away()
+
+    def _remove(self, session: _Session) -> None:
+        self._open.discard(session)
+
+
+def serve_websocket(
     request: Request,
     stream: trio.abc.Stream,
     leftover: bytes,
     *,
     runtime: TableRuntime,
     metrics: Metrics,
-    shutdown: trio.Event,
-) -> None:
-    """Run one WebSocket session on `stream` until it closes, then close `stream`.
+    sessions: WebSocketSessions,
+) -> Awaitable[None]:
+    """The WebSocket session on `stream`, to await: it runs until the session
+    closes, then closes `stream`; it never raises for anything the client or
+    the upstream does.
 
     `leftover` holds the bytes the HTTP driver read past the request head. A bad
     handshake is answered 400 (404 off `websocket.path`) and the stream closed.
-    Never raises for anything the client or the upstream does.
+    The session is one of `sessions` while it runs. A plain function that
+    returns the coroutine to await, so that no frame of its own stays on the
+    stack of every idle session.
     """
     table = runtime.table
     spec = table.websocket
@@ -216,83 +219,89 @@ async def serve_websocket(
     try:
         if spec is None or request.path != spec.path:
             raise RouteNotFound(f"no WebSocket endpoint at {request.path!r}")
-        problem = _handshake_problem(request)
+        problem = handshake_problem(request)
         if problem is not None:
             raise BadRequest(problem)
         uid = _session_uid(spec, context)
     except GatewayError as error:
-        log.info(
-            "websocket handshake refused",
-            extra={"request_id": request_id, "client_ip": client_ip, "error": error.message},
-        )
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            # A client gone already leaves nothing to do but close below.
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(_reject_bytes(error, request_id))
-        await trio.aclose_forcefully(stream)
-        return
-
+        return _refuse(stream, error, request_id, client_ip)
     session = _Session(
+        request=request,
+        request_id=request_id,
         stream=stream,
         leftover=leftover,
         runtime=runtime,
         spec=spec,
         metrics=metrics,
-        shutdown=shutdown,
+        sessions=sessions,
         context=context,
         uid=uid,
     )
-    metrics.websocket_sessions.inc()
-    try:
-        await session.run(_accept_head(request, request_id))
-    finally:
-        metrics.websocket_sessions.dec()
-        await trio.aclose_forcefully(stream)
-        _access.info(
-            "websocket session",
-            extra={
-                "request_id": request_id,
-                "client_ip": client_ip,
-                "method": request.method,
-                "path": request.path,
-                "status": 101,
-                "upstream_node": session.node,
-                "uid": uid,
-                "close_code": session.close_code,
-                "close_reason": session.close_reason,
-                "messages_in": session.messages_in,
-                "messages_out": session.messages_out,
-                "duration_ms": round((trio.current_time() - request.received_at) * 1000, 3),
-            },
-        )
+    return session.run()
+
+
+async def _refuse(
+    stream: trio.abc.Stream, error: GatewayError, request_id: str, client_ip: str
+) -> None:
+    log.info(
+        "websocket handshake refused",
+        extra={"request_id": request_id, "client_ip": client_ip, "error": error.message},
+    )
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        # A client gone already leaves nothing to do but close below.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(reject_bytes(error, request_id))
+    await trio.aclose_forcefully(stream)
 
 
 # ---------------------------------------------------------------- the session
 
 
 class _Session:
-    """One accepted session; `run()` is its whole life."""
+    """One accepted session; `run()` is its whole life, in the HTTP connection's task.
+
+    It is also its dedicated connection's `PushReceiver`: `on_push` and
+    `on_end` run in that connection's reader, like the `_Call`s.
+    """
 
     __slots__ = (
+        "_active_at",
+        "_binary",
+        "_byte_parts",
         "_client_gone",
+        "_close_by",
         "_close_sent",
-        "_conn",
         "_context",
+        "_count_in",
+        "_count_out",
+        "_fd",
+        "_flush_scope",
+        "_flushing",
+        "_fragmented",
+        "_fragments",
+        "_held",
         "_in_flight",
-        "_leftover",
+        "_inbox",
+        "_inbox_at",
         "_metrics",
-        "_outbox",
-        "_outbox_closed",
+        "_out",
+        "_queued",
+        "_reading",
+        "_received_at",
+        "_request",
+        "_request_id",
         "_runtime",
-        "_shutdown",
+        "_serving",
+        "_sessions",
+        "_size",
         "_slot_freed",
         "_spec",
         "_stream",
         "_table",
+        "_text_parts",
         "_uid",
-        "_work",
-        "_writer",
-        "_writer_parked",
+        "_upstream",
+        "_ws",
         "close_code",
         "close_reason",
         "messages_in",
@@ -303,42 +312,62 @@ class _Session:
     def __init__(
         self,
         *,
+        request: Request,
+        request_id: str,
         stream: trio.abc.Stream,
         leftover: bytes,
         runtime: TableRuntime,
         spec: WebSocketSpec,
         metrics: Metrics,
-        shutdown: trio.Event,
+        sessions: WebSocketSessions,
         context: RequestContext,
         uid: int | None,
     ) -> None:
+        self._request = request
+        self._request_id = request_id
         self._stream = stream
-        self._leftover = leftover
+        # The socket's descriptor, for reads and writes that never wait; -1 for
+        # other streams (TLS), whose bytes go through receive_some and the flush task.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._runtime = runtime
         self._table = runtime.table
         self._spec = spec
+        self._binary = spec.mode == "binary"
         self._metrics = metrics
-        self._shutdown = shutdown
+        self._count_in = metrics.websocket_messages.labels("in")
+        self._count_out = metrics.websocket_messages.labels("out")
+        self._sessions = sessions
         self._context = context
         self._uid = uid
-        self._conn = Connection(ConnectionType.SERVER)
-        # The writer's queue, bounded by _enqueue; an idle writer parks itself in
-        # _writer_parked. A list and a parked task cost a few bytes where a memory
-        # channel costs 1.8 KiB, and idle sessions are many (issue 6: under 40 KiB
-        # each, upstream connection included).
-        self._outbox: list[Event] = []
-        self._outbox_closed = False
-        self._writer_parked: trio.lowlevel.Task | None = None
+        # The client's bytes not handled yet (whole frames are, as they come),
+        # from `_inbox_at` on; wsproto sees only the frames of `_on_frames` that
+        # are not plain messages, and is made for the first such frame.
+        self._inbox: bytes | bytearray = leftover
+        self._inbox_at = 0
+        self._ws: Connection | None = None
+        self._fragmented = False  # wsproto holds part of a fragmented message
+        self._upstream: Session | None = None
+        # Reading. `_reading`, the cancel scope of the idle period under way, is
+        # also cancelled when the session starts closing.
+        self._reading: trio.CancelScope | None = None
+        self._received_at = trio.current_time()  # when the last bytes came
+        self._active_at = self._received_at  # when the last message or ping came
+        self._text_parts: list[str] | None = None  # the fragments of a message under way
+        self._byte_parts: list[bytes] | None = None
+        self._size = 0
+        self._fragments = 0
+        self._held: str | bytes | None = None  # a message waiting for a request slot
         self._in_flight = 0
         self._slot_freed: trio.Event | None = None
-        # The session nursery's scope (set in _serve): cancelled when the session starts
-        # closing, it stops the reader, the pump, the watcher and the requests.
-        self._work: trio.CancelScope | None = None
-        # The writer's scope is shielded from that cancellation, so that it can flush
-        # what is queued and send the close frame; it gets CLOSE_TIMEOUT once closing
-        # starts, and is cancelled at once when the client is gone or the session is
-        # cancelled from outside. One nursery instead of two: idle sessions are many.
-        self._writer = trio.CancelScope(shield=True)
+        # Writing: what the socket did not take at once waits in `_out` for the
+        # flush task, started (while `_serving`) in the upstream session's
+        # nursery; `_queued` messages wait behind it.
+        self._serving = False
+        self._out = bytearray()
+        self._queued = 0
+        self._flushing = False
+        self._flush_scope: trio.CancelScope | None = None
+        self._close_by = math.inf  # the flush task's deadline once closing starts
         self._client_gone = False
         self._close_sent = False
         self.node: str | None = None
@@ -349,209 +378,397 @@ class _Session:
 
     # ------------------------------------------------------------ life cycle
 
-    async def run(self, accept_head: bytes) -> None:
+    async def run(self) -> None:
+        """The session's whole life; then the stream is closed and the access
+        record written."""
+        self._metrics.websocket_sessions.inc()
         try:
-            await self._stream.send_all(accept_head)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._begin_close(ABNORMAL, "client gone before the handshake completed")
-            return
-        self._conn.receive_data(self._leftover)
-        self._leftover = b""
-        pool = self._runtime.pools[self._spec.upstream]
-        key = None if self._spec.hash_on is None else self._spec.hash_on.evaluate(self._context)
-        try:
-            async with pool.open_session(key=key, push_buffer=PUSH_BUFFER) as upstream:
-                self.node = upstream.node
-                await self._serve(upstream)
-        except UpstreamUnavailable as exc:
-            # Opening failed: NoHealthyNode closes 1013, anything else 1011 (SPEC 5).
-            self._begin_close(exc.ws_close or INTERNAL, exc.message)
-        await self._finish()
-
-    async def _serve(self, upstream: Session) -> None:
-        async with trio.open_nursery() as nursery:
-            self._work = nursery.cancel_scope
-            nursery.start_soon(self._write_loop)
-            nursery.start_soon(self._pump_pushes, upstream)
-            nursery.start_soon(self._watch_shutdown)
             try:
-                await self._read_loop(upstream, nursery)
+                await self._stream.send_all(accept_head(self._request, self._request_id))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._begin_close(ABNORMAL, "client gone before the handshake completed")
+                return
+            pool = self._runtime.pools[self._spec.upstream]
+            hash_on = self._spec.hash_on
+            key = None if hash_on is None else hash_on.evaluate(self._context)
+            self._sessions._add(self)
+            try:
+                if not self._closing():  # else the gateway drains already
+                    # Inline, not a method: one coroutine frame less per session.
+                    async with pool.open_session(key=key, receiver=self) as upstream:
+                        self.node = upstream.node
+                        self._upstream = upstream
+                        self._serving = True
+                        try:
+                            await self._read_loop()
+                        finally:
+                            self._serving = False
+                            if self.close_code is None:
+                                # Cancelled from outside (the drain's deadline passed)
+                                # or a bug: no closing handshake, no flush task left.
+                                self._begin_close(ABNORMAL, "session cancelled")
+            except UpstreamUnavailable as exc:
+                # Opening failed: NoHealthyNode closes 1013, anything else 1011 (SPEC 5).
+                self._begin_close(exc.ws_close or INTERNAL, exc.message)
             finally:
-                if self.close_code is None:
-                    # Cancelled from outside (the drain's deadline passed) or a bug:
-                    # no closing handshake, the shielded writer must not linger.
-                    self._writer.cancel()
+                self._upstream = None
+                self._sessions._remove(self)
+            await self._finish()
+        finally:
+            self._metrics.websocket_sessions.dec()
+            await trio.aclose_forcefully(self._stream)
+            self._log_access()
+
+    def _log_access(self) -> None:
+        request = self._request
+        _access.info(
+            "websocket session",
+            extra={
+                "request_id": self._request_id,
+                "client_ip": self._context.remote_addr,
+                "method": request.method,
+                "path": request.path,
+                "status": 101,
+                "upstream_node": self.node,
+                "uid": self._uid,
+                "close_code": self.close_code,
+                "close_reason": self.close_reason,
+                "messages_in": self.messages_in,
+                "messages_out": self.messages_out,
+                "duration_ms": round((trio.current_time() - request.received_at) * 1000, 3),
+            },
+        )
+
+    def go_away(self) -> None:
+        """The gateway drains: close with 1001 (`WebSocketSessions.drain`)."""
+        self._begin_close(GOING_AWAY, "gateway shutting down")
 
     def _begin_close(self, code: int, reason: str) -> None:
-        """Start closing with `code` (the first caller's code wins)."""
+        """Start closing with `code` (the first caller's code wins); never waits."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-            # The writer flushes what is queued, then sends the close frame.
-            self._outbox_closed = True
-            self._wake_writer()
-            self._writer.deadline = min(self._writer.deadline, trio.current_time() + CLOSE_TIMEOUT)
-            if self._work is not None:
-                self._work.cancel()
+            if self._reading is not None:
+                self._reading.cancel()
+            # What is queued, then the close frame, must be written by then.
+            self._close_by = trio.current_time() + CLOSE_TIMEOUT
+            if self._flush_scope is not None:
+                self._flush_scope.deadline = self._close_by
+            if code != ABNORMAL:
+                self._send_close_frame()
         if code == ABNORMAL:
             self._client_gone = True
-            self._writer.cancel()
+            if self._flush_scope is not None:
+                self._flush_scope.cancel()
+
+    def _closing(self) -> bool:
+        # A call, where mypy would keep `close_code` narrowed across the calls
+        # that set it.
+        return self.close_code is not None
+
+    def _wsproto(self) -> Connection:
+        conn = self._ws
+        if conn is None:
+            conn = self._ws = Connection(ConnectionType.SERVER)
+        return conn
+
+    def _send_close_frame(self) -> None:
+        code = self.close_code
+        if self._client_gone or code is None:
+            return
+        conn = self._wsproto()
+        if conn.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            return
+        data = conn.send(CloseConnection(code=code, reason=self.close_reason))
+        self._close_sent = True
+        self._write(bytes(data))
 
     async def _finish(self) -> None:
-        """Close frame (if the writer could not send it) and the client's reply, bounded."""
+        """What could not be written yet, then the client's close frame, bounded."""
+        if self._client_gone:
+            return
+        conn = self._wsproto()
+        if self._inbox_at < len(self._inbox) and conn.state is ConnectionState.LOCAL_CLOSING:
+            # Whole frames were handled; what is left starts at a frame's start.
+            conn.receive_data(bytes(self._inbox[self._inbox_at :]))
+        self._inbox = b""
         with trio.move_on_after(CLOSE_TIMEOUT):
             try:
-                if not self._close_sent and not self._writer.cancelled_caught:
-                    await self._send_close_frame()
-                conn = self._conn
-                while self._close_sent and conn.state is ConnectionState.LOCAL_CLOSING:
+                if self._out:
+                    data, self._out = self._out, bytearray()
+                    await self._stream.send_all(data)
+                while self._close_sent:
                     # RFC 6455 7.1.1: wait for the client's close frame before dropping
                     # TCP, so the close frame is not lost to a reset; data is discarded.
-                    data = await self._stream.receive_some(_READ_SIZE)
-                    if not data:
-                        return
-                    conn.receive_data(bytes(data))
                     for _ in conn.events():
                         pass
+                    if conn.state is not ConnectionState.LOCAL_CLOSING:
+                        return
+                    received = await self._stream.receive_some(_READ_SIZE)
+                    if not received:
+                        return
+                    conn.receive_data(bytes(received))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._client_gone = True
 
-    async def _send_close_frame(self) -> None:
-        code = self.close_code
-        if self._client_gone or code is None or code == ABNORMAL:
-            return
-        if self._conn.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            return
-        data = self._conn.send(CloseConnection(code=code, reason=self.close_reason))
-        self._close_sent = True
-        await self._stream.send_all(data)
+    # ------------------------------------------------------------ writing
 
-    # ------------------------------------------------------------ writer
-
-    def _enqueue(self, event: Event) -> None:
-        if self._outbox_closed:
+    def _send(self, data: bytes, *, message: bool = True) -> None:
+        """Send one whole frame after everything sent before it; never waits."""
+        if self.close_code is not None:
             return  # the close frame is on its way: nothing may follow it
-        if len(self._outbox) >= OUTGOING_QUEUE:
-            log.warning(
-                "websocket client not reading: closing the session",
-                extra={"queued": OUTGOING_QUEUE, "upstream_node": self.node},
-            )
-            self._begin_close(POLICY, f"client too slow: {OUTGOING_QUEUE} messages unread")
+        if self._flushing:
+            if self._queued >= OUTGOING_QUEUE:
+                log.warning(
+                    "websocket client not reading: closing the session",
+                    extra={"queued": OUTGOING_QUEUE, "upstream_node": self.node},
+                )
+                self._begin_close(POLICY, f"client too slow: {OUTGOING_QUEUE} messages unread")
+                return
+            self._queued += 1
+        if message:
+            self.messages_out += 1
+            self._count_out.inc()
+        self._write(data)
+
+    def _send_error(self, error: GatewayError, seq: int | str | None) -> None:
+        self._send(wire_frame(TEXT, ws_json.render_error(error, seq)))
+
+    def _write(self, data: bytes) -> None:
+        """Write `data` now if the socket takes it, else leave it to the flush task."""
+        if self._client_gone:
             return
-        self._outbox.append(event)
-        self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        task = self._writer_parked
-        if task is not None:
-            self._writer_parked = None
-            trio.lowlevel.reschedule(task)
-
-    def _unpark_writer(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        self._writer_parked = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    async def _write_loop(self) -> None:
-        conn = self._conn
-        send_all = self._stream.send_all
-        counter = self._metrics.websocket_messages.labels("out")
-        with self._writer:
+        serving = self._serving
+        if not self._flushing and not self._out and self._fd >= 0 and serving:
             try:
-                while self._outbox or not self._outbox_closed:
-                    if not self._outbox:
-                        self._writer_parked = trio.lowlevel.current_task()
-                        await trio.lowlevel.wait_task_rescheduled(self._unpark_writer)
-                        continue
-                    # Everything queued goes out in one write. In flight at most: this
-                    # write and OUTGOING_QUEUE more messages.
-                    batch, self._outbox = self._outbox, []
-                    data = bytearray()
-                    messages = 0
-                    for event in batch:
-                        # After the client's close frame only our close may be sent.
-                        if conn.state is ConnectionState.OPEN:
-                            data += conn.send(event)
-                            messages += isinstance(event, Message)
-                    if data:
-                        await send_all(data)
-                        self.messages_out += messages
-                        counter.inc(messages)
-                await self._send_close_frame()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
                 self._begin_close(ABNORMAL, "client connection lost")
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out += data
+        if not self._flushing and serving:
+            assert self._upstream is not None  # set while serving
+            self._flushing = True
+            self._upstream.start_soon(self._flush)
 
-    # ------------------------------------------------------------ reader
+    async def _flush(self) -> None:
+        """Write `_out` until it stays empty (the client reads again), or give up."""
+        scope = self._flush_scope = trio.CancelScope(deadline=self._close_by)
+        try:
+            with scope:
+                while self._out and not self._client_gone:
+                    # Everything queued meanwhile goes out in one write.
+                    batch, self._out = self._out, bytearray()
+                    self._queued = 0
+                    await self._stream.send_all(batch)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._begin_close(ABNORMAL, "client connection lost")
+        finally:
+            self._flushing = False
+            self._flush_scope = None
+        if scope.cancelled_caught:
+            # CLOSE_TIMEOUT passed while closing: the client takes nothing, not
+            # even the close frame.
+            self._client_gone = True
 
-    async def _read_loop(self, upstream: Session, work: trio.Nursery) -> None:
-        conn = self._conn
-        stream = self._stream
-        max_message = self._spec.max_message
+    # ------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> None:
+        """Take the client's messages until the session starts closing."""
         idle_timeout = self._spec.idle_timeout
-        counter = self._metrics.websocket_messages.labels("in")
-        text_parts: list[str] = []
-        byte_parts: list[bytes] = []
-        size = 0
-        idle_deadline = trio.current_time() + idle_timeout
-        while True:
-            for event in conn.events():
-                if isinstance(event, Message):
-                    data = event.data
-                    size += (
-                        len(data)
-                        if isinstance(data, bytes) or data.isascii()
-                        else len(data.encode())
-                    )
-                    if size > max_message:
+        fd = self._fd
+        while self.close_code is None:
+            # One cancel scope per idle period, not per read (entering one costs
+            # about as much as a small message): when its deadline passes, the
+            # session may have been active meanwhile, and another period starts.
+            # `_begin_close` cancels it.
+            with trio.CancelScope(deadline=self._active_at + idle_timeout) as self._reading:
+                while True:
+                    held = self._held
+                    if held is not None:
+                        # With MAX_IN_FLIGHT requests waiting, reading stops. The
+                        # message stays held if the wait ends with the idle period.
+                        while self._in_flight >= MAX_IN_FLIGHT:
+                            self._slot_freed = freed = trio.Event()
+                            await freed.wait()
+                        self._held = None
+                        self._received_at = trio.current_time()
+                        self._on_message(held)
+                    # Closing, or a message held: _on_frames says which.
+                    if self._on_frames():
+                        return
+                    if self._held is not None:
+                        continue
+                    if fd >= 0:
+                        # Wait, then read: the bytes before were all handled, so a
+                        # read first would mostly fail. The wait is the checkpoint.
+                        await trio.lowlevel.wait_readable(fd)
+                        try:
+                            data = os.read(fd, _READ_SIZE)
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            data = b""  # reset by the client: as good as EOF
+                    else:
+                        try:
+                            data = bytes(await self._stream.receive_some(_READ_SIZE))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            data = b""
+                    self._received_at = trio.current_time()
+                    if not data:
+                        # wsproto takes None for EOF where the stream gives b""
+                        # (STYLE 3); it answers with a 1006 CloseConnection.
+                        self._wsproto().receive_data(None)
+                        self._on_events()
+                        return
+                    inbox = self._inbox
+                    if self._inbox_at == len(inbox):
+                        self._inbox = data
+                    else:
+                        # Part of a frame is waiting: join in one growing buffer.
+                        if not isinstance(inbox, bytearray) or self._inbox_at:
+                            inbox = bytearray(inbox[self._inbox_at :])
+                        inbox += data
+                        self._inbox = inbox
+                    self._inbox_at = 0
+            if self.close_code is None and trio.current_time() >= self._active_at + idle_timeout:
+                self._begin_close(NORMAL, f"idle for {idle_timeout:g} s")
+
+    def _on_frames(self) -> bool:
+        """Handle the whole frames received; True once the session is closing.
+
+        A plain message, one final masked text or binary frame while no
+        fragmented message is under way, is read here (RFC 6455 5.2, 5.3);
+        every other frame goes, whole, to wsproto, which judges control frames,
+        fragments and protocol errors. Stops at a whole message while
+        MAX_IN_FLIGHT requests wait: it is held.
+        """
+        if self._closing():
+            return True
+        buf = self._inbox
+        pos = self._inbox_at
+        max_message = self._spec.max_message
+        try:
+            while (head := frame_head(buf, pos)) is not None:
+                first, plain, start, end = head
+                opcode = first & 0x0F
+                if opcode <= BINARY:
+                    if self._size + end - start > max_message:
+                        # SPEC 5: at once, without waiting for the payload.
                         self._begin_close(
                             TOO_BIG, f"message over max_message ({max_message} bytes)"
                         )
-                        return
-                    if isinstance(data, str):
-                        text_parts.append(data)
+                        return True
+                elif end - start > MAX_CONTROL_PAYLOAD:
+                    # Not a frame to wait for: wsproto refuses it from its head.
+                    self._wsproto().receive_data(bytes(buf[pos:]))
+                    pos = len(buf)
+                    return self._on_events()
+                if end > len(buf):
+                    break  # the rest of the frame is on its way
+                message: str | bytes | None = None
+                # A final text or binary frame, no extension bit, plain (masked
+                # as a client's must be, its length in the fewest bytes), while
+                # no fragmented message is under way.
+                if first & 0xF0 == FIN and plain and 0 < opcode <= BINARY and not self._fragmented:
+                    payload = unmask(buf[start - 4 : start], buf[start:end])
+                    if opcode == BINARY:
+                        message = payload
                     else:
-                        byte_parts.append(bytes(data))
-                    if not event.message_finished:
-                        continue
-                    message: str | bytes
-                    if isinstance(data, str):
-                        message = "".join(text_parts)
-                        text_parts.clear()
-                    else:
-                        message = b"".join(byte_parts)
-                        byte_parts.clear()
-                    size = 0
-                    idle_deadline = trio.current_time() + idle_timeout
-                    self.messages_in += 1
-                    counter.inc()
-                    await self._on_message(message, upstream, work)
-                    if self.close_code is not None:
-                        return
-                elif isinstance(event, Ping):
-                    idle_deadline = trio.current_time() + idle_timeout
-                    self._enqueue(Pong(payload=event.payload))
-                elif isinstance(event, CloseConnection):
-                    # The client's close (answered with its code), its vanishing
-                    # (1006), or wsproto's verdict on a protocol error (1002, 1007).
-                    self._begin_close(event.code, event.reason or "")
-                    return
-            with trio.move_on_at(idle_deadline) as idle:
-                try:
-                    received = await stream.receive_some(_READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    received = b""
-            if idle.cancelled_caught:
-                self._begin_close(NORMAL, f"idle for {idle_timeout:g} s")
-                return
-            # wsproto takes None for EOF where the stream gives b"" (STYLE 3).
-            conn.receive_data(bytes(received) if received else None)
+                        with contextlib.suppress(UnicodeDecodeError):  # wsproto closes 1007
+                            message = payload.decode()
+                if message is None:
+                    self._wsproto().receive_data(bytes(buf[pos:end]))
+                    pos = end
+                    if self._on_events():
+                        return True
+                else:
+                    pos = end
+                    if self._take(message):
+                        return self._closing()
+            return False
+        finally:
+            self._inbox_at = pos
 
-    async def _on_message(
-        self, message: str | bytes, upstream: Session, work: trio.Nursery
-    ) -> None:
+    def _on_events(self) -> bool:
+        """Handle wsproto's events (of one whole frame); True once the session is closing."""
+        conn = self._wsproto()
+        for event in conn.events():
+            if isinstance(event, Message):
+                data = event.data
+                self._fragments += 1
+                if self._fragments > MAX_FRAGMENTS:
+                    self._begin_close(TOO_BIG, f"message of over {MAX_FRAGMENTS} fragments")
+                    return True
+                self._fragmented = not event.message_finished
+                message: str | bytes
+                if isinstance(data, str):
+                    self._size += len(data) if data.isascii() else len(data.encode())
+                    texts = self._text_parts
+                    if self._fragmented:
+                        if texts is None:
+                            texts = self._text_parts = []
+                        texts.append(data)
+                        continue
+                    if texts is not None:
+                        texts.append(data)
+                        data = "".join(texts)
+                        self._text_parts = None
+                    message = data
+                else:
+                    self._size += len(data)
+                    chunks = self._byte_parts
+                    if self._fragmented:
+                        if chunks is None:
+                            chunks = self._byte_parts = []
+                        chunks.append(bytes(data))
+                        continue
+                    if chunks is not None:
+                        chunks.append(bytes(data))
+                        data = b"".join(chunks)
+                        self._byte_parts = None
+                    message = bytes(data)
+                if self._take(message):
+                    return self._closing()
+            elif isinstance(event, Ping):
+                self._active_at = self._received_at
+                if conn.state is ConnectionState.OPEN:
+                    self._send(bytes(conn.send(Pong(payload=event.payload))), message=False)
+            elif isinstance(event, CloseConnection):
+                # The client's close (answered with its code), its vanishing
+                # (1006), or wsproto's verdict on a protocol error (1002, 1007).
+                self._begin_close(event.code, event.reason or "")
+                return True
+        return self._closing()
+
+    def _take(self, message: str | bytes) -> bool:
+        """One whole message from the client; True when reading must stop (the
+        session is closing, or the message is held)."""
+        self._size = 0
+        self._fragments = 0
+        self._active_at = self._received_at
+        self.messages_in += 1
+        self._count_in.inc()
+        if self._in_flight >= MAX_IN_FLIGHT:
+            self._held = message
+            return True
+        self._on_message(message)
+        return self._closing()
+
+    # ------------------------------------------------------------ requests
+
+    def _on_message(self, message: str | bytes) -> None:
+        upstream = self._upstream
+        assert upstream is not None  # messages are read only while the session serves
         if isinstance(message, str):
             if not self._waf_admits(message):
                 return
-            if self._spec.mode == "binary":
+            if self._binary:
                 self._begin_close(POLICY, "binary mode takes binary messages, one TLV frame each")
                 return
             try:
@@ -559,16 +776,26 @@ class _Session:
                     message, self._table, self._spec.upstream, self._context
                 )
             except ws_json.MessageRejected as rejected:
-                self._enqueue(TextMessage(data=ws_json.render_error(rejected.error, rejected.seq)))
+                self._send_error(rejected.error, rejected.seq)
                 return
-            if not self._rate_admits(request.command, request.seq):
+            command = request.command
+            if not self._rate_admits(command, request.seq):
                 return
-            await self._take_slot()
-            work.start_soon(self._json_request, upstream, request)
+            deadline = self._received_at + self._timeout(command)
+            try:
+                upstream.submit(
+                    _JsonCall(self, command, request.seq, deadline),
+                    command.command,
+                    request.body,
+                    uid=self._uid or 0,
+                )
+            except GatewayError as exc:
+                self._refused(exc, request.seq)
+                return
+            self._in_flight += 1
             return
-        if self._spec.mode == "json":
-            error = BadRequest("json mode takes text messages (JSON objects)")
-            self._enqueue(TextMessage(data=ws_json.render_error(error, None)))
+        if not self._binary:
+            self._send_error(BadRequest("json mode takes text messages (JSON objects)"), None)
             return
         try:
             frame, command = self._check_frame(message)
@@ -578,81 +805,52 @@ class _Session:
             return
         if not self._rate_admits(command, frame.seq):
             return
-        await self._take_slot()
-        work.start_soon(self._binary_request, upstream, frame, command)
-
-    async def _take_slot(self) -> None:
-        """Wait for one of the MAX_IN_FLIGHT request slots (the reader stops meanwhile)."""
-        while self._in_flight >= MAX_IN_FLIGHT:
-            self._slot_freed = trio.Event()
-            await self._slot_freed.wait()
+        # The session's uid, when the table names one, is what the gateway vouches
+        # for: a client cannot speak for another user by writing its own uid.
+        outgoing = frame if self._uid is None else attrs.evolve(frame, uid=self._uid)
+        deadline = self._received_at + self._timeout(command)
+        try:
+            upstream.submit_frame(_BinaryCall(self, command, frame.seq, deadline), outgoing)
+        except GatewayError as exc:
+            self._refused(exc, frame.seq)
+            return
         self._in_flight += 1
 
-    def _free_slot(self) -> None:
+    def _refused(self, error: GatewayError, seq: int) -> None:
+        if isinstance(error, UpstreamUnavailable):
+            # SendFailed: the dedicated connection is closed or at its cap (1011).
+            self._begin_close(INTERNAL, error.message)
+        else:
+            self._send_error(error, seq)  # PayloadTooLarge, BadRequest: this message only
+
+    def _settled(self) -> None:
+        """A request got its outcome: its slot is free."""
         self._in_flight -= 1
-        if self._slot_freed is not None:
-            self._slot_freed.set()
-
-    # ------------------------------------------------------------ policy seams
-
-    def _waf_admits(self, text: str) -> bool:
-        """SPEC 4.4: WAF rules see each text message; a deny closes 1008."""
-        for found in self._runtime.waf.inspect_message(text):
-            self._metrics.waf_blocked.labels(found.rule).inc()
-            if found.action == "deny":
-                self._begin_close(POLICY, f"message refused by WAF rule {found.rule!r}")
-                return False
-            log.warning("waf rule matched a websocket message", extra={"rule": found.rule})
-        return True
-
-    def _rate_admits(self, command: CommandSpec, seq: int) -> bool:
-        """SPEC 4.4: a refused message gets a per-message `rate_limited` error."""
-        refusal = self._runtime.limiter.check(command.name, self._context, trio.current_time())
-        if refusal is None:
-            return True
-        self._metrics.rate_limited.labels(refusal.rule).inc()
-        self._enqueue(TextMessage(data=ws_json.render_error(refusal.error(), seq)))
-        return False
-
-    # ------------------------------------------------------------ requests
+        freed = self._slot_freed
+        if freed is not None:
+            self._slot_freed = None
+            freed.set()
 
     def _timeout(self, command: CommandSpec) -> float:
         if command.timeout is not None:
             return command.timeout
         return self._table.upstreams[self._spec.upstream].timeout
 
-    async def _json_request(self, upstream: Session, request: ws_json.JsonRequest) -> None:
-        command = request.command
-        try:
-            timeout = self._timeout(command)
-            with trio.move_on_after(timeout) as scope:
-                reply = await upstream.request(command.command, request.body, uid=self._uid or 0)
-            if scope.cancelled_caught:
-                raise UpstreamTimeout(
-                    f"upstream {self._spec.upstream!r} did not answer {command.name!r} "
-                    f"within {timeout:g} s"
-                )
-            text = self._render_reply(command, request.seq, reply)
-        except (UpstreamUnavailable, UpstreamProtocolError) as exc:
-            # The dedicated connection is lost or broken: the session cannot go on.
-            self._begin_close(INTERNAL, exc.message)
-            return
-        except GatewayError as exc:
-            text = ws_json.render_error(exc, request.seq)
-        finally:
-            self._free_slot()
-        self._enqueue(TextMessage(data=text))
-
-    def _render_reply(self, command: CommandSpec, seq: int, reply: Frame) -> str:
+    def _render_reply(self, command: CommandSpec, seq: int, reply: Frame) -> bytes:
+        """The text message answering `seq`, from the response frame `reply`."""
         codec = self._table.codecs[command.name]
-        try:
-            body = codec.decode_response(reply.body) if reply.body or reply.status == 0 else None
-        except UpstreamProtocolError as exc:
-            if reply.status == 0:
+        if reply.status == 0:
+            try:
+                body = ws_json.body_json(codec, reply.body)
+            except UpstreamProtocolError as exc:
                 self._metrics.frames_rejected.labels("undecodable_body").inc()
                 return ws_json.render_error(exc, seq)
-            body = None  # SPEC 5: a non-zero status carries the body only when it decodes
-        return ws_json.render_response(command, seq, reply.status, body)
+            return ws_json.render_response_json(command, seq, 0, body)
+        try:
+            value = codec.decode_response(reply.body) if reply.body else None
+        except UpstreamProtocolError:
+            value = None  # SPEC 5: a non-zero status carries the body only when it decodes
+        return ws_json.render_response(command, seq, reply.status, value)
 
     def _check_frame(self, data: bytes) -> tuple[Frame, CommandSpec]:
         """The one TLV frame `data` holds, checked (SPEC 5); raises _InvalidFrame."""
@@ -676,65 +874,131 @@ class _Session:
             )
         return frame, command
 
-    async def _binary_request(self, upstream: Session, frame: Frame, command: CommandSpec) -> None:
-        # The session's uid, when the table names one, is what the gateway vouches
-        # for: a client cannot speak for another user by writing its own uid.
-        outgoing = frame if self._uid is None else attrs.evolve(frame, uid=self._uid)
-        event: Event
-        try:
-            timeout = self._timeout(command)
-            with trio.move_on_after(timeout) as scope:
-                reply = await upstream.send_frame(outgoing)
-            if scope.cancelled_caught:
-                raise UpstreamTimeout(
-                    f"upstream {self._spec.upstream!r} did not answer {command.name!r} "
-                    f"within {timeout:g} s"
-                )
-            event = BytesMessage(
-                data=encode_frame(self._table.framing, attrs.evolve(reply, seq=frame.seq))
-            )
-        except (UpstreamUnavailable, UpstreamProtocolError) as exc:
-            self._begin_close(INTERNAL, exc.message)
+    # ------------------------------------------------------------ policy seams
+
+    def _waf_admits(self, text: str) -> bool:
+        """SPEC 4.4: WAF rules see each text message; a deny closes 1008."""
+        for found in self._runtime.waf.inspect_message(text):
+            self._metrics.waf_blocked.labels(found.rule).inc()
+            if found.action == "deny":
+                self._begin_close(POLICY, f"message refused by WAF rule {found.rule!r}")
+                return False
+            log.warning("waf rule matched a websocket message", extra={"rule": found.rule})
+        return True
+
+    def _rate_admits(self, command: CommandSpec, seq: int) -> bool:
+        """SPEC 4.4: a refused message gets a per-message `rate_limited` error."""
+        refusal = self._runtime.limiter.check(command.name, self._context, self._received_at)
+        if refusal is None:
+            return True
+        self._metrics.rate_limited.labels(refusal.rule).inc()
+        self._send_error(refusal.error(), seq)
+        return False
+
+    # ------------------------------------------------------------ the upstream's side
+
+    def on_push(self, frame: Frame) -> None:
+        """A push, from the dedicated connection's reader: rendered and sent."""
+        if self.close_code is not None:
             return
-        except GatewayError as exc:
-            # Binary mode has no error frame: per-message errors go back as the
-            # json-mode text error, carrying the frame's seq.
-            event = TextMessage(data=ws_json.render_error(exc, frame.seq))
-        finally:
-            self._free_slot()
-        self._enqueue(event)
+        try:
+            if self._binary:
+                data = wire_frame(BINARY, encode_frame(self._table.framing, frame))
+            else:
+                text = self._render_push(frame)
+                if text is None:
+                    return
+                data = wire_frame(TEXT, text)
+        except Exception:  # runs in the upstream reader: a bug costs one push, not the reader
+            log.exception("rendering a push failed", extra={"command": frame.command})
+            return
+        self._send(data)
 
-    # ------------------------------------------------------------ pushes, drain
-
-    async def _pump_pushes(self, upstream: Session) -> None:
-        layout = self._table.framing
-        binary = self._spec.mode == "binary"
-        async for frame in upstream.pushes:
-            if binary:
-                self._enqueue(BytesMessage(data=encode_frame(layout, frame)))
-                continue
-            text = self._render_push(frame)
-            if text is not None:
-                self._enqueue(TextMessage(data=text))
-        # The connection closes the push channel when it ends (upstream/connection.py).
+    def on_end(self, error: GatewayError) -> None:
+        """The dedicated connection ended; unless the session ended it, 1011."""
         self._begin_close(INTERNAL, "upstream connection lost")
 
-    def _render_push(self, frame: Frame) -> str | None:
+    def _render_push(self, frame: Frame) -> bytes | None:
         command = self._table.commands_by_number.get(frame.command)
         if command is None or command.push is None:
             self._metrics.frames_rejected.labels("unknown_push").inc()
             log.warning("push of a command not in the table", extra={"command": frame.command})
             return None
         try:
-            body = self._table.codecs[command.name].decode_response(frame.body)
+            body = ws_json.body_json(self._table.codecs[command.name], frame.body)
         except UpstreamProtocolError as exc:
             self._metrics.frames_rejected.labels("undecodable_body").inc()
             log.warning(
                 "undecodable push dropped", extra={"command": command.name, "error": exc.message}
             )
             return None
-        return ws_json.render_push(command, body)
+        return ws_json.render_push_json(command, body)
 
-    async def _watch_shutdown(self) -> None:
-        await self._shutdown.wait()
-        self._begin_close(GOING_AWAY, "gateway shutting down")
+
+# ---------------------------------------------------------------- requests
+
+
+class _Call:
+    """One client request on its way: a `Waiter` on the dedicated connection.
+
+    Exactly one of the three is called, from the connection's reader, the
+    worker's deadline timer or the connection's end; so none may raise: a bug
+    in rendering is logged and closes the session with 1011.
+    """
+
+    __slots__ = ("command", "deadline", "seq", "session")
+
+    def __init__(self, session: _Session, command: CommandSpec, seq: int, deadline: float) -> None:
+        self.session = session
+        self.command = command
+        self.seq = seq  # the client's
+        self.deadline = deadline
+
+    def on_response(self, frame: Frame) -> None:
+        session = self.session
+        session._settled()
+        if session.close_code is not None:
+            return
+        try:
+            data = self._render(frame)
+        except Exception:  # runs in the upstream reader: a bug costs the session, not the reader
+            log.exception("rendering the answer to %s failed", self.command.name)
+            session._begin_close(INTERNAL, "internal error")
+            return
+        session._send(data)
+
+    def on_error(self, error: GatewayError) -> None:
+        # The dedicated connection is lost or broken: the session cannot go on.
+        session = self.session
+        session._settled()
+        session._begin_close(INTERNAL, error.message)
+
+    def on_timeout(self) -> None:
+        session = self.session
+        session._settled()
+        command = self.command
+        error = UpstreamTimeout(
+            f"upstream {command.upstream!r} did not answer {command.name!r} "
+            f"within {session._timeout(command):g} s"
+        )
+        session._send_error(error, self.seq)
+
+    def _render(self, frame: Frame) -> bytes:
+        raise NotImplementedError
+
+
+class _JsonCall(_Call):
+    __slots__ = ()
+
+    def _render(self, frame: Frame) -> bytes:
+        return wire_frame(TEXT, self.session._render_reply(self.command, self.seq, frame))
+
+
+class _BinaryCall(_Call):
+    # Binary mode has no error frame: per-message errors go back as the
+    # json-mode text error, carrying the frame's seq.
+    __slots__ = ()
+
+    def _render(self, frame: Frame) -> bytes:
+        layout = self.session._table.framing
+        return wire_frame(BINARY, encode_frame(layout, attrs.evolve(frame, seq=self.seq)))

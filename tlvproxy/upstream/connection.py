@@ -19,9 +19,11 @@ Matching (SPEC 1): a frame with the push flag is a push. Any other frame is the
 response to the request in flight with its seq; without a `flags` field, a frame
 whose seq is not in flight is a push. A response nobody waits for (it came after
 its request timed out, or never had one) is counted in
-`tlvproxy_frames_rejected_total{reason="unknown_seq"}` and dropped. A push on a
-connection without a push channel (a pooled REST connection) is counted as
-`reason="unexpected_push"` and dropped.
+`tlvproxy_frames_rejected_total{reason="unknown_seq"}` and dropped. A push goes
+to the connection's `PushReceiver`, called by the reader as it decodes the
+frame (a WebSocket session renders and writes it there and then), or to its
+push channel; a push on a connection with neither (a pooled REST connection)
+is counted as `reason="unexpected_push"` and dropped.
 
 When the connection breaks (EOF, reset, a FramingError), every waiter fails at
 once: `SendFailed` if its bytes never reached the socket, `ConnectionLost` if they
@@ -66,7 +68,10 @@ if TYPE_CHECKING:
 RECEIVE_SIZE: Final = 65536
 # The deadline heap is rebuilt from its live entries past this size (or four
 # times the live entries of the last rebuild).
-_PRUNE_MIN: Final = 1024
+_PRUNE_MIN: Final = 256
+# Frames queued in one scheduler pass that are sent at once, before the pass
+# ends (see `_queue`).
+_EARLY_SEND: Final = 16
 
 
 class SendFailed(UpstreamUnavailable):
@@ -99,6 +104,20 @@ class Waiter(Protocol):
 
     def on_timeout(self) -> None:
         """`deadline` passed first; the seq is free and a late answer is dropped."""
+
+
+class PushReceiver(Protocol):
+    """Where a dedicated connection delivers its pushes (`Connection(receiver=...)`).
+
+    Both are called from the connection's own tasks, so neither may raise or wait.
+    """
+
+    def on_push(self, frame: Frame) -> None:
+        """One upstream-initiated frame, as the reader decodes it."""
+
+    def on_end(self, error: GatewayError) -> None:
+        """The connection ended (`error` is `Connection.error`): no push follows.
+        Called once, after the waiters have failed."""
 
 
 class _TaskWaiter:
@@ -137,7 +156,8 @@ class Connection:
 
     `run()` must be running (in a nursery) for requests to be answered. `pushes`, if
     given, receives upstream-initiated frames and is closed when the connection ends
-    (its receiver then gets EndOfChannel); the connection owns it. At most
+    (its receiver then gets EndOfChannel); the connection owns it. `receiver`, if
+    given instead, is called with each push and told of the end. At most
     `max_in_flight` requests wait at once (capped by the seq space of the layout).
     The deadlines of submitted requests fire from `timer` (a running
     `DeadlineTimer`); without one, `run()` runs a timer of its own.
@@ -153,6 +173,7 @@ class Connection:
         max_in_flight: int,
         pushes: trio.MemorySendChannel[Frame] | None = None,
         timer: DeadlineTimer | None = None,
+        receiver: PushReceiver | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -178,7 +199,11 @@ class Connection:
         self._outbox_seqs: list[int] = []
         self._writer_idle = False
         self._wake = trio.Event()
+        self._fd = stream.socket.fileno()
+        self._unsent = b""  # bytes of a write the socket did not take; the writer's
+        self._sending = False  # the writer is sending `_unsent`: nobody else writes
         self._pushes = pushes
+        self._receiver = receiver
         self._cancel_scope: trio.CancelScope | None = None
         self.last_received = trio.current_time()
         self.closed = trio.Event()
@@ -302,13 +327,40 @@ class Connection:
                 self._prune()
             if deadline < self.timer_deadline:
                 self._watch(deadline)
-        self._outbox.append(wire)
+        outbox = self._outbox
+        outbox.append(wire)
         self._outbox_seqs.append(seq)
-        if self._writer_idle:
+        if len(outbox) >= _EARLY_SEND and not self._sending:
+            # A long pass would hold the first frames back until its end: a
+            # slow upstream would then see requests in waves and sit idle in
+            # between. Send what has piled up now.
+            self._send_queued()
+        elif self._writer_idle:
             # The writer runs after this scheduler pass: every frame queued in
             # the pass leaves in its one send.
             self._writer_idle = False
             self._wake.set()
+
+    def _send_queued(self) -> None:
+        """Write the queued frames now without waiting; what the socket does
+        not take is the writer's to send (`_sending` until it has)."""
+        outbox = self._outbox
+        data = b"".join(outbox) if len(outbox) > 1 else outbox[0]
+        outbox.clear()
+        self._outbox_seqs.clear()
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._finish(ConnectionLost(f"{self.node}: write failed: {exc}"), broken=True)
+            return
+        if sent < len(data):
+            self._unsent = data[sent:]
+            self._sending = True
+            if self._writer_idle:
+                self._writer_idle = False
+                self._wake.set()
 
     # ------------------------------------------------------------ deadlines
 
@@ -374,29 +426,25 @@ class Connection:
 
     async def _write_loop(self) -> None:
         outbox = self._outbox
-        outbox_seqs = self._outbox_seqs
         send_all = self.stream.send_all
-        fd = self.stream.socket.fileno()
         try:
             while True:
+                if self._unsent:
+                    # The rest of a write the socket did not take at once.
+                    data, self._unsent = self._unsent, b""
+                    await send_all(data)
+                    self._sending = False
+                    continue
                 if not outbox:
                     self._wake = trio.Event()
                     self._writer_idle = True
                     await self._wake.wait()
                     continue
-                # Every request queued since the last write goes in one send.
-                data = b"".join(outbox) if len(outbox) > 1 else outbox[0]
-                outbox.clear()
-                outbox_seqs.clear()
-                # Written at once when the socket buffer takes it all (the usual
-                # case): send_all would add a scheduler pass after the write,
-                # and waiting for the next request is a checkpoint already.
-                try:
-                    sent = os.write(fd, data)
-                except BlockingIOError:
-                    sent = 0
-                if sent < len(data):
-                    await send_all(data[sent:])
+                # Every request queued since the last write goes in one send,
+                # written at once when the socket buffer takes it all (the
+                # usual case): send_all would add a scheduler pass after the
+                # write, and waiting for the next request is a checkpoint already.
+                self._send_queued()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._finish(ConnectionLost(f"{self.node}: write failed: {exc}"), broken=True)
 
@@ -439,6 +487,9 @@ class Connection:
                         if has_flags:
                             self._metrics.frames_rejected.labels("unknown_seq").inc()
                             continue
+                    if self._receiver is not None:
+                        self._receiver.on_push(event)
+                        continue
                     await self._deliver_push(event)
         except FramingError as exc:
             self._metrics.frames_rejected.labels(exc.reason).inc()
@@ -481,6 +532,9 @@ class Connection:
         # retries), and must find this connection finished.
         for seq, waiter in waiters.items():
             waiter.on_error(_waiter_error(error, seq in unsent))
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            receiver.on_end(error)
 
 
 def _waiter_error(error: GatewayError, unsent: bool) -> GatewayError:

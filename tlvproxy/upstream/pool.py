@@ -53,11 +53,17 @@ from tlvproxy.errors import (
 from tlvproxy.framing import Frame
 from tlvproxy.timer import DeadlineTimer
 from tlvproxy.upstream.balance import HashRing, RoundRobin
-from tlvproxy.upstream.connection import Connection, ConnectionLost, SendFailed
+from tlvproxy.upstream.connection import (
+    Connection,
+    ConnectionLost,
+    PushReceiver,
+    SendFailed,
+    Waiter,
+)
 from tlvproxy.upstream.health import BACKOFF_BASE, Backoff, NodeHealth
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from tlvproxy.config.model import NodeSpec, UpstreamSpec
     from tlvproxy.framing import HeaderLayout
@@ -130,10 +136,11 @@ class _Node:
         """The least-loaded usable connection, if it is idle or no other may be opened."""
         best: Connection | None = None
         best_load = 0
+        # `usable` and `in_flight` spelled out: this runs once per request.
         for conn in self.live:
-            if not conn.usable:
+            load = len(conn._waiters)
+            if conn.error is not None or load >= conn.max_in_flight:
                 continue
-            load = conn.in_flight
             if load == 0:
                 return conn
             if best is None or load < best_load:
@@ -187,6 +194,19 @@ class _TaskCompletion:
     def _abort(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self.task = None  # an outcome after this is kept in `result`, unread
         return trio.lowlevel.Abort.SUCCEEDED
+
+
+class _Settled:
+    """The completion of a settled attempt: it hears nothing more."""
+
+    def on_reply(self, frame: Frame, node: str) -> None:
+        raise AssertionError("a settled attempt was answered")  # pragma: no cover
+
+    def on_error(self, error: GatewayError, node: str | None) -> None:
+        raise AssertionError("a settled attempt failed")  # pragma: no cover
+
+
+_SETTLED: Final = _Settled()
 
 
 class _Attempt:
@@ -268,7 +288,9 @@ class _Attempt:
             node.count_ok()
         node.health.record_answer()
         self.settled = True
-        self.completion.on_reply(frame, node.name)
+        completion = self.completion
+        self._release()
+        completion.on_reply(frame, node.name)
 
     def on_error(self, error: GatewayError) -> None:
         node = self.node
@@ -321,7 +343,16 @@ class _Attempt:
         if self.settled:
             return
         self.settled = True
-        self.completion.on_error(error, None if self.node is None else self.node.name)
+        completion = self.completion
+        self._release()
+        completion.on_error(error, None if self.node is None else self.node.name)
+
+    def _release(self) -> None:
+        # Settled: a stale entry in a deadline heap may keep this attempt a
+        # while; it must not keep the request and its answer (less garbage for
+        # the collector to trace).
+        self.completion = _SETTLED
+        self.body = b""
 
 
 class Pool:
@@ -646,7 +677,7 @@ class Pool:
 
     @asynccontextmanager
     async def open_session(
-        self, *, key: str | None, push_buffer: int = 64
+        self, *, key: str | None, push_buffer: int = 64, receiver: PushReceiver | None = None
     ) -> AsyncIterator[Session]:
         """One dedicated new connection, closed when the context exits (SPEC 5).
 
@@ -654,6 +685,10 @@ class Pool:
         or the round-robin choice without a key; a failed connect moves on to another
         node up to `retries` times. Raises NoHealthyNode or UpstreamUnavailable when
         no connection can be opened.
+
+        Pushes go to `receiver`, from the connection's reader, when it is given
+        (then `Session.pushes` is None); else to `Session.pushes`, a channel of
+        `push_buffer` frames.
         """
         tried: list[_Node] = []
         node = self._first(key)
@@ -671,13 +706,27 @@ class Pool:
                 if following is None:
                     raise
                 node = following
-        send, receive = trio.open_memory_channel[Frame](push_buffer)
-        conn = self._new_connection(node, stream, send)
+        receive: trio.MemoryReceiveChannel[Frame] | None = None
+        if receiver is None:
+            send, receive = trio.open_memory_channel[Frame](push_buffer)
+            conn = self._new_connection(node, stream, send)
+        else:
+            conn = Connection(
+                stream,
+                self.layout,
+                self._metrics,
+                node=node.name,
+                max_in_flight=self._max_in_flight,
+                timer=self._timer,
+                receiver=receiver,
+            )
         async with trio.open_nursery() as nursery:
             await nursery.start(self._run_session_connection, node, conn)
+            session = Session(self, node, conn, receive, nursery=nursery)
             try:
-                yield Session(self, node, conn, receive)
+                yield session
             finally:
+                session._ended = True
                 conn.close(SendFailed(f"{node.name}: the session ended"))
 
     async def _run_session_connection(
@@ -715,25 +764,49 @@ class Pool:
 class Session:
     """A dedicated upstream connection for one WebSocket session.
 
-    `pushes` yields the upstream-initiated frames. When the connection ends (the
-    node closed or broke it), `pushes` ends (EndOfChannel, or the end of `async
-    for`), `closed` is set and `error` says why: a ConnectionLost or
-    UpstreamProtocolError (close the client with 1011, SPEC 5).
+    `pushes` yields the upstream-initiated frames (None: they go to the
+    session's `PushReceiver`). When the connection ends (the node closed or
+    broke it), `pushes` ends (EndOfChannel, or the end of `async for`), or the
+    receiver's `on_end` is called; `closed` is set and `error` says why: a
+    ConnectionLost or UpstreamProtocolError (close the client with 1011, SPEC 5).
     """
+
+    __slots__ = ("_conn", "_ended", "_node", "_nursery", "_pool", "closed", "node", "pushes")
 
     def __init__(
         self,
         pool: Pool,
         node: _Node,
         conn: Connection,
-        pushes: trio.MemoryReceiveChannel[Frame],
+        pushes: trio.MemoryReceiveChannel[Frame] | None,
+        *,
+        nursery: trio.Nursery,
     ) -> None:
         self._pool = pool
         self._node = node
         self._conn = conn
+        self._nursery = nursery
         self.node = node.name
         self.pushes = pushes
         self.closed = conn.closed
+        self._ended = False  # the session closed the connection: nothing to count
+
+    def start_soon(self, async_fn: Callable[[], Awaitable[object]]) -> None:
+        """Start a task of the session's own in the nursery its connection runs
+        in: the session's context waits for it to end on exit, after closing
+        the connection. (A nursery of the caller's would cost each session one.)"""
+        self._nursery.start_soon(async_fn)
+
+    def submit(self, waiter: Waiter, command: int, body: bytes, *, uid: int = 0) -> int:
+        """Queue one request on this session's connection, without retries; its
+        seq. `waiter` hears the outcome (`Connection.submit`) after it is counted
+        on the node, as `request` counts it. Raises like `Connection.submit`."""
+        return self._conn.submit(_SessionCall(self, waiter), command, body, uid)
+
+    def submit_frame(self, waiter: Waiter, frame: Frame) -> int:
+        """`submit` for a frame passed through with a fresh upstream seq (the one
+        returned, which the response carries)."""
+        return self._conn.submit_frame(_SessionCall(self, waiter), frame)
 
     @property
     def error(self) -> GatewayError | None:
@@ -748,6 +821,43 @@ class Session:
         """Pass `frame` through with a fresh upstream seq; return the response, whose
         seq is the upstream one (the caller restores its own). Raises like `request`."""
         return await self._pool._counted(self._node, self._conn.send_frame(frame))
+
+
+class _SessionCall:
+    """A session request's `Waiter` on the connection: it counts the outcome on
+    the node (metrics, health), as `Pool._counted` does, then tells `waiter`."""
+
+    __slots__ = ("deadline", "session", "waiter")
+
+    def __init__(self, session: Session, waiter: Waiter) -> None:
+        self.session = session
+        self.waiter = waiter
+        self.deadline = waiter.deadline
+
+    def on_response(self, frame: Frame) -> None:
+        node = self.session._node
+        if frame.status:
+            node.count_status()
+        else:
+            node.count_ok()
+        node.health.record_answer()
+        self.waiter.on_response(frame)
+
+    def on_error(self, error: GatewayError) -> None:
+        session = self.session
+        # The session's own close says nothing about the node.
+        if not session._ended:
+            if isinstance(error, UpstreamProtocolError):
+                session._node.count_protocol_error()
+            else:
+                session._node.count_unavailable()
+        self.waiter.on_error(error)
+
+    def on_timeout(self) -> None:
+        session = self.session
+        session._node.count_timeout()
+        session._pool._failure(session._node)
+        self.waiter.on_timeout()
 
 
 @asynccontextmanager
