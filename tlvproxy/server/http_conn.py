@@ -233,16 +233,45 @@ async def serve_http_connection(
     `timer` (a running `DeadlineTimer`), or from a timer of the connection's
     own. Returns normally; only trio.Cancelled and KeyboardInterrupt get out.
     """
-    connection = _Connection(
+    handover = await _serve(
         stream,
         remote_addr,
-        settings,
-        handler,
-        error_handler,
-        upgrade,
-        draining,
+        _Connection(
+            stream,
+            remote_addr,
+            settings,
+            handler,
+            error_handler,
+            upgrade,
+            draining,
+            drain_signal,
+        ),
         drain_signal,
+        timer,
     )
+    try:
+        if handover is not None:
+            # The connection, its parser and its nursery are gone: an upgraded
+            # session keeps only what it needs (an idle WebSocket is light).
+            assert upgrade is not None  # a handover needs an upgrade handler
+            request, leftover = handover
+            try:
+                await upgrade(request, stream, leftover)
+            except Exception:
+                log.exception("upgraded connection from %s failed", remote_addr)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _serve(
+    stream: trio.abc.Stream,
+    remote_addr: str,
+    connection: _Connection,
+    drain_signal: DrainSignal | None,
+    timer: DeadlineTimer | None,
+) -> tuple[Request, bytes] | None:
+    """Run `connection` in its nursery; the upgrade request and the bytes past
+    it when the connection is to be handed over, else None (closed)."""
     if drain_signal is not None:
         drain_signal._connections.add(connection)
     try:
@@ -268,7 +297,7 @@ async def serve_http_connection(
         connection._closed = True
         if drain_signal is not None:
             drain_signal._connections.discard(connection)
-        await trio.aclose_forcefully(stream)
+    return connection._handover
 
 
 class _Connection:
@@ -321,6 +350,8 @@ class _Connection:
         self._close_after_answers = False  # draining: close once the order is empty
         self._broken = False  # a write failed: the peer is gone
         self._closed = False  # the stream is closed: late answers are dropped
+        # An upgrade's request and the bytes past it, for `upgrade` (see `_serve`).
+        self._handover: tuple[Request, bytes] | None = None
         # The connection's one cancel scope: armed with a deadline only while it
         # waits for bytes (see `_wait_receive`), cancelled by the drain signal
         # only while idle.
@@ -513,11 +544,13 @@ class _Connection:
         )
 
     async def _hand_over(self, request: Request) -> None:
+        # Once every earlier answer is written, the request and the bytes past
+        # it go to the upgrade handler, run after this connection has ended.
         assert self._upgrade is not None  # checked by _wants_upgrade
         await self._settle(0)
         if self._closing:
             return
-        await self._upgrade(request, self._stream, self._parser.trailing_data())
+        self._handover = (request, self._parser.trailing_data())
 
     def _request(self, head: RequestHead, body: bytes) -> Request:
         path, query = split_target(head.target)
