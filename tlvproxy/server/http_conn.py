@@ -81,9 +81,11 @@ __all__ = [
 ]
 
 
-@attrs.frozen(slots=True, kw_only=True)
+@attrs.define(slots=True, kw_only=True)
 class Request:
-    """One complete request as the handler sees it."""
+    """One complete request as the handler sees it. Read-only by convention:
+    not frozen, because one is made per request and a frozen instance costs
+    twice as much to make."""
 
     method: str
     target: str  # raw request target, e.g. "/v1/users/7/profile?x=1"
@@ -233,26 +235,47 @@ async def serve_http_connection(
     `timer` (a running `DeadlineTimer`), or from a timer of the connection's
     own. Returns normally; only trio.Cancelled and KeyboardInterrupt get out.
     """
-    handover = await _serve(
+    connection = _Connection(
         stream,
         remote_addr,
-        _Connection(
-            stream,
-            remote_addr,
-            settings,
-            handler,
-            error_handler,
-            upgrade,
-            draining,
-            drain_signal,
-        ),
+        settings,
+        handler,
+        error_handler,
+        upgrade,
+        draining,
         drain_signal,
-        timer,
     )
+    if drain_signal is not None:
+        drain_signal._connections.add(connection)
     try:
+        try:
+            async with trio.open_nursery() as nursery:
+                connection._nursery = nursery
+                if timer is None:
+                    timer = DeadlineTimer()
+                    await nursery.start(timer.run)
+                connection._timer = timer
+                try:
+                    await connection.serve()
+                except trio.BrokenResourceError:
+                    # The peer reset or vanished: there is nobody left to answer.
+                    log.debug("HTTP connection from %s lost", remote_addr)
+                except Exception:
+                    # The one catch-all (STYLE 4): a bug here must cost one
+                    # connection, not the worker.
+                    log.exception("HTTP connection from %s failed", remote_addr)
+                finally:
+                    # The flush task and the connection's own timer end with it.
+                    nursery.cancel_scope.cancel()
+        finally:
+            connection._closed = True
+            if drain_signal is not None:
+                drain_signal._connections.discard(connection)
+        handover = connection._handover
+        # An upgraded session keeps none of the HTTP state (an idle WebSocket
+        # is light): the connection, its parser and its nursery go now.
+        del connection, nursery
         if handover is not None:
-            # The connection, its parser and its nursery are gone: an upgraded
-            # session keeps only what it needs (an idle WebSocket is light).
             assert upgrade is not None  # a handover needs an upgrade handler
             request, leftover = handover
             try:
@@ -261,43 +284,6 @@ async def serve_http_connection(
                 log.exception("upgraded connection from %s failed", remote_addr)
     finally:
         await trio.aclose_forcefully(stream)
-
-
-async def _serve(
-    stream: trio.abc.Stream,
-    remote_addr: str,
-    connection: _Connection,
-    drain_signal: DrainSignal | None,
-    timer: DeadlineTimer | None,
-) -> tuple[Request, bytes] | None:
-    """Run `connection` in its nursery; the upgrade request and the bytes past
-    it when the connection is to be handed over, else None (closed)."""
-    if drain_signal is not None:
-        drain_signal._connections.add(connection)
-    try:
-        async with trio.open_nursery() as nursery:
-            connection._nursery = nursery
-            if timer is None:
-                timer = DeadlineTimer()
-                await nursery.start(timer.run)
-            connection._timer = timer
-            try:
-                await connection.serve()
-            except trio.BrokenResourceError:
-                # The peer reset or vanished: there is nobody left to answer.
-                log.debug("HTTP connection from %s lost", remote_addr)
-            except Exception:
-                # The one catch-all (STYLE 4): a bug here must cost one
-                # connection, not the worker.
-                log.exception("HTTP connection from %s failed", remote_addr)
-            finally:
-                # The flush task and the connection's own timer end with it.
-                nursery.cancel_scope.cancel()
-    finally:
-        connection._closed = True
-        if drain_signal is not None:
-            drain_signal._connections.discard(connection)
-    return connection._handover
 
 
 class _Connection:
@@ -350,10 +336,10 @@ class _Connection:
         self._close_after_answers = False  # draining: close once the order is empty
         self._broken = False  # a write failed: the peer is gone
         self._closed = False  # the stream is closed: late answers are dropped
-        # An upgrade's request and the bytes past it, for `upgrade` (see `_serve`).
+        # An upgrade's request and the bytes past it, for `upgrade`.
         self._handover: tuple[Request, bytes] | None = None
         # The connection's one cancel scope: armed with a deadline only while it
-        # waits for bytes (see `_wait_receive`), cancelled by the drain signal
+        # waits for bytes (see `_serve_requests`), cancelled by the drain signal
         # only while idle.
         self._scope = trio.CancelScope()
         self._cancelled = False  # `_scope` was cancelled (cheaper to read than cancel_called)
@@ -410,6 +396,9 @@ class _Connection:
         now = self._now
         signal = self._drain_signal
         draining = self._draining
+        fd = self._fd
+        stream = self._stream
+        wait_readable = trio.lowlevel.wait_readable
         idle_deadline = now() + header_timeout
         header_deadline: float | None = idle_deadline
         while True:
@@ -425,26 +414,61 @@ class _Connection:
                     self._write_ready()
                 if self._closing:
                     return True
-                if self._head is None and not parser.has_partial_request:
+                idle = self._head is None and not parser.has_partial_request
+                if idle:
                     if self._is_draining():
                         await self._settle(0)
                         return False
-                    data = None if answered else await self._read_now()
-                    if data is None:
-                        data = await self._wait_receive(idle_deadline, idle=True)
+                    deadline = idle_deadline
                 else:
                     if header_deadline is None:
                         # The request began with the bytes read last; the rest
                         # must follow within header_timeout.
                         header_deadline = now() + header_timeout
+                    deadline = header_deadline
                     if self._head is not None and parser.expects_continue:
                         # After every earlier answer, as the order demands.
                         await self._settle(0)
                         self._send_now(parser.send_continue())
                         answered = True
-                    data = None if answered else await self._read_now()
-                    if data is None:
-                        data = await self._wait_receive(header_deadline, idle=False)
+                data = None if answered else await self._read_now()
+                if data is None:
+                    # Wait for bytes until `deadline`; past it (or once
+                    # draining, when idle) the timer cancels the connection's
+                    # scope and `serve` decides: a 408 when a request was under
+                    # way, a silent close when idle. One scope for the
+                    # connection's life, armed by the timer around each wait:
+                    # entering a trio cancel scope costs about as much as
+                    # parsing a request. Written out here rather than in a
+                    # method: every level of await is paid again on each
+                    # wake-up.
+                    self._idle = idle
+                    self._arm(deadline)
+                    try:
+                        if fd < 0:
+                            data = _as_bytes(await stream.receive_some(_RECEIVE_SIZE))
+                        else:
+                            # Waited on first: `_read_now` found nothing, or an
+                            # answer just went out and the peer had no time to
+                            # send more, so a read first would mostly fail.
+                            while True:
+                                await wait_readable(fd)
+                                try:
+                                    data = os.read(fd, _RECEIVE_SIZE)
+                                    break
+                                except BlockingIOError:
+                                    continue
+                                except OSError as exc:
+                                    raise trio.BrokenResourceError(
+                                        f"receive failed: {exc}"
+                                    ) from exc
+                    finally:
+                        self._wanted = math.inf
+                    if self._cancelled:
+                        # The deadline or the drain signal fired as the bytes
+                        # came in: they are too late, and the handler must not
+                        # run in a cancelled scope.
+                        await trio.lowlevel.checkpoint()
                 parser.receive_data(data)
             elif type(event) is RequestHead:
                 self._head = event
@@ -712,7 +736,7 @@ class _Connection:
     async def _read_now(self) -> bytes | None:
         """The bytes already received on the socket, without waiting; None when
         there are none yet (or the stream is not a socket): the caller then
-        waits for them under its deadline (`_wait_receive`).
+        waits for them under its deadline.
 
         Why this is safe: it is `SocketStream.receive_some`'s own sequence (a
         cancellation check, a non-blocking read, and on data a shielded yield)
@@ -741,27 +765,6 @@ class _Connection:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
-    async def _wait_receive(self, deadline: float, *, idle: bool) -> bytes:
-        """The next bytes, waited for until `deadline`; past it (or once draining,
-        when `idle`) the connection's scope is cancelled and `serve` decides: a
-        408 when a request was under way, a silent close when idle.
-
-        One scope for the connection's life, armed around each wait by the
-        timer, instead of a new cancel scope per wait: entering and leaving a
-        trio cancel scope costs about as much as parsing a request.
-        """
-        self._idle = idle
-        self._arm(deadline)
-        try:
-            data = await self._receive_some()
-        finally:
-            self._wanted = math.inf
-        if self._cancelled:
-            # The deadline or the drain signal fired as the bytes came in: they
-            # are too late, and the handler must not run in a cancelled scope.
-            await trio.lowlevel.checkpoint()
-        return data
-
     def _arm(self, deadline: float) -> None:
         self._wanted = deadline
         if deadline < self.timer_deadline:
@@ -787,22 +790,6 @@ class _Connection:
             self._arm(wanted)
         else:
             self._cancel()
-
-    async def _receive_some(self) -> bytes:
-        # A socket is waited on first: `_read_now` found nothing, or an answer
-        # just went out and the peer had no time to send more, so trying the
-        # read first, as `receive_some` does, is a system call bound to fail.
-        fd = self._fd
-        if fd < 0:
-            return _as_bytes(await self._stream.receive_some(_RECEIVE_SIZE))
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                return os.read(fd, _RECEIVE_SIZE)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
 
     async def _close_gracefully(self) -> None:
         """Send what is queued, half-close, and drop what the peer still sends."""
