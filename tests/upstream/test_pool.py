@@ -415,3 +415,19 @@ async def test_without_heartbeat_an_unhealthy_node_is_probed_back(
         await trio.sleep(30)  # the backoff is capped at 10 s; two probes then succeed
         assert pool.node_states()[0].healthy
         assert (await pool.request(0x1001, b"back")).frame.body == b"back"
+
+
+async def test_a_burst_of_requests_opens_no_more_than_connections(start_upstream) -> None:
+    """Requests of one scheduler pass that each find the open connection busy
+    start one more connect between them, not one each: `connections` bounds
+    the connections a burst opens."""
+    upstream = await start_upstream()
+    async with pool_for(spec_for(upstream, connections=2)) as pool:
+        await pool.request(0x1001, b"first")
+        async with trio.open_nursery() as nursery:
+            for _ in range(64):
+                nursery.start_soon(pool.request, 0x1001, b"burst")
+        await trio.testing.wait_all_tasks_blocked()
+        [state] = pool.node_states()
+        assert state.connections == 2
+    assert len(upstream.conns) == 2

@@ -486,6 +486,9 @@ class Pool:
                 if conn is None:
                     self._nursery.start_soon(self._send_when_connected, attempt, node)
                     return
+                # Counted now, not when the task runs: every request of this
+                # pass would otherwise start a connect of its own.
+                node.connecting += 1
                 self._nursery.start_soon(self._connect_in_background, node)
             elif conn is None:
                 if node.connecting:
@@ -563,11 +566,13 @@ class Pool:
             timer=self._timer,
         )
 
-    async def _connect(self, node: _Node) -> Connection:
-        """A new pooled connection to `node`, running in the pool's nursery."""
-        # Counted from the connect until it is live, so concurrent requests never
-        # open more than `connections`.
-        node.connecting += 1
+    async def _connect(self, node: _Node, *, counted: bool = False) -> Connection:
+        """A new pooled connection to `node`, running in the pool's nursery;
+        `counted` when the caller has already counted it in `node.connecting`."""
+        # Counted from the decision to connect until it is live, so concurrent
+        # requests never open more than `connections`.
+        if not counted:
+            node.connecting += 1
         try:
             stream = await self._open_stream(node)
             conn = self._new_connection(node, stream, None)
@@ -578,10 +583,9 @@ class Pool:
         return conn
 
     async def _connect_in_background(self, node: _Node) -> None:
-        if not node.backoff.ready(trio.current_time()):
-            return
+        # `_send` counted this connect in `node.connecting` and checked the backoff.
         try:
-            await self._connect(node)
+            await self._connect(node, counted=True)
         except SendFailed as exc:
             log.warning("upstream connect failed", extra={"node": node.name, "error": exc.message})
 
