@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import uuid
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -938,7 +939,7 @@ class _Session:
 # ---------------------------------------------------------------- requests
 
 
-class _Call:
+class _Call(ABC):
     """One client request on its way: a `Waiter` on the dedicated connection.
 
     Exactly one of the three is called, from the connection's reader, the
@@ -983,8 +984,9 @@ class _Call:
         )
         session._send_error(error, self.seq)
 
+    @abstractmethod
     def _render(self, frame: Frame) -> bytes:
-        raise NotImplementedError
+        """The WebSocket frame that answers the client with `frame`."""
 
 
 class _JsonCall(_Call):

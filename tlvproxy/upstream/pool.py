@@ -121,6 +121,21 @@ class _Node:
         self.healthy_gauge = metrics.upstream_node_healthy.labels(upstream.name, self.name)
         self.healthy_gauge.set(1)
 
+    def count_answer(self, frame: Frame) -> None:
+        """An answer, whatever its status: counted, and the failure streak ends."""
+        if frame.status:
+            self.count_status()
+        else:
+            self.count_ok()
+        self.health.record_answer()
+
+    def count_lost(self, error: GatewayError) -> None:
+        """No answer, the connection having broken or gone (not a timeout)."""
+        if isinstance(error, UpstreamProtocolError):
+            self.count_protocol_error()
+        else:
+            self.count_unavailable()
+
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
@@ -282,11 +297,7 @@ class _Attempt:
     def on_response(self, frame: Frame) -> None:
         node = self.node
         assert node is not None  # set before the request was put on a connection
-        if frame.status:
-            node.count_status()
-        else:
-            node.count_ok()
-        node.health.record_answer()
+        node.count_answer(frame)
         self.settled = True
         completion = self.completion
         self._release()
@@ -296,10 +307,7 @@ class _Attempt:
         node = self.node
         assert node is not None
         self.conn = None
-        if isinstance(error, UpstreamProtocolError):
-            node.count_protocol_error()
-        else:
-            node.count_unavailable()
+        node.count_lost(error)
         if isinstance(error, SendFailed) and self.resent < _MAX_RESENDS:
             # Never written: the connection went down under it. Another
             # connection of the same node takes it, a new one if need be (SPEC 4.5).
@@ -318,8 +326,7 @@ class _Attempt:
         """The deadline passed: a timeout of the node (health), never retried."""
         node = self.node
         if node is not None:
-            node.count_timeout()
-            self.pool._failure(node)
+            self.pool._timed_out(node)
         self._settle(
             UpstreamTimeout(f"upstream {self.pool.spec.name!r}: no answer before the deadline")
         )
@@ -748,21 +755,18 @@ class Pool:
             # A cancel scope's deadline (the caller's timeout) is a node timeout; any
             # other cancellation (shutdown, a client gone) says nothing about the node.
             if exc.source == "deadline":
-                node.count_timeout()
-                self._failure(node)
+                self._timed_out(node)
             raise
-        except UpstreamUnavailable:
-            node.count_unavailable()
+        except (UpstreamUnavailable, UpstreamProtocolError) as exc:
+            node.count_lost(exc)
             raise
-        except UpstreamProtocolError:
-            node.count_protocol_error()
-            raise
-        if frame.status:
-            node.count_status()
-        else:
-            node.count_ok()
-        node.health.record_answer()
+        node.count_answer(frame)
         return frame
+
+    def _timed_out(self, node: _Node) -> None:
+        # A request's deadline passed: counted, and a failure of the node.
+        node.count_timeout()
+        self._failure(node)
 
 
 class Session:
@@ -839,28 +843,19 @@ class _SessionCall:
         self.deadline = waiter.deadline
 
     def on_response(self, frame: Frame) -> None:
-        node = self.session._node
-        if frame.status:
-            node.count_status()
-        else:
-            node.count_ok()
-        node.health.record_answer()
+        self.session._node.count_answer(frame)
         self.waiter.on_response(frame)
 
     def on_error(self, error: GatewayError) -> None:
         session = self.session
         # The session's own close says nothing about the node.
         if not session._ended:
-            if isinstance(error, UpstreamProtocolError):
-                session._node.count_protocol_error()
-            else:
-                session._node.count_unavailable()
+            session._node.count_lost(error)
         self.waiter.on_error(error)
 
     def on_timeout(self) -> None:
         session = self.session
-        session._node.count_timeout()
-        session._pool._failure(session._node)
+        session._pool._timed_out(session._node)
         self.waiter.on_timeout()
 
 
