@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
+from tests.upstream.rawtlv import PushLog
 from tlvproxy.config.loader import load_table
 from tlvproxy.config.model import Address, Table
 from tlvproxy.errors import BadRequest
@@ -45,11 +46,11 @@ async def mock(table: Table) -> AsyncIterator[Address]:
 
 @asynccontextmanager
 async def connect(
-    table: Table, address: Address, pushes: trio.MemorySendChannel[Frame] | None = None
+    table: Table, address: Address, pushes: PushLog | None = None
 ) -> AsyncIterator[Connection]:
     stream = await trio.open_tcp_stream(address.host, address.port)
     conn = Connection(
-        stream, table.framing, Metrics(), node=str(address), max_in_flight=64, pushes=pushes
+        stream, table.framing, Metrics(), node=str(address), max_in_flight=64, receiver=pushes
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(conn.run)
@@ -87,11 +88,11 @@ async def test_heartbeat_echo_and_profiles(table: Table) -> None:
 
 
 async def test_send_message_answers_and_pushes_to_the_recipient_only(table: Table) -> None:
-    send, pushes = trio.open_memory_channel[Frame](8)
+    pushes = PushLog()
     async with (
         mock(table) as address,
         connect(table, address) as alice,
-        connect(table, address, send) as bob,
+        connect(table, address, pushes) as bob,
     ):
         # Bob's first frame carries his uid: that makes it his session.
         assert (await bob.request(0x1003, b"{}", uid=2)).status == 0
@@ -100,7 +101,7 @@ async def test_send_message_answers_and_pushes_to_the_recipient_only(table: Tabl
         )
         answer = decoded(table, "send_message", sent)
         assert sent.status == 0
-        push = await pushes.receive()
+        push = await pushes.next()
         assert (push.command, push.flags, push.uid) == (0x2001, FLAG_PUSH, 2)
         assert decoded(table, "new_message", push) == {
             "from_uid": 1,

@@ -3,15 +3,24 @@
 It is an independent implementation of SPEC 1 (STYLE 8: interop with frames packed
 by hand), so a codec bug cannot hide on both ends. Each test decides the answers
 with a `respond(conn, request)` coroutine; the default echoes with the response flag.
+
+`PushLog` and `Reply` are the gateway side's stand-ins: a push receiver and a
+request waiter that keep what a connection tells them.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
+
+if TYPE_CHECKING:
+    from tlvproxy.errors import GatewayError
+    from tlvproxy.framing import Frame
 
 HEADER = struct.Struct(">BBHIIIHH")  # version, flags, command, seq, uid, length, status, reserved
 
@@ -106,3 +115,55 @@ class RawUpstream:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             nursery.cancel_scope.cancel()
+
+
+class PushLog:
+    """A `PushReceiver` that keeps the pushes and the end it is told of."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.error: GatewayError | None = None
+        self.ended = trio.Event()
+        self._arrived = trio.Event()
+
+    def on_push(self, frame: Frame) -> None:
+        self.frames.append(frame)
+        self._arrived.set()
+
+    def on_end(self, error: GatewayError) -> None:
+        self.error = error
+        self.ended.set()
+
+    async def next(self) -> Frame:
+        """The oldest push not taken yet, waited for."""
+        while not self.frames:
+            self._arrived = trio.Event()
+            await self._arrived.wait()
+        return self.frames.pop(0)
+
+
+class Reply:
+    """A `Waiter` that keeps what it is told; `wait()` until it is."""
+
+    def __init__(self, deadline: float = math.inf) -> None:
+        self.deadline = deadline
+        self.frame: Frame | None = None
+        self.error: GatewayError | None = None
+        self.timed_out = False
+        self._done = trio.Event()
+
+    def on_response(self, frame: Frame) -> None:
+        self.frame = frame
+        self._done.set()
+
+    def on_error(self, error: GatewayError) -> None:
+        self.error = error
+        self._done.set()
+
+    def on_timeout(self) -> None:
+        self.timed_out = True
+        self._done.set()
+
+    async def wait(self) -> Reply:
+        await self._done.wait()
+        return self

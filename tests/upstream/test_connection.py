@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from rawtlv import HEADER, RawConn, RawUpstream, Request, echo, pack
+from rawtlv import HEADER, PushLog, RawConn, RawUpstream, Request, echo, pack
 
 from tlvproxy.errors import BadRequest, PayloadTooLarge, UpstreamProtocolError
-from tlvproxy.framing import Frame, HeaderField, HeaderLayout, default_layout
+from tlvproxy.framing import HeaderField, HeaderLayout, default_layout
 from tlvproxy.metrics import Metrics
 from tlvproxy.upstream.connection import Connection, ConnectionLost, SendFailed
 
@@ -31,7 +31,7 @@ async def connected(
     *,
     metrics: Metrics | None = None,
     max_in_flight: int = 1024,
-    pushes: trio.MemorySendChannel[Frame] | None = None,
+    receiver: PushLog | None = None,
 ) -> AsyncIterator[Connection]:
     stream = await trio.open_tcp_stream("127.0.0.1", upstream.port)
     conn = Connection(
@@ -40,7 +40,7 @@ async def connected(
         metrics or Metrics(),
         node=upstream.address,
         max_in_flight=max_in_flight,
-        pushes=pushes,
+        receiver=receiver,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(conn.run)
@@ -310,23 +310,23 @@ async def test_requests_that_do_not_fit_a_frame_are_refused(start_upstream) -> N
     assert [r.body for r in upstream.requests] == [b"ok"]
 
 
-async def test_push_frames_go_to_the_push_channel(start_upstream) -> None:
+async def test_push_frames_go_to_the_push_receiver(start_upstream) -> None:
     async def answer_and_push(conn: RawConn, request: Request) -> None:
         await conn.send(pack(0x2001, 0, b"push-1", uid=7, flags=2))
         await conn.answer(request)
 
     upstream = await start_upstream(answer_and_push)
-    send, receive = trio.open_memory_channel[Frame](4)
-    async with connected(upstream, pushes=send) as conn:
+    pushes = PushLog()
+    async with connected(upstream, receiver=pushes) as conn:
         assert (await conn.request(0x1001, b"hi")).body == b"hi"
-        push = receive.receive_nowait()
+        [push] = pushes.frames  # delivered before the answer that followed it
         assert (push.command, push.body, push.uid, push.is_push) == (0x2001, b"push-1", 7, True)
-    # The connection owns the channel and closes it when it ends.
-    with pytest.raises(trio.EndOfChannel):
-        await receive.receive()
+    # The receiver hears of the end, once, with the reason.
+    assert pushes.ended.is_set()
+    assert isinstance(pushes.error, SendFailed)
 
 
-async def test_a_push_without_a_channel_is_counted_and_dropped(start_upstream) -> None:
+async def test_a_push_without_a_receiver_is_counted_and_dropped(start_upstream) -> None:
     async def answer_and_push(conn: RawConn, request: Request) -> None:
         await conn.send(pack(0x2001, 0, b"push", flags=2))
         await conn.answer(request)
@@ -360,15 +360,15 @@ async def test_without_a_flags_field_an_unmatched_seq_is_a_push() -> None:
         await stream.send_all(push + reply)
         await trio.sleep_forever()
 
-    send, receive = trio.open_memory_channel[Frame](4)
+    pushes = PushLog()
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio.serve_tcp, serve, 0)
         port = listeners[0].socket.getsockname()[1]
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = Connection(stream, layout, Metrics(), node="bare", max_in_flight=8, pushes=send)
+        conn = Connection(stream, layout, Metrics(), node="bare", max_in_flight=8, receiver=pushes)
         nursery.start_soon(conn.run)
         reply = await conn.request(0x1001, b"body")
-        push = await receive.receive()
+        push = await pushes.next()
         conn.close(SendFailed("done"))
         nursery.cancel_scope.cancel()
     assert (reply.command, reply.body, reply.status) == (0x1001, b"body", 0)

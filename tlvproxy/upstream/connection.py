@@ -21,9 +21,9 @@ whose seq is not in flight is a push. A response nobody waits for (it came after
 its request timed out, or never had one) is counted in
 `tlvproxy_frames_rejected_total{reason="unknown_seq"}` and dropped. A push goes
 to the connection's `PushReceiver`, called by the reader as it decodes the
-frame (a WebSocket session renders and writes it there and then), or to its
-push channel; a push on a connection with neither (a pooled REST connection)
-is counted as `reason="unexpected_push"` and dropped.
+frame (a WebSocket session renders and writes it there and then); a push on a
+connection without one (a pooled REST connection) is counted as
+`reason="unexpected_push"` and dropped.
 
 When the connection breaks (EOF, reset, a FramingError), every waiter fails at
 once: `SendFailed` if its bytes never reached the socket, `ConnectionLost` if they
@@ -154,10 +154,8 @@ class _TaskWaiter:
 class Connection:
     """A multiplexed connection to the node `node` ("host:port") over `stream`.
 
-    `run()` must be running (in a nursery) for requests to be answered. `pushes`, if
-    given, receives upstream-initiated frames and is closed when the connection ends
-    (its receiver then gets EndOfChannel); the connection owns it. `receiver`, if
-    given instead, is called with each push and told of the end. At most
+    `run()` must be running (in a nursery) for requests to be answered. `receiver`,
+    if given, is called with each upstream-initiated frame and told of the end. At most
     `max_in_flight` requests wait at once (capped by the seq space of the layout).
     The deadlines of submitted requests fire from `timer` (a running
     `DeadlineTimer`); without one, `run()` runs a timer of its own.
@@ -171,7 +169,6 @@ class Connection:
         *,
         node: str,
         max_in_flight: int,
-        pushes: trio.MemorySendChannel[Frame] | None = None,
         timer: DeadlineTimer | None = None,
         receiver: PushReceiver | None = None,
     ) -> None:
@@ -202,7 +199,6 @@ class Connection:
         self._fd = stream.socket.fileno()
         self._unsent = b""  # bytes of a write the socket did not take; the writer's
         self._sending = False  # the writer is sending `_unsent`: nobody else writes
-        self._pushes = pushes
         self._receiver = receiver
         self._cancel_scope: trio.CancelScope | None = None
         self.last_received = trio.current_time()
@@ -269,12 +265,6 @@ class Connection:
         """
         waiter = _TaskWaiter(trio.lowlevel.current_task())
         seq = self.submit(waiter, command, body, uid)
-        return await self._wait(seq, waiter)
-
-    async def send_frame(self, frame: Frame) -> Frame:
-        """`submit_frame`, awaited like `request`."""
-        waiter = _TaskWaiter(trio.lowlevel.current_task())
-        seq = self.submit_frame(waiter, frame)
         return await self._wait(seq, waiter)
 
     async def _wait(self, seq: int, waiter: _TaskWaiter) -> Frame:
@@ -420,8 +410,6 @@ class Connection:
                 await self._read_loop()
         finally:
             self._finish(SendFailed(f"{self.node}: the connection was closed"), broken=False)
-            if self._pushes is not None:
-                self._pushes.close()
             await trio.aclose_forcefully(self.stream)
 
     async def _write_loop(self) -> None:
@@ -489,8 +477,8 @@ class Connection:
                             continue
                     if self._receiver is not None:
                         self._receiver.on_push(event)
-                        continue
-                    await self._deliver_push(event)
+                    else:
+                        self._metrics.frames_rejected.labels("unexpected_push").inc()
         except FramingError as exc:
             self._metrics.frames_rejected.labels(exc.reason).inc()
             self._finish(
@@ -499,18 +487,6 @@ class Connection:
             )
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._finish(ConnectionLost(f"{self.node}: read failed: {exc}"), broken=True)
-
-    async def _deliver_push(self, frame: Frame) -> None:
-        pushes = self._pushes
-        if pushes is None:
-            self._metrics.frames_rejected.labels("unexpected_push").inc()
-            return
-        try:
-            # Backpressure: a session that does not read its pushes stops this reader.
-            await pushes.send(frame)
-        except trio.BrokenResourceError:
-            # The session stopped listening for pushes; later ones are dropped.
-            self._pushes = None
 
     # ------------------------------------------------------------ ending
 

@@ -50,7 +50,6 @@ from tlvproxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from tlvproxy.framing import Frame
 from tlvproxy.timer import DeadlineTimer
 from tlvproxy.upstream.balance import HashRing, RoundRobin
 from tlvproxy.upstream.connection import (
@@ -66,7 +65,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from tlvproxy.config.model import NodeSpec, UpstreamSpec
-    from tlvproxy.framing import HeaderLayout
+    from tlvproxy.framing import Frame, HeaderLayout
     from tlvproxy.metrics import Metrics
 
 log = logging.getLogger("tlvproxy.upstream")
@@ -561,7 +560,7 @@ class Pool:
         raise SendFailed(f"{node.name}: connect failed: {problem}")
 
     def _new_connection(
-        self, node: _Node, stream: trio.SocketStream, pushes: trio.MemorySendChannel[Frame] | None
+        self, node: _Node, stream: trio.SocketStream, receiver: PushReceiver | None
     ) -> Connection:
         return Connection(
             stream,
@@ -569,7 +568,7 @@ class Pool:
             self._metrics,
             node=node.name,
             max_in_flight=self._max_in_flight,
-            pushes=pushes,
+            receiver=receiver,
             timer=self._timer,
         )
 
@@ -688,7 +687,7 @@ class Pool:
 
     @asynccontextmanager
     async def open_session(
-        self, *, key: str | None, push_buffer: int = 64, receiver: PushReceiver | None = None
+        self, *, key: str | None, receiver: PushReceiver
     ) -> AsyncIterator[Session]:
         """One dedicated new connection, closed when the context exits (SPEC 5).
 
@@ -697,9 +696,8 @@ class Pool:
         node up to `retries` times. Raises NoHealthyNode or UpstreamUnavailable when
         no connection can be opened.
 
-        Pushes go to `receiver`, from the connection's reader, when it is given
-        (then `Session.pushes` is None); else to `Session.pushes`, a channel of
-        `push_buffer` frames.
+        Pushes go to `receiver`, from the connection's reader, and so does the
+        news of the connection's end.
         """
         tried: list[_Node] = []
         node = self._first(key)
@@ -717,23 +715,10 @@ class Pool:
                 if following is None:
                     raise
                 node = following
-        receive: trio.MemoryReceiveChannel[Frame] | None = None
-        if receiver is None:
-            send, receive = trio.open_memory_channel[Frame](push_buffer)
-            conn = self._new_connection(node, stream, send)
-        else:
-            conn = Connection(
-                stream,
-                self.layout,
-                self._metrics,
-                node=node.name,
-                max_in_flight=self._max_in_flight,
-                timer=self._timer,
-                receiver=receiver,
-            )
+        conn = self._new_connection(node, stream, receiver)
         async with trio.open_nursery() as nursery:
             await nursery.start(self._run_session_connection, node, conn)
-            session = Session(self, node, conn, receive, nursery=nursery)
+            session = Session(self, node, conn, nursery=nursery)
             try:
                 yield session
             finally:
@@ -747,22 +732,6 @@ class Pool:
         if conn.broken:
             self._failure(node)
 
-    async def _counted(self, node: _Node, attempt: Awaitable[Frame]) -> Frame:
-        """`attempt`'s frame, with its outcome counted on `node` (metrics, health)."""
-        try:
-            frame = await attempt
-        except trio.Cancelled as exc:
-            # A cancel scope's deadline (the caller's timeout) is a node timeout; any
-            # other cancellation (shutdown, a client gone) says nothing about the node.
-            if exc.source == "deadline":
-                self._timed_out(node)
-            raise
-        except (UpstreamUnavailable, UpstreamProtocolError) as exc:
-            node.count_lost(exc)
-            raise
-        node.count_answer(frame)
-        return frame
-
     def _timed_out(self, node: _Node) -> None:
         # A request's deadline passed: counted, and a failure of the node.
         node.count_timeout()
@@ -772,21 +741,19 @@ class Pool:
 class Session:
     """A dedicated upstream connection for one WebSocket session.
 
-    `pushes` yields the upstream-initiated frames (None: they go to the
-    session's `PushReceiver`). When the connection ends (the node closed or
-    broke it), `pushes` ends (EndOfChannel, or the end of `async for`), or the
-    receiver's `on_end` is called; `closed` is set and `error` says why: a
-    ConnectionLost or UpstreamProtocolError (close the client with 1011, SPEC 5).
+    Upstream-initiated frames go to the session's `PushReceiver`. When the
+    connection ends (the node closed or broke it), the receiver's `on_end` is
+    called, `closed` is set and `error` says why: a ConnectionLost or
+    UpstreamProtocolError (close the client with 1011, SPEC 5).
     """
 
-    __slots__ = ("_conn", "_ended", "_node", "_nursery", "_pool", "closed", "node", "pushes")
+    __slots__ = ("_conn", "_ended", "_node", "_nursery", "_pool", "closed", "node")
 
     def __init__(
         self,
         pool: Pool,
         node: _Node,
         conn: Connection,
-        pushes: trio.MemoryReceiveChannel[Frame] | None,
         *,
         nursery: trio.Nursery,
     ) -> None:
@@ -795,7 +762,6 @@ class Session:
         self._conn = conn
         self._nursery = nursery
         self.node = node.name
-        self.pushes = pushes
         self.closed = conn.closed
         self._ended = False  # the session closed the connection: nothing to count
 
@@ -808,7 +774,7 @@ class Session:
     def submit(self, waiter: Waiter, command: int, body: bytes, *, uid: int = 0) -> int:
         """Queue one request on this session's connection, without retries; its
         seq. `waiter` hears the outcome (`Connection.submit`) after it is counted
-        on the node, as `request` counts it. Raises like `Connection.submit`."""
+        on the node, as pooled requests are counted. Raises like `Connection.submit`."""
         return self._conn.submit(_SessionCall(self, waiter), command, body, uid)
 
     def submit_frame(self, waiter: Waiter, frame: Frame) -> int:
@@ -821,19 +787,10 @@ class Session:
         """Why the connection ended, or None while it is open."""
         return self._conn.error
 
-    async def request(self, command: int, body: bytes, *, uid: int = 0) -> Frame:
-        """Like `Pool.request` on this session's connection, without retries."""
-        return await self._pool._counted(self._node, self._conn.request(command, body, uid))
-
-    async def send_frame(self, frame: Frame) -> Frame:
-        """Pass `frame` through with a fresh upstream seq; return the response, whose
-        seq is the upstream one (the caller restores its own). Raises like `request`."""
-        return await self._pool._counted(self._node, self._conn.send_frame(frame))
-
 
 class _SessionCall:
     """A session request's `Waiter` on the connection: it counts the outcome on
-    the node (metrics, health), as `Pool._counted` does, then tells `waiter`."""
+    the node (metrics, health), as a pooled request's is, then tells `waiter`."""
 
     __slots__ = ("deadline", "session", "waiter")
 
