@@ -245,7 +245,7 @@ class Gateway:
             errors = error_response_for(self.current, self.metrics)
             async with trio.open_nursery() as admin_nursery:
                 if admin_listener is not None:
-                    admin = AdminHandler(self)
+                    admin = AdminHandler(self, bound=_address_of(admin_listener))
                     admin_nursery.start_soon(
                         self._accept, admin_listener, admin, admin_error, False, admin_nursery
                     )

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
 from tlvproxy.app import Gateway, ParserChoice, bind_listener
 from tlvproxy.config.loader import TableError, load_table
+from tlvproxy.config.model import Address
 from tlvproxy.logs import setup_logging
 from tlvproxy.metrics import Metrics
 from tlvproxy.server.admin import AdminHandler, admin_error
@@ -424,7 +425,8 @@ class Supervisor:
                         self._signal(index, signal.SIGKILL)
 
     async def _serve_admin(self, listener: trio.SocketListener) -> None:
-        handler = AdminHandler(self)
+        host, port = listener.socket.getsockname()[:2]
+        handler = AdminHandler(self, bound=Address(host, port))
         limits = self._table.limits
         settings = HttpSettings(
             max_header_bytes=limits.max_header_bytes,

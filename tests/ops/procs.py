@@ -163,6 +163,11 @@ class Gateway:
         return call(self.http_port, method, path, body, **options)
 
     def admin(self, method: str, path: str, **options: Any) -> Answer:
+        """A request to the admin listener; a POST says `Content-Type:
+        application/json` unless `headers` names one, as the admin API requires."""
+        headers = options.get("headers") or {}
+        if method == "POST" and not any(k.lower() == "content-type" for k in headers):
+            options["headers"] = {"Content-Type": "application/json", **headers}
         return call(self.admin_port, method, path, **options)
 
     def ready(self) -> bool:

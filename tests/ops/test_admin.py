@@ -1,13 +1,24 @@
-"""The admin listener of a real `tlvproxy serve` process (SPEC 6): the bearer
-token, /admin/config, and metrics that count what was done."""
+"""The admin listener of a real `tlvproxy serve` process (docs/reference.md,
+"Admin listener"): its guards (Host, bearer token, Content-Type, no CORS),
+/admin/config, and metrics that count what was done."""
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.ops.procs import WebSocket, metric, wait_for
+from tests.ops.procs import (
+    DEADLINE,
+    Gateway,
+    WebSocket,
+    call,
+    metric,
+    parse_metrics,
+    rewrite,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from tests.ops.procs import Processes
@@ -17,23 +28,189 @@ pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
 
 
-def test_admin_token_guards_admin_only(procs: Processes, upstream: str) -> None:
+PROTECTED = (
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("GET", "/admin/config"),
+    ("POST", "/admin/reload"),
+)
+
+
+def raw(port: int, head: bytes) -> tuple[int, bytes]:
+    """Send `head` as it is (no Host header is added) and read the answer until the
+    server closes; returns (status, whole answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(head)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return int(received.split(b" ", 2)[1]), received
+
+
+def test_the_token_guards_everything_but_the_probes(procs: Processes, upstream: str) -> None:
     gateway = procs.gateway(upstream, admin_token=TOKEN)
     good = {"Authorization": f"Bearer {TOKEN}"}
 
-    for method, path in (("GET", "/admin/config"), ("POST", "/admin/reload")):
+    for method, path in PROTECTED:
         for headers in (
             {},
             {"Authorization": "Bearer wrong"},
+            {"Authorization": f"Bearer {TOKEN}x"},
             {"Authorization": f"Basic {TOKEN}"},
             {"Authorization": TOKEN},
+            {"Authorization": "Bearer s3cr\u00e9t"},  # sent as latin-1 by http.client
+            {"Authorization": b"Bearer \xe2\x82\xac"},  # UTF-8 bytes on the wire
         ):
             answer = gateway.admin(method, path, headers=headers)
             assert answer.status == 401, (method, path, headers, answer)
             assert answer.json()["error"]["code"] == "unauthorized"
-        assert gateway.admin(method, path, headers=good).status == 200
-    for path in ("/healthz", "/readyz", "/metrics"):
+            assert answer.headers["www-authenticate"] == 'Bearer realm="tlvproxy-admin"'
+        answer = gateway.admin(method, path, headers=good)
+        assert answer.status == 200, (method, path, answer)
+    for path in ("/healthz", "/readyz"):
         assert gateway.admin("GET", path).status == 200, path
+        assert gateway.admin("HEAD", path).status == 200, path
+    assert gateway.process.alive()
+
+
+def test_without_a_token_every_endpoint_answers(procs: Processes, upstream: str) -> None:
+    gateway = procs.gateway(upstream)
+    for method, path in PROTECTED:
+        assert gateway.admin(method, path).status == 200, (method, path)
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_a_post_must_be_json_or_nothing_reloads(
+    procs: Processes, upstream: str, token: str | None
+) -> None:
+    gateway = procs.gateway(upstream, admin_token=token)
+    auth = {} if token is None else {"Authorization": f"Bearer {TOKEN}"}
+    before = version(gateway, auth)
+    reloads = metric(metrics(gateway, auth), "tlvproxy_config_reloads_total")
+    gateway.rewrite_table(shutdown_timeout="7s")  # a new version, if it were loaded
+
+    refused = [
+        gateway.admin("POST", "/admin/reload", headers={**auth, "Content-Type": content_type})
+        for content_type in (
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/json-patch+json",
+        )
+    ]
+    # No Content-Type at all (http.client adds none for a POST without a body).
+    refused.append(call(gateway.admin_port, "POST", "/admin/reload", headers=auth))
+    refused.append(call(gateway.admin_port, "POST", "/admin/reload", body=b"{}", headers=auth))
+
+    for answer in refused:
+        assert answer.status == 415, answer
+        error = answer.json()["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert "Content-Type: application/json" in error["message"]
+    assert version(gateway, auth) == before
+    assert metric(metrics(gateway, auth), "tlvproxy_config_reloads_total") == reloads
+    assert not [r for r in gateway.process.records() if r["message"] == "reload done"]
+
+    answer = gateway.admin(
+        "POST", "/admin/reload", headers={**auth, "Content-Type": "Application/JSON; charset=utf-8"}
+    )
+    assert answer.status == 200, answer
+    assert answer.json()["version"] != before
+    assert version(gateway, auth) == answer.json()["version"]
+    assert metric(metrics(gateway, auth), "tlvproxy_config_reloads_total", result="ok") == 1
+
+
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+def test_the_host_header_must_name_this_listener(
+    procs: Processes, upstream: str, parser: str
+) -> None:
+    gateway = procs.gateway(upstream, "--http-parser", parser)
+    port = gateway.admin_port
+
+    for host in ("evil.example", f"evil.example:{port}", f"localhost.evil.example:{port}"):
+        for method, path in (("GET", "/healthz"), ("GET", "/readyz"), *PROTECTED):
+            answer = gateway.admin(method, path, headers={"Host": host})
+            assert answer.status == 403, (host, path, answer)
+            assert answer.json()["error"]["code"] == "forbidden"
+    for host in (f"localhost:{port}", "localhost", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        for method, path in (("GET", "/healthz"), ("GET", "/readyz"), *PROTECTED):
+            answer = gateway.admin(method, path, headers={"Host": host})
+            assert answer.status == 200, (host, path, answer)
+    # Another IP address than the bound one is not this listener's name.
+    assert gateway.admin("GET", "/readyz", headers={"Host": f"10.1.2.3:{port}"}).status == 403
+
+    # HTTP/1.0 may leave Host out, and no browser does: accepted. HTTP/1.1 may not.
+    status, _ = raw(port, b"GET /readyz HTTP/1.0\r\n\r\n")
+    assert status == 200
+    status, _ = raw(port, b"GET /readyz HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert status == 400
+
+
+def test_the_host_check_comes_before_the_token(procs: Processes, upstream: str) -> None:
+    gateway = procs.gateway(upstream, admin_token=TOKEN)
+    headers = {"Host": "evil.example", "Authorization": f"Bearer {TOKEN}"}
+    for method, path in PROTECTED:
+        assert gateway.admin(method, path, headers=headers).status == 403, path
+    assert gateway.admin("GET", "/metrics", headers={"Host": "evil.example"}).status == 403
+
+
+def test_an_any_address_bind_accepts_ip_literals(procs: Processes, upstream: str) -> None:
+    path, http_port, admin_port = procs.table(upstream, "any")
+    rewrite(path, listen={"http": f"127.0.0.1:{http_port}", "admin": f"0.0.0.0:{admin_port}"})
+    process = procs.start("gateway", "serve", "-c", str(path))
+    gateway = Gateway(process, path, http_port, admin_port)
+    wait_for(lambda: process.alive() and gateway.ready(), "the gateway's /readyz")
+
+    for host in (f"10.1.2.3:{admin_port}", "192.0.2.7", f"[2001:db8::1]:{admin_port}"):
+        for method, path_ in (("GET", "/readyz"), *PROTECTED):
+            answer = gateway.admin(method, path_, headers={"Host": host})
+            assert answer.status == 200, (host, path_, answer)
+    for host in ("evil.example", f"evil.example:{admin_port}", f"10.1.2.3.nip.io:{admin_port}"):
+        assert gateway.admin("GET", "/readyz", headers={"Host": host}).status == 403, host
+
+
+def test_a_preflight_is_never_approved(procs: Processes, upstream: str) -> None:
+    gateway = procs.gateway(upstream)
+    preflight = {
+        "Origin": "http://evil.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    for path in ("/admin/reload", "/admin/config", "/metrics", "/healthz", "/nowhere"):
+        answer = gateway.admin("OPTIONS", path, headers=preflight)
+        assert answer.status in (404, 405), (path, answer)
+        assert not [name for name in answer.headers if name.startswith("access-control-")]
+    answer = gateway.admin("GET", "/admin/config", headers={"Origin": "http://evil.example"})
+    assert not [name for name in answer.headers if name.startswith("access-control-")]
+
+
+def test_the_supervisor_guards_its_admin_listener(procs: Processes, upstream: str) -> None:
+    gateway = procs.gateway(upstream, "--workers", "2", admin_token=TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    port = gateway.admin_port
+
+    assert gateway.admin("GET", "/metrics").status == 401
+    assert gateway.admin("GET", "/metrics", headers=auth).status == 200
+    assert gateway.admin("GET", "/readyz", headers={"Host": "evil.example"}).status == 403
+    assert gateway.admin("GET", "/readyz", headers={"Host": f"localhost:{port}"}).status == 200
+    before = version(gateway, auth)
+    gateway.rewrite_table(shutdown_timeout="7s")
+    plain = {**auth, "Content-Type": "text/plain"}
+    assert gateway.admin("POST", "/admin/reload", headers=plain).status == 415
+    assert version(gateway, auth) == before
+    answer = gateway.admin("POST", "/admin/reload", headers=auth)
+    assert answer.status == 200, answer
+    assert answer.json()["version"] != before
+
+
+def metrics(gateway: Gateway, headers: dict[str, str]) -> dict[str, float]:
+    return parse_metrics(gateway.admin("GET", "/metrics", headers=headers).body.decode())
+
+
+def version(gateway: Gateway, headers: dict[str, str]) -> str:
+    value: str = gateway.admin("GET", "/admin/config", headers=headers).json()["version"]
+    return value
 
 
 def test_admin_config_shows_the_table_and_live_nodes(procs: Processes, upstream: str) -> None:

@@ -1,13 +1,33 @@
-"""The admin listener's answers (SPEC 6): health, readiness, metrics, config, reload.
+"""The admin listener's answers: health, readiness, metrics, config, reload.
 
-Owns: the admin routes, the bearer-token check on /admin/*, and the JSON shape of
-/admin/config. Must not: load tables or count metrics itself; it asks the gateway.
+Owns: the admin routes, the three guards every admin request passes, in this
+order, and the JSON shape of /admin/config (docs/reference.md, "Admin listener"):
+
+1. Host (403 `forbidden`), against DNS rebinding: a page on a name the attacker
+   controls, re-pointed at this listener, sends that name in `Host`. Accepted:
+   no Host header at all (HTTP/1.0; HTTP/1.1 without one is a 400 from the
+   parser), `localhost` (any case; not `localhost.`, not `*.localhost`), an
+   address in 127.0.0.0/8, `[::1]`, and the IP address the listener is bound
+   to; when it is bound to 0.0.0.0 or `::`, any IP address. Each with or
+   without a port, whatever the port. Any other name, or anything that is not
+   `host[:port]`, is refused. `/healthz` and `/readyz` are guarded too: probes
+   that dial the pod address send an IP address, which passes.
+2. The bearer token (401 `unauthorized`), when the table sets `admin_token`:
+   everything but GET (and HEAD) of `/healthz` and `/readyz`.
+3. Content-Type (415 `unsupported_media_type`): a POST must be
+   `application/json`, token or not. A cross-site page cannot send that type
+   without a CORS preflight, and this listener approves none (it never sends
+   an `Access-Control-Allow-*` header).
+
+Must not: load tables or count metrics itself; it asks the gateway.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
+import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -17,7 +37,7 @@ from tlvproxy.server.http_conn import Request, Response
 from tlvproxy.server.rest import render_error, request_id_of
 
 if TYPE_CHECKING:
-    from tlvproxy.config.model import CommandSpec, Table
+    from tlvproxy.config.model import Address, CommandSpec, Table
     from tlvproxy.errors import GatewayError
 
 
@@ -34,6 +54,86 @@ class AdminBackend(Protocol):
 
 
 _JSON = "application/json"
+_PROBES = frozenset({"/healthz", "/readyz"})
+_REALM = 'Bearer realm="tlvproxy-admin"'
+
+# `Host: host[:port]` with the host an IP literal in brackets or a name of
+# letters, digits, dots and hyphens; a name that reads as dotted-decimal IPv4 is
+# an address. Nothing else (userinfo, spaces, non-ASCII, zone ids) is accepted.
+_HOST = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::(?P<port>[0-9]{0,5}))?"
+)
+_LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")
+_LOOPBACK_V6 = ipaddress.IPv6Address("::1")
+_MAX_PORT = 65535
+
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def host_allowed(host: str | None, bound: Address) -> bool:
+    """Whether a request with this `Host` value may reach the admin listener bound
+    to `bound` (the address it listens on, as the socket reports it).
+
+    The rule is the module docstring's first guard (docs/reference.md,
+    "Admin listener"): a name is accepted only if it is `localhost`, because DNS
+    rebinding needs a name the attacker's DNS answers for; an IP literal is
+    accepted if it is loopback, the bound address, or any address when the
+    listener is bound to all of them. `None` (no Host header) is accepted.
+    """
+    if host is None:
+        return True
+    match = _HOST.fullmatch(host)
+    if match is None:
+        return False
+    port = match["port"]
+    if port and int(port) > _MAX_PORT:
+        return False
+    address = _literal(match["ipv6"], match["name"])
+    if address is None:
+        return match["name"] is not None and match["name"].lower() == "localhost"
+    if _is_loopback(address):
+        return True
+    listening = _bound_address(bound.host)
+    if listening is None:
+        return False
+    return listening.is_unspecified or address == listening
+
+
+def _literal(ipv6: str | None, name: str | None) -> _IPAddress | None:
+    """The IP address the Host names, or None when it names a host by name (or
+    a bracketed value that is not an IPv6 address, which `_HOST` lets through)."""
+    try:
+        if ipv6 is not None:
+            return ipaddress.IPv6Address(ipv6)
+        # Dotted-decimal only: 0x7f.0.0.1, 127.1 and 0177.0.0.1 are names here
+        # (refused), as browsers write the address in its canonical form.
+        return ipaddress.IPv4Address(name)
+    except ValueError:
+        return None
+
+
+def _is_loopback(address: _IPAddress) -> bool:
+    # Exactly ::1 for IPv6: an IPv4-mapped ::ffff:127.0.0.1 is not taken as loopback.
+    if isinstance(address, ipaddress.IPv4Address):
+        return address in _LOOPBACK_V4
+    return address == _LOOPBACK_V6
+
+
+def _bound_address(host: str) -> _IPAddress | None:
+    # A link-local bind reports "fe80::1%eth0"; the Host header cannot carry a zone.
+    try:
+        return ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+
+
+def content_type_is_json(value: str | None) -> bool:
+    """Whether a Content-Type value is `application/json`, parameters allowed and
+    the media type compared without regard to case."""
+    if value is None:
+        return False
+    media_type = value.partition(";")[0].strip(" \t")
+    return media_type.lower() == _JSON
 
 
 def _json(status: int, value: Any, *extra: tuple[str, str]) -> Response:
@@ -41,8 +141,10 @@ def _json(status: int, value: Any, *extra: tuple[str, str]) -> Response:
     return Response(status=status, headers=[("Content-Type", _JSON), *extra], body=body)
 
 
-def _error(status: int, code: str, message: str, **details: Any) -> Response:
-    return _json(status, {"error": {"code": code, "message": message, **details}})
+def _error(
+    status: int, code: str, message: str, *extra: tuple[str, str], **details: Any
+) -> Response:
+    return _json(status, {"error": {"code": code, "message": message, **details}}, *extra)
 
 
 def admin_error(error: GatewayError, request: Request | None) -> Response:
@@ -51,12 +153,19 @@ def admin_error(error: GatewayError, request: Request | None) -> Response:
 
 
 class AdminHandler:
-    """Answers admin requests for one gateway process."""
+    """Answers admin requests for one gateway process (or the supervisor).
 
-    def __init__(self, backend: AdminBackend) -> None:
+    `bound` is the address the admin listener's socket is bound to; the Host
+    guard compares against it.
+    """
+
+    def __init__(self, backend: AdminBackend, *, bound: Address) -> None:
         self._backend = backend
+        self._bound = bound
 
     async def __call__(self, request: Request) -> Response:
+        if refused := self._guard(request):
+            return refused
         path, method = request.path, request.method
         if path == "/healthz":
             return self._only_get(method) or _json(200, {"status": "ok"})
@@ -80,36 +189,59 @@ class AdminHandler:
             from tlvproxy.openapi import build_document
 
             return _json(200, build_document(self._backend.table))
-        if path.startswith("/admin/"):
-            if not self._authorised(request):
-                return _error(401, "unauthorized", "this endpoint needs a valid bearer token")
-            if path == "/admin/config":
-                return self._only_get(method) or _json(200, self._config())
-            if path == "/admin/reload":
-                if method != "POST":
-                    return _error(405, "method_not_allowed", "use POST")
-                return await self._reload()
+        if path == "/admin/config":
+            return self._only_get(method) or _json(200, self._config())
+        if path == "/admin/reload":
+            if method != "POST":
+                return _error(405, "method_not_allowed", "use POST", ("Allow", "POST"))
+            return await self._reload()
         return _error(404, "route_not_found", f"no admin endpoint at {path}")
+
+    def _guard(self, request: Request) -> Response | None:
+        """The refusal of the first guard the request fails, or None (module docstring)."""
+        if not host_allowed(request.header("host"), self._bound):
+            return _error(
+                403,
+                "forbidden",
+                "the Host header names neither localhost nor this listener's address",
+            )
+        probe = request.path in _PROBES and request.method in ("GET", "HEAD")
+        if not probe and not self._authorised(request):
+            return _error(
+                401,
+                "unauthorized",
+                "this endpoint needs a valid bearer token",
+                ("WWW-Authenticate", _REALM),
+            )
+        if request.method == "POST" and not content_type_is_json(
+            _only_one(request, "content-type")
+        ):
+            return _error(
+                415,
+                "unsupported_media_type",
+                f"the admin API takes Content-Type: {_JSON}",
+            )
+        return None
 
     @staticmethod
     def _only_get(method: str) -> Response | None:
         if method in ("GET", "HEAD"):
             return None
-        response = _error(405, "method_not_allowed", "use GET")
-        return Response(
-            status=405, headers=[*response.headers, ("Allow", "GET, HEAD")], body=response.body
-        )
+        return _error(405, "method_not_allowed", "use GET", ("Allow", "GET, HEAD"))
 
     def _authorised(self, request: Request) -> bool:
         token = self._backend.table.admin_token
         if token is None:
             return True
-        given = request.header("authorization") or ""
-        scheme, _, value = given.partition(" ")
+        scheme, _, value = (request.header("authorization") or "").strip().partition(" ")
+        try:
+            # The parsers decode header bytes as latin-1; this gives the bytes back.
+            given = value.strip().encode("latin-1")
+        except UnicodeEncodeError:
+            return False
         # Constant-time compare: the token must not leak through response timing.
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        )
+        matches = hmac.compare_digest(given, token.encode())
+        return scheme.lower() == "bearer" and matches
 
     async def _reload(self) -> Response:
         try:
@@ -157,3 +289,9 @@ def _command(command: CommandSpec) -> dict[str, Any]:
         if command.http is None
         else {"method": command.http.method, "path": command.http.path},
     }
+
+
+def _only_one(request: Request, name: str) -> str | None:
+    """The value of header `name` if the request has it exactly once, else None."""
+    values = [value for header, value in request.headers if header == name]
+    return values[0] if len(values) == 1 else None
