@@ -68,7 +68,8 @@ def policy_rules() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
         }
         for n in range(10)
     ]
-    document = yaml.safe_load((Path(__file__).resolve().parents[1] / "commands.yaml").read_text())
+    fixture = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "table.yaml"
+    document = yaml.safe_load(fixture.read_text())
     waf: list[dict[str, object]] = list(document["waf"])
     for n, name in enumerate(_PROBES):
         waf.append(

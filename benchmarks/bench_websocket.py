@@ -102,13 +102,16 @@ def run_gateway(table_path: str) -> None:
 
 def run_mock() -> None:
     """Serve the mock upstream on a free port; print HOST:PORT first."""
+    from tlvproxy.config.loader import load_table
     from tlvproxy.mock_upstream import serve_mock_upstream
 
     raise_fd_limit()
+    # The tests' demo table: the shipped one needs the demo's key set.
+    table = load_table(ROOT / "tests" / "fixtures" / "table.yaml")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            address = await nursery.start(serve_mock_upstream, "127.0.0.1", 0)
+            address = await nursery.start(serve_mock_upstream, "127.0.0.1", 0, table)
             print(address, flush=True)
 
     trio.run(main)

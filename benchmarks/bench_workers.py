@@ -43,9 +43,10 @@ def free_port() -> int:
 
 
 def write_table(directory: Path, upstream_port: int) -> tuple[Path, int, int]:
-    """The demo table in front of the echo upstream; returns (path, http, admin port)."""
+    """The tests' demo table (no auth) in front of the echo upstream; returns (path,
+    http, admin port)."""
     http_port, admin_port = free_port(), free_port()
-    document = yaml.safe_load((ROOT / "commands.yaml").read_text())
+    document = yaml.safe_load((ROOT / "tests" / "fixtures" / "table.yaml").read_text())
     document["listen"] = {"http": f"127.0.0.1:{http_port}", "admin": f"127.0.0.1:{admin_port}"}
     document["proto"]["paths"] = [str(ROOT / "proto")]
     document["upstreams"]["im"]["nodes"] = [f"127.0.0.1:{upstream_port}"]

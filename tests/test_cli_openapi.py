@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from openapi_spec_validator import validate
 
 from tests.cli import REPO, run_cli
+from tests.fixtures import FIXTURE_TABLE
 
 
 def openapi(*args, cwd=REPO):
@@ -14,7 +16,7 @@ def openapi(*args, cwd=REPO):
 
 
 def test_prints_a_valid_document_of_the_demo_table():
-    result = openapi("-c", "commands.yaml")
+    result = openapi("-c", str(FIXTURE_TABLE))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     document = json.loads(result.stdout)
@@ -23,8 +25,11 @@ def test_prints_a_valid_document_of_the_demo_table():
     assert operation["operationId"] == "send_message"
 
 
-def test_reads_commands_yaml_in_the_current_directory_by_default():
-    result = openapi()
+def test_reads_commands_yaml_in_the_current_directory_by_default(tmp_path):
+    shutil.copytree(REPO / "proto", tmp_path / "proto")
+    text = FIXTURE_TABLE.read_text().replace("paths: [../../proto]", "paths: [proto]")
+    (tmp_path / "commands.yaml").write_text(text)
+    result = openapi(cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "/v1/users/{user_id}/profile" in json.loads(result.stdout)["paths"]
 

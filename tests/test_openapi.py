@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
+from tests.fixtures import FIXTURE_TABLE
 from tlvproxy.config.loader import load_table
 from tlvproxy.openapi import ERROR_CODES, build_document
 
-REPO = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PROTO = """
 syntax = "proto3";
@@ -117,7 +119,7 @@ def rich(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo():
-    table = load_table(REPO / "commands.yaml")
+    table = load_table(FIXTURE_TABLE)
     return table, build_document(table)
 
 

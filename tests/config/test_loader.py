@@ -1,4 +1,4 @@
-"""Loading commands.yaml (SPEC 3): the demo table, every kind of mistake with its
+"""Loading commands.yaml (SPEC 3): the tests' demo table, every kind of mistake with its
 location, reloads with changed .proto files, and the `tlvproxy check` listing."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import FIXTURE_TABLE
 from tlvproxy.config.keys import KeyExpr
 from tlvproxy.config.loader import TableError, load_table, parse_table, route_lines
 from tlvproxy.config.model import Address, JsonOptions
@@ -20,7 +21,7 @@ from tlvproxy.errors import BadRequest
 from tlvproxy.schema.codec import JsonCodec, ProtobufCodec, RawCodec
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_TABLE = REPO / "commands.yaml"
+DEMO_TABLE = FIXTURE_TABLE  # the tests' copy of the demo table, not the shipped one
 DEMO_PROTO = REPO / "proto" / "demo" / "im.proto"
 
 MINIMAL = """\
@@ -75,7 +76,8 @@ def test_demo_table_loads_with_everything_compiled():
     assert table.demo is True
     assert table.shutdown_timeout == 30.0
     assert table.proto.files == ("demo/im.proto",)
-    assert table.proto.paths == (REPO / "proto",)
+    assert table.proto.paths == (DEMO_TABLE.parent / "../../proto",)
+    assert table.proto.paths[0].resolve() == REPO / "proto"
 
     im = table.upstreams["im"]
     assert [str(n.address) for n in im.nodes] == ["127.0.0.1:7001"]

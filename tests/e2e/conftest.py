@@ -1,7 +1,8 @@
 """End-to-end fixtures: the real mock upstream and the real gateway on 127.0.0.1.
 
-`demo_table` writes a copy of the demo commands.yaml with free ports, an
-absolute proto path and any overrides, and loads it like `tlvproxy serve` does.
+`write_table` writes a copy of the tests' demo table (tests/fixtures/table.yaml)
+with free ports, an absolute proto path and any overrides; the gateway loads it
+like `tlvproxy serve` does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
+from tests.fixtures import FIXTURE_TABLE
 from tlvproxy.app import Gateway
 from tlvproxy.config.loader import load_table
 from tlvproxy.metrics import Metrics
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
     from tlvproxy.config.model import Table
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = yaml.safe_load((ROOT / "commands.yaml").read_text())
+DEMO = yaml.safe_load(FIXTURE_TABLE.read_text())
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +63,7 @@ def write_table(directory: Path, upstream: str | list[str], **overrides: Any) ->
 @pytest.fixture
 async def upstream(nursery: trio.Nursery) -> str:
     """The demo IM service (the real mock upstream), as "host:port"."""
-    demo = load_table(ROOT / "commands.yaml")
+    demo = load_table(FIXTURE_TABLE)
     address: str = await nursery.start(serve_mock_upstream, "127.0.0.1", 0, demo)
     return address
 

@@ -32,6 +32,7 @@ from wsproto.events import (
 )
 
 from tests.e2e.conftest import ROOT, write_table
+from tests.fixtures import FIXTURE_TABLE
 
 DEADLINE = 20.0  # seconds any single wait may take before the test fails
 
@@ -198,7 +199,9 @@ class Processes:
     def upstream(self) -> str:
         """The demo IM service in a process of its own; returns "127.0.0.1:PORT"."""
         port = free_port()
-        process = self.start("upstream", "mock-upstream", "--listen", f"127.0.0.1:{port}")
+        process = self.start(
+            "upstream", "mock-upstream", "--listen", f"127.0.0.1:{port}", "-c", str(FIXTURE_TABLE)
+        )
 
         def listening() -> bool:
             assert process.alive(), process.text()

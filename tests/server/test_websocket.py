@@ -33,6 +33,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from tests.fixtures import FIXTURE_TABLE
 from tlvproxy.config.loader import load_table
 from tlvproxy.metrics import Metrics, RequestTally
 from tlvproxy.mock_upstream import serve_mock_upstream
@@ -291,7 +292,8 @@ async def open_mock_upstream() -> AsyncIterator[tuple[str, trio.CancelScope]]:
 
     async def serve(task_status: trio.TaskStatus[str]) -> None:
         with stop:
-            await serve_mock_upstream("127.0.0.1", 0, task_status=task_status)
+            demo = await trio.to_thread.run_sync(load_table, FIXTURE_TABLE)
+            await serve_mock_upstream("127.0.0.1", 0, demo, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         address = await nursery.start(serve)
