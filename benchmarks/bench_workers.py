@@ -68,16 +68,20 @@ def wait_ready(admin_port: int, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit("tlvproxy serve did not become ready in 30 s")
 
 
-def check_echo(url: str, body: bytes) -> None:
-    request = urllib.request.Request(url, data=body, method="POST")
+def check_echo(url: str, body: bytes, authorization: str | None = None) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=5) as answer:
         echoed = answer.read()
     if json.loads(echoed) != json.loads(body):
         raise SystemExit(f"{url} did not echo the body: {echoed[:200]!r}")
 
 
-def wrk(url: str, duration: int, connections: int) -> dict[str, float]:
-    """One wrk run; the WRKJSON line its Lua script prints."""
+def wrk(
+    url: str, duration: int, connections: int, script: Path | None = None, **env: str
+) -> dict[str, float]:
+    """One wrk run; the WRKJSON line its Lua script prints (`script`: bench.lua's
+    by default; `env` adds environment variables for it)."""
     out = subprocess.run(
         [
             "wrk",
@@ -85,13 +89,13 @@ def wrk(url: str, duration: int, connections: int) -> dict[str, float]:
             f"-c{connections}",
             f"-d{duration}s",
             "-s",
-            str(WRK / "bench.lua"),
+            str(script or WRK / "bench.lua"),
             url,
         ],
         check=True,
         capture_output=True,
         text=True,
-        env={"BENCH_BODY_FILE": str(WRK / "body.json"), "PATH": "/usr/bin:/bin"},
+        env={"BENCH_BODY_FILE": str(WRK / "body.json"), "PATH": "/usr/bin:/bin", **env},
     ).stdout
     line = next(line for line in out.splitlines() if line.startswith("WRKJSON "))
     result: dict[str, float] = json.loads(line.removeprefix("WRKJSON "))
@@ -122,8 +126,17 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def measure(
-    table: Path, http_port: int, admin_port: int, workers: int, duration: int, log_level: str
+    table: Path,
+    http_port: int,
+    admin_port: int,
+    workers: int,
+    duration: int,
+    log_level: str,
+    script: Path | None = None,
+    **env: str,
 ) -> dict[str, float]:
+    """Start `tlvproxy serve` on `table`, drive POST /v1/echo with wrk (`script`
+    and `env` as for `wrk`), stop it; wrk's figures plus rps, errors and cpu_us."""
     # The JSON log lines go to a file, as in the shared harness and in
     # production: writing them is part of a request's cost.
     with tempfile.TemporaryFile() as log_file:
@@ -146,10 +159,10 @@ def measure(
         try:
             wait_ready(admin_port, process)
             url = f"http://127.0.0.1:{http_port}/v1/echo"
-            check_echo(url, (WRK / "body.json").read_bytes())
-            wrk(url, 1, CONNECTIONS)  # warm-up: connections, pools, caches
+            check_echo(url, (WRK / "body.json").read_bytes(), env.get("BENCH_AUTHORIZATION"))
+            wrk(url, 1, CONNECTIONS, script, **env)  # warm-up: connections, pools, caches
             cpu_before = tree_cpu_seconds(process.pid)
-            result = wrk(url, duration, CONNECTIONS)
+            result = wrk(url, duration, CONNECTIONS, script, **env)
             cpu = tree_cpu_seconds(process.pid) - cpu_before
         finally:
             process.send_signal(signal.SIGTERM)

@@ -75,7 +75,8 @@ def test_broken_table_fails_with_every_error_on_stderr(tmp_path):
         "bad.yaml:2:10: workers: expected a number between 1 and 1024, got -1",
         "bad.yaml:3:1: unknown_section: unknown key (expected one of: listen, admin_token,"
         " workers, http_parser, trusted_proxies, shutdown_timeout, proto, framing, upstreams,"
-        " commands, json, status_map, envelope, websocket, limits, rate_limits, waf, demo)",
+        " commands, json, status_map, envelope, websocket, limits, rate_limits, waf, auth,"
+        " default_auth, demo)",
         "bad.yaml:6:7: upstreams.im.hash_on: required when balance is consistent_hash",
         "bad.yaml:8:37: commands[0].upstream: undefined upstream 'nope' (defined: im)",
         "bad.yaml:8:52: commands[0].request: undefined message 'demo.im.Nope' (not in"

@@ -28,6 +28,13 @@ LATER = (
     "tlvproxy.upstream.balance",
     "tlvproxy.upstream.health",
     "tlvproxy.openapi",
+    "tlvproxy.auth.identity",
+    "tlvproxy.auth.jwks",
+    "tlvproxy.auth.tokens",
+    "tlvproxy.auth.api_keys",
+    "tlvproxy.auth.signatures",
+    "tlvproxy.auth.authenticators",
+    "tlvproxy.config.auth",
 )
 
 

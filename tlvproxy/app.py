@@ -15,8 +15,10 @@ import attrs
 import trio
 from prometheus_client import generate_latest
 
+from tlvproxy.auth.authenticators import Authenticators
+from tlvproxy.auth.remote_keys import RemoteKeys
 from tlvproxy.config.loader import load_table
-from tlvproxy.config.model import Address, Table, UpstreamSpec
+from tlvproxy.config.model import Address, JwtAuthSpec, Table, UpstreamSpec
 from tlvproxy.metrics import RequestTally
 from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
@@ -59,6 +61,15 @@ class Runtime:
     pools: Mapping[str, Pool]
     limiter: RateLimiter
     waf: Waf
+    auth: Authenticators
+
+
+# A key set URL is fetched once for every authenticator that reads it the same way.
+_KeysWanted = tuple[str, tuple[str, ...], float]
+
+
+def _keys_wanted(spec: JwtAuthSpec) -> _KeysWanted:
+    return (spec.keys, spec.algorithms, spec.refresh)
 
 
 @attrs.frozen
@@ -105,6 +116,9 @@ class Gateway:
         self._serve_admin = serve_admin
         self._runtime: Runtime | None = None
         self._pools: dict[str, _PoolHandle] = {}
+        # The key set URLs of the current table's `jwt` authenticators, fetched
+        # by a task each, kept across reloads that keep them.
+        self._remote_keys: dict[_KeysWanted, tuple[RemoteKeys, trio.CancelScope]] = {}
         self._reload_lock = trio.Lock()
         self.shutdown = trio.Event()  # set when draining starts
         self.ready = False
@@ -167,6 +181,8 @@ class Gateway:
             return table.version
 
     async def _install(self, table: Table) -> None:
+        for warning in table.warnings:
+            log.warning("the table has a warning (see tlvproxy check)", extra={"warning": warning})
         old = self._runtime
         keep: dict[str, _PoolHandle] = {}
         retired: list[_PoolHandle] = []
@@ -185,17 +201,55 @@ class Gateway:
             else RateLimiter(table.rate_limits)
         )
         waf = old.waf if old is not None and old.table.waf == table.waf else Waf(table.waf)
+        remote = await self._start_remote_keys(table)
+        authenticators = Authenticators(
+            table.auth,
+            self.metrics,
+            lambda spec: remote[_keys_wanted(spec)],
+            None if old is None else old.auth,
+        )
         self._pools = keep
         self._runtime = Runtime(
             table=table,
             pools={name: handle.pool for name, handle in keep.items()},
             limiter=limiter,
             waf=waf,
+            auth=authenticators,
         )
         if retired and old is not None:
             # Requests that started on the old table finish on it (SPEC 7); none
             # can outlive its longest upstream timeout, so retire pools after that.
             self._pool_nursery.start_soon(self._retire, retired, _longest_timeout(old.table))
+
+    async def _start_remote_keys(self, table: Table) -> dict[_KeysWanted, RemoteKeys]:
+        """The key sets `table` fetches from URLs: those already fetched are kept,
+        new ones fetched once before the table is used, the others stopped."""
+        wanted = {
+            _keys_wanted(spec): spec
+            for spec in table.auth.values()
+            if isinstance(spec, JwtAuthSpec) and spec.remote
+        }
+        for key, spec in wanted.items():
+            if key not in self._remote_keys:
+                self._remote_keys[key] = await self._pool_nursery.start(self._run_remote_keys, spec)
+        for key in [key for key in self._remote_keys if key not in wanted]:
+            _, scope = self._remote_keys.pop(key)
+            scope.cancel()
+        return {key: keys for key, (keys, _) in self._remote_keys.items()}
+
+    @staticmethod
+    async def _run_remote_keys(
+        spec: JwtAuthSpec,
+        *,
+        task_status: trio.TaskStatus[
+            tuple[RemoteKeys, trio.CancelScope]
+        ] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        keys = RemoteKeys(spec.keys, spec.algorithms, spec.refresh)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(keys.run)
+                task_status.started((keys, scope))
 
     async def _run_pool(
         self,

@@ -113,6 +113,8 @@ def _check(args: argparse.Namespace) -> int:
     table = _load(args.config)
     if table is None:
         return 1
+    for warning in table.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for line in route_lines(table):
         print(line)
     return 0

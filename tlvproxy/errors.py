@@ -38,6 +38,21 @@ class BadRequest(GatewayError):
     code, http_status = "bad_request", 400
 
 
+class Unauthorized(GatewayError):
+    """Credentials missing or not valid (docs/security.md); `reason` labels the
+    tlvproxy_auth_failures_total count, `challenge` is the WWW-Authenticate value."""
+
+    code, http_status, ws_close = "unauthorized", 401, 1008
+
+    def __init__(self, message: str, *, reason: str, challenge: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.challenge = challenge
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("WWW-Authenticate", self.challenge)]
+
+
 class Forbidden(GatewayError):
     code, http_status, ws_close = "forbidden", 403, 1008
 

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from pythonjsonlogger.core import LogData
 
+    from tlvproxy.auth.identity import Identity
+
 ACCESS_LOGGER = "tlvproxy.access"
 
 
@@ -377,9 +379,11 @@ def access_record(
     status: int,
     upstream_status: int | None,
     duration_ms: float,
+    identity: Identity | None = None,
 ) -> dict[str, Any]:
-    """The `extra` of one REST access record, with the SPEC 7 field names."""
-    return {
+    """The `extra` of one REST access record, with the SPEC 7 field names, and
+    the verified identity's when there is one (docs/operations.md)."""
+    record: dict[str, Any] = {
         "request_id": request_id,
         "client_ip": client_ip,
         "method": method,
@@ -391,3 +395,6 @@ def access_record(
         "upstream_status": upstream_status,
         "duration_ms": round(duration_ms, 3),
     }
+    if identity is not None:
+        record.update(identity.log_fields())
+    return record

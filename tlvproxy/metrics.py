@@ -86,6 +86,12 @@ class Metrics:
             ("rule",),
             registry=r,
         )
+        self.auth_failures = Counter(
+            "tlvproxy_auth_failures",
+            "Requests and handshakes refused for their credentials (docs/security.md)",
+            ("authenticator", "reason"),
+            registry=r,
+        )
         self.config_reloads = Counter(
             "tlvproxy_config_reloads",
             "Table reloads, by result (ok, error)",

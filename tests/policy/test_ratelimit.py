@@ -28,6 +28,8 @@ class Request:
     headers: Mapping[str, str] = attrs.field(factory=dict)
     query: Mapping[str, str] = attrs.field(factory=dict)
     path_params: Mapping[str, str] = attrs.field(factory=dict)
+    identity: None = None
+    numbers: None = None
 
 
 def user(uid: str) -> Request:
@@ -262,6 +264,8 @@ class UserOnly:
     remote_addr: str = "10.0.0.1"
     query: Mapping[str, str] = attrs.field(factory=dict)
     path_params: Mapping[str, str] = attrs.field(factory=dict)
+    identity: None = None
+    numbers: None = None
 
     @property
     def headers(self) -> Mapping[str, str]:

@@ -34,6 +34,7 @@ from wsproto.events import (
 )
 
 from tests.fixtures import FIXTURE_TABLE
+from tlvproxy.auth.authenticators import Authenticators
 from tlvproxy.config.loader import load_table
 from tlvproxy.metrics import Metrics, RequestTally
 from tlvproxy.mock_upstream import serve_mock_upstream
@@ -257,6 +258,7 @@ class Runtime:
     pools: dict[str, Pool]
     limiter: RateLimiter
     waf: Waf
+    auth: Authenticators
 
 
 @attrs.frozen
@@ -301,6 +303,10 @@ async def open_mock_upstream() -> AsyncIterator[tuple[str, trio.CancelScope]]:
         nursery.cancel_scope.cancel()
 
 
+def _no_key_urls(spec: Any) -> Any:
+    raise AssertionError(f"these tests fetch no key set ({spec.keys})")
+
+
 @asynccontextmanager
 async def open_gateway(
     table: Table, *, send_buffer: int | None = None, wrap: bool = False
@@ -321,6 +327,7 @@ async def open_gateway(
             pools={"im": pool},
             limiter=RateLimiter(table.rate_limits),
             waf=Waf(table.waf),
+            auth=Authenticators(table.auth, metrics, _no_key_urls),
         )
         settings = HttpSettings.from_limits(table.limits, "h11")
         tally = RequestTally(metrics)

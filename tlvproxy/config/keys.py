@@ -1,8 +1,16 @@
 """Key expressions: which value of an incoming request a rule or field uses (SPEC 3).
 
 Owns: parsing `remote_addr`, `header.NAME`, `query.NAME`, `path.NAME`,
-`cookie.NAME`, and evaluating one against a `RequestView`.
-Must not: parse HTTP itself; the server builds the view from what it parsed.
+`cookie.NAME`, `auth.sub`, `auth.consumer`, `auth.claim.NAME`, and evaluating
+one against a `RequestView`.
+Must not: parse HTTP itself or verify credentials; the server builds the view
+from what it parsed and what the authenticator verified.
+
+A request's `numbers` hold the values of the key expressions that fill a
+number, already normalised (`010`, `+10` and `10` all read `10`); an
+expression found there reads that value wherever it is used, so a rate-limit
+key or a hash key is the number, not the caller's spelling of it
+(docs/configuration.md "Key expressions").
 """
 
 from __future__ import annotations
@@ -15,8 +23,15 @@ import attrs
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-KeySource = Literal["remote_addr", "header", "query", "path", "cookie"]
+KeySource = Literal["remote_addr", "header", "query", "path", "cookie", "auth"]
 _SOURCES: tuple[KeySource, ...] = ("header", "query", "path", "cookie")
+_IDENTITY_NAMES = ("sub", "consumer")
+
+
+class Identity(Protocol):
+    """What a key expression reads of a verified identity (`tlvproxy.auth.Identity`)."""
+
+    def value(self, name: str) -> str | None: ...
 
 
 class RequestView(Protocol):
@@ -33,6 +48,10 @@ class RequestView(Protocol):
     def query(self) -> Mapping[str, str]: ...
     @property
     def path_params(self) -> Mapping[str, str]: ...
+    @property
+    def identity(self) -> Identity | None: ...
+    @property
+    def numbers(self) -> Mapping[KeyExpr, str] | None: ...
 
 
 @attrs.frozen(slots=True)
@@ -47,6 +66,9 @@ class KeyExpr:
 
     def evaluate(self, request: RequestView) -> str | None:
         """The value this expression names in `request`, or None when it is absent."""
+        numbers = request.numbers
+        if numbers is not None and (number := numbers.get(self)) is not None:
+            return number
         if self.source == "remote_addr":
             return request.remote_addr
         if self.source == "header":
@@ -55,6 +77,9 @@ class KeyExpr:
             return request.query.get(self.name)
         if self.source == "path":
             return request.path_params.get(self.name)
+        if self.source == "auth":
+            identity = request.identity
+            return None if identity is None else identity.value(self.name)
         return _cookie(request.headers.get("cookie"), self.name)
 
 
@@ -79,7 +104,22 @@ def parse_key(text: object) -> KeyExpr:
     source, dot, name = text.partition(".")
     if dot and name and source in _SOURCES:
         return KeyExpr(source, name.lower() if source == "header" else name)
+    if source == "auth" and (name in _IDENTITY_NAMES or (name.startswith("claim.") and name[6:])):
+        return KeyExpr("auth", name)
     raise ValueError(
         f"invalid key expression {text!r}: use remote_addr, header.NAME, query.NAME, "
-        "path.NAME or cookie.NAME"
+        "path.NAME, cookie.NAME, auth.sub, auth.consumer or auth.claim.NAME"
     )
+
+
+def parse_number(key: KeyExpr, text: str) -> int:
+    """The whole number `text` spells, for a key expression that fills a number.
+
+    Digits with an optional sign only: `010`, `+10` and `10` are ten; `1_0`,
+    ` 10` and non-ASCII digits, which Python's int() would take, are refused.
+    Raises ValueError saying what was expected.
+    """
+    digits = text[1:] if text[:1] in "+-" else text
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 20:
+        raise ValueError(f"{key}: expected a whole number, got {text[:40]!r}")
+    return int(text)

@@ -28,16 +28,18 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 import yaml
+from google.protobuf.descriptor import FieldDescriptor
 
-from tlvproxy.config import nodes, sections
+from tlvproxy.config import auth, nodes, sections
 from tlvproxy.config.model import (
     CommandSpec,
     HttpRouteSpec,
     JsonOptions,
+    JwtAuthSpec,
     ProtoSpec,
     RateLimitRule,
     Table,
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tlvproxy.config.keys import KeyExpr
-    from tlvproxy.config.model import Codec
+    from tlvproxy.config.model import AuthSpec, ClaimValue, Codec
     from tlvproxy.framing import HeaderLayout
 
 _TOP_KEYS: Final = (
@@ -76,6 +78,8 @@ _TOP_KEYS: Final = (
     "limits",
     "rate_limits",
     "waf",
+    "auth",
+    "default_auth",
     "demo",
 )
 _COMMAND_KEYS: Final = (
@@ -92,6 +96,8 @@ _COMMAND_KEYS: Final = (
     "timeout",
     "idempotent",
     "json",
+    "auth",
+    "claims",
 )
 _PUSH_FORBIDS: Final = (
     "upstream",
@@ -102,6 +108,16 @@ _PUSH_FORBIDS: Final = (
     "fields",
     "timeout",
     "idempotent",
+    "auth",
+    "claims",
+)
+_INTEGER_TYPES: Final = frozenset(
+    (
+        FieldDescriptor.CPPTYPE_INT32,
+        FieldDescriptor.CPPTYPE_INT64,
+        FieldDescriptor.CPPTYPE_UINT32,
+        FieldDescriptor.CPPTYPE_UINT64,
+    )
 )
 _METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 # libyaml's parser keeps node marks too and composes a large table ~10x faster.
@@ -178,9 +194,16 @@ class _TableLoader:
         self.schema_problems: list[str] = []
         self.proto_spec = ProtoSpec()
         self.command_nodes: dict[int, _CommandNodes] = {}  # id(CommandSpec) -> nodes
+        self.authenticators: dict[str, AuthSpec] = {}
+        self.default_auth: str | None = None
+        self.warnings: list[str] = []
 
     def error(self, node: Node, path: str, message: str) -> None:
         self.r.error(node, path, message)
+
+    def warn(self, node: Node, path: str, message: str) -> None:
+        mark = node.start_mark
+        self.warnings.append(f"{self.source}:{mark.line + 1}:{mark.column + 1}: {path}: {message}")
 
     def load(self) -> Table:
         try:
@@ -214,6 +237,11 @@ class _TableLoader:
         json_options = sections.read_json(self.r, top.get("json"), "json", JsonOptions())
         upstreams = sections.read_upstreams(self.r, top.get("upstreams"), framing)
         schema = self._schema(top.get("proto"))
+        self.authenticators = auth.read_auth(self.r, top.get("auth"), self.base)
+        if "default_auth" in top:
+            _, self.default_auth = auth.reference(
+                self.r, top["default_auth"], "default_auth", self.authenticators
+            )
         commands = self._commands(top.get("commands"), framing, json_options, upstreams, schema)
         websocket = self._websocket(top.get("websocket"), upstreams, commands)
         table_kwargs: dict[str, Any] = {
@@ -237,6 +265,9 @@ class _TableLoader:
             "limits": sections.read_limits(self.r, top.get("limits")),
             "rate_limits": self._rate_limits(top.get("rate_limits"), commands),
             "waf": sections.read_waf(self.r, top.get("waf")),
+            "auth": self.authenticators,
+            "default_auth": self.default_auth,
+            "warnings": tuple(self.warnings),
             "demo": r.get(top, "demo", "", nodes.boolean, False),
         }
         if schema is None or self.r.problems or self.schema_problems:
@@ -246,6 +277,9 @@ class _TableLoader:
         table_kwargs["router"] = Router.build(commands)
         digest = hashlib.sha256(self.text.encode("utf-8"))
         digest.update(schema.digest.encode("ascii"))
+        for spec in self.authenticators.values():
+            if isinstance(spec, JwtAuthSpec) and spec.key_set is not None:
+                digest.update(spec.key_set.encode("utf-8"))  # a new key file: a new version
         table_kwargs["version"] = digest.hexdigest()[:16]
         return Table(**table_kwargs)
 
@@ -418,6 +452,22 @@ class _TableLoader:
             command_json = sections.read_json(
                 self.r, found["json"], join(path, "json"), json_options
             )
+        command_auth = None if is_push else self.default_auth
+        if "auth" in found:
+            _, command_auth = auth.reference(
+                r, found["auth"], join(path, "auth"), self.authenticators
+            )
+        claims: dict[str, tuple[ClaimValue, ...]] = {}
+        if "claims" in found:
+            claims = auth.read_claims(r, found["claims"], join(path, "claims"))
+            if command_auth is None and not is_push:
+                self.error(
+                    found["claims"],
+                    join(path, "claims"),
+                    "claims need an authenticator (`auth`, or `default_auth`)",
+                )
+        if command_auth is not None:
+            self._warn_caller_word(found, path, uid, fields)
         if name is None or number is None or codec is None:
             return None
         spec = CommandSpec(
@@ -434,12 +484,36 @@ class _TableLoader:
             timeout=timeout,
             idempotent=idempotent,
             json=command_json,
+            auth=command_auth,
+            claims=claims,
+            numeric_keys=_numeric_keys(uid, fields, request, schema),
         )
         where = _CommandNodes(index, found, http_keys, fields_keys)
         self.command_nodes[id(spec)] = where
         if schema is not None and request is not None and schema.has_message(request):
             self._check_request_fields(spec, where, path, schema)
         return spec
+
+    def _warn_caller_word(
+        self, found: dict[str, Node], path: str, uid: KeyExpr | None, fields: dict[str, KeyExpr]
+    ) -> None:
+        """`check` warns when a command with an authenticator takes the uid or a
+        field from a header: the caller's word, not its verified identity."""
+        if uid is not None and uid.source == "header":
+            self.warn(
+                found["uid"],
+                join(path, "uid"),
+                f"the uid comes from {uid}, which the caller writes; use auth.sub "
+                "(or auth.claim.NAME) to take it from the verified identity",
+            )
+        for field, key in fields.items():
+            if key.source == "header":
+                self.warn(
+                    found["fields"],
+                    join(path, f"fields.{field}"),
+                    f"{field} comes from {key}, which the caller writes, although the "
+                    "command has an authenticator",
+                )
 
     def _push(self, node: Node, path: str, codec: str | None, schema: Schema | None) -> str | None:
         if codec is None:
@@ -544,7 +618,17 @@ class _TableLoader:
         if node is None:
             return None
         r = self.r
-        keys = ("path", "upstream", "hash_on", "uid", "mode", "max_message", "idle_timeout")
+        keys = (
+            "path",
+            "upstream",
+            "hash_on",
+            "uid",
+            "auth",
+            "allowed_origins",
+            "mode",
+            "max_message",
+            "idle_timeout",
+        )
         found = r.mapping(node, "websocket", keys, ("upstream",))
         if found is None or "upstream" not in found:
             return None
@@ -567,12 +651,40 @@ class _TableLoader:
                     f"{path} is also the GET route of command {command.name!r}",
                 )
         default = WebSocketSpec(upstream=upstream)
+        session_auth = None
+        if "auth" in found:
+            _, session_auth = auth.reference(
+                r, found["auth"], "websocket.auth", self.authenticators
+            )
+        uid = r.get(found, "uid", "websocket", sections.key_expr, None)
+        mode: Literal["json", "binary"] = r.get(
+            found, "mode", "websocket", nodes.choice("json", "binary"), "json"
+        )
+        if session_auth is not None and uid is not None and uid.source != "auth":
+            self.warn(
+                found["uid"],
+                "websocket.uid",
+                f"the session's uid comes from {uid}, which the client writes, although "
+                "the handshake is authenticated; use auth.sub (or auth.claim.NAME)",
+            )
+        elif session_auth is not None and uid is None and mode == "binary":
+            self.warn(
+                node,
+                "websocket.uid",
+                "without it, the uid of each binary frame is the client's own, although the "
+                "handshake is authenticated; set uid: auth.sub (or auth.claim.NAME)",
+            )
+        allowed_origins = None
+        if "allowed_origins" in found:
+            allowed_origins = auth.origins(r, found["allowed_origins"], "websocket.allowed_origins")
         return WebSocketSpec(
             path=path,
             upstream=upstream,
             hash_on=r.get(found, "hash_on", "websocket", sections.key_expr, None),
-            uid=r.get(found, "uid", "websocket", sections.key_expr, None),
-            mode=r.get(found, "mode", "websocket", nodes.choice("json", "binary"), "json"),
+            uid=uid,
+            auth=session_auth,
+            allowed_origins=allowed_origins,
+            mode=mode,
             max_message=r.get(
                 found, "max_message", "websocket", sections.positive_size, default.max_message
             ),
@@ -637,6 +749,20 @@ class _TableLoader:
 
 
 # ---------------------------------------------------------------- small converters
+
+
+def _numeric_keys(
+    uid: KeyExpr | None, fields: Mapping[str, KeyExpr], request: str | None, schema: Schema | None
+) -> tuple[KeyExpr, ...]:
+    """The key expressions that fill a number: `uid`, and `fields` of integer type."""
+    numeric = [] if uid is None else [uid]
+    if fields and request is not None and schema is not None and schema.has_message(request):
+        by_name = {f.name: f for f in schema.descriptor(request).fields}
+        for name, key in fields.items():
+            field = by_name.get(name)
+            if field is not None and field.cpp_type in _INTEGER_TYPES and key not in numeric:
+                numeric.append(key)
+    return tuple(numeric)
 
 
 def _command_name(value: Any) -> str:

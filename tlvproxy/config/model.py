@@ -9,7 +9,7 @@ builds a whole new `Table`; nothing here is ever mutated.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import attrs
 
@@ -101,6 +101,62 @@ class HttpRouteSpec:
 
 
 @attrs.frozen(slots=True, kw_only=True)
+class JwtAuthSpec:
+    """A `type: jwt` authenticator (docs/security.md "JWT")."""
+
+    kind: ClassVar[str] = "jwt"
+    name: str
+    keys: str  # where the key set is: a file path (resolved) or an http(s) URL
+    key_set: str | None = None  # a file's JWKS text, as read at load; None for a URL
+    refresh: float = 600.0
+    algorithms: tuple[str, ...] = ("RS256",)
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()  # accepted `aud` values; empty: `aud` is not checked
+    leeway: float = 0.0
+    token_from: tuple[KeyExpr, ...] = ()
+
+    @property
+    def remote(self) -> bool:
+        """True when the key set is fetched from a URL."""
+        return self.key_set is None
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class ApiKeyEntry:
+    """One key of an `api_key` authenticator: its consumer name and other entries."""
+
+    consumer: str
+    sha256: str  # lower-case hex
+    claims: Mapping[str, object] = attrs.field(factory=dict)
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class ApiKeyAuthSpec:
+    """A `type: api_key` authenticator (docs/security.md "API keys")."""
+
+    kind: ClassVar[str] = "api_key"
+    name: str
+    source: KeyExpr  # header.NAME or query.NAME
+    keys: tuple[ApiKeyEntry, ...]
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class HmacAuthSpec:
+    """A `type: hmac` authenticator (docs/security.md "Signed requests")."""
+
+    kind: ClassVar[str] = "hmac"
+    name: str
+    # key id -> secret; never printed (repr) since tables are logged and shown.
+    secrets: Mapping[str, bytes] = attrs.field(repr=False)
+    clock_skew: float = 300.0
+
+
+AuthSpec = JwtAuthSpec | ApiKeyAuthSpec | HmacAuthSpec
+# A claim a command requires: its name and the values accepted.
+ClaimValue = str | int | float | bool
+
+
+@attrs.frozen(slots=True, kw_only=True)
 class CommandSpec:
     """One row of `commands`. A push command has `push` set and no http/upstream."""
 
@@ -117,6 +173,11 @@ class CommandSpec:
     timeout: float | None = None
     idempotent: bool = False
     json: JsonOptions | None = None
+    auth: str | None = None  # the authenticator's name; None: public
+    claims: Mapping[str, tuple[ClaimValue, ...]] = attrs.field(factory=dict)
+    # Key expressions whose values become numbers (uid, integer fields): read
+    # once per request and normalised (docs/configuration.md "Key expressions").
+    numeric_keys: tuple[KeyExpr, ...] = ()
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -125,6 +186,8 @@ class WebSocketSpec:
     upstream: str
     hash_on: KeyExpr | None = None
     uid: KeyExpr | None = None
+    auth: str | None = None  # the handshake's authenticator; None: public
+    allowed_origins: tuple[str, ...] | None = None  # None: any Origin
     mode: Literal["json", "binary"] = "json"
     max_message: int = 64 * 1024
     idle_timeout: float = 120.0
@@ -185,11 +248,15 @@ class Table:
     limits: Limits = Limits()
     rate_limits: tuple[RateLimitRule, ...] = ()
     waf: tuple[WafRule, ...] = ()
+    auth: Mapping[str, AuthSpec] = attrs.field(factory=dict)
+    default_auth: str | None = None
     demo: bool = False  # serve the web IM demo page at /demo/
 
     schema: Schema | None = None
     codecs: Mapping[str, CommandCodec] = attrs.field(factory=dict)
     router: Router | None = None
+    # What `check` warns about: lines like problems, for a table that loads.
+    warnings: tuple[str, ...] = ()
 
     commands_by_name: Mapping[str, CommandSpec] = attrs.field(init=False, repr=False)
     commands_by_number: Mapping[int, CommandSpec] = attrs.field(init=False, repr=False)

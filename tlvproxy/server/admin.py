@@ -271,7 +271,10 @@ class AdminHandler:
                 "path": table.websocket.path,
                 "upstream": table.websocket.upstream,
                 "mode": table.websocket.mode,
+                "auth": table.websocket.auth,
             },
+            # Names and kinds only: key sets, key digests and secrets stay out.
+            "auth": [{"name": name, "type": spec.kind} for name, spec in table.auth.items()],
             "upstreams": self._backend.upstream_states(),
         }
 
@@ -288,6 +291,7 @@ def _command(command: CommandSpec) -> dict[str, Any]:
         "http": None
         if command.http is None
         else {"method": command.http.method, "path": command.http.path},
+        "auth": command.auth,
     }
 
 

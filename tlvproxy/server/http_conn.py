@@ -525,7 +525,8 @@ class _Connection:
         try:
             self._submit(request, answer)
         except Exception:
-            log.exception("handler failed on %s %s", request.method, request.target)
+            # The path, not the target: a query may hold a token (docs/security.md).
+            log.exception("handler failed on %s %s", request.method, request.path)
             answer.keep_alive = False
             answer.set(self._internal_error(request))
         return answer.keep_alive
@@ -542,7 +543,8 @@ class _Connection:
         except GatewayError as error:
             response = self._error_handler(error, request)
         except Exception:
-            log.exception("handler failed on %s %s", request.method, request.target)
+            # The path, not the target: a query may hold a token (docs/security.md).
+            log.exception("handler failed on %s %s", request.method, request.path)
             answer.keep_alive = False
             response = self._internal_error(request)
         answer.set(response)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from base64 import b64encode
 from collections.abc import Callable, Mapping
 from random import getrandbits
@@ -20,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from tlvproxy.config.keys import parse_number
 from tlvproxy.errors import (
     BadRequest,
+    Forbidden,
     GatewayError,
     UpstreamProtocolError,
     UpstreamStatus,
@@ -36,6 +39,8 @@ from tlvproxy.server.static import demo_response
 from tlvproxy.server.view import RequestContext, client_address
 
 if TYPE_CHECKING:
+    from tlvproxy.auth.identity import Identity
+    from tlvproxy.config.keys import KeyExpr
     from tlvproxy.config.model import CommandSpec
     from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics, RequestTally
@@ -130,6 +135,20 @@ class RestHandler:
                 query_string=request.query_string,
                 path_params=match.params,
             )
+            if command.auth is not None:
+                # Who the caller is, before anything is read from the request on
+                # its behalf (docs/security.md).
+                context.identity = exchange.identity = runtime.auth.authenticate(
+                    command.auth,
+                    context,
+                    request.method,
+                    request.target,
+                    request.body,
+                    time.time(),
+                    command.claims,
+                )
+            if command.numeric_keys:
+                _read_numbers(command, context)
             now = trio.current_time()
             if runtime.limiter.applies(command.name):
                 self._apply_policy(runtime, command, context, now)
@@ -197,6 +216,7 @@ class _Exchange:
         "client_ip",
         "command",
         "handler",
+        "identity",
         "request",
         "request_id",
         "table",
@@ -218,6 +238,7 @@ class _Exchange:
             else request.remote_addr
         )
         self.command: CommandSpec | None = None
+        self.identity: Identity | None = None
         self.timeout = 0.0
 
     def on_reply(self, frame: Frame, node: str) -> None:
@@ -268,6 +289,7 @@ class _Exchange:
                 status=status,
                 upstream_status=upstream_status,
                 duration_ms=duration * 1000,
+                identity=self.identity,
             ),
         )
         self.answer.set(response)
@@ -306,26 +328,46 @@ class _Exchange:
 
 
 def _field_values(command: CommandSpec, context: RequestContext) -> dict[str, str]:
+    """The `fields` values present. A field the identity fills must be filled:
+    otherwise the caller's own value in the body would stand in for it."""
     values: dict[str, str] = {}
     for field, key in command.fields.items():
         value = key.evaluate(context)
         if value is not None:
             values[field] = value
+        elif key.source == "auth":
+            raise Forbidden(
+                f"the caller's identity has no {key}, which this command's {field} needs"
+            )
     return values
 
 
+def _read_numbers(command: CommandSpec, context: RequestContext) -> None:
+    """Read the values that fill a number once, normalised, so that every later
+    reader (uid, fields, rate-limit keys, hashing) sees the same number
+    (docs/configuration.md "Key expressions")."""
+    numbers: dict[KeyExpr, str] = {}
+    for key in command.numeric_keys:
+        text = key.evaluate(context)
+        if text:
+            try:
+                numbers[key] = str(parse_number(key, text))
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+    context.numbers = numbers
+
+
 def _uid(command: CommandSpec, context: RequestContext) -> int:
-    if command.uid is None:
+    """The header's uid: the command's `uid` key, read as a number by `_read_numbers`."""
+    key = command.uid
+    if key is None:
         return 0
-    text = command.uid.evaluate(context)
-    if text is None or text == "":
+    text = key.evaluate(context)
+    if not text:
+        if key.source == "auth":
+            raise Forbidden(f"the caller's identity has no {key}, which this command's uid needs")
         return 0
-    try:
-        uid = int(text)
-    except ValueError:
-        raise BadRequest(
-            f"{command.uid}: expected a user id (an unsigned integer), got {text!r}"
-        ) from None
+    uid = int(text)
     if uid < 0 or uid > 0xFFFFFFFF:
         raise BadRequest(f"{command.uid}: user id {uid} is out of range (0 to 4294967295)")
     return uid

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from tlvproxy.auth.authenticators import Authenticators
     from tlvproxy.config.model import Table
     from tlvproxy.policy.ratelimit import RateLimiter
     from tlvproxy.policy.waf import Waf
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class TableRuntime(Protocol):
-    """One loaded table with its upstream pools (by upstream name) and policy."""
+    """One loaded table with its upstream pools (by upstream name), policy and authenticators."""
 
     @property
     def table(self) -> Table: ...
@@ -29,3 +30,5 @@ class TableRuntime(Protocol):
     def limiter(self) -> RateLimiter: ...
     @property
     def waf(self) -> Waf: ...
+    @property
+    def auth(self) -> Authenticators: ...

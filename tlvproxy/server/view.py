@@ -15,6 +15,8 @@ from urllib.parse import parse_qsl
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from tlvproxy.auth.identity import Identity
+    from tlvproxy.config.keys import KeyExpr
     from tlvproxy.config.model import Network
 
 
@@ -77,6 +79,8 @@ class RequestContext:
         "_headers",
         "_query",
         "_query_string",
+        "identity",
+        "numbers",
         "path_params",
         "remote_addr",
     )
@@ -95,6 +99,11 @@ class RequestContext:
         self.path_params: Mapping[str, str] = path_params or {}
         self._headers: Mapping[str, str] | None = None
         self._query: Mapping[str, str] | None = None
+        # Set once the request's credentials are verified (docs/security.md).
+        self.identity: Identity | None = None
+        # The values of key expressions that fill a number, normalised
+        # (tlvproxy.config.keys); None until one is read.
+        self.numbers: dict[KeyExpr, str] | None = None
 
     @property
     def headers(self) -> Mapping[str, str]:

@@ -53,6 +53,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 import uuid
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Final
@@ -62,8 +63,10 @@ import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong
 
+from tlvproxy.config.keys import parse_number
 from tlvproxy.errors import (
     BadRequest,
+    Forbidden,
     GatewayError,
     RouteNotFound,
     UpstreamProtocolError,
@@ -133,22 +136,37 @@ class _InvalidFrame(Exception):
 def _session_uid(spec: WebSocketSpec, context: RequestContext) -> int | None:
     """The session's uid from `websocket.uid`; None when the table names no key.
 
-    Raises BadRequest for a value that is not an unsigned 32-bit integer.
+    The value is read once as a number, and that number is what the session's
+    rate-limit and hash keys see too (docs/configuration.md "Key expressions").
+    Raises BadRequest for a value that is not an unsigned 32-bit integer, and
+    Forbidden when the uid comes from the identity and the identity lacks it.
     """
-    if spec.uid is None:
+    key = spec.uid
+    if key is None:
         return None
-    text = spec.uid.evaluate(context)
+    text = key.evaluate(context)
     if not text:
+        if key.source == "auth":
+            raise Forbidden(f"the caller's identity has no {key}, which the session's uid needs")
         return 0
     try:
-        uid = int(text)
-    except ValueError:
-        raise BadRequest(
-            f"{spec.uid}: expected a user id (an unsigned integer), got {text!r}"
-        ) from None
+        uid = parse_number(key, text)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
     if not 0 <= uid <= 0xFFFFFFFF:
-        raise BadRequest(f"{spec.uid}: user id {uid} is out of range (0 to 4294967295)")
+        raise BadRequest(f"{key}: user id {uid} is out of range (0 to 4294967295)")
+    context.numbers = {key: str(uid)}
     return uid
+
+
+def _check_origin(spec: WebSocketSpec, request: Request) -> None:
+    """Raise Forbidden for a browser page of an origin `allowed_origins` does not
+    list; a client that sends no Origin is not a browser page (docs/security.md)."""
+    if spec.allowed_origins is None:
+        return
+    origin = request.header("origin")
+    if origin is not None and origin not in spec.allowed_origins:
+        raise Forbidden(f"WebSocket connections from the origin {origin[:100]!r} are not allowed")
 
 
 # ---------------------------------------------------------------- the drain
@@ -223,6 +241,16 @@ def serve_websocket(
         problem = handshake_problem(request)
         if problem is not None:
             raise BadRequest(problem)
+        _check_origin(spec, request)
+        expires = math.inf
+        if spec.auth is not None:
+            now = time.time()
+            identity = context.identity = runtime.auth.authenticate(
+                spec.auth, context, request.method, request.target, b"", now
+            )
+            if identity.expires_at is not None:
+                # The session closes when its credentials do (1008), on trio's clock.
+                expires = trio.current_time() + identity.expires_at - now
         uid = _session_uid(spec, context)
     except GatewayError as error:
         return _refuse(stream, error, request_id, client_ip)
@@ -237,6 +265,7 @@ def serve_websocket(
         sessions=sessions,
         context=context,
         uid=uid,
+        expires=expires,
     )
     return session.run()
 
@@ -275,6 +304,7 @@ class _Session:
         "_context",
         "_count_in",
         "_count_out",
+        "_expires",
         "_fd",
         "_flush_scope",
         "_flushing",
@@ -323,6 +353,7 @@ class _Session:
         sessions: WebSocketSessions,
         context: RequestContext,
         uid: int | None,
+        expires: float = math.inf,
     ) -> None:
         self._request = request
         self._request_id = request_id
@@ -340,6 +371,7 @@ class _Session:
         self._sessions = sessions
         self._context = context
         self._uid = uid
+        self._expires = expires  # when the credentials expire, on trio's clock
         # The client's bytes not handled yet (whole frames are, as they come),
         # from `_inbox_at` on; wsproto sees only the frames of `_on_frames` that
         # are not plain messages, and is made for the first such frame.
@@ -422,9 +454,11 @@ class _Session:
 
     def _log_access(self) -> None:
         request = self._request
+        identity = self._context.identity
         _access.info(
             "websocket session",
             extra={
+                **({} if identity is None else identity.log_fields()),
                 "request_id": self._request_id,
                 "client_ip": self._context.remote_addr,
                 "method": request.method,
@@ -588,7 +622,8 @@ class _Session:
             # about as much as a small message): when its deadline passes, the
             # session may have been active meanwhile, and another period starts.
             # `_begin_close` cancels it.
-            with trio.CancelScope(deadline=self._active_at + idle_timeout) as self._reading:
+            deadline = min(self._active_at + idle_timeout, self._expires)
+            with trio.CancelScope(deadline=deadline) as self._reading:
                 while True:
                     held = self._held
                     if held is not None:
@@ -637,7 +672,10 @@ class _Session:
                         inbox += data
                         self._inbox = inbox
                     self._inbox_at = 0
-            if self.close_code is None and trio.current_time() >= self._active_at + idle_timeout:
+            now = trio.current_time()
+            if self.close_code is None and now >= self._expires:
+                self._begin_close(POLICY, "the session's credentials expired")
+            elif self.close_code is None and now >= self._active_at + idle_timeout:
                 self._begin_close(NORMAL, f"idle for {idle_timeout:g} s")
 
     def _on_frames(self) -> bool:
@@ -780,6 +818,8 @@ class _Session:
                 self._send_error(rejected.error, rejected.seq)
                 return
             command = request.command
+            if not self._identity_admits(command, request.seq):
+                return
             if not self._rate_admits(command, request.seq):
                 return
             deadline = self._received_at + self._timeout(command)
@@ -803,6 +843,8 @@ class _Session:
         except _InvalidFrame as exc:
             log.info("invalid binary frame from a websocket client", extra={"error": str(exc)})
             self._begin_close(POLICY, f"invalid frame: {exc}")
+            return
+        if not self._identity_admits(command, frame.seq):
             return
         if not self._rate_admits(command, frame.seq):
             return
@@ -885,6 +927,26 @@ class _Session:
                 self._begin_close(POLICY, f"message refused by WAF rule {found.rule!r}")
                 return False
             log.warning("waf rule matched a websocket message", extra={"rule": found.rule})
+        return True
+
+    def _identity_admits(self, command: CommandSpec, seq: int) -> bool:
+        """A command with an authenticator is sent only on a session that
+        authenticator verified, holding the command's claims; otherwise the
+        message gets a `forbidden` error (docs/security.md "WebSocket")."""
+        if command.auth is None:
+            return True
+        identity = self._context.identity
+        try:
+            if identity is None or identity.authenticator != command.auth:
+                raise Forbidden(
+                    f"{command.name!r} needs credentials of {command.auth!r}, "
+                    "which this session was not opened with"
+                )
+            if command.claims:
+                self._runtime.auth.check_claims(command.auth, command.claims, identity)
+        except Forbidden as refusal:
+            self._send_error(refusal, seq)
+            return False
         return True
 
     def _rate_admits(self, command: CommandSpec, seq: int) -> bool:

@@ -88,15 +88,16 @@ def reject_bytes(error: GatewayError, request_id: str) -> bytes:
     # Sec-WebSocket-Version tells a client speaking another version what we speak
     # (RFC 6455 4.4); it is harmless on the other refusals.
     body = json.dumps(error_body(error, request_id), ensure_ascii=False).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in error.headers())
     return (
         f"HTTP/1.1 {error.http_status} {_REASONS.get(error.http_status, 'Error')}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        f"Connection: close\r\nX-Request-Id: {request_id}\r\n"
+        f"Connection: close\r\nX-Request-Id: {request_id}\r\n{extra}"
         f"Sec-WebSocket-Version: {WS_VERSION}\r\n\r\n"
     ).encode() + body
 
 
-_REASONS: Final = {400: "Bad Request", 404: "Not Found"}
+_REASONS: Final = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
 
 
 # ---------------------------------------------------------------- frames

@@ -1,0 +1,1 @@
+"""Who the caller is: authenticators, the verified `Identity` (docs/security.md)."""
