@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 60
 
-.PHONY: install browser-deps run test lint fuzz bench clean
+DEMO_KEYS := build/demo-keys/jwks.json
+
+.PHONY: install demo-keys browser-deps run test lint fuzz bench clean
 
 install: $(STAMP)
 
@@ -15,7 +17,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: install
+# The demo's token signing key (build/demo-keys/demo-signing-key.pem, mode 0600)
+# and its public key set (jwks.json, read by commands.yaml's `users`), made once.
+demo-keys: $(DEMO_KEYS)
+
+$(DEMO_KEYS): | $(STAMP)
+	$(BIN)/tlvproxy demo-keys $(dir $(DEMO_KEYS))
+
+run: install demo-keys
 	scripts/run-demo.sh
 
 # Debian's Chromium and ChromeDriver for tests/browser (headless; nothing is downloaded by the tests).
@@ -23,7 +32,7 @@ browser-deps:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update && apt-get install -y chromium chromium-driver)
 
-test: install browser-deps
+test: install demo-keys browser-deps
 	$(BIN)/python -m pytest -q
 
 lint: install

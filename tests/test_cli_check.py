@@ -5,14 +5,30 @@ from __future__ import annotations
 import shutil
 
 from tests.cli import REPO, run_cli
+from tests.fixtures import FIXTURE_TABLE
 
 
 def check(*args, cwd=REPO):
     return run_cli("check", *args, cwd=cwd)
 
 
-def test_demo_table_passes_and_prints_its_routes():
+def test_the_shipped_demo_table_passes():
+    # The one test that reads the shipped commands.yaml (the others read
+    # tests/fixtures/table.yaml): whatever the demo becomes, it must load.
+    keys = REPO / "build" / "demo-keys" / "jwks.json"
+    assert keys.is_file(), f"{keys} is missing: `make demo-keys` (or `make test`) makes it"
     result = check("-c", "commands.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:7]}
+    assert rows["login"][2:4] == ["POST", "/v1/login"]
+    assert rows["send_message"][2:4] == ["POST", "/v1/messages"]
+    assert rows["list_messages"][2:4] == ["GET", "/v1/me/messages"]
+    assert "uid auth.sub" in result.stdout
+
+
+def test_demo_table_passes_and_prints_its_routes():
+    result = check("-c", str(FIXTURE_TABLE))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -42,8 +58,11 @@ def test_demo_table_passes_and_prints_its_routes():
     assert lines[7].startswith("5 commands, table version ")
 
 
-def test_default_table_is_commands_yaml_in_the_working_directory():
-    result = check()
+def test_default_table_is_commands_yaml_in_the_working_directory(tmp_path):
+    shutil.copytree(REPO / "proto", tmp_path / "proto")
+    text = FIXTURE_TABLE.read_text().replace("paths: [../../proto]", "paths: [proto]")
+    (tmp_path / "commands.yaml").write_text(text)
+    result = check(cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "send_message" in result.stdout
 

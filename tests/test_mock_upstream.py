@@ -8,20 +8,27 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jwt
 import pytest
 import trio
+import yaml
 
+from tests.fixtures import FIXTURE_TABLE
 from tests.upstream.rawtlv import PushLog
+from tlvproxy.auth.jwks import parse_key_set
 from tlvproxy.config.loader import load_table
 from tlvproxy.config.model import Address, Table
+from tlvproxy.demo_keys import AUDIENCE, ISSUER, TokenIssuer, make_demo_keys
 from tlvproxy.errors import BadRequest
 from tlvproxy.framing import FLAG_PUSH, FLAG_RESPONSE, Frame
 from tlvproxy.metrics import Metrics
-from tlvproxy.mock_upstream import DEMO_TABLE, serve_mock_upstream
+from tlvproxy.mock_upstream import NO_SIGNING_KEY, serve_mock_upstream
 from tlvproxy.upstream.call import build_request, call_node, parse_address, render_reply
 from tlvproxy.upstream.connection import Connection, SendFailed
 
@@ -33,15 +40,38 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def table() -> Table:
-    return load_table(DEMO_TABLE)
+    return load_table(FIXTURE_TABLE)
 
 
 @asynccontextmanager
-async def mock(table: Table) -> AsyncIterator[Address]:
+async def mock(table: Table, issuer: TokenIssuer | None = None) -> AsyncIterator[Address]:
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(serve_mock_upstream, "127.0.0.1", 0, table)
+        address = await nursery.start(
+            partial(serve_mock_upstream, "127.0.0.1", 0, table, issuer=issuer)
+        )
         yield parse_address(address)
         nursery.cancel_scope.cancel()
+
+
+LOGIN = {
+    "name": "login",
+    "command": 0x1005,
+    "upstream": "im",
+    "request": "demo.im.LoginRequest",
+    "response": "demo.im.LoginResponse",
+    "http": {"method": "POST", "path": "/v1/login"},
+}
+
+
+@pytest.fixture(scope="module")
+def login_table(tmp_path_factory: pytest.TempPathFactory) -> Table:
+    """The tests' demo table with the demo's `login` command added."""
+    document = yaml.safe_load(FIXTURE_TABLE.read_text())
+    document["proto"]["paths"] = [str(ROOT / "proto")]
+    document["commands"].append(LOGIN)
+    path = tmp_path_factory.mktemp("login") / "table.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return load_table(path)
 
 
 @asynccontextmanager
@@ -228,7 +258,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_mock_upstream_and_call_as_processes() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "tlvproxy", "mock-upstream", "--listen", "127.0.0.1:0"],
+        [
+            *(sys.executable, "-m", "tlvproxy", "mock-upstream"),
+            *("--listen", "127.0.0.1:0", "-c", str(FIXTURE_TABLE)),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -241,20 +274,20 @@ def test_mock_upstream_and_call_as_processes() -> None:
         address = record["address"]
         assert record["message"] == f"mock upstream listening on {address}"
         assert not address.endswith(":0")
-        echoed = run_cli("call", address, "echo", '{"hello": ["world"]}')
+        echoed = run_cli("call", address, "echo", '{"hello": ["world"]}', "-c", str(FIXTURE_TABLE))
         assert (echoed.returncode, json.loads(echoed.stdout)) == (
             0,
             {"command": "echo", "status": 0, "body": {"hello": ["world"]}},
         )
-        missing = run_cli("call", address, "0x1002", '{"user_id": 0}', "-c", "commands.yaml")
+        missing = run_cli("call", address, "0x1002", '{"user_id": 0}', "-c", str(FIXTURE_TABLE))
         assert (missing.returncode, json.loads(missing.stdout)["status"]) == (1, 2)
-        bad = run_cli("call", address, "nope")
+        bad = run_cli("call", address, "nope", "-c", str(FIXTURE_TABLE))
         assert bad.returncode == 2
         assert "unknown command 'nope'" in bad.stderr
     finally:
         process.terminate()
         process.wait(10)
-    gone = run_cli("call", address, "echo")
+    gone = run_cli("call", address, "echo", "-c", str(FIXTURE_TABLE))
     assert gone.returncode == 3
     assert "upstream_unavailable" in gone.stderr
 
@@ -263,3 +296,71 @@ def test_mock_upstream_refuses_a_bad_listen_address() -> None:
     result = run_cli("mock-upstream", "--listen", "nowhere")
     assert result.returncode == 2
     assert "--listen: expected HOST:PORT" in result.stderr
+
+
+async def test_login_answers_a_token_the_demo_key_set_verifies(
+    login_table: Table, tmp_path: Path
+) -> None:
+    key, key_set = make_demo_keys(tmp_path)
+    async with (
+        mock(login_table, TokenIssuer.from_file(key)) as address,
+        connect(login_table, address) as conn,
+    ):
+        before = int(time.time())
+        answer = await conn.request(0x1005, body(login_table, "login", {"user_id": 5}))
+        after = int(time.time())
+    assert answer.status == 0
+    login = decoded(login_table, "login", answer)
+    assert login["error"] == ""
+    # As the gateway's `users` authenticator will: the kid, then the signature
+    # and claims against the public key set `make demo-keys` writes.
+    header = jwt.get_unverified_header(login["token"])
+    assert header["alg"] == "ES256"
+    found = parse_key_set(key_set.read_text(), ["ES256"]).find(header["kid"], "ES256")
+    assert found is not None
+    claims = jwt.decode(
+        login["token"], found.key, algorithms=["ES256"], audience=AUDIENCE, issuer=ISSUER
+    )
+    assert claims["sub"] == "5"
+    assert before <= claims["iat"] <= after
+    assert claims["exp"] - claims["iat"] == 3600
+    assert int(login["expires_at"]) == claims["exp"] * 1000
+    # Another key set (another `make demo-keys`) does not verify it.
+    _, other = make_demo_keys(tmp_path / "other")
+    (stranger,) = jwt.PyJWKSet.from_json(other.read_text()).keys
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(login["token"], stranger.key, algorithms=["ES256"], audience=AUDIENCE)
+
+
+async def test_login_without_a_signing_key_answers_status_4(login_table: Table) -> None:
+    async with mock(login_table) as address, connect(login_table, address) as conn:
+        answer = await conn.request(0x1005, body(login_table, "login", {"user_id": 5}))
+    assert answer.status == 4
+    assert decoded(login_table, "login", answer) == {
+        "token": "",
+        "expires_at": "0",
+        "error": NO_SIGNING_KEY,
+    }
+    assert "--token-key" in NO_SIGNING_KEY
+
+
+async def test_login_refuses_unknown_users(login_table: Table, tmp_path: Path) -> None:
+    key, _ = make_demo_keys(tmp_path)
+    async with (
+        mock(login_table, TokenIssuer.from_file(key)) as address,
+        connect(login_table, address) as conn,
+    ):
+        for unknown in (0, 1_000_000):
+            request = body(login_table, "login", {"user_id": unknown})
+            missing = await conn.request(0x1005, request)
+            assert (missing.status, missing.body) == (2, b"")
+
+
+def test_mock_upstream_refuses_a_token_key_it_cannot_use(tmp_path: Path) -> None:
+    missing = run_cli("mock-upstream", "--token-key", str(tmp_path / "absent.pem"))
+    assert missing.returncode == 2
+    assert f"--token-key {tmp_path / 'absent.pem'}: No such file or directory" in missing.stderr
+    _, key_set = make_demo_keys(tmp_path)
+    public = run_cli("mock-upstream", "--token-key", str(key_set))
+    assert public.returncode == 2
+    assert "not an unencrypted PEM private key" in public.stderr

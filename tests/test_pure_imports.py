@@ -35,6 +35,7 @@ LATER = (
     "tlvproxy.auth.signatures",
     "tlvproxy.auth.authenticators",
     "tlvproxy.config.auth",
+    "tlvproxy.demo_keys",
 )
 
 

@@ -1,4 +1,4 @@
-"""The command line (SPEC 2): serve, check, call, mock-upstream, openapi.
+"""The command line (SPEC 2): serve, check, call, mock-upstream, demo-keys, openapi.
 
 Owns: argument parsing and exit codes; each sub-command hands off to the module
 that does the work. Must not: hold gateway logic of its own.
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from tlvproxy.config.model import Table
 
 DEFAULT_TABLE = Path("commands.yaml")
+DEFAULT_DEMO_KEYS = Path("build/demo-keys")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +63,25 @@ def _parser() -> argparse.ArgumentParser:
 
     mock = sub.add_parser("mock-upstream", help="run the bundled demo IM service")
     mock.add_argument("--listen", default="127.0.0.1:7001", metavar="HOST:PORT")
+    mock.add_argument(
+        "--token-key",
+        type=Path,
+        metavar="PEM",
+        help="the private key that signs login's demo tokens (made by `tlvproxy demo-keys`)",
+    )
     table_option(mock)
+
+    keys = sub.add_parser(
+        "demo-keys", help="make the demo's token signing key and its public key set"
+    )
+    keys.add_argument(
+        "directory",
+        nargs="?",
+        type=Path,
+        default=DEFAULT_DEMO_KEYS,
+        metavar="DIR",
+        help=f"where to write {{demo-signing-key.pem, jwks.json}} (default: {DEFAULT_DEMO_KEYS})",
+    )
 
     openapi = sub.add_parser("openapi", help="print an OpenAPI 3.1 document of the REST routes")
     table_option(openapi)
@@ -78,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "openapi": _openapi,
         "call": _call,
         "mock-upstream": _mock_upstream,
+        "demo-keys": _demo_keys,
     }
     return handlers[args.command](args)
 
@@ -141,7 +161,20 @@ def _call(args: argparse.Namespace) -> int:
 def _mock_upstream(args: argparse.Namespace) -> int:
     from tlvproxy.mock_upstream import run_mock_upstream
 
-    return run_mock_upstream(args.listen, args.config)
+    return run_mock_upstream(args.listen, args.config, args.token_key)
+
+
+def _demo_keys(args: argparse.Namespace) -> int:
+    from tlvproxy.demo_keys import make_demo_keys
+
+    try:
+        key, key_set = make_demo_keys(args.directory)
+    except OSError as exc:
+        print(f"tlvproxy demo-keys: {args.directory}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"{key}  the private key that signs demo tokens (mode 0600)")
+    print(f"{key_set}  its public key set, for the table's jwt authenticator")
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ names and JSON options. Commands, by their name in the table:
 - `get_profile`: a made-up profile; status 2 (not found) for user 0 or
   any user id from 1,000,000 on.
 - `list_messages`: the user's latest messages (sent or received), `limit` or 20.
+- `login` (`demo.im.LoginRequest`): a DEMO login, no password. Answers a token
+  for `user_id` (`{token, expires_at}`: an ES256 JWT, sub = the user id, valid
+  for an hour) signed with the key of `--token-key` (`tlvproxy.demo_keys`).
+  Without a key: status 4 (unavailable), its `error` saying so; user 0 or any
+  id from 1,000,000 on: status 2.
 - Any other command, or a body that does not decode: status 1, empty body.
 
 Switches for trying failures:
@@ -26,7 +31,7 @@ Switches for trying failures:
 - a `send_message` text of `/status N` answers status N without storing anything;
   a text starting with `/delay MS ` is sent MS milliseconds late.
 Status codes follow the demo table's `status_map`: 1 bad request, 2 not found,
-3 conflict.
+3 conflict, 4 unavailable.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -53,6 +59,7 @@ from tlvproxy.framing import (
 
 if TYPE_CHECKING:
     from tlvproxy.config.model import Table
+    from tlvproxy.demo_keys import TokenIssuer
 
 log = logging.getLogger("tlvproxy.mock_upstream")
 
@@ -61,6 +68,11 @@ HEARTBEAT: Final = 0x0001
 NEW_MESSAGE: Final = 0x2001
 STATUS_BAD_REQUEST: Final = 1
 STATUS_NOT_FOUND: Final = 2
+STATUS_UNAVAILABLE: Final = 4
+NO_SIGNING_KEY: Final = (
+    "the demo upstream has no signing key: start it with --token-key "
+    "build/demo-keys/demo-signing-key.pem (`make run` does)"
+)
 UNKNOWN_USERS_FROM: Final = 1_000_000
 DEFAULT_LIST_LIMIT: Final = 20
 _CREATED_AT: Final = 1_700_000_000_000  # every demo user joined at this unix millisecond
@@ -97,10 +109,12 @@ def _number(value: Any) -> int:
 
 
 class MockService:
-    """The demo IM service over `table` (its framing and codecs)."""
+    """The demo IM service over `table` (its framing and codecs); `issuer`
+    signs the tokens of `login` (None: login answers status 4)."""
 
-    def __init__(self, table: Table) -> None:
+    def __init__(self, table: Table, issuer: TokenIssuer | None = None) -> None:
         self.table = table
+        self.issuer = issuer
         self.layout = table.framing
         self.messages: list[dict[str, Any]] = []
         self._clients: set[_Client] = set()
@@ -181,6 +195,8 @@ class MockService:
             status, answer, delay = self._profile(value)
         elif spec.name == "list_messages":
             status, answer, delay = self._list_messages(value)
+        elif spec.name == "login":
+            status, answer, delay = self._login(value)
         else:
             return STATUS_BAD_REQUEST, b"", 0.0
         try:
@@ -258,24 +274,39 @@ class MockService:
         mine = [m for m in self.messages if user_id in (m["from_uid"], m["to_uid"])]
         return 0, {"messages": mine[-limit:]}, 0.0
 
+    def _login(self, value: Any) -> tuple[int, Any, float]:
+        # A DEMO login: whoever asks gets a token for the user id they name.
+        if self.issuer is None:
+            log.warning("login without a signing key", extra={"error": NO_SIGNING_KEY})
+            return STATUS_UNAVAILABLE, {"error": NO_SIGNING_KEY}, 0.0
+        user_id = _number(_field(value, "user_id"))
+        if user_id == 0 or user_id >= UNKNOWN_USERS_FROM:
+            return STATUS_NOT_FOUND, None, 0.0
+        token, expires_at = self.issuer.issue(user_id, time.time())
+        return 0, {"token": token, "expires_at": expires_at}, 0.0
+
 
 async def serve_mock_upstream(
     host: str,
     port: int,
     table: Table | None = None,
     *,
+    issuer: TokenIssuer | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the demo service on HOST:PORT (port 0: any free port) until cancelled.
 
-    `table` defaults to the bundled demo table. Logs the address it listens on and
-    reports it ("host:port") through `task_status`. Raises OSError if it cannot bind.
+    `table` defaults to the bundled demo table; `issuer` signs `login`'s tokens.
+    Logs the address it listens on and reports it ("host:port") through
+    `task_status`. Raises OSError if it cannot bind.
     """
     if table is None:
         from tlvproxy.config.loader import load_table
 
         table = await trio.to_thread.run_sync(load_table, DEMO_TABLE)
-    service = MockService(table)
+    if issuer is None and table.find_command("login") is not None:
+        log.warning("no --token-key: login answers status 4", extra={"error": NO_SIGNING_KEY})
+    service = MockService(table, issuer)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound_host, bound_port = listeners[0].socket.getsockname()[:2]
     address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
@@ -284,9 +315,10 @@ async def serve_mock_upstream(
     await trio.serve_listeners(service.handle, listeners)
 
 
-def run_mock_upstream(listen: str, table_path: Path) -> int:
+def run_mock_upstream(listen: str, table_path: Path, token_key: Path | None = None) -> int:
     """The whole `tlvproxy mock-upstream`: JSON logs on stdout; returns the exit status."""
     from tlvproxy.config.loader import TableError, load_table
+    from tlvproxy.demo_keys import TokenIssuer
     from tlvproxy.logs import setup_logging
     from tlvproxy.upstream.call import parse_address
 
@@ -296,6 +328,14 @@ def run_mock_upstream(listen: str, table_path: Path) -> int:
     except ValueError as exc:
         print(f"tlvproxy mock-upstream: --listen: {exc}", file=sys.stderr)
         return 2
+    issuer = None
+    if token_key is not None:
+        try:
+            issuer = TokenIssuer.from_file(token_key)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            print(f"tlvproxy mock-upstream: --token-key {token_key}: {reason}", file=sys.stderr)
+            return 2
     try:
         table = load_table(table_path)
     except TableError as exc:
@@ -303,7 +343,7 @@ def run_mock_upstream(listen: str, table_path: Path) -> int:
             print(problem, file=sys.stderr)
         return 1
     try:
-        trio.run(serve_mock_upstream, address.host, address.port, table)
+        trio.run(partial(serve_mock_upstream, address.host, address.port, table, issuer=issuer))
     except OSError as exc:
         print(f"tlvproxy mock-upstream: cannot listen on {listen}: {exc}", file=sys.stderr)
         return 1

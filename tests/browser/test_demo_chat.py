@@ -1,20 +1,27 @@
-"""The web IM demo in a real browser: two users chat through the real gateway.
+"""The web IM demo in a real browser: two users log in and chat through the real
+gateway, and a page cannot read another user's pushes.
 
 Headless Debian Chromium, driven by selenium through Debian's chromedriver
 (`make test` installs both), loads /demo/ from a real `tlvproxy serve` in front
-of a real `tlvproxy mock-upstream`, both started as processes on free ports.
-A screenshot of each page lands in build/test-output/.
+of a real `tlvproxy mock-upstream`, both started as processes on free ports, on
+the shipped demo table (its `users` authenticator reading a key set made for
+the test). A screenshot of each page lands in build/test-output/.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import http.server
 import json
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +32,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
+
+from tlvproxy.demo_keys import make_demo_keys
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +64,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def write_table(directory):
-    """The demo table with free ports and an absolute proto path."""
+@dataclasses.dataclass(frozen=True)
+class Demo:
+    base: str  # http://127.0.0.1:PORT, the gateway's REST, WebSocket and /demo/
+    port: int
+
+
+def write_table(directory, keys):
+    """The shipped demo table with free ports, an absolute proto path, the key set
+    made for this test, and the test's page origins as `allowed_origins`."""
     table = yaml.safe_load((REPO / "commands.yaml").read_text())
     ports = {"http": free_port(), "admin": free_port(), "upstream": free_port()}
     table["listen"] = {
@@ -66,6 +82,17 @@ def write_table(directory):
     table["upstreams"]["im"]["nodes"] = [f"127.0.0.1:{ports['upstream']}"]
     table["proto"]["paths"] = [str(REPO / "proto")]
     assert table["demo"] is True
+    (users,) = table["auth"]
+    assert (users["name"], users["type"]) == ("users", "jwt")
+    users["keys"] = str(keys)
+    websocket = table["websocket"]
+    assert (websocket["auth"], websocket["uid"]) == ("users", "auth.sub")
+    # The shipped table admits the page of `make run`; this gateway's port differs.
+    assert "http://127.0.0.1:8080" in websocket["allowed_origins"]
+    websocket["allowed_origins"] = [
+        f"http://127.0.0.1:{ports['http']}",
+        f"http://localhost:{ports['http']}",
+    ]
     path = directory / "commands.yaml"
     path.write_text(yaml.safe_dump(table, sort_keys=False))
     return path, ports
@@ -100,20 +127,25 @@ def wait_ready(url, processes, logs):
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    """The real mock upstream and gateway on the demo table; yields the HTTP base URL."""
+    """The real mock upstream (signing demo tokens with a key made here, not in
+    build/) and the gateway on the demo table; yields the `Demo`."""
     directory = tmp_path_factory.mktemp("demo")
-    table, ports = write_table(directory)
+    key, key_set = make_demo_keys(directory / "keys")
+    table, ports = write_table(directory, key_set)
     logs = [directory / "upstream.log", directory / "gateway.log"]
     with logs[0].open("w") as upstream_log, logs[1].open("w") as gateway_log:
         upstream = start(
-            ["mock-upstream", "--listen", f"127.0.0.1:{ports['upstream']}", "-c", str(table)],
+            [
+                *("mock-upstream", "--listen", f"127.0.0.1:{ports['upstream']}"),
+                *("--token-key", str(key), "-c", str(table)),
+            ],
             upstream_log,
         )
         gateway = start(["serve", "-c", str(table)], gateway_log)
         processes = [upstream, gateway]
         try:
             wait_ready(f"http://127.0.0.1:{ports['admin']}/readyz", processes, logs)
-            yield f"http://127.0.0.1:{ports['http']}"
+            yield Demo(base=f"http://127.0.0.1:{ports['http']}", port=ports["http"])
         finally:
             for process in reversed(processes):
                 process.terminate()
@@ -149,8 +181,8 @@ def browser(tmp_path):
             driver.quit()
 
 
-def log_in(driver, base, uid, did):
-    driver.get(f"{base}/demo/?uid={uid}&did={did}")
+def log_in(driver, demo, uid, did):
+    driver.get(f"{demo.base}/demo/?uid={uid}&did={did}")
     assert driver.title == "tlvproxy IM demo"
     assert driver.find_element(By.ID, "uid").get_attribute("value") == str(uid)
     driver.find_element(By.ID, "connect").click()
@@ -202,6 +234,15 @@ def sent(driver, text):
     return item
 
 
+def history(driver):
+    """The texts of "My messages" (GET /v1/me/messages with the page's token)."""
+    driver.find_element(By.ID, "load-history").click()
+    WebDriverWait(driver, WAIT).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#history li[data-msg-id], #history li.empty")
+    )
+    return [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#history li")]
+
+
 def test_two_users_chat_through_the_gateway(gateway, browser):
     alice = browser()
     bob = browser()
@@ -234,6 +275,14 @@ def test_two_users_chat_through_the_gateway(gateway, browser):
     assert push["body"]["text"] == greeting
     assert push["body"]["from_uid"] == 1
 
+    # Over REST with the page's bearer token: alice's own messages, both ways.
+    listed = history(alice)
+    assert len(listed) == 2
+    assert listed[0].startswith("1 \u2192 2")
+    assert listed[0].endswith(f": {greeting}")
+    assert listed[1].startswith("2 \u2192 1")
+    assert listed[1].endswith(": hi alice")
+
     OUTPUT.mkdir(parents=True, exist_ok=True)
     assert bob.save_screenshot(str(OUTPUT / "demo-chat.png"))
     assert alice.save_screenshot(str(OUTPUT / "demo-chat-sender.png"))
@@ -243,6 +292,7 @@ def test_two_users_chat_through_the_gateway(gateway, browser):
 def test_get_profile_and_disconnect(gateway, browser):
     page = browser()
     log_in(page, gateway, 7, "tablet")
+    assert history(page) == ["No messages yet."]
     field = page.find_element(By.ID, "profile-uid")
     field.clear()
     field.send_keys("42")
@@ -255,3 +305,146 @@ def test_get_profile_and_disconnect(gateway, browser):
     WebDriverWait(page, WAIT).until(lambda d: status.get_attribute("data-state") == "offline")
     assert "close code 1000" in status.text
     assert page.find_element(By.ID, "send").get_attribute("disabled") is not None
+    # Logged out, the page holds no token any more.
+    assert page.execute_script("return token") is None
+
+
+# ---------------------------------------------------------------- other users' pushes
+
+# Opens a WebSocket from the page it runs in and records what happens to it in
+# `window.probes[name]`: whether it opened, its close code, the messages it got.
+# A probe asks for a profile once open: its first frame tells the upstream whose
+# session it is (as the demo page's first request does).
+PROBE = """
+const [name, url] = arguments;
+window.probes = window.probes || {};
+const record = {opened: false, closed: null, messages: []};
+window.probes[name] = record;
+const socket = new WebSocket(url);
+socket.onopen = () => {
+  record.opened = true;
+  socket.send(JSON.stringify({cmd: "get_profile", seq: 1, body: {user_id: 2}}));
+};
+socket.onmessage = (event) => record.messages.push(JSON.parse(event.data));
+socket.onclose = (event) => { record.closed = event.code; };
+"""
+
+
+def probe(driver, name):
+    return driver.execute_script("return window.probes[arguments[0]]", name)
+
+
+def wait_probe(driver, name, condition, what):
+    WebDriverWait(driver, WAIT).until(
+        lambda d: condition(probe(d, name)), message=f"probe {name}: {what}"
+    )
+    return probe(driver, name)
+
+
+def login_token(demo, uid):
+    """A token for `uid` from POST /v1/login, as any client gets one."""
+    request = urllib.request.Request(
+        f"{demo.base}/v1/login",
+        data=json.dumps({"user_id": uid}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        return json.loads(answer.read())["token"]
+
+
+def handshake_status(port, target, origin=None):
+    """The HTTP status a WebSocket handshake for `target` gets (101 when accepted)."""
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = b""
+        while b"\r\n" not in head:
+            data = sock.recv(4096)
+            assert data, "the gateway closed without answering the handshake"
+            head += data
+    return int(head.split(b" ", 2)[1])
+
+
+def ws_url(demo, **query):
+    return f"ws://127.0.0.1:{demo.port}/ws?{urllib.parse.urlencode(query)}"
+
+
+def test_a_page_cannot_read_another_users_pushes(gateway, browser):
+    alice = browser()
+    bob = browser()
+    log_in(alice, gateway, 11, "alice")
+    log_in(bob, gateway, 12, "bob")
+    own_token = alice.execute_script("return token")
+    assert own_token
+
+    # Alice's page asks for bob's session: its own token with `uid=12` (the
+    # query's uid is not where the session's user comes from any more), and no
+    # token at all.
+    alice.execute_script(PROBE, "as_bob", ws_url(gateway, access_token=own_token, uid=12, did="x"))
+    alice.execute_script(PROBE, "no_token", ws_url(gateway, uid=12, did="y"))
+    as_bob = wait_probe(alice, "as_bob", lambda r: r["messages"], "answers its first request")
+    # The session is alice's: her token's, whatever the query says.
+    assert as_bob["opened"]
+    assert as_bob["messages"][0]["seq"] == 1
+    no_token = wait_probe(alice, "no_token", lambda r: r["closed"] is not None, "is refused")
+    assert (no_token["opened"], no_token["closed"], no_token["messages"]) == (False, 1006, [])
+    assert handshake_status(gateway.port, "/ws?uid=12&did=y") == 401
+
+    send(alice, 12, "for bob only")
+    incoming(bob, "for bob only")
+    send(bob, 11, "for alice")
+    incoming(alice, "for alice")
+    # The probe of the `uid=12` query is a session of user 11: it gets the push
+    # to 11, which was sent after the one to 12, and never the push to 12.
+    as_bob = wait_probe(
+        alice, "as_bob", lambda r: any(m.get("push") for m in r["messages"]), "gets a push"
+    )
+    pushes = [m["body"] for m in as_bob["messages"] if m.get("push")]
+    assert [(p["to_uid"], p["text"]) for p in pushes] == [(11, "for alice")]
+    assert probe(alice, "no_token")["messages"] == []
+
+
+def test_a_page_of_another_origin_cannot_open_a_session(gateway, browser, tmp_path):
+    # Bob's token in the hands of a page of another origin (the same host, another
+    # port: another origin to a browser), served by a second local HTTP server.
+    stolen = login_token(gateway, 12)
+    page = tmp_path / "elsewhere" / "index.html"
+    page.parent.mkdir()
+    page.write_text("<!doctype html><title>elsewhere</title><p>another site</p>\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=page.parent)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        origin = f"http://127.0.0.1:{server.server_address[1]}"
+        elsewhere = browser()
+        elsewhere.get(f"{origin}/index.html")
+        assert elsewhere.title == "elsewhere"
+        elsewhere.execute_script(PROBE, "stolen", ws_url(gateway, access_token=stolen, did="z"))
+        refused = wait_probe(elsewhere, "stolen", lambda r: r["closed"] is not None, "is refused")
+        assert (refused["opened"], refused["closed"], refused["messages"]) == (False, 1006, [])
+        # What the browser does not show the page: the gateway answered 403 for
+        # that Origin; the same token from the demo's own origin is accepted.
+        target = f"/ws?access_token={stolen}&did=z"
+        assert handshake_status(gateway.port, target, origin=origin) == 403
+        assert handshake_status(gateway.port, target, origin=gateway.base) == 101
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+    # And in a browser, on the demo's own origin, the same token opens a session.
+    demo = browser()
+    demo.get(f"{gateway.base}/demo/")
+    demo.execute_script(PROBE, "own_origin", ws_url(gateway, access_token=stolen, did="z"))
+    accepted = wait_probe(demo, "own_origin", lambda r: r["messages"], "answers")
+    assert accepted["opened"]

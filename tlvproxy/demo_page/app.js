@@ -1,5 +1,11 @@
 // The tlvproxy web IM demo: a json-mode WebSocket client (docs/websocket.md).
 // No build step and no libraries: everything here is served by the gateway.
+//
+// Logging in: POST /v1/login {"user_id"} answers a token (a DEMO login: any
+// user id gets one, no password). The token stays in this page's memory only.
+// The WebSocket carries it as ?access_token= (a browser cannot set headers on
+// a WebSocket); REST calls send it as `Authorization: Bearer`. The gateway
+// takes the session's user from the token, so the page never says who it is.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -20,6 +26,8 @@ const ui = {
   profileUid: $("profile-uid"),
   getProfile: $("get-profile"),
   profile: $("profile"),
+  loadHistory: $("load-history"),
+  history: $("history"),
   log: $("log"),
 };
 
@@ -27,6 +35,7 @@ const ui = {
 const WS_PATH = new URLSearchParams(location.search).get("ws") || "/ws";
 
 let socket = null;
+let token = null; // the logged-in user's token, in memory only
 let nextSeq = 1;
 // seq -> what to do with the response (or the per-message error) to that request.
 const pending = new Map();
@@ -43,6 +52,7 @@ function setConnected(connected) {
   ui.disconnect.disabled = !connected;
   ui.send.disabled = !connected;
   ui.getProfile.disabled = !connected;
+  ui.loadHistory.disabled = !connected;
 }
 
 function logFrame(direction, text) {
@@ -132,20 +142,66 @@ function onPush(message) {
   );
 }
 
-function connect(event) {
+// A REST call to the gateway; resolves to the parsed JSON answer, or throws an
+// Error saying what went wrong (the gateway's error body when it sent one).
+async function rest(method, path, body) {
+  const headers = {};
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+  }
+  if (token) {
+    headers["Authorization"] = `Bearer ${token}`;
+  }
+  const answer = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await answer.text();
+  let value = null;
+  try {
+    value = JSON.parse(text);
+  } catch (error) {
+    value = null;
+  }
+  if (!answer.ok) {
+    // The gateway's error body: {"error": {"code", "message", "body"?}}.
+    const error = value && value.error ? value.error : null;
+    const why = error ? `${error.code}: ${error.message}` : text || answer.statusText;
+    const detail = error && error.body && error.body.error ? ` (${error.body.error})` : "";
+    throw new Error(`HTTP ${answer.status}: ${why}${detail}`);
+  }
+  return value;
+}
+
+async function connect(event) {
   event.preventDefault();
   const uid = ui.uid.value.trim();
   const did = ui.did.value.trim();
   if (!ui.loginForm.reportValidity()) {
     return;
   }
+  ui.connect.disabled = true;
+  setStatus(`Logging in as user ${uid}...`, "connecting");
+  let login;
+  try {
+    login = await rest("POST", "/v1/login", { user_id: Number(uid) });
+  } catch (error) {
+    ui.connect.disabled = false;
+    setStatus(`Login failed: ${error.message}`, "error");
+    return;
+  }
+  token = login.token;
+  const until = timeOf(login.expires_at);
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const query = new URLSearchParams({ uid, did });
+  // No uid here: the gateway reads it from the token.
+  const query = new URLSearchParams({ did, access_token: token });
   setStatus(`Connecting as user ${uid}...`, "connecting");
   socket = new WebSocket(`${scheme}//${location.host}${WS_PATH}?${query}`);
   socket.addEventListener("open", () => {
     setConnected(true);
-    setStatus(`Connected as user ${uid} (device ${did}).`, "online");
+    const valid = until ? `; token valid until ${until}` : "";
+    setStatus(`Connected as user ${uid} (device ${did}${valid}).`, "online");
     ui.profileUid.value = uid;
     // Asking for our own profile first also tells the upstream who is on this session.
     request("get_profile", { user_id: Number(uid) }, showProfile);
@@ -154,6 +210,7 @@ function connect(event) {
   socket.addEventListener("close", (closed) => {
     setConnected(false);
     pending.clear();
+    token = null; // logged out: the next log in asks for a new token
     const reason = closed.reason ? `: ${closed.reason}` : "";
     const normal = closed.code === 1000 || closed.code === 1005;
     setStatus(`Disconnected (close code ${closed.code}${reason}).`, normal ? "offline" : "error");
@@ -193,6 +250,34 @@ function sendMessage(event) {
   ui.text.focus();
 }
 
+async function loadHistory() {
+  ui.history.replaceChildren();
+  let answer;
+  try {
+    answer = await rest("GET", "/v1/me/messages?limit=20");
+  } catch (error) {
+    const item = document.createElement("li");
+    item.className = "error";
+    item.textContent = error.message;
+    ui.history.append(item);
+    return;
+  }
+  for (const message of answer.messages) {
+    const item = document.createElement("li");
+    item.dataset.msgId = String(message.msg_id);
+    const when = timeOf(message.sent_at);
+    item.textContent =
+      `${message.from_uid} \u2192 ${message.to_uid}${when ? " at " + when : ""}: ${message.text}`;
+    ui.history.append(item);
+  }
+  if (answer.messages.length === 0) {
+    const item = document.createElement("li");
+    item.className = "empty";
+    item.textContent = "No messages yet.";
+    ui.history.append(item);
+  }
+}
+
 function getProfile(event) {
   event.preventDefault();
   if (!ui.profileForm.reportValidity()) {
@@ -205,6 +290,7 @@ ui.loginForm.addEventListener("submit", connect);
 ui.disconnect.addEventListener("click", () => socket && socket.close(1000, "bye"));
 ui.sendForm.addEventListener("submit", sendMessage);
 ui.profileForm.addEventListener("submit", getProfile);
+ui.loadHistory.addEventListener("click", loadHistory);
 // Log in from the address, e.g. /demo/?uid=1&did=laptop, to open two users quickly.
 const params = new URLSearchParams(location.search);
 if (params.get("uid")) {
