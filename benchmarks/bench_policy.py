@@ -86,6 +86,8 @@ class _Request:
     headers: Mapping[str, str]
     query: Mapping[str, str]
     path_params: Mapping[str, str] = attrs.field(factory=dict)
+    identity: None = None  # no authenticator: the RequestView's identity and numbers
+    numbers: None = None
 
 
 def rate_rules() -> list[RateLimitRule]:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(HERE))
 from shared_target import PROTO, table_text  # noqa: E402  # the launcher's table, exactly
 
 from tlvproxy.app import Runtime  # noqa: E402
+from tlvproxy.auth.authenticators import Authenticators  # noqa: E402
 from tlvproxy.config.loader import load_table  # noqa: E402
 from tlvproxy.framing import NEED_DATA, Frame, FrameDecoder, encode_frame  # noqa: E402
 from tlvproxy.logs import (  # noqa: E402
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
 
     from tlvproxy.config.model import Table
     from tlvproxy.server.http_conn import Response
+    from tlvproxy.upstream.pool import Pool
 
 BODY = (HERE.parent.parent / "shared" / "bench" / "wrk" / "body.json").read_bytes().strip()
 WIRE = (
@@ -115,6 +117,18 @@ def _load(directory: Path, upstream: str, route: str, extra: str = "") -> Table:
     (directory / "bench.proto").write_text(PROTO)
     (directory / "commands.yaml").write_text(table_text(0, upstream, route) + extra)
     return load_table(directory / "commands.yaml")
+
+
+def _runtime(table: Table, pool: Pool, metrics: Metrics) -> Runtime:
+    """The bench table's runtime: no policy, no authenticator (a key set URL is an error)."""
+
+    def no_key_urls(spec: Any) -> Any:
+        raise SystemExit(f"the bench table fetches no key set ({spec.keys})")
+
+    auth = Authenticators({}, metrics, no_key_urls)
+    return Runtime(
+        table=table, pools={"echo": pool}, limiter=RateLimiter(()), waf=Waf(()), auth=auth
+    )
 
 
 async def _echo(stream: trio.SocketStream, layout: object) -> None:
@@ -192,9 +206,7 @@ async def handler_cost(route: str, requests: int, concurrency: int) -> float:
         nursery.start_soon(timer.run)
         nursery.start_soon(access_log.run)
         async with open_pool(table.upstreams["echo"], table.framing, metrics, timer) as pool:
-            runtime = Runtime(
-                table=table, pools={"echo": pool}, limiter=RateLimiter(()), waf=Waf(())
-            )
+            runtime = _runtime(table, pool, metrics)
             handler = RestHandler(lambda: runtime, metrics, access_log, tally)
             request = Request(
                 method="POST",
@@ -257,9 +269,7 @@ async def http_cost(route: str, parser: str, requests: int, concurrency: int) ->
         nursery.start_soon(timer.run)
         nursery.start_soon(access_log.run)
         async with open_pool(table.upstreams["echo"], table.framing, metrics, timer) as pool:
-            runtime = Runtime(
-                table=table, pools={"echo": pool}, limiter=RateLimiter(()), waf=Waf(())
-            )
+            runtime = _runtime(table, pool, metrics)
             handler = RestHandler(lambda: runtime, metrics, access_log, tally)
             errors = error_response_for(lambda: runtime, metrics)
             settings = HttpSettings.from_limits(table.limits, parser)  # type: ignore[arg-type]
