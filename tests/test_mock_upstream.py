@@ -19,6 +19,7 @@ import pytest
 import trio
 import yaml
 
+import tlvproxy
 from tests.fixtures import FIXTURE_TABLE
 from tests.upstream.rawtlv import PushLog
 from tlvproxy.auth.jwks import parse_key_set
@@ -364,3 +365,27 @@ def test_mock_upstream_refuses_a_token_key_it_cannot_use(tmp_path: Path) -> None
     public = run_cli("mock-upstream", "--token-key", str(key_set))
     assert public.returncode == 2
     assert "not an unencrypted PEM private key" in public.stderr
+
+
+async def test_call_sends_the_uid_and_renders_the_reply_like_rest(table: Table) -> None:
+    async with mock(table) as address:
+        send = build_request(table, "send_message", '{"to_uid": 6, "text": "hi"}')
+        sent = render_reply(table, send, await call_node(table, address, send, uid=5))
+        assert sent["status"] == 0
+        assert set(sent["body"]) == {"msg_id", "sent_at"}  # int64s as strings, as REST has them
+        assert isinstance(sent["body"]["msg_id"], str)
+        listing = build_request(table, "list_messages", '{"user_id": 6}')
+        listed = render_reply(table, listing, await call_node(table, address, listing))
+        (message,) = listed["body"]["messages"]
+        assert (message["from_uid"], message["to_uid"], message["text"]) == (5, 6, "hi")
+
+
+def test_version_and_the_uid_option() -> None:
+    version = run_cli("--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"tlvproxy {tlvproxy.__version__}"
+    wide = run_cli("call", "127.0.0.1:1", "echo", "--uid", str(2**32), "-c", str(FIXTURE_TABLE))
+    assert wide.returncode == 2
+    assert "does not fit the header's uid field" in wide.stderr
+    helped = run_cli("call", "--help")
+    assert "example:" in helped.stdout

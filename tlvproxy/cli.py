@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tlvproxy import __version__
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -24,8 +26,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tlvproxy",
         description="REST and WebSocket gateway for TLV-framed binary TCP services.",
+        epilog="`tlvproxy COMMAND --help` describes each command, with examples.",
     )
+    parser.add_argument("--version", action="version", version=f"tlvproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=summary[0].upper() + summary[1:] + ".",
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     def table_option(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -37,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
             help="the table (default: ./commands.yaml)",
         )
 
-    serve = sub.add_parser("serve", help="run the gateway")
+    serve = command("serve", "run the gateway", "tlvproxy serve -c commands.yaml --workers 2")
     table_option(serve)
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes")
     serve.add_argument(
@@ -52,17 +65,37 @@ def _parser() -> argparse.ArgumentParser:
     # Set by the supervisor for the worker processes it starts (SPEC 7 workers).
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
-    check = sub.add_parser("check", help="validate the table and print its routes")
+    check = command(
+        "check",
+        "validate the table, print its warnings and its routes",
+        "tlvproxy check -c commands.yaml",
+    )
     table_option(check)
 
-    call = sub.add_parser("call", help="send one request frame to an upstream node")
+    call = command(
+        "call",
+        "send one request frame to an upstream node and print its reply as JSON",
+        """tlvproxy call 127.0.0.1:7001 send_message '{"to_uid": 2, "text": "hi"}' --uid 1""",
+    )
     call.add_argument("address", metavar="ADDRESS", help="HOST:PORT of the node")
     call.add_argument("cmd", metavar="COMMAND", help="a command name or number (0x1001, 4097)")
     call.add_argument("json", metavar="JSON", nargs="?", default=None, help="the request body")
+    call.add_argument(
+        "--uid", type=int, default=0, metavar="N", help="the header's uid (default: 0)"
+    )
     table_option(call)
 
-    mock = sub.add_parser("mock-upstream", help="run the bundled demo IM service")
-    mock.add_argument("--listen", default="127.0.0.1:7001", metavar="HOST:PORT")
+    mock = command(
+        "mock-upstream",
+        "run the bundled demo IM service (a TLV upstream)",
+        "tlvproxy mock-upstream --listen 127.0.0.1:7001",
+    )
+    mock.add_argument(
+        "--listen",
+        default="127.0.0.1:7001",
+        metavar="HOST:PORT",
+        help="where it listens (default: 127.0.0.1:7001)",
+    )
     mock.add_argument(
         "--token-key",
         type=Path,
@@ -71,8 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     table_option(mock)
 
-    keys = sub.add_parser(
-        "demo-keys", help="make the demo's token signing key and its public key set"
+    keys = command(
+        "demo-keys",
+        "make the demo's token signing key and its public key set",
+        "tlvproxy demo-keys build/demo-keys",
     )
     keys.add_argument(
         "directory",
@@ -83,7 +118,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"where to write {{demo-signing-key.pem, jwks.json}} (default: {DEFAULT_DEMO_KEYS})",
     )
 
-    openapi = sub.add_parser("openapi", help="print an OpenAPI 3.1 document of the REST routes")
+    openapi = command(
+        "openapi",
+        "print an OpenAPI 3.1 document of the table's REST routes",
+        "tlvproxy openapi -c commands.yaml > openapi.json",
+    )
     table_option(openapi)
     return parser
 
@@ -155,7 +194,7 @@ def _openapi(args: argparse.Namespace) -> int:
 def _call(args: argparse.Namespace) -> int:
     from tlvproxy.upstream.call import run_call
 
-    return run_call(args.address, args.cmd, args.json, args.config)
+    return run_call(args.address, args.cmd, args.json, args.config, uid=args.uid)
 
 
 def _mock_upstream(args: argparse.Namespace) -> int:

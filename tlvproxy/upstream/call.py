@@ -21,6 +21,7 @@ import base64
 import ipaddress
 import json
 import sys
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -29,6 +30,7 @@ import trio
 from tlvproxy.config.model import Address
 from tlvproxy.errors import BadRequest, GatewayError, UpstreamTimeout
 from tlvproxy.metrics import Metrics
+from tlvproxy.schema.codec import JSON_CONTENT_TYPE
 from tlvproxy.upstream.connection import Connection, SendFailed
 
 if TYPE_CHECKING:
@@ -133,13 +135,17 @@ async def call_node(table: Table, address: Address, request: CallRequest, *, uid
 
 
 def render_reply(table: Table, request: CallRequest, frame: Frame) -> dict[str, Any]:
-    """The JSON printed for a reply: command, status and the decoded body."""
+    """The JSON printed for a reply: command, status and the decoded body, which
+    for a status-0 reply is the JSON a REST caller gets (defaults included, as
+    the table's `json` options say)."""
     body: Any
     if request.spec is not None:
+        codec = table.codecs[request.spec.name]
         try:
-            body = (
-                table.codecs[request.spec.name].decode_response(frame.body) if frame.body else None
-            )
+            if frame.status == 0 and codec.content_type == JSON_CONTENT_TYPE:
+                body = json.loads(codec.response_json(frame.body))
+            else:
+                body = codec.decode_response(frame.body) if frame.body else None
         except GatewayError as exc:
             return {
                 "command": request.spec.name,
@@ -155,7 +161,9 @@ def render_reply(table: Table, request: CallRequest, frame: Frame) -> dict[str, 
     return {"command": f"0x{frame.command:04x}", "status": frame.status, "body": body}
 
 
-def run_call(address_text: str, command: str, json_text: str | None, table_path: Path) -> int:
+def run_call(
+    address_text: str, command: str, json_text: str | None, table_path: Path, *, uid: int = 0
+) -> int:
     """The whole `tlvproxy call`: prints the reply as JSON; returns the exit status."""
     from tlvproxy.config.loader import TableError, load_table
 
@@ -175,8 +183,12 @@ def run_call(address_text: str, command: str, json_text: str | None, table_path:
     except BadRequest as exc:
         print(f"tlvproxy call: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
+    layout = table.framing
+    if uid and not (layout.has("uid") and 0 <= uid <= layout.field_max("uid")):
+        print(f"tlvproxy call: --uid {uid} does not fit the header's uid field", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        frame = trio.run(call_node, table, address, request)
+        frame = trio.run(partial(call_node, table, address, request, uid=uid))
     except GatewayError as exc:
         print(f"tlvproxy call: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_UNAVAILABLE
