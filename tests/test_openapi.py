@@ -7,14 +7,18 @@ from typing import TYPE_CHECKING
 
 import jsonschema
 import pytest
+import yaml
 from openapi_spec_validator import validate
 
+from tests.auth.keys import jwks, rsa_jwk
 from tests.fixtures import FIXTURE_TABLE
 from tlvproxy.config.loader import load_table
 from tlvproxy.openapi import ERROR_CODES, build_document
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+ROOT = FIXTURE_TABLE.parents[2]
 
 PROTO = """
 syntax = "proto3";
@@ -207,8 +211,9 @@ def test_every_error_status_answers_the_spec_error_body(demo):
     _, document = demo
     responses = document["paths"]["/v1/messages"]["post"]["responses"]
     expected = {400, 403, 404, 405, 408, 413, 429, 431, 500, 502, 503, 504}
-    assert set(ERROR_CODES) == expected
-    # 409 comes from the demo's status_map {3: 409}.
+    assert set(ERROR_CODES) == expected | {401}
+    # 409 comes from the demo's status_map {3: 409}; 401 only for commands with
+    # an authenticator, which the tests' table has none of.
     assert {int(s) for s in responses} == {200, 409} | expected
     components = document["components"]["responses"]
     for status in expected | {409}:
@@ -432,3 +437,40 @@ def test_the_document_is_json_and_stable(demo):
     text = json.dumps(document, sort_keys=True)
     assert json.dumps(build_document(table), sort_keys=True) == text
     assert document["info"]["version"] == table.version
+
+
+def test_the_listener_and_the_authenticators_are_in_the_document(tmp_path):
+    keys = tmp_path / "jwks.json"
+    keys.write_text(jwks(rsa_jwk()))
+    document = yaml.safe_load(FIXTURE_TABLE.read_text())
+    document["proto"]["paths"] = [str(ROOT / "proto")]
+    document["listen"] = {"http": "0.0.0.0:8080"}
+    document["auth"] = [
+        {"name": "users", "type": "jwt", "keys": str(keys)},
+        {"name": "partners", "type": "api_key", "query": "key", "keys": {}},
+    ]
+    for command in document["commands"]:
+        if command["name"] == "send_message":
+            command["auth"] = "users"
+        if command["name"] == "echo":
+            command["auth"] = "partners"
+    path = tmp_path / "commands.yaml"
+    path.write_text(yaml.safe_dump(document))
+    built = build_document(load_table(path))
+    validate(built)
+    assert built["servers"] == [
+        {
+            "url": "http://{host}:8080",
+            "variables": {"host": {"default": "localhost", "description": "the gateway's host"}},
+        }
+    ]
+    assert built["components"]["securitySchemes"] == {
+        "users": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+        "partners": {"type": "apiKey", "in": "query", "name": "key"},
+    }
+    send = built["paths"]["/v1/messages"]["post"]
+    assert send["security"] == [{"users": []}]
+    assert "401" in send["responses"]
+    profile = built["paths"]["/v1/users/{user_id}/profile"]["get"]
+    assert profile["security"] == []
+    assert "401" not in profile["responses"]

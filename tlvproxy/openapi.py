@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from tlvproxy.config.model import ApiKeyAuthSpec, JwtAuthSpec
 from tlvproxy.routing import template_params
 
 if TYPE_CHECKING:
     from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
     from tlvproxy.config.keys import KeyExpr
-    from tlvproxy.config.model import CommandSpec, JsonOptions, Table
+    from tlvproxy.config.model import AuthSpec, CommandSpec, JsonOptions, Table
     from tlvproxy.routing import Route
 
 OPENAPI_VERSION: Final = "3.1.0"
@@ -50,6 +51,7 @@ _BODYLESS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 # SPEC 4.2: every error status and the codes it carries.
 ERROR_CODES: Final[dict[int, tuple[str, ...]]] = {
     400: ("bad_request",),
+    401: ("unauthorized",),
     403: ("forbidden",),
     404: ("route_not_found",),
     405: ("method_not_allowed",),
@@ -64,7 +66,11 @@ ERROR_CODES: Final[dict[int, tuple[str, ...]]] = {
 }
 _ERROR_TEXT: Final = {
     400: "The body is not valid JSON, or a field is unknown or of the wrong type.",
-    403: "A deny WAF rule matched; the message names the rule.",
+    401: (
+        "Credentials missing, malformed, expired or not valid for the command's "
+        "authenticator; see the WWW-Authenticate header."
+    ),
+    403: "A deny WAF rule matched (the message names the rule), or the caller lacks a claim.",
     404: "No route for the path.",
     405: "The path exists for other methods; see the Allow header.",
     408: "The request head or body did not arrive in time.",
@@ -172,11 +178,44 @@ def build_document(table: Table) -> dict[str, Any]:
                 + "."
             ),
         },
+        "servers": [_server(table)],
         "paths": paths,
         "components": {
             "schemas": builder.schemas,
             "responses": builder.responses,
+            "securitySchemes": {name: _security_scheme(spec) for name, spec in table.auth.items()},
         },
+    }
+
+
+def _server(table: Table) -> dict[str, Any]:
+    """The HTTP listener, so that "try it" tools call the gateway, not the admin port.
+
+    A wildcard address is no host to call: the host becomes a variable."""
+    address = table.listen.http
+    if address.host in ("0.0.0.0", "::"):
+        return {
+            "url": f"http://{{host}}:{address.port}",
+            "variables": {"host": {"default": "localhost", "description": "the gateway's host"}},
+        }
+    return {"url": f"http://{address}"}
+
+
+def _security_scheme(spec: AuthSpec) -> dict[str, Any]:
+    """How a caller presents credentials to one authenticator (docs/security.md)."""
+    if isinstance(spec, JwtAuthSpec):
+        place = spec.token_from[0] if spec.token_from else None
+        if place is None or (place.source == "header" and place.name == "authorization"):
+            return {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+        return {"type": "apiKey", "in": place.source, "name": place.name}
+    if isinstance(spec, ApiKeyAuthSpec):
+        return {"type": "apiKey", "in": spec.source.source, "name": spec.source.name}
+    return {
+        "type": "apiKey",
+        "in": "header",
+        "name": "Authorization",
+        "description": 'Signature keyId=...,algorithm="hmac-sha256",headers=...,signature=...; '
+        'see the gateway\'s docs/security.md, "Signed requests".',
     }
 
 
@@ -300,6 +339,11 @@ class _Builder:
         if route.method not in _BODYLESS:
             operation["requestBody"] = self._request_body(command, request, options)
         operation["responses"] = self._responses(command, options)
+        if command.auth is not None:
+            operation["security"] = [{command.auth: []}]
+        else:
+            operation["security"] = []  # public, whatever a default says
+            operation["responses"].pop("401", None)
         return operation
 
     def _describe(self, command: CommandSpec) -> str:
