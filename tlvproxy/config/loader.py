@@ -42,6 +42,7 @@ from tlvproxy.config.model import (
     JwtAuthSpec,
     ProtoSpec,
     RateLimitRule,
+    Readiness,
     Table,
     UpstreamSpec,
     WebSocketSpec,
@@ -67,6 +68,7 @@ _TOP_KEYS: Final = (
     "http_parser",
     "trusted_proxies",
     "shutdown_timeout",
+    "readiness",
     "proto",
     "framing",
     "upstreams",
@@ -254,6 +256,7 @@ class _TableLoader:
             ),
             "trusted_proxies": sections.read_networks(self.r, top.get("trusted_proxies")),
             "shutdown_timeout": r.get(top, "shutdown_timeout", "", parse_duration, 30.0),
+            "readiness": self._readiness(top.get("readiness"), upstreams),
             "proto": self.proto_spec,
             "framing": framing,
             "upstreams": upstreams,
@@ -692,6 +695,27 @@ class _TableLoader:
                 found, "idle_timeout", "websocket", sections.positive_duration, default.idle_timeout
             ),
         )
+
+    def _readiness(self, node: Node | None, upstreams: Mapping[str, UpstreamSpec]) -> Readiness:
+        if node is None:
+            return Readiness()
+        found = self.r.mapping(node, "readiness", ("require_healthy_upstreams",))
+        if found is None or "require_healthy_upstreams" not in found:
+            return Readiness()
+        path = "readiness.require_healthy_upstreams"
+        names: list[str] = []
+        for j, item in enumerate(self.r.sequence(found["require_healthy_upstreams"], path) or []):
+            name = self.r.value(item, join(path, j), nodes.text, "")
+            if name and name not in upstreams:
+                known = ", ".join(upstreams) or "none"
+                self.error(
+                    item,
+                    join(path, j),
+                    f"undefined upstream {name!r} (defined: {known})" + _suggest(name, upstreams),
+                )
+            elif name:
+                names.append(name)
+        return Readiness(require_healthy_upstreams=tuple(names))
 
     def _rate_limits(
         self, node: Node | None, commands: tuple[CommandSpec, ...]

@@ -221,6 +221,13 @@ class WafRule:
     action: Literal["deny", "log"] = "deny"
 
 
+@attrs.frozen(slots=True, kw_only=True)
+class Readiness:
+    """When /readyz says the gateway is ready (docs/operations.md "Readiness")."""
+
+    require_healthy_upstreams: tuple[str, ...] = ()
+
+
 @attrs.frozen(kw_only=True)
 class Table:
     """A whole loaded table: configuration plus what was compiled from it.
@@ -237,6 +244,7 @@ class Table:
     http_parser: Literal["auto", "h11", "httptools"] = "auto"
     trusted_proxies: tuple[Network, ...] = ()
     shutdown_timeout: float = 30.0
+    readiness: Readiness = Readiness()
     proto: ProtoSpec = ProtoSpec()
     framing: HeaderLayout = attrs.field(factory=default_layout)
     upstreams: Mapping[str, UpstreamSpec] = attrs.field(factory=dict)

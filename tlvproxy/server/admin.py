@@ -172,9 +172,11 @@ class AdminHandler:
         if path == "/readyz":
             if refused := self._only_get(method):
                 return refused
-            if self._backend.ready:
-                return _json(200, {"status": "ready"})
-            return _json(503, {"status": "draining"})
+            if not self._backend.ready:
+                return _json(503, {"status": "draining"})
+            if down := self._without_healthy_nodes():
+                return _json(503, {"status": "no healthy node", "upstreams": down})
+            return _json(200, {"status": "ready"})
         if path == "/metrics":
             if refused := self._only_get(method):
                 return refused
@@ -228,6 +230,19 @@ class AdminHandler:
         if method in ("GET", "HEAD"):
             return None
         return _error(405, "method_not_allowed", "use GET", ("Allow", "GET, HEAD"))
+
+    def _without_healthy_nodes(self) -> list[str]:
+        """The upstreams of `readiness.require_healthy_upstreams` that have no
+        healthy node now (docs/operations.md "Readiness")."""
+        required = self._backend.table.readiness.require_healthy_upstreams
+        if not required:
+            return []
+        states = self._backend.upstream_states()
+        return [
+            name
+            for name in required
+            if not any(node.get("healthy") for node in states.get(name, {}).get("nodes", ()))
+        ]
 
     def _authorised(self, request: Request) -> bool:
         token = self._backend.table.admin_token
