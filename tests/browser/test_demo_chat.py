@@ -181,11 +181,21 @@ def browser(tmp_path):
             driver.quit()
 
 
-def log_in(driver, demo, uid, did):
-    driver.get(f"{demo.base}/demo/?uid={uid}&did={did}")
-    assert driver.title == "tlvproxy IM demo"
+def log_in(driver, demo, uid, did, *, from_the_address=True):
+    """Open the demo page as user `uid`: from `?uid=&did=` (the page logs in and
+    connects by itself) or by typing into the form and clicking Connect."""
+    if from_the_address:
+        driver.get(f"{demo.base}/demo/?uid={uid}&did={did}")
+        assert driver.title == "tlvproxy IM demo"
+    else:
+        driver.get(f"{demo.base}/demo/")
+        assert driver.find_element(By.ID, "status").get_attribute("data-state") != "online"
+        for field, value in (("uid", uid), ("did", did)):
+            element = driver.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(str(value))
+        driver.find_element(By.ID, "connect").click()
     assert driver.find_element(By.ID, "uid").get_attribute("value") == str(uid)
-    driver.find_element(By.ID, "connect").click()
     wait = WebDriverWait(driver, WAIT)
     wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "online")
     # The page asks for its own profile on connect; its answer shows the session works.
@@ -291,7 +301,7 @@ def test_two_users_chat_through_the_gateway(gateway, browser):
 
 def test_get_profile_and_disconnect(gateway, browser):
     page = browser()
-    log_in(page, gateway, 7, "tablet")
+    log_in(page, gateway, 7, "tablet", from_the_address=False)
     assert history(page) == ["No messages yet."]
     field = page.find_element(By.ID, "profile-uid")
     field.clear()

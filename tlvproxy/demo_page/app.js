@@ -291,9 +291,11 @@ ui.disconnect.addEventListener("click", () => socket && socket.close(1000, "bye"
 ui.sendForm.addEventListener("submit", sendMessage);
 ui.profileForm.addEventListener("submit", getProfile);
 ui.loadHistory.addEventListener("click", loadHistory);
-// Log in from the address, e.g. /demo/?uid=1&did=laptop, to open two users quickly.
+// Log in and connect from the address, e.g. /demo/?uid=1&did=laptop, to open two
+// users quickly: the form is filled and submitted as if "Connect" were clicked.
 const params = new URLSearchParams(location.search);
 if (params.get("uid")) {
   ui.uid.value = params.get("uid");
   ui.did.value = params.get("did") || ui.did.value;
+  ui.loginForm.requestSubmit();
 }
