@@ -10,6 +10,7 @@ the test). A screenshot of each page lands in build/test-output/.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import http.server
@@ -68,13 +69,19 @@ def free_port():
 class Demo:
     base: str  # http://127.0.0.1:PORT, the gateway's REST, WebSocket and /demo/
     port: int
+    partner_port: int  # where the test serves a page of the origin `cors` lists
 
 
 def write_table(directory, keys):
     """The shipped demo table with free ports, an absolute proto path, the key set
     made for this test, and the test's page origins as `allowed_origins`."""
     table = yaml.safe_load((REPO / "commands.yaml").read_text())
-    ports = {"http": free_port(), "admin": free_port(), "upstream": free_port()}
+    ports = {
+        "http": free_port(),
+        "admin": free_port(),
+        "upstream": free_port(),
+        "partner": free_port(),
+    }
     table["listen"] = {
         "http": f"127.0.0.1:{ports['http']}",
         "admin": f"127.0.0.1:{ports['admin']}",
@@ -93,6 +100,9 @@ def write_table(directory, keys):
         f"http://127.0.0.1:{ports['http']}",
         f"http://localhost:{ports['http']}",
     ]
+    # REST calls from one other page, the partner's (the shipped demo needs none).
+    assert table.get("cors") is None
+    table["cors"] = {"origins": [f"http://127.0.0.1:{ports['partner']}"], "max_age": "1m"}
     path = directory / "commands.yaml"
     path.write_text(yaml.safe_dump(table, sort_keys=False))
     return path, ports
@@ -145,7 +155,11 @@ def gateway(tmp_path_factory):
         processes = [upstream, gateway]
         try:
             wait_ready(f"http://127.0.0.1:{ports['admin']}/readyz", processes, logs)
-            yield Demo(base=f"http://127.0.0.1:{ports['http']}", port=ports["http"])
+            yield Demo(
+                base=f"http://127.0.0.1:{ports['http']}",
+                port=ports["http"],
+                partner_port=ports["partner"],
+            )
         finally:
             for process in reversed(processes):
                 process.terminate()
@@ -458,3 +472,65 @@ def test_a_page_of_another_origin_cannot_open_a_session(gateway, browser, tmp_pa
     demo.execute_script(PROBE, "own_origin", ws_url(gateway, access_token=stolen, did="z"))
     accepted = wait_probe(demo, "own_origin", lambda r: r["messages"], "answers")
     assert accepted["opened"]
+
+
+# ---------------------------------------------------------------- CORS
+
+# fetch() from the page it runs in; reports the status, the JSON body and the
+# X-Request-Id the page can read, or the error when the browser blocks it.
+FETCH = """
+const [url, options, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
+fetch(url, options).then(
+    async (answer) => done({
+        status: answer.status,
+        body: await answer.json(),
+        requestId: answer.headers.get("X-Request-Id"),
+    }),
+    (error) => done({error: String(error)}),
+);
+"""
+
+
+@contextlib.contextmanager
+def page_server(directory, port):
+    """A second local web server (another origin to a browser) serving one page."""
+    directory.mkdir()
+    (directory / "index.html").write_text("<!doctype html><title>partner</title><p>hi</p>\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+
+def test_a_listed_origin_calls_rest_routes_and_another_cannot(gateway, browser, tmp_path):
+    token = login_token(gateway, 21)
+    with page_server(tmp_path / "partner", gateway.partner_port) as partner:
+        page = browser()
+        page.get(f"{partner}/index.html")
+        profile = page.execute_async_script(FETCH, f"{gateway.base}/v1/users/3/profile", {})
+        assert profile["status"] == 200, profile
+        assert profile["body"]["user_id"] == 3
+        assert profile["requestId"]  # exposed to the page
+        # JSON and a bearer token: a preflighted call, answered before routing.
+        sent = page.execute_async_script(
+            FETCH,
+            f"{gateway.base}/v1/messages",
+            {
+                "method": "POST",
+                "headers": {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+                "body": json.dumps({"to_uid": 22, "text": "from the partner's page"}),
+            },
+        )
+        assert sent["status"] == 200, sent
+        assert sent["body"]["msg_id"]
+    with page_server(tmp_path / "stranger", 0) as stranger:
+        other = browser()
+        other.get(f"{stranger}/index.html")
+        blocked = other.execute_async_script(FETCH, f"{gateway.base}/v1/users/3/profile", {})
+        assert "error" in blocked, blocked  # the browser hides the answer from the page

@@ -329,3 +329,28 @@ def test_rsa_key_object_is_what_the_tests_sign_with():
     # Guards the fixtures: the JWK the tables carry is RSA_KEY's public half.
     assert rsa_jwk()["n"]
     assert RSA_KEY.key_size == 2048
+
+
+def test_cors_loads_with_its_defaults(workdir):
+    table = load(workdir, HEAD, SEND, "cors: {origins: [HTTPS://Partner.example], max_age: 1m}\n")
+    assert table.cors is not None
+    assert table.cors.origins == ("https://partner.example",)
+    assert table.cors.methods == ("GET", "POST", "PUT", "PATCH", "DELETE")
+    assert table.cors.max_age == 60
+    assert not table.cors.credentials
+    assert load(workdir, HEAD, SEND, "cors: null\n").cors is None
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        ('cors: {origins: ["*"], credentials: true}\n', "cors.credentials", "list the origins"),
+        ("cors: {origins: [https://a.example/x]}\n", "cors.origins[0]", "no path"),
+        ("cors: {origins: [https://a.example], methods: [TRACE]}\n", "cors.methods[0]", "TRACE"),
+        ("cors: {origins: [https://a.example], headers: [a b]}\n", "cors.headers[0]", "header"),
+        ("cors: {methods: [GET]}\n", "cors.origins", "required key is missing"),
+    ],
+)
+def test_cors_mistakes_are_located(workdir, text, where, message):
+    found = problems(workdir, HEAD, SEND, text)
+    assert any(f": {where}: " in line and message in line for line in found), found

@@ -615,7 +615,8 @@ def test_fields_must_name_request_fields(workdir):
         ),
         ("commands: [{command: 1}]\n", "1:12", "commands[0].name: required key is missing"),
         (
-            "upstreams: {im: {nodes: [127.0.0.1:1]}}\nreadiness: {require_healthy_upstreams: [imm]}\n",
+            "upstreams: {im: {nodes: [127.0.0.1:1]}}\n"
+            "readiness: {require_healthy_upstreams: [imm]}\n",
             "2:41",
             "readiness.require_healthy_upstreams[0]: undefined upstream 'imm' (defined: im);"
             " did you mean 'im'?",

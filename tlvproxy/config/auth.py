@@ -1,8 +1,9 @@
-"""Reading the `auth` section and `default_auth` (docs/configuration.md "auth").
+"""Reading the `auth` section, `default_auth` and `cors` (docs/configuration.md
+"auth" and "cors"): who may call, and from which pages.
 
 Owns: what each authenticator type accepts (`jwt`, `api_key`, `hmac`), reading
-a `jwt` key file (and checking it parses) and `env.NAME` secrets, and the
-claims a command may require.
+a `jwt` key file (and checking it parses) and `env.NAME` secrets, the claims a
+command may require, and the origins of `allowed_origins` and `cors`.
 Must not: verify anything or fetch a key set URL; `tlvproxy.auth` does that
 with what is read here.
 """
@@ -16,7 +17,13 @@ from typing import TYPE_CHECKING, Any, Final
 from tlvproxy.auth.jwks import ALGORITHMS, parse_key_set
 from tlvproxy.config import nodes
 from tlvproxy.config.keys import KeyExpr
-from tlvproxy.config.model import ApiKeyAuthSpec, ApiKeyEntry, HmacAuthSpec, JwtAuthSpec
+from tlvproxy.config.model import (
+    ApiKeyAuthSpec,
+    ApiKeyEntry,
+    CorsSpec,
+    HmacAuthSpec,
+    JwtAuthSpec,
+)
 from tlvproxy.config.nodes import Invalid, Node, NodeReader, join
 from tlvproxy.config.sections import key_expr, positive_duration
 from tlvproxy.units import parse_duration
@@ -127,6 +134,69 @@ def origins(r: NodeReader, node: Node, path: str) -> tuple[str, ...]:
         if origin is not None:
             result.append(origin)
     return tuple(result)
+
+
+_CORS_KEYS: Final = ("origins", "methods", "headers", "expose_headers", "credentials", "max_age")
+_CORS_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 5.1)
+
+
+def read_cors(r: NodeReader, node: Node | None) -> CorsSpec | None:
+    """`cors`: None (off) when absent or null."""
+    if node is None or node.tag.endswith(":null"):
+        return None
+    found = r.mapping(node, "cors", _CORS_KEYS, ("origins",))
+    if found is None or "origins" not in found:
+        return None
+    default = CorsSpec(origins=())
+    listed = r.sequence(found["origins"], "cors.origins") or []
+    anyone = len(listed) == 1 and r.value(listed[0], "cors.origins[0]", lambda v: v, None) == "*"
+    cors_origins = ("*",) if anyone else origins(r, found["origins"], "cors.origins")
+    credentials = r.get(found, "credentials", "cors", nodes.boolean, False)
+    if anyone and credentials:
+        r.error(
+            found["credentials"],
+            "cors.credentials",
+            'browsers refuse credentials with origins ["*"]: list the origins',
+        )
+    return CorsSpec(
+        origins=cors_origins,
+        methods=_names(r, found.get("methods"), "cors.methods", _cors_method, default.methods),
+        headers=_names(r, found.get("headers"), "cors.headers", _header_name, default.headers),
+        expose_headers=_names(
+            r,
+            found.get("expose_headers"),
+            "cors.expose_headers",
+            _header_name,
+            default.expose_headers,
+        ),
+        credentials=credentials,
+        max_age=r.get(found, "max_age", "cors", _leeway, default.max_age),
+    )
+
+
+def _names(
+    r: NodeReader, node: Node | None, path: str, convert: Any, default: tuple[str, ...]
+) -> tuple[str, ...]:
+    if node is None:
+        return default
+    return tuple(
+        name
+        for j, item in enumerate(r.sequence(node, path) or [])
+        if (name := r.value(item, join(path, j), convert, ""))
+    )
+
+
+def _cors_method(value: Any) -> str:
+    if value not in _CORS_METHODS:
+        raise Invalid(f"expected one of {', '.join(_CORS_METHODS)}; got {value!r}")
+    return str(value)
+
+
+def _header_name(value: Any) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise Invalid(f"expected a header name, got {value!r}")
+    return value.lower()
 
 
 # ---------------------------------------------------------------- each type

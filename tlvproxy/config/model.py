@@ -222,6 +222,18 @@ class WafRule:
 
 
 @attrs.frozen(slots=True, kw_only=True)
+class CorsSpec:
+    """Cross-origin REST calls from browser pages (docs/configuration.md "cors")."""
+
+    origins: tuple[str, ...]  # exact origins; ("*",) for any page (never with credentials)
+    methods: tuple[str, ...] = ("GET", "POST", "PUT", "PATCH", "DELETE")
+    headers: tuple[str, ...] = ("authorization", "content-type", "x-request-id")
+    expose_headers: tuple[str, ...] = ("x-request-id", "retry-after", "www-authenticate")
+    credentials: bool = False
+    max_age: float = 600.0
+
+
+@attrs.frozen(slots=True, kw_only=True)
 class Readiness:
     """When /readyz says the gateway is ready (docs/operations.md "Readiness")."""
 
@@ -245,6 +257,7 @@ class Table:
     trusted_proxies: tuple[Network, ...] = ()
     shutdown_timeout: float = 30.0
     readiness: Readiness = Readiness()
+    cors: CorsSpec | None = None
     proto: ProtoSpec = ProtoSpec()
     framing: HeaderLayout = attrs.field(factory=default_layout)
     upstreams: Mapping[str, UpstreamSpec] = attrs.field(factory=dict)

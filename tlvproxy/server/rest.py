@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from tlvproxy.config.keys import parse_number
@@ -33,6 +34,7 @@ from tlvproxy.errors import (
     status_of,
 )
 from tlvproxy.logs import access_record
+from tlvproxy.server import cors
 from tlvproxy.server.http_conn import Answer, Request, Response
 from tlvproxy.server.runtime import TableRuntime
 from tlvproxy.server.static import demo_response
@@ -41,7 +43,7 @@ from tlvproxy.server.view import RequestContext, client_address
 if TYPE_CHECKING:
     from tlvproxy.auth.identity import Identity
     from tlvproxy.config.keys import KeyExpr
-    from tlvproxy.config.model import CommandSpec
+    from tlvproxy.config.model import CommandSpec, CorsSpec
     from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics, RequestTally
     from tlvproxy.server.access_log import AccessLog
@@ -121,6 +123,13 @@ class RestHandler:
             answer.set(page)
             return
         exchange = _Exchange(self, runtime, request, answer)
+        if table.cors is not None and (origin := request.header("origin")) is not None:
+            # A browser page of another origin (docs/configuration.md "cors").
+            asked = request.header("access-control-request-method")
+            if request.method == "OPTIONS" and asked is not None:
+                exchange.preflight(table.cors, origin, asked)
+                return
+            exchange.cors = cors.answer_headers(table.cors, origin)
         try:
             assert table.router is not None  # the loader always builds one
             # The WAF sees every request, routed or not: probes of unknown paths
@@ -215,6 +224,7 @@ class _Exchange:
         "answer",
         "client_ip",
         "command",
+        "cors",
         "handler",
         "identity",
         "request",
@@ -240,6 +250,7 @@ class _Exchange:
         self.command: CommandSpec | None = None
         self.identity: Identity | None = None
         self.timeout = 0.0
+        self.cors: list[tuple[str, str]] | None = None  # headers for a cross-origin page
 
     def on_reply(self, frame: Frame, node: str) -> None:
         command = self.command
@@ -269,7 +280,19 @@ class _Exchange:
             body=_dumps(error_body(GatewayError("internal error"), self.request_id)),
         )
 
+    def preflight(self, spec: CorsSpec, origin: str, method: str) -> None:
+        """Answer a CORS preflight: 204 with what the page may send, or 403."""
+        try:
+            headers = cors.preflight_headers(spec, origin, method)
+        except Forbidden as refused:
+            self.on_error(refused, None)
+            return
+        headers.append(("X-Request-Id", self.request_id))
+        self._finish(Response(status=204, headers=headers, checked=True), None, None)
+
     def _finish(self, response: Response, node: str | None, upstream_status: int | None) -> None:
+        if self.cors is not None:
+            response = attrs.evolve(response, headers=[*response.headers, *self.cors])
         request = self.request
         command = self.command
         handler = self.handler
