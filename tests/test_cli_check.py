@@ -93,7 +93,8 @@ def test_broken_table_fails_with_every_error_on_stderr(tmp_path):
         "bad.yaml:1:16: listen.http: expected HOST:PORT, got 'localhost'",
         "bad.yaml:2:10: workers: expected a number between 1 and 1024, got -1",
         "bad.yaml:3:1: unknown_section: unknown key (expected one of: listen, admin_token,"
-        " workers, http_parser, trusted_proxies, shutdown_timeout, readiness, proto, framing,"
+        " workers, http_parser, trusted_proxies, shutdown_timeout, readiness, cors, proto,"
+        " framing,"
         " upstreams,"
         " commands, json, status_map, envelope, websocket, limits, rate_limits, waf, auth,"
         " default_auth, demo)",

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tlvproxy.config.model import Address
+from tlvproxy.config.model import Address, Readiness
 from tlvproxy.server.admin import AdminHandler, content_type_is_json, host_allowed
 from tlvproxy.server.http_conn import Request
 
@@ -167,7 +167,7 @@ class Backend:
     """The two attributes the guards and the probes read; counts reloads."""
 
     def __init__(self, token: str | None) -> None:
-        self.table = SimpleNamespace(admin_token=token)
+        self.table = SimpleNamespace(admin_token=token, readiness=Readiness())
         self.ready = True
         self.reloads = 0
 
