@@ -126,7 +126,18 @@ class NoHealthyNode(UpstreamUnavailable):
 
 
 class UpstreamProtocolError(GatewayError):
+    """An upstream body the gateway cannot answer with; `reason` labels the
+    tlvproxy_frames_rejected_total count."""
+
     code, http_status, ws_close = "upstream_protocol_error", 502, 1011
+    reason: ClassVar[str] = "undecodable_body"
+
+
+class AnswerTooLarge(UpstreamProtocolError):
+    """An upstream body whose JSON form would be over the bound on what one
+    answer may expand to (docs/reference.md "Answers too large to render")."""
+
+    reason = "answer_too_large"
 
 
 class ShuttingDown(GatewayError):

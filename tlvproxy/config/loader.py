@@ -49,7 +49,13 @@ from tlvproxy.config.model import (
 )
 from tlvproxy.config.nodes import Invalid, Node, NodeReader, join
 from tlvproxy.routing import InvalidTemplate, Router, parse_template, route_problems
-from tlvproxy.schema.codec import CommandCodec, JsonCodec, ProtobufCodec, RawCodec
+from tlvproxy.schema.codec import (
+    RENDER_FACTOR,
+    CommandCodec,
+    JsonCodec,
+    ProtobufCodec,
+    RawCodec,
+)
 from tlvproxy.schema.protos import Schema, SchemaError, compile_schema
 from tlvproxy.units import parse_duration, parse_rate
 
@@ -278,7 +284,7 @@ class _TableLoader:
         if schema is None or self.r.problems or self.schema_problems:
             return Table(**table_kwargs)
         table_kwargs["schema"] = schema
-        table_kwargs["codecs"] = _codecs(commands, json_options, schema)
+        table_kwargs["codecs"] = _codecs(commands, json_options, schema, framing.max_body)
         table_kwargs["router"] = Router.build(commands)
         digest = hashlib.sha256(self.text.encode("utf-8"))
         digest.update(schema.digest.encode("ascii"))
@@ -827,7 +833,7 @@ def _template_params(template: str) -> list[str]:
 
 
 def _codecs(
-    commands: tuple[CommandSpec, ...], options: JsonOptions, schema: Schema
+    commands: tuple[CommandSpec, ...], options: JsonOptions, schema: Schema, max_body: int
 ) -> dict[str, CommandCodec]:
     json_codec = JsonCodec()
     raw_codec = RawCodec()
@@ -846,6 +852,9 @@ def _codecs(
                 schema.message_class(response),
                 command.json or options,
                 schema,
+                # What one answer may expand to (docs/reference.md "Answers too
+                # large to render").
+                max_rendered=RENDER_FACTOR * max_body,
             )
     return codecs
 

@@ -1,17 +1,22 @@
-"""The WAF: a table's regex rules -> which rules match a request or message (SPEC 4.4).
+"""The WAF: a table's regex rules -> which rules match a request or message.
 
-Owns: scanning the decoded path, raw query, body and header values of a REST
-request, or a WebSocket text message, against the `waf` rules. It re-exports
-`catastrophic_reason` (from `regexes.py`), the check `tlvproxy check` uses to
-refuse a pattern whose backtracking is obviously exponential.
+Owns: what the rules see of a REST request or a WebSocket text message (the
+raw texts and, where decoding changes them, their decoded views: query names
+and values percent-decoded, JSON strings unescaped), and scanning those texts
+against the `waf` rules. It re-exports `catastrophic_reason` (from
+`regexes.py`), the check `tlvproxy check` uses to refuse a pattern whose
+backtracking is obviously exponential.
 Must not: answer, log or count. The caller turns a `deny` match into 403
 `forbidden` (close 1008 on WebSocket) and a `log` match into a log line.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import unquote_plus
 
 import attrs
 
@@ -32,7 +37,21 @@ _REQUEST_LOCATIONS: tuple[WafLocation, ...] = ("path", "query", "body", "headers
 # The characters CPython's case-insensitive matching equates with an ASCII letter
 # although str.lower() does not (re._compiler's equivalences; checked by a test
 # over every code point): folded before looking for a rule's required literals.
-_FOLD_TO_ASCII = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+_FOLD_TO_ASCII = (("\u0130", "i"), ("\u0131", "i"), ("\u017f", "s"), ("\u212a", "k"))
+# A JSON string from its opening quote: the group is its content, escapes and
+# all. Possessive, and the closing quote optional (an unterminated string runs
+# to the end), so it matches wherever a quote is: `findall` reads each
+# character once, whatever the text (no retry from every quote of `"\"\"\"...`).
+_JSON_STRING = re.compile(r'"([^"\\]*+(?:\\.[^"\\]*+)*+)"?', re.DOTALL)
+# A JSON escape (group 1), or the lone backslash of an escape JSON refuses:
+# splitting on it and joining the parts keeps the first and drops the backslash
+# of the others (`\x` -> `x`, `\u12` -> `u12`), all in C.
+_ESCAPE_OR_BACKSLASH = re.compile(r'(\\(?:u[0-9a-fA-F]{4}|["\\/bfnrt]))|\\')
+# JSON strings as the json module reads them, control characters allowed.
+_JSON_TEXT = json.JSONDecoder(strict=False)
+# The first bytes of a body JSON would read as UTF-16 or UTF-32 (json.detect_encoding):
+# a byte-order mark, or a NUL in the first two bytes.
+_WIDE_STARTS = (b"\x00", b"\xfe", b"\xff")
 
 
 @attrs.frozen(slots=True)
@@ -62,24 +81,25 @@ class _CompiledRule:
 class Waf:
     """A table's `waf` rules, ready to scan requests and messages.
 
+    What a rule sees (docs/configuration.md `waf`): the texts the request is
+    made of as received, and, where decoding changes them, their decoded
+    views, each a text of its own: every query name and value percent-decoded
+    (`+` as a space), and every string (key or value) of a body or message
+    read as JSON, unescaped. A view is built only when the raw text holds
+    what decoding changes (`%` or `+` in the query, a backslash in a body),
+    so the usual request costs a few substring searches more. Every byte of a
+    body is scanned, and the decoded views are at most as long as the raw
+    text: the cost is linear in the size of the request.
+
     Before a rule's regex runs, the literals it cannot match without (such as
     `union` and `select` in `(?i)union\\s+select`) are looked for with `str`'s
-    substring search, which is far cheaper than the regex engine; a text lacking
-    one cannot match, so the verdict is exactly the regex's.
-
-    Bodies: at most `max_scan_bytes` of a body or message are scanned, its first
-    and last `max_scan_bytes // 2` bytes when it is longer. This bounds the time a
-    large body costs (with 50 rules and the default 64 KiB, about 2 ms per
-    maximal body: benchmarks/bench_policy.py); a probe buried in the middle of a
-    body longer than `max_scan_bytes` is not seen. The loader rejects patterns
-    whose backtracking is obviously exponential (`catastrophic_reason`).
+    substring search, over the raw texts and the views together, which is far
+    cheaper than the regex engine; a text lacking one cannot match, so the
+    verdict is exactly the regex's. The loader rejects patterns whose
+    backtracking is obviously exponential (`catastrophic_reason`).
     """
 
-    def __init__(self, rules: Sequence[WafRule], *, max_scan_bytes: int = 64 * 1024) -> None:
-        """Raises ValueError if `max_scan_bytes` is below 2."""
-        if max_scan_bytes < 2:
-            raise ValueError(f"max_scan_bytes must be >= 2, got {max_scan_bytes}")
-        self.max_scan_bytes = max_scan_bytes
+    def __init__(self, rules: Sequence[WafRule]) -> None:
         # Deny rules first, so a caller that stops at the first match stops at a deny.
         ordered = sorted(enumerate(rules), key=lambda item: item[1].action != "deny")
         self._rules = tuple(
@@ -109,18 +129,19 @@ class Waf:
     ) -> list[WafMatch]:
         """Every rule matching this REST request, `deny` rules first, each once.
 
-        `path` is the decoded path, `query` the raw query string, `body` the raw
-        body (decoded as UTF-8, invalid bytes replaced, within `max_scan_bytes`)
-        and `headers` (name, value) pairs whose values are scanned one by one.
+        `path` is the percent-decoded path, `query` the raw query string, `body`
+        the raw body and `headers` (name, value) pairs whose values are scanned
+        one by one. The query and body are also scanned decoded (`query_views`,
+        `body_views`).
         """
         by_location = self._by_location
         texts: list[tuple[WafLocation, tuple[str, ...]]] = []
         if by_location["path"].rules:
             texts.append(("path", (path,)))
         if by_location["query"].rules:
-            texts.append(("query", (query,)))
+            texts.append(("query", query_views(query)))
         if by_location["body"].rules:
-            texts.append(("body", self._body_parts(body)))
+            texts.append(("body", body_views(body)))
         if by_location["headers"].rules and headers:
             texts.append(("headers", tuple(value for _, value in headers)))
         if not texts:
@@ -148,26 +169,16 @@ class Waf:
     def inspect_message(self, text: str) -> list[WafMatch]:
         """Every rule with `body` in its `in` matching a WebSocket text message.
 
-        Like a body, at most `max_scan_bytes` characters of it are scanned.
+        The whole message is scanned, and, like a body, each of its JSON strings
+        unescaped when it holds a backslash (`message_views`).
         """
         rules = self._by_location["body"]
         if not rules.rules:
             return []
         found: dict[int, str] = {}
-        limit = self.max_scan_bytes
-        parts = (text,) if len(text) <= limit else (text[: limit // 2], text[-(limit // 2) :])
-        rules.scan("body", parts, "\n".join(parts), found)
+        parts = message_views(text)
+        rules.scan("body", parts, text if len(parts) == 1 else "\n".join(parts), found)
         return self._matches(found)
-
-    def _body_parts(self, body: bytes) -> tuple[str, ...]:
-        limit = self.max_scan_bytes
-        if len(body) <= limit:
-            return (body.decode("utf-8", errors="replace"),)
-        half = limit // 2
-        return (
-            body[:half].decode("utf-8", errors="replace"),
-            body[-half:].decode("utf-8", errors="replace"),
-        )
 
     def _matches(self, found: dict[int, str]) -> list[WafMatch]:
         if not found:
@@ -177,6 +188,71 @@ class Waf:
             for c in self._rules
             if c.index in found
         ]
+
+
+# ------------------------------------------------------------ what rules see
+
+
+def query_views(query: str) -> tuple[str, ...]:
+    """The raw query string, then each name and value that percent-decoding
+    changes, decoded as the gateway reads them (`+` as a space, UTF-8, invalid
+    bytes replaced; fields split at `&`, a name from its value at the first `=`)."""
+    if "%" not in query and "+" not in query:
+        return (query,)
+    views = [query]
+    for field in query.split("&"):
+        if "%" in field or "+" in field:
+            parts = field.split("=", 1)
+            views.extend(unquote_plus(raw) for raw in parts if "%" in raw or "+" in raw)
+    return tuple(views)
+
+
+def body_views(body: bytes) -> tuple[str, ...]:
+    """The body as text (UTF-8, invalid bytes replaced); the body as UTF-16 or
+    UTF-32 when its first bytes say so, as a JSON parser reads it; then each
+    JSON string of those that holds an escape, unescaped (`json_strings`)."""
+    texts = [body.decode("utf-8", errors="replace")]
+    if body[:1] in _WIDE_STARTS or body[1:2] == b"\x00":
+        encoding = json.detect_encoding(body)
+        if not encoding.startswith("utf-8"):
+            texts.append(body.decode(encoding, errors="replace"))
+    views = list(texts)
+    for text in texts:
+        if "\\" in text:
+            views.extend(json_strings(text))
+    return tuple(views)
+
+
+def message_views(text: str) -> tuple[str, ...]:
+    """A WebSocket text message, then each of its JSON strings that holds an
+    escape, unescaped."""
+    if "\\" not in text:
+        return (text,)
+    return (text, *json_strings(text))
+
+
+def json_strings(text: str) -> list[str]:
+    """Each string (object key or value) of `text` read as JSON that holds an
+    escape, unescaped; strings without one are in `text` as they are.
+
+    Strings are found from each opening quote to its closing one, so in JSON
+    text exactly its strings are found (outside them JSON has no quote); in
+    other text, whatever lies between quotes. An escape JSON refuses (`\\x`,
+    `\\u12`) is read leniently, as the character after the backslash. Linear
+    in `len(text)`: one regex pass finds the strings, one JSON parse decodes
+    them all.
+    """
+    escaped = [content for content in _JSON_STRING.findall(text) if "\\" in content]
+    if not escaped:
+        return []
+    array = '["' + '","'.join(escaped) + '"]'
+    try:
+        decoded: list[str] = _JSON_TEXT.decode(array)
+    except ValueError:
+        # Only valid escapes are left after this, so the array is valid JSON.
+        lenient = "".join(filter(None, _ESCAPE_OR_BACKSLASH.split(array)))
+        decoded = _JSON_TEXT.decode(lenient)
+    return decoded
 
 
 # A rule and the literal requirements it has left to check.
@@ -271,6 +347,9 @@ class _AnchorIndex:
 def _fold(text: str) -> str:
     """`text` case-folded so that an ASCII literal occurs in it wherever a
     case-insensitive regex could match that literal."""
-    if text.isascii():
-        return text.lower()
-    return text.translate(_FOLD_TO_ASCII).lower()
+    if not text.isascii():
+        # A few substring searches: far cheaper than str.translate on long text.
+        for char, ascii_letter in _FOLD_TO_ASCII:
+            if char in text:
+                text = text.replace(char, ascii_letter)
+    return text.lower()

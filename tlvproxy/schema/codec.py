@@ -43,7 +43,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, EncodeError, Message
 
-from tlvproxy.errors import BadRequest, UpstreamProtocolError
+from tlvproxy.errors import AnswerTooLarge, BadRequest, UpstreamProtocolError
 from tlvproxy.schema.convert import (
     FLOAT32_LIMIT,
     INT_RANGES,
@@ -56,6 +56,7 @@ from tlvproxy.schema.convert import (
     decode_base64,
     json_format_writer,
 )
+from tlvproxy.schema.sizing import Sizers
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -68,6 +69,12 @@ if TYPE_CHECKING:
 
 JSON_CONTENT_TYPE: Final = "application/json"
 RAW_CONTENT_TYPE: Final = "application/octet-stream"
+
+# What one upstream answer may expand to as JSON, as a multiple of the largest
+# body accepted from an upstream (`framing.max_body`): docs/reference.md
+# "Answers too large to render".
+RENDER_FACTOR: Final = 8
+DEFAULT_MAX_RENDERED: Final = RENDER_FACTOR * 1024 * 1024  # with the default max_body
 
 _T = FieldDescriptor
 _TYPE_NAMES: Final = {
@@ -608,6 +615,10 @@ class ProtobufCodec(CommandCodec):
     to the generic reader for anything but plainly valid input; `fast=False`
     keeps the reference path (generic reader, json_format writer) for tests and
     benchmarks. Both give the same answers.
+
+    A response whose JSON would be over `max_rendered` bytes raises
+    AnswerTooLarge: from a lower bound read off the decoded message before any
+    JSON is built (sizing.py), and from the JSON's length once it is.
     """
 
     content_type = JSON_CONTENT_TYPE
@@ -621,11 +632,14 @@ class ProtobufCodec(CommandCodec):
         schema: Schema,
         *,
         fast: bool = True,
+        max_rendered: int = DEFAULT_MAX_RENDERED,
     ) -> None:
         self.command = command
         self.request = request
         self.response = response
         self.options = options
+        self.max_rendered = max_rendered
+        self._size = Sizers(options).sizer(schema.descriptor(response.DESCRIPTOR.full_name))
         self._reader = _Reader(schema, options.ignore_unknown_fields)
         converters = Converters(options, schema.pool) if fast else None
         self._request = None if request is None else _Side(request, converters, options, schema)
@@ -665,10 +679,24 @@ class ProtobufCodec(CommandCodec):
                 f"{self.command}: the upstream's body is not a valid "
                 f"{self.response.DESCRIPTOR.full_name}: {exc}"
             ) from None
+        # Before the JSON value is built: a few bytes of body may stand for
+        # many empty elements, each a Python object and many bytes of JSON.
+        size = self._size
+        if size is not None and size(message, self.max_rendered) > self.max_rendered:
+            raise self._too_large(len(body))
         return self._response.write(message)
 
     def response_json(self, body: bytes) -> bytes:
-        return _dumps_converted(self.decode_response(body))
+        text = _dumps_converted(self.decode_response(body))
+        if len(text) > self.max_rendered:
+            raise self._too_large(len(body))
+        return text
+
+    def _too_large(self, body_size: int) -> AnswerTooLarge:
+        return AnswerTooLarge(
+            f"{self.command}: the upstream's answer ({body_size} bytes) would be over "
+            f"{self.max_rendered} bytes as JSON ({RENDER_FACTOR} x framing.max_body)"
+        )
 
     def decode_request(self, body: bytes) -> Any:
         side = self._request_side()

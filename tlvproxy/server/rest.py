@@ -92,6 +92,23 @@ RuntimeSource = Callable[[], TableRuntime]
 ErrorHandler = Callable[[GatewayError, Request | None], Response]
 
 
+def waf_inspect(runtime: TableRuntime, metrics: Metrics, request: Request) -> None:
+    """The WAF on a REST request or a WebSocket handshake (docs/configuration.md
+    `waf`): each match counted, a `log` match logged, a `deny` raised as 403
+    `forbidden`."""
+    matches = runtime.waf.inspect_request(
+        path=request.path,
+        query=request.query_string,
+        body=request.body,
+        headers=request.headers,
+    )
+    for found in matches:
+        metrics.waf_blocked.labels(found.rule).inc()
+        if found.action == "deny":
+            raise found.error()
+        _waf_log.warning("waf rule matched", extra={"rule": found.rule, "location": found.location})
+
+
 class RestHandler:
     """Answers REST requests on whatever table `runtime()` returns at the time.
 
@@ -190,19 +207,7 @@ class RestHandler:
         )
 
     def _inspect(self, runtime: TableRuntime, request: Request) -> None:
-        matches = runtime.waf.inspect_request(
-            path=request.path,
-            query=request.query_string,
-            body=request.body,
-            headers=request.headers,
-        )
-        for found in matches:
-            self._metrics.waf_blocked.labels(found.rule).inc()
-            if found.action == "deny":
-                raise found.error()
-            _waf_log.warning(
-                "waf rule matched", extra={"rule": found.rule, "location": found.location}
-            )
+        waf_inspect(runtime, self._metrics, request)
 
     def _apply_policy(
         self, runtime: TableRuntime, command: CommandSpec, context: RequestContext, now: float
@@ -334,8 +339,9 @@ class _Exchange:
         request_id = self.request_id
         try:
             payload = codec.response_json(body)
-        except UpstreamProtocolError:
-            self.handler._metrics.frames_rejected.labels("undecodable_body").inc()
+        except UpstreamProtocolError as exc:
+            # undecodable_body, or answer_too_large (docs/reference.md).
+            self.handler._metrics.frames_rejected.labels(exc.reason).inc()
             raise
         if table.envelope:
             # SPEC 4.2: {code, msg, data}; a raw body has no JSON form, so it goes as base64.

@@ -44,7 +44,8 @@ messages wait behind it: past that the client is not reading what it asked for,
 so the session closes with 1008 ("client too slow") and a warning is logged,
 instead of buffering without bound. What is queued is then flushed and the
 close frame sent within `CLOSE_TIMEOUT`, after which the TCP connection is
-dropped.
+dropped. Pongs are not such messages: while a write is blocked, only the
+latest ping's pong waits, in a slot of its own.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Final
 
@@ -82,6 +82,7 @@ from tlvproxy.framing import (
 )
 from tlvproxy.logs import ACCESS_LOGGER
 from tlvproxy.server import ws_json
+from tlvproxy.server.rest import request_id_of, waf_inspect
 from tlvproxy.server.view import RequestContext, client_address
 from tlvproxy.server.ws_wire import (
     BINARY,
@@ -230,12 +231,18 @@ def serve_websocket(
     """
     table = runtime.table
     spec = table.websocket
-    request_id = request.header("x-request-id") or uuid.uuid4().hex
+    # The caller's id only when it can go back in a header as it is
+    # (docs/reference.md "Request ids").
+    request_id = request_id_of(request)
     client_ip = client_address(request.remote_addr, request.headers, table.trusted_proxies)
     context = RequestContext(
         remote_addr=client_ip, headers=request.headers, query_string=request.query_string
     )
     try:
+        if runtime.waf.inspects_requests:
+            # The handshake is a request like any other, routed or not: its
+            # query and headers reach the upstream as the session's uid and key.
+            waf_inspect(runtime, metrics, request)
         if spec is None or request.path != spec.path:
             raise RouteNotFound(f"no WebSocket endpoint at {request.path!r}")
         problem = handshake_problem(request)
@@ -316,6 +323,7 @@ class _Session:
         "_inbox_at",
         "_metrics",
         "_out",
+        "_pong",
         "_queued",
         "_reading",
         "_received_at",
@@ -398,6 +406,9 @@ class _Session:
         self._serving = False
         self._out = bytearray()
         self._queued = 0
+        # The pong of the latest ping, waiting behind a blocked write: one at
+        # most, never counted as a message (RFC 6455 5.5.3).
+        self._pong: bytes | None = None
         self._flushing = False
         self._flush_scope: trio.CancelScope | None = None
         self._close_by = math.inf  # the flush task's deadline once closing starts
@@ -489,6 +500,7 @@ class _Session:
             self._close_by = trio.current_time() + CLOSE_TIMEOUT
             if self._flush_scope is not None:
                 self._flush_scope.deadline = self._close_by
+            self._pong = None  # nothing may follow the close frame
             if code != ABNORMAL:
                 self._send_close_frame()
         if code == ABNORMAL:
@@ -548,8 +560,8 @@ class _Session:
 
     # ------------------------------------------------------------ writing
 
-    def _send(self, data: bytes, *, message: bool = True) -> None:
-        """Send one whole frame after everything sent before it; never waits."""
+    def _send(self, data: bytes) -> None:
+        """Send one whole message frame after everything sent before it; never waits."""
         if self.close_code is not None:
             return  # the close frame is on its way: nothing may follow it
         if self._flushing:
@@ -561,9 +573,23 @@ class _Session:
                 self._begin_close(POLICY, f"client too slow: {OUTGOING_QUEUE} messages unread")
                 return
             self._queued += 1
-        if message:
-            self.messages_out += 1
-            self._count_out.inc()
+        self.messages_out += 1
+        self._count_out.inc()
+        self._write(data)
+
+    def _send_pong(self, data: bytes) -> None:
+        """Answer a ping; never waits, and is not a message the client must read.
+
+        While a write is blocked the pong waits in `_pong`, replacing the one of
+        an earlier ping (RFC 6455 5.5.3 lets the latest ping's pong answer them
+        all): a burst of pings costs one pong's bytes, and is not counted
+        against OUTGOING_QUEUE (docs/websocket.md "Backpressure").
+        """
+        if self.close_code is not None:
+            return
+        if self._flushing:
+            self._pong = data
+            return
         self._write(data)
 
     def _send_error(self, error: GatewayError, seq: int | str | None) -> None:
@@ -596,7 +622,11 @@ class _Session:
         scope = self._flush_scope = trio.CancelScope(deadline=self._close_by)
         try:
             with scope:
-                while self._out and not self._client_gone:
+                while (self._out or self._pong is not None) and not self._client_gone:
+                    if self._pong is not None:
+                        # After the whole frames queued: `_out` ends at a frame's end.
+                        self._out += self._pong
+                        self._pong = None
                     # Everything queued meanwhile goes out in one write.
                     batch, self._out = self._out, bytearray()
                     self._queued = 0
@@ -777,7 +807,7 @@ class _Session:
             elif isinstance(event, Ping):
                 self._active_at = self._received_at
                 if conn.state is ConnectionState.OPEN:
-                    self._send(bytes(conn.send(Pong(payload=event.payload))), message=False)
+                    self._send_pong(bytes(conn.send(Pong(payload=event.payload))))
             elif isinstance(event, CloseConnection):
                 # The client's close (answered with its code), its vanishing
                 # (1006), or wsproto's verdict on a protocol error (1002, 1007).
@@ -886,7 +916,7 @@ class _Session:
             try:
                 body = ws_json.body_json(codec, reply.body)
             except UpstreamProtocolError as exc:
-                self._metrics.frames_rejected.labels("undecodable_body").inc()
+                self._metrics.frames_rejected.labels(exc.reason).inc()
                 return ws_json.render_error(exc, seq)
             return ws_json.render_response_json(command, seq, 0, body)
         try:
@@ -990,10 +1020,8 @@ class _Session:
         try:
             body = ws_json.body_json(self._table.codecs[command.name], frame.body)
         except UpstreamProtocolError as exc:
-            self._metrics.frames_rejected.labels("undecodable_body").inc()
-            log.warning(
-                "undecodable push dropped", extra={"command": command.name, "error": exc.message}
-            )
+            self._metrics.frames_rejected.labels(exc.reason).inc()
+            log.warning("push dropped", extra={"command": command.name, "error": exc.message})
             return None
         return ws_json.render_push_json(command, body)
 

@@ -11,7 +11,6 @@ state (control frames, fragments, the closing handshake).
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import struct
 from typing import TYPE_CHECKING, Final
@@ -64,7 +63,9 @@ def handshake_problem(request: Request) -> str | None:
         return "the Sec-WebSocket-Key header is missing"
     try:
         nonce = base64.b64decode(key, validate=True)
-    except binascii.Error:
+    except ValueError:
+        # binascii.Error, or a key that is not ASCII (legal obs-text in a header
+        # value, which b64decode refuses with a plain ValueError).
         nonce = b""
     if len(nonce) != _KEY_BYTES:
         return "Sec-WebSocket-Key must be 16 bytes in base64"
