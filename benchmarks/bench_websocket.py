@@ -68,6 +68,8 @@ websocket:
   mode: json
   max_message: 64 KiB
   idle_timeout: 600s
+# Every session comes from 127.0.0.1: the per-address limit must admit them all.
+limits: {{max_connections: 100000, max_connections_per_ip: 100000}}
 """
 
 

@@ -19,11 +19,28 @@ from tlvproxy.auth.authenticators import Authenticators
 from tlvproxy.auth.remote_keys import RemoteKeys
 from tlvproxy.config.loader import load_table
 from tlvproxy.config.model import Address, JwtAuthSpec, Table, UpstreamSpec
+from tlvproxy.errors import Overloaded
 from tlvproxy.metrics import RequestTally
 from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.admin import AdminHandler, admin_error
+from tlvproxy.server.admission import (
+    MAX_ADMIN_CONNECTIONS,
+    MAX_REFUSING,
+    SPARE_DESCRIPTORS,
+    Admission,
+    Doorkeeper,
+    Refusal,
+    closing_answer,
+    counted_address,
+    descriptor_budget,
+    log_capacity,
+    open_descriptors,
+    raise_descriptor_limit,
+    refuse,
+    upstream_reserve,
+)
 from tlvproxy.server.http_conn import (
     DeadlineTimer,
     DrainSignal,
@@ -35,12 +52,13 @@ from tlvproxy.server.http_conn import (
     serve_http_connection,
 )
 from tlvproxy.server.parsers import resolve_parser_name
-from tlvproxy.server.rest import RestHandler, error_response_for
+from tlvproxy.server.rest import RestHandler, error_response_for, render_error, request_id_of
+from tlvproxy.server.view import client_address
 from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
 from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Mapping
+    from collections.abc import Awaitable, Iterable, Mapping
     from pathlib import Path
 
     from tlvproxy.framing import HeaderLayout
@@ -80,8 +98,23 @@ class _PoolHandle:
     close: trio.Event
 
 
+class CannotListen(OSError):
+    """A listener could not be bound; `str()` is the one line that says where
+    and why (docs/operations.md "Starting")."""
+
+    def __init__(self, address: Address, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error))
+        self.address = address
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address}: {self.strerror}"
+
+
 def bind_listener(address: Address, *, reuse_port: bool) -> trio.SocketListener:
-    """A listening socket on `address`; SO_REUSEPORT lets workers share a port (SPEC 7)."""
+    """A listening socket on `address`; SO_REUSEPORT lets workers share a port (SPEC 7).
+
+    Raises CannotListen (an OSError) naming the address when it cannot be bound.
+    """
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -91,6 +124,9 @@ def bind_listener(address: Address, *, reuse_port: bool) -> trio.SocketListener:
         # bind() on a trio socket is synchronous for numeric addresses.
         sock._sock.bind((address.host, address.port))  # type: ignore[attr-defined]  # trio hides the stdlib socket; binding a numeric address never blocks
         sock.listen(_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(address, exc) from None
     except BaseException:
         sock.close()
         raise
@@ -132,6 +168,15 @@ class Gateway:
         # batch of access records, once per scheduler pass.
         self.tally = RequestTally(metrics)
         self.access_log = AccessLog(tally=self.tally)
+        # Connection limits and descriptors (docs/operations.md "Connections and
+        # file descriptors"): counted once per connection, never per request.
+        self._admission = Admission(budget=0)  # the budget is set once listening
+        self._descriptor_limit = 0
+        self._descriptors_at_start: int | None = None
+        self._admin_connections = 0
+        # The WebSocket sessions admitted, by their stream: the client address
+        # each counts against when a trusted proxy forwarded it, else None.
+        self._session_addresses: dict[trio.abc.Stream, str | None] = {}
 
     # ------------------------------------------------------------ the table
 
@@ -209,6 +254,8 @@ class Gateway:
             None if old is None else old.auth,
         )
         self._pools = keep
+        # Retired pools keep their connections until _retire closes them.
+        self._update_budget([handle.spec for handle in (*keep.values(), *retired)])
         self._runtime = Runtime(
             table=table,
             pools={name: handle.pool for name, handle in keep.items()},
@@ -263,11 +310,23 @@ class Gateway:
             task_status.started(_PoolHandle(spec=spec, layout=layout, pool=pool, close=close))
             await close.wait()
 
-    @staticmethod
-    async def _retire(handles: list[_PoolHandle], delay: float) -> None:
+    async def _retire(self, handles: list[_PoolHandle], delay: float) -> None:
         await trio.sleep(delay)
         for handle in handles:
             handle.close.set()
+        self._update_budget([handle.spec for handle in self._pools.values()])
+
+    def _update_budget(self, upstreams: Iterable[UpstreamSpec]) -> None:
+        """Set how many descriptors client connections may hold: what the limit
+        leaves once those open at start and the reserve are taken."""
+        if self._descriptors_at_start is None:
+            return  # not listening yet: `run` sets it
+        reserve = upstream_reserve(upstreams) + MAX_REFUSING + SPARE_DESCRIPTORS
+        if self._serve_admin:
+            reserve += MAX_ADMIN_CONNECTIONS
+        self._admission.budget = descriptor_budget(
+            self._descriptor_limit, self._descriptors_at_start, reserve
+        )
 
     # ------------------------------------------------------------ serving
 
@@ -283,8 +342,10 @@ class Gateway:
         sessions close with 1001.
         """
         table = self._initial
+        self._descriptor_limit = raise_descriptor_limit()
         async with trio.open_nursery() as pool_nursery:
             self._pool_nursery = pool_nursery
+            self._door = Doorkeeper(pool_nursery)
             # In the outermost nursery: it outlives every connection, drain included.
             pool_nursery.start_soon(self._timer.run)
             pool_nursery.start_soon(self.access_log.run)
@@ -295,6 +356,14 @@ class Gateway:
             if self._serve_admin and table.listen.admin is not None:
                 admin_listener = bind_listener(table.listen.admin, reuse_port=False)
                 self.admin_address = _address_of(admin_listener)
+            self._descriptors_at_start = open_descriptors()
+            self._update_budget([handle.spec for handle in self._pools.values()])
+            log_capacity(
+                self._descriptor_limit,
+                self._descriptors_at_start,
+                self._admission.budget,
+                table.limits,
+            )
             rest = RestHandler(self.current, self.metrics, self.access_log, self.tally)
             errors = error_response_for(self.current, self.metrics)
             async with trio.open_nursery() as admin_nursery:
@@ -352,53 +421,97 @@ class Gateway:
         public: bool,
         nursery: trio.Nursery,
     ) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return
-            except OSError as exc:
-                # EMFILE and friends: back off instead of spinning (hypercorn does the same).
-                log.warning("accept failed", extra={"error": str(exc)})
-                await trio.sleep(0.1)
+        """Accept connections on `listener` until it closes: serve each one the
+        limits admit, answer the others 503 `overloaded` (docs/operations.md
+        "Connections and file descriptors")."""
+        while (accepted := await self._door.accept(listener)) is not None:
+            stream, peer = accepted
+            refusal: Refusal | None
+            if public:
+                table = self.runtime.table
+                counted = counted_address(peer, table.trusted_proxies)
+                refusal = self._admission.admit(counted, table.limits)
+                if refusal is None:
+                    nursery.start_soon(
+                        self._serve_connection, stream, peer, counted, handler, errors
+                    )
+                    continue
+            elif self._admin_connections < MAX_ADMIN_CONNECTIONS:
+                self._admin_connections += 1
+                nursery.start_soon(self._serve_admin_connection, stream, peer, handler, errors)
                 continue
-            nursery.start_soon(self._serve_connection, stream, handler, errors, public)
+            else:
+                refusal = Refusal(
+                    "admin_connections",
+                    f"the admin listener holds {MAX_ADMIN_CONNECTIONS} connections; "
+                    "try again later",
+                )
+            answer = closing_answer(errors(Overloaded(refusal.message), None))
+            self._door.refuse(nursery, stream, peer, refusal, answer)
 
     async def _serve_connection(
         self,
         stream: trio.SocketStream,
+        peer: str,
+        counted: str | None,
         handler: Handler | Submitter,
         errors: ErrorHandler,
-        public: bool,
     ) -> None:
+        """Serve one admitted client connection; `counted` is the address it
+        counts against (`counted_address`), released when it ends."""
         try:
-            peer = stream.socket.getpeername()[0]
-        except OSError:
-            await trio.aclose_forcefully(stream)
-            return
-        table = self.runtime.table
-        if not public:
-            # The admin listener keeps answering while draining: /readyz must say
-            # 503 to the load balancer until the process exits (SPEC 7).
+            table = self.runtime.table
+            upgrade = self._upgrade if table.websocket is not None else None
             await serve_http_connection(
-                stream, peer, self._settings(table), handler, errors, timer=self._timer
+                stream,
+                peer,
+                self._settings(table),
+                handler,
+                errors,
+                upgrade=upgrade,
+                drain_signal=self._drain_signal,
+                timer=self._timer,
             )
-            return
-        upgrade = self._upgrade if table.websocket is not None else None
-        await serve_http_connection(
-            stream,
-            peer,
-            self._settings(table),
-            handler,
-            errors,
-            upgrade=upgrade,
-            drain_signal=self._drain_signal,
-            timer=self._timer,
-        )
+        finally:
+            sessions = self._session_addresses
+            if sessions and stream in sessions:
+                self._admission.release_session(sessions.pop(stream))
+            self._admission.release(counted)
+
+    async def _serve_admin_connection(
+        self,
+        stream: trio.SocketStream,
+        peer: str,
+        handler: Handler | Submitter,
+        errors: ErrorHandler,
+    ) -> None:
+        # The admin listener keeps answering while draining: /readyz must say
+        # 503 to the load balancer until the process exits (SPEC 7).
+        try:
+            await serve_http_connection(
+                stream, peer, self._settings(self.runtime.table), handler, errors, timer=self._timer
+            )
+        finally:
+            self._admin_connections -= 1
 
     def _upgrade(
         self, request: Request, stream: trio.abc.Stream, leftover: bytes
     ) -> Awaitable[None]:
+        # A session holds a second descriptor, its upstream connection: admitted
+        # here, released by _serve_connection. Through a trusted proxy it also
+        # counts against the client the proxy forwarded.
+        table = self.runtime.table
+        address = None
+        trusted = table.trusted_proxies
+        if trusted and counted_address(request.remote_addr, trusted) is None:
+            address = client_address(request.remote_addr, request.headers, trusted)
+        refusal = self._admission.admit_session(address, table.limits)
+        if refusal is not None:
+            self._door.log_refusal(refusal, address or request.remote_addr)
+            error = Overloaded(refusal.message)
+            answer = render_error(error, request_id_of(request), envelope=False)
+            return refuse(stream, closing_answer(answer))
+        self._session_addresses[stream] = address
         # Returns the session's coroutine rather than awaiting it: no frame of
         # this method stays with every idle WebSocket session.
         return serve_websocket(

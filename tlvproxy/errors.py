@@ -144,6 +144,14 @@ class ShuttingDown(GatewayError):
     code, http_status, ws_close = "shutting_down", 503, 1001
 
 
+class Overloaded(GatewayError):
+    """A connection limit is reached, or the worker has no file descriptor to
+    spare (docs/operations.md "Connections and file descriptors"); a WebSocket
+    session closes with 1013, try again later."""
+
+    code, http_status, ws_close = "overloaded", 503, 1013
+
+
 class UpstreamTimeout(GatewayError):
     code, http_status = "upstream_timeout", 504
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-from tlvproxy.app import Gateway, ParserChoice, bind_listener
+from tlvproxy.app import CannotListen, Gateway, ParserChoice, bind_listener
 from tlvproxy.config.loader import TableError, load_table
 from tlvproxy.config.model import Address
 from tlvproxy.logs import setup_logging
@@ -49,6 +49,7 @@ log = logging.getLogger("tlvproxy.supervisor")
 _RESTART_BACKOFF_MIN = 0.5
 _RESTART_BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0  # a worker that ran this long resets the backoff
+_REPORT_GRACE = 1.0  # seconds to read a worker's last report after it exited
 
 # The cyclic garbage collector's thresholds in a serving process (CPython's
 # default: 700, 10, 10). A request allocates and frees a few dozen container
@@ -61,6 +62,12 @@ READY_FD_ENV = "TLVPROXY_READY_FD"
 # A pipe whose write end only the supervisor holds: EOF on it tells a worker that
 # its supervisor is gone (even SIGKILLed), so it drains instead of living on.
 LIFELINE_FD_ENV = "TLVPROXY_LIFELINE_FD"
+# A worker's exit code when it cannot bind its listener: restarting it would
+# not help, so the supervisor stops instead (and `serve` exits 1). The worker
+# writes why on its readiness pipe, after this mark, for the supervisor to say
+# once for all its workers.
+EXIT_CANNOT_LISTEN = 3
+_LISTEN_FAILED = "!"
 
 
 def run_serve(
@@ -81,12 +88,31 @@ def run_serve(
         return 1
     count = workers or table.workers
     tune_gc()
+    failure: CannotListen | None = None
+    try:
+        if worker_index is not None:
+            return trio.run(_serve_worker, table, http_parser, True)
+        if count <= 1:
+            return trio.run(_serve_worker, table, http_parser, False)
+        supervisor = Supervisor(config, table, count, http_parser=http_parser, log_level=log_level)
+        return trio.run(supervisor.run)
+    except* CannotListen as group:
+        failure = _first(group)
+    assert failure is not None  # every other way out of the try returned or raised
     if worker_index is not None:
-        return trio.run(_serve_worker, table, http_parser, True)
-    if count <= 1:
-        return trio.run(_serve_worker, table, http_parser, False)
-    supervisor = Supervisor(config, table, count, http_parser=http_parser, log_level=log_level)
-    return trio.run(supervisor.run)
+        if not _report(_LISTEN_FAILED + str(failure)):
+            log.error(str(failure), extra={"address": str(failure.address)})
+        return EXIT_CANNOT_LISTEN
+    # SPEC 2: one line naming the address and the reason, no traceback, and
+    # nothing reported as ready (docs/operations.md "Starting").
+    log.error(str(failure), extra={"address": str(failure.address)})
+    return 1
+
+
+def _first(group: BaseExceptionGroup[CannotListen]) -> CannotListen:
+    """The first CannotListen of `group`, however deeply nurseries nested it."""
+    found = group.exceptions[0]
+    return found if isinstance(found, CannotListen) else _first(found)
 
 
 def tune_gc() -> None:
@@ -111,7 +137,7 @@ async def _serve_worker(table: Table, http_parser: ParserChoice | None, is_worke
         await nursery.start(_handle_signals, gateway)
         await nursery.start(_run_gateway, gateway, nursery.cancel_scope)
         if is_worker:
-            _report_ready(table.version)
+            _report(table.version)
             lifeline = os.environ.get(LIFELINE_FD_ENV)
             if lifeline is not None:
                 nursery.start_soon(_drain_when_orphaned, gateway, int(lifeline))
@@ -137,17 +163,20 @@ async def _run_gateway(
     scope.cancel()
 
 
-def _report_ready(version: str) -> None:
-    """Tell the supervisor this worker listens, and on which table version."""
+def _report(text: str) -> bool:
+    """Tell the supervisor, once, that this worker listens (`text` is its table
+    version) or why it cannot; False when there is no supervisor to tell."""
     fd = os.environ.get(READY_FD_ENV)
     if fd is None:
-        return
+        return False
     try:
-        os.write(int(fd), version.encode())
+        os.write(int(fd), text.encode())
         os.close(int(fd))
     except (OSError, ValueError) as exc:
         # The supervisor is gone or the variable is not ours: serving goes on.
         log.warning("cannot report readiness", extra={"error": str(exc)})
+        return False
+    return True
 
 
 async def _handle_signals(
@@ -226,6 +255,8 @@ class Supervisor:
         self._ready: set[int] = set()  # indexes of workers that listen
         self._stopping = trio.Event()
         self._forced = False  # a second signal killed the workers: exit 1
+        self._failed = False  # a worker could not listen: exit 1
+        self._listen_failure = ""  # why, as the worker reported it
         self._reload_lock = trio.Lock()
         self._metrics = Metrics()  # the supervisor's own: the reload counter
         self._metrics_dir = ""
@@ -284,7 +315,11 @@ class Supervisor:
     # ------------------------------------------------------------ running
 
     async def run(self) -> int:
-        # Bound before any worker starts: a taken admin port fails the start, not later.
+        # Before any worker starts, a taken port fails the start (CannotListen).
+        # The workers bind the HTTP port with SO_REUSEPORT, which would share it
+        # with another process listening the same way (another gateway's
+        # workers): binding it here once without that option finds any holder.
+        bind_listener(self._table.listen.http, reuse_port=False).socket.close()
         admin = None
         if self._table.listen.admin is not None:
             admin = bind_listener(self._table.listen.admin, reuse_port=False)
@@ -303,7 +338,7 @@ class Supervisor:
         finally:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         log.info("all workers stopped")
-        return 1 if self._forced else 0
+        return 1 if self._forced or self._failed else 0
 
     def _command(self, index: int) -> list[str]:
         command = [
@@ -328,6 +363,13 @@ class Supervisor:
             started = trio.current_time()
             code = await self._run_worker(index)
             if self._stopping.is_set():
+                return
+            if code == EXIT_CANNOT_LISTEN:
+                # A restart would fail the same way. One line says where and why
+                # for every worker (SPEC 2); the others are stopped.
+                self._failed = True
+                log.error(self._listen_failure or "a worker cannot listen", extra={"worker": index})
+                self._stop()
                 return
             log.error("worker died; restarting", extra={"worker": index, "exit_code": code})
             if trio.current_time() - started > _STABLE_AFTER:
@@ -367,7 +409,9 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._await_ready, index, trio.lowlevel.FdStream(read_end))
                 code = await process.wait()
-                nursery.cancel_scope.cancel()
+                # The pipe ends with the worker: what it wrote just before
+                # exiting (why it cannot listen) is read first, within a bound.
+                nursery.cancel_scope.deadline = trio.current_time() + _REPORT_GRACE
         finally:
             os.close(lifeline_write)
             self._ready.discard(index)
@@ -382,6 +426,9 @@ class Supervisor:
                 version += chunk
         if not version:
             return  # the worker exited before it listened
+        if version.startswith(_LISTEN_FAILED.encode()):
+            self._listen_failure = version[len(_LISTEN_FAILED) :].decode(errors="replace")
+            return
         self._ready.add(index)
         if self._stopping.is_set():
             self._signal(index, signal.SIGTERM)
@@ -396,6 +443,14 @@ class Supervisor:
                 process.send_signal(signum)
             except ProcessLookupError:
                 return
+
+    def _stop(self) -> None:
+        """Drain every worker; none is restarted any more."""
+        self._stopping.set()
+        # A worker that does not listen yet has no signal handler;
+        # it is told when it reports ready (_await_ready).
+        for index in self._ready:
+            self._signal(index, signal.SIGTERM)
 
     async def _handle_signals(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -413,11 +468,7 @@ class Supervisor:
                         )
                 elif not self._stopping.is_set():
                     log.info("draining workers", extra={"signal": signal.Signals(signum).name})
-                    self._stopping.set()
-                    # A worker that does not listen yet has no signal handler;
-                    # it is told when it reports ready (_await_ready).
-                    for index in self._ready:
-                        self._signal(index, signal.SIGTERM)
+                    self._stop()
                 else:
                     log.warning("second signal: killing the workers")
                     self._forced = True

@@ -199,6 +199,10 @@ class Limits:
     max_request_body: int = 1024 * 1024
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
+    # Per worker (docs/configuration.md "limits"): client connections, and
+    # those of one client address, beyond which a connection is refused 503.
+    max_connections: int = 10000
+    max_connections_per_ip: int = 256
 
 
 @attrs.frozen(slots=True, kw_only=True)

@@ -346,7 +346,14 @@ def read_limits(r: NodeReader, node: Node | None) -> Limits:
     default = Limits()
     if node is None:
         return default
-    keys = ("max_header_bytes", "max_request_body", "header_timeout", "keepalive_timeout")
+    keys = (
+        "max_header_bytes",
+        "max_request_body",
+        "header_timeout",
+        "keepalive_timeout",
+        "max_connections",
+        "max_connections_per_ip",
+    )
     found = r.mapping(node, "limits", keys)
     return Limits(
         max_header_bytes=r.get(
@@ -360,6 +367,16 @@ def read_limits(r: NodeReader, node: Node | None) -> Limits:
         ),
         keepalive_timeout=r.get(
             found, "keepalive_timeout", "limits", parse_duration, default.keepalive_timeout
+        ),
+        max_connections=r.get(
+            found, "max_connections", "limits", nodes.integer(1), default.max_connections
+        ),
+        max_connections_per_ip=r.get(
+            found,
+            "max_connections_per_ip",
+            "limits",
+            nodes.integer(1),
+            default.max_connections_per_ip,
         ),
     )
 

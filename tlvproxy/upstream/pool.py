@@ -20,6 +20,10 @@ Policies decided here:
 - Failures (health.py): a failed connect, a timeout (the caller's cancel scope fired
   at its deadline), a connection broken by the node (reset, EOF with requests in
   flight, malformed frame: counted once per connection), a missed heartbeat.
+  A connect that fails because this process has no file descriptor left
+  (EMFILE, ENFILE) is the gateway's trouble, not the node's: no failure, no
+  backoff, and the request gets `OutOfDescriptors`, 503 `overloaded`
+  (docs/operations.md "Connections and file descriptors").
 - Heartbeat (when configured): every `interval`, each connection of the node that
   received nothing during the interval sends the heartbeat command with an empty
   body; a node without connections is connected first. A tick where a heartbeat got
@@ -34,6 +38,7 @@ Policies decided here:
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from contextlib import asynccontextmanager
@@ -46,6 +51,7 @@ import trio
 from tlvproxy.errors import (
     GatewayError,
     NoHealthyNode,
+    Overloaded,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -73,6 +79,26 @@ log = logging.getLogger("tlvproxy.upstream")
 # How often one request may be put on a new connection of the same node after
 # the one it was queued on went down before writing it.
 _MAX_RESENDS: Final = 2
+# A connect failing with these failed here, for want of a file descriptor.
+_LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+class OutOfDescriptors(Overloaded, SendFailed):
+    """A connect failed for want of a file descriptor in this process: 503
+    `overloaded` (a WebSocket session closes 1013), never counted against the
+    node. A SendFailed: the request never left, so it may go elsewhere."""
+
+
+def _out_of_descriptors(exc: OSError) -> bool:
+    # trio.open_tcp_stream raises one OSError for all its attempts, caused by
+    # the group of each attempt's own; socket() failing is one of those.
+    if exc.errno in _LOCAL_ERRNOS:
+        return True
+    cause = exc.__cause__
+    return isinstance(cause, BaseExceptionGroup) and any(
+        isinstance(attempt, OSError) and attempt.errno in _LOCAL_ERRNOS
+        for attempt in cause.exceptions
+    )
 
 
 @attrs.frozen(slots=True)
@@ -545,7 +571,8 @@ class Pool:
     async def _open_stream(self, node: _Node) -> trio.SocketStream:
         """A TCP stream to `node` within connect_timeout; a failure is counted.
 
-        Raises SendFailed when the connect is refused, fails or times out.
+        Raises SendFailed when the connect is refused, fails or times out;
+        OutOfDescriptors, not counted, when this process has no descriptor left.
         """
         try:
             with trio.move_on_after(self.spec.connect_timeout):
@@ -554,6 +581,11 @@ class Pool:
                 return stream
             problem = f"no connection within {self.spec.connect_timeout:g} s"
         except OSError as exc:
+            if _out_of_descriptors(exc):
+                raise OutOfDescriptors(
+                    f"upstream {self.spec.name!r}: the gateway has no file descriptor "
+                    f"left to connect to {node.name}; try again later"
+                ) from None
             problem = exc.strerror or str(exc)
         node.backoff.failed(trio.current_time())
         self._failure(node)
@@ -592,6 +624,10 @@ class Pool:
         # `_send` counted this connect in `node.connecting` and checked the backoff.
         try:
             await self._connect(node, counted=True)
+        except OutOfDescriptors as exc:
+            # Not the node's doing, and possibly once per request while it
+            # lasts: the requests' 503 answers tell it, not a line each here.
+            log.debug("upstream connect failed", extra={"node": node.name, "error": exc.message})
         except SendFailed as exc:
             log.warning("upstream connect failed", extra={"node": node.name, "error": exc.message})
 
@@ -641,7 +677,7 @@ class Pool:
                 try:
                     idle = [await self._connect(node)]
                 except SendFailed:
-                    continue  # counted as a failure by _open_stream
+                    continue  # counted by _open_stream, unless out of descriptors
             if not idle:
                 continue
             results: list[bool | None] = []
