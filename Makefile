@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 60
+# One of fuzz/fuzz_*.py by its suffix (decoder, http, websocket), or all of them in turn.
+FUZZ_TARGET ?= all
+FUZZ_TARGETS := decoder http websocket
 
 DEMO_KEYS := build/demo-keys/jwks.json
 
@@ -40,10 +43,18 @@ lint: install
 	$(BIN)/ruff format --check tlvproxy tests fuzz benchmarks
 	$(BIN)/mypy
 
+# Each target for FUZZ_SECONDS, seeded from fuzz/corpus/TARGET (with the
+# dictionary fuzz/TARGET.dict if there is one); new inputs go to
+# build/fuzz-corpus/TARGET, a failing one to build/fuzz-artifacts/TARGET-crash-*.
 fuzz: install
 	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
-	mkdir -p build/fuzz-corpus
-	$(BIN)/python fuzz/fuzz_decoder.py -max_total_time=$(FUZZ_SECONDS) build/fuzz-corpus fuzz/corpus/decoder
+	set -e; for target in $(if $(filter all,$(FUZZ_TARGET)),$(FUZZ_TARGETS),$(FUZZ_TARGET)); do \
+		mkdir -p build/fuzz-corpus/$$target build/fuzz-artifacts; \
+		dict=; if [ -f fuzz/$$target.dict ]; then dict=-dict=fuzz/$$target.dict; fi; \
+		$(BIN)/python fuzz/fuzz_$$target.py -max_total_time=$(FUZZ_SECONDS) $$dict \
+			-artifact_prefix=build/fuzz-artifacts/$$target- \
+			build/fuzz-corpus/$$target fuzz/corpus/$$target; \
+	done
 
 # The micro benchmarks first, then the side-by-side run through ../shared/bench
 # (json and protobuf routes, 1 and 2 workers; about 2 minutes).
