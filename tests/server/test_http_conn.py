@@ -202,6 +202,41 @@ class LaterAnswers:
         answer.set(Response(200, [], self.body))
 
 
+class HeldAnswers:
+    """A Submitter whose answers wait until `release()`; after it, it answers at once."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Request, Answer]] = []
+        self.released = False
+
+    def submit(self, request: Request, answer: Answer) -> None:
+        self.held.append((request, answer))
+        if self.released:
+            self.release()
+
+    def release(self) -> None:
+        self.released = True
+        while self.held:
+            request, answer = self.held.pop(0)
+            answer.set(Response(200, [("X-Path", request.path)], b""))
+
+
+async def test_answers_owed_when_the_client_half_closes_are_still_written(settings):
+    """A client may shut down its sending side once its requests are sent:
+    what it is owed is answered, with either parser (httptools reads the end
+    of the stream while the answers are still owed)."""
+    handler = HeldAnswers()
+    async with serving(settings, handler) as (open_client, _):
+        client = await open_client()
+        await client.send(get("/1") + get("/2"))
+        await client.stream.send_eof()
+        await trio.testing.wait_all_tasks_blocked()
+        handler.release()
+        replies = [await client.reply() for _ in range(2)]
+        assert [r.headers["x-path"] for r in replies if r] == ["/1", "/2"]
+        assert await client.closed()
+
+
 async def test_a_client_that_does_not_read_stops_being_read(settings):
     """Pipelined requests whose answers the client never reads: the driver
     stops parsing once the unsent answers pass its bound, instead of

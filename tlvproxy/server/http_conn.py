@@ -511,7 +511,10 @@ class _Connection:
                 # moves it to keepalive_timeout after the last answer.
                 idle_deadline = self._received_at + self._settings.keepalive_timeout
             else:
-                return False  # the peer closed between requests
+                # The peer closed (or shut down its sending side) between
+                # requests: the answers still owed are written first (a
+                # pipelining parser reads the end before they are ready).
+                return bool(self._order or self._out)
 
     _answered = False  # an answer was queued since the last write (see `_answer`)
 
