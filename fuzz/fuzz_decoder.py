@@ -1,4 +1,4 @@
-"""Fuzz target for the TLV decoder (SPEC 1), shaped like h11's fuzz/afl-server.py.
+"""Fuzz target for the TLV decoder (docs/protocol.md), shaped like h11's fuzz/afl-server.py.
 
 Run with `python fuzz/fuzz_decoder.py -max_total_time=60 fuzz/corpus/decoder`
 (`make fuzz`). An input's first byte picks one of LAYOUTS; the rest is the stream.
@@ -109,7 +109,7 @@ def _drain(decoder: FrameDecoder, frames: list[Frame]) -> bool:
 def check_stream(
     layout: HeaderLayout, data: bytes, chunks: Sequence[bytes]
 ) -> tuple[list[Frame], FramingError | None]:
-    """Decode `chunks` (which join to `data`) and check every SPEC 1 promise."""
+    """Decode `chunks` (which join to `data`) and check every promise of docs/protocol.md."""
     assert b"".join(chunks) == data
     frames, error = decode(layout, chunks)
     wire = b"".join(encode_frame(layout, frame) for frame in frames)

@@ -1,4 +1,4 @@
-"""Fuzz target for the HTTP request path of both parsers (SPEC 4.2, 4.3).
+"""Fuzz target for the HTTP request path of both parsers (docs/reference.md "Limits").
 
 Run with `python fuzz/fuzz_http.py -max_total_time=60 -dict=fuzz/http.dict
 build/fuzz-corpus/http fuzz/corpus/http` (`make fuzz FUZZ_TARGET=http`). An input's first byte picks
@@ -29,12 +29,12 @@ For each parser, whatever the input:
   multiple of the input's size and the objects of the 32 pipelined requests
   a connection may hold.
 
-Between the parsers (SPEC 4.3: "both parsers accept and refuse the same
-requests"): the handler is given the same requests (method, target, version,
-headers, body) in the same order, the answers accept and refuse alike, and an
-upgrade is taken at the same point; and neither accepts a request with both
-Content-Length and Transfer-Encoding. FUZZ_HTTP_DIFF says what a difference
-is: `assert` (the default: a crash), `report` (one file per kind in
+Between the parsers (docs/reference.md "Limits": both "accept and refuse the
+same bytes, at the same point"): the handler is given the same requests (method,
+target, version, headers, body) in the same order, the answers accept and refuse
+alike, and an upgrade is taken at the same point; and neither accepts a request
+with both Content-Length and Transfer-Encoding. FUZZ_HTTP_DIFF says what a
+difference is: `assert` (the default: a crash), `report` (one file per kind in
 build/fuzz-http-diffs/, then fuzzing goes on) or `off`.
 
 tests/server/test_http_fuzz.py runs the driver on random bytes under
@@ -103,9 +103,9 @@ SETTINGS = {
 # into: whatever a connection holds came in as input), and the objects of the
 # 32 pipelined requests a connection may hold while they wait for their
 # answers. A chunked body in one-byte chunks must cost no more than the same
-# body with Content-Length (SPEC 4.3): a parser that keeps an object per chunk
-# (some 60 bytes for each chunk of 6) passes the bound once the body has a few
-# thousand chunks (fuzz/corpus/http/post-chunked-4000-one-byte-chunks).
+# body with Content-Length (docs/reference.md "Limits"): a parser that keeps an
+# object per chunk (some 60 bytes for each chunk of 6) passes the bound once the
+# body has a few thousand chunks (fuzz/corpus/http/post-chunked-4000-one-byte-chunks).
 MEMORY_SLACK = 32 * 1024
 MEMORY_PER_INPUT_BYTE = 4
 MEMORY_HELD = 32 * 1024
@@ -524,7 +524,7 @@ def check_run(run: Run, plan: Plan, data: bytes) -> None:
 
 
 def compare(runs: Sequence[Run], data: bytes) -> None:
-    """The parsers' agreement (SPEC 4.3), asserted or reported per DIFF_MODE."""
+    """The parsers' agreement (docs/reference.md "Limits"), asserted or reported per DIFF_MODE."""
     if DIFF_MODE == "off":
         return
     try:

@@ -1,4 +1,4 @@
-"""Fuzz target for the WebSocket frame path (SPEC 5), through the real session.
+"""Fuzz target for the WebSocket frame path (docs/websocket.md), through the real session.
 
 Run with `python fuzz/fuzz_websocket.py -max_total_time=60
 -dict=fuzz/websocket.dict build/fuzz-corpus/websocket fuzz/corpus/websocket`
@@ -21,13 +21,15 @@ pair, the client on the other. Whatever the input:
 - the client reads the 101 answer and then only well-formed server frames:
   unmasked, final, no RSV bit, text (a JSON object: an answer, a push or an
   error), binary (in binary mode, exactly one TLV frame), pong or close;
-  nothing after the close frame, whose code is one SPEC 5 names;
+  nothing after the close frame, whose code is one of CLOSE_CODES below
+  (docs/websocket.md "Close codes");
 - the session ends, and with a close frame unless the client half-closed
   first (then it may just close); it never outlives an hour of mock time;
 - the run's memory (tracemalloc peak, see harness.py for which runs are
-  traced) stays below the peak of a session that sends nothing plus a
-  slack, a small multiple of the input's size and what SPEC 5 lets a session
-  hold (a message of `max_message` bytes in up to 1,024 fragments).
+  traced) stays below the peak of a session that sends nothing plus a slack, a
+  small multiple of the input's size and what a session may hold (a message of
+  `max_message` bytes in up to 1,024 fragments, as docs/websocket.md
+  "Close codes" says).
 
 Importing this file does not import atheris; tests/server/test_websocket*.py
 cover the same path with hand-made frames.
@@ -89,10 +91,10 @@ MAX_CHUNKS = 256
 # will come (idle_timeout is 2 minutes, CLOSE_TIMEOUT 5 s).
 LIFETIME = 3600.0
 
-# Close codes the gateway may send: its own (SPEC 5) and wsproto's verdicts on
-# protocol errors (1002, 1007); a client's close is answered with its code,
-# which may be any the RFC lets a client send (RFC 6455 7.4). 1005 and 1006
-# are never sent on the wire.
+# Close codes the gateway may send: its own (docs/websocket.md "Close codes")
+# and wsproto's verdicts on protocol errors (1002, 1007); a client's close is
+# answered with its code, which may be any the RFC lets a client send (RFC 6455
+# 7.4). 1005 and 1006 are never sent on the wire.
 CLOSE_CODES = frozenset(
     {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, *range(3000, 5000)}
 )

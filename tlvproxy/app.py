@@ -1,7 +1,8 @@
 """The gateway in one process: the current table, its pools and policy, the listeners.
 
 Owns: the `Runtime` of each loaded table (pools, rate limiter, WAF), swapping it
-on reload, the HTTP and admin listeners, and the drain sequence (SPEC 7).
+on reload, the HTTP and admin listeners, and the drain sequence
+(docs/operations.md "Reload", "Drain").
 Must not: parse HTTP, frames or YAML; it wires the modules that do.
 """
 
@@ -111,7 +112,8 @@ class CannotListen(OSError):
 
 
 def bind_listener(address: Address, *, reuse_port: bool) -> trio.SocketListener:
-    """A listening socket on `address`; SO_REUSEPORT lets workers share a port (SPEC 7).
+    """A listening socket on `address`; SO_REUSEPORT lets workers share a port
+    (docs/operations.md "Workers").
 
     Raises CannotListen (an OSError) naming the address when it cannot be bound.
     """
@@ -210,7 +212,8 @@ class Gateway:
     async def reload(self, path: Path | None = None) -> str:
         """Load the table again from disk and swap it in; returns its version.
 
-        Raises TableError with every problem; the running table stays (SPEC 6, 7).
+        Raises TableError with every problem; the running table stays
+        (docs/operations.md "Reload").
         """
         async with self._reload_lock:
             source = path or self.runtime.table.source
@@ -264,8 +267,9 @@ class Gateway:
             auth=authenticators,
         )
         if retired and old is not None:
-            # Requests that started on the old table finish on it (SPEC 7); none
-            # can outlive its longest upstream timeout, so retire pools after that.
+            # Requests that started on the old table finish on it
+            # (docs/operations.md "Reload"); none can outlive its longest upstream
+            # timeout, so retire pools after that.
             self._pool_nursery.start_soon(self._retire, retired, _longest_timeout(old.table))
 
     async def _start_remote_keys(self, table: Table) -> dict[_KeysWanted, RemoteKeys]:
@@ -337,9 +341,9 @@ class Gateway:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until drained: bind, report readiness, then run every connection.
 
-        Drain (SPEC 7): stop accepting, /readyz answers 503, in-flight requests get
-        up to shutdown_timeout, idle keep-alive connections close, WebSocket
-        sessions close with 1001.
+        Drain (docs/operations.md "Drain"): stop accepting, /readyz answers 503,
+        in-flight requests get up to shutdown_timeout, idle keep-alive connections
+        close, WebSocket sessions close with 1001.
         """
         table = self._initial
         self._descriptor_limit = raise_descriptor_limit()
@@ -486,7 +490,7 @@ class Gateway:
         errors: ErrorHandler,
     ) -> None:
         # The admin listener keeps answering while draining: /readyz must say
-        # 503 to the load balancer until the process exits (SPEC 7).
+        # 503 to the load balancer until the process exits (docs/operations.md "Drain").
         try:
             await serve_http_connection(
                 stream, peer, self._settings(self.runtime.table), handler, errors, timer=self._timer

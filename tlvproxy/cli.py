@@ -1,4 +1,4 @@
-"""The command line (SPEC 2): serve, check, call, mock-upstream, demo-keys, openapi.
+"""The command line: serve, check, call, mock-upstream, demo-keys, openapi.
 
 Owns: argument parsing and exit codes; each sub-command hands off to the module
 that does the work. Must not: hold gateway logic of its own.
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="log level (default: info)",
     )
-    # Set by the supervisor for the worker processes it starts (SPEC 7 workers).
+    # Set by the supervisor for the worker processes it starts (docs/operations.md "Workers").
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
     check = command(

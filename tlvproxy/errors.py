@@ -1,7 +1,8 @@
 """The gateway's error hierarchy: each error carries its own answer.
 
-Owns: the SPEC 4.2 error table (code and HTTP status) and the SPEC 5 close codes,
-and the two renderings of an error (a REST JSON body, a WebSocket error message).
+Owns: the error table (code and HTTP status, docs/reference.md "Errors") and the
+close codes (docs/websocket.md "Close codes"), and the two renderings of an error
+(a REST JSON body, a WebSocket error message).
 Must not: do I/O or know about h11/wsproto; callers turn a rendering into bytes.
 """
 
@@ -11,10 +12,12 @@ from typing import Any, ClassVar
 
 
 class GatewayError(Exception):
-    """An error the gateway answers with: `code` and `http_status` per SPEC 4.2.
+    """An error the gateway answers with: `code` and `http_status` (docs/reference.md
+    "Errors").
 
-    `ws_close` is the WebSocket close code when the error ends a session (SPEC 5);
-    None means it is a per-message error and the session stays open.
+    `ws_close` is the WebSocket close code when the error ends a session
+    (docs/websocket.md "Close codes"); None means it is a per-message error and the
+    session stays open.
     """
 
     code: ClassVar[str] = "internal_error"
@@ -96,7 +99,8 @@ class RateLimited(GatewayError):
 
 
 class UpstreamStatus(GatewayError):
-    """The upstream answered a non-zero status (SPEC 4.1); the HTTP status is mapped."""
+    """The upstream answered a non-zero status; the HTTP status is mapped by `status_map`
+    (docs/reference.md "Mapping")."""
 
     code = "upstream_status"
 
@@ -164,7 +168,8 @@ def status_of(error: GatewayError) -> int:
 
 
 def error_body(error: GatewayError, request_id: str) -> dict[str, Any]:
-    """The SPEC 4.2 JSON error body: {"error": {code, message, request_id, ...}}."""
+    """The JSON error body: {"error": {code, message, request_id, ...}}
+    (docs/reference.md "Errors")."""
     inner: dict[str, Any] = {
         "code": error.code,
         "message": error.message,
@@ -175,7 +180,8 @@ def error_body(error: GatewayError, request_id: str) -> dict[str, Any]:
 
 
 def ws_error_message(error: GatewayError, seq: Any) -> dict[str, Any]:
-    """The SPEC 5 per-message error: {"seq": N, "error": {code, message}}."""
+    """The per-message error: {"seq": N, "error": {code, message}} (docs/websocket.md
+    "json mode")."""
     inner: dict[str, Any] = {"code": error.code, "message": error.message}
     inner.update(error.details())
     return {"seq": seq, "error": inner}

@@ -1,4 +1,4 @@
-"""The sans-I/O TLV codec: `0x09 | header | body | 0x0A` (SPEC 1).
+"""The sans-I/O TLV codec: `0x09 | header | body | 0x0A` (docs/protocol.md "Frames").
 
 Owns: header layouts (`HeaderLayout`), the `Frame` value, the incremental
 `FrameDecoder` and `encode_frame`.
@@ -7,7 +7,8 @@ Must not: do I/O, await, read a clock or import trio; callers move the bytes.
 The decoder has the shape of `h11.Connection`: `receive_data(chunk)` only
 buffers (b"" means EOF), `next_event()` returns a `Frame`, `NEED_DATA` or
 `ConnectionClosed`, or raises a `FramingError`. After an error it stays broken:
-the SPEC forbids resynchronising on a stream whose framing we no longer trust.
+it never resynchronises on a stream whose framing we no longer trust
+(docs/protocol.md "The decoder and its errors").
 
 Every upstream byte goes through the decoder, so it is built for speed: each
 layout compiles, once, a decoding function specialised to its fields (as attrs
@@ -36,7 +37,8 @@ FLAG_PUSH: Final = 0x02
 FieldType = Literal["u8", "u16", "u32", "u64"]
 _STRUCT_CODES: Final[dict[str, str]] = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q"}
 _FIELD_BITS: Final[dict[str, int]] = {"u8": 8, "u16": 16, "u32": 32, "u64": 64}
-# Fields the gateway fills itself (SPEC 1); any other field is sent as its `value` or 0.
+# Fields the gateway fills itself (docs/protocol.md "Custom header layouts"); any other
+# field is sent as its `value` or 0.
 _FRAME_FIELDS: Final = ("command", "seq", "uid", "flags", "status")
 _REQUIRED: Final = ("command", "seq", "length")
 # Chunks smaller than this that arrive behind a partial frame are appended to one
@@ -175,7 +177,7 @@ _PackWire = Callable[[int, int, int, int, int, bytes, tuple[int, ...]], bytes]
 
 @attrs.frozen(slots=True, kw_only=True)
 class HeaderLayout:
-    """A header layout (SPEC 3 `framing`), compiled once when it is built.
+    """A header layout (docs/configuration.md "framing"), compiled once when it is built.
 
     Raises LayoutError when a required field is missing, a name repeats, a type
     is unknown, a field the gateway fills has a fixed value, a fixed value does
@@ -264,7 +266,8 @@ class HeaderLayout:
 
 
 def default_layout(max_body: int = DEFAULT_MAX_BODY) -> HeaderLayout:
-    """The SPEC 1 default header: version, flags, command, seq, uid, length, status, reserved."""
+    """The default header: version, flags, command, seq, uid, length, status, reserved
+    (docs/protocol.md "The default header")."""
     return HeaderLayout(
         fields=(
             HeaderField(name="version", type="u8", value=1),
@@ -427,7 +430,7 @@ class RequestEncoder:
 
 
 class FrameDecoder:
-    """Incremental, bounded TLV decoder (SPEC 1).
+    """Incremental, bounded TLV decoder (docs/protocol.md "The decoder and its errors").
 
     Fed a chunk at a time and drained with `next_event` after each, it holds at
     most one maximal frame plus one chunk. Its work is linear in the bytes fed,
@@ -621,7 +624,8 @@ class FrameDecoder:
         return NEED_DATA
 
     def _fail(self, error: FramingError) -> FramingError:
-        # Dead for good (SPEC 1): drop the buffered bytes, keep the error to repeat.
+        # Dead for good (docs/protocol.md "The decoder and its errors"): drop the
+        # buffered bytes, keep the error to repeat.
         self._error = error
         self._buf, self._pos = b"", 0
         self._pending.clear()

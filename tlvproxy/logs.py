@@ -1,4 +1,4 @@
-"""JSON logging set-up and the access record's shape (SPEC 7).
+"""JSON logging set-up and the access record's shape (docs/operations.md "Logs").
 
 Owns: the stdout JSON-lines handler (python-json-logger), the field names of
 access records, and `log_batch`, which writes a batch of records as the handler
@@ -381,8 +381,8 @@ def access_record(
     duration_ms: float,
     identity: Identity | None = None,
 ) -> dict[str, Any]:
-    """The `extra` of one REST access record, with the SPEC 7 field names, and
-    the verified identity's when there is one (docs/operations.md)."""
+    """The `extra` of one REST access record, with its field names and the
+    verified identity's when there is one (docs/operations.md "Access records")."""
     record: dict[str, Any] = {
         "request_id": request_id,
         "client_ip": client_ip,

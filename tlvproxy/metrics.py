@@ -1,4 +1,4 @@
-"""Every Prometheus metric of SPEC 6, on one object per process.
+"""Every Prometheus metric of docs/operations.md "Metrics", on one object per process.
 
 Owns: the metric objects, their names, labels and buckets.
 Must not: keep module-level metric objects (tests run many gateways in one

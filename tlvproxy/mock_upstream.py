@@ -1,4 +1,4 @@
-"""The demo IM service: a TLV server for trying the gateway out (SPEC 2 `mock-upstream`).
+"""The demo IM service: a TLV server for trying the gateway out (`tlvproxy mock-upstream`).
 
 Owns: the demo service's behaviour, its in-memory messages, and which connection
 gets which push. Must not: be imported by the gateway; it uses framing.py and the

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of a table's REST routes (SPEC 2 `tlvproxy openapi`, SPEC 6).
+"""The OpenAPI 3.1 document of a table's REST routes (docs/operations.md "Admin listener").
 
 Owns: turning a loaded `Table` into one OpenAPI document: an operation per REST
 route with its path, query and header parameters, its request body and its
@@ -7,7 +7,7 @@ JSON mapping writes them under the command's `json` options.
 Must not: do I/O, import trio, or change the table. `tlvproxy openapi` prints the
 result and the admin listener serves it at GET /openapi.json.
 
-Decisions the SPEC leaves open:
+Decisions made here:
 - Schemas describe what the gateway writes: field names per `json.field_names`,
   enums per `json.enums`, 64-bit integers as decimal strings, bytes as base64.
   On input the gateway is more lenient (both field spellings, enums by name or
@@ -21,8 +21,9 @@ Decisions the SPEC leaves open:
   parameters are required. Fields filled from `fields` are the gateway's, so
   they are not parameters; key expressions reading a header, query value or
   cookie (`uid`, `fields`) become optional parameters of that kind.
-- Every error status of SPEC 4.2 is listed, plus each `status_map` value not
-  among them; with `envelope: true` every answer is HTTP 200 with the envelope.
+- Every error status of docs/reference.md "Errors" is listed, plus each
+  `status_map` value not among them; with `envelope: true` every answer is HTTP
+  200 with the envelope.
 - `json` commands take and give any JSON value; `raw` commands take and give
   application/octet-stream (a base64 string inside an envelope).
 """
@@ -48,7 +49,7 @@ _JSON: Final = "application/json"
 _OCTETS: Final = "application/octet-stream"
 _BODYLESS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
-# SPEC 4.2: every error status and the codes it carries.
+# Every error status and the codes it carries (docs/reference.md "Errors").
 ERROR_CODES: Final[dict[int, tuple[str, ...]]] = {
     400: ("bad_request",),
     401: ("unauthorized",),
@@ -223,7 +224,7 @@ def _error_body_schema() -> dict[str, Any]:
     codes = sorted({code for group in ERROR_CODES.values() for code in group})
     return {
         "type": "object",
-        "description": "The error answer of SPEC 4.2.",
+        "description": 'The error answer; see the gateway\'s docs/reference.md, "Errors".',
         "required": ["error"],
         "properties": {
             "error": {
@@ -306,8 +307,8 @@ class _Builder:
             self._error_responses()
 
     def _error_responses(self) -> None:
-        """One answer per SPEC 4.2 error status, and per `status_map` value: an
-        upstream status mapped onto a status answers with code upstream_status."""
+        """One answer per error status (docs/reference.md "Errors"), and per `status_map`
+        value: an upstream status mapped onto a status answers with code upstream_status."""
         mapped: dict[int, list[int]] = {}
         for upstream_status, http_status in sorted(self.table.status_map.items()):
             mapped.setdefault(http_status, []).append(upstream_status)
@@ -398,8 +399,10 @@ class _Builder:
             for field in request.fields:
                 if field.number in taken:
                     continue
+                # Overlays set top-level scalars only (docs/configuration.md "How a REST
+                # request becomes a request message (overlays)").
                 if field.is_repeated or field.message_type is not None:
-                    continue  # SPEC 4.1 overlays set top-level scalars only
+                    continue
                 seen.add(("query", field.name))
                 parameters.append(
                     {

@@ -1,8 +1,8 @@
-"""REST routing: (method, path) -> the command's route and its path parameters (SPEC 4.1).
+"""REST routing: (method, path) -> the command's route and its path parameters.
 
 Owns: parsing `http.path` templates (`/v1/users/{user_id}/profile`), finding
 conflicts between routes, and matching a request to a route, telling 404 from
-405 (SPEC 4.2).
+405 (docs/configuration.md "Routes").
 Must not: parse HTTP, percent-decode, or read the query string; the server hands
 over the decoded path.
 
@@ -271,7 +271,8 @@ class Router:
         if found is not None:
             route, names = found
             return RouteMatch(route, dict(zip(names, values, strict=True)))
-        # No route for this method: 405 if the path has routes for others (SPEC 4.2).
+        # No route for this method: 405 if the path has routes for others
+        # (docs/configuration.md "Routes").
         allowed: set[str] = set()
         for node in _walk(self._root, parts, 0):
             allowed.update(node.routes)

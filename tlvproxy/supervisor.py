@@ -1,4 +1,4 @@
-"""Running the gateway: one process, or a supervisor and N workers (SPEC 7).
+"""Running the gateway: one process, or a supervisor and N workers (docs/operations.md).
 
 Owns: signal handling (SIGHUP reloads, SIGTERM/SIGINT drain, a second one forces
 the exit), the garbage collector's settings, the worker processes (SO_REUSEPORT
@@ -103,8 +103,8 @@ def run_serve(
         if not _report(_LISTEN_FAILED + str(failure)):
             log.error(str(failure), extra={"address": str(failure.address)})
         return EXIT_CANNOT_LISTEN
-    # SPEC 2: one line naming the address and the reason, no traceback, and
-    # nothing reported as ready (docs/operations.md "Starting").
+    # One line naming the address and the reason, no traceback, and nothing
+    # reported as ready (docs/operations.md "Starting").
     log.error(str(failure), extra={"address": str(failure.address)})
     return 1
 
@@ -199,7 +199,8 @@ async def _handle_signals(
                 log.info("draining", extra={"signal": signal.Signals(signum).name})
                 gateway.drain()
             else:
-                # SPEC 7: a second signal forces the exit, whatever is still running.
+                # A second signal forces the exit, whatever is still running
+                # (docs/operations.md "Signals").
                 log.warning("second signal: exiting now")
                 logging.shutdown()
                 os._exit(1)
@@ -366,7 +367,8 @@ class Supervisor:
                 return
             if code == EXIT_CANNOT_LISTEN:
                 # A restart would fail the same way. One line says where and why
-                # for every worker (SPEC 2); the others are stopped.
+                # for every worker; the others are stopped (docs/operations.md
+                # "Workers").
                 self._failed = True
                 log.error(self._listen_failure or "a worker cannot listen", extra={"worker": index})
                 self._stop()

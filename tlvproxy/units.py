@@ -1,4 +1,4 @@
-"""Parsing of the table's units: durations, sizes and rates (SPEC 3).
+"""Parsing of the table's units: durations, sizes and rates (docs/configuration.md).
 
 Owns: the text forms "500ms", "3s", "2m", "64 KiB", "1 MiB", "10/s", "600/m".
 Must not: know about YAML or the table; callers attach locations to the ValueError.

@@ -1,4 +1,4 @@
-"""Key expressions: which value of an incoming request a rule or field uses (SPEC 3).
+"""Key expressions: which value of an incoming request a rule or field uses.
 
 Owns: parsing `remote_addr`, `header.NAME`, `query.NAME`, `path.NAME`,
 `cookie.NAME`, `auth.sub`, `auth.consumer`, `auth.claim.NAME`, and evaluating

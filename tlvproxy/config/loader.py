@@ -1,4 +1,5 @@
-"""commands.yaml -> one immutable `Table` (SPEC 3), or every problem with its location.
+"""commands.yaml -> one immutable `Table`, or every problem with its location
+(docs/configuration.md).
 
 Owns: the top-level keys, `proto`, `commands`, `websocket` and `rate_limits`,
 the cross-references between sections (upstreams, messages, commands, routes),
@@ -7,9 +8,9 @@ table's `version`, and the route listing `tlvproxy check` prints. The
 self-contained sections are read by `sections.py`, over `nodes.py`.
 Must not: open sockets, read a clock or import trio. It reads the table and the
 .proto files, and is slow enough (protoc) that a running gateway calls it through
-`trio.to_thread.run_sync` (STYLE 5).
+`trio.to_thread.run_sync`.
 
-Decisions the SPEC leaves open:
+Decisions made here:
 - `proto.paths` defaults to the table's own directory.
 - A protobuf command needs both `request` and `response`. A push command has
   `push` and neither `upstream`, `http`, `request`, `response`, `uid`, `fields`,

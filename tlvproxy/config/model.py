@@ -1,4 +1,4 @@
-"""The loaded table as immutable values (SPEC 3).
+"""The loaded table as immutable values (docs/configuration.md).
 
 Owns: the attrs classes a loaded commands.yaml becomes, with normalised units
 (seconds as float, bytes as int, rates per second) and their defaults.

@@ -1,4 +1,4 @@
-"""Reading YAML nodes with their locations, collecting every problem (SPEC 3).
+"""Reading YAML nodes with their locations, collecting every problem (docs/configuration.md).
 
 Owns: `NodeReader`, which walks a composed YAML node tree (PyYAML nodes keep
 their marks), converts scalars to typed values, rejects unknown and duplicate

@@ -1,6 +1,6 @@
-"""Reading the table's self-contained sections (SPEC 3): listen, trusted_proxies,
-framing, json, upstreams, status_map, limits and waf, and the value converters
-the loader shares.
+"""Reading the table's self-contained sections (docs/configuration.md): listen,
+trusted_proxies, framing, json, upstreams, status_map, limits and waf, and the
+value converters the loader shares.
 
 Owns: what each key of those sections accepts and the model values they become.
 Must not: look across sections (undefined upstreams, messages, commands and
@@ -73,7 +73,9 @@ def _address(low_port: int) -> Any:
 
 
 def key_expr(value: Any) -> KeyExpr:
-    """A key expression (SPEC 3). Raises ValueError naming the accepted forms."""
+    """A key expression (docs/configuration.md "Key expressions").
+
+    Raises ValueError naming the accepted forms."""
     return parse_key(value)
 
 

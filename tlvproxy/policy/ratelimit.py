@@ -1,4 +1,5 @@
-"""Rate limits: leaky buckets per (rule, key value) -> admit or refuse (SPEC 4.4).
+"""Rate limits: leaky buckets per (rule, key value) -> admit or refuse
+(docs/configuration.md "rate_limits").
 
 Owns: the `rate_limits` rules' bucket state for one process, with the semantics of
 OpenResty's resty.limit.req without delay: requests flow out at `rate` per second,
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
     from tlvproxy.config.keys import KeyExpr, RequestView
     from tlvproxy.config.model import RateLimitRule
 
-# SPEC 4.4: a request whose key is absent is limited under this key.
+# A request whose key is absent is limited under this key (docs/configuration.md
+# "rate_limits").
 ABSENT_KEY = "-"
 # Float slack, in requests and seconds: a bucket that should have drained exactly
 # in time (4.00001 - 2.00001 is not exactly 2.0) admits, and 2.0000000000000004 s
@@ -48,7 +50,8 @@ class Refusal:
     retry_after: int
 
     def error(self) -> RateLimited:
-        """The `rate_limited` error to answer with (SPEC 4.2: 429 with Retry-After)."""
+        """The `rate_limited` error to answer with: 429 with Retry-After
+        (docs/reference.md "Errors")."""
         return RateLimited(
             f"rate limit {self.rule!r} exceeded; retry in {self.retry_after} s",
             self.retry_after,

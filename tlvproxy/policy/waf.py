@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["Waf", "WafMatch", "catastrophic_reason"]
 
 # Where a REST request is scanned, in this order (a rule is reported once, at the
-# first location that matches). SPEC 3 `waf[].in`.
+# first location that matches). `in` in docs/configuration.md "waf".
 _REQUEST_LOCATIONS: tuple[WafLocation, ...] = ("path", "query", "body", "headers")
 # The characters CPython's case-insensitive matching equates with an ASCII letter
 # although str.lower() does not (re._compiler's equivalences; checked by a test
@@ -67,7 +67,8 @@ class WafMatch:
     location: str
 
     def error(self) -> Forbidden:
-        """The `forbidden` error for a `deny` match (SPEC 4.2: 403; close 1008 on WS)."""
+        """The `forbidden` error for a `deny` match: 403, or close 1008 on a WebSocket
+        (docs/configuration.md "waf")."""
         return Forbidden(f"refused by WAF rule {self.rule!r} (matched in the {self.location})")
 
 

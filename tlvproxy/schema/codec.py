@@ -1,4 +1,5 @@
-"""Body codecs: one per command, between JSON callers and frame bodies (SPEC 3, 4.1).
+"""Body codecs: one per command, between JSON callers and frame bodies (docs/reference.md
+"Mapping").
 
 Owns: turning a REST body plus its overlays (query, path parameters, `fields`)
 or a WebSocket JSON value into a frame body, and a frame body back into JSON,
@@ -10,7 +11,7 @@ call them. Protobuf bodies go through the converters of convert.py, built per
 message type; this module's generic reader stays the reference they fall back
 to, and the one that words every error.
 
-Decisions the SPEC leaves open:
+Decisions made here:
 - `protobuf` JSON input follows the proto3 JSON mapping: both proto and lowerCamelCase
   field names, enums by name or number, 64-bit integers as numbers or strings, bytes
   as base64, `null` meaning "unset". A key given twice (as `user_name` and `userName`)
@@ -607,7 +608,7 @@ _NO_BODY: Final = object()
 
 
 class ProtobufCodec(CommandCodec):
-    """proto3 JSON <-> protobuf bytes for one command (SPEC 3 `json` options).
+    """proto3 JSON <-> protobuf bytes for one command (docs/configuration.md "json").
 
     `request` is None for a push command: its `response` is the push message, and
     encoding a request raises BadRequest. With `fast` (the default) bodies go
@@ -723,7 +724,7 @@ def _serialize(message: Message) -> bytes:
 
 
 class JsonCodec(CommandCodec):
-    """A JSON body passed through unchanged once it parses (SPEC 4.1)."""
+    """A JSON body passed through unchanged once it parses (docs/reference.md "Mapping")."""
 
     content_type = JSON_CONTENT_TYPE
     uses_overlays = False

@@ -1,4 +1,5 @@
-"""Protobuf <-> proto3 JSON converters specialised per message type (SPEC 3 `json`).
+"""Protobuf <-> proto3 JSON converters specialised per message type
+(docs/configuration.md "json").
 
 Owns: for one set of `json` options, a writer per message type (message -> JSON
 dict, equal to `json_format.MessageToDict` with the matching flags) and a fast

@@ -1,4 +1,5 @@
-"""Compiling the table's .proto files into a private descriptor pool (SPEC 3 `proto`).
+"""Compiling the table's .proto files into a private descriptor pool
+(docs/configuration.md "proto").
 
 Owns: running protoc (grpcio-tools, in process) over `proto.files`, turning its
 errors into located problems, and the `Schema`: one private `DescriptorPool` and

@@ -1,4 +1,4 @@
-"""REST access records handed to `logging` in batches (SPEC 7).
+"""REST access records handed to `logging` in batches (docs/operations.md "Access records").
 
 Owns: the access records of one process between the request that made them and
 the `tlvproxy.access` logger. A request adds its record and goes on; `run()`

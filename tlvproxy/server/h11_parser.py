@@ -7,7 +7,7 @@ Content-Length body as it arrives, or, for a chunked body, the shared
 `ChunkedBody` decoder and an empty last chunk once it is done. Also: h11 events
 and errors into the seam's events and GatewayErrors, and serialising responses
 through h11, which checks both directions.
-Must not: import trio or do I/O (STYLE 1); answer anything on its own; keep a
+Must not: import trio or do I/O; answer anything on its own; keep a
 list of body pieces (the body is joined as it arrives).
 """
 

@@ -1,11 +1,12 @@
 """One HTTP/1.1 connection: read requests, submit them, write the answers in order.
 
-Owns: the connection's life (SPEC 4.3): keep-alive, pipelining (answers in
-request order, written as soon as the one at the head is ready), `100
-Continue`, the time limits (`header_timeout` for each request's head and body,
-`keepalive_timeout` between requests, SPEC 4.2 408; fired by a `DeadlineTimer`
+Owns: the connection's life (docs/reference.md "Keep-alive and pipelining"):
+keep-alive, pipelining (answers in request order, written as soon as the one at
+the head is ready), `100 Continue`, the time limits (`header_timeout` for each
+request's head and body, `keepalive_timeout` between requests, 408:
+docs/reference.md "Errors"; fired by a `DeadlineTimer`
 shared by a worker's connections), draining (503 for a new request, idle
-connections closed at once, SPEC 7), the handover of an upgraded connection,
+connections closed at once, docs/operations.md "Drain"), the handover of an upgraded connection,
 and closing the stream whatever happens.
 Must not: parse HTTP itself (a `RequestParser` from `parsers.py` does that, h11
 or httptools alike), or know routes or JSON (`rest.py` does, through `handler`
@@ -120,7 +121,7 @@ class Response:
 
 @attrs.frozen(slots=True, kw_only=True)
 class HttpSettings:
-    """The limits (SPEC 3 `limits`) and the parser one connection runs with."""
+    """The limits (docs/configuration.md "limits") and the parser one connection runs with."""
 
     max_header_bytes: int
     max_request_body: int
@@ -141,7 +142,7 @@ class HttpSettings:
 
 
 class DrainSignal:
-    """Tells every connection sharing it that the gateway drains (SPEC 7).
+    """Tells every connection sharing it that the gateway drains (docs/operations.md "Drain").
 
     Once `set()`, a new request gets 503 and closes the connection, and idle
     connections close at once: `set()` wakes those waiting for a next request
@@ -224,7 +225,7 @@ async def serve_http_connection(
     """Serve HTTP/1.1 on `stream` until either side closes it; always close it.
 
     Errors the driver detects become answers through `error_handler` and close
-    the connection (SPEC 4.2): BadRequest (malformed), HeadersTooLarge,
+    the connection (docs/reference.md "Errors"): BadRequest (malformed), HeadersTooLarge,
     PayloadTooLarge, RequestTimeout, ShuttingDown (a request while `draining()`
     or `drain_signal` is set). An exception from an async `handler` is logged
     and answered with error_handler(GatewayError("internal error"), request),
@@ -261,7 +262,7 @@ async def serve_http_connection(
                     # The peer reset or vanished: there is nobody left to answer.
                     log.debug("HTTP connection from %s lost", remote_addr)
                 except Exception:
-                    # The one catch-all (STYLE 4): a bug here must cost one
+                    # The one catch-all: a bug here must cost one
                     # connection, not the worker.
                     log.exception("HTTP connection from %s failed", remote_addr)
                 finally:
@@ -376,7 +377,7 @@ class _Connection:
                 # connection while this task waited for bytes.
                 await self._close_gracefully()
             elif self._scope.cancelled_caught and not self._idle:
-                # A deadline fired while a request was under way (SPEC 4.2 408).
+                # A deadline fired while a request was under way (408, docs/reference.md "Errors").
                 part = "head" if self._head is None else "body"
                 raise RequestTimeout(
                     f"the request {part} did not arrive within {self._settings.header_timeout:g}s"
@@ -392,7 +393,8 @@ class _Connection:
         parser = self._parser
         header_timeout = self._settings.header_timeout
         # A new connection's first head must arrive within header_timeout of the
-        # accept; later ones within header_timeout of their first byte (SPEC 3).
+        # accept; later ones within header_timeout of their first byte
+        # (docs/configuration.md "limits").
         now = self._now
         signal = self._drain_signal
         draining = self._draining
@@ -485,7 +487,7 @@ class _Connection:
                         await self._hand_over(request)
                         return False
                     # A switch we do not take leaves the parser past the end of
-                    # HTTP on this connection: answer, then close (SPEC 4.3).
+                    # HTTP on this connection: answer, then close (docs/reference.md "Limits").
                     keep_alive = False
                 else:
                     keep_alive = head.keep_alive
@@ -612,7 +614,8 @@ class _Connection:
         while order and (answer := order[0]).response is not None:
             order.popleft()
             response = answer.response
-            # While draining, the last answer owed closes the connection (SPEC 7).
+            # While draining, the last answer owed closes the connection
+            # (docs/operations.md "Drain").
             close = not answer.keep_alive or (
                 not order and (self._close_after_answers or self._is_draining())
             )

@@ -5,7 +5,7 @@ into the seam's events, the shared rules llhttp does not apply itself (the
 request line's method, version and spacing, the request-target's form, Host
 and the framing fields: `parsers.framing_problem`), and serialising responses
 from a precomputed status-line table in one join.
-Must not: import trio or do I/O (STYLE 1); behave differently from
+Must not: import trio or do I/O; behave differently from
 `h11_parser.py`, the reference: the same input gives the same events and errors;
 keep a list of body pieces (the body is joined as it arrives).
 

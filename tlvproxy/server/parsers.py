@@ -6,7 +6,7 @@ implementations (`h11_parser.py`, the reference, and `httptools_parser.py`, the
 fast one) follow, the rules they share (what a well-formed request is, limits,
 keep-alive, response checks), and the factory that picks one.
 Must not: import trio, touch sockets or read a clock; the driver in
-`http_conn.py` moves the bytes and owns every deadline (STYLE 1, 5).
+`http_conn.py` moves the bytes and owns every deadline.
 
 One strictness for both parsers (docs/reference.md "Limits"): each keeps the
 bytes it receives and hands its library one whole head at a time, found here
@@ -15,7 +15,7 @@ below whichever library parsed them; a chunked body is decoded by the shared
 `chunked.ChunkedBody`. So the same bytes are accepted or refused alike, and at
 the same point.
 
-Limits live inside the parser (STYLE 3): a head (request line, header lines and
+Limits live inside the parser: a head (request line, header lines and
 blank line, as received) over `max_header_bytes` raises `HeadersTooLarge` as
 soon as that many bytes of it are buffered; a declared Content-Length over
 `max_body` raises `PayloadTooLarge` on the `next_event` call after the head,
@@ -47,7 +47,7 @@ ParserName = Literal["h11", "httptools"]
 # Statuses whose responses never carry a body (RFC 9110 6.4.1).
 NO_BODY_STATUSES = frozenset({204, 304})
 
-# Framing and connection management belong to the parser (SPEC 4.3): a handler
+# Framing and connection management belong to the parser: a handler
 # that sets them would contradict the bytes actually sent.
 _RESERVED_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
@@ -359,7 +359,7 @@ def split_target(target: str) -> tuple[str, str]:
 
 
 def resolve_parser_name(name: Literal["auto", "h11", "httptools"]) -> ParserName:
-    """The parser `http_parser: NAME` means: auto is httptools when importable (SPEC 3)."""
+    """The parser `http_parser: NAME` means: auto is httptools when importable."""
     if name != "auto":
         return name
     return "httptools" if importable_httptools() else "h11"

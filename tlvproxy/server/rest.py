@@ -1,4 +1,5 @@
-"""REST translation: one HTTP request + its route -> one TLV request -> one answer (SPEC 4).
+"""REST translation: one HTTP request + its route -> one TLV request -> one answer
+(docs/reference.md "Mapping").
 
 Owns: building the request body (JSON body, then query, then path parameters,
 then `fields`), the uid and hash key, policy checks, the upstream deadline, the
@@ -56,11 +57,11 @@ _log = logging.getLogger("tlvproxy.rest")
 
 
 def request_id_of(request: Request | None) -> str:
-    """The caller's X-Request-Id, or a new one (SPEC 4.1).
+    """The caller's X-Request-Id, or a new one.
 
     A caller's id is kept when it can go back as a header as it is: printable
     ASCII, at most 200 characters (docs/reference.md "Request ids"); another
-    gets a new id instead of breaking the answer (SPEC 4.3). A new id is 128
+    gets a new id instead of breaking the answer. A new id is 128
     random bits in hex, like a uuid4's: unique, but drawn from `random`
     (reseeded in every forked worker), because os.urandom costs a system call
     per request and a request id is not a secret.
@@ -76,7 +77,7 @@ def _dumps(value: Any) -> bytes:
 
 
 def render_error(error: GatewayError, request_id: str, *, envelope: bool) -> Response:
-    """The SPEC 4.2 error answer (or its SPEC 4.2 envelope form)."""
+    """The error answer, or its envelope form (docs/reference.md "Errors")."""
     status = status_of(error)
     headers = [("Content-Type", _JSON), ("X-Request-Id", request_id), *error.headers()]
     if envelope:
@@ -124,8 +125,8 @@ class RestHandler:
         access_log: AccessLog,
         tally: RequestTally,
     ) -> None:
-        # Each request reads `runtime()` once and keeps it (SPEC 7: in-flight
-        # requests finish on the table they started with).
+        # Each request reads `runtime()` once and keeps it: in-flight requests
+        # finish on the table they started with (docs/operations.md "Reload").
         self._runtime = runtime
         self._metrics = metrics
         self._access_log = access_log
@@ -150,7 +151,7 @@ class RestHandler:
         try:
             assert table.router is not None  # the loader always builds one
             # The WAF sees every request, routed or not: probes of unknown paths
-            # are refused (and counted) like any other (SPEC 4.4).
+            # are refused (and counted) like any other (docs/reference.md "Mapping").
             if runtime.waf.inspects_requests:
                 self._inspect(runtime, request)
             match = table.router.match(request.method, request.path)
@@ -344,7 +345,8 @@ class _Exchange:
             self.handler._metrics.frames_rejected.labels(exc.reason).inc()
             raise
         if table.envelope:
-            # SPEC 4.2: {code, msg, data}; a raw body has no JSON form, so it goes as base64.
+            # {code, msg, data} (docs/reference.md "Mapping"); a raw body has no JSON
+            # form, so it goes as base64.
             data = payload if codec.content_type == _JSON else _dumps(b64encode(payload).decode())
             return Response(
                 status=200,

@@ -2,7 +2,7 @@
 
 Owns: the `TableRuntime` protocol, which `app.Runtime` satisfies, so that the
 REST and WebSocket servers depend on its shape and not on the app.
-Must not: hold state; a reload builds a new runtime (SPEC 7).
+Must not: hold state; a reload builds a new runtime (docs/operations.md "Reload").
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ directory, so no path (`..`, encoded slashes) can reach outside it.
 
 Anything that is not a packaged file (another path, an unknown name, a method
 other than GET) gets None, so the REST handler routes it as usual and a miss is
-the ordinary SPEC 4.2 `route_not_found` answer, with its request id.
+the ordinary `route_not_found` answer (docs/reference.md "Errors"), with its
+request id.
 """
 
 from __future__ import annotations

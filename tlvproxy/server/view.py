@@ -1,4 +1,5 @@
-"""What key expressions, rules and fields see of one HTTP request (SPEC 3, 4.1).
+"""What key expressions, rules and fields see of one HTTP request
+(docs/configuration.md "Key expressions").
 
 Owns: the client address after `trusted_proxies` (X-Forwarded-For / X-Real-IP are
 believed only from those networks), and lazy dicts of headers and query values.
@@ -29,7 +30,8 @@ def client_address(
     """The caller's address: `peer`, or what trusted proxies say it is.
 
     X-Forwarded-For is walked from the right, skipping trusted proxies, so a
-    client cannot forge its address by sending the header itself (SPEC 3).
+    client cannot forge its address by sending the header itself
+    (docs/configuration.md "Top level", `trusted_proxies`).
     """
     if not trusted or not _is_trusted(peer, trusted):
         return peer

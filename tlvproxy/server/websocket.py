@@ -1,14 +1,15 @@
-"""One WebSocket session <-> one dedicated upstream connection (SPEC 5).
+"""One WebSocket session <-> one dedicated upstream connection (docs/websocket.md).
 
 Owns: the RFC 6455 opening handshake after the HTTP driver hands over an
 `Upgrade: websocket` request, the wsproto connection, the session's requests
 on their way, seq mapping in binary mode, the per-message WAF and rate-limit
-seams (SPEC 4.4), the close codes, backpressure, the drain of a worker's
-sessions (`WebSocketSessions`) and the per-session access record.
+seams (docs/configuration.md "waf" and "rate_limits"), the close codes,
+backpressure, the drain of a worker's sessions (`WebSocketSessions`) and the
+per-session access record.
 Must not: parse HTTP (the driver did), pick nodes or frame requests (the pool
 does), or hold protocol logic of json mode (`ws_json.py` does).
 
-Requests are state, not tasks (STYLE 5.1, docs/reference.md "How a request
+Requests are state, not tasks (docs/reference.md "How a request
 flows"). The session's one task reads the client: it parses a batch of
 messages and submits each request to the dedicated upstream connection as a
 waiter (`_Call`) whose deadline is the command's timeout. The connection's
@@ -30,12 +31,12 @@ server's frames are unmasked, and no extension is ever negotiated), so wsproto
 sends only pongs and the close frame, which move its state; no data may follow
 either side's close. An idle session has no wsproto connection at all.
 
-Close codes (SPEC 5): 1001 drain, 1008 policy (a WAF deny, an invalid binary
-frame, a text message in binary mode, and a client that does not read: see
-backpressure), 1009 message over `max_message` or of over `MAX_FRAGMENTS`
-fragments, 1011 upstream connection lost or broken, 1013 no healthy node. A
-session idle for `idle_timeout` closes with 1000 (nothing went wrong; it just
-ended). A client's own close is answered with its code.
+Close codes (docs/websocket.md "Close codes"): 1001 drain, 1008 policy (a WAF
+deny, an invalid binary frame, a text message in binary mode, and a client that
+does not read: see backpressure), 1009 message over `max_message` or of over
+`MAX_FRAGMENTS` fragments, 1011 upstream connection lost or broken, 1013 no
+healthy node. A session idle for `idle_timeout` closes with 1000 (nothing went
+wrong; it just ended). A client's own close is answered with its code.
 
 Backpressure: at most `MAX_IN_FLIGHT` requests of a session wait for their
 answer; with that many the reader stops reading, so TCP pushes back on the
@@ -110,13 +111,14 @@ if TYPE_CHECKING:
 MAX_IN_FLIGHT: Final = 32
 # Messages waiting behind a blocked write; more means the client does not read.
 OUTGOING_QUEUE: Final = 64
-# Fragments of one message (SPEC 5); more closes the session with 1009.
+# Fragments of one message (docs/websocket.md "Close codes"); more closes the session
+# with 1009.
 MAX_FRAGMENTS: Final = 1024
 # Bound on the closing handshake: flushing, the close frame, the client's reply.
 CLOSE_TIMEOUT: Final = 5.0
 _READ_SIZE: Final = 65536
 
-# Close codes (RFC 6455 7.4.1; which one when: SPEC 5).
+# Close codes (RFC 6455 7.4.1; which one when: docs/websocket.md "Close codes").
 NORMAL: Final = 1000
 GOING_AWAY: Final = 1001
 POLICY: Final = 1008
@@ -174,7 +176,8 @@ def _check_origin(spec: WebSocketSpec, request: Request) -> None:
 
 
 class WebSocketSessions:
-    """A worker's open sessions, so that its drain closes them with 1001 (SPEC 7).
+    """A worker's open sessions, so that its drain closes them with 1001
+    (docs/operations.md "Drain").
 
     Each session is registered for its life; `drain()` closes every one, and
     any opened afterwards at once. A set, where a task per session waiting for
@@ -452,7 +455,8 @@ class _Session:
                                 # or a bug: no closing handshake, no flush task left.
                                 self._begin_close(ABNORMAL, "session cancelled")
             except UpstreamUnavailable as exc:
-                # Opening failed: NoHealthyNode closes 1013, anything else 1011 (SPEC 5).
+                # Opening failed: NoHealthyNode closes 1013, anything else 1011
+                # (docs/websocket.md "Close codes").
                 self._begin_close(exc.ws_close or INTERNAL, exc.message)
             finally:
                 self._upstream = None
@@ -688,7 +692,7 @@ class _Session:
                     self._received_at = trio.current_time()
                     if not data:
                         # wsproto takes None for EOF where the stream gives b""
-                        # (STYLE 3); it answers with a 1006 CloseConnection.
+                        # (its convention); it answers with a 1006 CloseConnection.
                         self._wsproto().receive_data(None)
                         self._on_events()
                         return
@@ -728,7 +732,7 @@ class _Session:
                 opcode = first & 0x0F
                 if opcode <= BINARY:
                     if self._size + end - start > max_message:
-                        # SPEC 5: at once, without waiting for the payload.
+                        # At once, before the payload (docs/websocket.md "Close codes").
                         self._begin_close(
                             TOO_BIG, f"message over max_message ({max_message} bytes)"
                         )
@@ -922,11 +926,14 @@ class _Session:
         try:
             value = codec.decode_response(reply.body) if reply.body else None
         except UpstreamProtocolError:
-            value = None  # SPEC 5: a non-zero status carries the body only when it decodes
+            # A non-zero status carries the body only when it decodes
+            # (docs/websocket.md "json mode").
+            value = None
         return ws_json.render_response(command, seq, reply.status, value)
 
     def _check_frame(self, data: bytes) -> tuple[Frame, CommandSpec]:
-        """The one TLV frame `data` holds, checked (SPEC 5); raises _InvalidFrame."""
+        """The one TLV frame `data` holds, checked (docs/websocket.md "binary mode");
+        raises _InvalidFrame."""
         decoder = FrameDecoder(self._table.framing)
         decoder.receive_data(data)
         decoder.receive_data(b"")
@@ -950,7 +957,7 @@ class _Session:
     # ------------------------------------------------------------ policy seams
 
     def _waf_admits(self, text: str) -> bool:
-        """SPEC 4.4: WAF rules see each text message; a deny closes 1008."""
+        """WAF rules see each text message; a deny closes 1008 (docs/configuration.md "waf")."""
         for found in self._runtime.waf.inspect_message(text):
             self._metrics.waf_blocked.labels(found.rule).inc()
             if found.action == "deny":
@@ -980,7 +987,8 @@ class _Session:
         return True
 
     def _rate_admits(self, command: CommandSpec, seq: int) -> bool:
-        """SPEC 4.4: a refused message gets a per-message `rate_limited` error."""
+        """A refused message gets a per-message `rate_limited` error
+        (docs/configuration.md "rate_limits")."""
         refusal = self._runtime.limiter.check(command.name, self._context, self._received_at)
         if refusal is None:
             return True

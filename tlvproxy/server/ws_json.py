@@ -1,4 +1,4 @@
-"""The json-mode message protocol of WebSocket sessions (SPEC 5).
+"""The json-mode message protocol of WebSocket sessions (docs/websocket.md "json mode").
 
 Owns: turning a client's text message into a `JsonRequest` (the command, the
 client's seq and the encoded frame body), and rendering responses, pushes and
@@ -67,7 +67,7 @@ def parse_request(text: str, table: Table, upstream: str, view: RequestView) -> 
     """Parse one client text message for a session on `upstream`.
 
     A command's `fields` are filled from `view`, the session's opening request,
-    as on REST (SPEC 4.1): a client cannot set `client_ip` itself.
+    as on REST (docs/websocket.md "json mode"): a client cannot set `client_ip` itself.
 
     Raises MessageRejected carrying a BadRequest for invalid JSON, a message that
     is not an object, a missing or non-integer seq, an unknown command, a push
@@ -201,5 +201,5 @@ def render_push_json(command: CommandSpec, body: bytes) -> bytes:
 
 
 def render_error(error: GatewayError, seq: int | str | None) -> bytes:
-    """`{"seq", "error": {"code", "message"}}` (SPEC 5)."""
+    """`{"seq", "error": {"code", "message"}}` (docs/websocket.md "json mode")."""
     return dumps(ws_error_message(error, seq))

@@ -1,6 +1,6 @@
 """Node choice for an upstream: smooth weighted round robin and a consistent-hash ring.
 
-Owns: the two balancing algorithms of SPEC 4.5, over node indexes.
+Owns: the two `balance` algorithms (docs/configuration.md "upstreams"), over node indexes.
 Must not: import trio, read a clock or know about connections; the pool says which
 nodes are eligible (healthy, reachable, not yet tried) on every call.
 

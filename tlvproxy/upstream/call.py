@@ -1,4 +1,5 @@
-"""`tlvproxy call`: one request frame to one upstream node, its reply decoded (SPEC 2).
+"""`tlvproxy call`: one request frame to one upstream node, its reply decoded
+(docs/protocol.md "The default header").
 
 Owns: turning ADDRESS, COMMAND and JSON into a frame with the table's codec, the
 round trip on a single `Connection`, and the JSON printed for the reply.

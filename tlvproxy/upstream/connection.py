@@ -1,4 +1,4 @@
-"""One multiplexed TLV connection to an upstream node (SPEC 1).
+"""One multiplexed TLV connection to an upstream node (docs/protocol.md).
 
 Owns: a trio stream to one node, its reader task (frames decoded with
 `FrameDecoder`, each response handed to the waiter of its seq), its writer task
@@ -15,13 +15,14 @@ deadlines sit in a heap here, so an answered request costs the timer nothing
 (its entry goes stale). `request` is the same for a task that awaits the
 answer: its cancel scope owns the time, and the seq is freed either way.
 
-Matching (SPEC 1): a frame with the push flag is a push. Any other frame is the
-response to the request in flight with its seq; without a `flags` field, a frame
-whose seq is not in flight is a push. A response nobody waits for (it came after
-its request timed out, or never had one) is counted in
+Matching (docs/protocol.md "Sequence numbers, multiplexing and pushes"): a frame
+with the push flag is a push. Any other frame is the response to the request in
+flight with its seq; without a `flags` field, a frame whose seq is not in flight
+is a push. A response nobody waits for (it came after its request timed out, or
+never had one) is counted in
 `tlvproxy_frames_rejected_total{reason="unknown_seq"}` and dropped. A push goes
-to the connection's `PushReceiver`, called by the reader as it decodes the
-frame (a WebSocket session renders and writes it there and then); a push on a
+to the connection's `PushReceiver`, called by the reader as it decodes the frame
+(a WebSocket session renders and writes it there and then); a push on a
 connection without one (a pooled REST connection) is counted as
 `reason="unexpected_push"` and dropped.
 
@@ -76,7 +77,8 @@ _EARLY_SEND: Final = 16
 
 class SendFailed(UpstreamUnavailable):
     """The request never left the gateway (no connection, connection already
-    broken, in-flight cap reached): retrying it elsewhere is always safe (SPEC 4.5)."""
+    broken, in-flight cap reached): retrying it elsewhere is always safe
+    (docs/reference.md "Retries")."""
 
 
 class ConnectionLost(UpstreamUnavailable):
@@ -465,8 +467,9 @@ class Connection:
                             broken=bool(waiters),
                         )
                         return
-                    # SPEC 1: a push flag makes a push; without a flags field, so
-                    # does a seq that no request waits for.
+                    # A push flag makes a push; without a flags field, so does a seq
+                    # that no request waits for (docs/protocol.md "Sequence numbers,
+                    # multiplexing and pushes").
                     if not (has_flags and event.flags & FLAG_PUSH):
                         waiter = waiters.pop(event.seq, None)
                         if waiter is not None:

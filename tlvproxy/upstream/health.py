@@ -1,4 +1,5 @@
-"""Health of one upstream node, and the reconnect backoff (SPEC 4.5).
+"""Health of one upstream node, and the reconnect backoff
+(docs/operations.md "When the only node is down").
 
 Owns: the counters that turn request outcomes and probes into "healthy or not",
 and the capped exponential backoff between connects.

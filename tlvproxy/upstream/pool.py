@@ -1,10 +1,11 @@
-"""The pool of one upstream: node choice, pooled connections, retries, health (SPEC 4.5).
+"""The pool of one upstream: node choice, pooled connections, retries, health
+(docs/configuration.md "upstreams").
 
 Owns: per node, up to `spec.connections` multiplexed connections (opened lazily,
 reconnected with capped exponential backoff), health counting and its metrics, the
 heartbeat or probe task, the retry policy, and dedicated WebSocket sessions.
 Must not: set request deadlines (the caller wraps `request` in a cancel scope,
-STYLE 5), decode bodies, or know about HTTP.
+docs/reference.md "How a request flows"), decode bodies, or know about HTTP.
 
 Policies decided here:
 - A request goes to the least-loaded usable connection of the chosen node. While the
@@ -31,9 +32,9 @@ Policies decided here:
   closed); a tick where all answered is one probe success.
 - Without a heartbeat, an unhealthy node is probed by a TCP connect after each
   backoff delay; `healthy_after` successful probes in a row make it healthy.
-- Retries (SPEC 4.5): on another node, at most `retries` times, only after
-  `SendFailed`, or after any upstream failure when the request is idempotent. A
-  timeout is never retried: the caller's deadline has passed.
+- Retries (docs/reference.md "Retries"): on another node, at most `retries`
+  times, only after `SendFailed`, or after any upstream failure when the request
+  is idempotent. A timeout is never retried: the caller's deadline has passed.
 """
 
 from __future__ import annotations
@@ -335,7 +336,8 @@ class _Attempt:
         node.count_lost(error)
         if isinstance(error, SendFailed) and self.resent < _MAX_RESENDS:
             # Never written: the connection went down under it. Another
-            # connection of the same node takes it, a new one if need be (SPEC 4.5).
+            # connection of the same node takes it, a new one if need be
+            # (docs/reference.md "When an upstream connection goes down").
             self.resent += 1
             self.pool._send(self, node)
             return
@@ -357,7 +359,8 @@ class _Attempt:
         )
 
     def failed(self, error: GatewayError) -> None:
-        """Retry on another node when the policy allows (SPEC 4.5), else report."""
+        """Retry on another node when the policy allows, else report (docs/reference.md
+        "Retries")."""
         node = self.node
         assert node is not None
         tried = self.tried
@@ -511,8 +514,9 @@ class Pool:
         attempt.node = node
         conn = node.pick()
         if conn is None or (conn.in_flight and len(node.live) < self.spec.connections):
-            # Only the connections still open count (SPEC 4.5): one being torn
-            # down after an error must not stop a new one from opening.
+            # Only the connections still open count (docs/reference.md "When an
+            # upstream connection goes down"): one being torn down after an error
+            # must not stop a new one from opening.
             opening = node.open_count() + node.connecting < self.spec.connections
             if opening and node.backoff.ready(trio.current_time()):
                 if conn is None:
@@ -725,7 +729,8 @@ class Pool:
     async def open_session(
         self, *, key: str | None, receiver: PushReceiver
     ) -> AsyncIterator[Session]:
-        """One dedicated new connection, closed when the context exits (SPEC 5).
+        """One dedicated new connection, closed when the context exits (docs/websocket.md
+        "Sessions").
 
         The node is the one consistent hashing gives `key` (whatever `balance` says),
         or the round-robin choice without a key; a failed connect moves on to another
@@ -780,7 +785,7 @@ class Session:
     Upstream-initiated frames go to the session's `PushReceiver`. When the
     connection ends (the node closed or broke it), the receiver's `on_end` is
     called, `closed` is set and `error` says why: a ConnectionLost or
-    UpstreamProtocolError (close the client with 1011, SPEC 5).
+    UpstreamProtocolError (close the client with 1011, docs/websocket.md "Close codes").
     """
 
     __slots__ = ("_conn", "_ended", "_node", "_nursery", "_pool", "closed", "node")
