@@ -26,6 +26,7 @@ from tlvproxy.server.parsers import (
     REASONS,
     Event,
     InvalidResponse,
+    Received,
     RequestEnd,
     RequestHead,
     check_head,
@@ -49,7 +50,7 @@ _BODY_CHUNKED = 2  # decoding a chunked body (h11 gets an empty last chunk at it
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
-class H11Parser:
+class H11Parser(Received):
     """A `RequestParser` on `h11.Connection` (see `parsers.RequestParser`)."""
 
     def __init__(self, *, max_header_bytes: int, max_body: int) -> None:
@@ -57,10 +58,7 @@ class H11Parser:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self._max_header_bytes = max_header_bytes
         self._max_body = max_body
-        self._data = b""  # received; used up to `_start`
-        self._start = 0
-        self._scanned = 0  # bytes of an incomplete head already searched for its end
-        self._eof = False
+        super().__init__()
         self._state = _HEAD
         self._remaining = 0  # Content-Length bytes not yet given to h11
         self._chunked: ChunkedBody | None = None
@@ -69,16 +67,6 @@ class H11Parser:
         self._error: GatewayError | None = None
         self._deferred_error: GatewayError | None = None
         self._method = ""  # of the request being answered, for HEAD
-
-    def receive_data(self, data: bytes) -> None:
-        if not data:
-            self._eof = True
-        elif self._start < len(self._data):
-            self._data = self._data[self._start :] + data
-            self._start = 0
-        else:
-            self._data = data
-            self._start = 0
 
     def next_event(self) -> Event:
         if self._deferred_error is not None:

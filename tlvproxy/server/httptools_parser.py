@@ -33,6 +33,7 @@ from tlvproxy.server.parsers import (
     NO_BODY_STATUSES,
     REASONS,
     Event,
+    Received,
     RequestEnd,
     RequestHead,
     check_header,
@@ -72,17 +73,14 @@ class _Stop(Exception):
     """Raised in a callback to stop llhttp after recording an error on the parser."""
 
 
-class HttptoolsParser:
+class HttptoolsParser(Received):
     """A `RequestParser` on `httptools.HttpRequestParser` (see `parsers.RequestParser`)."""
 
     def __init__(self, *, max_header_bytes: int, max_body: int) -> None:
         self._max_header_bytes = max_header_bytes
         self._max_body = max_body
         self._llhttp = httptools.HttpRequestParser(self)
-        self._data = b""  # received; used up to `_start`
-        self._start = 0
-        self._scanned = 0  # bytes of an incomplete head already searched for its end
-        self._eof = False
+        super().__init__()
         self._events: deque[Event] = deque()
         self._error: GatewayError | None = None
         self._state = _HEAD
@@ -95,16 +93,6 @@ class HttptoolsParser:
         self._body: bytes | bytearray = b""  # joined as it arrives
         self._method = ""
         self._continue = False
-
-    def receive_data(self, data: bytes) -> None:
-        if not data:
-            self._eof = True
-        elif self._start < len(self._data):
-            self._data = self._data[self._start :] + data
-            self._start = 0
-        else:
-            self._data = data
-            self._start = 0
 
     def next_event(self) -> Event:
         events = self._events

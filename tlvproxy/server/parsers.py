@@ -127,6 +127,29 @@ class InvalidResponse(ValueError):
     """A handler's response cannot be put on the wire as given (bad status or header)."""
 
 
+class Received:
+    """The bytes a parser has received: `_data` from `_start` on are not used
+    yet, `_scanned` of them were searched for the end of a head, and `_eof`
+    says the client's sending side closed. Both parsers keep their input so."""
+
+    def __init__(self) -> None:
+        self._data = b""
+        self._start = 0
+        self._scanned = 0
+        self._eof = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Take `data` from the client; b"" means it closed its sending side."""
+        if not data:
+            self._eof = True
+        elif self._start < len(self._data):
+            self._data = self._data[self._start :] + data
+            self._start = 0
+        else:
+            self._data = data
+            self._start = 0
+
+
 class RequestParser(Protocol):
     """One connection's request parser and response serialiser.
 
