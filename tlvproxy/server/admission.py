@@ -116,14 +116,10 @@ class Admission:
                 f"the gateway holds max_connections ({limits.max_connections}) "
                 "connections; try again later",
             )
-        if self.clients + self.sessions >= self.budget:
-            return _no_descriptors()
-        if address is not None:
-            refusal = self._count(address, limits)
-            if refusal is not None:
-                return refusal
-        self.clients += 1
-        return None
+        refusal = self._take(address, limits)
+        if refusal is None:
+            self.clients += 1
+        return refusal
 
     def release(self, address: str | None) -> None:
         """A connection admitted with `address` has ended."""
@@ -136,20 +132,23 @@ class Admission:
         an admitted connection, and `address` (the client a trusted proxy
         forwarded, None when the connection was counted at accept); None when
         admitted, else why not."""
-        if self.clients + self.sessions >= self.budget:
-            return _no_descriptors()
-        if address is not None:
-            refusal = self._count(address, limits)
-            if refusal is not None:
-                return refusal
-        self.sessions += 1
-        return None
+        refusal = self._take(address, limits)
+        if refusal is None:
+            self.sessions += 1
+        return refusal
 
     def release_session(self, address: str | None) -> None:
         """A session admitted with `address` has ended."""
         self.sessions -= 1
         if address is not None:
             self._drop(address)
+
+    def _take(self, address: str | None, limits: Limits) -> Refusal | None:
+        """A descriptor from the budget and, for `address`, a place under its
+        limit (counted); else why not (nothing counted)."""
+        if self.clients + self.sessions >= self.budget:
+            return _no_descriptors()
+        return None if address is None else self._count(address, limits)
 
     def _count(self, address: str, limits: Limits) -> Refusal | None:
         held = self.per_address.get(address, 0)
