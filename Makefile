@@ -10,7 +10,7 @@ FUZZ_TARGETS := decoder http websocket
 
 DEMO_KEYS := build/demo-keys/jwks.json
 
-.PHONY: install demo-keys browser-deps run test lint fuzz bench clean
+.PHONY: install demo-keys browser-deps test-deps run test lint fuzz bench clean
 
 install: $(STAMP)
 
@@ -35,7 +35,12 @@ browser-deps:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update && apt-get install -y chromium chromium-driver)
 
-test: install demo-keys browser-deps
+# nginx for tests/test_deploy_files.py, which checks deploy/nginx.conf with `nginx -t`.
+test-deps: browser-deps
+	test -x /usr/sbin/nginx || command -v nginx >/dev/null || \
+		(apt-get update && apt-get install -y nginx)
+
+test: install demo-keys test-deps
 	$(BIN)/python -m pytest -q
 
 lint: install
