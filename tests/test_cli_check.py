@@ -92,7 +92,7 @@ def test_broken_table_fails_with_every_error_on_stderr(tmp_path):
     assert result.stderr.splitlines() == [
         "bad.yaml:1:16: listen.http: expected HOST:PORT, got 'localhost'",
         "bad.yaml:2:10: workers: expected a number between 1 and 1024, got -1",
-        "bad.yaml:3:1: unknown_section: unknown key (expected one of: listen, admin_token,"
+        "bad.yaml:3:1: unknown_section: unknown key (expected one of: listen, tls, admin_token,"
         " workers, http_parser, trusted_proxies, shutdown_timeout, readiness, cors, proto,"
         " framing,"
         " upstreams,"

@@ -9,7 +9,9 @@ Must not: parse HTTP, frames or YAML; it wires the modules that do.
 from __future__ import annotations
 
 import logging
+import math
 import socket
+import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -18,6 +20,7 @@ from prometheus_client import generate_latest
 
 from tlvproxy.auth.authenticators import Authenticators
 from tlvproxy.auth.remote_keys import RemoteKeys
+from tlvproxy.config.certificates import EXPIRY_WARNING_DAYS
 from tlvproxy.config.loader import load_table
 from tlvproxy.config.model import Address, JwtAuthSpec, Table, UpstreamSpec
 from tlvproxy.errors import Overloaded
@@ -54,6 +57,7 @@ from tlvproxy.server.http_conn import (
 )
 from tlvproxy.server.parsers import resolve_parser_name
 from tlvproxy.server.rest import RestHandler, error_response_for, render_error, request_id_of
+from tlvproxy.server.tls import handshake
 from tlvproxy.server.view import client_address
 from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
 from tlvproxy.upstream.pool import Pool, open_pool
@@ -62,6 +66,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterable, Mapping
     from pathlib import Path
 
+    from tlvproxy.config.certificates import ServerCertificates
     from tlvproxy.framing import HeaderLayout
     from tlvproxy.metrics import Metrics
 
@@ -70,6 +75,10 @@ log = logging.getLogger("tlvproxy.app")
 ParserChoice = Literal["auto", "h11", "httptools"]
 
 _BACKLOG = 1024
+# How often the certificates' expiry gauge is brought up to date, and how often
+# a certificate about to expire is warned about again (docs/operations.md "TLS").
+_EXPIRY_REFRESH = 60.0
+_EXPIRY_WARNING_INTERVAL = 86400.0
 
 
 @attrs.frozen
@@ -161,6 +170,12 @@ class Gateway:
         self.shutdown = trio.Event()  # set when draining starts
         self.ready = False
         self.http_address: Address | None = None
+        self.https_address: Address | None = None
+        # The certificates new TLS handshakes use: the latest table's (a table
+        # without `tls` leaves a bound https listener on the last ones).
+        self._certificates: ServerCertificates | None = None
+        self._expiry_names: set[str] = set()
+        self._next_expiry_warning = math.inf
         self.admin_address: Address | None = None
         self._drain_requested = trio.Event()
         self._drain_signal = DrainSignal()  # wakes idle keep-alive connections to close
@@ -257,6 +272,11 @@ class Gateway:
             None if old is None else old.auth,
         )
         self._pools = keep
+        if table.certificates is not None:
+            self._certificates = table.certificates
+            self._publish_expiry()
+            # The loader's warnings told of those about to expire: again in a day.
+            self._next_expiry_warning = time.time() + _EXPIRY_WARNING_INTERVAL
         # Retired pools keep their connections until _retire closes them.
         self._update_budget([handle.spec for handle in (*keep.values(), *retired)])
         self._runtime = Runtime(
@@ -271,6 +291,40 @@ class Gateway:
             # (docs/operations.md "Reload"); none can outlive its longest upstream
             # timeout, so retire pools after that.
             self._pool_nursery.start_soon(self._retire, retired, _longest_timeout(old.table))
+
+    def _publish_expiry(self) -> None:
+        """Set tlvproxy_tls_certificate_expiry_seconds for the current certificates."""
+        if self._certificates is None:
+            return
+        gauge = self.metrics.tls_certificate_expiry
+        now = time.time()
+        names = set()
+        for certificate in self._certificates.certificates:
+            gauge.labels(certificate.name).set(certificate.seconds_left(now))
+            names.add(certificate.name)
+        for gone in self._expiry_names - names:
+            gauge.remove(gone)
+        self._expiry_names = names
+
+    async def _watch_certificates(self) -> None:
+        """Keep the expiry gauge current, and warn once a day of each
+        certificate with less than EXPIRY_WARNING_DAYS left."""
+        while True:
+            await trio.sleep(_EXPIRY_REFRESH)
+            self._publish_expiry()
+            now = time.time()
+            if self._certificates is None or now < self._next_expiry_warning:
+                continue
+            self._next_expiry_warning = now + _EXPIRY_WARNING_INTERVAL
+            for certificate in self._certificates.certificates:
+                days = certificate.seconds_left(now) / 86400
+                if days < EXPIRY_WARNING_DAYS:
+                    log.warning(
+                        "a TLS certificate expires soon"
+                        if days > 0
+                        else "a TLS certificate expired",
+                        extra={"certificate": certificate.name, "days_left": round(days, 1)},
+                    )
 
     async def _start_remote_keys(self, table: Table) -> dict[_KeysWanted, RemoteKeys]:
         """The key sets `table` fetches from URLs: those already fetched are kept,
@@ -353,9 +407,19 @@ class Gateway:
             # In the outermost nursery: it outlives every connection, drain included.
             pool_nursery.start_soon(self._timer.run)
             pool_nursery.start_soon(self.access_log.run)
+            pool_nursery.start_soon(self._watch_certificates)
             await self._install(table)
-            http_listener = bind_listener(table.listen.http, reuse_port=self._reuse_port)
-            self.http_address = _address_of(http_listener)
+            listeners: list[tuple[trio.SocketListener, bool]] = []  # (listener, tls)
+            if table.listen.http is not None:
+                listeners.append(
+                    (bind_listener(table.listen.http, reuse_port=self._reuse_port), False)
+                )
+                self.http_address = _address_of(listeners[-1][0])
+            if table.listen.https is not None:
+                listeners.append(
+                    (bind_listener(table.listen.https, reuse_port=self._reuse_port), True)
+                )
+                self.https_address = _address_of(listeners[-1][0])
             admin_listener = None
             if self._serve_admin and table.listen.admin is not None:
                 admin_listener = bind_listener(table.listen.admin, reuse_port=False)
@@ -377,14 +441,16 @@ class Gateway:
                         self._accept, admin_listener, admin, admin_error, False, admin_nursery
                     )
                 async with trio.open_nursery() as connections:
-                    connections.start_soon(
-                        self._accept, http_listener, rest, errors, True, connections
-                    )
+                    for listener, tls in listeners:
+                        connections.start_soon(
+                            self._accept, listener, rest, errors, True, connections, tls
+                        )
                     self.ready = True
                     log.info(
                         "gateway listening",
                         extra={
                             "http": str(self.http_address),
+                            "https": str(self.https_address),
                             "admin": str(self.admin_address),
                             "version": table.version,
                         },
@@ -392,7 +458,8 @@ class Gateway:
                     task_status.started()
                     await self._drain_requested.wait()
                     self.ready = False
-                    await http_listener.aclose()
+                    for listener, _ in listeners:
+                        await listener.aclose()
                     connections.cancel_scope.deadline = (
                         trio.current_time() + self.runtime.table.shutdown_timeout
                     )
@@ -424,10 +491,13 @@ class Gateway:
         errors: ErrorHandler,
         public: bool,
         nursery: trio.Nursery,
+        tls: bool = False,
     ) -> None:
         """Accept connections on `listener` until it closes: serve each one the
-        limits admit, answer the others 503 `overloaded` (docs/operations.md
-        "Connections and file descriptors")."""
+        limits admit (over TLS when `tls`), answer the others 503 `overloaded`
+        (docs/operations.md "Connections and file descriptors"), or on the TLS
+        listener close them: a handshake is the very work an overload must not
+        buy."""
         while (accepted := await self._door.accept(listener)) is not None:
             stream, peer = accepted
             refusal: Refusal | None
@@ -437,8 +507,12 @@ class Gateway:
                 refusal = self._admission.admit(counted, table.limits)
                 if refusal is None:
                     nursery.start_soon(
-                        self._serve_connection, stream, peer, counted, handler, errors
+                        self._serve_connection, stream, peer, counted, handler, errors, tls
                     )
+                    continue
+                if tls:
+                    self._door.log_refusal(refusal, peer)
+                    stream.socket.close()
                     continue
             elif self._admin_connections < MAX_ADMIN_CONNECTIONS:
                 self._admin_connections += 1
@@ -460,14 +534,28 @@ class Gateway:
         counted: str | None,
         handler: Handler | Submitter,
         errors: ErrorHandler,
+        tls: bool,
     ) -> None:
-        """Serve one admitted client connection; `counted` is the address it
-        counts against (`counted_address`), released when it ends."""
+        """Serve one admitted client connection, after a TLS handshake when
+        `tls`; `counted` is the address it counts against (`counted_address`),
+        released when it ends."""
+        served: trio.abc.Stream = stream
         try:
             table = self.runtime.table
+            if tls:
+                assert self._certificates is not None  # listen.https needs tls
+                # The handshake counts against the time the first request has
+                # (docs/configuration.md "limits").
+                deadline = trio.current_time() + table.limits.header_timeout
+                wrapped = await handshake(
+                    stream, peer, self._certificates, deadline, self.metrics, errors
+                )
+                if wrapped is None:
+                    return
+                served = wrapped
             upgrade = self._upgrade if table.websocket is not None else None
             await serve_http_connection(
-                stream,
+                served,
                 peer,
                 self._settings(table),
                 handler,
@@ -478,8 +566,8 @@ class Gateway:
             )
         finally:
             sessions = self._session_addresses
-            if sessions and stream in sessions:
-                self._admission.release_session(sessions.pop(stream))
+            if sessions and served in sessions:
+                self._admission.release_session(sessions.pop(served))
             self._admission.release(counted)
 
     async def _serve_admin_connection(

@@ -92,6 +92,20 @@ class Metrics:
             ("authenticator", "reason"),
             registry=r,
         )
+        self.tls_certificate_expiry = Gauge(
+            "tlvproxy_tls_certificate_expiry_seconds",
+            "Seconds until each certificate of `tls` expires (negative once it has), "
+            "by its cert path",
+            ("name",),
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.tls_handshake_failures = Counter(
+            "tlvproxy_tls_handshake_failures",
+            "TLS handshakes on the https listener that failed or timed out, by reason",
+            ("reason",),
+            registry=r,
+        )
         self.config_reloads = Counter(
             "tlvproxy_config_reloads",
             "Table reloads, by result (ok, error)",

@@ -179,7 +179,7 @@ def build_document(table: Table) -> dict[str, Any]:
                 + "."
             ),
         },
-        "servers": [_server(table)],
+        "servers": _servers(table),
         "paths": paths,
         "components": {
             "schemas": builder.schemas,
@@ -189,17 +189,27 @@ def build_document(table: Table) -> dict[str, Any]:
     }
 
 
-def _server(table: Table) -> dict[str, Any]:
-    """The HTTP listener, so that "try it" tools call the gateway, not the admin port.
+def _servers(table: Table) -> list[dict[str, Any]]:
+    """The HTTP and HTTPS listeners, so that "try it" tools call the gateway,
+    not the admin port.
 
     A wildcard address is no host to call: the host becomes a variable."""
-    address = table.listen.http
-    if address.host in ("0.0.0.0", "::"):
-        return {
-            "url": f"http://{{host}}:{address.port}",
-            "variables": {"host": {"default": "localhost", "description": "the gateway's host"}},
-        }
-    return {"url": f"http://{address}"}
+    servers = []
+    for scheme, address in (("http", table.listen.http), ("https", table.listen.https)):
+        if address is None:
+            continue
+        if address.host in ("0.0.0.0", "::"):
+            servers.append(
+                {
+                    "url": f"{scheme}://{{host}}:{address.port}",
+                    "variables": {
+                        "host": {"default": "localhost", "description": "the gateway's host"}
+                    },
+                }
+            )
+        else:
+            servers.append({"url": f"{scheme}://{address}"})
+    return servers
 
 
 def _security_scheme(spec: AuthSpec) -> dict[str, Any]:

@@ -317,10 +317,12 @@ class Supervisor:
 
     async def run(self) -> int:
         # Before any worker starts, a taken port fails the start (CannotListen).
-        # The workers bind the HTTP port with SO_REUSEPORT, which would share it
-        # with another process listening the same way (another gateway's
-        # workers): binding it here once without that option finds any holder.
-        bind_listener(self._table.listen.http, reuse_port=False).socket.close()
+        # The workers bind the HTTP and HTTPS ports with SO_REUSEPORT, which
+        # would share them with another process listening the same way (another
+        # gateway's workers): binding each here once without it finds any holder.
+        for address in (self._table.listen.http, self._table.listen.https):
+            if address is not None:
+                bind_listener(address, reuse_port=False).socket.close()
         admin = None
         if self._table.listen.admin is not None:
             admin = bind_listener(self._table.listen.admin, reuse_port=False)

@@ -394,7 +394,7 @@ EXPECTED = [
     (2, "listen.http", "port 99999 is not between 0 and 65535"),
     (3, "listen.admin", "expected HOST:PORT, got 'localhost'"),
     (4, "workers", "expected a number between 1 and 1024, got 0"),
-    (5, "colour", "unknown key (expected one of: listen, admin_token,"),
+    (5, "colour", "unknown key (expected one of: listen, tls, admin_token,"),
     (6, "shutdown_timeout", "expected a duration like 500ms, 3s or 2m, got 'soon'"),
     (10, "upstreams.im.hash_on", "required when balance is consistent_hash"),
     (13, "upstreams.im.timeout", "duplicate key"),

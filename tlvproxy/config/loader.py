@@ -36,6 +36,7 @@ import yaml
 from google.protobuf.descriptor import FieldDescriptor
 
 from tlvproxy.config import auth, nodes, sections
+from tlvproxy.config.certificates import read_tls
 from tlvproxy.config.model import (
     CommandSpec,
     HttpRouteSpec,
@@ -65,11 +66,12 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tlvproxy.config.keys import KeyExpr
-    from tlvproxy.config.model import AuthSpec, ClaimValue, Codec
+    from tlvproxy.config.model import AuthSpec, ClaimValue, Codec, ListenSpec, TlsSpec
     from tlvproxy.framing import HeaderLayout
 
 _TOP_KEYS: Final = (
     "listen",
+    "tls",
     "admin_token",
     "workers",
     "http_parser",
@@ -254,9 +256,14 @@ class _TableLoader:
             )
         commands = self._commands(top.get("commands"), framing, json_options, upstreams, schema)
         websocket = self._websocket(top.get("websocket"), upstreams, commands)
+        listen = sections.read_listen(self.r, top.get("listen"))
+        tls, certificates = read_tls(self.r, top.get("tls"), self.base, self.warn)
+        self._check_https(top, listen, tls)
         table_kwargs: dict[str, Any] = {
             "source": self.source,
-            "listen": sections.read_listen(self.r, top.get("listen")),
+            "listen": listen,
+            "tls": tls,
+            "certificates": certificates,
             "admin_token": r.get(top, "admin_token", "", nodes.optional_text, None),
             "workers": r.get(top, "workers", "", nodes.integer(1, 1024), 1),
             "http_parser": r.get(
@@ -292,8 +299,19 @@ class _TableLoader:
         for spec in self.authenticators.values():
             if isinstance(spec, JwtAuthSpec) and spec.key_set is not None:
                 digest.update(spec.key_set.encode("utf-8"))  # a new key file: a new version
+        if certificates is not None:
+            for certificate in certificates.certificates:
+                digest.update(certificate.digest.encode("ascii"))  # so is a new certificate
         table_kwargs["version"] = digest.hexdigest()[:16]
         return Table(**table_kwargs)
+
+    def _check_https(self, top: dict[str, Node], listen: ListenSpec, tls: TlsSpec | None) -> None:
+        if listen.https is not None and tls is None and "tls" not in top:
+            self.error(top["listen"], "listen.https", "serving https needs the tls section")
+        elif tls is not None and listen.https is None:
+            self.warn(
+                top["tls"], "tls", "listen.https is not set: these certificates serve nothing"
+            )
 
     # ------------------------------------------------------------ proto
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
 
+    from tlvproxy.config.certificates import ServerCertificates
     from tlvproxy.config.keys import KeyExpr
     from tlvproxy.routing import Router
     from tlvproxy.schema.codec import CommandCodec
@@ -42,8 +43,32 @@ class Address:
 
 @attrs.frozen(slots=True, kw_only=True)
 class ListenSpec:
-    http: Address = Address("0.0.0.0", 8080)
+    """The listeners (docs/configuration.md "listen"): at least one of `http`
+    and `https` is set; `https` needs the table's `tls`."""
+
+    http: Address | None = Address("0.0.0.0", 8080)
+    https: Address | None = None
     admin: Address | None = Address("127.0.0.1", 9180)
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class CertificateSpec:
+    """One certificate of `tls.certificates`: its chain and key files, and the
+    SNI names it is served for (exact, or `*.example.com` for one label)."""
+
+    cert: Path
+    key: Path
+    server_names: tuple[str, ...] = ()
+    name: str = ""  # the `cert` path as written in the table: the metrics label
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class TlsSpec:
+    """The `tls` section (docs/configuration.md "tls"): the first certificate is
+    the default one."""
+
+    certificates: tuple[CertificateSpec, ...]
+    min_version: Literal["1.2", "1.3"] = "1.2"
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -248,13 +273,14 @@ class Readiness:
 class Table:
     """A whole loaded table: configuration plus what was compiled from it.
 
-    `schema`, `codecs` and `router` are built by the loader; `version` is a digest
+    `schema`, `codecs`, `router` and `certificates` are built by the loader; `version` is a digest
     of the table file and the .proto files it compiled.
     """
 
     source: Path | None = None
     version: str = ""
     listen: ListenSpec = ListenSpec()
+    tls: TlsSpec | None = None
     admin_token: str | None = None
     workers: int = 1
     http_parser: Literal["auto", "h11", "httptools"] = "auto"
@@ -280,6 +306,8 @@ class Table:
     schema: Schema | None = None
     codecs: Mapping[str, CommandCodec] = attrs.field(factory=dict)
     router: Router | None = None
+    # The `tls` certificates, read from their files when the table is loaded.
+    certificates: ServerCertificates | None = attrs.field(default=None, eq=False)
     # What `check` warns about: lines like problems, for a table that loads.
     warnings: tuple[str, ...] = ()
 

@@ -119,18 +119,17 @@ def _status_key(top: int) -> Any:
 def read_listen(r: NodeReader, node: Node | None) -> ListenSpec:
     if node is None:
         return ListenSpec()
-    found = r.mapping(node, "listen", ("http", "admin"))
+    found = r.mapping(node, "listen", ("http", "https", "admin"))
     default = ListenSpec()
-    http = r.get(found, "http", "listen", _address(0), default.http)
-    admin = default.admin
-    if found is not None and "admin" in found:
-        admin = r.value(
-            found["admin"],
-            "listen.admin",
-            lambda v: None if v is None else _address(0)(v),
-            default.admin,
-        )
-    return ListenSpec(http=http, admin=admin)
+    if found is None:
+        return default
+    optional_address = lambda v: None if v is None else _address(0)(v)  # noqa: E731
+    http = r.get(found, "http", "listen", optional_address, default.http)
+    https = r.get(found, "https", "listen", optional_address, default.https)
+    admin = r.get(found, "admin", "listen", optional_address, default.admin)
+    if http is None and https is None:
+        r.error(node, "listen", "http and https are both null: nothing would serve requests")
+    return ListenSpec(http=http, https=https, admin=admin)
 
 
 def read_networks(r: NodeReader, node: Node | None) -> tuple[Network, ...]:
