@@ -511,7 +511,7 @@ class Gateway:
                     )
                     continue
                 if tls:
-                    self._door.log_refusal(refusal, peer)
+                    self._door.log_refusal(refusal, peer, answered=False)
                     stream.socket.close()
                     continue
             elif self._admin_connections < MAX_ADMIN_CONNECTIONS:
@@ -544,8 +544,8 @@ class Gateway:
             table = self.runtime.table
             if tls:
                 assert self._certificates is not None  # listen.https needs tls
-                # The handshake counts against the time the first request has
-                # (docs/configuration.md "limits").
+                # The handshake has header_timeout, as the first request after
+                # it does (docs/configuration.md "limits").
                 deadline = trio.current_time() + table.limits.header_timeout
                 wrapped = await handshake(
                     stream, peer, self._certificates, deadline, self.metrics, errors

@@ -113,7 +113,7 @@ def read_tls(
     one. A file that cannot be loaded is recorded on `r` at its entry; `warn`
     gets what still loads but will hurt (a name the certificate does not cover,
     an expiry within EXPIRY_WARNING_DAYS)."""
-    if node is None:
+    if node is None or node.tag.endswith(":null"):
         return None, None
     found = r.mapping(node, "tls", ("certificates", "min_version"))
     if found is None:
@@ -147,6 +147,8 @@ def read_tls(
             continue
         for problem in _coverage_problems(spec, certificate.dns_names):
             warn(item, path, problem)
+        if i > 0 and not spec.server_names:
+            warn(item, path, "no server_names: only the first certificate is served without one")
         left = certificate.seconds_left()
         if left <= 0:
             warn(item, path, f"{spec.name} expired {-left / _DAY:.0f} days ago")
@@ -212,6 +214,9 @@ def _no_passphrase() -> bytes:
 def _load_failure(spec: CertificateSpec, exc: ssl.SSLError) -> str:
     if exc.reason == "KEY_VALUES_MISMATCH":
         return f"the key {spec.key} does not match the certificate {spec.cert}"
+    if not exc.reason and "PEM lib" in str(exc):
+        # The certificate parsed already: what OpenSSL could not read is the key.
+        return f"{spec.key} holds no PEM private key"
     return f"cannot load {spec.cert} with the key {spec.key}: {exc.reason or exc}"
 
 
@@ -243,11 +248,12 @@ def _certificate_spec(
             if name is None:
                 continue
             if name in named:
-                r.error(
-                    name_node,
-                    join(names_path, j),
-                    f"{name} is already a name of tls.certificates[{named[name]}]",
+                where = (
+                    "listed twice"
+                    if named[name] == index
+                    else f"already a name of tls.certificates[{named[name]}]"
                 )
+                r.error(name_node, join(names_path, j), f"{name} is {where}")
                 continue
             named[name] = index
             names.append(name)

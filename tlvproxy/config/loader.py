@@ -306,7 +306,8 @@ class _TableLoader:
         return Table(**table_kwargs)
 
     def _check_https(self, top: dict[str, Node], listen: ListenSpec, tls: TlsSpec | None) -> None:
-        if listen.https is not None and tls is None and "tls" not in top:
+        given = "tls" in top and not top["tls"].tag.endswith(":null")
+        if listen.https is not None and tls is None and not given:
             self.error(top["listen"], "listen.https", "serving https needs the tls section")
         elif tls is not None and listen.https is None:
             self.warn(

@@ -284,13 +284,15 @@ async def refuse(stream: trio.abc.Stream, answer: bytes) -> None:
             # A client gone already leaves nothing to do but close below.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(answer)
-                if isinstance(stream, trio.abc.HalfCloseableStream):
-                    await stream.send_eof()
+                # Over TLS, the TCP connection ends (see http_conn `_close_gracefully`).
+                rest = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+                if isinstance(rest, trio.abc.HalfCloseableStream):
+                    await rest.send_eof()
                 discarded = 0
                 while discarded < MAX_DISCARD:
                     data: bytes | bytearray = b""
                     with trio.move_on_after(LINGER_QUIET):
-                        data = await stream.receive_some(_READ_SIZE)
+                        data = await rest.receive_some(_READ_SIZE)
                     if not data:
                         break
                     discarded += len(data)
@@ -366,13 +368,14 @@ class Doorkeeper:
         self._refusing += 1
         nursery.start_soon(self._refuse, stream, answer)
 
-    def log_refusal(self, refusal: Refusal, peer: str) -> None:
-        """Log `refusal`, once per burst of its kind."""
-        burst = self._refusal_logs.get(refusal.kind)
+    def log_refusal(self, refusal: Refusal, peer: str, *, answered: bool = True) -> None:
+        """Log `refusal`, once per burst of its kind; `answered` False for a
+        connection closed without an answer (the TLS port's)."""
+        key = refusal.kind if answered else f"{refusal.kind} unanswered"
+        burst = self._refusal_logs.get(key)
         if burst is None:
-            burst = self._refusal_logs[refusal.kind] = BurstLog(
-                f"connections refused 503 overloaded: {refusal.kind}"
-            )
+            how = "503 overloaded" if answered else "unanswered"
+            burst = self._refusal_logs[key] = BurstLog(f"connections refused {how}: {refusal.kind}")
         burst.record(self._nursery, client_ip=peer, error=refusal.message)
 
     async def _refuse(self, stream: trio.SocketStream, answer: bytes) -> None:

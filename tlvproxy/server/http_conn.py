@@ -804,6 +804,12 @@ class _Connection:
         await self._settle(0)
         self._closing = True
         stream = self._stream
+        if isinstance(stream, trio.SSLStream):
+            # TLS has no half-close. Over HTTPS the end of the connection is
+            # the TCP one, without close_notify (as `https_compatible` reads
+            # it too): the answers carry their lengths. What the peer still
+            # sends is dropped unread, encrypted.
+            stream = stream.transport_stream
         if isinstance(stream, trio.abc.HalfCloseableStream):
             await stream.send_eof()
         with trio.move_on_after(_LINGER_TIMEOUT):

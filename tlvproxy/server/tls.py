@@ -10,15 +10,15 @@ HTTP (the caller hands the stream to `serve_http_connection`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import socket
 import ssl
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from tlvproxy.errors import BadRequest
-from tlvproxy.server.admission import closing_answer
+from tlvproxy.server.admission import closing_answer, refuse
 
 if TYPE_CHECKING:
     from tlvproxy.config.certificates import ServerCertificates
@@ -30,7 +30,6 @@ log = logging.getLogger("tlvproxy.tls")
 # OpenSSL's reasons for a failed handshake, as the `reason` label of
 # tlvproxy_tls_handshake_failures_total: a few an operator acts on, the rest "other".
 _REASONS: Final = {
-    "HTTP_REQUEST": "plain_http",
     "WRONG_VERSION_NUMBER": "protocol_version",
     "UNSUPPORTED_PROTOCOL": "protocol_version",
     "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
@@ -40,9 +39,10 @@ _REASONS: Final = {
     "SSLV3_ALERT_BAD_CERTIFICATE": "certificate_refused",
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate_refused",
     "TLSV1_ALERT_DECRYPT_ERROR": "certificate_refused",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate_refused",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "certificate_refused",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "certificate_refused",
 }
-# Seconds the answer to a plain HTTP request may take to leave.
-_PLAIN_ANSWER_TIMEOUT: Final = 1.0
 
 
 async def handshake(
@@ -57,27 +57,38 @@ async def handshake(
     failed or was not done by `deadline` (then `stream` is closed, the failure
     logged at debug and counted). A client that sent plain HTTP gets a 400
     saying so before the close."""
-    tls = trio.SSLStream(stream, certificates.context, server_side=True, https_compatible=True)
     reason = "timeout"
     with trio.move_on_at(deadline):
+        # A TLS client speaks first, with a handshake record (0x16); a letter
+        # is a plain HTTP request's method. Told apart here, for any method:
+        # OpenSSL recognises only a few.
         try:
-            await tls.do_handshake()
-        except trio.BrokenResourceError as exc:
-            reason = failure_reason(exc.__cause__)
-            log.debug("TLS handshake from %s failed: %s", peer, exc.__cause__ or exc)
+            first = await stream.socket.recv(1, socket.MSG_PEEK)
+        except OSError:
+            first = b""
+        if not first:
+            reason = "closed"
+        elif first.isalpha():
+            reason = "plain_http"
         else:
-            return tls
+            tls = trio.SSLStream(
+                stream, certificates.context, server_side=True, https_compatible=True
+            )
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                reason = failure_reason(exc.__cause__)
+                log.debug("TLS handshake from %s failed: %s", peer, exc.__cause__ or exc)
+            else:
+                return tls
     if reason == "timeout":
         log.debug("TLS handshake from %s did not finish in time", peer)
     metrics.tls_handshake_failures.labels(reason).inc()
     if reason == "plain_http":
         error = BadRequest("this port speaks HTTPS: the request was sent as plain HTTP")
-        with (
-            trio.move_on_after(_PLAIN_ANSWER_TIMEOUT),
-            contextlib.suppress(trio.BrokenResourceError),
-        ):
-            await stream.send_all(closing_answer(errors(error, None)))
-    await trio.aclose_forcefully(stream)
+        await refuse(stream, closing_answer(errors(error, None)))
+    else:
+        await trio.aclose_forcefully(stream)
     return None
 
 
