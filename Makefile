@@ -35,10 +35,12 @@ browser-deps:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update && apt-get install -y chromium chromium-driver)
 
-# nginx for tests/test_deploy_files.py, which checks deploy/nginx.conf with `nginx -t`.
+# nginx for tests/test_deploy_files.py, which checks deploy/nginx.conf with `nginx -t`;
+# curl for tests/ops/test_tls.py, a real client verifying the served certificates.
 test-deps: browser-deps
 	test -x /usr/sbin/nginx || command -v nginx >/dev/null || \
 		(apt-get update && apt-get install -y nginx)
+	command -v curl >/dev/null || (apt-get update && apt-get install -y curl)
 
 test: install demo-keys test-deps
 	$(BIN)/python -m pytest -q
