@@ -218,7 +218,11 @@ def _jwt(
         return None
     key_set: str | None = None
     if not location.startswith(("http://", "https://")):
-        file = base / location
+        try:
+            file = r.file(base, location)
+        except Invalid as exc:
+            r.error(found["keys"], join(path, "keys"), str(exc))
+            return None
         try:
             key_set = file.read_text("utf-8")
             parse_key_set(key_set, algorithms)

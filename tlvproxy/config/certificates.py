@@ -240,6 +240,13 @@ def _certificate_spec(
         return None
     cert = r.get(found, "cert", path, nodes.text, None)
     key = r.get(found, "key", path, nodes.text, None)
+    files: list[Path] = []
+    for field, text in (("cert", cert), ("key", key)):
+        try:
+            if text is not None:
+                files.append(r.file(base, text))
+        except Invalid as exc:
+            r.error(found[field], join(path, field), str(exc))
     names: list[str] = []
     if "server_names" in found:
         names_path = join(path, "server_names")
@@ -257,9 +264,9 @@ def _certificate_spec(
                 continue
             named[name] = index
             names.append(name)
-    if cert is None or key is None:
+    if cert is None or len(files) != 2:
         return None
-    return CertificateSpec(cert=base / cert, key=base / key, server_names=tuple(names), name=cert)
+    return CertificateSpec(cert=files[0], key=files[1], server_names=tuple(names), name=cert)
 
 
 def _server_name(value: object) -> str:

@@ -66,7 +66,14 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tlvproxy.config.keys import KeyExpr
-    from tlvproxy.config.model import AuthSpec, ClaimValue, Codec, ListenSpec, TlsSpec
+    from tlvproxy.config.model import (
+        AuthSpec,
+        ClaimValue,
+        Codec,
+        EtcdSpec,
+        ListenSpec,
+        TlsSpec,
+    )
     from tlvproxy.framing import HeaderLayout
 
 _TOP_KEYS: Final = (
@@ -93,6 +100,7 @@ _TOP_KEYS: Final = (
     "auth",
     "default_auth",
     "demo",
+    "etcd",
 )
 _COMMAND_KEYS: Final = (
     "name",
@@ -145,9 +153,11 @@ class TableError(Exception):
         self.problems = problems
 
 
-def load_table(path: Path) -> Table:
+def load_table(path: Path, *, confine: Path | None = None) -> Table:
     """Read, validate and compile the table at `path` (and its .proto files).
 
+    With `confine`, every file the table names must be inside that directory
+    (a table from etcd, docs/operations.md "Running a fleet").
     Returns the `Table` with its schema, codecs, router and version. Raises
     TableError listing every problem found.
     """
@@ -159,12 +169,12 @@ def load_table(path: Path) -> Table:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TableError([f"{path}: the table is not UTF-8 text ({exc.reason})"]) from None
-    return parse_table(text, path)
+    return parse_table(text, path, confine=confine)
 
 
-def parse_table(text: str, source: Path) -> Table:
+def parse_table(text: str, source: Path, *, confine: Path | None = None) -> Table:
     """Like `load_table`, from the table's text; relative paths start at `source.parent`."""
-    return _TableLoader(text, source).load()
+    return _TableLoader(text, source, confine).load()
 
 
 # ---------------------------------------------------------------- value converters
@@ -198,11 +208,11 @@ class _CommandNodes:
 class _TableLoader:
     """One pass over one table text. `load()` returns the Table or raises TableError."""
 
-    def __init__(self, text: str, source: Path) -> None:
+    def __init__(self, text: str, source: Path, confine: Path | None = None) -> None:
         self.text = text
         self.source = source
         self.base = source.parent
-        self.r = NodeReader(source)
+        self.r = NodeReader(source, confine=confine)
         self.schema_problems: list[str] = []
         self.proto_spec = ProtoSpec()
         self.command_nodes: dict[int, _CommandNodes] = {}  # id(CommandSpec) -> nodes
@@ -288,6 +298,7 @@ class _TableLoader:
             "default_auth": self.default_auth,
             "warnings": tuple(self.warnings),
             "demo": r.get(top, "demo", "", nodes.boolean, False),
+            "etcd": self._etcd(top, upstreams),
         }
         if schema is None or self.r.problems or self.schema_problems:
             return Table(**table_kwargs)
@@ -304,6 +315,19 @@ class _TableLoader:
                 digest.update(certificate.digest.encode("ascii"))  # so is a new certificate
         table_kwargs["version"] = digest.hexdigest()[:16]
         return Table(**table_kwargs)
+
+    def _etcd(self, top: dict[str, Node], upstreams: Mapping[str, UpstreamSpec]) -> EtcdSpec | None:
+        spec = sections.read_etcd(self.r, top.get("etcd"))
+        if spec is None and "etcd" not in top:
+            for name, upstream in upstreams.items():
+                if upstream.discovery is not None:
+                    self.warn(
+                        top["upstreams"],
+                        f"upstreams.{name}.discovery",
+                        "the table has no etcd section: the nodes are read from the etcd "
+                        "of `serve --etcd`, and a gateway serving a file finds none",
+                    )
+        return spec
 
     def _check_https(self, top: dict[str, Node], listen: ListenSpec, tls: TlsSpec | None) -> None:
         given = "tls" in top and not top["tls"].tag.endswith(":null")
@@ -336,7 +360,12 @@ class _TableLoader:
                 if text is None:
                     failed = True
                     continue
-                directory = self.base / text
+                try:
+                    directory = self.r.file(self.base, text)
+                except Invalid as exc:
+                    self.error(item, path, str(exc))
+                    failed = True
+                    continue
                 if not directory.is_dir():
                     self.error(item, path, f"no such directory: {directory}")
                     failed = True
@@ -348,6 +377,13 @@ class _TableLoader:
                 path = join("proto.files", i)
                 text = self.r.value(item, path, nodes.text, None)
                 if text is None:
+                    failed = True
+                    continue
+                try:
+                    for root in paths:
+                        self.r.file(root, text)
+                except Invalid as exc:
+                    self.error(item, path, str(exc))
                     failed = True
                     continue
                 if not any((root / text).is_file() for root in paths):

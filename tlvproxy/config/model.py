@@ -99,6 +99,9 @@ class HealthSpec:
 class UpstreamSpec:
     name: str
     nodes: tuple[NodeSpec, ...]
+    # `discovery: {etcd: PREFIX}`: the nodes are the keys under PREFIX, followed
+    # while the pool runs (docs/configuration.md "discovery"); `nodes` is empty.
+    discovery: str | None = None
     balance: Literal["round_robin", "consistent_hash"] = "round_robin"
     hash_on: KeyExpr | None = None
     connections: int = 2
@@ -109,6 +112,23 @@ class UpstreamSpec:
     health: HealthSpec = HealthSpec()
     # Cap on requests in flight per pooled connection (backpressure on slow nodes).
     max_in_flight: int = 1024
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class EtcdSpec:
+    """The `etcd` section (docs/configuration.md "etcd"): where `discovery` reads."""
+
+    endpoints: tuple[str, ...]
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class EtcdOrigin:
+    """Where a table kept in etcd was read: the endpoints, the prefix, and the
+    revision of its last change (docs/operations.md "Running a fleet")."""
+
+    endpoints: tuple[str, ...]
+    prefix: str
+    revision: int
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -302,6 +322,9 @@ class Table:
     auth: Mapping[str, AuthSpec] = attrs.field(factory=dict)
     default_auth: str | None = None
     demo: bool = False  # serve the web IM demo page at /demo/
+    etcd: EtcdSpec | None = None
+    # Set for a table read from etcd, by whoever read it (the loader reads files).
+    origin: EtcdOrigin | None = None
 
     schema: Schema | None = None
     codecs: Mapping[str, CommandCodec] = attrs.field(factory=dict)

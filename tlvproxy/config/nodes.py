@@ -10,6 +10,7 @@ and the caller carries on with a default, so one pass finds them all.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
@@ -51,10 +52,28 @@ def kind(node: Node, value: Any = None) -> str:
 class NodeReader:
     """Typed access to YAML nodes; `problems` collects (position, text) pairs."""
 
-    def __init__(self, source: Path) -> None:
+    def __init__(self, source: Path, *, confine: Path | None = None) -> None:
         self.source = source
+        # The directory every file the table names must be in (a table from
+        # etcd: docs/operations.md "Running a fleet"); None: anywhere.
+        self.confine = confine
         self.problems: list[tuple[tuple[int, int], str]] = []
         self._constructor = SafeConstructor()
+
+    def file(self, base: Path, name: str) -> Path:
+        """`base / name`, the path of a file or directory the table names.
+
+        Raises Invalid when `confine` is set and the path leads out of it (an
+        absolute path, `..`, a symbolic link)."""
+        path = base / name
+        if self.confine is not None:
+            root = os.path.realpath(self.confine)
+            if os.path.commonpath([root, os.path.realpath(path)]) != root:
+                raise Invalid(
+                    f"{name!r} is outside the table's directory: a table kept in etcd "
+                    "names its files by relative paths under it"
+                )
+        return path
 
     def error(self, node: Node, path: str, message: str) -> None:
         mark = node.start_mark

@@ -11,7 +11,9 @@ reader records problems on the `NodeReader` and returns a usable default.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+import urllib.parse
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import yaml
@@ -20,6 +22,7 @@ from tlvproxy.config import nodes
 from tlvproxy.config.keys import KeyExpr, parse_key
 from tlvproxy.config.model import (
     Address,
+    EtcdSpec,
     HealthSpec,
     HeartbeatSpec,
     JsonOptions,
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
 
 _WAF_LOCATIONS: Final = ("path", "query", "body", "headers")
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_PREFIX_NAME = re.compile(r"[A-Za-z0-9_.:@\-]+")
+_MAX_PREFIX = 256
 
 
 # ---------------------------------------------------------------- value converters
@@ -245,9 +250,18 @@ def _upstream(
         "health",
         "max_in_flight",
     )
-    found = r.mapping(node, path, keys, ("nodes",))
+    found = r.mapping(node, path, (*keys, "discovery"))
     if found is None:
         return None
+    discovery = None
+    if "discovery" in found:
+        dpath = join(path, "discovery")
+        dfound = r.mapping(found["discovery"], dpath, ("etcd",), ("etcd",))
+        discovery = r.get(dfound, "etcd", dpath, etcd_prefix, None)
+        if "nodes" in found:
+            r.error(found["nodes"], join(path, "nodes"), "give nodes or discovery, not both")
+    elif "nodes" not in found:
+        r.error(node, join(path, "nodes"), "required key is missing (or give discovery)")
     balance: Literal["round_robin", "consistent_hash"] = r.get(
         found, "balance", path, nodes.choice("round_robin", "consistent_hash"), "round_robin"
     )
@@ -273,6 +287,7 @@ def _upstream(
     return UpstreamSpec(
         name=name,
         nodes=_nodes(r, found.get("nodes"), join(path, "nodes")),
+        discovery=discovery,
         balance=balance,
         hash_on=hash_on,
         connections=r.get(found, "connections", path, nodes.integer(1), default.connections),
@@ -285,6 +300,86 @@ def _upstream(
         health=health,
         max_in_flight=r.get(found, "max_in_flight", path, nodes.integer(1), default.max_in_flight),
     )
+
+
+def etcd_prefix(value: Any) -> str:
+    """A key prefix of etcd: `/` and then names separated by single `/`
+    (printable ASCII, no `.` or `..` name); a trailing `/` is dropped."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise Invalid(f"expected a key prefix like /tlvproxy, got {value!r}")
+    prefix = value.rstrip("/")
+    names = prefix.split("/")[1:]
+    if (
+        not names
+        or len(prefix) > _MAX_PREFIX
+        or not all(_PREFIX_NAME.fullmatch(name) and name not in (".", "..") for name in names)
+    ):
+        raise Invalid(
+            f"expected a key prefix like /tlvproxy (names of letters, digits and "
+            f"._-:@ separated by single /), got {value!r}"
+        )
+    return prefix
+
+
+def etcd_endpoint(value: Any) -> str:
+    """An etcd endpoint: http(s)://HOST:PORT, nothing more; without a trailing `/`."""
+    if not isinstance(value, str):
+        raise Invalid(f"expected an etcd endpoint like http://127.0.0.1:2379, got {value!r}")
+    parsed = urllib.parse.urlsplit(value)
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+        or port is None
+        or parsed.path not in ("", "/")
+        or parsed.query
+        or parsed.fragment
+        or parsed.username is not None
+    ):
+        raise Invalid(f"expected an etcd endpoint like http://127.0.0.1:2379, got {value!r}")
+    return value.rstrip("/")
+
+
+def node_value(value: Any) -> NodeSpec:
+    """A node registered in etcd (docs/configuration.md "discovery"): the text
+    `HOST:PORT` or the JSON `{"address": "HOST:PORT", "weight": N}`.
+
+    Raises Invalid saying what is wrong."""
+    if not isinstance(value, str):
+        raise Invalid("expected HOST:PORT or a JSON object")
+    text = value.strip()
+    if not text.startswith("{"):
+        return NodeSpec(address=_address(1)(text))
+    try:
+        found = json.loads(text)
+    except ValueError as exc:
+        raise Invalid(f"not JSON: {exc}") from None
+    if not isinstance(found, dict) or "address" not in found:
+        raise Invalid('expected {"address": "HOST:PORT", "weight": N}')
+    unknown = sorted(set(found) - {"address", "weight"})
+    if unknown:
+        raise Invalid(f"unknown key {unknown[0]!r} (expected address, weight)")
+    weight = nodes.integer(1, 1000)(found.get("weight", 1))
+    return NodeSpec(address=_address(1)(found["address"]), weight=weight)
+
+
+def read_etcd(r: NodeReader, node: Node | None) -> EtcdSpec | None:
+    if node is None:
+        return None
+    found = r.mapping(node, "etcd", ("endpoints",), ("endpoints",))
+    if found is None or "endpoints" not in found:
+        return None
+    items = r.sequence(found["endpoints"], "etcd.endpoints")
+    if items == []:
+        r.error(found["endpoints"], "etcd.endpoints", "give at least one endpoint")
+    endpoints = [
+        r.value(item, join("etcd.endpoints", i), etcd_endpoint, "")
+        for i, item in enumerate(items or [])
+    ]
+    return EtcdSpec(endpoints=tuple(e for e in endpoints if e)) if all(endpoints) else None
 
 
 def _nodes(r: NodeReader, node: Node | None, path: str) -> tuple[NodeSpec, ...]:
