@@ -97,7 +97,7 @@ def test_broken_table_fails_with_every_error_on_stderr(tmp_path):
         " framing,"
         " upstreams,"
         " commands, json, status_map, envelope, websocket, limits, rate_limits, waf, auth,"
-        " default_auth, demo)",
+        " default_auth, demo, etcd)",
         "bad.yaml:6:7: upstreams.im.hash_on: required when balance is consistent_hash",
         "bad.yaml:8:37: commands[0].upstream: undefined upstream 'nope' (defined: im)",
         "bad.yaml:8:52: commands[0].request: undefined message 'demo.im.Nope' (not in"
