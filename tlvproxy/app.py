@@ -12,6 +12,7 @@ import logging
 import math
 import socket
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -21,7 +22,7 @@ from prometheus_client import generate_latest
 from tlvproxy.auth.authenticators import Authenticators
 from tlvproxy.auth.remote_keys import RemoteKeys
 from tlvproxy.config.certificates import EXPIRY_WARNING_DAYS
-from tlvproxy.config.loader import load_table
+from tlvproxy.config.loader import TableError, load_table
 from tlvproxy.config.model import Address, JwtAuthSpec, Table, UpstreamSpec
 from tlvproxy.errors import Overloaded
 from tlvproxy.metrics import RequestTally
@@ -63,7 +64,7 @@ from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
 from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Iterable, Mapping
+    from collections.abc import Awaitable, Callable, Iterable, Mapping
     from pathlib import Path
 
     from tlvproxy.config.certificates import ServerCertificates
@@ -155,9 +156,13 @@ class Gateway:
         http_parser: ParserChoice | None = None,
         reuse_port: bool = False,
         serve_admin: bool = True,
+        load: Callable[[], Table] | None = None,
     ) -> None:
         self.metrics = metrics
         self._initial = table
+        # How a reload loads the table (docs/operations.md "Reload"): the
+        # table file again by default.
+        self._load = load
         self._parser_override = http_parser
         self._reuse_port = reuse_port
         self._serve_admin = serve_admin
@@ -231,10 +236,13 @@ class Gateway:
         (docs/operations.md "Reload").
         """
         async with self._reload_lock:
-            source = path or self.runtime.table.source
-            assert source is not None, "a table loaded from text cannot be reloaded"
+            load = self._load
+            if path is not None or load is None:
+                source = path or self.runtime.table.source
+                assert source is not None, "a table loaded from text cannot be reloaded"
+                load = partial(load_table, source)
             try:
-                table = await trio.to_thread.run_sync(load_table, source)
+                table = await trio.to_thread.run_sync(load)
             except Exception:
                 self.metrics.config_reloads.labels("error").inc()
                 raise
@@ -242,6 +250,23 @@ class Gateway:
             self.metrics.config_reloads.labels("ok").inc()
             log.info("table reloaded", extra={"version": table.version})
             return table.version
+
+    async def replace(self, table: Table) -> None:
+        """Swap in `table`, loaded by the caller (a change read from etcd), as
+        a reload does."""
+        async with self._reload_lock:
+            await self._install(table)
+            self.metrics.config_reloads.labels("ok").inc()
+        log.info("table from etcd installed", extra=_described(table))
+
+    def refused(self, error: TableError) -> None:
+        """A change read from etcd did not load: counted and logged; the
+        running table stays."""
+        self.metrics.config_reloads.labels("error").inc()
+        log.error(
+            "a table from etcd did not load; the running table stays",
+            extra={"errors": error.problems},
+        )
 
     async def _install(self, table: Table) -> None:
         for warning in table.warnings:
@@ -279,6 +304,7 @@ class Gateway:
             self._next_expiry_warning = time.time() + _EXPIRY_WARNING_INTERVAL
         # Retired pools keep their connections until _retire closes them.
         self._update_budget([handle.spec for handle in (*keep.values(), *retired)])
+        self.metrics.config_revision.set(0 if table.origin is None else table.origin.revision)
         self._runtime = Runtime(
             table=table,
             pools={name: handle.pool for name, handle in keep.items()},
@@ -614,6 +640,14 @@ class Gateway:
             metrics=self.metrics,
             sessions=self.websockets,
         )
+
+
+def _described(table: Table) -> dict[str, Any]:
+    """A table's version, and its etcd revision when it has one, for a log record."""
+    extra: dict[str, Any] = {"version": table.version}
+    if table.origin is not None:
+        extra["revision"] = table.origin.revision
+    return extra
 
 
 def _longest_timeout(table: Table) -> float:

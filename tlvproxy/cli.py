@@ -1,4 +1,4 @@
-"""The command line: serve, check, call, mock-upstream, demo-keys, openapi.
+"""The command line: serve, check, publish, call, mock-upstream, demo-keys, openapi.
 
 Owns: argument parsing and exit codes; each sub-command hands off to the module
 that does the work. Must not: hold gateway logic of its own.
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 DEFAULT_TABLE = Path("commands.yaml")
 DEFAULT_DEMO_KEYS = Path("build/demo-keys")
+# Where `serve --etcd` and `publish` keep the table (docs/operations.md "Running a fleet").
+DEFAULT_ETCD_PREFIX = "/tlvproxy"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
             help="the table (default: ./commands.yaml)",
         )
 
+    def etcd_options(p: argparse.ArgumentParser, summary: str, required: bool) -> None:
+        p.add_argument("--etcd", metavar="URL", required=required, type=_endpoint, help=summary)
+        p.add_argument(
+            "--etcd-prefix",
+            default=DEFAULT_ETCD_PREFIX,
+            type=_prefix,
+            metavar="P",
+            help=f"the table's keys are P/table and P/files/PATH (default: {DEFAULT_ETCD_PREFIX})",
+        )
+
     serve = command("serve", "run the gateway", "tlvproxy serve -c commands.yaml --workers 2")
     table_option(serve)
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes")
@@ -62,8 +74,18 @@ def _parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="log level (default: info)",
     )
+    etcd_options(serve, "read the table from etcd at URL instead of FILE, and follow it", False)
     # Set by the supervisor for the worker processes it starts (docs/operations.md "Workers").
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--etcd-run-dir", type=Path, help=argparse.SUPPRESS)
+
+    publish = command(
+        "publish",
+        "check the table, then store it and every file it names in etcd in one transaction",
+        "tlvproxy publish -c commands.yaml --etcd http://127.0.0.1:2379",
+    )
+    table_option(publish)
+    etcd_options(publish, "the etcd to store the table in", True)
 
     check = command(
         "check",
@@ -102,6 +124,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="the private key that signs login's demo tokens (made by `tlvproxy demo-keys`)",
     )
+    mock.add_argument(
+        "--register",
+        metavar="URL",
+        type=_endpoint,
+        help="register the service's address in the etcd at URL while it runs (needs --prefix)",
+    )
+    mock.add_argument(
+        "--prefix",
+        type=_prefix,
+        metavar="P",
+        help="with --register: the key is P/HOST:PORT, on a lease of 10 s kept alive",
+    )
     table_option(mock)
 
     keys = command(
@@ -127,11 +161,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _endpoint(value: str) -> str:
+    from tlvproxy.config.sections import etcd_endpoint
+
+    try:
+        return etcd_endpoint(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _prefix(value: str) -> str:
+    from tlvproxy.config.sections import etcd_prefix
+
+    try:
+        return etcd_prefix(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one sub-command; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "mock-upstream" and (args.register is None) != (args.prefix is None):
+        parser.error("mock-upstream: --register and --prefix go together")
     handlers = {
         "serve": _serve,
+        "publish": _publish,
         "check": _check,
         "openapi": _openapi,
         "call": _call,
@@ -150,7 +206,21 @@ def _serve(args: argparse.Namespace) -> int:
         http_parser=args.http_parser,
         log_level=args.log_level,
         worker_index=args.worker_index,
+        etcd=args.etcd,
+        etcd_prefix=args.etcd_prefix,
+        etcd_run_dir=args.etcd_run_dir,
     )
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from tlvproxy.etcd.publish import run_publish
+
+    table = _load(args.config)
+    if table is None:
+        return 1
+    for warning in table.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return run_publish(args.config, table, args.etcd, args.etcd_prefix)
 
 
 def _load(path: Path) -> Table | None:
@@ -200,7 +270,8 @@ def _call(args: argparse.Namespace) -> int:
 def _mock_upstream(args: argparse.Namespace) -> int:
     from tlvproxy.mock_upstream import run_mock_upstream
 
-    return run_mock_upstream(args.listen, args.config, args.token_key)
+    register = None if args.register is None else (args.register, args.prefix)
+    return run_mock_upstream(args.listen, args.config, args.token_key, register)
 
 
 def _demo_keys(args: argparse.Namespace) -> int:

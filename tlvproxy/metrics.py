@@ -106,6 +106,13 @@ class Metrics:
             ("reason",),
             registry=r,
         )
+        self.config_revision = Gauge(
+            "tlvproxy_config_revision",
+            "The etcd revision of the running table (0 for a table file); with "
+            "workers, one sample per worker",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.config_reloads = Counter(
             "tlvproxy_config_reloads",
             "Table reloads, by result (ok, error)",

@@ -37,6 +37,7 @@ Status codes follow the demo table's `status_map`: 1 bad request, 2 not found,
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from functools import partial
@@ -76,6 +77,9 @@ NO_SIGNING_KEY: Final = (
 UNKNOWN_USERS_FROM: Final = 1_000_000
 DEFAULT_LIST_LIMIT: Final = 20
 _CREATED_AT: Final = 1_700_000_000_000  # every demo user joined at this unix millisecond
+# With --register, how long the service answers after its registration is
+# revoked, while gateways still have requests on their way to it.
+DRAIN_AFTER_REVOKE: Final = 5.0
 
 
 class _Client:
@@ -118,6 +122,7 @@ class MockService:
         self.layout = table.framing
         self.messages: list[dict[str, Any]] = []
         self._clients: set[_Client] = set()
+        self._idle = trio.Event()  # set when the last connection closes
         self._unpushed: list[dict[str, Any]] = []  # stored, pushed after the answer
         push = table.find_command("new_message")
         self._push_command = push.command if push is not None else NEW_MESSAGE
@@ -131,7 +136,15 @@ class MockService:
                 await self._read(client, nursery)
         finally:
             self._clients.discard(client)
+            if not self._clients:
+                self._idle.set()
             await trio.aclose_forcefully(stream)
+
+    async def wait_idle(self) -> None:
+        """Wait until no connection is open."""
+        if self._clients:
+            self._idle = trio.Event()
+            await self._idle.wait()
 
     async def _read(self, client: _Client, nursery: trio.Nursery) -> None:
         # Each request is answered in its own task, so a delayed one holds up nothing.
@@ -306,7 +319,16 @@ async def serve_mock_upstream(
         table = await trio.to_thread.run_sync(load_table, DEMO_TABLE)
     if issuer is None and table.find_command("login") is not None:
         log.warning("no --token-key: login answers status 4", extra={"error": NO_SIGNING_KEY})
-    service = MockService(table, issuer)
+    await _listen(MockService(table, issuer), host, port, task_status=task_status)
+
+
+async def _listen(
+    service: MockService,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound_host, bound_port = listeners[0].socket.getsockname()[:2]
     address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
@@ -315,10 +337,54 @@ async def serve_mock_upstream(
     await trio.serve_listeners(service.handle, listeners)
 
 
-def run_mock_upstream(listen: str, table_path: Path, token_key: Path | None = None) -> int:
-    """The whole `tlvproxy mock-upstream`: JSON logs on stdout; returns the exit status."""
+async def serve_registered(
+    service: MockService, host: str, port: int, endpoint: str, prefix: str
+) -> None:
+    """Serve like `serve_mock_upstream`, registered in the etcd at `endpoint`
+    under `prefix` (docs/operations.md "Discovery") until SIGTERM or SIGINT.
+
+    Then the registration is revoked first, so gateways send nothing new, and
+    the service still answers until its connections close (at most
+    DRAIN_AFTER_REVOKE seconds): requests in flight are not failed."""
+    from tlvproxy.etcd.registration import keep_registered
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(_listen, service, host, port)
+            registration = trio.CancelScope()
+            revoked = trio.Event()
+
+            async def registered(*, task_status: trio.TaskStatus[None]) -> None:
+                try:
+                    with registration:
+                        await keep_registered(endpoint, prefix, address, task_status=task_status)
+                finally:
+                    revoked.set()
+
+            await nursery.start(registered)
+            async for signum in signals:
+                log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                break
+            registration.cancel()
+            await revoked.wait()
+            with trio.move_on_after(DRAIN_AFTER_REVOKE):
+                await service.wait_idle()
+            nursery.cancel_scope.cancel()
+
+
+def run_mock_upstream(
+    listen: str,
+    table_path: Path,
+    token_key: Path | None = None,
+    register: tuple[str, str] | None = None,
+) -> int:
+    """The whole `tlvproxy mock-upstream`: JSON logs on stdout; returns the exit status.
+
+    `register` is (etcd endpoint, prefix) for `--register URL --prefix P`."""
     from tlvproxy.config.loader import TableError, load_table
     from tlvproxy.demo_keys import TokenIssuer
+    from tlvproxy.etcd.client import EtcdUnavailable
+    from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
     from tlvproxy.logs import setup_logging
     from tlvproxy.upstream.call import parse_address
 
@@ -343,7 +409,14 @@ def run_mock_upstream(listen: str, table_path: Path, token_key: Path | None = No
             print(problem, file=sys.stderr)
         return 1
     try:
-        trio.run(partial(serve_mock_upstream, address.host, address.port, table, issuer=issuer))
+        if register is None:
+            trio.run(partial(serve_mock_upstream, address.host, address.port, table, issuer=issuer))
+        else:
+            service = MockService(table, issuer)
+            trio.run(serve_registered, service, address.host, address.port, *register)
+    except (EtcdUnavailable, EtcdRefused, MalformedAnswer, trio.TooSlowError) as exc:
+        print(f"tlvproxy mock-upstream: cannot register in etcd: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"tlvproxy mock-upstream: cannot listen on {listen}: {exc}", file=sys.stderr)
         return 1

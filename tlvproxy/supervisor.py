@@ -23,26 +23,34 @@ import shutil
 import signal
 import sys
 import tempfile
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
 from tlvproxy.app import CannotListen, Gateway, ParserChoice, bind_listener
-from tlvproxy.config.loader import TableError, load_table
+from tlvproxy.config.loader import TableError
 from tlvproxy.config.model import Address
+from tlvproxy.config.source import FileSource, RunDirSource
+from tlvproxy.etcd.client import EtcdUnavailable, open_etcd
+from tlvproxy.etcd.tables import EtcdTables
+from tlvproxy.etcd.watch import TooManyKeys
+from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
 from tlvproxy.logs import setup_logging
 from tlvproxy.metrics import Metrics
 from tlvproxy.server.admin import AdminHandler, admin_error
 from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-    from pathlib import Path
+    from collections.abc import Awaitable, Callable, Iterator
 
     from prometheus_client import Metric
 
     from tlvproxy.config.model import Table
+    from tlvproxy.etcd.tables import TableTarget
 
 log = logging.getLogger("tlvproxy.supervisor")
 
@@ -77,25 +85,65 @@ def run_serve(
     http_parser: ParserChoice | None,
     log_level: str,
     worker_index: int | None = None,
+    etcd: str | None = None,
+    etcd_prefix: str = "",
+    etcd_run_dir: Path | None = None,
 ) -> int:
-    """`tlvproxy serve`: returns the exit code (0 after a drain, 1 if the table is bad)."""
+    """`tlvproxy serve`: returns the exit code (0 after a drain, 1 if the table is bad).
+
+    With `etcd`, the table is the one kept under `etcd_prefix` (docs/operations.md
+    "Running a fleet"); the workers of such a gateway load what its supervisor
+    wrote into `etcd_run_dir`."""
     setup_logging(log_level)
+    if etcd is not None:
+        run_dir = Path(tempfile.mkdtemp(prefix="tlvproxy-etcd-"))
+        try:
+            options = _Options(workers, http_parser, log_level)
+            return _serving(
+                None, partial(trio.run, _serve_etcd, etcd, etcd_prefix, run_dir, options)
+            )
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    load = FileSource(config).load if etcd_run_dir is None else RunDirSource(etcd_run_dir).load
     try:
-        table = load_table(config)
+        table = load()
     except TableError as exc:
-        for problem in exc.problems:
-            log.error("table error", extra={"problem": problem})
+        _log_problems(exc)
         return 1
     count = workers or table.workers
     tune_gc()
+
+    def start() -> int:
+        if worker_index is not None:
+            return trio.run(_serve_worker, table, load, http_parser, True)
+        if count <= 1:
+            return trio.run(_serve_worker, table, load, http_parser, False)
+        supervisor = Supervisor(
+            load,
+            table,
+            count,
+            worker_args=["-c", str(config)],
+            http_parser=http_parser,
+            log_level=log_level,
+        )
+        return trio.run(supervisor.run)
+
+    return _serving(worker_index, start)
+
+
+@attrs.frozen
+class _Options:
+    workers: int | None
+    http_parser: ParserChoice | None
+    log_level: str
+
+
+def _serving(worker_index: int | None, start: Callable[[], int]) -> int:
+    """`start()`, with a listener that cannot be bound told once (a worker
+    tells its supervisor) and exit code 1 (EXIT_CANNOT_LISTEN for a worker)."""
     failure: CannotListen | None = None
     try:
-        if worker_index is not None:
-            return trio.run(_serve_worker, table, http_parser, True)
-        if count <= 1:
-            return trio.run(_serve_worker, table, http_parser, False)
-        supervisor = Supervisor(config, table, count, http_parser=http_parser, log_level=log_level)
-        return trio.run(supervisor.run)
+        return start()
     except* CannotListen as group:
         failure = _first(group)
     assert failure is not None  # every other way out of the try returned or raised
@@ -107,6 +155,46 @@ def run_serve(
     # reported as ready (docs/operations.md "Starting").
     log.error(str(failure), extra={"address": str(failure.address)})
     return 1
+
+
+def _log_problems(error: TableError) -> None:
+    for problem in error.problems:
+        log.error("table error", extra={"problem": problem})
+
+
+async def _serve_etcd(endpoint: str, prefix: str, run_dir: Path, options: _Options) -> int:
+    """`serve --etcd`: read the table, then serve it (one process or a
+    supervisor), following the prefix in this process (docs/operations.md
+    "Running a fleet")."""
+    async with open_etcd([endpoint]) as client:
+        tables = EtcdTables(client, prefix, run_dir)
+        try:
+            table = await tables.first()
+        except (EtcdUnavailable, EtcdRefused, MalformedAnswer, TooManyKeys) as exc:
+            # A gateway with no table to serve does not start (docs/operations.md
+            # "When etcd is down").
+            log.error(
+                f"cannot read the table from etcd at {endpoint}: {exc}",
+                extra={"etcd": endpoint, "prefix": prefix},
+            )
+            return 1
+        except TableError as exc:
+            _log_problems(exc)
+            return 1
+        load = RunDirSource(run_dir).load
+        count = options.workers or table.workers
+        tune_gc()
+        if count <= 1:
+            return await _serve_worker(table, load, options.http_parser, False, tables.run)
+        supervisor = Supervisor(
+            load,
+            table,
+            count,
+            worker_args=["--etcd-run-dir", str(run_dir)],
+            http_parser=options.http_parser,
+            log_level=options.log_level,
+        )
+        return await supervisor.run(tables.run)
 
 
 def _first(group: BaseExceptionGroup[CannotListen]) -> CannotListen:
@@ -127,15 +215,28 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-async def _serve_worker(table: Table, http_parser: ParserChoice | None, is_worker: bool) -> int:
+async def _serve_worker(
+    table: Table,
+    load: Callable[[], Table],
+    http_parser: ParserChoice | None,
+    is_worker: bool,
+    follow: Callable[[TableTarget], Awaitable[None]] | None = None,
+) -> int:
     gateway = Gateway(
-        table, Metrics(), http_parser=http_parser, reuse_port=is_worker, serve_admin=not is_worker
+        table,
+        Metrics(),
+        http_parser=http_parser,
+        reuse_port=is_worker,
+        serve_admin=not is_worker,
+        load=load,
     )
     async with trio.open_nursery() as nursery:
         # Signals are caught before the listeners open: a SIGTERM or SIGHUP that
         # arrives as soon as the port answers must drain or reload, not kill.
         await nursery.start(_handle_signals, gateway)
         await nursery.start(_run_gateway, gateway, nursery.cancel_scope)
+        if follow is not None:
+            nursery.start_soon(follow, gateway)
         if is_worker:
             _report(table.version)
             lifeline = os.environ.get(LIFELINE_FD_ENV)
@@ -240,14 +341,16 @@ class Supervisor:
 
     def __init__(
         self,
-        config: Path,
+        load: Callable[[], Table],
         table: Table,
         workers: int,
         *,
+        worker_args: list[str],
         http_parser: ParserChoice | None,
         log_level: str,
     ) -> None:
-        self._config = config
+        self._load = load  # the workers' table source, loaded here to check it
+        self._worker_args = worker_args  # how a worker finds it
         self._table = table
         self._count = workers
         self._http_parser = http_parser
@@ -302,20 +405,43 @@ class Supervisor:
         """Validate the table here, then have every worker load it (SIGHUP)."""
         async with self._reload_lock:
             try:
-                table = await trio.to_thread.run_sync(load_table, self._config)
+                table = await trio.to_thread.run_sync(self._load)
             except TableError:
                 self._metrics.config_reloads.labels("error").inc()
                 raise
-            self._table = table
-            for index in self._ready:
-                self._signal(index, signal.SIGHUP)
-            self._metrics.config_reloads.labels("ok").inc()
+            self._tell_workers(table)
             log.info("table reloaded; workers told", extra={"version": table.version})
             return table.version
 
+    async def replace(self, table: Table) -> None:
+        """Have every worker run `table`, read from etcd and made `current` in
+        the run directory, which is where a worker's reload loads from."""
+        async with self._reload_lock:
+            self._tell_workers(table)
+        log.info(
+            "table from etcd loaded; workers told",
+            extra={"version": table.version, "revision": table.origin and table.origin.revision},
+        )
+
+    def refused(self, error: TableError) -> None:
+        """A change read from etcd did not load: the workers keep their table."""
+        self._metrics.config_reloads.labels("error").inc()
+        log.error(
+            "a table from etcd did not load; the workers keep theirs",
+            extra={"errors": error.problems},
+        )
+
+    def _tell_workers(self, table: Table) -> None:
+        self._table = table
+        for index in self._ready:
+            self._signal(index, signal.SIGHUP)
+        self._metrics.config_reloads.labels("ok").inc()
+
     # ------------------------------------------------------------ running
 
-    async def run(self) -> int:
+    async def run(self, follow: Callable[[TableTarget], Awaitable[None]] | None = None) -> int:
+        """Run the workers until drained; `follow(self)` runs meanwhile (the
+        watch of the table in etcd). Returns the exit code."""
         # Before any worker starts, a taken port fails the start (CannotListen).
         # The workers bind the HTTP and HTTPS ports with SO_REUSEPORT, which
         # would share them with another process listening the same way (another
@@ -334,6 +460,8 @@ class Supervisor:
                 await nursery.start(self._handle_signals)
                 if admin is not None:
                     nursery.start_soon(self._serve_admin, admin)
+                if follow is not None:
+                    nursery.start_soon(follow, self)
                 async with trio.open_nursery() as workers:
                     for index in range(self._count):
                         workers.start_soon(self._keep_worker, index)
@@ -349,8 +477,7 @@ class Supervisor:
             "-m",
             "tlvproxy",
             "serve",
-            "-c",
-            str(self._config),
+            *self._worker_args,
             "--log-level",
             self._log_level,
             "--worker-index",

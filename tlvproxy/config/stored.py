@@ -62,7 +62,7 @@ class StoredTable:
     files: Mapping[str, bytes]
     revision: int
 
-    def keys(self) -> dict[bytes, bytes]:
+    def entries(self) -> dict[bytes, bytes]:
         """Every key and value, as `publish` writes them."""
         found = {f"{self.prefix}/{TABLE_KEY}".encode(): self.table}
         for path, content in self.files.items():

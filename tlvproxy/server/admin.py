@@ -274,7 +274,13 @@ class AdminHandler:
         table = self._backend.table
         return {
             "version": table.version,
-            "source": None if table.source is None else str(table.source),
+            "source": _source(table),
+            # Where a table kept in etcd was read, and the revision of its last
+            # change (docs/operations.md "Running a fleet").
+            "etcd": None
+            if table.origin is None
+            else {"endpoints": list(table.origin.endpoints), "prefix": table.origin.prefix},
+            "revision": None if table.origin is None else table.origin.revision,
             "commands": [_command(c) for c in table.commands],
             "routes": [
                 {"method": r.method, "path": r.template, "command": r.command.name}
@@ -292,6 +298,12 @@ class AdminHandler:
             "auth": [{"name": name, "type": spec.kind} for name, spec in table.auth.items()],
             "upstreams": self._backend.upstream_states(),
         }
+
+
+def _source(table: Table) -> str | None:
+    if table.origin is not None:
+        return "etcd"
+    return None if table.source is None else str(table.source)
 
 
 def _command(command: CommandSpec) -> dict[str, Any]:

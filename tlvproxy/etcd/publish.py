@@ -1,0 +1,95 @@
+"""`tlvproxy publish`: a checked table and its files into etcd, in one
+transaction (docs/operations.md "Publishing a table").
+
+Owns: reading what the prefix holds, and the one transaction that writes
+`{prefix}/table` and `{prefix}/files/PATH` for every file the table names and
+deletes every other key of the prefix, guarded by what was read: it holds
+only if no key under the prefix was written after the revision read and every
+key read is still there as it was. Two publishes racing cannot mix their
+tables: the second one's guard fails, and it writes nothing.
+Must not: check the table (the CLI loaded it, as `check` does) or retry a
+failed guard: whoever publishes decides again on what is there now.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from tlvproxy.config.stored import MAX_FILES, StoredTableError, stored_from
+from tlvproxy.etcd import wire
+from tlvproxy.etcd.client import EtcdUnavailable, open_etcd
+from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tlvproxy.config.model import Table
+    from tlvproxy.config.stored import StoredTable
+
+# The whole publish, read and transaction, gets this long.
+PUBLISH_TIMEOUT: Final = 30.0
+
+
+class GuardFailed(Exception):
+    """The prefix changed between the read and the transaction."""
+
+
+def run_publish(config: Path, table: Table, endpoint: str, prefix: str) -> int:
+    """Publish `table` (loaded from `config`) under `prefix`; the exit code.
+
+    Prints what was written, or every reason nothing was, on stderr."""
+    try:
+        stored = stored_from(config, table, prefix)
+    except StoredTableError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} error(s); nothing written to etcd", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{exc.filename}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        revision, deleted = trio.run(partial(publish, stored, endpoint))
+    except (EtcdUnavailable, EtcdRefused, MalformedAnswer, GuardFailed) as exc:
+        print(f"tlvproxy publish: {exc}; nothing written", file=sys.stderr)
+        return 1
+    for key in stored.entries():
+        print(f"wrote {key.decode()}")
+    for key in deleted:
+        print(f"deleted {key.decode(errors='replace')}")
+    print(f"published {prefix} at revision {revision}")
+    return 0
+
+
+async def publish(stored: StoredTable, endpoint: str) -> tuple[int, list[bytes]]:
+    """Write `stored` to the etcd at `endpoint`, replacing whatever its prefix
+    holds; the revision written at, and the keys deleted.
+
+    Raises EtcdUnavailable (also when it takes over PUBLISH_TIMEOUT),
+    EtcdRefused, MalformedAnswer, or GuardFailed when the prefix changed
+    between the read and the transaction."""
+    head = f"{stored.prefix}/".encode()
+    keys = stored.entries()
+    with trio.move_on_after(PUBLISH_TIMEOUT):
+        async with open_etcd([endpoint]) as client:
+            # Keys only: what is there, and when each was written.
+            found = await client.range_prefix(head, limit=MAX_FILES + 2, keys_only=True)
+            if found.more:
+                raise EtcdRefused(f"more than {MAX_FILES + 1} keys under {head.decode()}", 0)
+            compare = [wire.unchanged_since(head, found.revision)]
+            compare += [wire.still_at(kv.key, kv.mod_revision) for kv in found.kvs]
+            deleted = [kv.key for kv in found.kvs if kv.key not in keys]
+            success = [wire.put_op(key, value) for key, value in keys.items()]
+            success += [wire.delete_op(key) for key in deleted]
+            succeeded, revision = await client.txn(compare, success)
+        if not succeeded:
+            raise GuardFailed(
+                f"the keys under {head.decode()} changed since they were read at revision "
+                f"{found.revision} (another publish?); publish again"
+            )
+        return revision, deleted
+    raise EtcdUnavailable(f"etcd at {endpoint} did not answer within {PUBLISH_TIMEOUT:g} s")

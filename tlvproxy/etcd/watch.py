@@ -1,0 +1,212 @@
+"""Following every key under an etcd prefix (docs/operations.md "Watching etcd").
+
+Owns: the keys of one prefix as last read, the revision they are complete up
+to, and the watch that keeps them current: reconnects with capped exponential
+backoff and jitter, resumes after the last revision applied, reads the whole
+prefix again when that revision has been compacted, and probes a watch that
+has been quiet for PROBE_INTERVAL so a half-dead one is torn down.
+Must not: know what the keys mean (`tables.py` and `upstream/discovery.py`
+do), or stop: while etcd cannot be reached it keeps trying, and the keys it
+has stay as they were.
+
+Never skipping an event (APISIX lost changes by resuming from the revision of
+an answer's header): the resume point moves only to the revision of an event
+applied, of a whole-prefix read, or of a progress notification, which etcd
+sends only once every event up to it has been sent. The header of an answer
+carrying events can be ahead of events still to come, so it is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from tlvproxy.etcd.client import EtcdUnavailable
+from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from tlvproxy.etcd.client import EtcdClient
+    from tlvproxy.etcd.wire import KeyValue, WatchAnswer
+
+log = logging.getLogger("tlvproxy.etcd")
+
+BACKOFF_MIN: Final = 0.2  # seconds before the first reconnect
+BACKOFF_MAX: Final = 10.0
+# A watch that has been quiet this long is checked by reading the prefix's keys
+# (without values); a probe with no answer within PROBE_TIMEOUT, or one that
+# finds a change the watch did not bring, tears the watch down.
+PROBE_INTERVAL: Final = 10.0
+PROBE_TIMEOUT: Final = 5.0
+# A read of the whole prefix, or a probe, that gets no answer in this time fails.
+READ_TIMEOUT: Final = 10.0
+
+
+class TooManyKeys(Exception):
+    """The prefix holds more keys than the watcher keeps."""
+
+
+class _WatchDown(Exception):
+    """The watch must be opened again; `str()` says why."""
+
+
+_FAILURES: Final = (EtcdUnavailable, EtcdRefused, MalformedAnswer, TooManyKeys, _WatchDown)
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> Exception:
+    """The first exception of `group`, however deeply nurseries nested it."""
+    found = group.exceptions[0]
+    return _first(found) if isinstance(found, BaseExceptionGroup) else found
+
+
+class PrefixWatch:
+    """The keys under `prefix` (bytes, ending in `/`), kept current by `run()`.
+
+    `keys` is replaced, never changed in place, and `generation` counts the
+    replacements; `wait_changed` waits for the next one.
+    """
+
+    def __init__(self, client: EtcdClient, prefix: bytes, *, max_keys: int) -> None:
+        self._client = client
+        self.prefix = prefix
+        self._max_keys = max_keys
+        self.keys: Mapping[bytes, KeyValue] = {}
+        self.revision = 0  # every change up to this revision is in `keys`
+        self.generation = 0
+        self._changed = trio.Event()
+        self._last_heard = 0.0
+        self._backoff = BACKOFF_MIN
+        self._down_since: float | None = None
+        self._random = random.Random()
+
+    @property
+    def shown(self) -> str:
+        return self.prefix.decode("utf-8", errors="replace")
+
+    async def read(self) -> None:
+        """Read the whole prefix at the latest revision (a new generation when
+        the keys differ). Raises EtcdUnavailable, EtcdRefused, MalformedAnswer,
+        TooManyKeys; on a timeout, EtcdUnavailable."""
+        with trio.move_on_after(READ_TIMEOUT):
+            answer = await self._client.range_prefix(self.prefix, limit=self._max_keys + 1)
+            if answer.more or len(answer.kvs) > self._max_keys:
+                raise TooManyKeys(f"more than {self._max_keys} keys under {self.shown}")
+            self.revision = answer.revision
+            self._replace({kv.key: kv for kv in answer.kvs})
+            return
+        raise EtcdUnavailable(
+            f"etcd at {self._client.endpoint} did not answer within {READ_TIMEOUT:g} s"
+        )
+
+    async def wait_changed(self, generation: int) -> int:
+        """Wait until `generation` is past; returns the current one."""
+        while self.generation == generation:
+            await self._changed.wait()
+        return self.generation
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow the prefix for ever, from `revision` + 1 (see the module doc).
+
+        Reports started at once: the caller has read the prefix already."""
+        task_status.started()
+        while True:
+            try:
+                await self._follow()
+                continue  # read again after a compaction: watch again at once
+            except* _FAILURES as group:
+                failure = _first(group)
+            if self._down_since is None:
+                self._down_since = trio.current_time()
+                log.warning(
+                    "the etcd watch is down; retrying, the keys read stay",
+                    extra={"prefix": self.shown, "revision": self.revision, "error": str(failure)},
+                )
+            else:
+                log.debug("etcd watch retry failed", extra={"error": str(failure)})
+            # Jitter over the upper half of the delay: gateways that lost etcd
+            # together do not all come back at the same instant.
+            await trio.sleep(self._backoff * (0.5 + self._random.random() / 2))
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+
+    async def _follow(self) -> None:
+        """One watch: returns when it must be opened again at once (after a
+        compaction); raises when it failed (the exception says why)."""
+        async with self._client.watch(self.prefix, self.revision + 1) as answers:
+            self._last_heard = trio.current_time()
+            self._backoff = BACKOFF_MIN
+            if self._down_since is not None:
+                log.info(
+                    "the etcd watch is back",
+                    extra={"prefix": self.shown, "revision": self.revision},
+                )
+                self._down_since = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._probe_while_quiet)
+                async for answer in answers:
+                    self._last_heard = trio.current_time()
+                    if await self._apply(answer):
+                        nursery.cancel_scope.cancel()
+                        return
+                raise _WatchDown("etcd ended the watch")
+
+    async def _apply(self, answer: WatchAnswer) -> bool:
+        """Apply one answer; True when the watch must be opened again."""
+        if answer.canceled:
+            if answer.compact_revision:
+                # Our revision is gone from etcd's history: read everything,
+                # at a new revision, and watch from there.
+                log.info(
+                    "the etcd revision to resume from was compacted; reading the prefix again",
+                    extra={"prefix": self.shown, "compact_revision": answer.compact_revision},
+                )
+                await self.read()
+                return True
+            raise _WatchDown(f"etcd canceled the watch: {answer.cancel_reason or 'no reason'}")
+        if answer.created:
+            return False  # its header revision says nothing about what was sent
+        if not answer.events:
+            # A progress notification: every event up to here has been sent.
+            self.revision = max(self.revision, answer.revision)
+            return False
+        keys = dict(self.keys)
+        for event in answer.events:
+            if not event.kv.key.startswith(self.prefix):
+                raise MalformedAnswer("a watch event for a key outside the prefix")
+            if event.deleted:
+                keys.pop(event.kv.key, None)
+            else:
+                keys[event.kv.key] = event.kv
+        if len(keys) > self._max_keys:
+            raise TooManyKeys(f"more than {self._max_keys} keys under {self.shown}")
+        self.revision = max(self.revision, *(event.kv.mod_revision for event in answer.events))
+        self._replace(keys)
+        return False
+
+    async def _probe_while_quiet(self) -> None:
+        while True:
+            await trio.sleep_until(self._last_heard + PROBE_INTERVAL)
+            if trio.current_time() < self._last_heard + PROBE_INTERVAL:
+                continue
+            with trio.move_on_after(PROBE_TIMEOUT):
+                answer = await self._client.range_prefix(
+                    self.prefix, limit=self._max_keys + 1, keys_only=True
+                )
+                seen = {kv.key: kv.mod_revision for kv in answer.kvs}
+                if seen != {key: kv.mod_revision for key, kv in self.keys.items()}:
+                    # etcd has what a quiet watch did not bring.
+                    raise _WatchDown("the watch missed a change")
+                self._last_heard = trio.current_time()
+                continue
+            raise _WatchDown(f"etcd did not answer a probe within {PROBE_TIMEOUT:g} s")
+
+    def _replace(self, keys: dict[bytes, KeyValue]) -> None:
+        if keys == self.keys:
+            return
+        self.keys = keys
+        self.generation += 1
+        self._changed.set()
+        self._changed = trio.Event()
