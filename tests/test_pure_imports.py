@@ -36,6 +36,9 @@ LATER = (
     "tlvproxy.auth.authenticators",
     "tlvproxy.config.auth",
     "tlvproxy.demo_keys",
+    "tlvproxy.config.stored",
+    "tlvproxy.config.source",
+    "tlvproxy.etcd.wire",
 )
 
 

@@ -61,6 +61,7 @@ from tlvproxy.server.rest import RestHandler, error_response_for, render_error, 
 from tlvproxy.server.tls import handshake
 from tlvproxy.server.view import client_address
 from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
+from tlvproxy.upstream.discovery import run_discovery
 from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ def _keys_wanted(spec: JwtAuthSpec) -> _KeysWanted:
 class _PoolHandle:
     spec: UpstreamSpec
     layout: HeaderLayout
+    etcd: tuple[str, ...]  # where a `discovery` upstream's nodes are read
     pool: Pool
     close: trio.Event
 
@@ -224,6 +226,7 @@ class Gateway:
         return {
             name: {
                 "balance": pool.spec.balance,
+                "discovery": pool.spec.discovery,
                 "nodes": [attrs.asdict(state) for state in pool.node_states()],
             }
             for name, pool in self.runtime.pools.items()
@@ -274,15 +277,19 @@ class Gateway:
         old = self._runtime
         keep: dict[str, _PoolHandle] = {}
         retired: list[_PoolHandle] = []
+        etcd = _discovery_endpoints(table)
         for name, handle in self._pools.items():
             spec = table.upstreams.get(name)
-            if spec == handle.spec and table.framing == handle.layout:
+            same_etcd = spec is None or spec.discovery is None or handle.etcd == etcd
+            if spec == handle.spec and table.framing == handle.layout and same_etcd:
                 keep[name] = handle
             else:
                 retired.append(handle)
         for name, spec in table.upstreams.items():
             if name not in keep:
-                keep[name] = await self._pool_nursery.start(self._run_pool, spec, table.framing)
+                keep[name] = await self._pool_nursery.start(
+                    self._run_pool, spec, table.framing, etcd
+                )
         limiter = (
             old.limiter
             if old is not None and old.table.rate_limits == table.rate_limits
@@ -386,13 +393,28 @@ class Gateway:
         self,
         spec: UpstreamSpec,
         layout: HeaderLayout,
+        etcd: tuple[str, ...],
         *,
         task_status: trio.TaskStatus[_PoolHandle] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         close = trio.Event()
-        async with open_pool(spec, layout, self.metrics, self._timer) as pool:
-            task_status.started(_PoolHandle(spec=spec, layout=layout, pool=pool, close=close))
+        async with (
+            open_pool(spec, layout, self.metrics, self._timer) as pool,
+            trio.open_nursery() as discovery,
+        ):
+            if spec.discovery is not None:
+                if etcd:
+                    await discovery.start(run_discovery, pool, etcd, spec.discovery)
+                else:
+                    log.error(
+                        "an upstream's nodes are discovered in etcd, but the table has no "
+                        "etcd section and the gateway was not started with --etcd",
+                        extra={"upstream": spec.name},
+                    )
+            handle = _PoolHandle(spec=spec, layout=layout, etcd=etcd, pool=pool, close=close)
+            task_status.started(handle)
             await close.wait()
+            discovery.cancel_scope.cancel()
 
     async def _retire(self, handles: list[_PoolHandle], delay: float) -> None:
         await trio.sleep(delay)
@@ -648,6 +670,14 @@ def _described(table: Table) -> dict[str, Any]:
     if table.origin is not None:
         extra["revision"] = table.origin.revision
     return extra
+
+
+def _discovery_endpoints(table: Table) -> tuple[str, ...]:
+    """Where `discovery` reads nodes: the table's `etcd`, else the etcd the
+    table itself came from (docs/configuration.md "discovery")."""
+    if table.etcd is not None:
+        return table.etcd.endpoints
+    return () if table.origin is None else table.origin.endpoints
 
 
 def _longest_timeout(table: Table) -> float:

@@ -386,10 +386,15 @@ class Supervisor:
                 for sample in family.samples:
                     key = (sample.labels["upstream"], sample.labels["node"])
                     health[key] = sample.value >= 1
+        # Each worker discovers nodes on its own: their sets are in /metrics
+        # (docs/operations.md "Discovery"), not listed here.
         return {
             name: {
                 "balance": spec.balance,
-                "nodes": [
+                "discovery": spec.discovery,
+                "nodes": None
+                if spec.discovery is not None
+                else [
                     {
                         "address": str(node.address),
                         "weight": node.weight,

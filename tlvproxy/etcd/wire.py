@@ -19,7 +19,7 @@ import attrs
 import orjson
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Mapping
 
 # An int64 of etcd (revisions, lease ids) fits here; anything above is a lie.
 _MAX_INT64: Final = 2**63 - 1
@@ -285,6 +285,3 @@ def _int(item: Mapping[str, Any], name: str) -> int:
         raise MalformedAnswer(f"{name} is not an int64")
     return value
 
-
-def keys_of(kvs: Sequence[KeyValue]) -> dict[bytes, KeyValue]:
-    return {kv.key: kv for kv in kvs}

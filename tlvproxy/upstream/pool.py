@@ -69,9 +69,9 @@ from tlvproxy.upstream.connection import (
 from tlvproxy.upstream.health import BACKOFF_BASE, Backoff, NodeHealth
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-    from tlvproxy.config.model import NodeSpec, UpstreamSpec
+    from tlvproxy.config.model import Address, NodeSpec, UpstreamSpec
     from tlvproxy.framing import Frame, HeaderLayout
     from tlvproxy.metrics import Metrics
 
@@ -80,6 +80,8 @@ log = logging.getLogger("tlvproxy.upstream")
 # How often one request may be put on a new connection of the same node after
 # the one it was queued on went down before writing it.
 _MAX_RESENDS: Final = 2
+# How often a node that left the upstream is checked for its last answers.
+_RETIRE_CHECK: Final = 0.05
 # A connect failing with these failed here, for want of a file descriptor.
 _LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 
@@ -134,6 +136,9 @@ class _Node:
             healthy_after=upstream.health.healthy_after,
         )
         self.backoff = Backoff()
+        # Removed from the discovered set: no new request, no new connection
+        # (docs/configuration.md "discovery").
+        self.retired = False
         self.live: list[Connection] = []
         self.connecting = 0
         self.changed = trio.Event()  # set (and replaced) when live or connecting changes
@@ -334,7 +339,7 @@ class _Attempt:
         assert node is not None
         self.conn = None
         node.count_lost(error)
-        if isinstance(error, SendFailed) and self.resent < _MAX_RESENDS:
+        if isinstance(error, SendFailed) and self.resent < _MAX_RESENDS and not node.retired:
             # Never written: the connection went down under it. Another
             # connection of the same node takes it, a new one if need be
             # (docs/reference.md "When an upstream connection goes down").
@@ -401,18 +406,128 @@ class Pool:
         nursery: trio.Nursery,
         timer: DeadlineTimer,
     ) -> None:
-        if not spec.nodes:
+        if not spec.nodes and spec.discovery is None:
             raise ValueError(f"upstream {spec.name!r} has no nodes")
         self.spec = spec
         self.layout = layout
         self._metrics = metrics
         self._nursery = nursery
         self._timer = timer
-        self._nodes = [_Node(node, spec, metrics) for node in spec.nodes]
-        self._round_robin = RoundRobin([node.weight for node in self._nodes])
-        self._ring = HashRing([(node.name, node.weight) for node in self._nodes])
+        self._nodes: list[_Node] = []
+        self._round_robin: RoundRobin | None = None
+        self._ring: HashRing | None = None
         self._hash_requests = spec.balance == "consistent_hash"
         self._max_in_flight = spec.max_in_flight
+        # Each node's heartbeat or probe task, to stop it when the node leaves.
+        self._watchers: dict[_Node, trio.CancelScope] = {}
+        # Discovered nodes connecting before they join (by address).
+        self._joining: dict[Address, _Node] = {}
+        self._joined = trio.Event()  # set while nothing is joining
+        self._joined.set()
+        self._set_members([_Node(node, spec, metrics) for node in spec.nodes])
+
+    def _set_members(self, members: list[_Node]) -> None:
+        """Make `members` the nodes requests go to; the balancers follow (the
+        ring holds every member, healthy or not)."""
+        self._nodes = members
+        if members:
+            self._round_robin = RoundRobin([node.weight for node in members])
+            self._ring = HashRing([(node.name, node.weight) for node in members])
+        else:
+            self._round_robin = self._ring = None
+
+    # ------------------------------------------------------------ discovery
+
+    def set_nodes(self, specs: Sequence[NodeSpec]) -> None:
+        """Follow a new set of discovered nodes (docs/configuration.md "discovery").
+
+        A new node joins once a connection to it is open; a node gone takes
+        no new request at once, and its connections close when their
+        requests are answered; a node whose weight changed keeps its
+        connections and health. Nothing here fails a request."""
+        wanted = {spec.address: spec for spec in specs}
+        members: list[_Node] = []
+        changed = False
+        for node in self._nodes:
+            spec = wanted.get(node.address)
+            if spec is None:
+                changed = True
+                self._nursery.start_soon(self._retire_node, node)
+                continue
+            if spec.weight != node.weight:
+                node.weight = spec.weight
+                changed = True
+            members.append(node)
+        for address, node in list(self._joining.items()):
+            if address not in wanted:
+                del self._joining[address]
+                self._nursery.start_soon(self._retire_node, node)
+        present = {node.address for node in members} | set(self._joining)
+        for address, spec in wanted.items():
+            if address not in present:
+                node = _Node(spec, self.spec, self._metrics)
+                self._joining[address] = node
+                self._joined = trio.Event()
+                self._nursery.start_soon(self._join, node)
+        if not self._joining:
+            self._joined.set()
+        if changed:
+            self._set_members(members)
+
+    async def wait_joined(self) -> None:
+        """Wait until every node being discovered has joined (or left)."""
+        await self._joined.wait()
+
+    async def _join(self, node: _Node) -> None:
+        """Connect to `node` until it works, then make it a member; the
+        reconnect backoff paces the attempts."""
+        while self._joining.get(node.address) is node:
+            try:
+                await self._connect(node)
+            except SendFailed as exc:
+                log.warning(
+                    "a discovered node cannot be reached yet",
+                    extra={"upstream": self.spec.name, "node": node.name, "error": exc.message},
+                )
+                await trio.sleep(max(node.backoff.not_before - trio.current_time(), BACKOFF_BASE))
+                continue
+            if self._joining.get(node.address) is not node:
+                return  # left meanwhile: _retire_node closes what was opened
+            del self._joining[node.address]
+            if not self._joining:
+                self._joined.set()
+            self._set_members([*self._nodes, node])
+            self._nursery.start_soon(self._watch_health, node)
+            log.info("node joined", extra={"upstream": self.spec.name, "node": node.name})
+            return
+
+    async def _retire_node(self, node: _Node) -> None:
+        """Close `node`'s connections as their requests are answered (all of
+        them once the upstream's timeout has passed)."""
+        node.retired = True
+        watcher = self._watchers.pop(node, None)
+        if watcher is not None:
+            watcher.cancel()
+        log.info("node left", extra={"upstream": self.spec.name, "node": node.name})
+        give_up = trio.current_time() + self.spec.timeout + 1
+        gone = SendFailed(f"{node.name}: the node left the upstream")
+        while node.live or node.connecting:
+            for conn in list(node.live):
+                if not conn.in_flight or trio.current_time() >= give_up:
+                    conn.close(gone)
+            # A node that left is checked on a short period until its last
+            # requests are answered: rare, and bounded by the timeout.
+            await trio.sleep(_RETIRE_CHECK)
+        self._metrics.upstream_node_healthy.remove(self.spec.name, node.name)
+
+    async def _watch_health(self, node: _Node) -> None:
+        """Run `node`'s heartbeats (or its probes) until it leaves."""
+        with trio.CancelScope() as scope:
+            self._watchers[node] = scope
+            if self.spec.heartbeat is not None:
+                await self.run_heartbeats(node)
+            else:
+                await self.run_probes(node)
 
     # ------------------------------------------------------------ requests
 
@@ -491,6 +606,8 @@ class Pool:
     def _first(self, key: str | None) -> _Node | None:
         """The node for a first attempt; None when none is eligible."""
         nodes = self._nodes
+        if not nodes:
+            return None
         if len(nodes) == 1:
             node = nodes[0]
             if (node.health.healthy and node.live) or node.available(trio.current_time()):
@@ -501,13 +618,13 @@ class Pool:
     def _next(self, key: str | None, tried: list[_Node]) -> _Node | None:
         """An eligible node not in `tried`: by the ring when `key` is given, else by
         weighted round robin; None when there is none."""
+        nodes, round_robin, ring = self._nodes, self._round_robin, self._ring
+        if round_robin is None or ring is None:
+            return None
         now = trio.current_time()
-        eligible = [node.available(now) and node not in tried for node in self._nodes]
-        if key is None:
-            index = self._round_robin.choose(eligible)
-        else:
-            index = self._ring.choose(key, eligible)
-        return None if index is None else self._nodes[index]
+        eligible = [node.available(now) and node not in tried for node in nodes]
+        index = round_robin.choose(eligible) if key is None else ring.choose(key, eligible)
+        return None if index is None else nodes[index]
 
     def _send(self, attempt: _Attempt, node: _Node) -> None:
         """Put `attempt` on a connection of `node`, opening one when needed."""
@@ -557,6 +674,8 @@ class Pool:
 
     async def _acquire(self, node: _Node) -> Connection:
         while True:
+            if node.retired:
+                raise SendFailed(f"{node.name}: the node left the upstream")
             conn = node.pick()
             if conn is not None:
                 return conn
@@ -875,10 +994,7 @@ async def open_pool(
             await nursery.start(timer.run)
         pool = Pool(spec, layout, metrics, nursery, timer)
         for node in pool._nodes:
-            if spec.heartbeat is not None:
-                nursery.start_soon(pool.run_heartbeats, node)
-            else:
-                nursery.start_soon(pool.run_probes, node)
+            nursery.start_soon(pool._watch_health, node)
         try:
             yield pool
         finally:

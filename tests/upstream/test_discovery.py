@@ -1,0 +1,149 @@
+"""Discovered nodes: values read strictly (a malformed one skips its key only),
+and a pool whose node set changes between requests without failing any
+(docs/configuration.md "discovery")."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections import Counter
+
+import pytest
+import trio
+import trio.testing
+
+from tlvproxy.config.model import Address, NodeSpec, UpstreamSpec
+from tlvproxy.etcd.wire import KeyValue
+from tlvproxy.framing import default_layout
+from tlvproxy.metrics import Metrics
+from tlvproxy.upstream.discovery import MAX_VALUE, read_nodes
+from tlvproxy.upstream.pool import open_pool
+
+
+def kv(key: str, value: bytes | str, revision: int = 1) -> KeyValue:
+    data = value.encode() if isinstance(value, str) else value
+    return KeyValue(key=f"/svc/{key}".encode(), value=data, mod_revision=revision)
+
+
+def test_a_value_is_host_port_or_an_address_with_a_weight() -> None:
+    nodes = read_nodes(
+        [
+            kv("a", "127.0.0.1:7001"),
+            kv("b", json.dumps({"address": "[::1]:7002", "weight": 3})),
+            kv("c", " 10.0.0.3:7003 \n"),
+        ]
+    )
+    assert nodes == [
+        NodeSpec(address=Address("127.0.0.1", 7001)),
+        NodeSpec(address=Address("::1", 7002), weight=3),
+        NodeSpec(address=Address("10.0.0.3", 7003)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("{not json", "not JSON"),
+        ('{"address": "127.0.0.1:7001", "weight": 0}', "between 1 and 1000"),
+        ('{"address": "127.0.0.1:7001", "weight": "heavy"}', "whole number"),
+        ('{"address": "127.0.0.1:7001", "admin": true}', "unknown key"),
+        ('{"weight": 2}', "expected"),
+        ('["127.0.0.1:7001"]', "expected"),
+        ("127.0.0.1", "HOST:PORT"),
+        ("127.0.0.1:0", "port 0"),
+        ("127.0.0.1:99999", "port 99999"),
+        ("", "HOST:PORT"),
+        (b"\xff\xfe:1", "utf-8"),
+        ("1" * (MAX_VALUE + 1), "longer than"),
+    ],
+)
+def test_a_malformed_value_skips_its_key_only(value, why, caplog) -> None:
+    caplog.set_level(logging.WARNING, "tlvproxy.upstream")
+    nodes = read_nodes([kv("good", "127.0.0.1:7001"), kv("bad", value)])
+    assert nodes == [NodeSpec(address=Address("127.0.0.1", 7001))]
+    [record] = caplog.records
+    assert record.key == "/svc/bad"
+    assert why.lower() in record.error.lower()
+
+
+def test_a_malformed_key_is_logged_once_per_revision(caplog) -> None:
+    caplog.set_level(logging.WARNING, "tlvproxy.upstream")
+    skipped: set[tuple[bytes, int]] = set()
+    read_nodes([kv("bad", "nope")], skipped)
+    read_nodes([kv("bad", "nope")], skipped)
+    read_nodes([kv("bad", "still nope", revision=2)], skipped)
+    assert len(caplog.records) == 2
+
+
+def test_an_address_under_two_keys_is_one_node() -> None:
+    nodes = read_nodes([kv("a", "127.0.0.1:7001"), kv("b", "127.0.0.1:7001")])
+    assert nodes == [NodeSpec(address=Address("127.0.0.1", 7001))]
+
+
+def spec_of(upstream) -> NodeSpec:
+    return NodeSpec(address=Address("127.0.0.1", upstream.port))
+
+
+async def test_the_node_set_follows_without_failing_a_request(start_upstream) -> None:
+    release = trio.Event()
+
+    async def slow(conn, request) -> None:
+        if request.body == b"slow":
+            await release.wait()
+        await conn.answer(request)
+
+    a = await start_upstream(slow)
+    b = await start_upstream()
+    spec = UpstreamSpec(name="im", nodes=(), discovery="/svc", retries=0)
+    async with open_pool(spec, default_layout(), Metrics()) as pool:
+        with pytest.raises(Exception, match="no healthy node"):
+            await pool.request(0x1003, b"x")
+        pool.set_nodes([spec_of(a)])
+        await pool.wait_joined()
+        assert [n.address for n in pool.node_states()] == [a.address]
+        # A request in flight on `a` when `a` leaves is answered.
+        async with trio.open_nursery() as nursery:
+            replies = []
+
+            async def in_flight() -> None:
+                replies.append(await pool.request(0x1003, b"slow"))
+
+            nursery.start_soon(in_flight)
+            await trio.testing.wait_all_tasks_blocked()
+            pool.set_nodes([spec_of(b)])
+            await pool.wait_joined()
+            assert [n.address for n in pool.node_states()] == [b.address]
+            nodes = Counter([(await pool.request(0x1003, b"x")).node for _ in range(10)])
+            assert nodes == {b.address: 10}
+            release.set()
+        assert replies[0].node == a.address
+        # Once its last request was answered, `a`'s connections close.
+        for _ in range(200):
+            if all(_peer_closed(conn.stream) for conn in a.conns):
+                break
+            await trio.sleep(0.01)
+        else:
+            raise AssertionError("the connections of the node that left stay open")
+
+
+def _peer_closed(stream: trio.SocketStream) -> bool:
+    if stream.socket.fileno() == -1:
+        return True
+    try:
+        return stream.socket._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""  # type: ignore[attr-defined]
+    except BlockingIOError:
+        return False
+
+
+async def test_weights_and_joins_apply_between_requests(start_upstream) -> None:
+    a = await start_upstream()
+    b = await start_upstream()
+    spec = UpstreamSpec(name="im", nodes=(), discovery="/svc")
+    async with open_pool(spec, default_layout(), Metrics()) as pool:
+        pool.set_nodes([spec_of(a)])
+        await pool.wait_joined()
+        pool.set_nodes([spec_of(a), NodeSpec(address=Address("127.0.0.1", b.port), weight=3)])
+        await pool.wait_joined()
+        nodes = Counter([(await pool.request(0x1003, b"x")).node for _ in range(40)])
+        assert nodes == {a.address: 10, b.address: 30}
