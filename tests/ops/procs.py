@@ -191,8 +191,12 @@ class Processes:
         self._started: list[Process] = []
 
     def start(self, name: str, *arguments: str) -> Process:
+        """`python -m tlvproxy ARGUMENTS`."""
+        return self.start_command(name, [sys.executable, "-m", "tlvproxy", *arguments])
+
+    def start_command(self, name: str, command: list[str]) -> Process:
         log_path = self.directory / f"{name}-{len(self._started)}.log"
-        process = Process([sys.executable, "-m", "tlvproxy", *arguments], log_path)
+        process = Process(command, log_path)
         self._started.append(process)
         return process
 

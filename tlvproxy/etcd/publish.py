@@ -17,6 +17,7 @@ import sys
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
+import attrs
 import trio
 
 from tlvproxy.config.stored import MAX_FILES, StoredTableError, stored_from
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
     from tlvproxy.config.model import Table
     from tlvproxy.config.stored import StoredTable
+    from tlvproxy.etcd.client import EtcdClient
+    from tlvproxy.etcd.wire import KeyValue
 
 # The whole publish, read and transaction, gets this long.
 PUBLISH_TIMEOUT: Final = 30.0
@@ -65,6 +68,45 @@ def run_publish(config: Path, table: Table, endpoint: str, prefix: str) -> int:
     return 0
 
 
+@attrs.frozen
+class Guard:
+    """What a publish read under the prefix: its transaction holds only if
+    this is still all there is."""
+
+    head: bytes
+    revision: int
+    kvs: tuple[KeyValue, ...]
+
+
+async def read_guard(client: EtcdClient, head: bytes) -> Guard:
+    """The keys (not their values) under `head`, and when each was written."""
+    found = await client.range_prefix(head, limit=MAX_FILES + 2, keys_only=True)
+    if found.more:
+        raise EtcdRefused(f"more than {MAX_FILES + 1} keys under {head.decode()}", 0)
+    return Guard(head=head, revision=found.revision, kvs=found.kvs)
+
+
+async def write_guarded(
+    client: EtcdClient, stored: StoredTable, guard: Guard
+) -> tuple[int, list[bytes]]:
+    """The transaction: `stored`'s keys written, the other keys read deleted,
+    if nothing changed since `guard` was read. The revision written at, and
+    the keys deleted. Raises GuardFailed when something did."""
+    keys = stored.entries()
+    compare = [wire.unchanged_since(guard.head, guard.revision)]
+    compare += [wire.still_at(kv.key, kv.mod_revision) for kv in guard.kvs]
+    deleted = [kv.key for kv in guard.kvs if kv.key not in keys]
+    success = [wire.put_op(key, value) for key, value in keys.items()]
+    success += [wire.delete_op(key) for key in deleted]
+    succeeded, revision = await client.txn(compare, success)
+    if not succeeded:
+        raise GuardFailed(
+            f"the keys under {guard.head.decode()} changed since they were read at revision "
+            f"{guard.revision} (another publish?); publish again"
+        )
+    return revision, deleted
+
+
 async def publish(stored: StoredTable, endpoint: str) -> tuple[int, list[bytes]]:
     """Write `stored` to the etcd at `endpoint`, replacing whatever its prefix
     holds; the revision written at, and the keys deleted.
@@ -72,24 +114,8 @@ async def publish(stored: StoredTable, endpoint: str) -> tuple[int, list[bytes]]
     Raises EtcdUnavailable (also when it takes over PUBLISH_TIMEOUT),
     EtcdRefused, MalformedAnswer, or GuardFailed when the prefix changed
     between the read and the transaction."""
-    head = f"{stored.prefix}/".encode()
-    keys = stored.entries()
     with trio.move_on_after(PUBLISH_TIMEOUT):
         async with open_etcd([endpoint]) as client:
-            # Keys only: what is there, and when each was written.
-            found = await client.range_prefix(head, limit=MAX_FILES + 2, keys_only=True)
-            if found.more:
-                raise EtcdRefused(f"more than {MAX_FILES + 1} keys under {head.decode()}", 0)
-            compare = [wire.unchanged_since(head, found.revision)]
-            compare += [wire.still_at(kv.key, kv.mod_revision) for kv in found.kvs]
-            deleted = [kv.key for kv in found.kvs if kv.key not in keys]
-            success = [wire.put_op(key, value) for key, value in keys.items()]
-            success += [wire.delete_op(key) for key in deleted]
-            succeeded, revision = await client.txn(compare, success)
-        if not succeeded:
-            raise GuardFailed(
-                f"the keys under {head.decode()} changed since they were read at revision "
-                f"{found.revision} (another publish?); publish again"
-            )
-        return revision, deleted
+            guard = await read_guard(client, f"{stored.prefix}/".encode())
+            return await write_guarded(client, stored, guard)
     raise EtcdUnavailable(f"etcd at {endpoint} did not answer within {PUBLISH_TIMEOUT:g} s")

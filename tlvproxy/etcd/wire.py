@@ -284,4 +284,3 @@ def _int(item: Mapping[str, Any], name: str) -> int:
     if not isinstance(value, int) or not -_MAX_INT64 <= value <= _MAX_INT64:
         raise MalformedAnswer(f"{name} is not an int64")
     return value
-
