@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from prometheus_client import Metric
 
-    from tlvproxy.config.model import Table
+    from tlvproxy.config.model import Table, UpstreamSpec
     from tlvproxy.etcd.tables import TableTarget
 
 log = logging.getLogger("tlvproxy.supervisor")
@@ -307,6 +307,15 @@ async def _handle_signals(
                 os._exit(1)
 
 
+def _listed(
+    name: str, spec: UpstreamSpec, health: dict[tuple[str, str], bool]
+) -> list[tuple[str, int | None]]:
+    """(address, weight) of the nodes of upstream `name` to list."""
+    if spec.discovery is None:
+        return [(str(node.address), node.weight) for node in spec.nodes]
+    return sorted((address, None) for upstream, address in health if upstream == name)
+
+
 class _WorkerMetrics:
     """The workers' metrics summed from their multiprocess files, without the
     reload counter: the supervisor counts reloads once, not once per worker."""
@@ -386,21 +395,16 @@ class Supervisor:
                 for sample in family.samples:
                     key = (sample.labels["upstream"], sample.labels["node"])
                     health[key] = sample.value >= 1
-        # Each worker discovers nodes on its own: their sets are in /metrics
-        # (docs/operations.md "Discovery"), not listed here.
+        # Each worker discovers nodes on its own: a discovered upstream lists
+        # the nodes the workers report on (one that left, unhealthy),
+        # without weights (docs/operations.md "Discovery").
         return {
             name: {
                 "balance": spec.balance,
                 "discovery": spec.discovery,
-                "nodes": None
-                if spec.discovery is not None
-                else [
-                    {
-                        "address": str(node.address),
-                        "weight": node.weight,
-                        "healthy": health.get((name, str(node.address))),
-                    }
-                    for node in spec.nodes
+                "nodes": [
+                    {"address": address, "weight": weight, "healthy": health.get((name, address))}
+                    for address, weight in _listed(name, spec, health)
                 ],
             }
             for name, spec in self._table.upstreams.items()

@@ -518,6 +518,8 @@ class Pool:
             # A node that left is checked on a short period until its last
             # requests are answered: rare, and bounded by the timeout.
             await trio.sleep(_RETIRE_CHECK)
+        # Zero first: with workers, the summed metrics keep a removed sample.
+        node.healthy_gauge.set(0)
         self._metrics.upstream_node_healthy.remove(self.spec.name, node.name)
 
     async def _watch_health(self, node: _Node) -> None:
