@@ -22,13 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _samples(families) -> list[tuple[str, tuple[tuple[str, str], ...], str]]:
-    """Every sample but `_created` (a clock reading), the value as its repr so
+    """Every sample but `_created` (a clock reading) and those of one process
+    (a `pid` label, tlvproxy_config_revision's), the value as its repr so
     that NaN equals NaN."""
     return sorted(
         (sample.name, tuple(sorted(sample.labels.items())), repr(sample.value))
         for family in families
         for sample in family.samples
-        if not sample.name.endswith("_created")
+        if not sample.name.endswith("_created") and "pid" not in sample.labels
     )
 
 

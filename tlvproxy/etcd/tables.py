@@ -12,7 +12,6 @@ Must not: swap tables or signal workers itself; the target does.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
     from tlvproxy.config.model import Table
     from tlvproxy.etcd.client import EtcdClient
 
-log = logging.getLogger("tlvproxy.etcd")
 
 # A revision's directory outlives the next table by this long: a worker told
 # to load it (SIGHUP) has long read it by then.
