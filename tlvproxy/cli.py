@@ -215,11 +215,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     from tlvproxy.etcd.publish import run_publish
 
-    table = _load(args.config)
+    table = _checked(args.config)
     if table is None:
         return 1
-    for warning in table.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     return run_publish(args.config, table, args.etcd, args.etcd_prefix)
 
 
@@ -236,14 +234,21 @@ def _load(path: Path) -> Table | None:
         return None
 
 
+def _checked(path: Path) -> Table | None:
+    """`_load`, and the table's warnings printed to stderr, as `check` does."""
+    table = _load(path)
+    if table is not None:
+        for warning in table.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    return table
+
+
 def _check(args: argparse.Namespace) -> int:
     from tlvproxy.config.loader import route_lines
 
-    table = _load(args.config)
+    table = _checked(args.config)
     if table is None:
         return 1
-    for warning in table.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     for line in route_lines(table):
         print(line)
     return 0

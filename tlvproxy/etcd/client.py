@@ -42,20 +42,6 @@ class EtcdUnavailable(Exception):
     `str()` names the endpoint and the reason."""
 
 
-def check_endpoint(url: str) -> str:
-    """`url` without a trailing slash, if it is an http(s) URL of a host and
-    port and nothing else. Raises ValueError saying why not."""
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise ValueError(f"{url!r} is not a URL: {exc}") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"expected an etcd endpoint like http://127.0.0.1:2379, got {url!r}")
-    if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.userinfo:
-        raise ValueError(f"an etcd endpoint is a scheme, a host and a port; got {url!r}")
-    return url.rstrip("/")
-
-
 class EtcdClient:
     """Requests to etcd. Build it with `open_etcd`."""
 
@@ -199,7 +185,8 @@ class EtcdClient:
 
 @asynccontextmanager
 async def open_etcd(endpoints: Sequence[str]) -> AsyncIterator[EtcdClient]:
-    """A client of the etcd cluster at `endpoints` (checked with `check_endpoint`)."""
+    """A client of the etcd cluster at `endpoints` (`http(s)://HOST:PORT` each,
+    as `config.sections.etcd_endpoint` checks them)."""
     # No timeout of httpx's: the caller's cancel scope owns the time of every
     # request, and a watch waits for as long as nothing changes.
     async with httpx.AsyncClient(
