@@ -157,6 +157,11 @@ def _serving(worker_index: int | None, start: Callable[[], int]) -> int:
     return 1
 
 
+def _reason(error: Exception, endpoint: str) -> str:
+    """What `error` says, without naming `endpoint` a second time."""
+    return str(error).removeprefix(f"etcd at {endpoint} ")
+
+
 def _log_problems(error: TableError) -> None:
     for problem in error.problems:
         log.error("table error", extra={"problem": problem})
@@ -174,7 +179,7 @@ async def _serve_etcd(endpoint: str, prefix: str, run_dir: Path, options: _Optio
             # A gateway with no table to serve does not start (docs/operations.md
             # "When etcd is down").
             log.error(
-                f"cannot read the table from etcd at {endpoint}: {exc}",
+                f"cannot read the table from etcd at {endpoint}: {_reason(exc, endpoint)}",
                 extra={"etcd": endpoint, "prefix": prefix},
             )
             return 1

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from tests.fleet.fleet import PREFIX, NetnsGateway, Site, publish, published, start_gateway
-from tests.ops.procs import metric, try_call, wait_for
+from tests.ops.procs import free_port, metric, try_call, wait_for
 from tlvproxy.config.loader import load_table
 from tlvproxy.config.stored import stored_from
 from tlvproxy.etcd.client import open_etcd
@@ -232,3 +232,18 @@ async def test_a_concurrent_publish_fails_its_guard_and_writes_nothing(
         await trio.lowlevel.checkpoint()
     assert etcd.get_prefix(PREFIX)[f"{PREFIX}/table"] == first.table
     assert etcd.revision() == theirs[0]
+
+
+def test_a_gateway_started_without_etcd_exits_1_naming_it(procs: Processes, etcd: Etcd) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    process = procs.start("gateway", "serve", "--etcd", nowhere)
+    assert process.wait() == 1
+    [record] = [r for r in process.records() if r.get("level") == "ERROR"]
+    assert record["message"].startswith(f"cannot read the table from etcd at {nowhere}: ")
+    # A reachable etcd with nothing under the prefix: no table, no gateway.
+    process = procs.start("gateway", "serve", "--etcd", etcd.url, "--etcd-prefix", "/empty")
+    assert process.wait() == 1
+    assert any(
+        r.get("problem") == "/empty/table: no table here (`tlvproxy publish` writes one)"
+        for r in process.records()
+    )
