@@ -147,3 +147,25 @@ async def test_weights_and_joins_apply_between_requests(start_upstream) -> None:
         await pool.wait_joined()
         nodes = Counter([(await pool.request(0x1003, b"x")).node for _ in range(40)])
         assert nodes == {a.address: 10, b.address: 30}
+
+
+async def test_a_node_registered_again_while_leaving_keeps_its_health_gauge(
+    start_upstream,
+) -> None:
+    a = await start_upstream()
+    metrics = Metrics()
+    spec = UpstreamSpec(name="im", nodes=(), discovery="/svc")
+    labels = {"upstream": "im", "node": a.address}
+    async with open_pool(spec, default_layout(), metrics) as pool:
+        pool.set_nodes([spec_of(a)])
+        await pool.wait_joined()
+        await pool.request(0x1003, b"x")
+        pool.set_nodes([])
+        pool.set_nodes([spec_of(a)])
+        await pool.wait_joined()
+        await trio.sleep(0.2)  # the first one has closed its connection and gone
+        assert [n.address for n in pool.node_states()] == [a.address]
+        assert metrics.registry.get_sample_value("tlvproxy_upstream_node_healthy", labels) == 1
+        pool.set_nodes([])
+        await trio.sleep(0.2)
+        assert metrics.registry.get_sample_value("tlvproxy_upstream_node_healthy", labels) is None

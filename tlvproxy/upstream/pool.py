@@ -518,12 +518,16 @@ class Pool:
             # A node that left is checked on a short period until its last
             # requests are answered: rare, and bounded by the timeout.
             await trio.sleep(_RETIRE_CHECK)
-        # Zero first: with workers, the summed metrics keep a removed sample.
-        node.healthy_gauge.set(0)
-        self._metrics.upstream_node_healthy.remove(self.spec.name, node.name)
+        back = node.address in self._joining or any(n.address == node.address for n in self._nodes)
+        if not back:  # registered again meanwhile: the gauge is the new node's
+            # Zero first: with workers, the summed metrics keep a removed sample.
+            node.healthy_gauge.set(0)
+            self._metrics.upstream_node_healthy.remove(self.spec.name, node.name)
 
     async def _watch_health(self, node: _Node) -> None:
         """Run `node`'s heartbeats (or its probes) until it leaves."""
+        if node.retired:
+            return  # it left before this task started
         with trio.CancelScope() as scope:
             self._watchers[node] = scope
             if self.spec.heartbeat is not None:
