@@ -11,6 +11,11 @@ write to a shared PROMETHEUS_MULTIPROC_DIR), /admin/reload validates the table
 and then sends SIGHUP to every worker. A worker tells the supervisor it listens
 by writing its table version to a pipe (READY_FD_ENV): /readyz waits for every
 worker, and a worker that started on an older table is sent SIGHUP at once.
+
+With `serve --etcd` (docs/operations.md "Running a fleet") this process is the
+one that watches etcd (`EtcdTables`): it writes each revision into a private
+run directory, checks it, and makes it current before its workers are told,
+so every worker loads the revision checked here (`RunDirSource`).
 Must not: handle REST or WebSocket traffic.
 """
 
