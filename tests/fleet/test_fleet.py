@@ -96,6 +96,11 @@ def test_a_publish_that_adds_a_route_is_served_by_both_within_a_second(fleet: Fl
     # Every worker of the first gateway runs the same revision.
     assert worker_revisions(fleet.one) == [revision, revision]
     assert worker_revisions(fleet.other) == [revision]
+    # A reload loads the revision running again; it does not read etcd.
+    for gateway in fleet.gateways:
+        version = gateway.admin("GET", "/admin/config").json()["version"]
+        assert gateway.admin("POST", "/admin/reload").json() == {"version": version}
+        assert revision_of(gateway) == revision
 
 
 def test_a_broken_publish_is_refused_and_nothing_changes(fleet: Fleet) -> None:
