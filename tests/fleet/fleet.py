@@ -5,7 +5,9 @@ on the same addresses, as they would on two hosts."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,3 +153,12 @@ class NetnsGateway:
         for relay in self.relays:
             relay.cut()
         shutil.rmtree(self._sockets, ignore_errors=True)
+
+
+def stop(gateway: Gateway) -> None:
+    """Drain `gateway` (SIGTERM), so it removes its run directory; what is
+    still alive after that is killed by `Processes`."""
+    if gateway.process.alive():
+        gateway.process.send(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            gateway.process.wait(10)

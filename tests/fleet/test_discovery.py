@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.fixtures import FIXTURE_TABLE
-from tests.fleet.fleet import Site, published, start_gateway
+from tests.fleet.fleet import Site, published, start_gateway, stop
 from tests.ops.procs import free_port, metric, try_call, wait_for
 
 if TYPE_CHECKING:
@@ -68,10 +68,10 @@ def test_nodes_follow_their_registrations_under_load(
     assert members(gateway) == {address for address, _ in nodes}
 
     failures: list[Any] = []
-    stop = threading.Event()
+    done = threading.Event()
 
     def load() -> None:
-        while not stop.is_set():
+        while not done.is_set():
             answer = try_call(gateway.http_port, "GET", "/v1/users/5/profile", timeout=5)
             if answer is None or answer.status != 200:
                 failures.append(answer)
@@ -96,8 +96,9 @@ def test_nodes_follow_their_registrations_under_load(
         assert served(gateway, new) > 0
         assert all(served(gateway, address) > 0 for address in kept)
     finally:
-        stop.set()
+        done.set()
         for thread in threads:
             thread.join()
     assert failures == []
     assert members(gateway) == {*kept, new}
+    stop(gateway)

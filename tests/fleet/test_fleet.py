@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
-from tests.fleet.fleet import PREFIX, NetnsGateway, Site, publish, published, start_gateway
+from tests.fleet.fleet import (
+    PREFIX,
+    NetnsGateway,
+    Site,
+    publish,
+    published,
+    start_gateway,
+    stop,
+)
 from tests.ops.procs import free_port, metric, try_call, wait_for
 from tlvproxy.config.loader import load_table
 from tlvproxy.config.stored import stored_from
@@ -49,6 +57,8 @@ def fleet(procs: Processes, etcd: Etcd, upstream: str, tmp_path: Path) -> Iterat
     try:
         yield Fleet(site, etcd, one, other)
     finally:
+        for gateway in (one, other.gateway):
+            stop(gateway)
         other.close()
 
 
