@@ -30,6 +30,7 @@ import difflib
 import hashlib
 import re
 from typing import TYPE_CHECKING, Any, Final, Literal
+from urllib.parse import SplitResult, urlsplit
 
 import attrs
 import yaml
@@ -45,6 +46,7 @@ from tlvproxy.config.model import (
     ProtoSpec,
     RateLimitRule,
     Readiness,
+    RedisSpec,
     Table,
     UpstreamSpec,
     WebSocketSpec,
@@ -96,6 +98,7 @@ _TOP_KEYS: Final = (
     "websocket",
     "limits",
     "rate_limits",
+    "redis",
     "waf",
     "auth",
     "default_auth",
@@ -269,6 +272,7 @@ class _TableLoader:
         listen = sections.read_listen(self.r, top.get("listen"))
         tls, certificates = read_tls(self.r, top.get("tls"), self.base, self.warn)
         self._check_https(top, listen, tls)
+        redis = self._redis(top.get("redis"))
         table_kwargs: dict[str, Any] = {
             "source": self.source,
             "listen": listen,
@@ -292,7 +296,8 @@ class _TableLoader:
             "envelope": r.get(top, "envelope", "", nodes.boolean, False),
             "websocket": websocket,
             "limits": sections.read_limits(self.r, top.get("limits")),
-            "rate_limits": self._rate_limits(top.get("rate_limits"), commands),
+            "rate_limits": self._rate_limits(top.get("rate_limits"), commands, redis),
+            "redis": redis,
             "waf": sections.read_waf(self.r, top.get("waf")),
             "auth": self.authenticators,
             "default_auth": self.default_auth,
@@ -782,7 +787,7 @@ class _TableLoader:
         return Readiness(require_healthy_upstreams=tuple(names))
 
     def _rate_limits(
-        self, node: Node | None, commands: tuple[CommandSpec, ...]
+        self, node: Node | None, commands: tuple[CommandSpec, ...], redis: RedisSpec | None
     ) -> tuple[RateLimitRule, ...]:
         if node is None:
             return ()
@@ -792,7 +797,7 @@ class _TableLoader:
         result: list[RateLimitRule] = []
         for i, item in enumerate(r.sequence(node, "rate_limits") or []):
             path = join("rate_limits", i)
-            keys = ("name", "commands", "key", "rate", "burst")
+            keys = ("name", "commands", "key", "rate", "burst", "store", "on_store_error")
             found = r.mapping(item, path, keys, ("name", "key", "rate"))
             if found is None:
                 continue
@@ -820,6 +825,18 @@ class _TableLoader:
                             f"unknown command {command!r}" + _suggest(command, known),
                         )
                     selected += (command,)
+            store: Literal["local", "redis"] = r.get(
+                found, "store", path, nodes.choice("local", "redis"), "local"
+            )
+            if store == "redis" and redis is None:
+                self.error(
+                    found["store"],
+                    join(path, "store"),
+                    "store: redis needs the top-level `redis: {url: ...}` section",
+                )
+            on_error: Literal["allow", "deny"] = r.get(
+                found, "on_store_error", path, nodes.choice("allow", "deny"), "allow"
+            )
             key = r.get(found, "key", path, sections.key_expr, None)
             rate = r.get(found, "rate", path, parse_rate, None)
             if key is None or rate is None:
@@ -831,12 +848,64 @@ class _TableLoader:
                     key=key,
                     rate=rate,
                     burst=r.get(found, "burst", path, nodes.integer(0), 0),
+                    store=store,
+                    on_store_error=on_error,
                 )
             )
         return tuple(result)
 
+    def _redis(self, node: Node | None) -> RedisSpec | None:
+        if node is None:
+            return None
+        found = self.r.mapping(node, "redis", ("url",), ("url",))
+        url = self.r.get(found, "url", "redis", _redis_url, None)
+        return None if url is None else RedisSpec(url=url)
+
 
 # ---------------------------------------------------------------- small converters
+
+
+_REDIS_FORMS = "redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or unix:///PATH"
+
+
+def _redis_url(value: Any) -> str:
+    """A Redis URL the client can use as it is (docs/configuration.md "redis").
+
+    Raises Invalid naming the accepted forms; the message never repeats a password.
+    """
+    if not isinstance(value, str) or not value:
+        raise Invalid(f"expected a URL like {_REDIS_FORMS}, got {value!r}")
+    try:
+        parsed = urlsplit(value)
+        port = parsed.port
+    except ValueError as exc:
+        raise Invalid(f"not a valid URL ({exc}); expected {_REDIS_FORMS}") from None
+    shown = _without_password(value, parsed)
+    if parsed.query or parsed.fragment:
+        raise Invalid(f"{shown}: a query or fragment is not accepted; expected {_REDIS_FORMS}")
+    if parsed.scheme == "unix":
+        if not parsed.path.startswith("/") or parsed.netloc:
+            raise Invalid(f"{shown}: expected unix:///ABSOLUTE/PATH of the socket")
+        return value
+    if parsed.scheme not in ("redis", "rediss"):
+        what = f"unknown scheme {parsed.scheme!r}" if parsed.scheme else "no scheme"
+        raise Invalid(f"{shown}: {what}; expected {_REDIS_FORMS}")
+    if not parsed.hostname:
+        raise Invalid(f"{shown}: the host is missing; expected {_REDIS_FORMS}")
+    if port == 0:
+        raise Invalid(f"{shown}: port 0 is not a port")
+    database = parsed.path.lstrip("/")
+    if database and not (database.isascii() and database.isdigit()):
+        raise Invalid(f"{shown}: the path must be a database number like /0, got {parsed.path!r}")
+    return value
+
+
+def _without_password(value: str, parsed: SplitResult) -> str:
+    if parsed.password is None:
+        return repr(value)
+    host = parsed.netloc.rpartition("@")[2]
+    user = parsed.username or ""
+    return repr(parsed._replace(netloc=f"{user}:***@{host}").geturl())
 
 
 def _numeric_keys(

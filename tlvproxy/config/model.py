@@ -257,6 +257,18 @@ class RateLimitRule:
     key: KeyExpr
     rate: float  # requests per second
     burst: int = 0
+    # Where the buckets live (docs/configuration.md "Where the buckets live"):
+    # shared by this gateway's workers, or by every gateway on `Table.redis`.
+    store: Literal["local", "redis"] = "local"
+    on_store_error: Literal["allow", "deny"] = "allow"
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class RedisSpec:
+    """The Redis of `store: redis` rate limits (docs/configuration.md "redis")."""
+
+    # May hold a password: never printed (repr), since tables are logged and shown.
+    url: str = attrs.field(repr=False)
 
 
 WafLocation = Literal["path", "query", "body", "headers"]
@@ -318,6 +330,7 @@ class Table:
     websocket: WebSocketSpec | None = None
     limits: Limits = Limits()
     rate_limits: tuple[RateLimitRule, ...] = ()
+    redis: RedisSpec | None = None
     waf: tuple[WafRule, ...] = ()
     auth: Mapping[str, AuthSpec] = attrs.field(factory=dict)
     default_auth: str | None = None
