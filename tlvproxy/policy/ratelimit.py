@@ -1,10 +1,12 @@
 """Rate limits: leaky buckets per (rule, key value) -> admit or refuse
 (docs/configuration.md "rate_limits").
 
-Owns: the `rate_limits` rules' bucket state for one process, with the semantics of
-OpenResty's resty.limit.req without delay: requests flow out at `rate` per second,
-up to `burst` more are admitted at once, the next is refused; and the bound on that
-state's memory.
+Owns: the arithmetic of a bucket, with the semantics of OpenResty's
+resty.limit.req without delay: requests flow out at `rate` per second, up to
+`burst` more are admitted at once, the next is refused. `RateLimiter` keeps the
+buckets in one process and is the reference the shared stores (tlvproxy/stores/:
+LMDB for `store: local`, a Redis script for `store: redis`) are tested against;
+`Plan` says which rules apply to a command, for all of them.
 Must not: read a clock (the caller passes `now`, e.g. `trio.current_time()`),
 import trio, answer, log or count; the caller turns a `Refusal` into 429 (REST)
 or a per-message `rate_limited` error (WebSocket).
@@ -32,7 +34,7 @@ ABSENT_KEY = "-"
 # Float slack, in requests and seconds: a bucket that should have drained exactly
 # in time (4.00001 - 2.00001 is not exactly 2.0) admits, and 2.0000000000000004 s
 # of waiting is 2 s.
-_EPSILON = 1e-9
+EPSILON = 1e-9
 # Drained buckets expired per bucket added: more than one, so the map shrinks back
 # once a crowd of keys goes quiet.
 _EXPIRE_BATCH = 4
@@ -48,10 +50,18 @@ class Refusal:
 
     rule: str
     retry_after: int
+    # True when the rule's store could not answer and its `on_store_error` is
+    # `deny` (docs/configuration.md "When the store cannot answer").
+    store_failed: bool = False
 
     def error(self) -> RateLimited:
         """The `rate_limited` error to answer with: 429 with Retry-After
         (docs/reference.md "Errors")."""
+        if self.store_failed:
+            return RateLimited(
+                f"rate limit {self.rule!r} cannot be checked now; retry in {self.retry_after} s",
+                self.retry_after,
+            )
         return RateLimited(
             f"rate limit {self.rule!r} exceeded; retry in {self.retry_after} s",
             self.retry_after,
@@ -59,7 +69,8 @@ class Refusal:
 
 
 class RateLimiter:
-    """The buckets of a table's `rate_limits`; one per process, rebuilt on reload.
+    """The buckets of a table's `rate_limits` in one process: the reference
+    arithmetic that the shared stores (tlvproxy/stores/) must agree with.
 
     Each bucket holds a level: the requests it has admitted that have not yet
     flowed out at `rate`. A request raises it by one; it is refused when that
@@ -88,8 +99,8 @@ class RateLimiter:
         # Which rules apply to a command, computed once: a command that no rule
         # names gets the rules without a `commands` list.
         named = {name for rule in self._rules for name in rule.commands or ()}
-        self._unlisted = _Plan.of(self._rules, "")
-        self._plans = {name: _Plan.of(self._rules, name) for name in named}
+        self._unlisted = Plan.of(self._rules, "")
+        self._plans = {name: Plan.of(self._rules, name) for name in named}
         # (rule index, key value) -> [level, time of the last admission], least
         # recently used first.
         self._buckets: OrderedDict[tuple[int, str], list[float]] = OrderedDict()
@@ -127,14 +138,14 @@ class RateLimiter:
                 continue
             elapsed = now - bucket[1]
             level = bucket[0] - rate * elapsed if elapsed > 0.0 else bucket[0]
-            if level - burst > _EPSILON:
+            if level - burst > EPSILON:
                 # A refused key is in use: keep its buckets from eviction.
                 for checked, existing, _ in admitted:
                     if existing is not None:
                         buckets.move_to_end(checked)
                 buckets.move_to_end(slot)
                 wait = (level - burst) / rate
-                return Refusal(self._rules[index].name, max(1, math.ceil(wait - _EPSILON)))
+                return Refusal(self._rules[index].name, max(1, math.ceil(wait - EPSILON)))
             admitted.append((slot, bucket, level + 1.0 if level > 0.0 else 1.0))
         added = 0
         for slot, bucket, level in admitted:
@@ -172,7 +183,7 @@ class RateLimiter:
 
 
 @attrs.frozen(slots=True)
-class _Plan:
+class Plan:
     """The rules that apply to one command, in table order, and the distinct keys
     they read (each evaluated once per check)."""
 
@@ -180,7 +191,7 @@ class _Plan:
     steps: tuple[tuple[int, float, float, int], ...]  # (rule index, rate, burst, key position)
 
     @classmethod
-    def of(cls, rules: tuple[RateLimitRule, ...], command_name: str) -> _Plan:
+    def of(cls, rules: tuple[RateLimitRule, ...], command_name: str) -> Plan:
         """The plan for `command_name` ("" for any command that no rule names)."""
         keys: dict[KeyExpr, int] = {}
         steps = []

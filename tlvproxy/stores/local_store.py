@@ -1,0 +1,217 @@
+"""`store: local`: the buckets every worker process of one gateway shares, in an
+LMDB file (docs/configuration.md "Where the buckets live", "Capacity").
+
+Owns: the LMDB environment in the gateway's runtime directory, one write
+transaction per check (every rule of a request is checked, and counted or not,
+at once), the expiry of drained buckets, the bound on their number, and the
+recovery of reader slots left by killed workers.
+Must not: read a clock (the caller passes `now`, on a clock every process of
+the box shares: `time.monotonic`), import trio, or outlive the gateway's run:
+the state is ephemeral, and a new gateway starts from a new directory.
+
+Why LMDB: a memory map that several processes open at once, one writer at a
+time under a robust mutex (a writer killed with SIGKILL does not leave the lock
+held), and transactions of a few microseconds without fsync (`sync=False,
+metasync=False, writemap=True`: nothing here must survive a crash).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import TYPE_CHECKING, Final
+
+import lmdb
+
+from tlvproxy.policy.ratelimit import EPSILON
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
+# The bound on buckets, and the map that holds them: a million buckets with the
+# longest names (8-byte prefix, 64-byte value) took 108 MiB of the map inserted
+# in order and 140 MiB in random order, so 512 MiB leaves room for LMDB's free
+# pages. The file is sparse: only pages written take disk or memory
+# (docs/configuration.md "Capacity").
+MAX_KEYS: Final = 1_000_000
+MAP_SIZE: Final = 512 * 1024 * 1024
+# Every process may open read transactions (stat, tools); the default of 126
+# slots is too few for many workers with threads.
+_MAX_READERS = 1024
+# How often a process frees the reader slots of processes that died (seconds).
+_READER_CHECK_INTERVAL = 10.0
+# Buckets examined by the expiry sweep per bucket added: more than one, so the
+# map shrinks back once a crowd of keys goes quiet (as the reference does).
+_SWEEP_BATCH = 4
+# A bucket: its level, when it last admitted, and its rule's rate (to expire it
+# without knowing the rule).
+_BUCKET = struct.Struct("<ddd")
+
+# A check's answer: None (every bucket counted), or the position in `buckets`
+# of the first that refused and the seconds after which it would admit.
+Verdict = tuple[int, int] | None
+# One bucket to check: its name (names.local_prefix + names.bounded), the
+# rule's rate per second and burst.
+Bucket = tuple[bytes, float, float]
+
+
+class StoreError(Exception):
+    """The store cannot answer (its map is full, its files are gone); the rule's
+    `on_store_error` decides (docs/configuration.md "When the store cannot answer")."""
+
+
+class LocalBuckets:
+    """The LMDB environment of one gateway's buckets, opened once per process.
+
+    Every method is synchronous and takes microseconds: the servers call
+    `check` inline on their hot path.
+    """
+
+    def __init__(
+        self, directory: Path, *, max_keys: int = MAX_KEYS, map_size: int = MAP_SIZE
+    ) -> None:
+        """Open (or create) the store in `directory`, shared with every process
+        that opens the same directory. Raises StoreError when it cannot."""
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+        self.max_keys = max_keys
+        try:
+            self._env = lmdb.open(
+                str(directory),
+                map_size=map_size,
+                max_dbs=1,
+                max_readers=_MAX_READERS,
+                sync=False,
+                metasync=False,
+                writemap=True,
+                readahead=False,
+                meminit=False,
+            )
+            self._db = self._env.open_db(b"buckets")
+            # Slots of readers that died before this process started.
+            self._env.reader_check()
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the rate-limit store in {directory}: {exc}") from None
+        self._next_reader_check = -math.inf
+        # Where this process's expiry sweep goes on: each process walks the
+        # whole store in turn, from wherever it stopped.
+        self._sweep_from = b""
+
+    def __len__(self) -> int:
+        """How many buckets the store holds now (every process's)."""
+        with self._env.begin(db=self._db) as txn:
+            entries: int = txn.stat(self._db)["entries"]
+            return entries
+
+    def close(self) -> None:
+        self._env.close()
+
+    def check(self, buckets: Sequence[Bucket], now: float) -> Verdict:
+        """Admit one request on every bucket of `buckets` at time `now` (seconds).
+
+        The same arithmetic as `policy.ratelimit.RateLimiter.check`: either
+        every bucket counts the request and None is returned, or none does and
+        the answer is the first refusing bucket's position and retry-after.
+        Raises StoreError when the store cannot answer.
+        """
+        if now >= self._next_reader_check:
+            self._next_reader_check = now + _READER_CHECK_INTERVAL
+            self._free_readers()
+        try:
+            return self._check(buckets, now)
+        except lmdb.MapFullError:
+            # The map is full despite MAX_KEYS (free pages held by a reader
+            # that never ends): this check fails, and the store starts afresh.
+            self._empty()
+            raise StoreError("the rate-limit store was full; every bucket starts afresh") from None
+        except lmdb.Error as exc:
+            raise StoreError(f"the rate-limit store failed: {exc}") from None
+
+    def _check(self, buckets: Sequence[Bucket], now: float) -> Verdict:
+        # One write transaction: the check and the count are atomic across
+        # processes, and it is aborted (nothing written) on a refusal.
+        with self._env.begin(write=True, db=self._db) as txn:
+            get = txn.get
+            counted: list[tuple[bytes, float, float]] = []
+            added = 0
+            for position, (name, rate, burst) in enumerate(buckets):
+                stored = get(name)
+                if stored is None:
+                    counted.append((name, 1.0, rate))
+                    added += 1
+                    continue
+                level, last, _ = _BUCKET.unpack(stored)
+                elapsed = now - last
+                if elapsed > 0.0:
+                    level -= rate * elapsed
+                if level - burst > EPSILON:
+                    txn.abort()
+                    wait = (level - burst) / rate
+                    return position, max(1, math.ceil(wait - EPSILON))
+                counted.append((name, level + 1.0 if level > 0.0 else 1.0, rate))
+            put = txn.put
+            for name, level, rate in counted:
+                put(name, _BUCKET.pack(level, now, rate))
+            if added:
+                # After the updates: the buckets just counted hold at least one
+                # request, so the sweep keeps them, and over the bound it
+                # evicts others.
+                self._sweep(txn, now, _SWEEP_BATCH * added, {name for name, _, _ in counted})
+        return None
+
+    def _sweep(self, txn: lmdb.Transaction, now: float, limit: int, keep: set[bytes]) -> None:
+        """Examine up to `limit` buckets from where the last sweep stopped:
+        delete those that have drained (a drained bucket admits exactly as an
+        absent one), and while the store holds more than `max_keys`, any but
+        `keep` (its key then starts afresh, so the bound errs on admitting)."""
+        over = txn.stat(self._db)["entries"] - self.max_keys
+        cursor = txn.cursor()
+        found = cursor.set_range(self._sweep_from)
+        wrapped = False
+        examined = 0
+        while examined < limit or over > 0:
+            if not found:
+                if wrapped:
+                    break
+                wrapped = True
+                found = cursor.first()
+                if not found:
+                    break
+            examined += 1
+            name = cursor.key()
+            level, last, rate = _BUCKET.unpack(cursor.value())
+            if name in keep or (over <= 0 and level - rate * (now - last) > 0.0):
+                found = cursor.next()
+                continue
+            over -= 1
+            found = _delete(cursor)
+        self._sweep_from = bytes(cursor.key()) if found else b""
+
+    def _empty(self) -> None:
+        """Delete every bucket: in a full map a delete may need pages it does not
+        have, but dropping the whole table frees them all at once."""
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.drop(self._db, delete=False)
+        except lmdb.Error as exc:
+            raise StoreError(f"the rate-limit store is full and cannot be emptied: {exc}") from None
+
+    def _free_readers(self) -> None:
+        # A worker killed with SIGKILL inside a read transaction keeps its
+        # reader slot, and with it the pages of its snapshot, until a process
+        # notices that its pid is gone.
+        try:
+            self._env.reader_check()
+        except lmdb.Error as exc:
+            raise StoreError(f"the rate-limit store failed: {exc}") from None
+
+
+def _delete(cursor: lmdb.Cursor) -> bool:
+    """Delete the cursor's bucket; True when the cursor then stands on the next.
+
+    After deleting the last bucket `Cursor.delete` still says True, standing on
+    nothing: its key is then empty, which no bucket's is (LMDB refuses empty keys).
+    """
+    cursor.delete()
+    return bool(cursor.key())
