@@ -37,12 +37,15 @@ browser-deps:
 
 # nginx for tests/test_deploy_files.py, which checks deploy/nginx.conf with `nginx -t`;
 # curl for tests/ops/test_tls.py, a real client verifying the served certificates;
-# etcd (Debian's etcd-server installs /usr/bin/etcd) for tests/fleet, which start their own.
+# etcd (Debian's etcd-server installs /usr/bin/etcd) for tests/fleet, which start their own;
+# redis-server for the `store: redis` rate-limit tests (tests/conftest.py starts
+# one on a free loopback port).
 test-deps: browser-deps
 	test -x /usr/sbin/nginx || command -v nginx >/dev/null || \
 		(apt-get update && apt-get install -y nginx)
 	command -v curl >/dev/null || (apt-get update && apt-get install -y curl)
 	command -v etcd >/dev/null || (apt-get update && apt-get install -y etcd-server)
+	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 
 test: install demo-keys test-deps
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,252 @@
+"""`store: redis`: buckets shared by every gateway using one Redis
+(docs/configuration.md "Where the buckets live", "When the store cannot answer").
+
+Owns: the Redis client of one `redis.url` (coredis, on trio through anyio), the
+bucket script (the reference's arithmetic in Lua, one EVALSHA per check, on
+Redis's own clock), the task that sends the checks of one scheduler pass as one
+pipeline, the 50 ms answer budget, and the shape its replies must have.
+Must not: decide what a failed check means (the rule's `on_store_error` does,
+in `limits.py`), or wait for Redis on a request's task: a check is submitted
+and its `Waiter` resolved by this store's task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import TYPE_CHECKING, Final, Protocol
+
+import anyio
+import attrs
+import coredis
+import trio
+from coredis.exceptions import NoScriptError, RedisError
+from coredis.retry import NoRetryPolicy
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+log = logging.getLogger("tlvproxy.ratelimit")
+
+# How long a check may wait for its verdict, from its submission
+# (docs/configuration.md "When the store cannot answer").
+ANSWER_BUDGET: Final = 0.05
+# Checks sent in one pipeline at most; more wait for the next.
+_MAX_BATCH = 512
+# Connections the client may open; each pipeline takes one.
+_MAX_CONNECTIONS = 8
+
+# The arithmetic of policy/ratelimit.py's RateLimiter.check, on every bucket of
+# one request at once. KEYS: the buckets. ARGV[1]: the time in seconds, or ""
+# for Redis's TIME (the gateway's choice: one clock for every gateway); then
+# each bucket's rate per second and burst. A bucket is "LEVEL LAST" (%.17g:
+# doubles round-trip exactly), kept until it has drained (a drained bucket
+# admits exactly as an absent one). Returns {0} when every bucket counted the
+# request, else {position of the first refusing bucket (from 1), retry-after}
+# and nothing is written.
+SCRIPT: Final = """
+local now = tonumber(ARGV[1])
+if not now then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+end
+local epsilon = 1e-9
+local levels = {}
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[2 * i])
+  local burst = tonumber(ARGV[2 * i + 1])
+  local level = 1
+  local stored = redis.call('GET', key)
+  if stored then
+    local held, last = string.match(stored, '^(%S+) (%S+)$')
+    held = tonumber(held)
+    last = tonumber(last)
+    if held and last then
+      local elapsed = now - last
+      if elapsed > 0 then
+        held = held - rate * elapsed
+      end
+      if held - burst > epsilon then
+        local wait = (held - burst) / rate
+        return {i, math.max(1, math.ceil(wait - epsilon))}
+      end
+      if held > 0 then
+        level = held + 1
+      end
+    end
+  end
+  levels[i] = level
+end
+for i, key in ipairs(KEYS) do
+  local ttl = math.max(1, math.ceil(levels[i] / tonumber(ARGV[2 * i])))
+  redis.call('SET', key, string.format('%.17g %.17g', levels[i], now), 'EX', ttl)
+end
+return {0}
+"""
+# Redis names a script by its SHA-1.
+_SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
+
+
+@attrs.frozen(slots=True)
+class Failed:
+    """Redis did not answer a check within the budget, or answered nonsense."""
+
+    reason: str
+
+
+# A check's answer: None (every bucket counted), the position in the check's
+# keys of the first refusing bucket and its retry-after, or Failed.
+Answer = tuple[int, int] | Failed | None
+
+
+class Waiter(Protocol):
+    """Whoever waits for a check: resolved once, from this store's task."""
+
+    def resolve(self, answer: Answer) -> None: ...
+
+
+@attrs.define(slots=True)
+class _Check:
+    keys: Sequence[bytes]
+    args: Sequence[bytes]  # ARGV: the time (b"" for Redis's), then rate, burst per key
+    waiter: Waiter
+    submitted: float
+
+
+class RedisBuckets:
+    """The buckets in the Redis at `url`; `run` serves checks until cancelled.
+
+    `submit` never waits: the check goes out with the others of its scheduler
+    pass in one pipeline, and its waiter is resolved within ANSWER_BUDGET
+    seconds, with Failed when Redis is down, slow or answers what the script
+    cannot have. The client reconnects by itself on a later check.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._queue: list[_Check] = []
+        self._wake = trio.Event()
+        self._failing = False  # logged once per outage, not per check
+
+    def submit(self, keys: Sequence[bytes], args: Sequence[bytes], waiter: Waiter) -> None:
+        """Check one request on the buckets `keys` (ARGV `args`, see SCRIPT)."""
+        self._queue.append(_Check(keys, args, waiter, trio.current_time()))
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Answer checks until cancelled; ready at once (Redis is reached on the
+        first check, so a gateway starts while Redis is down)."""
+        task_status.started()
+        try:
+            while True:
+                try:
+                    await self._serve()
+                except Exception:
+                    # A failure of the client's own tasks ends only this
+                    # client: checks go on with a new one.
+                    log.exception(
+                        "the Redis client failed; starting a new one", extra=self._where()
+                    )
+        finally:
+            # Stopped (the gateway exits): the checks still queued hear once too.
+            queued, self._queue = self._queue, []
+            for check in queued:
+                _resolve(check.waiter, Failed("the store stopped"))
+
+    async def _serve(self) -> None:
+        client = coredis.Redis.from_url(
+            self.url,
+            retry_policy=NoRetryPolicy(),  # the budget, not retries, bounds a check
+            max_connections=_MAX_CONNECTIONS,
+            verify_version=False,
+        )
+        async with client:
+            while True:
+                while not self._queue:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                batch = self._queue[:_MAX_BATCH]
+                del self._queue[:_MAX_BATCH]
+                await self._answer(client, batch)
+
+    async def _answer(self, client: coredis.Redis[bytes], batch: list[_Check]) -> None:
+        """Resolve every check of `batch`, with Failed if Redis does not answer
+        within the budget of the oldest."""
+        answers: list[Answer] | None = None
+        try:
+            with trio.move_on_at(batch[0].submitted + ANSWER_BUDGET):
+                answers = await self._evaluate(client, batch)
+            if answers is None:
+                self._failed(f"no answer within {ANSWER_BUDGET * 1000:g} ms")
+        except (RedisError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
+        finally:
+            # Whatever happened, every waiter hears once: a cancelled store
+            # (the gateway stopping) fails the checks it held.
+            if answers is None:
+                answers = [Failed("the store did not answer")] * len(batch)
+            for check, answer in zip(batch, answers, strict=True):
+                _resolve(check.waiter, answer)
+
+    async def _evaluate(self, client: coredis.Redis[bytes], batch: list[_Check]) -> list[Answer]:
+        replies = await _pipeline(client, batch)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # Redis restarted (or flushed its scripts): load the script once,
+            # and send those checks again.
+            await client.script_load(SCRIPT)
+            again = await _pipeline(client, [batch[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        answers = [
+            _answer(reply, len(check.keys)) for check, reply in zip(batch, replies, strict=True)
+        ]
+        failed = next((answer for answer in answers if isinstance(answer, Failed)), None)
+        if failed is not None:
+            self._failed(failed.reason)
+        elif self._failing:
+            self._failing = False
+            log.warning("Redis answers rate-limit checks again", extra=self._where())
+        return answers
+
+    def _failed(self, reason: str) -> None:
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "Redis cannot answer rate-limit checks; on_store_error decides",
+                extra={**self._where(), "reason": reason},
+            )
+
+    def _where(self) -> dict[str, str]:
+        # The URL may hold a password: the log names the host only.
+        return {"redis": self.url.rpartition("@")[2]}
+
+
+async def _pipeline(client: coredis.Redis[bytes], batch: Sequence[_Check]) -> list[object]:
+    """One EVALSHA per check in one round trip; a reply is the script's result
+    or the error Redis answered for that check."""
+    async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
+        for check in batch:
+            pipe.evalsha(_SHA, check.keys, check.args)
+    return list(pipe.results or ())
+
+
+def _answer(reply: object, count: int) -> Answer:
+    """The script's reply, checked: Redis is not trusted to answer only what
+    the script can return."""
+    if isinstance(reply, BaseException):
+        return Failed(f"{type(reply).__name__}: {reply}")
+    if isinstance(reply, list) and all(type(item) is int for item in reply):
+        if reply == [0]:
+            return None
+        if len(reply) == 2 and 1 <= reply[0] <= count and reply[1] >= 1:
+            return reply[0] - 1, reply[1]
+    return Failed(f"unexpected reply {reply!r:.80}")
+
+
+def _resolve(waiter: Waiter, answer: Answer) -> None:
+    try:
+        waiter.resolve(answer)
+    except Exception:
+        # A waiter's bug costs its own request, never the other checks of the batch.
+        log.exception("a rate-limit waiter failed")
