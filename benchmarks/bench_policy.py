@@ -1,7 +1,8 @@
 """Micro-benchmark of the pure policy cost per request (issue 7, SPEC 4.4).
 
 Times `RateLimiter.check` plus `Waf.inspect_request` for one typical REST request
-with no rules, with 10 rate-limit rules, with 50 WAF rules, and with both; then
+with no rules, with 10 rate-limit rules, with 50 WAF rules, and with both; the
+same 10 rules as a gateway keeps them (`store: local`, in LMDB); then
 the WAF alone on larger bodies and on WebSocket messages. "regex on every text"
 is the naive scan (every rule's regex on every location) for comparison with the
 literal pre-check the WAF uses. Run: `.venv/bin/python benchmarks/bench_policy.py`.
@@ -10,15 +11,20 @@ literal pre-check the WAF uses. Run: `.venv/bin/python benchmarks/bench_policy.p
 from __future__ import annotations
 
 import re
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
 
 from tlvproxy.config.keys import parse_key
 from tlvproxy.config.model import RateLimitRule, WafRule
+from tlvproxy.metrics import Metrics
 from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
+from tlvproxy.stores.limits import RateLimits
+from tlvproxy.stores.local_store import LocalBuckets
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -180,6 +186,25 @@ def policy_check(
     return one
 
 
+def stored_check(limits: RateLimits, users: int = 10_000) -> Callable[[], object]:
+    """`RateLimits.check` on the LMDB store, as the REST handler calls it."""
+    requests = [
+        _Request(
+            remote_addr=f"10.0.{i // 256 % 256}.{i % 256}",
+            headers={"x-user-id": str(i), "cookie": f"sid=s{i}"},
+            query={"did": f"d{i}", "uid": str(i)},
+        )
+        for i in range(users)
+    ]
+    state = {"i": 0}
+
+    def one() -> object:
+        i = state["i"] = (state["i"] + 1) % users
+        return limits.check("send_message", requests[i])
+
+    return one
+
+
 def naive(rules: list[WafRule], body: bytes) -> Callable[[], object]:
     def one() -> object:
         texts = [
@@ -204,6 +229,11 @@ def main() -> None:
     print(f"  10 rate-limit rules               {rates * 1e6:8.2f} us")
     print(f"  50 WAF rules                      {wafs * 1e6:8.2f} us")
     print(f"  10 rate-limit + 50 WAF rules      {both * 1e6:8.2f} us")
+    with tempfile.TemporaryDirectory(prefix="tlvproxy-bench-") as directory:
+        local = LocalBuckets(Path(directory))
+        stored = per_call(stored_check(RateLimits(rate_rules(), Metrics(), local=local)))
+        local.close()
+    print(f"  10 rate-limit rules, store: local {stored * 1e6:8.2f} us")
     print(f"  50 WAF rules, regex on every text {per_call(naive(waf_rules(), body)) * 1e6:8.2f} us")
     waf = Waf(waf_rules())
     print("WAF alone by body size (50 rules)")

@@ -56,7 +56,6 @@ from tlvproxy.logs import (  # noqa: E402
     setup_logging,
 )
 from tlvproxy.metrics import Metrics, RequestTally  # noqa: E402
-from tlvproxy.policy.ratelimit import RateLimiter  # noqa: E402
 from tlvproxy.policy.waf import Waf  # noqa: E402
 from tlvproxy.server import parsers  # noqa: E402
 from tlvproxy.server.access_log import AccessLog  # noqa: E402
@@ -71,6 +70,8 @@ from tlvproxy.server.http_conn import (  # noqa: E402
 from tlvproxy.server.httptools_parser import HttptoolsParser  # noqa: E402
 from tlvproxy.server.rest import RestHandler, error_response_for, request_id_of  # noqa: E402
 from tlvproxy.server.view import RequestContext  # noqa: E402
+from tlvproxy.stores.limits import RateLimits  # noqa: E402
+from tlvproxy.stores.local_store import LocalBuckets  # noqa: E402
 from tlvproxy.upstream.pool import open_pool  # noqa: E402
 
 if TYPE_CHECKING:
@@ -127,7 +128,11 @@ def _runtime(table: Table, pool: Pool, metrics: Metrics) -> Runtime:
 
     auth = Authenticators({}, metrics, no_key_urls)
     return Runtime(
-        table=table, pools={"echo": pool}, limiter=RateLimiter(()), waf=Waf(()), auth=auth
+        table=table,
+        pools={"echo": pool},
+        limiter=RateLimits((), metrics),
+        waf=Waf(()),
+        auth=auth,
     )
 
 
@@ -354,8 +359,14 @@ def part_costs() -> list[tuple[str, float]]:
     assert request.path == "/v1/echo"
 
     # Policy: none, then one WAF rule and one rate limit.
-    no_waf, no_limits = Waf(table.waf), RateLimiter(table.rate_limits)
-    waf, limiter = Waf(policy_table.waf), RateLimiter(policy_table.rate_limits)
+    # The rate limit in its `store: local`, as a gateway keeps it.
+    store_directory = tempfile.TemporaryDirectory(prefix="tlvproxy-bench-")
+    local = LocalBuckets(Path(store_directory.name))
+    no_waf, no_limits = Waf(table.waf), RateLimits(table.rate_limits, Metrics(), local=local)
+    waf, limiter = (
+        Waf(policy_table.waf),
+        RateLimits(policy_table.rate_limits, Metrics(), local=local),
+    )
     assert not no_waf.inspects_requests
     assert waf.inspects_requests
     assert limiter.applies("echo")
@@ -382,7 +393,7 @@ def part_costs() -> list[tuple[str, float]]:
             )
             assert not found
         if limiter.applies("echo"):
-            assert limiter.check("echo", context, time.monotonic()) is None
+            assert limiter.check("echo", context) is None
 
     # The codecs: the json route's check, the protobuf route for comparison.
     codec = table.codecs["echo"]

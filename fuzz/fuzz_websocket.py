@@ -42,6 +42,7 @@ import importlib
 import json
 import random
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -58,10 +59,11 @@ from tlvproxy.errors import GatewayError, status_of
 from tlvproxy.framing import NEED_DATA, Frame, FrameDecoder, FramingError
 from tlvproxy.metrics import Metrics
 from tlvproxy.mock_upstream import serve_mock_upstream
-from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.http_conn import HttpSettings, Request, Response, serve_http_connection
 from tlvproxy.server.websocket import MAX_FRAGMENTS, WebSocketSessions, serve_websocket
+from tlvproxy.stores.limits import RateLimits
+from tlvproxy.stores.local_store import LocalBuckets
 from tlvproxy.upstream.pool import open_pool
 
 if TYPE_CHECKING:
@@ -133,6 +135,10 @@ def _load_tables() -> tuple[Table, dict[str, Table]]:
 
 
 UPSTREAM_TABLE, TABLES = _load_tables()
+# The `store: local` rate limits of every run, in a directory of the harness's
+# own (removed when it exits).
+_STORE_DIRECTORY = tempfile.TemporaryDirectory(prefix="tlvproxy-fuzz-")
+LOCAL_BUCKETS = LocalBuckets(Path(_STORE_DIRECTORY.name))
 WAFS = {mode: Waf(table.waf) for mode, table in TABLES.items()}
 
 
@@ -150,7 +156,7 @@ class _Runtime:
 
     table: Table
     pools: Mapping[str, Pool]
-    limiter: RateLimiter
+    limiter: RateLimits
     waf: Waf
     auth: Authenticators
 
@@ -370,7 +376,7 @@ async def _drive(plan: Plan, data: bytes, run: Run) -> None:
                 runtime = _Runtime(
                     table=table,
                     pools={"im": pool},
-                    limiter=RateLimiter(table.rate_limits),
+                    limiter=RateLimits(table.rate_limits, metrics, local=LOCAL_BUCKETS),
                     waf=WAFS[plan.mode],
                     auth=AUTH,
                 )

@@ -1,7 +1,8 @@
 """The gateway in one process: the current table, its pools and policy, the listeners.
 
-Owns: the `Runtime` of each loaded table (pools, rate limiter, WAF), swapping it
-on reload, the HTTP and admin listeners, and the drain sequence
+Owns: the `Runtime` of each loaded table (pools, rate limits, WAF), swapping it
+on reload, the rate-limit stores (the local one in the runtime directory, one
+per Redis URL), the HTTP and admin listeners, and the drain sequence
 (docs/operations.md "Reload", "Drain").
 Must not: parse HTTP, frames or YAML; it wires the modules that do.
 """
@@ -10,9 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import socket
+import tempfile
 import time
+from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -26,7 +31,6 @@ from tlvproxy.config.loader import TableError, load_table
 from tlvproxy.config.model import Address, JwtAuthSpec, Table, UpstreamSpec
 from tlvproxy.errors import Overloaded
 from tlvproxy.metrics import RequestTally
-from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.admin import AdminHandler, admin_error
@@ -61,12 +65,14 @@ from tlvproxy.server.rest import RestHandler, error_response_for, render_error, 
 from tlvproxy.server.tls import handshake
 from tlvproxy.server.view import client_address
 from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
+from tlvproxy.stores.limits import RateLimits
+from tlvproxy.stores.local_store import LocalBuckets
+from tlvproxy.stores.redis_store import RedisBuckets
 from tlvproxy.upstream.discovery import run_discovery
 from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Mapping
-    from pathlib import Path
+    from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
     from tlvproxy.config.certificates import ServerCertificates
     from tlvproxy.framing import HeaderLayout
@@ -89,7 +95,7 @@ class Runtime:
 
     table: Table
     pools: Mapping[str, Pool]
-    limiter: RateLimiter
+    limiter: RateLimits
     waf: Waf
     auth: Authenticators
 
@@ -159,8 +165,18 @@ class Gateway:
         reuse_port: bool = False,
         serve_admin: bool = True,
         load: Callable[[], Table] | None = None,
+        runtime_dir: Path | None = None,
     ) -> None:
+        """`runtime_dir`: where the `store: local` rate limits live, shared with
+        the other workers of the gateway (the supervisor's); None: a directory
+        of this gateway's own, made and removed by `run`."""
         self.metrics = metrics
+        self._runtime_dir = runtime_dir
+        self._local: LocalBuckets | None = None
+        # The Redis stores by URL, kept while the gateway runs: a WebSocket
+        # session keeps the rate limits of the table it started on, and with
+        # them its store, however many reloads later.
+        self._redis: dict[str, RedisBuckets] = {}
         self._initial = table
         # How a reload loads the table (docs/operations.md "Reload"): the
         # table file again by default.
@@ -290,11 +306,19 @@ class Gateway:
                 keep[name] = await self._pool_nursery.start(
                     self._run_pool, spec, table.framing, etcd
                 )
-        limiter = (
-            old.limiter
-            if old is not None and old.table.rate_limits == table.rate_limits
-            else RateLimiter(table.rate_limits)
-        )
+        if (
+            old is not None
+            and old.table.rate_limits == table.rate_limits
+            and old.table.redis == table.redis
+        ):
+            limiter = old.limiter
+        else:
+            limiter = RateLimits(
+                table.rate_limits,
+                self.metrics,
+                local=self._local,
+                redis=None if table.redis is None else await self._redis_store(table.redis.url),
+            )
         waf = old.waf if old is not None and old.table.waf == table.waf else Waf(table.waf)
         remote = await self._start_remote_keys(table)
         authenticators = Authenticators(
@@ -358,6 +382,13 @@ class Gateway:
                         else "a TLS certificate expired",
                         extra={"certificate": certificate.name, "days_left": round(days, 1)},
                     )
+
+    async def _redis_store(self, url: str) -> RedisBuckets:
+        store = self._redis.get(url)
+        if store is None:
+            store = self._redis[url] = RedisBuckets(url)
+            await self._pool_nursery.start(store.run)
+        return store
 
     async def _start_remote_keys(self, table: Table) -> dict[_KeysWanted, RemoteKeys]:
         """The key sets `table` fetches from URLs: those already fetched are kept,
@@ -447,6 +478,16 @@ class Gateway:
         in-flight requests get up to shutdown_timeout, idle keep-alive connections
         close, WebSocket sessions close with 1001.
         """
+        with _runtime_directory(self._runtime_dir) as directory:
+            # Opened here, in the process that uses it: LMDB must not cross a fork.
+            local = self._local = LocalBuckets(directory / "ratelimits")
+            try:
+                await self._serve(task_status)
+            finally:
+                local.close()
+        log.info("gateway stopped")
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         table = self._initial
         self._descriptor_limit = raise_descriptor_limit()
         async with trio.open_nursery() as pool_nursery:
@@ -518,7 +559,6 @@ class Gateway:
                     )
                 admin_nursery.cancel_scope.cancel()
             pool_nursery.cancel_scope.cancel()
-        log.info("gateway stopped")
 
     def drain(self) -> None:
         """Start the graceful drain; `run()` returns when it is done.
@@ -678,6 +718,21 @@ def _discovery_endpoints(table: Table) -> tuple[str, ...]:
     if table.etcd is not None:
         return table.etcd.endpoints
     return () if table.origin is None else table.origin.endpoints
+
+
+@contextmanager
+def _runtime_directory(given: Path | None) -> Iterator[Path]:
+    """`given`, or a directory of this gateway's own until it stops. A new
+    gateway never reuses an old one's: its rate-limit state starts clean,
+    even after a crash."""
+    if given is not None:
+        yield given
+        return
+    directory = Path(tempfile.mkdtemp(prefix="tlvproxy-run-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _longest_timeout(table: Table) -> float:

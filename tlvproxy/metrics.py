@@ -80,6 +80,12 @@ class Metrics:
             ("rule",),
             registry=r,
         )
+        self.rate_limit_store_errors = Counter(
+            "tlvproxy_rate_limit_store_errors",
+            "Rate-limit checks whose store could not answer in time (on_store_error decided)",
+            ("rule",),
+            registry=r,
+        )
         self.waf_blocked = Counter(
             "tlvproxy_waf_blocked",
             "Requests and messages a WAF rule matched (deny and log)",

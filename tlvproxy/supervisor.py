@@ -16,6 +16,8 @@ With `serve --etcd` (docs/operations.md "Running a fleet") this process is the
 one that watches etcd (`EtcdTables`): it writes each revision into a private
 run directory, checks it, and makes it current before its workers are told,
 so every worker loads the revision checked here (`RunDirSource`).
+The workers' `store: local` rate limits live in a runtime directory the
+supervisor makes and removes (RUNTIME_DIR_ENV), new for each start.
 Must not: handle REST or WebSocket traffic.
 """
 
@@ -75,6 +77,9 @@ READY_FD_ENV = "TLVPROXY_READY_FD"
 # A pipe whose write end only the supervisor holds: EOF on it tells a worker that
 # its supervisor is gone (even SIGKILLed), so it drains instead of living on.
 LIFELINE_FD_ENV = "TLVPROXY_LIFELINE_FD"
+# The environment variable naming the directory the workers share their
+# `store: local` rate-limit buckets in (docs/configuration.md "Where the buckets live").
+RUNTIME_DIR_ENV = "TLVPROXY_RUNTIME_DIR"
 # A worker's exit code when it cannot bind its listener: restarting it would
 # not help, so the supervisor stops instead (and `serve` exits 1). The worker
 # writes why on its readiness pipe, after this mark, for the supervisor to say
@@ -232,6 +237,7 @@ async def _serve_worker(
     is_worker: bool,
     follow: Callable[[TableTarget], Awaitable[None]] | None = None,
 ) -> int:
+    shared = os.environ.get(RUNTIME_DIR_ENV) if is_worker else None
     gateway = Gateway(
         table,
         Metrics(),
@@ -239,6 +245,7 @@ async def _serve_worker(
         reuse_port=is_worker,
         serve_admin=not is_worker,
         load=load,
+        runtime_dir=None if shared is None else Path(shared),
     )
     async with trio.open_nursery() as nursery:
         # Signals are caught before the listeners open: a SIGTERM or SIGHUP that
@@ -383,6 +390,7 @@ class Supervisor:
         self._reload_lock = trio.Lock()
         self._metrics = Metrics()  # the supervisor's own: the reload counter
         self._metrics_dir = ""
+        self._runtime_dir = ""
         self._registry = CollectorRegistry()
 
     # ------------------------------------------------------------ admin backend
@@ -472,6 +480,7 @@ class Supervisor:
         if self._table.listen.admin is not None:
             admin = bind_listener(self._table.listen.admin, reuse_port=False)
         self._metrics_dir = tempfile.mkdtemp(prefix="tlvproxy-metrics-")
+        self._runtime_dir = tempfile.mkdtemp(prefix="tlvproxy-run-")
         self._registry.register(_WorkerMetrics(self._metrics_dir))
         self._registry.register(_Only(self._metrics.registry, frozenset({_RELOADS})))
         try:
@@ -487,6 +496,7 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
         finally:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            shutil.rmtree(self._runtime_dir, ignore_errors=True)
         log.info("all workers stopped")
         return 1 if self._forced or self._failed else 0
 
@@ -534,6 +544,7 @@ class Supervisor:
         env = {
             **os.environ,
             "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir,
+            RUNTIME_DIR_ENV: self._runtime_dir,
             READY_FD_ENV: str(write_end),
             LIFELINE_FD_ENV: str(lifeline_read),
         }

@@ -34,16 +34,18 @@ from wsproto.events import (
 )
 
 from tests.fixtures import FIXTURE_TABLE
+from tests.stores.local import local_buckets
 from tlvproxy.auth.authenticators import Authenticators
 from tlvproxy.config.loader import load_table
 from tlvproxy.metrics import Metrics, RequestTally
 from tlvproxy.mock_upstream import serve_mock_upstream
-from tlvproxy.policy.ratelimit import RateLimiter
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
 from tlvproxy.server.rest import RestHandler, error_response_for
 from tlvproxy.server.websocket import OUTGOING_QUEUE, WebSocketSessions, serve_websocket
+from tlvproxy.stores.limits import RateLimits
+from tlvproxy.stores.redis_store import RedisBuckets
 from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
@@ -256,7 +258,7 @@ def make_table(
 class Runtime:
     table: Table
     pools: dict[str, Pool]
-    limiter: RateLimiter
+    limiter: RateLimits
     waf: Waf
     auth: Authenticators
 
@@ -309,50 +311,66 @@ def _no_key_urls(spec: Any) -> Any:
 
 @asynccontextmanager
 async def open_gateway(
-    table: Table, *, send_buffer: int | None = None, wrap: bool = False
+    table: Table,
+    *,
+    send_buffer: int | None = None,
+    wrap: bool = False,
+    redis: str | None = None,
 ) -> AsyncIterator[Gateway]:
     """The HTTP driver with `serve_websocket` as its upgrade handler, on a real pool.
 
     `send_buffer` sets SO_SNDBUF on the gateway's side of each client connection;
-    `wrap` hands the session a `WrappedStream` instead of the socket's stream.
+    `wrap` hands the session a `WrappedStream` instead of the socket's stream;
+    `redis` is the URL of the store of `store: redis` rate limits.
     """
     metrics = Metrics()
     sessions = WebSocketSessions()
-    async with (
-        trio.open_nursery() as nursery,
-        open_pool(table.upstreams["im"], table.framing, metrics) as pool,
-    ):
-        runtime = Runtime(
-            table=table,
-            pools={"im": pool},
-            limiter=RateLimiter(table.rate_limits),
-            waf=Waf(table.waf),
-            auth=Authenticators(table.auth, metrics, _no_key_urls),
-        )
-        settings = HttpSettings.from_limits(table.limits, "h11")
-        tally = RequestTally(metrics)
-        rest = RestHandler(lambda: runtime, metrics, AccessLog(tally=tally), tally)
-        errors = error_response_for(lambda: runtime, metrics)
-
-        async def upgrade(request: Any, stream: trio.abc.Stream, leftover: bytes) -> None:
-            if wrap:
-                stream = WrappedStream(stream)
-            await serve_websocket(
-                request, stream, leftover, runtime=runtime, metrics=metrics, sessions=sessions
+    with local_buckets() as local:
+        async with (
+            trio.open_nursery() as nursery,
+            open_pool(table.upstreams["im"], table.framing, metrics) as pool,
+        ):
+            shared = None
+            if redis is not None:
+                shared = RedisBuckets(redis)
+                await nursery.start(shared.run)
+            runtime = Runtime(
+                table=table,
+                pools={"im": pool},
+                limiter=RateLimits(table.rate_limits, metrics, local=local, redis=shared),
+                waf=Waf(table.waf),
+                auth=Authenticators(table.auth, metrics, _no_key_urls),
             )
+            settings = HttpSettings.from_limits(table.limits, "h11")
+            tally = RequestTally(metrics)
+            rest = RestHandler(lambda: runtime, metrics, AccessLog(tally=tally), tally)
+            errors = error_response_for(lambda: runtime, metrics)
 
-        async def handle(stream: trio.SocketStream) -> None:
-            if send_buffer is not None:
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-            peer = stream.socket.getpeername()[0]
-            await serve_http_connection(
-                stream, peer, settings, rest, errors, upgrade=upgrade, draining=sessions.is_draining
-            )
+            async def upgrade(request: Any, stream: trio.abc.Stream, leftover: bytes) -> None:
+                if wrap:
+                    stream = WrappedStream(stream)
+                await serve_websocket(
+                    request, stream, leftover, runtime=runtime, metrics=metrics, sessions=sessions
+                )
 
-        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        yield Gateway(port=port, sessions=sessions, metrics=metrics)
-        nursery.cancel_scope.cancel()
+            async def handle(stream: trio.SocketStream) -> None:
+                if send_buffer is not None:
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+                peer = stream.socket.getpeername()[0]
+                await serve_http_connection(
+                    stream,
+                    peer,
+                    settings,
+                    rest,
+                    errors,
+                    upgrade=upgrade,
+                    draining=sessions.is_draining,
+                )
+
+            listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            yield Gateway(port=port, sessions=sessions, metrics=metrics)
+            nursery.cancel_scope.cancel()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import re
 import time
 from base64 import b64encode
 from collections.abc import Callable, Mapping
+from functools import partial
 from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from tlvproxy.server.http_conn import Answer, Request, Response
 from tlvproxy.server.runtime import TableRuntime
 from tlvproxy.server.static import demo_response
 from tlvproxy.server.view import RequestContext, client_address
+from tlvproxy.stores.limits import Pending
 
 if TYPE_CHECKING:
     from tlvproxy.auth.identity import Identity
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from tlvproxy.config.model import CommandSpec, CorsSpec
     from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics, RequestTally
+    from tlvproxy.policy.ratelimit import Refusal
     from tlvproxy.server.access_log import AccessLog
 
 _JSON = "application/json"
@@ -178,15 +181,59 @@ class RestHandler:
                 _read_numbers(command, context)
             now = trio.current_time()
             if runtime.limiter.applies(command.name):
-                self._apply_policy(runtime, command, context, now)
+                verdict = runtime.limiter.check(command.name, context)
+                if isinstance(verdict, Pending):
+                    # Redis answers on its store's task: the request goes on
+                    # there, and this connection reads on meanwhile.
+                    verdict.then(partial(self._resume, exchange, runtime, command, context, now))
+                    return
+                if verdict is not None:
+                    raise self._refused(verdict)
+        except GatewayError as error:
+            exchange.on_error(error, None)
+            return
+        self._forward(exchange, runtime, command, context, now)
+
+    def _resume(
+        self,
+        exchange: _Exchange,
+        runtime: TableRuntime,
+        command: CommandSpec,
+        context: RequestContext,
+        now: float,
+        verdict: Refusal | None,
+    ) -> None:
+        """Go on with a request whose rate limits waited for Redis."""
+        try:
+            if verdict is None:
+                self._forward(exchange, runtime, command, context, now)
+            else:
+                exchange.on_error(self._refused(verdict), None)
+        except Exception:  # noqa: BLE001 - runs in the rate-limit store's task: a bug costs one answer
+            _log.exception("resuming a request after its rate limits failed")
+            exchange.on_error(GatewayError("internal error"), None)
+
+    def _forward(
+        self,
+        exchange: _Exchange,
+        runtime: TableRuntime,
+        command: CommandSpec,
+        context: RequestContext,
+        now: float,
+    ) -> None:
+        """Build the request's frame and hand it to the pool (`now`: when the
+        request was submitted, from which its deadline runs)."""
+        table = runtime.table
+        try:
             codec = table.codecs[command.name]
+            body = exchange.request.body
             if codec.uses_overlays:
                 overlays: list[Mapping[str, str]] = [context.query, context.path_params]
                 if command.fields:
                     overlays.append(_field_values(command, context))
-                body = codec.encode_request(request.body, overlays)
+                frame_body = codec.encode_request(body, overlays)
             else:
-                body = codec.encode_request(request.body, ())
+                frame_body = codec.encode_request(body, ())
             uid = 0 if command.uid is None else _uid(command, context)
             assert command.upstream is not None  # routed commands always name one
             pool = runtime.pools[command.upstream]
@@ -200,7 +247,7 @@ class RestHandler:
         pool.submit(
             exchange,
             command.command,
-            body,
+            frame_body,
             uid=uid,
             key=key,
             idempotent=command.idempotent,
@@ -210,13 +257,9 @@ class RestHandler:
     def _inspect(self, runtime: TableRuntime, request: Request) -> None:
         waf_inspect(runtime, self._metrics, request)
 
-    def _apply_policy(
-        self, runtime: TableRuntime, command: CommandSpec, context: RequestContext, now: float
-    ) -> None:
-        refusal = runtime.limiter.check(command.name, context, now)
-        if refusal is not None:
-            self._metrics.rate_limited.labels(refusal.rule).inc()
-            raise refusal.error()
+    def _refused(self, refusal: Refusal) -> GatewayError:
+        self._metrics.rate_limited.labels(refusal.rule).inc()
+        return refusal.error()
 
 
 class _Exchange:

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
     from tlvproxy.auth.authenticators import Authenticators
     from tlvproxy.config.model import Table
-    from tlvproxy.policy.ratelimit import RateLimiter
     from tlvproxy.policy.waf import Waf
+    from tlvproxy.stores.limits import RateLimits
     from tlvproxy.upstream.pool import Pool
 
 
@@ -27,7 +27,7 @@ class TableRuntime(Protocol):
     @property
     def pools(self) -> Mapping[str, Pool]: ...
     @property
-    def limiter(self) -> RateLimiter: ...
+    def limiter(self) -> RateLimits: ...
     @property
     def waf(self) -> Waf: ...
     @property

@@ -38,6 +38,10 @@ does not read: see backpressure), 1009 message over `max_message` or of over
 healthy node. A session idle for `idle_timeout` closes with 1000 (nothing went
 wrong; it just ended). A client's own close is answered with its code.
 
+A message whose rate limits ask Redis (`store: redis`) waits for its verdict
+in the session's task (at most the store's 50 ms budget), and reading stops
+meanwhile: the session's messages reach the upstream in the order they came.
+
 Backpressure: at most `MAX_IN_FLIGHT` requests of a session wait for their
 answer; with that many the reader stops reading, so TCP pushes back on the
 client. While a write to the client is blocked, at most `OUTGOING_QUEUE`
@@ -57,6 +61,7 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
+from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -97,12 +102,14 @@ from tlvproxy.server.ws_wire import (
     unmask,
 )
 from tlvproxy.server.ws_wire import frame as wire_frame
+from tlvproxy.stores.limits import Pending
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Callable
 
     from tlvproxy.config.model import CommandSpec, WebSocketSpec
     from tlvproxy.metrics import Metrics
+    from tlvproxy.policy.ratelimit import Refusal
     from tlvproxy.server.http_conn import Request
     from tlvproxy.server.runtime import TableRuntime
     from tlvproxy.upstream.pool import Session
@@ -343,6 +350,7 @@ class _Session:
         "_text_parts",
         "_uid",
         "_upstream",
+        "_verdict",
         "_ws",
         "close_code",
         "close_reason",
@@ -401,6 +409,10 @@ class _Session:
         self._size = 0
         self._fragments = 0
         self._held: str | bytes | None = None  # a message waiting for a request slot
+        # A message whose rate limits wait for Redis: their verdict, the
+        # message's seq, and what sends it once admitted. Reading stops
+        # meanwhile, so that messages reach the upstream in their order.
+        self._verdict: tuple[Pending, int, Callable[[], None]] | None = None
         self._in_flight = 0
         self._slot_freed: trio.Event | None = None
         # Writing: what the socket did not take at once waits in `_out` for the
@@ -659,6 +671,10 @@ class _Session:
             deadline = min(self._active_at + idle_timeout, self._expires)
             with trio.CancelScope(deadline=deadline) as self._reading:
                 while True:
+                    if self._verdict is not None:
+                        await self._await_verdict()
+                        if self._closing():
+                            return
                     held = self._held
                     if held is not None:
                         # With MAX_IN_FLIGHT requests waiting, reading stops. The
@@ -669,10 +685,12 @@ class _Session:
                         self._held = None
                         self._received_at = trio.current_time()
                         self._on_message(held)
-                    # Closing, or a message held: _on_frames says which.
+                        if self._verdict is not None:
+                            continue
+                    # Closing, or a message held or waiting: _on_frames says which.
                     if self._on_frames():
                         return
-                    if self._held is not None:
+                    if self._held is not None or self._verdict is not None:
                         continue
                     if fd >= 0:
                         # Wait, then read: the bytes before were all handled, so a
@@ -760,6 +778,8 @@ class _Session:
                     pos = end
                     if self._on_events():
                         return True
+                    if self._held is not None or self._verdict is not None:
+                        return False
                 else:
                     pos = end
                     if self._take(message):
@@ -831,13 +851,11 @@ class _Session:
             self._held = message
             return True
         self._on_message(message)
-        return self._closing()
+        return self._verdict is not None or self._closing()
 
     # ------------------------------------------------------------ requests
 
     def _on_message(self, message: str | bytes) -> None:
-        upstream = self._upstream
-        assert upstream is not None  # messages are read only while the session serves
         if isinstance(message, str):
             if not self._waf_admits(message):
                 return
@@ -854,20 +872,11 @@ class _Session:
             command = request.command
             if not self._identity_admits(command, request.seq):
                 return
-            if not self._rate_admits(command, request.seq):
-                return
-            deadline = self._received_at + self._timeout(command)
-            try:
-                upstream.submit(
-                    _JsonCall(self, command, request.seq, deadline),
-                    command.command,
-                    request.body,
-                    uid=self._uid or 0,
-                )
-            except GatewayError as exc:
-                self._refused(exc, request.seq)
-                return
-            self._in_flight += 1
+            admits = self._rate_admits(command, request.seq)
+            if admits is True:
+                self._send_json(request)
+            elif isinstance(admits, Pending):
+                self._verdict = (admits, request.seq, partial(self._send_json, request))
             return
         if not self._binary:
             self._send_error(BadRequest("json mode takes text messages (JSON objects)"), None)
@@ -880,8 +889,34 @@ class _Session:
             return
         if not self._identity_admits(command, frame.seq):
             return
-        if not self._rate_admits(command, frame.seq):
+        admits = self._rate_admits(command, frame.seq)
+        if admits is True:
+            self._send_frame(frame, command)
+        elif isinstance(admits, Pending):
+            self._verdict = (admits, frame.seq, partial(self._send_frame, frame, command))
+
+    def _send_json(self, request: ws_json.JsonRequest) -> None:
+        """Send an admitted json-mode request upstream."""
+        upstream = self._upstream
+        assert upstream is not None  # messages are read only while the session serves
+        command = request.command
+        deadline = self._received_at + self._timeout(command)
+        try:
+            upstream.submit(
+                _JsonCall(self, command, request.seq, deadline),
+                command.command,
+                request.body,
+                uid=self._uid or 0,
+            )
+        except GatewayError as exc:
+            self._refused(exc, request.seq)
             return
+        self._in_flight += 1
+
+    def _send_frame(self, frame: Frame, command: CommandSpec) -> None:
+        """Send an admitted binary-mode frame upstream."""
+        upstream = self._upstream
+        assert upstream is not None  # messages are read only while the session serves
         # The session's uid, when the table names one, is what the gateway vouches
         # for: a client cannot speak for another user by writing its own uid.
         outgoing = frame if self._uid is None else attrs.evolve(frame, uid=self._uid)
@@ -986,15 +1021,39 @@ class _Session:
             return False
         return True
 
-    def _rate_admits(self, command: CommandSpec, seq: int) -> bool:
-        """A refused message gets a per-message `rate_limited` error
-        (docs/configuration.md "rate_limits")."""
-        refusal = self._runtime.limiter.check(command.name, self._context, self._received_at)
-        if refusal is None:
+    def _rate_admits(self, command: CommandSpec, seq: int) -> bool | Pending:
+        """True when the message may be sent now; False when it was refused (it
+        got a per-message `rate_limited` error, docs/configuration.md
+        "rate_limits"); a Pending when the verdict waits for Redis: the caller
+        holds the message in `_verdict` and reading stops until it comes."""
+        limiter = self._runtime.limiter
+        if not limiter.applies(command.name):
             return True
+        verdict = limiter.check(command.name, self._context)
+        if verdict is None:
+            return True
+        if isinstance(verdict, Pending):
+            return verdict
+        self._rate_refused(verdict, seq)
+        return False
+
+    async def _await_verdict(self) -> None:
+        """Wait for the verdict of the message whose rate limits asked Redis
+        (at most its 50 ms budget), then send it or refuse it."""
+        assert self._verdict is not None
+        pending, seq, send = self._verdict
+        verdict = await pending.wait()
+        self._verdict = None
+        if self._closing():
+            return
+        if verdict is None:
+            send()
+        else:
+            self._rate_refused(verdict, seq)
+
+    def _rate_refused(self, refusal: Refusal, seq: int) -> None:
         self._metrics.rate_limited.labels(refusal.rule).inc()
         self._send_error(refusal.error(), seq)
-        return False
 
     # ------------------------------------------------------------ the upstream's side
 

@@ -1,0 +1,262 @@
+"""The rate limits of one table, as the REST and WebSocket servers call them
+(docs/configuration.md "rate_limits").
+
+Owns: which rules apply to a command and in which store their buckets live,
+the bucket names of a request, the clock of the local store, what a store that
+cannot answer means (`on_store_error`, counted in
+`tlvproxy_rate_limit_store_errors_total`), and `Pending`, the verdict of a
+check that waits for Redis.
+Must not: wait: a check that needs Redis returns a `Pending` at once, and the
+caller goes on with the request when it is resolved.
+
+One check, for every path: `check(command, request)` returns None (admitted),
+a `Refusal`, or a `Pending`. The rules of each store are checked together, so
+each store counts a request in all of its buckets or in none; a request that
+rules of both stores limit is checked on the local store first, then on Redis,
+and one that Redis refuses stays counted in its local buckets
+(docs/configuration.md "Where the buckets live").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from tlvproxy.policy.ratelimit import ABSENT_KEY, Plan, Refusal
+from tlvproxy.stores.local_store import StoreError
+from tlvproxy.stores.names import bounded, local_prefix, redis_prefix
+from tlvproxy.stores.redis_store import Failed
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from tlvproxy.config.keys import KeyExpr, RequestView
+    from tlvproxy.config.model import RateLimitRule
+    from tlvproxy.metrics import Metrics
+    from tlvproxy.stores.local_store import LocalBuckets
+    from tlvproxy.stores.redis_store import Answer, RedisBuckets
+
+log = logging.getLogger("tlvproxy.ratelimit")
+
+# A refusal for want of a store's answer (`on_store_error: deny`) asks the
+# caller to come back after this many seconds.
+_STORE_RETRY_AFTER = 1
+# How often a local store failure is logged (seconds); every one is counted.
+_LOG_INTERVAL = 10.0
+
+Verdict = Refusal | None
+
+
+@attrs.frozen(slots=True)
+class _Rule:
+    """What a store's answer about one bucket needs of its rule."""
+
+    name: str
+    deny_on_error: bool
+    # The longest retry-after this rule can ask (a full bucket of burst + 1 at
+    # `rate`): a larger one from Redis is cut to it.
+    max_retry_after: int
+
+
+@attrs.frozen(slots=True)
+class _CommandPlan:
+    """The rules of one command, split by store, in table order within each."""
+
+    keys: tuple[KeyExpr, ...]
+    local: tuple[tuple[bytes, float, float, int], ...]  # (name prefix, rate, burst, key position)
+    local_rules: tuple[_Rule, ...]
+    redis: tuple[tuple[bytes, int], ...]  # (key prefix, key position)
+    redis_args: tuple[bytes, ...]  # the script's ARGV after the time: rate, burst per key
+    redis_rules: tuple[_Rule, ...]
+
+    @classmethod
+    def of(cls, rules: tuple[RateLimitRule, ...], command_name: str) -> _CommandPlan:
+        plan = Plan.of(rules, command_name)
+        local: list[tuple[bytes, float, float, int]] = []
+        local_rules: list[_Rule] = []
+        redis: list[tuple[bytes, int]] = []
+        redis_args: list[bytes] = []
+        redis_rules: list[_Rule] = []
+        for index, rate, burst, position in plan.steps:
+            rule = rules[index]
+            meta = _Rule(
+                rule.name, rule.on_store_error == "deny", max(1, math.ceil((burst + 1) / rate))
+            )
+            if rule.store == "redis":
+                redis.append((redis_prefix(rule.name), position))
+                # repr: the shortest text that reads back as the same double.
+                redis_args += [repr(rate).encode(), repr(burst).encode()]
+                redis_rules.append(meta)
+            else:
+                local.append((local_prefix(rule.name), rate, burst, position))
+                local_rules.append(meta)
+        return cls(
+            plan.keys,
+            tuple(local),
+            tuple(local_rules),
+            tuple(redis),
+            tuple(redis_args),
+            tuple(redis_rules),
+        )
+
+    @property
+    def applies(self) -> bool:
+        return bool(self.local or self.redis)
+
+
+class RateLimits:
+    """A table's `rate_limits` on their stores; rebuilt on reload, the stores kept.
+
+    `local` holds the buckets of `store: local` rules and `redis` those of
+    `store: redis` rules; either may be None when no rule uses it. `clock` is
+    the local store's: one that every process of the box shares. Redis keeps
+    its buckets on its own clock (TIME), the one every gateway using it shares;
+    `redis_clock` replaces it (tests give a made-up time).
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[RateLimitRule],
+        metrics: Metrics,
+        *,
+        local: LocalBuckets | None = None,
+        redis: RedisBuckets | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        redis_clock: Callable[[], float] | None = None,
+    ) -> None:
+        """Raises ValueError for a rule whose rate is not positive or burst
+        negative, or whose store is not given."""
+        for rule in rules:
+            if not rule.rate > 0:
+                raise ValueError(f"rate limit {rule.name!r}: rate must be > 0, got {rule.rate}")
+            if rule.burst < 0:
+                raise ValueError(f"rate limit {rule.name!r}: burst must be >= 0, got {rule.burst}")
+            if (local if rule.store == "local" else redis) is None:
+                raise ValueError(f"rate limit {rule.name!r}: no {rule.store} store to keep it in")
+        self._rules = tuple(rules)
+        self._metrics = metrics
+        self._local = local
+        self._redis = redis
+        self._clock = clock
+        self._redis_clock = redis_clock
+        self._next_log = -math.inf
+        named = {name for rule in self._rules for name in rule.commands or ()}
+        self._unlisted = _CommandPlan.of(self._rules, "")
+        self._plans = {name: _CommandPlan.of(self._rules, name) for name in named}
+
+    def applies(self, command_name: str) -> bool:
+        """Whether any rule limits `command_name` (when not, `check` always admits)."""
+        return self._plans.get(command_name, self._unlisted).applies
+
+    def check(self, command_name: str, request: RequestView) -> Verdict | Pending:
+        """Admit one request for `command_name`, now.
+
+        Returns None when every rule admits it (each bucket counting it), the
+        `Refusal` of the first refusing rule, or a `Pending` whose verdict is
+        one of those once Redis answers (within its 50 ms budget).
+        """
+        plan = self._plans.get(command_name, self._unlisted)
+        values = [_value(key, request) for key in plan.keys]
+        if plan.local:
+            refusal = self._check_local(plan, values)
+            if refusal is not None:
+                return refusal
+        if not plan.redis:
+            return None
+        assert self._redis is not None  # __init__ checked that every rule has its store
+        pending = Pending(plan.redis_rules, self._metrics)
+        keys = [prefix + values[position] for prefix, position in plan.redis]
+        # The script's ARGV: the time ("" for Redis's TIME), then rate, burst per key.
+        now = b"" if self._redis_clock is None else repr(self._redis_clock()).encode()
+        self._redis.submit(keys, (now, *plan.redis_args), pending)
+        return pending
+
+    def _check_local(self, plan: _CommandPlan, values: list[bytes]) -> Refusal | None:
+        assert self._local is not None  # __init__ checked that every rule has its store
+        buckets = [
+            (prefix + values[position], rate, burst) for prefix, rate, burst, position in plan.local
+        ]
+        try:
+            answer = self._local.check(buckets, self._clock())
+        except StoreError as exc:
+            now = time.monotonic()
+            if now >= self._next_log:
+                self._next_log = now + _LOG_INTERVAL
+                log.error("the local rate-limit store cannot answer", extra={"error": str(exc)})
+            return _store_failed(plan.local_rules, self._metrics)
+        if answer is None:
+            return None
+        position, retry_after = answer
+        return Refusal(plan.local_rules[position].name, retry_after)
+
+
+class Pending:
+    """The verdict of a check that waits for Redis: None or a `Refusal`.
+
+    The store resolves it once, from its own task, within the answer budget.
+    A REST request goes on in the callback given to `then`; a WebSocket
+    session awaits `wait()`, so that its messages keep their order.
+    """
+
+    __slots__ = ("_callback", "_done", "_event", "_metrics", "_rules", "verdict")
+
+    def __init__(self, rules: tuple[_Rule, ...], metrics: Metrics) -> None:
+        self._rules = rules
+        self._metrics = metrics
+        self._callback: Callable[[Verdict], None] | None = None
+        self._event: trio.Event | None = None
+        self._done = False
+        self.verdict: Verdict = None
+
+    def then(self, callback: Callable[[Verdict], None]) -> None:
+        """Call `callback(verdict)` once it is known: now, if it is already."""
+        if self._done:
+            callback(self.verdict)
+        else:
+            self._callback = callback
+
+    async def wait(self) -> Verdict:
+        """The verdict, once known."""
+        if not self._done:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        return self.verdict
+
+    def resolve(self, answer: Answer) -> None:
+        """The store's answer (redis_store.Waiter): its verdict, told to whoever waits."""
+        if isinstance(answer, Failed):
+            verdict = _store_failed(self._rules, self._metrics)
+        elif answer is None:
+            verdict = None
+        else:
+            rule = self._rules[answer[0]]
+            verdict = Refusal(rule.name, min(answer[1], rule.max_retry_after))
+        self.verdict = verdict
+        self._done = True
+        if self._event is not None:
+            self._event.set()
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback(verdict)
+
+
+def _value(key: KeyExpr, request: RequestView) -> bytes:
+    value = key.evaluate(request)
+    return bounded(ABSENT_KEY if value is None else value)
+
+
+def _store_failed(rules: tuple[_Rule, ...], metrics: Metrics) -> Refusal | None:
+    """A store could not answer for `rules`: each is counted, and the first
+    whose `on_store_error` is `deny` refuses; with none, the request passes."""
+    refusal = None
+    for rule in rules:
+        metrics.rate_limit_store_errors.labels(rule.name).inc()
+        if refusal is None and rule.deny_on_error:
+            refusal = Refusal(rule.name, _STORE_RETRY_AFTER, store_failed=True)
+    return refusal
