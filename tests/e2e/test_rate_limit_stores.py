@@ -1,0 +1,145 @@
+"""REST through the gateway with rate limits in their stores (docs/configuration.md
+"Where the buckets live", "When the store cannot answer"): `store: local` in the
+gateway's LMDB, `store: redis` in a real redis-server."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import h11
+import pytest
+
+from tests.e2e.client import Answer, HttpClient, fetch
+from tests.e2e.test_rest import SEND, USER, error_of
+
+if TYPE_CHECKING:
+    from tests.e2e.conftest import GatewayFactory
+    from tests.stores.redis_server import RedisServer
+
+ECHO = {"X-User-Id": "7"}
+
+
+def rules(*, store: str = "redis", rate: str = "1/m", **extra: str) -> list[dict[str, object]]:
+    return [
+        {
+            "name": "echo_limit",
+            "commands": ["echo"],
+            "key": "header.X-User-Id",
+            "rate": rate,
+            "burst": 1,
+            "store": store,
+            **extra,
+        }
+    ]
+
+
+def counted(gateway, name: str, rule: str) -> float:
+    value = gateway.metrics.registry.get_sample_value(name, {"rule": rule})
+    return value or 0.0
+
+
+async def test_a_redis_limit_answers_429_with_retry_after(
+    gateways: GatewayFactory, redis: RedisServer
+) -> None:
+    gateway = await gateways.start(redis={"url": redis.url}, rate_limits=rules())
+    statuses = []
+    for _ in range(3):
+        answer = await fetch(gateway.http_address, "POST", "/v1/echo", {"n": 1}, ECHO)
+        statuses.append(answer.status)
+    assert statuses == [200, 200, 429]
+    assert error_of(answer)["code"] == "rate_limited"
+    assert 1 <= int(answer.headers["retry-after"]) <= 60
+    other = await fetch(gateway.http_address, "POST", "/v1/echo", {"n": 1}, {"X-User-Id": "8"})
+    assert other.status == 200
+    assert counted(gateway, "tlvproxy_rate_limited_total", "echo_limit") == 1
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    gateways: GatewayFactory, redis: RedisServer
+) -> None:
+    # Three limited requests (the third refused) and an unlimited one between
+    # them, in one write: the unlimited one waits for nothing, yet every
+    # answer leaves in request order.
+    gateway = await gateways.start(redis={"url": redis.url}, rate_limits=rules())
+    client = await HttpClient.connect(gateway.http_address)
+    requests = [
+        ("POST", "/v1/echo", ECHO),
+        ("GET", "/v1/users/1/profile", {}),
+        ("POST", "/v1/echo", ECHO),
+        ("POST", "/v1/echo", ECHO),
+    ]
+    wire = b"".join(
+        f"{method} {target} HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n".encode()
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
+        + b"\r\n{}"
+        for method, target, headers in requests
+    )
+    await client.stream.send_all(wire)
+    answers: list[Answer] = []
+    for method, target, headers in requests:
+        if client.conn.our_state is h11.DONE:
+            client.conn.start_next_cycle()
+        # Move the client's state as if this request went through it.
+        client.conn.send(
+            h11.Request(
+                method=method,
+                target=target,
+                headers=[("Host", "t"), *headers.items(), ("Content-Length", "2")],
+            )
+        )
+        client.conn.send(h11.Data(data=b"{}"))
+        client.conn.send(h11.EndOfMessage())
+        answers.append(await client._read_answer())
+    await client.aclose()
+    assert [a.status for a in answers] == [200, 200, 200, 429]
+    assert answers[1].json()["nickname"] == "user1"  # the profile, in its place
+
+
+async def test_a_frozen_redis_allows_or_denies_per_rule(
+    gateways: GatewayFactory, redis: RedisServer
+) -> None:
+    limits = [
+        *rules(on_store_error="allow"),
+        {
+            "name": "send_limit",
+            "commands": ["send_message"],
+            "key": "header.X-User-Id",
+            "rate": "1/m",
+            "burst": 1,
+            "store": "redis",
+            "on_store_error": "deny",
+        },
+    ]
+    gateway = await gateways.start(redis={"url": redis.url}, rate_limits=limits)
+    address = gateway.http_address
+    redis.pause()
+    try:
+        echo = await fetch(address, "POST", "/v1/echo", {"n": 1}, ECHO)
+        send = await fetch(address, "POST", "/v1/messages", SEND, USER)
+    finally:
+        redis.resume()
+    assert echo.status == 200
+    assert send.status == 429
+    assert "cannot be checked now" in error_of(send)["message"]
+    assert send.headers["retry-after"] == "1"
+    assert counted(gateway, "tlvproxy_rate_limit_store_errors_total", "echo_limit") == 1
+    assert counted(gateway, "tlvproxy_rate_limit_store_errors_total", "send_limit") == 1
+    # Redis answers again: both limits count and refuse as before.
+    assert (await fetch(address, "POST", "/v1/messages", SEND, USER)).status == 200
+    assert (await fetch(address, "POST", "/v1/messages", SEND, USER)).status == 200
+    assert (await fetch(address, "POST", "/v1/messages", SEND, USER)).status == 429
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+async def test_buckets_outlive_a_reload(
+    gateways: GatewayFactory, redis: RedisServer, store: str
+) -> None:
+    gateway = await gateways.start(redis={"url": redis.url}, rate_limits=rules(store=store))
+    address = gateway.http_address
+    for _ in range(2):
+        assert (await fetch(address, "POST", "/v1/echo", {"n": 1}, ECHO)).status == 200
+    # A reload that changes the rules keeps a rule's buckets by its name: the
+    # store is the gateway's, not the table's.
+    gateways.table(redis={"url": redis.url}, rate_limits=rules(store=store, rate="2/m"))
+    await gateway.reload()
+    assert (await fetch(address, "POST", "/v1/echo", {"n": 1}, ECHO)).status == 429

@@ -1,0 +1,304 @@
+"""`store: local`: LMDB buckets shared by the processes of one gateway
+(docs/configuration.md "Where the buckets live", "Capacity")."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.policy.test_ratelimit import Request, rule
+from tests.stores.local import local_buckets
+from tlvproxy.metrics import Metrics
+from tlvproxy.policy.ratelimit import RateLimiter, Refusal
+from tlvproxy.stores.limits import RateLimits
+from tlvproxy.stores.local_store import LocalBuckets, StoreError
+from tlvproxy.stores.names import MAX_VALUE_BYTES, bounded, local_prefix
+
+if TYPE_CHECKING:
+    from tlvproxy.config.model import RateLimitRule
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Clock:
+    """A made-up time for the local store."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sample(metrics: Metrics, rule_name: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "tlvproxy_rate_limit_store_errors_total", {"rule": rule_name}
+    )
+    return value or 0.0
+
+
+# ---------------------------------------------------------------- the reference's verdicts
+
+_RATES = st.sampled_from([0.5, 1.0, 3.0, 10.0, 1 / 3, 1 / 7])
+_RULES = st.lists(
+    st.tuples(
+        _RATES,
+        st.integers(0, 4),
+        st.sampled_from(["header.X-User-Id", "query.did"]),
+        st.sampled_from([None, ("send",), ("send", "echo")]),
+    ),
+    min_size=1,
+    max_size=3,
+)
+# (command, user, device, seconds since the previous request)
+_EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["send", "echo", "other"]),
+        st.sampled_from(["alice", "bob", "-", "x" * 100]),
+        st.sampled_from(["d1", "d2"]),
+        st.sampled_from([0.0, 0.0, 0.01, 0.1, 1 / 3, 0.5, 1.0, 2.5]),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+def make_rules(drawn: list[tuple[float, int, str, tuple[str, ...] | None]]) -> list[RateLimitRule]:
+    return [
+        rule(f"r{i}", rate=rate, burst=burst, key=key, commands=commands)
+        for i, (rate, burst, key, commands) in enumerate(drawn)
+    ]
+
+
+def request_of(user: str, device: str) -> Request:
+    return Request(headers={"x-user-id": user}, query={"did": device})
+
+
+@settings(max_examples=60, deadline=None)
+@given(drawn=_RULES, events=_EVENTS)
+def test_the_local_store_gives_the_references_verdicts(drawn, events):
+    rules = make_rules(drawn)
+    reference = RateLimiter(rules)
+    clock = Clock()
+    with local_buckets() as local:
+        limits = RateLimits(rules, Metrics(), local=local, clock=clock)
+        for command, user, device, delay in events:
+            clock.now += delay
+            request = request_of(user, device)
+            expected = reference.check(command, request, clock.now)
+            assert limits.check(command, request) == expected
+
+
+# ---------------------------------------------------------------- shared by processes
+
+_COUNTER = """
+import sys
+from pathlib import Path
+from tlvproxy.stores.local_store import LocalBuckets, StoreError
+buckets = LocalBuckets(Path(sys.argv[1]))
+print("ready", flush=True)
+sys.stdin.readline()
+admitted = sum(buckets.check([(b"shared", 1e-6, 19999.0)], 1.0) is None for _ in range(40000))
+print(admitted, flush=True)
+"""
+
+
+def test_processes_count_in_one_bucket(tmp_path: Path) -> None:
+    # Two processes race 40000 checks each on one bucket that holds 20000:
+    # together they admit exactly 20000, none counted twice or lost.
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _COUNTER, str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
+    for process in processes:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    counts = [int(process.communicate(timeout=60)[0]) for process in processes]
+    assert sum(counts) == 20000
+    assert all(counts), counts  # both took part
+
+
+_HOLDER = """
+import sys, time
+import lmdb
+env = lmdb.open(sys.argv[1], map_size=512 * 1024 * 1024, max_dbs=1, max_readers=1024,
+                sync=False, metasync=False, writemap=True)
+reader = env.begin()                # a reader slot
+writer = env.begin(write=True)      # the write lock
+writer.put(b"never", b"committed")
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_process_does_not_wedge_the_store(tmp_path: Path) -> None:
+    buckets = LocalBuckets(tmp_path)
+    try:
+        assert buckets.check([(b"k", 1.0, 0.0)], 0.0) is None
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "holding"
+        readers = buckets._env.readers()  # the holder's slot
+        assert str(holder.pid) in readers
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        # The write lock is robust: the next writer takes it over at once.
+        assert buckets.check([(b"k", 1.0, 0.0)], 0.5) == (0, 1)
+        assert buckets.check([(b"k", 1.0, 0.0)], 1.0) is None
+        # The periodic reader check frees the dead process's slot.
+        assert buckets.check([(b"other", 1.0, 0.0)], 100.0) is None
+        assert str(holder.pid) not in buckets._env.readers()
+    finally:
+        buckets.close()
+
+
+# ---------------------------------------------------------------- capacity
+
+
+def test_drained_buckets_expire() -> None:
+    with local_buckets() as buckets:
+        for i in range(1000):
+            assert buckets.check([(b"u%d" % i, 10.0, 5.0)], 0.0) is None
+        assert len(buckets) == 1000
+        # All drained 0.1 s later: each new bucket sweeps up to four away.
+        assert buckets.check([(b"late", 10.0, 5.0)], 1.0) is None
+        assert len(buckets) == 1000 - 4 + 1
+        for i in range(300):
+            assert buckets.check([(b"n%d" % i, 10.0, 5.0)], 1.0) is None
+        # 1200 looks went round the whole store: only the new ones are left.
+        assert len(buckets) == 300 + 1
+        # An expired key starts afresh: a full burst again.
+        assert sum(buckets.check([(b"u0", 10.0, 5.0)], 1.0) is None for _ in range(10)) == 6
+
+
+def test_buckets_still_draining_are_kept() -> None:
+    with local_buckets() as buckets:
+        for _ in range(3):
+            assert buckets.check([(b"old", 1.0, 5.0)], 0.0) is None
+        assert buckets.check([(b"new", 1.0, 5.0)], 2.5) is None
+        assert len(buckets) == 2
+        # "old" still holds half a request: 5 more pass, not 6.
+        assert sum(buckets.check([(b"old", 1.0, 5.0)], 2.5) is None for _ in range(10)) == 5
+
+
+def test_the_bound_evicts_and_an_evicted_key_starts_afresh() -> None:
+    with local_buckets(max_keys=100) as buckets:
+        for i in range(1000):
+            assert buckets.check([(b"u%d" % i, 0.001, 0.0)], 0.0) is None
+            assert len(buckets) <= 100
+        # Nothing drains at this rate: u0 was evicted, so it is admitted again
+        # (the bound errs on admitting); the latest key is still held.
+        assert buckets.check([(b"u999", 0.001, 0.0)], 0.0) is not None
+        assert buckets.check([(b"u0", 0.001, 0.0)], 0.0) is None
+
+
+def test_a_million_keys_do_not_grow_the_file_without_bound() -> None:
+    with local_buckets() as buckets:
+        check = buckets.check
+        largest = 0
+        for i in range(1_000_000):
+            # 10 new keys a millisecond, each drained 0.1 s later: about a
+            # thousand are live at any time.
+            assert check([(b"key%d" % i, 10.0, 5.0)], i * 1e-4) is None
+            if i % 10_000 == 0:
+                largest = max(largest, len(buckets))
+        assert largest < 2_000
+        data = Path(buckets._env.path()) / "data.mdb"
+        used = data.stat().st_blocks * 512  # the file is sparse: what it takes on disk
+        assert used < 4 * 1024 * 1024, used
+
+
+def test_long_key_values_are_bounded() -> None:
+    long_a, long_b = "a" * 10_000, "a" * 9_999 + "b"
+    assert len(bounded(long_a)) == 33  # the mark and a 128-bit digest in hex
+    assert bounded(long_a) != bounded(long_b)
+    assert bounded("a" * MAX_VALUE_BYTES) == b"a" * MAX_VALUE_BYTES
+    assert len(bounded("é" * MAX_VALUE_BYTES)) == 33  # bytes count, not characters
+    # No short value names the bucket of a long one: UTF-8 never holds 0xFF.
+    assert bounded(long_a)[:1] == b"\xff"
+    assert bounded("\udc80") == "\udc80".encode("utf-8", "surrogatepass")
+    assert len(local_prefix("any rule name")) == 8
+    with local_buckets() as local:
+        limits = RateLimits([rule(rate=1.0, burst=0)], Metrics(), local=local, clock=Clock())
+        assert limits.check("send", request_of(long_a, "d")) is None
+        assert limits.check("send", request_of(long_a, "d")) == Refusal("per_user", 1)
+        assert limits.check("send", request_of(long_b, "d")) is None
+
+
+# ---------------------------------------------------------------- when the store fails
+
+
+@pytest.mark.parametrize(("on_error", "refused"), [("allow", False), ("deny", True)])
+def test_a_store_that_cannot_answer_leaves_it_to_on_store_error(
+    on_error: str, refused: bool
+) -> None:
+    metrics = Metrics()
+    rules = [attrs.evolve(rule(rate=1.0, burst=0), on_store_error=on_error)]
+    with local_buckets() as local:
+        limits = RateLimits(rules, metrics, local=local, clock=Clock())
+        assert limits.check("send", request_of("alice", "d")) is None
+        local.close()  # its files stay, but the store is gone for this process
+        verdict = limits.check("send", request_of("alice", "d"))
+        assert sample(metrics, "per_user") == 1
+    if refused:
+        assert verdict == Refusal("per_user", 1, store_failed=True)
+        assert isinstance(verdict, Refusal)
+        error = verdict.error()
+        assert error.http_status == 429
+        assert "cannot be checked now" in error.message
+    else:
+        assert verdict is None
+
+
+def test_a_full_map_is_a_store_error_and_the_store_starts_afresh() -> None:
+    # A map far too small for max_keys: the check that finds it full fails
+    # (on_store_error decides), every bucket is dropped, and checks go on.
+    with local_buckets(map_size=1024 * 1024) as buckets:
+        failures = 0
+        for i in range(20_000):
+            try:
+                assert buckets.check([(b"%d" % i + b"x" * 60, 0.001, 0.0)], 0.0) is None
+            except StoreError:
+                failures += 1
+                assert len(buckets) == 0
+        assert 1 <= failures <= 10
+        assert buckets.check([(b"after", 0.001, 0.0)], 0.0) is None
+
+
+def test_rules_without_their_store_are_refused() -> None:
+    with pytest.raises(ValueError, match="no local store"):
+        RateLimits([rule()], Metrics())
+    with pytest.raises(ValueError, match="no redis store"):
+        RateLimits([attrs.evolve(rule(), store="redis")], Metrics())
+
+
+def test_the_limiter_module_keeps_the_pure_policy_pure() -> None:
+    code = textwrap.dedent(
+        """
+        import sys, tlvproxy.policy.ratelimit, tlvproxy.stores.names
+        sys.exit('trio' in sys.modules)
+        """
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
