@@ -27,9 +27,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from bench_upstream import build_echo, start_echo
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK = ROOT.parent / "shared" / "bench" / "wrk"
@@ -133,10 +137,12 @@ def measure(
     duration: int,
     log_level: str,
     script: Path | None = None,
+    before_run: Callable[[], object] | None = None,
     **env: str,
 ) -> dict[str, float]:
     """Start `tlvproxy serve` on `table`, drive POST /v1/echo with wrk (`script`
-    and `env` as for `wrk`), stop it; wrk's figures plus rps, errors and cpu_us."""
+    and `env` as for `wrk`), stop it; wrk's figures plus rps, errors and cpu_us.
+    `before_run` is called after the warm-up, just before the measured run."""
     # The JSON log lines go to a file, as in the shared harness and in
     # production: writing them is part of a request's cost.
     with tempfile.TemporaryFile() as log_file:
@@ -161,6 +167,8 @@ def measure(
             url = f"http://127.0.0.1:{http_port}/v1/echo"
             check_echo(url, (WRK / "body.json").read_bytes(), env.get("BENCH_AUTHORIZATION"))
             wrk(url, 1, CONNECTIONS, script, **env)  # warm-up: connections, pools, caches
+            if before_run is not None:
+                before_run()
             cpu_before = tree_cpu_seconds(process.pid)
             result = wrk(url, duration, CONNECTIONS, script, **env)
             cpu = tree_cpu_seconds(process.pid) - cpu_before
