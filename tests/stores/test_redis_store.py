@@ -31,11 +31,30 @@ if TYPE_CHECKING:
 
 @asynccontextmanager
 async def open_store(url: str) -> AsyncIterator[RedisBuckets]:
+    """A running store, connected: a cold start's connection may take longer
+    than the 50 ms budget on a busy machine, which is not what tests test."""
     store = RedisBuckets(url)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
+        for _ in range(1000):
+            if await answers(store):
+                break
+            await trio.sleep(0.01)
+        else:
+            raise AssertionError("the store never answered")
         yield store
         nursery.cancel_scope.cancel()
+
+
+async def answers(store: RedisBuckets) -> bool:
+    """Whether a check on a bucket of its own gets Redis's answer."""
+    metrics = Metrics()
+    pending = RateLimits([redis_rule("warm_up")], metrics, redis=store).check(
+        "send", request_of("warm-up", "d")
+    )
+    assert isinstance(pending, Pending)
+    await pending.wait()
+    return sample(metrics, "warm_up") == 0
 
 
 def redis_rule(
@@ -105,9 +124,9 @@ async def test_checks_of_one_pass_go_in_one_pipeline_one_script_call_each(
 ) -> None:
     async with open_store(redis.url) as store:
         limits = RateLimits([redis_rule(rate=1.0, burst=0)], Metrics(), redis=store)
-        # The first check finds Redis without the script: it is loaded once.
-        assert await verdict_of(limits, "send", request_of("first", "d")) is None
-        assert redis.calls("script|load") == 1
+        # The store loaded the script when it started (and perhaps once more,
+        # for a check that raced with that).
+        assert redis.calls("script|load") >= 1
         redis.cli("CONFIG", "RESETSTAT")
         # 100 users, all checked before the store's task runs once.
         pending = [limits.check("send", request_of(f"u{i}", "d")) for i in range(100)]
@@ -128,7 +147,8 @@ async def test_attacker_sized_key_values_make_bounded_keys(redis: RedisServer) -
         assert await verdict_of(limits, "send", request_of(huge, "d")) is None
         assert await verdict_of(limits, "send", request_of(huge, "d")) == Refusal("per_user", 1)
         assert await verdict_of(limits, "send", request_of(huge + "y", "d")) is None
-    keys = [k.encode("utf-8", "surrogateescape") for k in redis.cli("KEYS", "*").split()]
+    found = redis.cli("KEYS", "tlvproxy:rl:per_user:*").split()
+    keys = [k.encode("utf-8", "surrogateescape") for k in found]
     assert len(keys) == 2
     assert all(len(k) <= len(redis_prefix("per_user")) + MAX_VALUE_BYTES for k in keys)
 

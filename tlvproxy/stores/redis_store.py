@@ -35,6 +35,11 @@ ANSWER_BUDGET: Final = 0.05
 _MAX_BATCH = 512
 # Connections the client may open; each pipeline takes one.
 _MAX_CONNECTIONS = 8
+# How long a store tries, when it starts, to connect and load the script
+# before it says it is ready: the first checks would otherwise spend their
+# budget on that. Redis down or slow then delays a gateway's start by this
+# much at most.
+_PREPARE_TIMEOUT = 1.0
 
 # The arithmetic of policy/ratelimit.py's RateLimiter.check, on every bucket of
 # one request at once. KEYS: the buckets. ARGV[1]: the time in seconds, or ""
@@ -134,40 +139,60 @@ class RedisBuckets:
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Answer checks until cancelled; ready at once (Redis is reached on the
-        first check, so a gateway starts while Redis is down)."""
-        task_status.started()
+        """Answer checks until cancelled. Ready once connected with the script
+        loaded, or after _PREPARE_TIMEOUT: a gateway starts while Redis is
+        down, and its checks find Redis when it comes."""
+        started = False
         try:
             while True:
                 try:
-                    await self._serve()
+                    async with self._client() as client:
+                        if not started:
+                            await self._prepare(client)
+                            started = True
+                            task_status.started()
+                        await self._serve(client)
                 except Exception:
                     # A failure of the client's own tasks ends only this
                     # client: checks go on with a new one.
                     log.exception(
                         "the Redis client failed; starting a new one", extra=self._where()
                     )
+                    if not started:
+                        started = True
+                        task_status.started()
         finally:
             # Stopped (the gateway exits): the checks still queued hear once too.
             queued, self._queue = self._queue, []
             for check in queued:
                 _resolve(check.waiter, Failed("the store stopped"))
 
-    async def _serve(self) -> None:
-        client = coredis.Redis.from_url(
+    def _client(self) -> coredis.Redis[bytes]:
+        return coredis.Redis.from_url(
             self.url,
             retry_policy=NoRetryPolicy(),  # the budget, not retries, bounds a check
             max_connections=_MAX_CONNECTIONS,
             verify_version=False,
         )
-        async with client:
-            while True:
-                while not self._queue:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                batch = self._queue[:_MAX_BATCH]
-                del self._queue[:_MAX_BATCH]
-                await self._answer(client, batch)
+
+    async def _serve(self, client: coredis.Redis[bytes]) -> None:
+        while True:
+            while not self._queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            batch = self._queue[:_MAX_BATCH]
+            del self._queue[:_MAX_BATCH]
+            await self._answer(client, batch)
+
+    async def _prepare(self, client: coredis.Redis[bytes]) -> None:
+        with trio.move_on_after(_PREPARE_TIMEOUT) as scope:
+            try:
+                await client.script_load(SCRIPT)
+            except (RedisError, OSError, anyio.BrokenResourceError) as exc:
+                # Not an outage yet: the first check finds out, and says so.
+                log.info("Redis is not there yet", extra={**self._where(), "reason": str(exc)})
+        if scope.cancelled_caught:
+            log.info("Redis is slow to answer", extra=self._where())
 
     async def _answer(self, client: coredis.Redis[bytes], batch: list[_Check]) -> None:
         """Resolve every check of `batch`, with Failed if Redis does not answer
