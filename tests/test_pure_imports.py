@@ -25,6 +25,8 @@ LATER = (
     "tlvproxy.schema.codec",
     "tlvproxy.policy.ratelimit",
     "tlvproxy.policy.waf",
+    "tlvproxy.stores.names",
+    "tlvproxy.stores.local_store",
     "tlvproxy.upstream.balance",
     "tlvproxy.upstream.health",
     "tlvproxy.openapi",

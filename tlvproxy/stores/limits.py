@@ -73,6 +73,7 @@ class _CommandPlan:
     redis: tuple[tuple[bytes, int], ...]  # (key prefix, key position)
     redis_args: tuple[bytes, ...]  # the script's ARGV after the time: rate, burst per key
     redis_rules: tuple[_Rule, ...]
+    applies: bool  # whether any rule limits the command
 
     @classmethod
     def of(cls, rules: tuple[RateLimitRule, ...], command_name: str) -> _CommandPlan:
@@ -102,11 +103,8 @@ class _CommandPlan:
             tuple(redis),
             tuple(redis_args),
             tuple(redis_rules),
+            bool(plan.steps),
         )
-
-    @property
-    def applies(self) -> bool:
-        return bool(self.local or self.redis)
 
 
 class RateLimits:
