@@ -162,10 +162,9 @@ def per_call(fn: Callable[[], object], min_seconds: float = 0.3) -> float:
     return best
 
 
-def policy_check(
-    limiter: RateLimiter, waf: Waf, body: bytes, users: int = 10_000
-) -> Callable[[], object]:
-    requests = [
+def user_requests(users: int) -> list[_Request]:
+    """One request view per user, each with its own address, user, device and session."""
+    return [
         _Request(
             remote_addr=f"10.0.{i // 256 % 256}.{i % 256}",
             headers={"x-user-id": str(i), "cookie": f"sid=s{i}"},
@@ -173,6 +172,12 @@ def policy_check(
         )
         for i in range(users)
     ]
+
+
+def policy_check(
+    limiter: RateLimiter, waf: Waf, body: bytes, users: int = 10_000
+) -> Callable[[], object]:
+    requests = user_requests(users)
     state = {"i": 0, "now": 0.0}
 
     def one() -> object:
@@ -188,14 +193,7 @@ def policy_check(
 
 def stored_check(limits: RateLimits, users: int = 10_000) -> Callable[[], object]:
     """`RateLimits.check` on the LMDB store, as the REST handler calls it."""
-    requests = [
-        _Request(
-            remote_addr=f"10.0.{i // 256 % 256}.{i % 256}",
-            headers={"x-user-id": str(i), "cookie": f"sid=s{i}"},
-            query={"did": f"d{i}", "uid": str(i)},
-        )
-        for i in range(users)
-    ]
+    requests = user_requests(users)
     state = {"i": 0}
 
     def one() -> object:

@@ -9,30 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.config.test_loader import MINIMAL
 from tlvproxy.config.loader import TableError, load_table
 from tlvproxy.config.model import RedisSpec, Table
 
 REPO = Path(__file__).resolve().parents[2]
-
-TABLE = """\
-proto: {paths: [proto], files: [demo/im.proto]}
-upstreams:
-  im: {nodes: [127.0.0.1:7001]}
-commands:
-  - name: get_profile
-    command: 0x1002
-    upstream: im
-    request: demo.im.GetProfileRequest
-    response: demo.im.Profile
-    http: {method: GET, path: "/v1/users/{user_id}/profile"}
-"""
 
 
 def load(tmp_path: Path, extra: str) -> Table:
     (tmp_path / "proto" / "demo").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "proto" / "demo" / "im.proto", tmp_path / "proto" / "demo")
     path = tmp_path / "commands.yaml"
-    path.write_text(TABLE + textwrap.dedent(extra))
+    path.write_text(MINIMAL + textwrap.dedent(extra))
     return load_table(path)
 
 
