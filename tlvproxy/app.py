@@ -15,7 +15,6 @@ import shutil
 import socket
 import tempfile
 import time
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -72,7 +71,7 @@ from tlvproxy.upstream.discovery import run_discovery
 from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+    from collections.abc import Awaitable, Callable, Iterable, Mapping
 
     from tlvproxy.config.certificates import ServerCertificates
     from tlvproxy.framing import HeaderLayout
@@ -168,8 +167,8 @@ class Gateway:
         runtime_dir: Path | None = None,
     ) -> None:
         """`runtime_dir`: where the `store: local` rate limits live, shared with
-        the other workers of the gateway (the supervisor's); None: a directory
-        of this gateway's own, made and removed by `run`."""
+        the other workers of the gateway (the supervisor's); None: a store of
+        this gateway's own (`_open_local_store`)."""
         self.metrics = metrics
         self._runtime_dir = runtime_dir
         self._local: LocalBuckets | None = None
@@ -478,13 +477,12 @@ class Gateway:
         in-flight requests get up to shutdown_timeout, idle keep-alive connections
         close, WebSocket sessions close with 1001.
         """
-        with _runtime_directory(self._runtime_dir) as directory:
-            # Opened here, in the process that uses it: LMDB must not cross a fork.
-            local = self._local = LocalBuckets(directory / "ratelimits")
-            try:
-                await self._serve(task_status)
-            finally:
-                local.close()
+        # Opened here, in the process that uses it: LMDB must not cross a fork.
+        local = self._local = _open_local_store(self._runtime_dir)
+        try:
+            await self._serve(task_status)
+        finally:
+            local.close()
         log.info("gateway stopped")
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
@@ -720,17 +718,16 @@ def _discovery_endpoints(table: Table) -> tuple[str, ...]:
     return () if table.origin is None else table.origin.endpoints
 
 
-@contextmanager
-def _runtime_directory(given: Path | None) -> Iterator[Path]:
-    """`given`, or a directory of this gateway's own until it stops. A new
-    gateway never reuses an old one's: its rate-limit state starts clean,
-    even after a crash."""
-    if given is not None:
-        yield given
-        return
+def _open_local_store(runtime_dir: Path | None) -> LocalBuckets:
+    """The `store: local` buckets in the workers' shared `runtime_dir`, or in a
+    new directory of this process's own, removed as soon as the store is open:
+    the open files live as long as the process, and however it ends (even
+    SIGKILL) nothing is left behind. Either way a new gateway starts clean."""
+    if runtime_dir is not None:
+        return LocalBuckets(runtime_dir / "ratelimits")
     directory = Path(tempfile.mkdtemp(prefix="tlvproxy-run-"))
     try:
-        yield directory
+        return LocalBuckets(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
