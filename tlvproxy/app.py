@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import socket
-import tempfile
 import time
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -30,6 +27,7 @@ from tlvproxy.config.loader import TableError, load_table
 from tlvproxy.config.model import Address, JwtAuthSpec, Table, UpstreamSpec
 from tlvproxy.errors import Overloaded
 from tlvproxy.metrics import RequestTally
+from tlvproxy.policy.ratelimit import ProcessBuckets
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.admin import AdminHandler, admin_error
@@ -72,6 +70,7 @@ from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Mapping
+    from pathlib import Path
 
     from tlvproxy.config.certificates import ServerCertificates
     from tlvproxy.framing import HeaderLayout
@@ -171,7 +170,7 @@ class Gateway:
         this gateway's own (`_open_local_store`)."""
         self.metrics = metrics
         self._runtime_dir = runtime_dir
-        self._local: LocalBuckets | None = None
+        self._local: LocalBuckets | ProcessBuckets | None = None
         # The Redis stores by URL, kept while the gateway runs: a WebSocket
         # session keeps the rate limits of the table it started on, and with
         # them its store, however many reloads later.
@@ -482,7 +481,8 @@ class Gateway:
         try:
             await self._serve(task_status)
         finally:
-            local.close()
+            if isinstance(local, LocalBuckets):
+                local.close()
         log.info("gateway stopped")
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
@@ -718,18 +718,14 @@ def _discovery_endpoints(table: Table) -> tuple[str, ...]:
     return () if table.origin is None else table.origin.endpoints
 
 
-def _open_local_store(runtime_dir: Path | None) -> LocalBuckets:
-    """The `store: local` buckets in the workers' shared `runtime_dir`, or in a
-    new directory of this process's own, removed as soon as the store is open:
-    the open files live as long as the process, and however it ends (even
-    SIGKILL) nothing is left behind. Either way a new gateway starts clean."""
-    if runtime_dir is not None:
-        return LocalBuckets(runtime_dir / "ratelimits")
-    directory = Path(tempfile.mkdtemp(prefix="tlvproxy-run-"))
-    try:
-        return LocalBuckets(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def _open_local_store(runtime_dir: Path | None) -> LocalBuckets | ProcessBuckets:
+    """The `store: local` buckets: in the workers' shared `runtime_dir` (LMDB),
+    or, for a gateway that runs as one process (no `runtime_dir`), in its own
+    memory, where no other process needs them (docs/configuration.md "Where
+    the buckets live"). Either way a new gateway starts clean."""
+    if runtime_dir is None:
+        return ProcessBuckets()
+    return LocalBuckets(runtime_dir / "ratelimits")
 
 
 def _longest_timeout(table: Table) -> float:

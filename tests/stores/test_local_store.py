@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from tests.policy.test_ratelimit import Request, rule
 from tests.stores.local import local_buckets
+from tlvproxy.app import _open_local_store
 from tlvproxy.metrics import Metrics
-from tlvproxy.policy.ratelimit import RateLimiter, Refusal
+from tlvproxy.policy.ratelimit import ProcessBuckets, RateLimiter, Refusal
 from tlvproxy.stores.limits import RateLimits
 from tlvproxy.stores.local_store import LocalBuckets, StoreError
 from tlvproxy.stores.names import MAX_VALUE_BYTES, bounded, local_prefix
@@ -291,3 +292,16 @@ def test_rules_without_their_store_are_refused() -> None:
         RateLimits([rule()], Metrics())
     with pytest.raises(ValueError, match="no redis store"):
         RateLimits([attrs.evolve(rule(), store="redis")], Metrics())
+
+
+def test_a_gateway_of_one_process_keeps_its_local_buckets_in_memory(tmp_path):
+    # Workers share an LMDB store in the supervisor's runtime directory; a
+    # gateway that runs as one process has no one to share with.
+    alone = _open_local_store(None)
+    assert isinstance(alone, ProcessBuckets)
+    shared = _open_local_store(tmp_path)
+    try:
+        assert isinstance(shared, LocalBuckets)
+        assert (tmp_path / "ratelimits").is_dir()
+    finally:
+        shared.close()

@@ -5,7 +5,9 @@ Owns: the arithmetic of a bucket, with the semantics of OpenResty's
 resty.limit.req without delay: requests flow out at `rate` per second, up to
 `burst` more are admitted at once, the next is refused. `RateLimiter` keeps the
 buckets in one process and is the reference the shared stores (tlvproxy/stores/:
-LMDB for `store: local`, a Redis script for `store: redis`) are tested against;
+LMDB for `store: local` with workers, a Redis script for `store: redis`) are
+tested against, on `ProcessBuckets`, which also keeps the `store: local`
+buckets of a gateway that runs as one process;
 `Plan` says which rules apply to a command, for all of them.
 Must not: read a clock (the caller passes `now`, e.g. `trio.current_time()`),
 import trio, answer, log or count; the caller turns a `Refusal` into 429 (REST)
@@ -23,7 +25,7 @@ import attrs
 from tlvproxy.errors import RateLimited
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Hashable, Sequence
 
     from tlvproxy.config.keys import KeyExpr, RequestView
     from tlvproxy.config.model import RateLimitRule
@@ -38,6 +40,10 @@ EPSILON = 1e-9
 # Drained buckets expired per bucket added: more than one, so the map shrinks back
 # once a crowd of keys goes quiet.
 _EXPIRE_BATCH = 4
+
+# A check's answer: None (every bucket counted the request), or the position of
+# the first bucket that refused it and the seconds after which it would admit.
+Verdict = tuple[int, int] | None
 
 
 @attrs.frozen(slots=True)
@@ -68,22 +74,102 @@ class Refusal:
         )
 
 
-class RateLimiter:
-    """The buckets of a table's `rate_limits` in one process: the reference
-    arithmetic that the shared stores (tlvproxy/stores/) must agree with.
+class ProcessBuckets:
+    """Leaky buckets by name in this process's memory: the arithmetic every
+    store keeps, and the `store: local` buckets of a gateway that runs as one
+    process (docs/configuration.md "Where the buckets live"), which needs no
+    store shared with other processes.
 
     Each bucket holds a level: the requests it has admitted that have not yet
-    flowed out at `rate`. A request raises it by one; it is refused when that
-    would exceed `burst + 1`, so `burst + 1` requests pass at the same instant and
-    one more every `1/rate` seconds after that.
+    flowed out at its rule's `rate`. A request raises it by one; it is refused
+    when that would exceed `burst + 1`, so `burst + 1` requests pass at the
+    same instant and one more every `1/rate` seconds after that.
 
-    Memory: at most `max_keys` buckets over all rules. A bucket that has fully
-    drained is worth nothing: each new bucket expires up to four drained ones from
-    the least recently used end. Past `max_keys`, the least recently used bucket
-    is evicted (that key then starts afresh, so the limit errs on the side of
+    Memory: at most `max_keys` buckets. A bucket that has fully drained is
+    worth nothing: each new bucket expires up to four drained ones from the
+    least recently used end. Past `max_keys`, the least recently used bucket is
+    evicted (that key then starts afresh, so the limit errs on the side of
     admitting); size `max_keys` above the number of keys active within
     `(burst + 1) / rate` seconds.
     """
+
+    def __init__(self, *, max_keys: int = 100_000) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+        self.max_keys = max_keys
+        # name -> [level, time of the last admission, rate], least recently used first.
+        self._buckets: OrderedDict[Hashable, list[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """How many buckets are held now."""
+        return len(self._buckets)
+
+    def check(self, buckets: Sequence[tuple[Hashable, float, float]], now: float) -> Verdict:
+        """Admit one request on every bucket of `buckets` (name, rate per
+        second, burst) at time `now` (seconds, monotonic).
+
+        Returns None when every bucket admits it (each then counting it), or
+        the position in `buckets` of the first that refuses and the whole
+        seconds (at least 1) after which it would admit; a refused request
+        counts in no bucket.
+        """
+        held = self._buckets
+        # Every bucket is checked before any counts the request.
+        admitted: list[tuple[Hashable, list[float] | None, float, float]] = []
+        for position, (name, rate, burst) in enumerate(buckets):
+            bucket = held.get(name)
+            if bucket is None:
+                admitted.append((name, None, 1.0, rate))
+                continue
+            elapsed = now - bucket[1]
+            level = bucket[0] - rate * elapsed if elapsed > 0.0 else bucket[0]
+            if level - burst > EPSILON:
+                # A refused key is in use: keep its buckets from eviction.
+                for checked, existing, _, _ in admitted:
+                    if existing is not None:
+                        held.move_to_end(checked)
+                held.move_to_end(name)
+                wait = (level - burst) / rate
+                return position, max(1, math.ceil(wait - EPSILON))
+            admitted.append((name, bucket, level + 1.0 if level > 0.0 else 1.0, rate))
+        added = 0
+        for name, bucket, level, rate in admitted:
+            if bucket is None:
+                held[name] = [level, now, rate]
+                added += 1
+            else:
+                bucket[0] = level
+                bucket[1] = now
+                held.move_to_end(name)
+        if added:
+            # After the updates: the buckets just counted hold at least one request
+            # and sit at the recent end, so expiring never drops them.
+            self._expire(now, _EXPIRE_BATCH * added)
+        while len(held) > self.max_keys:
+            held.popitem(last=False)
+        return None
+
+    def _expire(self, now: float, limit: int) -> None:
+        # Called as buckets are added, so the map grows only by keys still in use:
+        # drop drained buckets from the least recently used end, stopping at the
+        # first that still holds something (the LRU cap bounds whatever lies
+        # behind it). At most `limit`, so that after a long quiet spell no single
+        # request pays for expiring the whole map.
+        held = self._buckets
+        for _ in range(limit):
+            name = next(iter(held), None)
+            if name is None:
+                return
+            level, last, rate = held[name]
+            if level - rate * (now - last) > 0.0:
+                return
+            del held[name]
+
+
+class RateLimiter:
+    """The buckets of a table's `rate_limits` in one process, keyed by (rule,
+    key value): the reference the shared stores (tlvproxy/stores/) are tested
+    against, with `ProcessBuckets`' arithmetic and memory bound."""
 
     def __init__(self, rules: Sequence[RateLimitRule], *, max_keys: int = 100_000) -> None:
         """Raises ValueError for a rule whose rate is not positive or burst negative."""
@@ -92,22 +178,18 @@ class RateLimiter:
                 raise ValueError(f"rate limit {rule.name!r}: rate must be > 0, got {rule.rate}")
             if rule.burst < 0:
                 raise ValueError(f"rate limit {rule.name!r}: burst must be >= 0, got {rule.burst}")
-        if max_keys < 1:
-            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
-        self.max_keys = max_keys
         self._rules = tuple(rules)
+        self._store = ProcessBuckets(max_keys=max_keys)
+        self.max_keys = max_keys
         # Which rules apply to a command, computed once: a command that no rule
         # names gets the rules without a `commands` list.
         named = {name for rule in self._rules for name in rule.commands or ()}
         self._unlisted = Plan.of(self._rules, "")
         self._plans = {name: Plan.of(self._rules, name) for name in named}
-        # (rule index, key value) -> [level, time of the last admission], least
-        # recently used first.
-        self._buckets: OrderedDict[tuple[int, str], list[float]] = OrderedDict()
 
     def __len__(self) -> int:
         """How many buckets are held now."""
-        return len(self._buckets)
+        return len(self._store)
 
     def applies(self, command_name: str) -> bool:
         """Whether any rule limits `command_name` (when not, `check` always admits)."""
@@ -125,61 +207,16 @@ class RateLimiter:
         plan = self._plans.get(command_name, self._unlisted)
         if not plan.steps:
             return None
-        buckets = self._buckets
         values = [key.evaluate(request) for key in plan.keys]
-        # Every rule is checked before any bucket counts the request.
-        admitted: list[tuple[tuple[int, str], list[float] | None, float]] = []
-        for index, rate, burst, key_position in plan.steps:
-            value = values[key_position]
-            slot = (index, ABSENT_KEY if value is None else value)
-            bucket = buckets.get(slot)
-            if bucket is None:
-                admitted.append((slot, None, 1.0))
-                continue
-            elapsed = now - bucket[1]
-            level = bucket[0] - rate * elapsed if elapsed > 0.0 else bucket[0]
-            if level - burst > EPSILON:
-                # A refused key is in use: keep its buckets from eviction.
-                for checked, existing, _ in admitted:
-                    if existing is not None:
-                        buckets.move_to_end(checked)
-                buckets.move_to_end(slot)
-                wait = (level - burst) / rate
-                return Refusal(self._rules[index].name, max(1, math.ceil(wait - EPSILON)))
-            admitted.append((slot, bucket, level + 1.0 if level > 0.0 else 1.0))
-        added = 0
-        for slot, bucket, level in admitted:
-            if bucket is None:
-                buckets[slot] = [level, now]
-                added += 1
-            else:
-                bucket[0] = level
-                bucket[1] = now
-                buckets.move_to_end(slot)
-        if added:
-            # After the updates: the buckets just counted hold at least one request
-            # and sit at the recent end, so expiring never drops them.
-            self._expire(now, _EXPIRE_BATCH * added)
-        while len(buckets) > self.max_keys:
-            buckets.popitem(last=False)
-        return None
-
-    def _expire(self, now: float, limit: int) -> None:
-        # Called as buckets are added, so the map grows only by keys still in use:
-        # drop drained buckets from the least recently used end, stopping at the
-        # first that still holds something (the LRU cap bounds whatever lies
-        # behind it). At most `limit`, so that after a long quiet spell no single
-        # request pays for expiring the whole map.
-        buckets = self._buckets
-        rules = self._rules
-        for _ in range(limit):
-            slot = next(iter(buckets), None)
-            if slot is None:
-                return
-            level, last = buckets[slot]
-            if level - rules[slot[0]].rate * (now - last) > 0.0:
-                return
-            del buckets[slot]
+        buckets = [
+            ((index, ABSENT_KEY if values[position] is None else values[position]), rate, burst)
+            for index, rate, burst, position in plan.steps
+        ]
+        verdict = self._store.check(buckets, now)
+        if verdict is None:
+            return None
+        position, retry_after = verdict
+        return Refusal(self._rules[plan.steps[position][0]].name, retry_after)
 
 
 @attrs.frozen(slots=True)

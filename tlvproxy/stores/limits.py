@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from tlvproxy.config.keys import KeyExpr, RequestView
     from tlvproxy.config.model import RateLimitRule
     from tlvproxy.metrics import Metrics
+    from tlvproxy.policy.ratelimit import ProcessBuckets
     from tlvproxy.stores.local_store import LocalBuckets
     from tlvproxy.stores.redis_store import Answer, RedisBuckets
 
@@ -122,7 +123,7 @@ class RateLimits:
         rules: Sequence[RateLimitRule],
         metrics: Metrics,
         *,
-        local: LocalBuckets | None = None,
+        local: LocalBuckets | ProcessBuckets | None = None,
         redis: RedisBuckets | None = None,
         clock: Callable[[], float] = time.monotonic,
         redis_clock: Callable[[], float] | None = None,
