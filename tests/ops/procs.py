@@ -315,10 +315,20 @@ def with_echo2(path: Path) -> list[dict[str, Any]]:
 class WebSocket:
     """A blocking WebSocket client on a socket and wsproto."""
 
-    def __init__(self, port: int, target: str = "/ws?uid=1&did=a") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    def __init__(
+        self,
+        port: int,
+        target: str = "/ws?uid=1&did=a",
+        *,
+        sock: socket.socket | None = None,
+        host: str = "localhost",
+    ) -> None:
+        """A session on 127.0.0.1:`port`, or on `sock` when given (a TLS socket)."""
+        if sock is None:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        self.sock = sock
         self.ws = WSConnection(ConnectionType.CLIENT)
-        self.sock.sendall(self.ws.send(Request(host="localhost", target=target)))
+        self.sock.sendall(self.ws.send(Request(host=host, target=target)))
         self._pending: list[Any] = []
         while True:
             events = self._events()

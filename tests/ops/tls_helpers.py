@@ -20,8 +20,6 @@ import trustme
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 
 from tests.e2e.conftest import write_table
 from tests.ops.procs import DEADLINE, Answer, Gateway, WebSocket, answer_of, free_port, wait_for
@@ -222,18 +220,7 @@ class SecureWebSocket(WebSocket):
 
     def __init__(self, port: int, context: ssl.SSLContext, name: str, target: str) -> None:
         self.tls = tls_socket(port, context, name)
-        self.sock = self.tls
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self.sock.sendall(self.ws.send(Request(host=name, target=target)))
-        self._pending: list[Any] = []
-        while True:
-            events = self._events()
-            for index, event in enumerate(events):
-                if isinstance(event, RejectConnection | RejectData):
-                    raise AssertionError(f"handshake rejected: {event}")
-                if isinstance(event, AcceptConnection):
-                    self._pending.extend(events[index + 1 :])
-                    return
+        super().__init__(port, target, sock=self.tls, host=name)
 
     def peer_certificate(self) -> bytes | None:
         """The DER of the certificate this session's handshake was served."""

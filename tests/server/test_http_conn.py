@@ -19,24 +19,10 @@ from tlvproxy.errors import GatewayError, RateLimited, status_of
 from tlvproxy.server.http_conn import (
     Answer,
     DrainSignal,
-    HttpSettings,
     Request,
     Response,
     serve_http_connection,
 )
-
-PARSERS = ["h11", "httptools"]
-
-
-@pytest.fixture(params=PARSERS)
-def settings(request):
-    return HttpSettings(
-        max_header_bytes=1024,
-        max_request_body=4096,
-        header_timeout=5.0,
-        keepalive_timeout=20.0,
-        parser=request.param,
-    )
 
 
 async def echo(request: Request) -> Response:

@@ -10,23 +10,12 @@ import trio
 import trustme
 
 from tests.server.test_http_conn import Client, echo, error_handler, get, post
-from tlvproxy.server.http_conn import _LINGER_TIMEOUT, HttpSettings, serve_http_connection
+from tlvproxy.server.http_conn import _LINGER_TIMEOUT, serve_http_connection
 
 
 @pytest.fixture(scope="module")
 def ca():
     return trustme.CA()
-
-
-@pytest.fixture(params=["h11", "httptools"])
-def settings(request):
-    return HttpSettings(
-        max_header_bytes=1024,
-        max_request_body=4096,
-        header_timeout=5.0,
-        keepalive_timeout=20.0,
-        parser=request.param,
-    )
 
 
 async def serve_tls(ca, settings, *, task_status=trio.TASK_STATUS_IGNORED):

@@ -11,20 +11,9 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from test_http_conn import PARSERS, echo, get, serving
+from test_http_conn import echo, get, serving
 
-from tlvproxy.server.http_conn import DeadlineTimer, DrainSignal, HttpSettings, Request, Response
-
-
-@pytest.fixture(params=PARSERS)
-def settings(request):
-    return HttpSettings(
-        max_header_bytes=1024,
-        max_request_body=4096,
-        header_timeout=5.0,
-        keepalive_timeout=20.0,
-        parser=request.param,
-    )
+from tlvproxy.server.http_conn import DeadlineTimer, DrainSignal, Request, Response
 
 
 @asynccontextmanager
