@@ -174,7 +174,9 @@ class Gateway:
         # The Redis stores by URL, kept while the gateway runs: a WebSocket
         # session keeps the rate limits of the table it started on, and with
         # them its store, however many reloads later.
-        self._redis: dict[str, RedisBuckets] = {}
+        # The Redis store of each `redis.url` the current table names, with the
+        # scope that stops it when a reload names another.
+        self._redis: dict[str, tuple[RedisBuckets, trio.CancelScope]] = {}
         self._initial = table
         # How a reload loads the table (docs/operations.md "Reload"): the
         # table file again by default.
@@ -315,7 +317,7 @@ class Gateway:
                 table.rate_limits,
                 self.metrics,
                 local=self._local,
-                redis=None if table.redis is None else await self._redis_store(table.redis.url),
+                redis=await self._redis_store(None if table.redis is None else table.redis.url),
             )
         waf = old.waf if old is not None and old.table.waf == table.waf else Waf(table.waf)
         remote = await self._start_remote_keys(table)
@@ -381,12 +383,32 @@ class Gateway:
                         extra={"certificate": certificate.name, "days_left": round(days, 1)},
                     )
 
-    async def _redis_store(self, url: str) -> RedisBuckets:
-        store = self._redis.get(url)
-        if store is None:
-            store = self._redis[url] = RedisBuckets(url)
-            await self._pool_nursery.start(store.run)
-        return store
+    async def _redis_store(self, url: str | None) -> RedisBuckets | None:
+        """The store of `url`, started once; the stores of other URLs stop (a
+        check still submitted to one fails at once, as Redis down would)."""
+        for other in [other for other in self._redis if other != url]:
+            _, scope = self._redis.pop(other)
+            scope.cancel()
+        if url is None:
+            return None
+        found = self._redis.get(url)
+        if found is None:
+            found = self._redis[url] = await self._pool_nursery.start(self._run_redis, url)
+        return found[0]
+
+    @staticmethod
+    async def _run_redis(
+        url: str,
+        *,
+        task_status: trio.TaskStatus[tuple[RedisBuckets, trio.CancelScope]] = (
+            trio.TASK_STATUS_IGNORED
+        ),
+    ) -> None:
+        store = RedisBuckets(url)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                task_status.started((store, scope))
 
     async def _start_remote_keys(self, table: Table) -> dict[_KeysWanted, RemoteKeys]:
         """The key sets `table` fetches from URLs: those already fetched are kept,

@@ -124,10 +124,11 @@ async def test_a_frozen_redis_allows_or_denies_per_rule(
     assert send.headers["retry-after"] == "1"
     assert counted(gateway, "tlvproxy_rate_limit_store_errors_total", "echo_limit") == 1
     assert counted(gateway, "tlvproxy_rate_limit_store_errors_total", "send_limit") == 1
-    # Redis answers again: both limits count and refuse as before.
-    assert (await fetch(address, "POST", "/v1/messages", SEND, USER)).status == 200
-    assert (await fetch(address, "POST", "/v1/messages", SEND, USER)).status == 200
-    assert (await fetch(address, "POST", "/v1/messages", SEND, USER)).status == 429
+    # Redis answers again: both limits count and refuse as before. The check
+    # that timed out reached Redis before it froze: Redis runs it once it
+    # thaws (its answer is dropped), so it may have counted already.
+    statuses = [(await fetch(address, "POST", "/v1/messages", SEND, USER)).status for _ in range(3)]
+    assert statuses in ([200, 200, 429], [200, 429, 429])
 
 
 @pytest.mark.parametrize("store", ["local", "redis"])

@@ -15,17 +15,23 @@ from hypothesis import given, settings
 
 from tests.policy.test_ratelimit import rule
 from tests.stores.local import local_buckets
+from tests.stores.redis_server import RedisServer
 from tests.stores.test_local_store import _EVENTS, _RULES, Clock, make_rules, request_of, sample
 from tlvproxy.metrics import Metrics
 from tlvproxy.policy.ratelimit import RateLimiter, Refusal
 from tlvproxy.stores.limits import Pending, RateLimits
 from tlvproxy.stores.names import MAX_VALUE_BYTES, redis_prefix
-from tlvproxy.stores.redis_store import ANSWER_BUDGET, Failed, RedisBuckets, _answer
+from tlvproxy.stores.redis_store import (
+    _MAX_QUEUED,
+    ANSWER_BUDGET,
+    Failed,
+    RedisBuckets,
+    _answer,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from tests.stores.redis_server import RedisServer
     from tlvproxy.config.model import RateLimitRule
 
 
@@ -186,6 +192,90 @@ async def test_a_frozen_redis_is_a_store_error_within_the_budget(
         # Redis answers again: limits apply again, with the same connection.
         assert await verdict_of(limits, "send", alice) == Refusal("per_user", 1)
         assert sample(metrics, "per_user") == 1
+
+
+async def test_a_redis_frozen_again_and_again_still_answers(redis: RedisServer) -> None:
+    # Each frozen check fails within its budget, and the store answers again
+    # as soon as Redis does, however often it froze: the pipelines left
+    # waiting are never cancelled from outside, and their late answers are
+    # dropped.
+    metrics = Metrics()
+    rules = [redis_rule(rate=1000.0, burst=1000)]
+    async with open_store(redis.url) as store:
+        limits = RateLimits(rules, metrics, redis=store)
+        alice = request_of("alice", "d")
+        for round_ in range(12):
+            redis.pause()
+            try:
+                started = trio.current_time()
+                assert await verdict_of(limits, "send", alice) is None  # allow: passes
+                assert trio.current_time() - started < ANSWER_BUDGET + 0.1
+            finally:
+                redis.resume()
+            assert sample(metrics, "per_user") == round_ + 1
+        for _ in range(500):
+            if await answers(store):
+                break
+            await trio.sleep(0.01)
+        else:
+            raise AssertionError("the store never answered again")
+        before = sample(metrics, "per_user")
+        assert await verdict_of(limits, "send", alice) is None
+        assert sample(metrics, "per_user") == before  # Redis answered it
+
+
+async def test_checks_beyond_the_queue_bound_fail_at_once(redis: RedisServer) -> None:
+    async with open_store(redis.url) as store:
+        waiters = [_Waiter() for _ in range(_MAX_QUEUED + 10)]
+        redis.pause()
+        try:
+            for waiter in waiters:
+                store.submit([b"k"], (b"", b"1", b"1"), waiter)
+            # Submitted in one pass: none went out, so the last ones never queued.
+            assert all(isinstance(w.answer, Failed) for w in waiters[_MAX_QUEUED:])
+            assert not any(w.resolved for w in waiters[: _MAX_QUEUED - 1])
+        finally:
+            redis.resume()
+        with trio.fail_after(5):
+            for waiter in waiters:
+                await waiter.event.wait()
+
+
+async def test_a_stopped_store_fails_checks_at_once(redis: RedisServer) -> None:
+    async with open_store(redis.url) as store:
+        pass
+    waiter = _Waiter()
+    store.submit([b"k"], (b"", b"1", b"1"), waiter)
+    assert waiter.answer == Failed("the store stopped")
+
+
+async def test_a_password_written_escaped_in_the_url(tmp_path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        server.cli("CONFIG", "SET", "requirepass", "p@ss/w#rd")
+        url = f"redis://:p%40ss%2Fw%23rd@127.0.0.1:{server.port}/0"
+        metrics = Metrics()
+        async with open_store(url) as store:
+            limits = RateLimits([redis_rule(rate=1 / 60, burst=0)], metrics, redis=store)
+            alice = request_of("alice", "d")
+            assert await verdict_of(limits, "send", alice) is None
+            assert await verdict_of(limits, "send", alice) == Refusal("per_user", 60)
+        assert sample(metrics, "per_user") == 0
+    finally:
+        server.cli("-a", "p@ss/w#rd", "CONFIG", "SET", "requirepass", "")
+        server.stop()
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self.answer: object = None
+        self.resolved = False
+        self.event = trio.Event()
+
+    def resolve(self, answer: object) -> None:
+        self.answer, self.resolved = answer, True
+        self.event.set()
 
 
 async def test_a_restarted_redis_is_used_again_without_a_new_store(redis: RedisServer) -> None:
