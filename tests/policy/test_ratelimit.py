@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tlvproxy.config.keys import parse_key
 from tlvproxy.config.model import RateLimitRule
 from tlvproxy.errors import RateLimited
-from tlvproxy.policy.ratelimit import RateLimiter, Refusal
+from tlvproxy.policy.ratelimit import ProcessBuckets, RateLimiter, Refusal
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -341,3 +341,16 @@ def test_recovery_is_exact_despite_float_subtraction():
     assert limiter.check("send", alice, 2.00001) is None
     assert limiter.check("send", alice, 2.00001) == Refusal("per_user", 2)
     assert limiter.check("send", alice, 4.00001) is None
+
+
+def test_a_bucket_drains_at_its_rules_rate_of_now_after_a_reload():
+    # A reload that slows a rule must not let its buckets expire at the old,
+    # faster rate: the bucket of a key at its limit would be dropped, and the
+    # key get a whole new burst at once.
+    store = ProcessBuckets(max_keys=10)
+    fast, slow = (b"attacker", 100.0, 0.0), (b"attacker", 1 / 60, 0.0)
+    assert store.check([fast], 0.0) is None
+    assert store.check([slow], 0.001) == (0, 60)  # the reloaded rule refuses
+    for n in range(5):  # other keys come: each new bucket expires drained ones
+        assert store.check([(b"other%d" % n, 1 / 60, 0.0)], 1.0) is None
+    assert store.check([slow], 1.0) == (0, 59)  # still the first admission, draining slowly

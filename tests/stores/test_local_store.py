@@ -305,3 +305,16 @@ def test_a_gateway_of_one_process_keeps_its_local_buckets_in_memory(tmp_path):
         assert (tmp_path / "ratelimits").is_dir()
     finally:
         shared.close()
+
+
+def test_a_bucket_time_never_goes_back():
+    # A worker that read the clock before waiting for the write lock comes
+    # after one that read it later: its earlier time must not be stored, or
+    # the drain from then on would be counted twice.
+    with local_buckets() as store:
+        bucket = (local_prefix("per_user") + b"alice", 1.0, 1.0)
+        assert store.check([bucket], 10.0) is None
+        assert store.check([bucket], 9.0) is None  # level 2: burst 1 + 1
+        # One second after the later time: one request has drained, not two.
+        assert store.check([bucket], 11.0) is None
+        assert store.check([bucket], 11.0) == (0, 1)

@@ -124,7 +124,9 @@ class ProcessBuckets:
             elapsed = now - bucket[1]
             level = bucket[0] - rate * elapsed if elapsed > 0.0 else bucket[0]
             if level - burst > EPSILON:
-                # A refused key is in use: keep its buckets from eviction.
+                # A refused key is in use: keep its buckets from eviction,
+                # expiring at the rate it is refused at (a reload may change it).
+                bucket[2] = rate
                 for checked, existing, _, _ in admitted:
                     if existing is not None:
                         held.move_to_end(checked)
@@ -140,6 +142,7 @@ class ProcessBuckets:
             else:
                 bucket[0] = level
                 bucket[1] = now
+                bucket[2] = rate  # a reload may have changed it: expiry drains at this one
                 held.move_to_end(name)
         if added:
             # After the updates: the buckets just counted hold at least one request

@@ -110,7 +110,7 @@ class LocalBuckets:
     def check(self, buckets: Sequence[Bucket], now: float) -> Verdict:
         """Admit one request on every bucket of `buckets` at time `now` (seconds).
 
-        The same arithmetic as `policy.ratelimit.RateLimiter.check`: either
+        The same arithmetic as `policy.ratelimit.ProcessBuckets.check`: either
         every bucket counts the request and None is returned, or none does and
         the answer is the first refusing bucket's position and retry-after.
         Raises StoreError when the store cannot answer.
@@ -133,12 +133,12 @@ class LocalBuckets:
         # processes, and it is aborted (nothing written) on a refusal.
         with self._env.begin(write=True, db=self._db) as txn:
             get = txn.get
-            counted: list[tuple[bytes, float, float]] = []
+            counted: list[tuple[bytes, float, float, float]] = []
             added = 0
             for position, (name, rate, burst) in enumerate(buckets):
                 stored = get(name)
                 if stored is None:
-                    counted.append((name, 1.0, rate))
+                    counted.append((name, 1.0, now, rate))
                     added += 1
                     continue
                 level, last, _ = _BUCKET.unpack(stored)
@@ -149,15 +149,18 @@ class LocalBuckets:
                     txn.abort()
                     wait = (level - burst) / rate
                     return position, max(1, math.ceil(wait - EPSILON))
-                counted.append((name, level + 1.0 if level > 0.0 else 1.0, rate))
+                # A worker that read its clock before waiting for the write
+                # lock may come after one that read it later: the bucket's
+                # time never goes back, or its drain would count twice.
+                counted.append((name, level + 1.0 if level > 0.0 else 1.0, max(last, now), rate))
             put = txn.put
-            for name, level, rate in counted:
-                put(name, _BUCKET.pack(level, now, rate))
+            for name, level, at, rate in counted:
+                put(name, _BUCKET.pack(level, at, rate))
             if added:
                 # After the updates: the buckets just counted hold at least one
                 # request, so the sweep keeps them, and over the bound it
                 # evicts others.
-                self._sweep(txn, now, _SWEEP_BATCH * added, {name for name, _, _ in counted})
+                self._sweep(txn, now, _SWEEP_BATCH * added, {name for name, _, _, _ in counted})
         return None
 
     def _sweep(self, txn: lmdb.Transaction, now: float, limit: int, keep: set[bytes]) -> None:
