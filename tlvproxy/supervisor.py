@@ -29,7 +29,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +47,7 @@ from tlvproxy.etcd.watch import TooManyKeys
 from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
 from tlvproxy.logs import setup_logging
 from tlvproxy.metrics import Metrics
+from tlvproxy.private_dirs import make_private_dir, remove_abandoned
 from tlvproxy.server.admin import AdminHandler, admin_error
 from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
 
@@ -105,8 +105,10 @@ def run_serve(
     "Running a fleet"); the workers of such a gateway load what its supervisor
     wrote into `etcd_run_dir`."""
     setup_logging(log_level)
+    if worker_index is None:
+        remove_abandoned()
     if etcd is not None:
-        run_dir = Path(tempfile.mkdtemp(prefix="tlvproxy-etcd-"))
+        run_dir = make_private_dir("etcd")
         try:
             options = _Options(workers, http_parser, log_level)
             return _serving(
@@ -479,8 +481,8 @@ class Supervisor:
         admin = None
         if self._table.listen.admin is not None:
             admin = bind_listener(self._table.listen.admin, reuse_port=False)
-        self._metrics_dir = tempfile.mkdtemp(prefix="tlvproxy-metrics-")
-        self._runtime_dir = tempfile.mkdtemp(prefix="tlvproxy-run-")
+        self._metrics_dir = str(make_private_dir("metrics"))
+        self._runtime_dir = str(make_private_dir("run"))
         self._registry.register(_WorkerMetrics(self._metrics_dir))
         self._registry.register(_Only(self._metrics.registry, frozenset({_RELOADS})))
         try:
