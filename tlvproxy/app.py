@@ -9,6 +9,7 @@ Must not: parse HTTP, frames or YAML; it wires the modules that do.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import socket
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tlvproxy.config.certificates import ServerCertificates
+    from tlvproxy.config.model import NodeSpec
     from tlvproxy.framing import HeaderLayout
     from tlvproxy.metrics import Metrics
 
@@ -303,8 +305,20 @@ class Gateway:
                 retired.append(handle)
         for name, spec in table.upstreams.items():
             if name not in keep:
+                # A pool rebuilt on the same prefix starts from the old one's
+                # nodes, in case etcd cannot be read now (docs/configuration.md
+                # "discovery").
+                old_handle = self._pools.get(name)
+                seed: tuple[NodeSpec, ...] = ()
+                if (
+                    old_handle is not None
+                    and spec.discovery is not None
+                    and old_handle.spec.discovery == spec.discovery
+                    and old_handle.etcd == etcd
+                ):
+                    seed = old_handle.pool.node_specs()
                 keep[name] = await self._pool_nursery.start(
-                    self._run_pool, spec, table.framing, etcd
+                    self._run_pool, spec, table.framing, etcd, seed
                 )
         if (
             old is not None
@@ -445,6 +459,7 @@ class Gateway:
         spec: UpstreamSpec,
         layout: HeaderLayout,
         etcd: tuple[str, ...],
+        seed: tuple[NodeSpec, ...] = (),
         *,
         task_status: trio.TaskStatus[_PoolHandle] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -455,7 +470,16 @@ class Gateway:
         ):
             if spec.discovery is not None:
                 if etcd:
-                    await discovery.start(run_discovery, pool, etcd, spec.discovery)
+                    await discovery.start(
+                        partial(
+                            run_discovery,
+                            seed=seed,
+                            saved=_saved_nodes(self._runtime_dir, etcd, spec.discovery),
+                        ),
+                        pool,
+                        etcd,
+                        spec.discovery,
+                    )
                 else:
                     log.error(
                         "an upstream's nodes are discovered in etcd, but the table has no "
@@ -738,6 +762,17 @@ def _discovery_endpoints(table: Table) -> tuple[str, ...]:
     if table.etcd is not None:
         return table.etcd.endpoints
     return () if table.origin is None else table.origin.endpoints
+
+
+def _saved_nodes(runtime_dir: Path | None, etcd: tuple[str, ...], prefix: str) -> Path | None:
+    """Where a worker keeps the nodes discovered under `prefix`, for the
+    worker that replaces it should etcd be down then (docs/configuration.md
+    "discovery"): in the supervisor's private runtime directory, gone with it.
+    A gateway of one process has none (it is not restarted on its own)."""
+    if runtime_dir is None:
+        return None
+    name = hashlib.sha256(repr((etcd, prefix)).encode()).hexdigest()[:32]
+    return runtime_dir / "discovery" / name
 
 
 def _open_local_store(runtime_dir: Path | None) -> LocalBuckets | ProcessBuckets:

@@ -11,6 +11,7 @@ at most MAX_VALUE bytes, UTF-8, and `node_value`'s strict syntax.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from typing import TYPE_CHECKING, Final
 
@@ -23,7 +24,8 @@ from tlvproxy.etcd.watch import BACKOFF_MAX, BACKOFF_MIN, PrefixWatch, TooManyKe
 from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
+    from pathlib import Path
 
     from tlvproxy.config.model import NodeSpec
     from tlvproxy.etcd.wire import KeyValue
@@ -64,20 +66,67 @@ def read_nodes(
     return list(found.values())
 
 
+def load_saved(path: Path) -> list[NodeSpec]:
+    """The nodes `save_nodes` wrote to `path` (none when it cannot be read);
+    each line is read as a registered value, so the file is trusted no more
+    than etcd."""
+    try:
+        with path.open("rb") as file:
+            text = file.read(MAX_NODES * (MAX_VALUE + 1))
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines()[:MAX_NODES]:
+        try:
+            found.append(node_value(line.decode("utf-8")))
+        except (Invalid, UnicodeDecodeError):
+            continue
+    return found
+
+
+def save_nodes(path: Path, specs: Sequence[NodeSpec]) -> None:
+    """Write `specs` to `path` (replaced at once: a reader sees all or nothing)."""
+    lines = [f'{{"address": "{spec.address}", "weight": {spec.weight}}}\n' for spec in specs]
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    partial.write_text("".join(lines), encoding="utf-8")
+    partial.replace(path)
+
+
 async def run_discovery(
     pool: Pool,
     endpoints: tuple[str, ...],
     prefix: str,
     *,
+    seed: Sequence[NodeSpec] = (),
+    saved: Path | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Keep `pool`'s nodes those registered under `prefix`, until cancelled.
 
     Started once the first read has been tried and the nodes it found have
     joined (or connect_timeout has passed): a gateway starts serving with
-    them. While etcd cannot be reached, the pool keeps the nodes it has."""
+    them. While etcd cannot be reached, the pool keeps the nodes it has; a
+    pool whose first read fails starts from `seed` (the nodes of the pool it
+    replaces), else from those last written to `saved`, where every node set
+    read is written (docs/configuration.md "discovery")."""
     skipped: set[tuple[bytes, int]] = set()
     started = False
+    written: list[NodeSpec] | None = None
+
+    async def follow(specs: list[NodeSpec]) -> None:
+        nonlocal written
+        pool.set_nodes(specs)
+        if saved is not None and specs != written:
+            written = specs
+            try:
+                await trio.to_thread.run_sync(save_nodes, saved, specs)
+            except OSError as exc:
+                log.warning(
+                    "cannot keep the upstream's nodes for a restart",
+                    extra={"upstream": pool.spec.name, "path": str(saved), "error": str(exc)},
+                )
+
     async with open_etcd(endpoints) as client:
         watch = PrefixWatch(client, f"{prefix}/".encode(), max_keys=MAX_NODES)
         backoff = BACKOFF_MIN
@@ -92,11 +141,22 @@ async def run_discovery(
                     extra={"upstream": pool.spec.name, "prefix": prefix, "error": str(exc)},
                 )
             if not started:
+                known = list(seed) or (
+                    [] if saved is None else await trio.to_thread.run_sync(load_saved, saved)
+                )
+                if known:
+                    log.warning(
+                        "starting from the upstream's nodes last read from etcd",
+                        extra={"upstream": pool.spec.name, "nodes": len(known)},
+                    )
+                    pool.set_nodes(known)
+                    with trio.move_on_after(pool.spec.connect_timeout):
+                        await pool.wait_joined()
                 task_status.started()
                 started = True
             await trio.sleep(backoff * (0.5 + jitter.random() / 2))
             backoff = min(backoff * 2, BACKOFF_MAX)
-        pool.set_nodes(read_nodes(watch.keys.values(), skipped))
+        await follow(read_nodes(watch.keys.values(), skipped))
         if not started:
             with trio.move_on_after(pool.spec.connect_timeout):
                 await pool.wait_joined()
@@ -106,4 +166,4 @@ async def run_discovery(
             generation = watch.generation
             while True:
                 generation = await watch.wait_changed(generation)
-                pool.set_nodes(read_nodes(watch.keys.values(), skipped))
+                await follow(read_nodes(watch.keys.values(), skipped))

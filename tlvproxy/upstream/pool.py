@@ -49,6 +49,7 @@ import attrs
 import outcome
 import trio
 
+from tlvproxy.config.model import NodeSpec
 from tlvproxy.errors import (
     GatewayError,
     NoHealthyNode,
@@ -71,7 +72,7 @@ from tlvproxy.upstream.health import BACKOFF_BASE, Backoff, NodeHealth
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-    from tlvproxy.config.model import Address, NodeSpec, UpstreamSpec
+    from tlvproxy.config.model import Address, UpstreamSpec
     from tlvproxy.framing import Frame, HeaderLayout
     from tlvproxy.metrics import Metrics
 
@@ -473,6 +474,14 @@ class Pool:
             self._joined.set()
         if changed:
             self._set_members(members)
+
+    def node_specs(self) -> tuple[NodeSpec, ...]:
+        """The nodes followed: the members and those still joining."""
+        found = [NodeSpec(address=node.address, weight=node.weight) for node in self._nodes]
+        found += [
+            NodeSpec(address=node.address, weight=node.weight) for node in self._joining.values()
+        ]
+        return tuple(found)
 
     async def wait_joined(self) -> None:
         """Wait until every node being discovered has joined (or left)."""
