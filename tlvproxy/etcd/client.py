@@ -10,7 +10,11 @@ for ever), retry (the watcher decides), or trust what it reads (`wire.py`
 parses it strictly).
 
 With several endpoints, a request that cannot reach one moves on to the next
-for the following requests: one dead member never blocks the others.
+for the following requests: one dead member never blocks the others. A
+request that the caller's deadline cancelled is this client's to know of only
+when the caller says so (`failed`): every caller that times a request out
+calls it, so a member that takes connections and never answers (stopped,
+black-holed) is left too.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ class EtcdClient:
     def endpoint(self) -> str:
         """The endpoint the next request goes to."""
         return self.endpoints[self._current]
+
+    def failed(self, endpoint: str) -> None:
+        """`endpoint` did not answer in time: the next request goes to the
+        next endpoint (unless an earlier failure moved it on already)."""
+        self._next_endpoint(endpoint)
 
     # ------------------------------------------------------------ kv
 

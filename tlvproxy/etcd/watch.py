@@ -19,6 +19,7 @@ carrying events can be ahead of events still to come, so it is never used.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import TYPE_CHECKING, Final
 
@@ -44,6 +45,9 @@ PROBE_INTERVAL: Final = 10.0
 PROBE_TIMEOUT: Final = 5.0
 # A read of the whole prefix, or a probe, that gets no answer in this time fails.
 READ_TIMEOUT: Final = 10.0
+# A watch that etcd has not confirmed (its `created` answer) in this time fails.
+OPEN_TIMEOUT: Final = 10.0
+# Every timeout above moves the client to its next endpoint (`failed`).
 
 
 class TooManyKeys(Exception):
@@ -91,6 +95,7 @@ class PrefixWatch:
         """Read the whole prefix at the latest revision (a new generation when
         the keys differ). Raises EtcdUnavailable, EtcdRefused, MalformedAnswer,
         TooManyKeys; on a timeout, EtcdUnavailable."""
+        endpoint = self._client.endpoint
         with trio.move_on_after(READ_TIMEOUT):
             answer = await self._client.range_prefix(self.prefix, limit=self._max_keys + 1)
             if answer.more or len(answer.kvs) > self._max_keys:
@@ -98,9 +103,8 @@ class PrefixWatch:
             self.revision = answer.revision
             self._replace({kv.key: kv for kv in answer.kvs})
             return
-        raise EtcdUnavailable(
-            f"etcd at {self._client.endpoint} did not answer within {READ_TIMEOUT:g} s"
-        )
+        self._client.failed(endpoint)
+        raise EtcdUnavailable(f"etcd at {endpoint} did not answer within {READ_TIMEOUT:g} s")
 
     async def wait_changed(self, generation: int) -> int:
         """Wait until `generation` is past; returns the current one."""
@@ -135,23 +139,34 @@ class PrefixWatch:
     async def _follow(self) -> None:
         """One watch: returns when it must be opened again at once (after a
         compaction); raises when it failed (the exception says why)."""
-        async with self._client.watch(self.prefix, self.revision + 1) as answers:
-            self._last_heard = trio.current_time()
-            self._backoff = BACKOFF_MIN
-            if self._down_since is not None:
-                log.info(
-                    "the etcd watch is back",
-                    extra={"prefix": self.shown, "revision": self.revision},
-                )
-                self._down_since = None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._probe_while_quiet)
+        endpoint = self._client.endpoint
+        # From the request to etcd's first answer (`created`): a member that
+        # takes the connection and never answers must not hold the watch.
+        with trio.move_on_after(OPEN_TIMEOUT) as opening:
+            async with (
+                self._client.watch(self.prefix, self.revision + 1) as answers,
+                trio.open_nursery() as nursery,
+            ):
                 async for answer in answers:
                     self._last_heard = trio.current_time()
+                    if opening.deadline != math.inf:
+                        opening.deadline = math.inf
+                        self._opened()
+                        nursery.start_soon(self._probe_while_quiet)
                     if await self._apply(answer):
                         nursery.cancel_scope.cancel()
                         return
                 raise _WatchDown("etcd ended the watch")
+        self._client.failed(endpoint)
+        raise _WatchDown(f"etcd at {endpoint} did not open the watch within {OPEN_TIMEOUT:g} s")
+
+    def _opened(self) -> None:
+        self._backoff = BACKOFF_MIN
+        if self._down_since is not None:
+            log.info(
+                "the etcd watch is back", extra={"prefix": self.shown, "revision": self.revision}
+            )
+            self._down_since = None
 
     async def _apply(self, answer: WatchAnswer) -> bool:
         """Apply one answer; True when the watch must be opened again."""
@@ -191,6 +206,7 @@ class PrefixWatch:
             await trio.sleep_until(self._last_heard + PROBE_INTERVAL)
             if trio.current_time() < self._last_heard + PROBE_INTERVAL:
                 continue
+            endpoint = self._client.endpoint
             with trio.move_on_after(PROBE_TIMEOUT):
                 answer = await self._client.range_prefix(
                     self.prefix, limit=self._max_keys + 1, keys_only=True
@@ -201,7 +217,10 @@ class PrefixWatch:
                     raise _WatchDown("the watch missed a change")
                 self._last_heard = trio.current_time()
                 continue
-            raise _WatchDown(f"etcd did not answer a probe within {PROBE_TIMEOUT:g} s")
+            self._client.failed(endpoint)
+            raise _WatchDown(
+                f"etcd at {endpoint} did not answer a probe within {PROBE_TIMEOUT:g} s"
+            )
 
     def _replace(self, keys: dict[bytes, KeyValue]) -> None:
         if keys == self.keys:
