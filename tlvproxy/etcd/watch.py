@@ -85,6 +85,10 @@ class PrefixWatch:
         self._last_heard = 0.0
         self._backoff = BACKOFF_MIN
         self._down_since: float | None = None
+        # Set when what the watch brings cannot be applied on top of `keys`
+        # (the revision was compacted, an event pushed the prefix over
+        # max_keys): the whole prefix is read again before watching.
+        self._must_read = False
         self._random = random.Random()
 
     @property
@@ -119,22 +123,32 @@ class PrefixWatch:
         task_status.started()
         while True:
             try:
+                if self._must_read:
+                    await self.read()
+                    self._must_read = False
                 await self._follow()
-                continue  # read again after a compaction: watch again at once
+                # The prefix must be read again (a compaction): after the
+                # backoff too, so a storm of them does not loop at once.
+                failure: Exception | None = None
             except* _FAILURES as group:
                 failure = _first(group)
-            if self._down_since is None:
-                self._down_since = trio.current_time()
-                log.warning(
-                    "the etcd watch is down; retrying, the keys read stay",
-                    extra={"prefix": self.shown, "revision": self.revision, "error": str(failure)},
-                )
-            else:
-                log.debug("etcd watch retry failed", extra={"error": str(failure)})
-            # Jitter over the upper half of the delay: gateways that lost etcd
-            # together do not all come back at the same instant.
-            await trio.sleep(self._backoff * (0.5 + self._random.random() / 2))
-            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            await self._back_off(failure)
+
+    async def _back_off(self, failure: Exception | None) -> None:
+        """Log `failure` (the first of an outage as a warning), then wait the
+        backoff, doubled for the next time."""
+        if failure is not None and self._down_since is None:
+            self._down_since = trio.current_time()
+            log.warning(
+                "the etcd watch is down; retrying, the keys read stay",
+                extra={"prefix": self.shown, "revision": self.revision, "error": str(failure)},
+            )
+        elif failure is not None:
+            log.debug("etcd watch retry failed", extra={"error": str(failure)})
+        # Jitter over the upper half of the delay: gateways that lost etcd
+        # together do not all come back at the same instant.
+        await trio.sleep(self._backoff * (0.5 + self._random.random() / 2))
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
 
     async def _follow(self) -> None:
         """One watch: returns when it must be opened again at once (after a
@@ -161,7 +175,6 @@ class PrefixWatch:
         raise _WatchDown(f"etcd at {endpoint} did not open the watch within {OPEN_TIMEOUT:g} s")
 
     def _opened(self) -> None:
-        self._backoff = BACKOFF_MIN
         if self._down_since is not None:
             log.info(
                 "the etcd watch is back", extra={"prefix": self.shown, "revision": self.revision}
@@ -178,7 +191,7 @@ class PrefixWatch:
                     "the etcd revision to resume from was compacted; reading the prefix again",
                     extra={"prefix": self.shown, "compact_revision": answer.compact_revision},
                 )
-                await self.read()
+                self._must_read = True
                 return True
             raise _WatchDown(f"etcd canceled the watch: {answer.cancel_reason or 'no reason'}")
         if answer.created:
@@ -186,6 +199,7 @@ class PrefixWatch:
         if not answer.events:
             # A progress notification: every event up to here has been sent.
             self.revision = max(self.revision, answer.revision)
+            self._backoff = BACKOFF_MIN
             return False
         keys = dict(self.keys)
         for event in answer.events:
@@ -196,9 +210,13 @@ class PrefixWatch:
             else:
                 keys[event.kv.key] = event.kv
         if len(keys) > self._max_keys:
+            # Watching from the same revision would bring this event again:
+            # read the prefix until it fits.
+            self._must_read = True
             raise TooManyKeys(f"more than {self._max_keys} keys under {self.shown}")
         self.revision = max(self.revision, *(event.kv.mod_revision for event in answer.events))
         self._replace(keys)
+        self._backoff = BACKOFF_MIN  # the watch works: the next failure starts afresh
         return False
 
     async def _probe_while_quiet(self) -> None:
@@ -216,6 +234,7 @@ class PrefixWatch:
                     # etcd has what a quiet watch did not bring.
                     raise _WatchDown("the watch missed a change")
                 self._last_heard = trio.current_time()
+                self._backoff = BACKOFF_MIN
                 continue
             self._client.failed(endpoint)
             raise _WatchDown(
