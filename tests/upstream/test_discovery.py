@@ -169,3 +169,84 @@ async def test_a_node_registered_again_while_leaving_keeps_its_health_gauge(
         pool.set_nodes([])
         await trio.sleep(0.2)
         assert metrics.registry.get_sample_value("tlvproxy_upstream_node_healthy", labels) is None
+
+
+class _Outcome:
+    """A pool `Completion` that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.node: str | None = None
+        self.error: Exception | None = None
+        self.done = trio.Event()
+
+    def on_reply(self, frame: object, node: str) -> None:
+        self.node = node
+        self.done.set()
+
+    def on_error(self, error: Exception, node: str | None) -> None:
+        self.node, self.error = node, error
+        self.done.set()
+
+
+async def test_a_request_on_a_leaving_node_keeps_its_own_longer_deadline(start_upstream) -> None:
+    async def slow(conn, request) -> None:
+        await trio.sleep(1.5)
+        await conn.answer(request)
+
+    a = await start_upstream(slow)
+    b = await start_upstream()
+    # A command's own timeout (3 s) is longer than the upstream's.
+    spec = UpstreamSpec(name="im", nodes=(), discovery="/svc", timeout=0.1, retries=0)
+    async with open_pool(spec, default_layout(), Metrics()) as pool:
+        pool.set_nodes([spec_of(a)])
+        await pool.wait_joined()
+        outcome = _Outcome()
+        pool.submit(outcome, 0x1003, b"x", deadline=trio.current_time() + 3)
+        await trio.testing.wait_all_tasks_blocked()
+        pool.set_nodes([spec_of(b)])
+        with trio.fail_after(3):
+            await outcome.done.wait()
+        assert (outcome.node, outcome.error) == (a.address, None)
+
+
+async def test_requests_waiting_for_a_leaving_node_go_elsewhere_without_a_try(
+    start_upstream,
+) -> None:
+    a = await start_upstream()
+    b = await start_upstream()
+    spec = UpstreamSpec(
+        name="im", nodes=(), discovery="/svc", retries=0, connections=1, connect_timeout=0.5
+    )
+    async with open_pool(spec, default_layout(), Metrics()) as pool:
+        pool.set_nodes([spec_of(a)])
+        await pool.wait_joined()
+        await a.stop()
+        for _ in range(200):
+            if not pool.node_states()[0].connections:
+                break
+            await trio.sleep(0.01)
+        # `a`'s port now takes no connection: a connect to it hangs (its
+        # backlog is full), and the requests wait for it.
+        hole = socket.socket()
+        hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hole.bind(("127.0.0.1", a.port))
+        hole.listen(0)
+        fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", a.port))
+            fillers.append(filler)
+        try:
+            outcomes = [_Outcome() for _ in range(2)]
+            for outcome in outcomes:
+                pool.submit(outcome, 0x1003, b"x", deadline=trio.current_time() + 5)
+            await trio.testing.wait_all_tasks_blocked()
+            pool.set_nodes([spec_of(b)])
+            with trio.fail_after(4):
+                for outcome in outcomes:
+                    await outcome.done.wait()
+            assert [(o.node, o.error) for o in outcomes] == [(b.address, None)] * 2
+        finally:
+            for s in [hole, *fillers]:
+                s.close()

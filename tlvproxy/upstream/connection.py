@@ -214,6 +214,14 @@ class Connection:
         return len(self._waiters)
 
     @property
+    def last_deadline(self) -> float:
+        """The latest deadline of the requests in flight that have one (-inf: none)."""
+        return max(
+            (w.deadline for w in self._waiters.values() if w.deadline != math.inf),
+            default=-math.inf,
+        )
+
+    @property
     def usable(self) -> bool:
         """Whether a new request may be queued now (open and under the in-flight cap)."""
         return self.error is None and len(self._waiters) < self.max_in_flight

@@ -340,7 +340,10 @@ class _Attempt:
         assert node is not None
         self.conn = None
         node.count_lost(error)
-        if isinstance(error, SendFailed) and self.resent < _MAX_RESENDS and not node.retired:
+        if isinstance(error, SendFailed) and node.retired:
+            self.elsewhere()  # never written, and its node left: not a try
+            return
+        if isinstance(error, SendFailed) and self.resent < _MAX_RESENDS:
             # Never written: the connection went down under it. Another
             # connection of the same node takes it, a new one if need be
             # (docs/reference.md "When an upstream connection goes down").
@@ -377,6 +380,17 @@ class _Attempt:
             following = pool._next(self.key if pool._hash_requests else None, tried)
         if following is None:
             self._settle(error)
+            return
+        pool._send(self, following)
+
+    def elsewhere(self) -> None:
+        """Send again to another node: `self.node` left the upstream before
+        the request was written (docs/configuration.md "discovery"). Not a
+        try of the retry policy: nothing was sent."""
+        pool = self.pool
+        following = pool._next(self.key if pool._hash_requests else None, self.tried)
+        if following is None:
+            self._settle(NoHealthyNode(f"upstream {pool.spec.name!r}: no healthy node"))
             return
         pool._send(self, following)
 
@@ -453,6 +467,8 @@ class Pool:
             spec = wanted.get(node.address)
             if spec is None:
                 changed = True
+                # At once: no request sent from now on may open a connection to it.
+                node.retired = True
                 self._nursery.start_soon(self._retire_node, node)
                 continue
             if spec.weight != node.weight:
@@ -462,6 +478,7 @@ class Pool:
         for address, node in list(self._joining.items()):
             if address not in wanted:
                 del self._joining[address]
+                node.retired = True
                 self._nursery.start_soon(self._retire_node, node)
         present = {node.address for node in members} | set(self._joining)
         for address, spec in wanted.items():
@@ -511,18 +528,20 @@ class Pool:
             return
 
     async def _retire_node(self, node: _Node) -> None:
-        """Close `node`'s connections as their requests are answered (all of
-        them once the upstream's timeout has passed)."""
-        node.retired = True
+        """Close `node`'s connections as their requests are answered: each
+        once it has none in flight, or once the latest deadline of those it
+        carries has passed (a command's own `timeout` may be longer than the
+        upstream's; requests without a deadline get the upstream's)."""
         watcher = self._watchers.pop(node, None)
         if watcher is not None:
             watcher.cancel()
         log.info("node left", extra={"upstream": self.spec.name, "node": node.name})
-        give_up = trio.current_time() + self.spec.timeout + 1
+        at_least = trio.current_time() + self.spec.timeout + 1
         gone = SendFailed(f"{node.name}: the node left the upstream")
         while node.live or node.connecting:
+            now = trio.current_time()
             for conn in list(node.live):
-                if not conn.in_flight or trio.current_time() >= give_up:
+                if not conn.in_flight or now >= max(at_least, conn.last_deadline + 1):
                     conn.close(gone)
             # A node that left is checked on a short period until its last
             # requests are answered: rare, and bounded by the timeout.
@@ -680,7 +699,10 @@ class Pool:
             try:
                 conn = await self._acquire(node)
             except SendFailed as exc:
-                attempt.failed(exc)
+                if node.retired:
+                    attempt.elsewhere()  # it left while the request waited for it
+                else:
+                    attempt.failed(exc)
                 return
             if not attempt.settled:
                 attempt.put_on(conn)
