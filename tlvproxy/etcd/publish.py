@@ -7,27 +7,31 @@ deletes every other key of the prefix, guarded by what was read: it holds
 only if no key under the prefix was written after the revision read and every
 key read is still there as it was. Two publishes racing cannot mix their
 tables: the second one's guard fails, and it writes nothing.
-Must not: check the table (the CLI loaded it, as `check` does) or retry a
-failed guard: whoever publishes decides again on what is there now.
+Also: loading the keys it is about to write as a gateway does (`load_stored`,
+confined to a directory of their own) before writing any: the CLI checked the
+table in the publisher's tree, where a path a gateway refuses may resolve.
+Must not: retry a failed guard: whoever publishes decides again on what is
+there now.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
 
-from tlvproxy.config.stored import MAX_FILES, StoredTableError, stored_from
+from tlvproxy.config.loader import TableError
+from tlvproxy.config.stored import MAX_FILES, StoredTableError, load_stored, stored_from
 from tlvproxy.etcd import wire
 from tlvproxy.etcd.client import EtcdUnavailable, open_etcd
 from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from tlvproxy.config.model import Table
     from tlvproxy.config.stored import StoredTable
     from tlvproxy.etcd.client import EtcdClient
@@ -54,6 +58,26 @@ def run_publish(config: Path, table: Table, endpoint: str, prefix: str) -> int:
         return 1
     except OSError as exc:
         print(f"{exc.filename}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    # The keys about to be written, loaded as every gateway will load them:
+    # written into a directory of their own and confined to it. A path that
+    # only the publisher's tree resolves (absolute, `..`) is refused here,
+    # and what is checked is exactly what is written, whatever changed in
+    # the tree since it was read.
+    try:
+        with tempfile.TemporaryDirectory(prefix="tlvproxy-publish-") as scratch:
+            load_stored(stored, Path(scratch) / "table", (endpoint,))
+    except TableError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(
+            f"{len(exc.problems)} error(s) loading the table as the gateways will; "
+            "nothing written to etcd",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        print(f"cannot check the table as the gateways will: {exc}", file=sys.stderr)
         return 1
     try:
         revision, deleted = trio.run(partial(publish, stored, endpoint))
