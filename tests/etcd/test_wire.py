@@ -123,3 +123,18 @@ def test_the_range_of_a_prefix_ends_past_every_key_under_it() -> None:
     assert wire.prefix_end(b"/t/") == b"/t0"
     assert wire.prefix_end(b"a\xff") == b"b"
     assert wire.prefix_end(b"\xff\xff") == b"\0"
+
+
+@pytest.mark.parametrize(
+    "number", ["--5", "-", "", "+5", " 5", "5 ", "1_000", "٣", "1" * 20, "9223372036854775808"]
+)
+def test_a_number_is_a_plain_int64_or_malformed(number: str) -> None:
+    body = orjson.dumps({"header": {"revision": number}})
+    with pytest.raises(MalformedAnswer, match="revision"):
+        wire.parse_range(wire.parse_json(body))
+
+
+def test_int64_numbers_are_read_as_strings_or_json_numbers() -> None:
+    for number, value in (("-5", -5), ("0", 0), ("9223372036854775807", 2**63 - 1), (7, 7)):
+        body = orjson.dumps({"header": {"revision": number}})
+        assert wire.parse_range(wire.parse_json(body)).revision == value

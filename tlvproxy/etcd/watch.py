@@ -132,6 +132,15 @@ class PrefixWatch:
                 failure: Exception | None = None
             except* _FAILURES as group:
                 failure = _first(group)
+            except* Exception as group:
+                # A bug, or an answer nobody foresaw: the watcher must not
+                # end over it (the keys would stay as they are for ever).
+                failure = _first(group)
+                log.error(
+                    "the etcd watch failed unexpectedly; retrying",
+                    extra={"prefix": self.shown, "revision": self.revision},
+                    exc_info=failure,
+                )
             await self._back_off(failure)
 
     async def _back_off(self, failure: Exception | None) -> None:
@@ -205,6 +214,13 @@ class PrefixWatch:
         for event in answer.events:
             if not event.kv.key.startswith(self.prefix):
                 raise MalformedAnswer("a watch event for a key outside the prefix")
+            # After what `keys` holds, and not after the answer's own header:
+            # a bogus huge revision would make every later event look old.
+            if not self.revision < event.kv.mod_revision <= answer.revision:
+                raise MalformedAnswer(
+                    f"a watch event at revision {event.kv.mod_revision}, not in "
+                    f"({self.revision}, {answer.revision}]"
+                )
             if event.deleted:
                 keys.pop(event.kv.key, None)
             else:

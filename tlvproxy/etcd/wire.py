@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 # An int64 of etcd (revisions, lease ids) fits here; anything above is a lie.
 _MAX_INT64: Final = 2**63 - 1
+# An int64 written as a string: an optional minus and ASCII digits, nothing else.
+_INT64_TEXT: Final = re.compile(r"-?[0-9]{1,19}")
 
 
 class MalformedAnswer(ValueError):
@@ -278,7 +281,7 @@ def _int(item: Mapping[str, Any], name: str) -> int:
     if isinstance(value, bool):
         raise MalformedAnswer(f"{name} is not a number")
     if isinstance(value, str):
-        if not value.isascii() or not value.lstrip("-").isdigit() or len(value) > 20:
+        if _INT64_TEXT.fullmatch(value) is None:
             raise MalformedAnswer(f"{name} is not a number: {value[:30]!r}")
         value = int(value)
     if not isinstance(value, int) or not -_MAX_INT64 <= value <= _MAX_INT64:
