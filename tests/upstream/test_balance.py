@@ -96,3 +96,12 @@ def test_ring_points_follow_weights() -> None:
 def test_ring_rejects_bad_nodes(ring_nodes: list[tuple[str, int]], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         HashRing(ring_nodes)
+
+
+def test_a_ring_of_heavy_nodes_is_capped_and_keeps_their_proportions() -> None:
+    from tlvproxy.upstream.balance import MAX_RING_POINTS
+
+    ring = HashRing([(f"10.0.{i // 250}.{i % 250}:7001", 1000 if i else 3000) for i in range(1000)])
+    assert len(ring._points) <= MAX_RING_POINTS + 1000
+    owned = Counter(ring._owners)
+    assert abs(owned[0] - 3 * owned[1]) <= 3

@@ -250,3 +250,33 @@ async def test_requests_waiting_for_a_leaving_node_go_elsewhere_without_a_try(
         finally:
             for s in [hole, *fillers]:
                 s.close()
+
+
+async def test_a_round_robin_pool_builds_no_ring_and_joins_build_one_ring_per_batch(
+    start_upstream, monkeypatch
+) -> None:
+    from tlvproxy.upstream import pool as pool_module
+
+    built = []
+    real_ring = pool_module.HashRing
+
+    def counted(nodes, **options):
+        built.append(len(nodes))
+        return real_ring(nodes, **options)
+
+    monkeypatch.setattr(pool_module, "HashRing", counted)
+    upstreams = [await start_upstream() for _ in range(8)]
+    heavy = [NodeSpec(address=spec_of(u).address, weight=100) for u in upstreams]
+    for balance in ("round_robin", "consistent_hash"):
+        spec = UpstreamSpec(name="im", nodes=(), discovery="/svc", balance=balance)
+        async with open_pool(spec, default_layout(), Metrics()) as pool:
+            built.clear()
+            pool.set_nodes(heavy)
+            await pool.wait_joined()
+            await trio.sleep(0.1)
+            assert len(pool.node_states()) == 8
+            if balance == "round_robin":
+                assert built == []
+            else:
+                assert len(built) <= 2, built  # not one per node joining
+                assert built[-1] == 8

@@ -7,7 +7,8 @@ nodes are eligible (healthy, reachable, not yet tried) on every call.
 Both skip ineligible nodes. `RoundRobin` is nginx's smooth weighted round robin
 (ngx_http_upstream_get_peer): every eligible node gains its weight, the richest is
 chosen and pays the total, so weights 5:1:1 give a,a,b,a,c,a,a rather than bursts.
-`HashRing` puts `POINTS_PER_WEIGHT * weight` points per node on a 64-bit ring with a
+`HashRing` puts `POINTS_PER_WEIGHT * weight` points per node (fewer in proportion
+past MAX_RING_POINTS) on a 64-bit ring with a
 stable hash (blake2b, never Python's randomised `hash()`), so every process maps a key
 to the same node, and a node leaving moves only the keys it owned (about 1/N of them):
 each key walks clockwise to the first eligible node.
@@ -23,6 +24,11 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 POINTS_PER_WEIGHT: Final = 160
+# The points of a ring, at most (plus one per node): weights come from whoever
+# registers in etcd (up to 1000 each, 1000 nodes), and a ring of 160 points per
+# weight unit would take seconds to build. Past it, each node gets points in
+# proportion to its weight, at least one (docs/configuration.md "upstreams").
+MAX_RING_POINTS: Final = 32_768
 
 
 class RoundRobin:
@@ -75,7 +81,11 @@ class HashRing:
     __slots__ = ("_owners", "_points")
 
     def __init__(
-        self, nodes: Sequence[tuple[str, int]], *, points_per_weight: int = POINTS_PER_WEIGHT
+        self,
+        nodes: Sequence[tuple[str, int]],
+        *,
+        points_per_weight: int = POINTS_PER_WEIGHT,
+        max_points: int = MAX_RING_POINTS,
     ) -> None:
         if not nodes:
             raise ValueError("a hash ring needs at least one node")
@@ -84,10 +94,17 @@ class HashRing:
             raise ValueError(f"node names must be distinct, got {names}")
         if any(weight < 1 for _, weight in nodes):
             raise ValueError(f"node weights must be at least 1, got {[w for _, w in nodes]}")
+        total = points_per_weight * sum(weight for _, weight in nodes)
+
+        def points(weight: int) -> int:
+            if total <= max_points:
+                return points_per_weight * weight
+            return max(1, points_per_weight * weight * max_points // total)
+
         ring = sorted(
             (stable_hash(f"{name}#{i}"), index)
             for index, (name, weight) in enumerate(nodes)
-            for i in range(points_per_weight * weight)
+            for i in range(points(weight))
         )
         self._points = [point for point, _ in ring]
         self._owners = [owner for _, owner in ring]

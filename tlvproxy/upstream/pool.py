@@ -83,6 +83,9 @@ log = logging.getLogger("tlvproxy.upstream")
 _MAX_RESENDS: Final = 2
 # How often a node that left the upstream is checked for its last answers.
 _RETIRE_CHECK: Final = 0.05
+# Discovered nodes whose first connection opens within this time of each other
+# join in one batch: one rebuild of the balancers for all of them.
+_JOIN_BATCH: Final = 0.01
 # A connect failing with these failed here, for want of a file descriptor.
 _LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 
@@ -438,6 +441,7 @@ class Pool:
         # Discovered nodes connecting before they join (by address).
         self._joining: dict[Address, _Node] = {}
         self._joined = trio.Event()  # set while nothing is joining
+        self._connected: list[_Node] = []  # joining, connected, to be admitted
         self._joined.set()
         self._set_members([_Node(node, spec, metrics) for node in spec.nodes])
 
@@ -445,11 +449,13 @@ class Pool:
         """Make `members` the nodes requests go to; the balancers follow (the
         ring holds every member, healthy or not)."""
         self._nodes = members
+        self._round_robin = self._ring = None
         if members:
             self._round_robin = RoundRobin([node.weight for node in members])
-            self._ring = HashRing([(node.name, node.weight) for node in members])
-        else:
-            self._round_robin = self._ring = None
+            # A consistent_hash upstream walks the ring on every request; any
+            # other builds it only for a WebSocket session with a key (`_next`).
+            if self._hash_requests:
+                self._ring = HashRing([(node.name, node.weight) for node in members])
 
     # ------------------------------------------------------------ discovery
 
@@ -519,13 +525,29 @@ class Pool:
                 continue
             if self._joining.get(node.address) is not node:
                 return  # left meanwhile: _retire_node closes what was opened
-            del self._joining[node.address]
-            if not self._joining:
-                self._joined.set()
-            self._set_members([*self._nodes, node])
+            # Nodes that connect together join together: the balancers (a
+            # ring may be large) are rebuilt once for the batch.
+            self._connected.append(node)
+            if len(self._connected) == 1:
+                self._nursery.start_soon(self._admit_connected)
+            return
+
+    async def _admit_connected(self) -> None:
+        """Make the nodes connected in the last _JOIN_BATCH members, at once."""
+        await trio.sleep(_JOIN_BATCH)
+        connected, self._connected = self._connected, []
+        joined = []
+        for node in connected:
+            if self._joining.get(node.address) is node:  # else it left meanwhile
+                del self._joining[node.address]
+                joined.append(node)
+        if joined:
+            self._set_members([*self._nodes, *joined])
+        if not self._joining:
+            self._joined.set()
+        for node in joined:
             self._nursery.start_soon(self._watch_health, node)
             log.info("node joined", extra={"upstream": self.spec.name, "node": node.name})
-            return
 
     async def _retire_node(self, node: _Node) -> None:
         """Close `node`'s connections as their requests are answered: each
@@ -653,11 +675,16 @@ class Pool:
         """An eligible node not in `tried`: by the ring when `key` is given, else by
         weighted round robin; None when there is none."""
         nodes, round_robin, ring = self._nodes, self._round_robin, self._ring
-        if round_robin is None or ring is None:
+        if round_robin is None:
             return None
+        if key is not None and ring is None:
+            ring = self._ring = HashRing([(node.name, node.weight) for node in nodes])
         now = trio.current_time()
         eligible = [node.available(now) and node not in tried for node in nodes]
-        index = round_robin.choose(eligible) if key is None else ring.choose(key, eligible)
+        if key is None or ring is None:
+            index = round_robin.choose(eligible)
+        else:
+            index = ring.choose(key, eligible)
         return None if index is None else nodes[index]
 
     def _send(self, attempt: _Attempt, node: _Node) -> None:
