@@ -408,18 +408,31 @@ def run_mock_upstream(
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
+    # The errors come out of nurseries (strict exception groups): except*
+    # finds them inside, and the message, not a traceback, is what is shown.
+    status = 0
     try:
         if register is None:
             trio.run(partial(serve_mock_upstream, address.host, address.port, table, issuer=issuer))
         else:
             service = MockService(table, issuer)
             trio.run(serve_registered, service, address.host, address.port, *register)
-    except (EtcdUnavailable, EtcdRefused, MalformedAnswer, trio.TooSlowError) as exc:
-        print(f"tlvproxy mock-upstream: cannot register in etcd: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"tlvproxy mock-upstream: cannot listen on {listen}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    except* (EtcdUnavailable, EtcdRefused, MalformedAnswer, trio.TooSlowError) as group:
+        failure = _first(group)
+        why = "etcd did not answer in time" if isinstance(failure, trio.TooSlowError) else failure
+        print(f"tlvproxy mock-upstream: cannot register in etcd: {why}", file=sys.stderr)
+        status = 1
+    except* OSError as group:
+        print(
+            f"tlvproxy mock-upstream: cannot listen on {listen}: {_first(group)}", file=sys.stderr
+        )
+        status = 1
+    except* KeyboardInterrupt:
+        pass
+    return status
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of `group`, however deeply nurseries nested it."""
+    found = group.exceptions[0]
+    return _first(found) if isinstance(found, BaseExceptionGroup) else found
