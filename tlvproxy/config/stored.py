@@ -111,7 +111,7 @@ def read_stored(prefix: str, kvs: Iterable[KeyValue]) -> StoredTable:
         except UnicodeDecodeError:
             problems.append(f"{shown}: the key is not UTF-8")
             continue
-        if len(kv.value) > MAX_VALUE:
+        if kv.oversize or len(kv.value) > MAX_VALUE:
             problems.append(f"{shown}: the value is larger than {MAX_VALUE} bytes")
             continue
         if name == TABLE_KEY:

@@ -19,7 +19,7 @@ import trio
 
 from tlvproxy.config.loader import TableError
 from tlvproxy.config.source import write_current
-from tlvproxy.config.stored import MAX_FILES, load_stored, read_stored
+from tlvproxy.config.stored import MAX_FILES, MAX_TOTAL, MAX_VALUE, load_stored, read_stored
 from tlvproxy.etcd.watch import PrefixWatch
 
 if TYPE_CHECKING:
@@ -53,7 +53,16 @@ class EtcdTables:
         self.prefix = prefix
         self._run_dir = run_dir
         # The table and its files, and one more key to find out there are too many.
-        self._watch = PrefixWatch(client, f"{prefix}/".encode(), max_keys=MAX_FILES + 2)
+        # Values past MAX_VALUE are kept as oversize keys (read_stored names
+        # them); values adding up to twice MAX_TOTAL are not kept at all:
+        # between the two, read_stored reports the table too large.
+        self._watch = PrefixWatch(
+            client,
+            f"{prefix}/".encode(),
+            max_keys=MAX_FILES + 2,
+            max_value=MAX_VALUE,
+            max_total=2 * MAX_TOTAL,
+        )
         self._made = 0
         self._current: str | None = None
         self._kept: list[tuple[str, float]] = []  # directories, and when they were replaced

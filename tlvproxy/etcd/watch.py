@@ -4,7 +4,9 @@ Owns: the keys of one prefix as last read, the revision they are complete up
 to, and the watch that keeps them current: reconnects with capped exponential
 backoff and jitter, resumes after the last revision applied, reads the whole
 prefix again when that revision has been compacted, and probes a watch that
-has been quiet for PROBE_INTERVAL so a half-dead one is torn down.
+has been quiet for PROBE_INTERVAL so a half-dead one is torn down; and the
+bounds on what it holds (keys, bytes of one value, bytes in all), since
+whoever writes to etcd chooses what is read.
 Must not: know what the keys mean (`tables.py` and `upstream/discovery.py`
 do), or stop: while etcd cannot be reached it keeps trying, and the keys it
 has stay as they were.
@@ -23,6 +25,7 @@ import math
 import random
 from typing import TYPE_CHECKING, Final
 
+import attrs
 import trio
 
 from tlvproxy.etcd.client import EtcdUnavailable
@@ -51,7 +54,7 @@ OPEN_TIMEOUT: Final = 10.0
 
 
 class TooManyKeys(Exception):
-    """The prefix holds more keys than the watcher keeps."""
+    """The prefix holds more keys, or more bytes of values, than the watcher keeps."""
 
 
 class _WatchDown(Exception):
@@ -74,10 +77,23 @@ class PrefixWatch:
     replacements; `wait_changed` waits for the next one.
     """
 
-    def __init__(self, client: EtcdClient, prefix: bytes, *, max_keys: int) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        prefix: bytes,
+        *,
+        max_keys: int,
+        max_value: int | None = None,
+        max_total: int | None = None,
+    ) -> None:
+        """At most `max_keys` keys are kept; a value over `max_value` bytes is
+        kept as an `oversize` key without its bytes (logged), and values
+        adding up to more than `max_total` are refused like too many keys."""
         self._client = client
         self.prefix = prefix
         self._max_keys = max_keys
+        self._max_value = max_value
+        self._max_total = max_total
         self.keys: Mapping[bytes, KeyValue] = {}
         self.revision = 0  # every change up to this revision is in `keys`
         self.generation = 0
@@ -104,8 +120,10 @@ class PrefixWatch:
             answer = await self._client.range_prefix(self.prefix, limit=self._max_keys + 1)
             if answer.more or len(answer.kvs) > self._max_keys:
                 raise TooManyKeys(f"more than {self._max_keys} keys under {self.shown}")
+            keys = {kv.key: self._bounded(kv) for kv in answer.kvs}
+            self._check_total(keys)
             self.revision = answer.revision
-            self._replace({kv.key: kv for kv in answer.kvs})
+            self._replace(keys)
             return
         self._client.failed(endpoint)
         raise EtcdUnavailable(f"etcd at {endpoint} did not answer within {READ_TIMEOUT:g} s")
@@ -224,12 +242,16 @@ class PrefixWatch:
             if event.deleted:
                 keys.pop(event.kv.key, None)
             else:
-                keys[event.kv.key] = event.kv
-        if len(keys) > self._max_keys:
+                keys[event.kv.key] = self._bounded(event.kv)
+        try:
+            if len(keys) > self._max_keys:
+                raise TooManyKeys(f"more than {self._max_keys} keys under {self.shown}")
+            self._check_total(keys)
+        except TooManyKeys:
             # Watching from the same revision would bring this event again:
             # read the prefix until it fits.
             self._must_read = True
-            raise TooManyKeys(f"more than {self._max_keys} keys under {self.shown}")
+            raise
         self.revision = max(self.revision, *(event.kv.mod_revision for event in answer.events))
         self._replace(keys)
         self._backoff = BACKOFF_MIN  # the watch works: the next failure starts afresh
@@ -256,6 +278,28 @@ class PrefixWatch:
             raise _WatchDown(
                 f"etcd at {endpoint} did not answer a probe within {PROBE_TIMEOUT:g} s"
             )
+
+    def _bounded(self, kv: KeyValue) -> KeyValue:
+        """`kv`, or, when its value is over `max_value`, the key without it."""
+        if self._max_value is None or len(kv.value) <= self._max_value:
+            return kv
+        held = self.keys.get(kv.key)
+        if held is None or held.mod_revision != kv.mod_revision:  # logged once per write
+            log.warning(
+                "a value under the etcd prefix is too large to keep; its key is refused",
+                extra={
+                    "key": kv.key[:200].decode("utf-8", "replace"),
+                    "bytes": len(kv.value),
+                    "max_bytes": self._max_value,
+                },
+            )
+        return attrs.evolve(kv, value=b"", oversize=True)
+
+    def _check_total(self, keys: Mapping[bytes, KeyValue]) -> None:
+        if self._max_total is None:
+            return
+        if sum(len(kv.value) for kv in keys.values()) > self._max_total:
+            raise TooManyKeys(f"more than {self._max_total} bytes of values under {self.shown}")
 
     def _replace(self, keys: dict[bytes, KeyValue]) -> None:
         if keys == self.keys:

@@ -46,12 +46,15 @@ CODE_OUT_OF_RANGE: Final = 11
 
 @attrs.frozen(slots=True)
 class KeyValue:
-    """One key as etcd keeps it; `value` is b"" for a deleted key in a watch event."""
+    """One key as etcd keeps it; `value` is b"" for a deleted key in a watch
+    event, and for one whose value was too large to keep (`oversize`, set by
+    the watcher: the reader refuses that key)."""
 
     key: bytes
     value: bytes
     mod_revision: int
     lease: int = 0
+    oversize: bool = False
 
 
 @attrs.frozen(slots=True)

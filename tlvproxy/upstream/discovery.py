@@ -46,7 +46,7 @@ def read_nodes(
     found: dict[str, NodeSpec] = {}
     for kv in sorted(kvs, key=lambda kv: kv.key):
         try:
-            if len(kv.value) > MAX_VALUE:
+            if kv.oversize or len(kv.value) > MAX_VALUE:
                 raise Invalid(f"longer than {MAX_VALUE} bytes")
             spec = node_value(kv.value.decode("utf-8"))
             if str(spec.address) in found:
@@ -128,7 +128,13 @@ async def run_discovery(
                 )
 
     async with open_etcd(endpoints) as client:
-        watch = PrefixWatch(client, f"{prefix}/".encode(), max_keys=MAX_NODES)
+        watch = PrefixWatch(
+            client,
+            f"{prefix}/".encode(),
+            max_keys=MAX_NODES,
+            max_value=MAX_VALUE,
+            max_total=MAX_NODES * MAX_VALUE,
+        )
         backoff = BACKOFF_MIN
         jitter = random.Random()
         while True:
