@@ -39,6 +39,14 @@ if TYPE_CHECKING:
 
 # The whole publish, read and transaction, gets this long.
 PUBLISH_TIMEOUT: Final = 30.0
+# etcd 3.4's defaults for one transaction (`--max-txn-ops`, counted for its
+# compares and its operations each; `--max-request-bytes`), below what a
+# table may be (MAX_FILES files, MAX_TOTAL bytes): a publish over them is
+# measured before it is sent, so etcd's refusal can name the flag to raise
+# (docs/operations.md "Publishing a table"). etcd may have been started with
+# higher limits: the transaction is sent all the same.
+ETCD_MAX_TXN_OPS: Final = 128
+ETCD_MAX_REQUEST_BYTES: Final = 1536 * 1024
 
 
 class GuardFailed(Exception):
@@ -122,13 +130,41 @@ async def write_guarded(
     deleted = [kv.key for kv in guard.kvs if kv.key not in keys]
     success = [wire.put_op(key, value) for key, value in keys.items()]
     success += [wire.delete_op(key) for key in deleted]
-    succeeded, revision = await client.txn(compare, success)
+    over = _over_etcd_defaults(len(compare), len(success), keys, [kv.key for kv in guard.kvs])
+    try:
+        succeeded, revision = await client.txn(compare, success)
+    except EtcdRefused as exc:
+        if over:
+            raise EtcdRefused(f"{exc}: {'; '.join(over)}", exc.code) from None
+        raise
     if not succeeded:
         raise GuardFailed(
             f"the keys under {guard.head.decode()} changed since they were read at revision "
             f"{guard.revision} (another publish?); publish again"
         )
     return revision, deleted
+
+
+def _over_etcd_defaults(
+    compares: int, operations: int, written: dict[bytes, bytes], read: list[bytes]
+) -> list[str]:
+    """What in a transaction is over etcd's default limits, with the flag
+    that raises each; nothing when it is under both."""
+    over = []
+    ops = max(compares, operations)
+    if ops > ETCD_MAX_TXN_OPS:
+        over.append(
+            f"the publish is one transaction of {ops} operations, over etcd's default "
+            f"{ETCD_MAX_TXN_OPS}: start etcd with --max-txn-ops {max(1024, ops)}"
+        )
+    # The bytes etcd measures (its protobuf request), about: keys and values.
+    size = sum(len(key) + len(value) for key, value in written.items()) + 2 * sum(map(len, read))
+    if size > ETCD_MAX_REQUEST_BYTES * 0.9:
+        over.append(
+            f"the publish is one request of about {size} bytes, near or over etcd's default "
+            f"{ETCD_MAX_REQUEST_BYTES}: start etcd with --max-request-bytes 33554432"
+        )
+    return over
 
 
 async def publish(stored: StoredTable, endpoint: str) -> tuple[int, list[bytes]]:
