@@ -29,7 +29,13 @@ from tlvproxy.demo_keys import AUDIENCE, ISSUER, TokenIssuer, make_demo_keys
 from tlvproxy.errors import BadRequest
 from tlvproxy.framing import FLAG_PUSH, FLAG_RESPONSE, Frame
 from tlvproxy.metrics import Metrics
-from tlvproxy.mock_upstream import NO_SIGNING_KEY, serve_mock_upstream
+from tlvproxy.mock_upstream import (
+    MAX_DELAY,
+    MAX_MESSAGES,
+    NO_SIGNING_KEY,
+    MockService,
+    serve_mock_upstream,
+)
 from tlvproxy.upstream.call import build_request, call_node, parse_address, render_reply
 from tlvproxy.upstream.connection import Connection, SendFailed
 
@@ -166,6 +172,31 @@ async def test_failure_switches(table: Table, autojump_clock: object) -> None:
         )
         assert delayed.status == 0
         assert trio.current_time() - started >= 0.7
+
+
+async def test_failure_switches_out_of_range_answer_status_1(
+    table: Table, autojump_clock: object
+) -> None:
+    # A status the header cannot hold, or none, killed the whole service (any
+    # caller reaches echo through the gateway); a delay is capped.
+    async with mock(table) as address, connect(table, address) as conn:
+        for wanted in (b"-1", b"65536", b"99999999999999999999"):
+            answer = await conn.request(0x1003, b'{"_status": ' + wanted + b"}")
+            assert (answer.status, answer.body) == (1, b"")
+        bare = body(table, "send_message", {"to_uid": 2, "text": "/status "})
+        assert (await conn.request(0x1001, bare, uid=1)).status == 1
+        started = trio.current_time()
+        assert (await conn.request(0x1003, b'{"_delay_ms": 1e12}')).status == 0
+        assert trio.current_time() - started == pytest.approx(MAX_DELAY)
+        assert (await conn.request(0x1003, b'{"x": 1}')).status == 0  # still serving
+
+
+async def test_the_messages_kept_are_bounded(table: Table) -> None:
+    service = MockService(table)
+    for n in range(MAX_MESSAGES + 5):
+        service._send_message(1, {"to_uid": 2, "text": f"m{n}"})
+    assert len(service.messages) == MAX_MESSAGES
+    assert service.messages[-1]["msg_id"] == MAX_MESSAGES + 5
 
 
 async def test_bad_requests_get_status_1(table: Table) -> None:

@@ -40,10 +40,12 @@ import logging
 import signal
 import sys
 import time
+from collections import deque
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import trio
 
 from tlvproxy.errors import BadRequest
@@ -76,6 +78,10 @@ NO_SIGNING_KEY: Final = (
 )
 UNKNOWN_USERS_FROM: Final = 1_000_000
 DEFAULT_LIST_LIMIT: Final = 20
+# What the demo keeps and waits for at most: the messages it remembers (the
+# oldest are forgotten), and the delay a failure switch may ask (seconds).
+MAX_MESSAGES: Final = 10_000
+MAX_DELAY: Final = 60.0
 _CREATED_AT: Final = 1_700_000_000_000  # every demo user joined at this unix millisecond
 # With --register, how long the service answers after its registration is
 # revoked, while gateways still have requests on their way to it.
@@ -120,7 +126,8 @@ class MockService:
         self.table = table
         self.issuer = issuer
         self.layout = table.framing
-        self.messages: list[dict[str, Any]] = []
+        self.messages: deque[dict[str, Any]] = deque(maxlen=MAX_MESSAGES)
+        self._sent = 0  # messages ever sent: the next msg_id
         self._clients: set[_Client] = set()
         self._idle = trio.Event()  # set when the last connection closes
         self._unpushed: list[dict[str, Any]] = []  # stored, pushed after the answer
@@ -169,7 +176,7 @@ class MockService:
     async def _answer(self, client: _Client, frame: Frame) -> None:
         status, body, delay = self._dispatch(frame)
         if delay > 0:
-            await trio.sleep(delay)
+            await trio.sleep(min(delay, MAX_DELAY))
         reply = Frame(
             command=frame.command,
             seq=frame.seq,
@@ -179,7 +186,15 @@ class MockService:
             body=body,
         )
         try:
-            await client.send(encode_frame(self.layout, reply))
+            wire = encode_frame(self.layout, reply)
+        except ValueError as exc:
+            # A failure switch asked for a status the header cannot hold.
+            log.info("status out of range", extra={"status": status, "error": str(exc)})
+            wire = encode_frame(
+                self.layout, attrs.evolve(reply, status=STATUS_BAD_REQUEST, body=b"")
+            )
+        try:
+            await client.send(wire)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # the client went away; nobody to answer
         pushed = self._unpushed
@@ -228,15 +243,16 @@ class MockService:
         text = str(_field(value, "text") or "")
         delay = 0.0
         if text.startswith("/status "):
-            return _number(text.split()[1]), None, 0.0
+            return _number(text.removeprefix("/status ").strip() or STATUS_BAD_REQUEST), None, 0.0
         if text.startswith("/delay "):
             ms, _, text = text.removeprefix("/delay ").partition(" ")
             delay = _number(ms) / 1000
         to_uid = _number(_field(value, "to_uid"))
         if to_uid == 0:
             return STATUS_BAD_REQUEST, None, 0.0
+        self._sent += 1
         message = {
-            "msg_id": len(self.messages) + 1,
+            "msg_id": self._sent,
             "from_uid": uid,
             "to_uid": to_uid,
             "text": text,
