@@ -8,7 +8,9 @@ Must not: do I/O or know about h11/wsproto; callers turn a rendering into bytes.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class GatewayError(Exception):
@@ -185,3 +187,10 @@ def ws_error_message(error: GatewayError, seq: Any) -> dict[str, Any]:
     inner: dict[str, Any] = {"code": error.code, "message": error.message}
     inner.update(error.details())
     return {"seq": seq, "error": inner}
+
+
+def first_of(group: BaseExceptionGroup[_E]) -> _E:
+    """The first exception of `group` (as `except*` gives it), however deeply
+    nested nurseries grouped it."""
+    found = group.exceptions[0]
+    return first_of(found) if isinstance(found, BaseExceptionGroup) else found

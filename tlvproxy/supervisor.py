@@ -41,6 +41,7 @@ from tlvproxy.app import CannotListen, Gateway, ParserChoice, bind_listener
 from tlvproxy.config.loader import TableError
 from tlvproxy.config.model import Address
 from tlvproxy.config.source import FileSource, RunDirSource
+from tlvproxy.errors import first_of
 from tlvproxy.etcd.client import EtcdUnavailable, open_etcd
 from tlvproxy.etcd.tables import EtcdTables
 from tlvproxy.etcd.watch import TooManyKeys
@@ -157,7 +158,7 @@ def _serving(worker_index: int | None, start: Callable[[], int]) -> int:
     try:
         return start()
     except* CannotListen as group:
-        failure = _first(group)
+        failure = first_of(group)
     assert failure is not None  # every other way out of the try returned or raised
     if worker_index is not None:
         if not _report(_LISTEN_FAILED + str(failure)):
@@ -212,12 +213,6 @@ async def _serve_etcd(endpoint: str, prefix: str, run_dir: Path, options: _Optio
             log_level=options.log_level,
         )
         return await supervisor.run(tables.run)
-
-
-def _first(group: BaseExceptionGroup[CannotListen]) -> CannotListen:
-    """The first CannotListen of `group`, however deeply nurseries nested it."""
-    found = group.exceptions[0]
-    return found if isinstance(found, CannotListen) else _first(found)
 
 
 def tune_gc() -> None:

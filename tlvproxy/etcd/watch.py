@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
+from tlvproxy.errors import first_of
 from tlvproxy.etcd.client import EtcdUnavailable
 from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
 
@@ -62,12 +63,6 @@ class _WatchDown(Exception):
 
 
 _FAILURES: Final = (EtcdUnavailable, EtcdRefused, MalformedAnswer, TooManyKeys, _WatchDown)
-
-
-def _first(group: BaseExceptionGroup[Exception]) -> Exception:
-    """The first exception of `group`, however deeply nurseries nested it."""
-    found = group.exceptions[0]
-    return _first(found) if isinstance(found, BaseExceptionGroup) else found
 
 
 class PrefixWatch:
@@ -149,11 +144,11 @@ class PrefixWatch:
                 # backoff too, so a storm of them does not loop at once.
                 failure: Exception | None = None
             except* _FAILURES as group:
-                failure = _first(group)
+                failure = first_of(group)
             except* Exception as group:
                 # A bug, or an answer nobody foresaw: the watcher must not
                 # end over it (the keys would stay as they are for ever).
-                failure = _first(group)
+                failure = first_of(group)
                 log.error(
                     "the etcd watch failed unexpectedly; retrying",
                     extra={"prefix": self.shown, "revision": self.revision},
