@@ -171,6 +171,29 @@ async def test_a_node_registered_again_while_leaving_keeps_its_health_gauge(
         assert metrics.registry.get_sample_value("tlvproxy_upstream_node_healthy", labels) is None
 
 
+async def test_a_node_that_left_leaves_no_metrics_behind(start_upstream) -> None:
+    # Nodes come and go under discovery (new addresses each time, in a
+    # scaled service): the series of those that left must not pile up.
+    a = await start_upstream()
+    metrics = Metrics()
+    spec = UpstreamSpec(name="im", nodes=(), discovery="/svc")
+    ok = {"upstream": "im", "node": a.address, "outcome": "ok"}
+    async with open_pool(spec, default_layout(), metrics) as pool:
+        pool.set_nodes([spec_of(a)])
+        await pool.wait_joined()
+        await pool.request(0x1003, b"x")
+        assert metrics.registry.get_sample_value("tlvproxy_upstream_requests_total", ok) == 1
+        pool.set_nodes([])
+        await trio.sleep(0.2)
+        nodes = {
+            sample.labels.get("node")
+            for metric in metrics.registry.collect()
+            if metric.name.startswith("tlvproxy_upstream")
+            for sample in metric.samples
+        }
+        assert a.address not in nodes
+
+
 class _Outcome:
     """A pool `Completion` that keeps what it is told."""
 

@@ -58,6 +58,7 @@ from tlvproxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tlvproxy.metrics import OUTCOMES
 from tlvproxy.timer import DeadlineTimer
 from tlvproxy.upstream.balance import HashRing, RoundRobin
 from tlvproxy.upstream.connection import (
@@ -573,6 +574,10 @@ class Pool:
             # Zero first: with workers, the summed metrics keep a removed sample.
             node.healthy_gauge.set(0)
             self._metrics.upstream_node_healthy.remove(self.spec.name, node.name)
+            # Its request counts go too: under discovery, addresses come and go,
+            # and their series would pile up (docs/operations.md "Discovery").
+            for outcome in OUTCOMES:
+                self._metrics.upstream_requests.remove(self.spec.name, node.name, outcome)
 
     async def _watch_health(self, node: _Node) -> None:
         """Run `node`'s heartbeats (or its probes) until it leaves."""
