@@ -42,12 +42,10 @@ import functools
 import json
 import re
 import shutil
-import signal
 import socket
 import ssl
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -60,18 +58,16 @@ from bench_upstream import build_echo, start_echo
 from bench_websocket import Client, raise_fd_limit, rss_kib
 from bench_workers import (
     CONNECTIONS,
-    ROOT,
     WRK,
     check_echo,
     free_port,
     tree_cpu_seconds,
-    wait_ready,
     wrk,
 )
+from bench_workers import serving as serve_table
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from shared_target import table_text
-from wsproto.events import AcceptConnection, Request
 
 from tlvproxy.config.loader import load_table
 
@@ -140,35 +136,9 @@ def write_table(
 
 @contextlib.contextmanager
 def serving(listeners: Listeners) -> Iterator[subprocess.Popen[bytes]]:
-    """`tlvproxy serve` (1 worker) on the table until the block ends; its JSON
-    log lines go to a file, as in bench_workers.measure."""
-    with tempfile.TemporaryFile() as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tlvproxy",
-                "serve",
-                "-c",
-                str(listeners.path),
-                "--workers",
-                "1",
-                "--log-level",
-                "info",
-            ],
-            stdout=log_file,
-            cwd=ROOT,
-        )
-        try:
-            wait_ready(listeners.admin, process)
-            yield process
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    """`tlvproxy serve` (1 worker) on the table until the block ends."""
+    with serve_table(listeners.path, listeners.admin) as process:
+        yield process
 
 
 def client_context(ca: trustme.CA) -> ssl.SSLContext:
@@ -302,15 +272,7 @@ async def open_session(port: int, uid: int, context: ssl.SSLContext | None) -> C
     if context is not None:
         stream = trio.SSLStream(stream, context, server_hostname="localhost", https_compatible=True)
         await stream.do_handshake()
-    client = Client(stream)  # type: ignore[arg-type]
-    request = Request(host="localhost", target=f"/ws?uid={uid}&did=d{uid}")
-    await client.stream.send_all(client.ws.send(request))
-    while True:
-        events = await client._events()
-        for index, event in enumerate(events):
-            if isinstance(event, AcceptConnection):
-                client.pending.extend(events[index + 1 :])
-                return client
+    return await Client.connect(port, uid, stream)
 
 
 async def idle_memory(port: int, pid: int, sessions: int, context: ssl.SSLContext | None) -> float:

@@ -123,14 +123,18 @@ def run_mock() -> None:
 
 
 class Client:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.pending: list[object] = []
 
     @classmethod
-    async def connect(cls, port: int, uid: int) -> Client:
-        client = cls(await trio.open_tcp_stream("127.0.0.1", port))
+    async def connect(cls, port: int, uid: int, stream: trio.abc.Stream | None = None) -> Client:
+        """A json-mode session of `uid` on 127.0.0.1:`port`, or on `stream`
+        when given (a TLS stream, say)."""
+        if stream is None:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        client = cls(stream)
         await client.stream.send_all(
             client.ws.send(Request(host="localhost", target=f"/ws?uid={uid}&did=d{uid}"))
         )

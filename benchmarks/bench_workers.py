@@ -15,6 +15,7 @@ Run: .venv/bin/python benchmarks/bench_workers.py [--duration 5] [--log-level in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ import yaml
 from bench_upstream import build_echo, start_echo
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK = ROOT.parent / "shared" / "bench" / "wrk"
@@ -129,20 +130,12 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def measure(
-    table: Path,
-    http_port: int,
-    admin_port: int,
-    workers: int,
-    duration: int,
-    log_level: str,
-    script: Path | None = None,
-    before_run: Callable[[], object] | None = None,
-    **env: str,
-) -> dict[str, float]:
-    """Start `tlvproxy serve` on `table`, drive POST /v1/echo with wrk (`script`
-    and `env` as for `wrk`), stop it; wrk's figures plus rps, errors and cpu_us.
-    `before_run` is called after the warm-up, just before the measured run."""
+@contextlib.contextmanager
+def serving(
+    table: Path, admin_port: int, workers: int = 1, log_level: str = "info"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`tlvproxy serve` on `table` until the block ends, once /readyz says
+    ready; stopped with SIGTERM (SIGKILL after 30 s)."""
     # The JSON log lines go to a file, as in the shared harness and in
     # production: writing them is part of a request's cost.
     with tempfile.TemporaryFile() as log_file:
@@ -164,14 +157,7 @@ def measure(
         )
         try:
             wait_ready(admin_port, process)
-            url = f"http://127.0.0.1:{http_port}/v1/echo"
-            check_echo(url, (WRK / "body.json").read_bytes(), env.get("BENCH_AUTHORIZATION"))
-            wrk(url, 1, CONNECTIONS, script, **env)  # warm-up: connections, pools, caches
-            if before_run is not None:
-                before_run()
-            cpu_before = tree_cpu_seconds(process.pid)
-            result = wrk(url, duration, CONNECTIONS, script, **env)
-            cpu = tree_cpu_seconds(process.pid) - cpu_before
+            yield process
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -179,6 +165,31 @@ def measure(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def measure(
+    table: Path,
+    http_port: int,
+    admin_port: int,
+    workers: int,
+    duration: int,
+    log_level: str,
+    script: Path | None = None,
+    before_run: Callable[[], object] | None = None,
+    **env: str,
+) -> dict[str, float]:
+    """Start `tlvproxy serve` on `table`, drive POST /v1/echo with wrk (`script`
+    and `env` as for `wrk`), stop it; wrk's figures plus rps, errors and cpu_us.
+    `before_run` is called after the warm-up, just before the measured run."""
+    with serving(table, admin_port, workers, log_level) as process:
+        url = f"http://127.0.0.1:{http_port}/v1/echo"
+        check_echo(url, (WRK / "body.json").read_bytes(), env.get("BENCH_AUTHORIZATION"))
+        wrk(url, 1, CONNECTIONS, script, **env)  # warm-up: connections, pools, caches
+        if before_run is not None:
+            before_run()
+        cpu_before = tree_cpu_seconds(process.pid)
+        result = wrk(url, duration, CONNECTIONS, script, **env)
+        cpu = tree_cpu_seconds(process.pid) - cpu_before
     errors = sum(result[k] for k in ("err_connect", "err_read", "err_write", "err_status"))
     result["errors"] = errors + result["err_timeout"]
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
