@@ -348,9 +348,11 @@ def test_a_bucket_drains_at_its_rules_rate_of_now_after_a_reload():
     # faster rate: the bucket of a key at its limit would be dropped, and the
     # key get a whole new burst at once.
     store = ProcessBuckets(max_keys=10)
-    fast, slow = (b"attacker", 100.0, 0.0), (b"attacker", 1 / 60, 0.0)
-    assert store.check([fast], 0.0) is None
-    assert store.check([slow], 0.001) == (0, 60)  # the reloaded rule refuses
+    held = store.rule("per_user")
+    fast, slow = (held, 100.0, 0.0, 0), (held, 1 / 60, 0.0, 0)
+    assert store.check([fast], ["attacker"], 0.0) is None
+    assert store.check([slow], ["attacker"], 0.001) == (0, 60)  # the reloaded rule refuses
     for n in range(5):  # other keys come: each new bucket expires drained ones
-        assert store.check([(b"other%d" % n, 1 / 60, 0.0)], 1.0) is None
-    assert store.check([slow], 1.0) == (0, 59)  # still the first admission, draining slowly
+        assert store.check([slow], [f"other{n}"], 1.0) is None
+    # still the first admission, draining slowly
+    assert store.check([slow], ["attacker"], 1.0) == (0, 59)

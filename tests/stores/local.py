@@ -13,6 +13,8 @@ from tlvproxy.stores.local_store import LocalBuckets
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from tlvproxy.stores.local_store import Verdict
+
 
 @contextmanager
 def local_buckets(**options: int) -> Iterator[LocalBuckets]:
@@ -23,3 +25,10 @@ def local_buckets(**options: int) -> Iterator[LocalBuckets]:
             yield buckets
         finally:
             buckets.close()
+
+
+def check_buckets(
+    store: LocalBuckets, buckets: list[tuple[bytes, float, float]], now: float
+) -> Verdict:
+    """`store.check` on buckets named in full, each (name, rate, burst)."""
+    return store.check([(name, rate, burst, 0) for name, rate, burst in buckets], [b""], now)

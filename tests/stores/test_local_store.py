@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.policy.test_ratelimit import Request, rule
-from tests.stores.local import local_buckets
+from tests.stores.local import check_buckets, local_buckets
 from tlvproxy.app import _open_local_store
 from tlvproxy.metrics import Metrics
 from tlvproxy.policy.ratelimit import ProcessBuckets, RateLimiter, Refusal
@@ -99,6 +99,50 @@ def test_the_local_store_gives_the_references_verdicts(drawn, events):
             assert limits.check(command, request) == expected
 
 
+@settings(max_examples=60, deadline=None)
+@given(drawn=_RULES, events=_EVENTS)
+def test_the_one_process_store_gives_the_references_verdicts(drawn, events):
+    # The same buckets as the reference's, reached through RateLimits: its
+    # plans, names and long values must not change a verdict.
+    rules = make_rules(drawn)
+    reference = RateLimiter(rules)
+    clock = Clock()
+    limits = RateLimits(rules, Metrics(), local=ProcessBuckets(), clock=clock)
+    for command, user, device, delay in events:
+        clock.now += delay
+        request = request_of(user, device)
+        assert limits.check(command, request) == reference.check(command, request, clock.now)
+
+
+def test_one_process_buckets_are_bounded_per_rule_and_dropped_with_their_rule() -> None:
+    store = ProcessBuckets(max_keys=3)
+    clock = Clock()
+    slow = {"rate": 0.001, "burst": 0}  # nothing drains: only the bound expires
+    both = [rule("a", **slow), rule("b", **slow, key="query.did")]
+    limits = RateLimits(both, Metrics(), local=store, clock=clock)
+    for n in range(5):
+        assert limits.check("send", request_of(f"u{n}", f"d{n}")) is None
+    assert len(store) == 6  # three buckets of each rule: the bound is per rule
+    # The most recent keys are held, the oldest evicted (and so admitted again).
+    assert limits.check("send", request_of("u4", "d9")) == Refusal("a", 1000)
+    assert limits.check("send", request_of("u0", "d0")) is None
+    # A reload that drops rule "b" drops its buckets; "a" keeps its own.
+    RateLimits(both[:1], Metrics(), local=store, clock=clock)
+    assert len(store) == 3
+    assert limits.check("send", request_of("u0", "d5")) == Refusal("a", 1000)
+
+
+def test_one_process_bucket_names_are_bounded() -> None:
+    store = ProcessBuckets()
+    limits = RateLimits([rule(rate=1.0, burst=0)], Metrics(), local=store, clock=Clock())
+    long_a, long_b = "a" * 10_000, "a" * 9_999 + "b"
+    assert limits.check("send", request_of(long_a, "d")) is None
+    assert limits.check("send", request_of(long_a, "d")) == Refusal("per_user", 1)
+    assert limits.check("send", request_of(long_b, "d")) is None
+    assert limits.check("send", request_of("a" * MAX_VALUE_BYTES, "d")) is None
+    assert set(store.rule("per_user")) == {"a" * MAX_VALUE_BYTES, bounded(long_a), bounded(long_b)}
+
+
 # ---------------------------------------------------------------- shared by processes
 
 _COUNTER = """
@@ -108,7 +152,8 @@ from tlvproxy.stores.local_store import LocalBuckets, StoreError
 buckets = LocalBuckets(Path(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()
-admitted = sum(buckets.check([(b"shared", 1e-6, 19999.0)], 1.0) is None for _ in range(40000))
+shared = [(b"shared", 1e-6, 19999.0, 0)]
+admitted = sum(buckets.check(shared, [b""], 1.0) is None for _ in range(40000))
 print(admitted, flush=True)
 """
 
@@ -154,7 +199,7 @@ time.sleep(600)
 def test_a_killed_process_does_not_wedge_the_store(tmp_path: Path) -> None:
     buckets = LocalBuckets(tmp_path)
     try:
-        assert buckets.check([(b"k", 1.0, 0.0)], 0.0) is None
+        assert check_buckets(buckets, [(b"k", 1.0, 0.0)], 0.0) is None
         holder = subprocess.Popen(
             [sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
         )
@@ -165,10 +210,10 @@ def test_a_killed_process_does_not_wedge_the_store(tmp_path: Path) -> None:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
         # The write lock is robust: the next writer takes it over at once.
-        assert buckets.check([(b"k", 1.0, 0.0)], 0.5) == (0, 1)
-        assert buckets.check([(b"k", 1.0, 0.0)], 1.0) is None
+        assert check_buckets(buckets, [(b"k", 1.0, 0.0)], 0.5) == (0, 1)
+        assert check_buckets(buckets, [(b"k", 1.0, 0.0)], 1.0) is None
         # The periodic reader check frees the dead process's slot.
-        assert buckets.check([(b"other", 1.0, 0.0)], 100.0) is None
+        assert check_buckets(buckets, [(b"other", 1.0, 0.0)], 100.0) is None
         assert str(holder.pid) not in buckets._env.readers()
     finally:
         buckets.close()
@@ -180,48 +225,51 @@ def test_a_killed_process_does_not_wedge_the_store(tmp_path: Path) -> None:
 def test_drained_buckets_expire() -> None:
     with local_buckets() as buckets:
         for i in range(1000):
-            assert buckets.check([(b"u%d" % i, 10.0, 5.0)], 0.0) is None
+            assert check_buckets(buckets, [(b"u%d" % i, 10.0, 5.0)], 0.0) is None
         assert len(buckets) == 1000
         # All drained 0.1 s later: each new bucket sweeps up to four away.
-        assert buckets.check([(b"late", 10.0, 5.0)], 1.0) is None
+        assert check_buckets(buckets, [(b"late", 10.0, 5.0)], 1.0) is None
         assert len(buckets) == 1000 - 4 + 1
         for i in range(300):
-            assert buckets.check([(b"n%d" % i, 10.0, 5.0)], 1.0) is None
+            assert check_buckets(buckets, [(b"n%d" % i, 10.0, 5.0)], 1.0) is None
         # 1200 looks went round the whole store: only the new ones are left.
         assert len(buckets) == 300 + 1
         # An expired key starts afresh: a full burst again.
-        assert sum(buckets.check([(b"u0", 10.0, 5.0)], 1.0) is None for _ in range(10)) == 6
+        u0 = [(b"u0", 10.0, 5.0)]
+        assert sum(check_buckets(buckets, u0, 1.0) is None for _ in range(10)) == 6
 
 
 def test_buckets_still_draining_are_kept() -> None:
     with local_buckets() as buckets:
         for _ in range(3):
-            assert buckets.check([(b"old", 1.0, 5.0)], 0.0) is None
-        assert buckets.check([(b"new", 1.0, 5.0)], 2.5) is None
+            assert check_buckets(buckets, [(b"old", 1.0, 5.0)], 0.0) is None
+        assert check_buckets(buckets, [(b"new", 1.0, 5.0)], 2.5) is None
         assert len(buckets) == 2
         # "old" still holds half a request: 5 more pass, not 6.
-        assert sum(buckets.check([(b"old", 1.0, 5.0)], 2.5) is None for _ in range(10)) == 5
+        old = [(b"old", 1.0, 5.0)]
+        assert sum(check_buckets(buckets, old, 2.5) is None for _ in range(10)) == 5
 
 
 def test_the_bound_evicts_and_an_evicted_key_starts_afresh() -> None:
     with local_buckets(max_keys=100) as buckets:
         for i in range(1000):
-            assert buckets.check([(b"u%d" % i, 0.001, 0.0)], 0.0) is None
+            assert check_buckets(buckets, [(b"u%d" % i, 0.001, 0.0)], 0.0) is None
             assert len(buckets) <= 100
         # Nothing drains at this rate: u0 was evicted, so it is admitted again
         # (the bound errs on admitting); the latest key is still held.
-        assert buckets.check([(b"u999", 0.001, 0.0)], 0.0) is not None
-        assert buckets.check([(b"u0", 0.001, 0.0)], 0.0) is None
+        assert check_buckets(buckets, [(b"u999", 0.001, 0.0)], 0.0) is not None
+        assert check_buckets(buckets, [(b"u0", 0.001, 0.0)], 0.0) is None
 
 
 def test_a_million_keys_do_not_grow_the_file_without_bound() -> None:
     with local_buckets() as buckets:
         check = buckets.check
+        step = [(b"key", 10.0, 5.0, 0)]
         largest = 0
         for i in range(1_000_000):
             # 10 new keys a millisecond, each drained 0.1 s later: about a
             # thousand are live at any time.
-            assert check([(b"key%d" % i, 10.0, 5.0)], i * 1e-4) is None
+            assert check(step, [b"%d" % i], i * 1e-4) is None
             if i % 10_000 == 0:
                 largest = max(largest, len(buckets))
         assert largest < 2_000
@@ -279,12 +327,12 @@ def test_a_full_map_is_a_store_error_and_the_store_starts_afresh() -> None:
         failures = 0
         for i in range(20_000):
             try:
-                assert buckets.check([(b"%d" % i + b"x" * 60, 0.001, 0.0)], 0.0) is None
+                assert check_buckets(buckets, [(b"%d" % i + b"x" * 60, 0.001, 0.0)], 0.0) is None
             except StoreError:
                 failures += 1
                 assert len(buckets) == 0
         assert 1 <= failures <= 10
-        assert buckets.check([(b"after", 0.001, 0.0)], 0.0) is None
+        assert check_buckets(buckets, [(b"after", 0.001, 0.0)], 0.0) is None
 
 
 def test_rules_without_their_store_are_refused() -> None:
@@ -313,8 +361,8 @@ def test_a_bucket_time_never_goes_back():
     # the drain from then on would be counted twice.
     with local_buckets() as store:
         bucket = (local_prefix("per_user") + b"alice", 1.0, 1.0)
-        assert store.check([bucket], 10.0) is None
-        assert store.check([bucket], 9.0) is None  # level 2: burst 1 + 1
+        assert check_buckets(store, [bucket], 10.0) is None
+        assert check_buckets(store, [bucket], 9.0) is None  # level 2: burst 1 + 1
         # One second after the later time: one request has drained, not two.
-        assert store.check([bucket], 11.0) is None
-        assert store.check([bucket], 11.0) == (0, 1)
+        assert check_buckets(store, [bucket], 11.0) is None
+        assert check_buckets(store, [bucket], 11.0) == (0, 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Collection, Hashable, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
@@ -25,8 +26,6 @@ import attrs
 from tlvproxy.errors import RateLimited
 
 if TYPE_CHECKING:
-    from collections.abc import Hashable, Sequence
-
     from tlvproxy.config.keys import KeyExpr, RequestView
     from tlvproxy.config.model import RateLimitRule
 
@@ -74,99 +73,117 @@ class Refusal:
         )
 
 
+# A rule's buckets in one process: key value -> [level, time of the last
+# admission, rate], least recently used first.
+RuleBuckets = OrderedDict[Hashable, list[float]]
+# One rule of a check: its buckets, its rate per second and burst, and the
+# position of its key's value in the check's values.
+Step = tuple[RuleBuckets, float, float, int]
+
+
 class ProcessBuckets:
-    """Leaky buckets by name in this process's memory: the arithmetic every
-    store keeps, and the `store: local` buckets of a gateway that runs as one
-    process (docs/configuration.md "Where the buckets live"), which needs no
-    store shared with other processes.
+    """Leaky buckets in this process's memory, by rule and key value: the
+    arithmetic every store keeps, and the `store: local` buckets of a gateway
+    that runs as one process (docs/configuration.md "Where the buckets live"),
+    which needs no store shared with other processes.
 
     Each bucket holds a level: the requests it has admitted that have not yet
     flowed out at its rule's `rate`. A request raises it by one; it is refused
     when that would exceed `burst + 1`, so `burst + 1` requests pass at the
     same instant and one more every `1/rate` seconds after that.
 
-    Memory: at most `max_keys` buckets. A bucket that has fully drained is
-    worth nothing: each new bucket expires up to four drained ones from the
-    least recently used end. Past `max_keys`, the least recently used bucket is
-    evicted (that key then starts afresh, so the limit errs on the side of
-    admitting); size `max_keys` above the number of keys active within
-    `(burst + 1) / rate` seconds.
+    A rule's buckets are found by its name (`rule`), so a reload that keeps a
+    rule keeps them. Memory: at most `max_keys` buckets per rule. A bucket that
+    has fully drained is worth nothing: each new bucket expires up to four
+    drained ones from its rule's least recently used end. Past `max_keys`, the
+    rule's least recently used bucket is evicted (that key then starts afresh,
+    so the limit errs on the side of admitting); size `max_keys` above the
+    number of keys active within `(burst + 1) / rate` seconds.
     """
 
     def __init__(self, *, max_keys: int = 100_000) -> None:
         if max_keys < 1:
             raise ValueError(f"max_keys must be >= 1, got {max_keys}")
         self.max_keys = max_keys
-        # name -> [level, time of the last admission, rate], least recently used first.
-        self._buckets: OrderedDict[Hashable, list[float]] = OrderedDict()
+        self._rules: dict[str, RuleBuckets] = {}
 
     def __len__(self) -> int:
-        """How many buckets are held now."""
-        return len(self._buckets)
+        """How many buckets are held now, every rule's."""
+        return sum(len(held) for held in self._rules.values())
 
-    def check(self, buckets: Sequence[tuple[Hashable, float, float]], now: float) -> Verdict:
-        """Admit one request on every bucket of `buckets` (name, rate per
-        second, burst) at time `now` (seconds, monotonic).
+    def rule(self, name: str) -> RuleBuckets:
+        """The buckets of the rule named `name`, for the `Step`s of a check."""
+        held = self._rules.get(name)
+        if held is None:
+            held = self._rules[name] = OrderedDict()
+        return held
+
+    def retain(self, names: Collection[str]) -> None:
+        """Forget the buckets of every rule not in `names` (a reload dropped them)."""
+        for name in [name for name in self._rules if name not in names]:
+            del self._rules[name]
+
+    def check(self, steps: Sequence[Step], values: Sequence[Hashable], now: float) -> Verdict:
+        """Admit one request on the bucket of each rule of `steps` at time
+        `now` (seconds, monotonic): the bucket of the value at the step's key
+        position in `values`.
 
         Returns None when every bucket admits it (each then counting it), or
-        the position in `buckets` of the first that refuses and the whole
+        the position in `steps` of the first that refuses and the whole
         seconds (at least 1) after which it would admit; a refused request
         counts in no bucket.
         """
-        held = self._buckets
-        # Every bucket is checked before any counts the request.
-        admitted: list[tuple[Hashable, list[float] | None, float, float]] = []
-        for position, (name, rate, burst) in enumerate(buckets):
-            bucket = held.get(name)
+        # Each bucket counts the request as it admits it; a refusal takes the
+        # request back out of those before it (`_uncount`).
+        for position, (held, rate, burst, key) in enumerate(steps):
+            value = values[key]
+            bucket = held.get(value)
             if bucket is None:
-                admitted.append((name, None, 1.0, rate))
+                held[value] = [1.0, now, rate]
+                # The bucket just added holds one request and sits at the
+                # recent end, so expiring never drops it.
+                _expire(held, now, _EXPIRE_BATCH)
+                if len(held) > self.max_keys:
+                    held.popitem(last=False)
                 continue
             elapsed = now - bucket[1]
             level = bucket[0] - rate * elapsed if elapsed > 0.0 else bucket[0]
+            # A refused key is in use too: its bucket goes to the recent end,
+            # expiring at the rate it is refused at (a reload may change it).
+            held.move_to_end(value)
+            bucket[2] = rate
             if level - burst > EPSILON:
-                # A refused key is in use: keep its buckets from eviction,
-                # expiring at the rate it is refused at (a reload may change it).
-                bucket[2] = rate
-                for checked, existing, _, _ in admitted:
-                    if existing is not None:
-                        held.move_to_end(checked)
-                held.move_to_end(name)
+                _uncount(steps[:position], values)
                 wait = (level - burst) / rate
                 return position, max(1, math.ceil(wait - EPSILON))
-            admitted.append((name, bucket, level + 1.0 if level > 0.0 else 1.0, rate))
-        added = 0
-        for name, bucket, level, rate in admitted:
-            if bucket is None:
-                held[name] = [level, now, rate]
-                added += 1
-            else:
-                bucket[0] = level
-                bucket[1] = now
-                bucket[2] = rate  # a reload may have changed it: expiry drains at this one
-                held.move_to_end(name)
-        if added:
-            # After the updates: the buckets just counted hold at least one request
-            # and sit at the recent end, so expiring never drops them.
-            self._expire(now, _EXPIRE_BATCH * added)
-        while len(held) > self.max_keys:
-            held.popitem(last=False)
+            bucket[0] = level + 1.0 if level > 0.0 else 1.0
+            bucket[1] = now
         return None
 
-    def _expire(self, now: float, limit: int) -> None:
-        # Called as buckets are added, so the map grows only by keys still in use:
-        # drop drained buckets from the least recently used end, stopping at the
-        # first that still holds something (the LRU cap bounds whatever lies
-        # behind it). At most `limit`, so that after a long quiet spell no single
-        # request pays for expiring the whole map.
-        held = self._buckets
-        for _ in range(limit):
-            name = next(iter(held), None)
-            if name is None:
-                return
-            level, last, rate = held[name]
-            if level - rate * (now - last) > 0.0:
-                return
-            del held[name]
+
+def _uncount(steps: Sequence[Step], values: Sequence[Hashable]) -> None:
+    # Each of these buckets counted the request at `now`, which is now its
+    # time: one less is the level it had drained to by then, which admits
+    # exactly as its state before the check did (a bucket added by the check
+    # goes back to empty, as good as absent).
+    for held, _, _, key in steps:
+        held[values[key]][0] -= 1.0
+
+
+def _expire(held: RuleBuckets, now: float, limit: int) -> None:
+    # Called as buckets are added, so a rule's map grows only by keys still in
+    # use: drop drained buckets from the least recently used end, stopping at
+    # the first that still holds something (the LRU cap bounds whatever lies
+    # behind it). At most `limit`, so that after a long quiet spell no single
+    # request pays for expiring the whole map.
+    for _ in range(limit):
+        value = next(iter(held), None)
+        if value is None:
+            return
+        level, last, rate = held[value]
+        if level - rate * (now - last) > 0.0:
+            return
+        del held[value]
 
 
 class RateLimiter:
@@ -187,8 +204,16 @@ class RateLimiter:
         # Which rules apply to a command, computed once: a command that no rule
         # names gets the rules without a `commands` list.
         named = {name for rule in self._rules for name in rule.commands or ()}
-        self._unlisted = Plan.of(self._rules, "")
-        self._plans = {name: Plan.of(self._rules, name) for name in named}
+        self._unlisted = self._plan("")
+        self._plans = {name: self._plan(name) for name in named}
+
+    def _plan(self, command_name: str) -> tuple[Plan, tuple[Step, ...]]:
+        plan = Plan.of(self._rules, command_name)
+        steps = tuple(
+            (self._store.rule(self._rules[index].name), rate, burst, position)
+            for index, rate, burst, position in plan.steps
+        )
+        return plan, steps
 
     def __len__(self) -> int:
         """How many buckets are held now."""
@@ -196,7 +221,7 @@ class RateLimiter:
 
     def applies(self, command_name: str) -> bool:
         """Whether any rule limits `command_name` (when not, `check` always admits)."""
-        return bool(self._plans.get(command_name, self._unlisted).steps)
+        return bool(self._plans.get(command_name, self._unlisted)[1])
 
     def check(self, command_name: str, request: RequestView, now: float) -> Refusal | None:
         """Admit one request for `command_name` at time `now` (seconds, monotonic).
@@ -207,15 +232,13 @@ class RateLimiter:
         the `Refusal` of the first refusing rule in table order; a refused request
         counts in no bucket.
         """
-        plan = self._plans.get(command_name, self._unlisted)
-        if not plan.steps:
+        plan, steps = self._plans.get(command_name, self._unlisted)
+        if not steps:
             return None
         values = [key.evaluate(request) for key in plan.keys]
-        buckets = [
-            ((index, ABSENT_KEY if values[position] is None else values[position]), rate, burst)
-            for index, rate, burst, position in plan.steps
-        ]
-        verdict = self._store.check(buckets, now)
+        verdict = self._store.check(
+            steps, [ABSENT_KEY if value is None else value for value in values], now
+        )
         if verdict is None:
             return None
         position, retry_after = verdict

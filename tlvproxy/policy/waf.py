@@ -110,20 +110,14 @@ class Waf:
             location: _LocationRules(tuple(c for c in self._rules if location in c.rule.locations))
             for location in _REQUEST_LOCATIONS
         }
-        # False when no rule looks at REST requests: they skip `inspect_request`.
-        self.inspects_requests = any(lr.rules for lr in self._by_location.values())
-        # Every location's anchor literals together: a request whose text holds
-        # none of them matches no rule that has any, so the usual clean request
-        # costs one pass over its text instead of one per location.
-        # Those behind the most rules first: when the text holds one, the search
-        # stops there (a browser's User-Agent always holds the "(" of PHP rules).
-        anchors: Counter[RequiredLiteral] = Counter()
-        for location_rules in self._by_location.values():
-            anchors.update(location_rules.index.anchors())
-        ranked = [literal for literal, _ in anchors.most_common()]
-        self._plain_anchors = tuple(text for text, fold in ranked if not fold)
-        self._folded_anchors = tuple(text for text, fold in ranked if fold)
-        self._has_always = any(lr.index.always for lr in self._by_location.values())
+        # The locations of a REST request that rules look at, in scan order;
+        # with none, requests skip `inspect_request`.
+        self._request_rules = tuple(
+            (location, self._by_location[location])
+            for location in _REQUEST_LOCATIONS
+            if self._by_location[location].rules
+        )
+        self.inspects_requests = bool(self._request_rules)
 
     def inspect_request(
         self, *, path: str, query: str, body: bytes, headers: Sequence[tuple[str, str]]
@@ -135,37 +129,28 @@ class Waf:
         one by one. The query and body are also scanned decoded (`query_views`,
         `body_views`).
         """
-        by_location = self._by_location
-        texts: list[tuple[WafLocation, tuple[str, ...]]] = []
-        if by_location["path"].rules:
-            texts.append(("path", (path,)))
-        if by_location["query"].rules:
-            texts.append(("query", query_views(query)))
-        if by_location["body"].rules:
-            texts.append(("body", body_views(body)))
-        if by_location["headers"].rules and headers:
-            texts.append(("headers", tuple(value for _, value in headers)))
-        if not texts:
-            return []
-        if not self._has_always and not self._holds_an_anchor(
-            "\n".join(part for _, parts in texts for part in parts)
-        ):
+        texts: list[tuple[_LocationRules, WafLocation, tuple[str, ...], str]] = []
+        suspect = False
+        for location, rules in self._request_rules:
+            if location == "path":
+                parts: tuple[str, ...] = (path,)
+            elif location == "query":
+                parts = query_views(query)
+            elif location == "body":
+                parts = body_views(body)
+            elif headers:
+                parts = tuple([value for _, value in headers])
+            else:
+                continue
+            joined = parts[0] if len(parts) == 1 else "\n".join(parts)
+            texts.append((rules, location, parts, joined))
+            suspect = suspect or rules.may_match(joined)
+        if not suspect:
             return []
         found: dict[int, str] = {}
-        for location, parts in texts:
-            by_location[location].scan(location, parts, "\n".join(parts), found)
+        for rules, location, parts, joined in texts:
+            rules.scan(location, parts, joined, found)
         return self._matches(found)
-
-    def _holds_an_anchor(self, text: str) -> bool:
-        for anchor in self._plain_anchors:
-            if anchor in text:
-                return True
-        if self._folded_anchors:
-            folded = _fold(text)
-            for anchor in self._folded_anchors:
-                if anchor in folded:
-                    return True
-        return False
 
     def inspect_message(self, text: str) -> list[WafMatch]:
         """Every rule with `body` in its `in` matching a WebSocket text message.
@@ -269,6 +254,33 @@ class _LocationRules:
         self.needs_fold = any(
             fold for c in rules for requirement in c.requirements for _, fold in requirement
         )
+        # The index's anchor literals: a text holding none of them matches no
+        # rule that has any, so the usual clean text costs a few substring
+        # searches. Those behind the most rules first: when the text holds one,
+        # the search stops there (a browser's User-Agent always holds the "("
+        # of PHP rules). A literal without letters is the same folded or not,
+        # so it is looked for in the text as it is.
+        ranked = [literal for literal, _ in self.index.anchors().most_common()]
+        self._plain_anchors = tuple(
+            text for text, fold in ranked if not fold or not _has_letters(text)
+        )
+        self._folded_anchors = tuple(text for text, fold in ranked if fold and _has_letters(text))
+        self._always = bool(self.index.always)
+
+    def may_match(self, joined: str) -> bool:
+        """False when no rule of this location can match `joined` (which holds
+        every part of the text): it lacks every anchor literal."""
+        if self._always:
+            return True
+        for anchor in self._plain_anchors:
+            if anchor in joined:
+                return True
+        if self._folded_anchors:
+            folded = _fold(joined)
+            for anchor in self._folded_anchors:
+                if anchor in folded:
+                    return True
+        return False
 
     def scan(self, location: str, parts: Sequence[str], joined: str, found: dict[int, str]) -> None:
         """Record in `found` each rule not yet found that matches one of `parts`.
@@ -343,6 +355,12 @@ class _AnchorIndex:
                 found.extend(index.candidates(joined, folded))
         found.extend(self.always)
         return found
+
+
+def _has_letters(literal: str) -> bool:
+    """Whether case-insensitive matching could see `literal` differently from
+    its text: it is not ASCII, or holds an ASCII letter."""
+    return not literal.isascii() or any(char.isalpha() for char in literal)
 
 
 def _fold(text: str) -> str:

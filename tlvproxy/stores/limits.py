@@ -22,23 +22,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
-from tlvproxy.policy.ratelimit import ABSENT_KEY, Plan, Refusal
+from tlvproxy.policy.ratelimit import ABSENT_KEY, Plan, ProcessBuckets, Refusal
 from tlvproxy.stores.local_store import StoreError
-from tlvproxy.stores.names import bounded, local_prefix, redis_prefix
+from tlvproxy.stores.names import MAX_VALUE_BYTES, bounded, local_prefix, redis_prefix
 from tlvproxy.stores.redis_store import Failed
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Hashable, Sequence
 
     from tlvproxy.config.keys import KeyExpr, RequestView
     from tlvproxy.config.model import RateLimitRule
     from tlvproxy.metrics import Metrics
-    from tlvproxy.policy.ratelimit import ProcessBuckets
     from tlvproxy.stores.local_store import LocalBuckets
     from tlvproxy.stores.redis_store import Answer, RedisBuckets
 
@@ -69,7 +68,8 @@ class _CommandPlan:
     """The rules of one command, split by store, in table order within each."""
 
     keys: tuple[KeyExpr, ...]
-    local: tuple[tuple[bytes, float, float, int], ...]  # (name prefix, rate, burst, key position)
+    # The local store's steps: (the rule's buckets or name prefix, rate, burst, key position).
+    local: tuple[tuple[Any, float, float, int], ...]
     local_rules: tuple[_Rule, ...]
     redis: tuple[tuple[bytes, int], ...]  # (key prefix, key position)
     redis_args: tuple[bytes, ...]  # the script's ARGV after the time: rate, burst per key
@@ -77,9 +77,11 @@ class _CommandPlan:
     applies: bool  # whether any rule limits the command
 
     @classmethod
-    def of(cls, rules: tuple[RateLimitRule, ...], command_name: str) -> _CommandPlan:
+    def of(
+        cls, rules: tuple[RateLimitRule, ...], command_name: str, local_store: object
+    ) -> _CommandPlan:
         plan = Plan.of(rules, command_name)
-        local: list[tuple[bytes, float, float, int]] = []
+        local: list[tuple[Any, float, float, int]] = []
         local_rules: list[_Rule] = []
         redis: list[tuple[bytes, int]] = []
         redis_args: list[bytes] = []
@@ -95,7 +97,13 @@ class _CommandPlan:
                 redis_args += [repr(rate).encode(), repr(burst).encode()]
                 redis_rules.append(meta)
             else:
-                local.append((local_prefix(rule.name), rate, burst, position))
+                # ProcessBuckets finds a rule's buckets by name, LMDB by a prefix of each bucket's.
+                found = (
+                    local_store.rule(rule.name)
+                    if isinstance(local_store, ProcessBuckets)
+                    else local_prefix(rule.name)
+                )
+                local.append((found, rate, burst, position))
                 local_rules.append(meta)
         return cls(
             plan.keys,
@@ -145,8 +153,10 @@ class RateLimits:
         self._redis_clock = redis_clock
         self._next_log = -math.inf
         named = {name for rule in self._rules for name in rule.commands or ()}
-        self._unlisted = _CommandPlan.of(self._rules, "")
-        self._plans = {name: _CommandPlan.of(self._rules, name) for name in named}
+        if isinstance(local, ProcessBuckets):
+            local.retain({rule.name for rule in self._rules if rule.store == "local"})
+        self._unlisted = _CommandPlan.of(self._rules, "", local)
+        self._plans = {name: _CommandPlan.of(self._rules, name, local) for name in named}
 
     def applies(self, command_name: str) -> bool:
         """Whether any rule limits `command_name` (when not, `check` always admits)."""
@@ -160,7 +170,7 @@ class RateLimits:
         one of those once Redis answers (within its 50 ms budget).
         """
         plan = self._plans.get(command_name, self._unlisted)
-        values = [_value(key, request) for key in plan.keys]
+        values = [key.evaluate(request) for key in plan.keys]
         if plan.local:
             refusal = self._check_local(plan, values)
             if refusal is not None:
@@ -169,19 +179,33 @@ class RateLimits:
             return None
         assert self._redis is not None  # __init__ checked that every rule has its store
         pending = Pending(plan.redis_rules, self._metrics)
-        keys = [prefix + values[position] for prefix, position in plan.redis]
+        texts = [ABSENT_KEY if value is None else value for value in values]
+        keys = [prefix + bounded(texts[position]) for prefix, position in plan.redis]
         # The script's ARGV: the time ("" for Redis's TIME), then rate, burst per key.
         now = b"" if self._redis_clock is None else repr(self._redis_clock()).encode()
         self._redis.submit(keys, (now, *plan.redis_args), pending)
         return pending
 
-    def _check_local(self, plan: _CommandPlan, values: list[bytes]) -> Refusal | None:
-        assert self._local is not None  # __init__ checked that every rule has its store
-        buckets = [
-            (prefix + values[position], rate, burst) for prefix, rate, burst, position in plan.local
-        ]
+    def _check_local(self, plan: _CommandPlan, values: list[str | None]) -> Refusal | None:
+        local = self._local
+        assert local is not None  # __init__ checked that every rule has its store
         try:
-            answer = self._local.check(buckets, self._clock())
+            if isinstance(local, ProcessBuckets):
+                # A bucket is named by the key value's text; one longer than
+                # MAX_VALUE_BYTES characters by its digest, so that a caller
+                # cannot make a bucket's name large.
+                texts: list[Hashable] = [
+                    ABSENT_KEY
+                    if value is None
+                    else value
+                    if len(value) <= MAX_VALUE_BYTES
+                    else bounded(value)
+                    for value in values
+                ]
+                answer = local.check(plan.local, texts, self._clock())
+            else:
+                names = [bounded(ABSENT_KEY if value is None else value) for value in values]
+                answer = local.check(plan.local, names, self._clock())
         except StoreError as exc:
             now = time.monotonic()
             if now >= self._next_log:
@@ -243,11 +267,6 @@ class Pending:
         callback, self._callback = self._callback, None
         if callback is not None:
             callback(verdict)
-
-
-def _value(key: KeyExpr, request: RequestView) -> bytes:
-    value = key.evaluate(request)
-    return bounded(ABSENT_KEY if value is None else value)
 
 
 def _store_failed(rules: tuple[_Rule, ...], metrics: Metrics) -> Refusal | None:

@@ -51,9 +51,10 @@ _BUCKET = struct.Struct("<ddd")
 # A check's answer: None (every bucket counted), or the position in `buckets`
 # of the first that refused and the seconds after which it would admit.
 Verdict = tuple[int, int] | None
-# One bucket to check: its name (names.local_prefix + names.bounded), the
-# rule's rate per second and burst.
-Bucket = tuple[bytes, float, float]
+# One rule of a check: the prefix of its buckets' names (names.local_prefix),
+# its rate per second and burst, and the position of its key's value
+# (names.bounded) in the check's values; the bucket's name is prefix + value.
+Step = tuple[bytes, float, float, int]
 
 
 class StoreError(Exception):
@@ -107,19 +108,21 @@ class LocalBuckets:
     def close(self) -> None:
         self._env.close()
 
-    def check(self, buckets: Sequence[Bucket], now: float) -> Verdict:
-        """Admit one request on every bucket of `buckets` at time `now` (seconds).
+    def check(self, steps: Sequence[Step], values: Sequence[bytes], now: float) -> Verdict:
+        """Admit one request on the bucket of each rule of `steps` at time
+        `now` (seconds): the bucket of the value at the step's key position in
+        `values`.
 
         The same arithmetic as `policy.ratelimit.ProcessBuckets.check`: either
         every bucket counts the request and None is returned, or none does and
-        the answer is the first refusing bucket's position and retry-after.
+        the answer is the first refusing step's position and retry-after.
         Raises StoreError when the store cannot answer.
         """
         if now >= self._next_reader_check:
             self._next_reader_check = now + _READER_CHECK_INTERVAL
             self._free_readers()
         try:
-            return self._check(buckets, now)
+            return self._check(steps, values, now)
         except lmdb.MapFullError:
             # The map is full despite MAX_KEYS (free pages held by a reader
             # that never ends): this check fails, and the store starts afresh.
@@ -128,20 +131,24 @@ class LocalBuckets:
         except lmdb.Error as exc:
             raise StoreError(f"the rate-limit store failed: {exc}") from None
 
-    def _check(self, buckets: Sequence[Bucket], now: float) -> Verdict:
+    def _check(self, steps: Sequence[Step], values: Sequence[bytes], now: float) -> Verdict:
         # One write transaction: the check and the count are atomic across
-        # processes, and it is aborted (nothing written) on a refusal.
+        # processes. Each bucket counts the request as it admits it; a refusal
+        # aborts the transaction, and nothing is written.
+        pack = _BUCKET.pack
+        unpack = _BUCKET.unpack
         with self._env.begin(write=True, db=self._db) as txn:
             get = txn.get
-            counted: list[tuple[bytes, float, float, float]] = []
+            put = txn.put
             added = 0
-            for position, (name, rate, burst) in enumerate(buckets):
+            for position, (prefix, rate, burst, key) in enumerate(steps):
+                name = prefix + values[key]
                 stored = get(name)
                 if stored is None:
-                    counted.append((name, 1.0, now, rate))
+                    put(name, pack(1.0, now, rate))
                     added += 1
                     continue
-                level, last, _ = _BUCKET.unpack(stored)
+                level, last, _ = unpack(stored)
                 elapsed = now - last
                 if elapsed > 0.0:
                     level -= rate * elapsed
@@ -152,15 +159,14 @@ class LocalBuckets:
                 # A worker that read its clock before waiting for the write
                 # lock may come after one that read it later: the bucket's
                 # time never goes back, or its drain would count twice.
-                counted.append((name, level + 1.0 if level > 0.0 else 1.0, max(last, now), rate))
-            put = txn.put
-            for name, level, at, rate in counted:
-                put(name, _BUCKET.pack(level, at, rate))
+                level = level + 1.0 if level > 0.0 else 1.0
+                put(name, pack(level, last if last > now else now, rate))
             if added:
                 # After the updates: the buckets just counted hold at least one
                 # request, so the sweep keeps them, and over the bound it
                 # evicts others.
-                self._sweep(txn, now, _SWEEP_BATCH * added, {name for name, _, _, _ in counted})
+                keep = {prefix + values[key] for prefix, _, _, key in steps}
+                self._sweep(txn, now, _SWEEP_BATCH * added, keep)
         return None
 
     def _sweep(self, txn: lmdb.Transaction, now: float, limit: int, keep: set[bytes]) -> None:
