@@ -1,7 +1,7 @@
 """The demo IM service: a TLV server for trying the gateway out (`tlvproxy mock-upstream`).
 
 Owns: the demo service's behaviour, its in-memory messages, and which connection
-gets which push. Must not: be imported by the gateway; it uses framing.py and the
+gets which push. Must not: be imported by the gateway; it uses tlvproxy/framing and the
 table's codecs like any other TLV peer would.
 
 It speaks the table's framing layout and reads request bodies with the table's
