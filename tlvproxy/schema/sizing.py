@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from tlvproxy.schema.convert import WELL_KNOWN
+from tlvproxy.schema.protojson import WELL_KNOWN
 
 if TYPE_CHECKING:
     from collections.abc import Callable
