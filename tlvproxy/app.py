@@ -58,7 +58,7 @@ from tlvproxy.server.http_conn import (
     Submitter,
     serve_http_connection,
 )
-from tlvproxy.server.parsers import resolve_parser_name
+from tlvproxy.server.parser_choice import resolve_parser_name
 from tlvproxy.server.rest import RestHandler, error_response_for, render_error, request_id_of
 from tlvproxy.server.tls import handshake
 from tlvproxy.server.view import client_address

@@ -11,14 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tlvproxy.errors import BadRequest, GatewayError, HeadersTooLarge, PayloadTooLarge
+from tlvproxy.server.parser_choice import new_parser, resolve_parser_name
 from tlvproxy.server.parsers import (
     CONNECTION_CLOSED,
     NEED_DATA,
     InvalidResponse,
     RequestEnd,
     RequestHead,
-    new_parser,
-    resolve_parser_name,
     split_target,
 )
 

@@ -26,12 +26,12 @@ from tlvproxy.errors import (
 )
 from tlvproxy.server.chunked import MAX_CHUNK_LINE
 from tlvproxy.server.http_conn import HttpSettings, Request, Response, serve_http_connection
+from tlvproxy.server.parser_choice import new_parser
 from tlvproxy.server.parsers import (
     CONNECTION_CLOSED,
     NEED_DATA,
     RequestEnd,
     RequestHead,
-    new_parser,
 )
 
 PARSERS = ["h11", "httptools"]

@@ -36,13 +36,13 @@ import attrs
 import trio
 
 from tlvproxy.errors import GatewayError, RequestTimeout, ShuttingDown
+from tlvproxy.server.parser_choice import new_parser
 from tlvproxy.server.parsers import (
     NEED_DATA,
     InvalidResponse,
     RequestEnd,
     RequestHead,
     comma_tokens,
-    new_parser,
     split_target,
 )
 from tlvproxy.timer import DeadlineTimer

@@ -28,7 +28,6 @@ again.
 from __future__ import annotations
 
 import enum
-import importlib.util
 import re
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -379,26 +378,3 @@ def split_target(target: str) -> tuple[str, str]:
         return target, ""
     parts = urlsplit(target)
     return unquote(parts.path or "/"), parts.query
-
-
-def resolve_parser_name(name: Literal["auto", "h11", "httptools"]) -> ParserName:
-    """The parser `http_parser: NAME` means: auto is httptools when importable."""
-    if name != "auto":
-        return name
-    return "httptools" if importable_httptools() else "h11"
-
-
-def importable_httptools() -> bool:
-    """True when the httptools package can be imported."""
-    return importlib.util.find_spec("httptools") is not None
-
-
-def new_parser(name: ParserName, *, max_header_bytes: int, max_body: int) -> RequestParser:
-    """A fresh parser for one connection, enforcing the given limits."""
-    if name == "httptools":
-        from tlvproxy.server.httptools_parser import HttptoolsParser
-
-        return HttptoolsParser(max_header_bytes=max_header_bytes, max_body=max_body)
-    from tlvproxy.server.h11_parser import H11Parser
-
-    return H11Parser(max_header_bytes=max_header_bytes, max_body=max_body)
