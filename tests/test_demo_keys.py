@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.cli import run_cli
-from tlvproxy.auth.jwks import parse_key_set
+from tlvproxy.config.jwks import parse_key_set
 from tlvproxy.demo_keys import AUDIENCE, ISSUER, KEY_SET, PRIVATE_KEY, TokenIssuer
 
 if TYPE_CHECKING:

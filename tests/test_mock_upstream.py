@@ -22,7 +22,7 @@ import yaml
 import tlvproxy
 from tests.fixtures import FIXTURE_TABLE
 from tests.upstream.rawtlv import PushLog
-from tlvproxy.auth.jwks import parse_key_set
+from tlvproxy.config.jwks import parse_key_set
 from tlvproxy.config.loader import load_table
 from tlvproxy.config.model import Address, Table
 from tlvproxy.demo_keys import AUDIENCE, ISSUER, TokenIssuer, make_demo_keys

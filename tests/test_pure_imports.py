@@ -31,7 +31,7 @@ LATER = (
     "tlvproxy.upstream.health",
     "tlvproxy.openapi",
     "tlvproxy.auth.identity",
-    "tlvproxy.auth.jwks",
+    "tlvproxy.config.jwks",
     "tlvproxy.auth.tokens",
     "tlvproxy.auth.api_keys",
     "tlvproxy.auth.signatures",

@@ -21,8 +21,8 @@ from tests.auth.keys import (
     token,
     unsigned,
 )
-from tlvproxy.auth.jwks import KeySet, parse_key_set
 from tlvproxy.auth.tokens import CACHE_SIZE, JwtAuthenticator, StaticKeys
+from tlvproxy.config.jwks import KeySet, parse_key_set
 from tlvproxy.config.keys import parse_key
 from tlvproxy.config.model import JwtAuthSpec
 from tlvproxy.errors import Unauthorized

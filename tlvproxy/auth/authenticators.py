@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from tlvproxy.auth.api_keys import ApiKeyAuthenticator
 from tlvproxy.auth.identity import check_claims
-from tlvproxy.auth.jwks import parse_key_set
 from tlvproxy.auth.signatures import HmacAuthenticator
 from tlvproxy.auth.tokens import JwtAuthenticator, KeySource, StaticKeys
+from tlvproxy.config.jwks import parse_key_set
 from tlvproxy.config.model import ApiKeyAuthSpec, HmacAuthSpec
 from tlvproxy.errors import Forbidden, Unauthorized
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Final
 import httpx
 import trio
 
-from tlvproxy.auth.jwks import parse_key_set
+from tlvproxy.config.jwks import parse_key_set
 
 if TYPE_CHECKING:
-    from tlvproxy.auth.jwks import KeySet
+    from tlvproxy.config.jwks import KeySet
 
 KID_REFETCH: Final = 30.0
 FETCH_TIMEOUT: Final = 5.0

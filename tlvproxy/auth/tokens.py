@@ -36,7 +36,7 @@ from jwt.exceptions import (
 from tlvproxy.auth.identity import Identity, refuse
 
 if TYPE_CHECKING:
-    from tlvproxy.auth.jwks import KeySet
+    from tlvproxy.config.jwks import KeySet
     from tlvproxy.config.keys import RequestView
     from tlvproxy.config.model import JwtAuthSpec
     from tlvproxy.errors import Unauthorized

@@ -14,8 +14,8 @@ import os
 import re
 from typing import TYPE_CHECKING, Any, Final
 
-from tlvproxy.auth.jwks import ALGORITHMS, parse_key_set
 from tlvproxy.config import nodes
+from tlvproxy.config.jwks import ALGORITHMS, parse_key_set
 from tlvproxy.config.keys import KeyExpr
 from tlvproxy.config.model import (
     ApiKeyAuthSpec,

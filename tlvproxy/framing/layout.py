@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 
 from tlvproxy.framing.frame import DEFAULT_MAX_BODY, END_BYTE, START_BYTE, Frame
 
 if TYPE_CHECKING:
-    from tlvproxy.framing.decoder import FrameDecoder
     from tlvproxy.framing.frame import ConnectionClosed, NeedData
 
 FieldType = Literal["u8", "u16", "u32", "u64"]
@@ -55,9 +54,10 @@ def _field_tuple(fields: Iterable[HeaderField]) -> tuple[HeaderField, ...]:
     return tuple(fields)
 
 
-# The decoder's per-layout functions: `scan(decoder)` is `next_event`, and
+# The decoder's per-layout functions: `scan(decoder)` is `next_event` of a
+# FrameDecoder (decoder.py, which imports this module: typed Any here), and
 # `from_wire(frame_bytes)` decodes one complete, checked frame.
-_Scan = Callable[["FrameDecoder"], "Frame | NeedData | ConnectionClosed"]
+_Scan = Callable[[Any], "Frame | NeedData | ConnectionClosed"]
 _PackWire = Callable[[int, int, int, int, int, bytes, tuple[int, ...]], bytes]
 
 

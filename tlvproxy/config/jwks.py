@@ -6,7 +6,9 @@ only keys of its own type (`oct` for HS*, `RSA` for RS*/PS*, `EC` with the
 matching curve for ES*, `OKP` for EdDSA), so a public RSA key can never be
 used as an HMAC secret (the HS/RS confusion); a key whose `alg` is set is used
 for that algorithm only; a key whose `use` is not `sig` is skipped.
-Must not: fetch anything (`remote_keys.py` does) or verify tokens (`tokens.py`).
+Must not: fetch anything (tlvproxy/auth/remote_keys.py does) or verify tokens
+(tlvproxy/auth/tokens.py). It lives with the table, which checks a key set
+file when it loads; the authenticators (tlvproxy/auth/) use it too.
 """
 
 from __future__ import annotations
