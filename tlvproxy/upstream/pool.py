@@ -1,9 +1,12 @@
 """The pool of one upstream: node choice, pooled connections, retries, health
 (docs/configuration.md "upstreams").
 
-Owns: per node, up to `spec.connections` multiplexed connections (opened lazily,
-reconnected with capped exponential backoff), health counting and its metrics, the
-heartbeat or probe task, the retry policy, and dedicated WebSocket sessions.
+Owns: the nodes requests go to (discovery joins and retirements, the balancers),
+per node up to `spec.connections` multiplexed connections (opened lazily,
+reconnected with capped exponential backoff), sending a request and sending it
+again, and opening dedicated session connections. Beside it: node.py (one
+node's state and health), attempt.py (a request on its way, the retry policy),
+watch.py (heartbeats and probes), session.py (a session's connection).
 Must not: set request deadlines (the caller wraps `request` in a cancel scope,
 docs/reference.md "How a request flows"), decode bodies, or know about HTTP.
 
@@ -43,45 +46,33 @@ import errno
 import logging
 import math
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
-import attrs
-import outcome
 import trio
 
 from tlvproxy.config.model import NodeSpec
-from tlvproxy.errors import (
-    GatewayError,
-    NoHealthyNode,
-    Overloaded,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from tlvproxy.errors import NoHealthyNode, Overloaded
 from tlvproxy.metrics import OUTCOMES
 from tlvproxy.timer import DeadlineTimer
+from tlvproxy.upstream.attempt import Attempt, Completion, Reply, TaskCompletion
 from tlvproxy.upstream.balance import HashRing, RoundRobin
-from tlvproxy.upstream.connection import (
-    Connection,
-    ConnectionLost,
-    PushReceiver,
-    SendFailed,
-    Waiter,
-)
-from tlvproxy.upstream.health import BACKOFF_BASE, Backoff, NodeHealth
+from tlvproxy.upstream.connection import Connection, PushReceiver, SendFailed
+from tlvproxy.upstream.health import BACKOFF_BASE
+from tlvproxy.upstream.node import Node, NodeState
+from tlvproxy.upstream.session import Session
+from tlvproxy.upstream.watch import run_heartbeats, run_probes
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+    from collections.abc import AsyncIterator, Sequence
 
     from tlvproxy.config.model import Address, UpstreamSpec
-    from tlvproxy.framing import Frame, HeaderLayout
+    from tlvproxy.framing import HeaderLayout
     from tlvproxy.metrics import Metrics
+
+__all__ = ["Completion", "NodeState", "OutOfDescriptors", "Pool", "Reply", "Session", "open_pool"]
 
 log = logging.getLogger("tlvproxy.upstream")
 
-# How often one request may be put on a new connection of the same node after
-# the one it was queued on went down before writing it.
-_MAX_RESENDS: Final = 2
 # How often a node that left the upstream is checked for its last answers.
 _RETIRE_CHECK: Final = 0.05
 # Discovered nodes whose first connection opens within this time of each other
@@ -109,311 +100,6 @@ def _out_of_descriptors(exc: OSError) -> bool:
     )
 
 
-@attrs.frozen(slots=True)
-class Reply:
-    """A response frame and the node ("host:port") that answered it."""
-
-    frame: Frame
-    node: str
-
-
-@attrs.frozen(slots=True, kw_only=True)
-class NodeState:
-    """One node as `/admin/config` shows it."""
-
-    address: str
-    weight: int
-    healthy: bool
-    in_flight: int
-    connections: int
-    consecutive_failures: int
-
-
-class _Node:
-    """One node's mutable state; owned by its pool."""
-
-    def __init__(self, spec: NodeSpec, upstream: UpstreamSpec, metrics: Metrics) -> None:
-        self.address = spec.address
-        self.name = str(spec.address)
-        self.weight = spec.weight
-        self.health = NodeHealth(
-            unhealthy_after=upstream.health.unhealthy_after,
-            healthy_after=upstream.health.healthy_after,
-        )
-        self.backoff = Backoff()
-        # Removed from the discovered set: no new request, no new connection
-        # (docs/configuration.md "discovery").
-        self.retired = False
-        self.live: list[Connection] = []
-        self.connecting = 0
-        self.changed = trio.Event()  # set (and replaced) when live or connecting changes
-        self.became_unhealthy = trio.Event()  # replaced when the node recovers
-        outcomes = metrics.upstream_requests
-        self.count_ok = outcomes.labels(upstream.name, self.name, "ok").inc
-        self.count_status = outcomes.labels(upstream.name, self.name, "status").inc
-        self.count_timeout = outcomes.labels(upstream.name, self.name, "timeout").inc
-        self.count_unavailable = outcomes.labels(upstream.name, self.name, "unavailable").inc
-        self.count_protocol_error = outcomes.labels(upstream.name, self.name, "protocol_error").inc
-        self.healthy_gauge = metrics.upstream_node_healthy.labels(upstream.name, self.name)
-        self.healthy_gauge.set(1)
-
-    def count_answer(self, frame: Frame) -> None:
-        """An answer, whatever its status: counted, and the failure streak ends."""
-        if frame.status:
-            self.count_status()
-        else:
-            self.count_ok()
-        self.health.record_answer()
-
-    def count_lost(self, error: GatewayError) -> None:
-        """No answer, the connection having broken or gone (not a timeout)."""
-        if isinstance(error, UpstreamProtocolError):
-            self.count_protocol_error()
-        else:
-            self.count_unavailable()
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def available(self, now: float) -> bool:
-        return self.health.healthy and (bool(self.live) or self.backoff.ready(now))
-
-    def open_count(self) -> int:
-        """Live connections that are still open (not being torn down)."""
-        return sum(1 for conn in self.live if conn.error is None)
-
-    def pick(self) -> Connection | None:
-        """The least-loaded usable connection, if it is idle or no other may be opened."""
-        best: Connection | None = None
-        best_load = 0
-        # `usable` and `in_flight` spelled out: this runs once per request.
-        for conn in self.live:
-            load = len(conn._waiters)
-            if conn.error is not None or load >= conn.max_in_flight:
-                continue
-            if load == 0:
-                return conn
-            if best is None or load < best_load:
-                best, best_load = conn, load
-        return best
-
-
-class Completion(Protocol):
-    """Who learns the outcome of `Pool.submit`; called once, and must not raise."""
-
-    def on_reply(self, frame: Frame, node: str) -> None:
-        """The response frame, and the node ("host:port") that answered."""
-
-    def on_error(self, error: GatewayError, node: str | None) -> None:
-        """Why there is no response, and the node last tried (None: none was)."""
-
-
-class _TaskCompletion:
-    """The completion of `Pool.request`: the task awaiting the reply."""
-
-    __slots__ = ("result", "task")
-
-    def __init__(self) -> None:
-        # The task once it waits; until then an outcome is kept in `result`
-        # (`submit` may settle before returning).
-        self.task: trio.lowlevel.Task | None = None
-        self.result: outcome.Outcome[Reply] | None = None
-
-    def on_reply(self, frame: Frame, node: str) -> None:
-        self._resume(outcome.Value(Reply(frame, node)))
-
-    def on_error(self, error: GatewayError, node: str | None) -> None:
-        self._resume(outcome.Error(error))
-
-    def _resume(self, result: outcome.Outcome[Reply]) -> None:
-        task = self.task
-        if task is None:
-            self.result = result
-        else:
-            self.task = None
-            trio.lowlevel.reschedule(task, result)
-
-    async def wait(self) -> Reply:
-        if self.result is not None:
-            await trio.lowlevel.checkpoint()
-            return self.result.unwrap()
-        self.task = trio.lowlevel.current_task()
-        reply: Reply = await trio.lowlevel.wait_task_rescheduled(self._abort)
-        return reply
-
-    def _abort(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        self.task = None  # an outcome after this is kept in `result`, unread
-        return trio.lowlevel.Abort.SUCCEEDED
-
-
-class _Settled:
-    """The completion of a settled attempt: it hears nothing more."""
-
-    def on_reply(self, frame: Frame, node: str) -> None:
-        raise AssertionError("a settled attempt was answered")  # pragma: no cover
-
-    def on_error(self, error: GatewayError, node: str | None) -> None:
-        raise AssertionError("a settled attempt failed")  # pragma: no cover
-
-
-_SETTLED: Final = _Settled()
-
-
-class _Attempt:
-    """One request of `Pool.submit` on its way: the connection's `Waiter`.
-
-    It counts each outcome on its node (metrics, health) and applies the retry
-    policy before its completion hears of it.
-    """
-
-    __slots__ = (
-        "body",
-        "command",
-        "completion",
-        "conn",
-        "deadline",
-        "idempotent",
-        "key",
-        "node",
-        "pool",
-        "resent",
-        "seq",
-        "settled",
-        "tried",
-        "uid",
-    )
-
-    def __init__(
-        self,
-        pool: Pool,
-        completion: Completion,
-        command: int,
-        body: bytes,
-        uid: int,
-        key: str | None,
-        idempotent: bool,
-        deadline: float,
-    ) -> None:
-        self.pool = pool
-        self.completion = completion
-        self.command = command
-        self.body = body
-        self.uid = uid
-        self.key = key
-        self.idempotent = idempotent
-        self.deadline = deadline
-        self.node: _Node | None = None
-        self.conn: Connection | None = None
-        self.seq = 0
-        self.tried: list[_Node] = []
-        self.resent = 0
-        self.settled = False
-
-    def put_on(self, conn: Connection) -> None:
-        """Submit to `conn` (a usable connection of `self.node`)."""
-        try:
-            self.seq = conn.submit(self, self.command, self.body, self.uid)
-        except SendFailed as exc:
-            self.failed(exc)
-            return
-        except GatewayError as exc:  # PayloadTooLarge, BadRequest: no node would take it
-            self._settle(exc)
-            return
-        self.conn = conn
-
-    def withdraw(self) -> None:
-        """The caller gave up: free the seq, report nothing."""
-        self.settled = True
-        if self.conn is not None:
-            self.conn.withdraw(self.seq, self)
-
-    # The Waiter side: called by the connection.
-
-    def on_response(self, frame: Frame) -> None:
-        node = self.node
-        assert node is not None  # set before the request was put on a connection
-        node.count_answer(frame)
-        self.settled = True
-        completion = self.completion
-        self._release()
-        completion.on_reply(frame, node.name)
-
-    def on_error(self, error: GatewayError) -> None:
-        node = self.node
-        assert node is not None
-        self.conn = None
-        node.count_lost(error)
-        if isinstance(error, SendFailed) and node.retired:
-            self.elsewhere()  # never written, and its node left: not a try
-            return
-        if isinstance(error, SendFailed) and self.resent < _MAX_RESENDS:
-            # Never written: the connection went down under it. Another
-            # connection of the same node takes it, a new one if need be
-            # (docs/reference.md "When an upstream connection goes down").
-            self.resent += 1
-            self.pool._send(self, node)
-            return
-        self.failed(error)
-
-    def on_timeout(self) -> None:
-        self.conn = None
-        self.timed_out()
-
-    # Outcomes.
-
-    def timed_out(self) -> None:
-        """The deadline passed: a timeout of the node (health), never retried."""
-        node = self.node
-        if node is not None:
-            self.pool._timed_out(node)
-        self._settle(
-            UpstreamTimeout(f"upstream {self.pool.spec.name!r}: no answer before the deadline")
-        )
-
-    def failed(self, error: GatewayError) -> None:
-        """Retry on another node when the policy allows, else report (docs/reference.md
-        "Retries")."""
-        node = self.node
-        assert node is not None
-        tried = self.tried
-        tried.append(node)
-        following = None
-        pool = self.pool
-        if len(tried) <= pool.spec.retries and (isinstance(error, SendFailed) or self.idempotent):
-            following = pool._next(self.key if pool._hash_requests else None, tried)
-        if following is None:
-            self._settle(error)
-            return
-        pool._send(self, following)
-
-    def elsewhere(self) -> None:
-        """Send again to another node: `self.node` left the upstream before
-        the request was written (docs/configuration.md "discovery"). Not a
-        try of the retry policy: nothing was sent."""
-        pool = self.pool
-        following = pool._next(self.key if pool._hash_requests else None, self.tried)
-        if following is None:
-            self._settle(NoHealthyNode(f"upstream {pool.spec.name!r}: no healthy node"))
-            return
-        pool._send(self, following)
-
-    def _settle(self, error: GatewayError) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        completion = self.completion
-        self._release()
-        completion.on_error(error, None if self.node is None else self.node.name)
-
-    def _release(self) -> None:
-        # Settled: a stale entry in a deadline heap may keep this attempt a
-        # while; it must not keep the request and its answer (less garbage for
-        # the collector to trace).
-        self.completion = _SETTLED
-        self.body = b""
-
-
 class Pool:
     """Requests to one upstream. Build it with `open_pool`."""
 
@@ -432,21 +118,21 @@ class Pool:
         self._metrics = metrics
         self._nursery = nursery
         self._timer = timer
-        self._nodes: list[_Node] = []
+        self._nodes: list[Node] = []
         self._round_robin: RoundRobin | None = None
         self._ring: HashRing | None = None
-        self._hash_requests = spec.balance == "consistent_hash"
+        self.hash_requests = spec.balance == "consistent_hash"
         self._max_in_flight = spec.max_in_flight
         # Each node's heartbeat or probe task, to stop it when the node leaves.
-        self._watchers: dict[_Node, trio.CancelScope] = {}
+        self._watchers: dict[Node, trio.CancelScope] = {}
         # Discovered nodes connecting before they join (by address).
-        self._joining: dict[Address, _Node] = {}
+        self._joining: dict[Address, Node] = {}
         self._joined = trio.Event()  # set while nothing is joining
-        self._connected: list[_Node] = []  # joining, connected, to be admitted
+        self._connected: list[Node] = []  # joining, connected, to be admitted
         self._joined.set()
-        self._set_members([_Node(node, spec, metrics) for node in spec.nodes])
+        self._set_members([Node(node, spec, metrics) for node in spec.nodes])
 
-    def _set_members(self, members: list[_Node]) -> None:
+    def _set_members(self, members: list[Node]) -> None:
         """Make `members` the nodes requests go to; the balancers follow (the
         ring holds every member, healthy or not)."""
         self._nodes = members
@@ -455,7 +141,7 @@ class Pool:
             self._round_robin = RoundRobin([node.weight for node in members])
             # A consistent_hash upstream walks the ring on every request; any
             # other builds it only for a WebSocket session with a key (`_next`).
-            if self._hash_requests:
+            if self.hash_requests:
                 self._ring = HashRing([(node.name, node.weight) for node in members])
 
     # ------------------------------------------------------------ discovery
@@ -468,7 +154,7 @@ class Pool:
         requests are answered; a node whose weight changed keeps its
         connections and health. Nothing here fails a request."""
         wanted = {spec.address: spec for spec in specs}
-        members: list[_Node] = []
+        members: list[Node] = []
         changed = False
         for node in self._nodes:
             spec = wanted.get(node.address)
@@ -490,7 +176,7 @@ class Pool:
         present = {node.address for node in members} | set(self._joining)
         for address, spec in wanted.items():
             if address not in present:
-                node = _Node(spec, self.spec, self._metrics)
+                node = Node(spec, self.spec, self._metrics)
                 self._joining[address] = node
                 self._joined = trio.Event()
                 self._nursery.start_soon(self._join, node)
@@ -511,12 +197,12 @@ class Pool:
         """Wait until every node being discovered has joined (or left)."""
         await self._joined.wait()
 
-    async def _join(self, node: _Node) -> None:
+    async def _join(self, node: Node) -> None:
         """Connect to `node` until it works, then make it a member; the
         reconnect backoff paces the attempts."""
         while self._joining.get(node.address) is node:
             try:
-                await self._connect(node)
+                await self.connect(node)
             except SendFailed as exc:
                 log.warning(
                     "a discovered node cannot be reached yet",
@@ -550,7 +236,7 @@ class Pool:
             self._nursery.start_soon(self._watch_health, node)
             log.info("node joined", extra={"upstream": self.spec.name, "node": node.name})
 
-    async def _retire_node(self, node: _Node) -> None:
+    async def _retire_node(self, node: Node) -> None:
         """Close `node`'s connections as their requests are answered: each
         once it has none in flight, or once the latest deadline of those it
         carries has passed (a command's own `timeout` may be longer than the
@@ -579,16 +265,16 @@ class Pool:
             for outcome in OUTCOMES:
                 self._metrics.upstream_requests.remove(self.spec.name, node.name, outcome)
 
-    async def _watch_health(self, node: _Node) -> None:
+    async def _watch_health(self, node: Node) -> None:
         """Run `node`'s heartbeats (or its probes) until it leaves."""
         if node.retired:
             return  # it left before this task started
         with trio.CancelScope() as scope:
             self._watchers[node] = scope
             if self.spec.heartbeat is not None:
-                await self.run_heartbeats(node)
+                await run_heartbeats(self, node)
             else:
-                await self.run_probes(node)
+                await run_probes(self, node)
 
     # ------------------------------------------------------------ requests
 
@@ -612,13 +298,13 @@ class Pool:
         UpstreamProtocolError, or PayloadTooLarge / BadRequest when the request
         does not fit a frame.
         """
-        attempt = _Attempt(self, completion, command, body, uid, key, idempotent, deadline)
-        node = self._first(key if self._hash_requests else None)
+        attempt = Attempt(self, completion, command, body, uid, key, idempotent, deadline)
+        node = self._first(key if self.hash_requests else None)
         if node is None:
             error = NoHealthyNode(f"upstream {self.spec.name!r}: no healthy node")
             completion.on_error(error, None)
             return
-        self._send(attempt, node)
+        self.send(attempt, node)
 
     async def request(
         self,
@@ -634,13 +320,13 @@ class Pool:
         No timeout: the caller's cancel scope owns the time; a cancellation at
         its deadline counts as a timeout of the node, and frees the request's seq.
         """
-        completion = _TaskCompletion()
+        completion = TaskCompletion()
         deadline = trio.current_effective_deadline()
-        attempt = _Attempt(self, completion, command, body, uid, key, idempotent, math.inf)
-        node = self._first(key if self._hash_requests else None)
+        attempt = Attempt(self, completion, command, body, uid, key, idempotent, math.inf)
+        node = self._first(key if self.hash_requests else None)
         if node is None:
             raise NoHealthyNode(f"upstream {self.spec.name!r}: no healthy node")
-        self._send(attempt, node)
+        self.send(attempt, node)
         try:
             return await completion.wait()
         except trio.Cancelled:
@@ -664,7 +350,7 @@ class Pool:
             for node in self._nodes
         ]
 
-    def _first(self, key: str | None) -> _Node | None:
+    def _first(self, key: str | None) -> Node | None:
         """The node for a first attempt; None when none is eligible."""
         nodes = self._nodes
         if not nodes:
@@ -674,9 +360,9 @@ class Pool:
             if (node.health.healthy and node.live) or node.available(trio.current_time()):
                 return node
             return None
-        return self._next(key, [])
+        return self.next_node(key, [])
 
-    def _next(self, key: str | None, tried: list[_Node]) -> _Node | None:
+    def next_node(self, key: str | None, tried: list[Node]) -> Node | None:
         """An eligible node not in `tried`: by the ring when `key` is given, else by
         weighted round robin; None when there is none."""
         nodes, round_robin, ring = self._nodes, self._round_robin, self._ring
@@ -692,7 +378,7 @@ class Pool:
             index = ring.choose(key, eligible)
         return None if index is None else nodes[index]
 
-    def _send(self, attempt: _Attempt, node: _Node) -> None:
+    def send(self, attempt: Attempt, node: Node) -> None:
         """Put `attempt` on a connection of `node`, opening one when needed."""
         attempt.node = node
         conn = node.pick()
@@ -724,7 +410,7 @@ class Pool:
                 return
         attempt.put_on(conn)
 
-    async def _send_when_connected(self, attempt: _Attempt, node: _Node) -> None:
+    async def _send_when_connected(self, attempt: Attempt, node: Node) -> None:
         # The slow path of `_send`: wait for a connection of `node` (its own
         # connect, or one under way), within the request's deadline.
         with trio.move_on_at(attempt.deadline):
@@ -741,7 +427,7 @@ class Pool:
             return
         attempt.timed_out()
 
-    async def _acquire(self, node: _Node) -> Connection:
+    async def _acquire(self, node: Node) -> Connection:
         while True:
             if node.retired:
                 raise SendFailed(f"{node.name}: the node left the upstream")
@@ -751,7 +437,7 @@ class Pool:
             if node.open_count() + node.connecting < self.spec.connections:
                 if not node.backoff.ready(trio.current_time()):
                     raise SendFailed(f"{node.name}: reconnect backoff, no connection open")
-                return await self._connect(node)
+                return await self.connect(node)
             if not node.connecting:
                 raise SendFailed(
                     f"{node.name}: every connection has {self._max_in_flight} requests in flight"
@@ -760,7 +446,7 @@ class Pool:
 
     # ------------------------------------------------------------ connections
 
-    async def _open_stream(self, node: _Node) -> trio.SocketStream:
+    async def open_stream(self, node: Node) -> trio.SocketStream:
         """A TCP stream to `node` within connect_timeout; a failure is counted.
 
         Raises SendFailed when the connect is refused, fails or times out;
@@ -780,11 +466,11 @@ class Pool:
                 ) from None
             problem = exc.strerror or str(exc)
         node.backoff.failed(trio.current_time())
-        self._failure(node)
+        node.failed()
         raise SendFailed(f"{node.name}: connect failed: {problem}")
 
     def _new_connection(
-        self, node: _Node, stream: trio.SocketStream, receiver: PushReceiver | None
+        self, node: Node, stream: trio.SocketStream, receiver: PushReceiver | None
     ) -> Connection:
         return Connection(
             stream,
@@ -796,7 +482,7 @@ class Pool:
             timer=self._timer,
         )
 
-    async def _connect(self, node: _Node, *, counted: bool = False) -> Connection:
+    async def connect(self, node: Node, *, counted: bool = False) -> Connection:
         """A new pooled connection to `node`, running in the pool's nursery;
         `counted` when the caller has already counted it in `node.connecting`."""
         # Counted from the decision to connect until it is live, so concurrent
@@ -804,7 +490,7 @@ class Pool:
         if not counted:
             node.connecting += 1
         try:
-            stream = await self._open_stream(node)
+            stream = await self.open_stream(node)
             conn = self._new_connection(node, stream, None)
             await self._nursery.start(self._run_connection, node, conn)
         finally:
@@ -812,10 +498,10 @@ class Pool:
             node.notify()
         return conn
 
-    async def _connect_in_background(self, node: _Node) -> None:
+    async def _connect_in_background(self, node: Node) -> None:
         # `_send` counted this connect in `node.connecting` and checked the backoff.
         try:
-            await self._connect(node, counted=True)
+            await self.connect(node, counted=True)
         except OutOfDescriptors as exc:
             # Not the node's doing, and possibly once per request while it
             # lasts: the requests' 503 answers tell it, not a line each here.
@@ -824,7 +510,7 @@ class Pool:
             log.warning("upstream connect failed", extra={"node": node.name, "error": exc.message})
 
     async def _run_connection(
-        self, node: _Node, conn: Connection, *, task_status: trio.TaskStatus[None]
+        self, node: Node, conn: Connection, *, task_status: trio.TaskStatus[None]
     ) -> None:
         node.live.append(conn)
         node.notify()
@@ -834,82 +520,9 @@ class Pool:
             node.live.remove(conn)
             node.notify()
         if conn.broken:
-            self._failure(node)
+            node.failed()
 
     # ------------------------------------------------------------ health
-
-    def _failure(self, node: _Node) -> None:
-        if node.health.record_failure():
-            node.healthy_gauge.set(0)
-            node.became_unhealthy.set()
-            log.warning(
-                "upstream node unhealthy",
-                extra={"upstream": self.spec.name, "node": node.name},
-            )
-
-    def _probe_succeeded(self, node: _Node) -> None:
-        if node.health.record_probe_success():
-            node.healthy_gauge.set(1)
-            node.became_unhealthy = trio.Event()
-            log.info(
-                "upstream node healthy again",
-                extra={"upstream": self.spec.name, "node": node.name},
-            )
-
-    async def run_heartbeats(self, node: _Node) -> None:
-        """Every interval, heartbeat the idle connections of `node` (see the module doc)."""
-        heartbeat = self.spec.heartbeat
-        assert heartbeat is not None
-        window = min(heartbeat.interval, self.spec.timeout)
-        while True:
-            await trio.sleep(heartbeat.interval)
-            now = trio.current_time()
-            idle = [c for c in node.live if now - c.last_received >= heartbeat.interval]
-            if not node.live and not node.connecting:
-                try:
-                    idle = [await self._connect(node)]
-                except SendFailed:
-                    continue  # counted by _open_stream, unless out of descriptors
-            if not idle:
-                continue
-            results: list[bool | None] = []
-            async with trio.open_nursery() as nursery:
-                for conn in idle:
-                    nursery.start_soon(self._heartbeat, conn, heartbeat.command, window, results)
-            if False in results:
-                self._failure(node)
-            elif results and all(results):
-                self._probe_succeeded(node)
-
-    async def _heartbeat(
-        self, conn: Connection, command: int, window: float, results: list[bool | None]
-    ) -> None:
-        # True: answered; False: missed (the connection is closed); None: the
-        # connection broke meanwhile, which _run_connection counts by itself.
-        with trio.move_on_after(window):
-            try:
-                await conn.request(command, b"")
-            except (UpstreamUnavailable, UpstreamProtocolError):
-                results.append(None)
-            else:
-                results.append(True)
-            return
-        conn.close(ConnectionLost(f"{conn.node}: missed heartbeat"))
-        results.append(False)
-
-    async def run_probes(self, node: _Node) -> None:
-        """Without a heartbeat: probe an unhealthy `node` by connecting, after backoff."""
-        while True:
-            await node.became_unhealthy.wait()
-            while not node.health.healthy:
-                now = trio.current_time()
-                await trio.sleep(max(node.backoff.not_before - now, BACKOFF_BASE))
-                try:
-                    stream = await self._open_stream(node)
-                except SendFailed:
-                    continue  # counted as a failure; the backoff grew
-                await trio.aclose_forcefully(stream)
-                self._probe_succeeded(node)
 
     # ------------------------------------------------------------ sessions
 
@@ -928,121 +541,43 @@ class Pool:
         Pushes go to `receiver`, from the connection's reader, and so does the
         news of the connection's end.
         """
-        tried: list[_Node] = []
+        tried: list[Node] = []
         node = self._first(key)
         if node is None:
             raise NoHealthyNode(f"upstream {self.spec.name!r}: no healthy node")
         while True:
             try:
-                stream = await self._open_stream(node)
+                stream = await self.open_stream(node)
                 break
             except SendFailed:
                 tried.append(node)
                 following = None
                 if len(tried) <= self.spec.retries:
-                    following = self._next(key, tried)
+                    following = self.next_node(key, tried)
                 if following is None:
                     raise
                 node = following
         conn = self._new_connection(node, stream, receiver)
         async with trio.open_nursery() as nursery:
             await nursery.start(self._run_session_connection, node, conn)
-            session = Session(self, node, conn, nursery=nursery)
+            session = Session(node, conn, nursery=nursery, timed_out=self.timed_out)
             try:
                 yield session
             finally:
                 session._ended = True
                 conn.close(SendFailed(f"{node.name}: the session ended"))
 
+    def timed_out(self, node: Node) -> None:
+        # A request's deadline passed: counted, and a failure of the node.
+        node.count_timeout()
+        node.failed()
+
     async def _run_session_connection(
-        self, node: _Node, conn: Connection, *, task_status: trio.TaskStatus[None]
+        self, node: Node, conn: Connection, *, task_status: trio.TaskStatus[None]
     ) -> None:
         await conn.run(task_status=task_status)
         if conn.broken:
-            self._failure(node)
-
-    def _timed_out(self, node: _Node) -> None:
-        # A request's deadline passed: counted, and a failure of the node.
-        node.count_timeout()
-        self._failure(node)
-
-
-class Session:
-    """A dedicated upstream connection for one WebSocket session.
-
-    Upstream-initiated frames go to the session's `PushReceiver`. When the
-    connection ends (the node closed or broke it), the receiver's `on_end` is
-    called, `closed` is set and `error` says why: a ConnectionLost or
-    UpstreamProtocolError (close the client with 1011, docs/websocket.md "Close codes").
-    """
-
-    __slots__ = ("_conn", "_ended", "_node", "_nursery", "_pool", "closed", "node")
-
-    def __init__(
-        self,
-        pool: Pool,
-        node: _Node,
-        conn: Connection,
-        *,
-        nursery: trio.Nursery,
-    ) -> None:
-        self._pool = pool
-        self._node = node
-        self._conn = conn
-        self._nursery = nursery
-        self.node = node.name
-        self.closed = conn.closed
-        self._ended = False  # the session closed the connection: nothing to count
-
-    def start_soon(self, async_fn: Callable[[], Awaitable[object]]) -> None:
-        """Start a task of the session's own in the nursery its connection runs
-        in: the session's context waits for it to end on exit, after closing
-        the connection. (A nursery of the caller's would cost each session one.)"""
-        self._nursery.start_soon(async_fn)
-
-    def submit(self, waiter: Waiter, command: int, body: bytes, *, uid: int = 0) -> int:
-        """Queue one request on this session's connection, without retries; its
-        seq. `waiter` hears the outcome (`Connection.submit`) after it is counted
-        on the node, as pooled requests are counted. Raises like `Connection.submit`."""
-        return self._conn.submit(_SessionCall(self, waiter), command, body, uid)
-
-    def submit_frame(self, waiter: Waiter, frame: Frame) -> int:
-        """`submit` for a frame passed through with a fresh upstream seq (the one
-        returned, which the response carries)."""
-        return self._conn.submit_frame(_SessionCall(self, waiter), frame)
-
-    @property
-    def error(self) -> GatewayError | None:
-        """Why the connection ended, or None while it is open."""
-        return self._conn.error
-
-
-class _SessionCall:
-    """A session request's `Waiter` on the connection: it counts the outcome on
-    the node (metrics, health), as a pooled request's is, then tells `waiter`."""
-
-    __slots__ = ("deadline", "session", "waiter")
-
-    def __init__(self, session: Session, waiter: Waiter) -> None:
-        self.session = session
-        self.waiter = waiter
-        self.deadline = waiter.deadline
-
-    def on_response(self, frame: Frame) -> None:
-        self.session._node.count_answer(frame)
-        self.waiter.on_response(frame)
-
-    def on_error(self, error: GatewayError) -> None:
-        session = self.session
-        # The session's own close says nothing about the node.
-        if not session._ended:
-            session._node.count_lost(error)
-        self.waiter.on_error(error)
-
-    def on_timeout(self) -> None:
-        session = self.session
-        session._pool._timed_out(session._node)
-        self.waiter.on_timeout()
+            node.failed()
 
 
 @asynccontextmanager
