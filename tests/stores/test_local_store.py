@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ from tlvproxy.stores.local_store import LocalBuckets, StoreError
 from tlvproxy.stores.names import MAX_VALUE_BYTES, bounded, local_prefix
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from tlvproxy.config.model import RateLimitRule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,34 +87,31 @@ def request_of(user: str, device: str) -> Request:
     return Request(headers={"x-user-id": user}, query={"did": device})
 
 
+@contextmanager
+def _store(kind: str) -> Iterator[LocalBuckets | ProcessBuckets]:
+    if kind == "lmdb":
+        with local_buckets() as local:
+            yield local
+    else:
+        yield ProcessBuckets()
+
+
+# Through RateLimits: its plans, names and long values must not change a
+# verdict, in LMDB (workers) or in the one-process store.
+@pytest.mark.parametrize("kind", ["lmdb", "process"])
 @settings(max_examples=60, deadline=None)
 @given(drawn=_RULES, events=_EVENTS)
-def test_the_local_store_gives_the_references_verdicts(drawn, events):
+def test_the_local_stores_give_the_references_verdicts(kind, drawn, events):
     rules = make_rules(drawn)
     reference = RateLimiter(rules)
     clock = Clock()
-    with local_buckets() as local:
+    with _store(kind) as local:
         limits = RateLimits(rules, Metrics(), local=local, clock=clock)
         for command, user, device, delay in events:
             clock.now += delay
             request = request_of(user, device)
             expected = reference.check(command, request, clock.now)
             assert limits.check(command, request) == expected
-
-
-@settings(max_examples=60, deadline=None)
-@given(drawn=_RULES, events=_EVENTS)
-def test_the_one_process_store_gives_the_references_verdicts(drawn, events):
-    # The same buckets as the reference's, reached through RateLimits: its
-    # plans, names and long values must not change a verdict.
-    rules = make_rules(drawn)
-    reference = RateLimiter(rules)
-    clock = Clock()
-    limits = RateLimits(rules, Metrics(), local=ProcessBuckets(), clock=clock)
-    for command, user, device, delay in events:
-        clock.now += delay
-        request = request_of(user, device)
-        assert limits.check(command, request) == reference.check(command, request, clock.now)
 
 
 def test_one_process_buckets_are_bounded_per_rule_and_dropped_with_their_rule() -> None:
