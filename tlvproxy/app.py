@@ -25,7 +25,7 @@ from tlvproxy.auth.authenticators import Authenticators
 from tlvproxy.auth.remote_keys import RemoteKeys
 from tlvproxy.config.certificates import EXPIRY_WARNING_DAYS
 from tlvproxy.config.loader import TableError, load_table
-from tlvproxy.config.model import Address, JwtAuthSpec, Table, UpstreamSpec
+from tlvproxy.config.model import Address, JwtAuthSpec, UpstreamSpec
 from tlvproxy.errors import Overloaded
 from tlvproxy.metrics import RequestTally
 from tlvproxy.policy.ratelimit import ProcessBuckets
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tlvproxy.config.certificates import ServerCertificates
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.model import NodeSpec
     from tlvproxy.framing import HeaderLayout
     from tlvproxy.metrics import Metrics
@@ -93,7 +94,7 @@ _EXPIRY_WARNING_INTERVAL = 86400.0
 class Runtime:
     """Everything a request needs of one loaded table; replaced whole on reload."""
 
-    table: Table
+    table: CompiledTable
     pools: Mapping[str, Pool]
     limiter: RateLimits
     waf: Waf
@@ -158,13 +159,13 @@ class Gateway:
 
     def __init__(
         self,
-        table: Table,
+        table: CompiledTable,
         metrics: Metrics,
         *,
         http_parser: ParserChoice | None = None,
         reuse_port: bool = False,
         serve_admin: bool = True,
-        load: Callable[[], Table] | None = None,
+        load: Callable[[], CompiledTable] | None = None,
         runtime_dir: Path | None = None,
     ) -> None:
         """`runtime_dir`: where the `store: local` rate limits live, shared with
@@ -234,7 +235,7 @@ class Gateway:
     # ------------------------------------------------------------ admin backend
 
     @property
-    def table(self) -> Table:
+    def table(self) -> CompiledTable:
         return self.runtime.table
 
     def metrics_exposition(self) -> bytes:
@@ -272,7 +273,7 @@ class Gateway:
             log.info("table reloaded", extra={"version": table.version})
             return table.version
 
-    async def replace(self, table: Table) -> None:
+    async def replace(self, table: CompiledTable) -> None:
         """Swap in `table`, loaded by the caller (a change read from etcd), as
         a reload does."""
         async with self._reload_lock:
@@ -289,7 +290,7 @@ class Gateway:
             extra={"errors": error.problems},
         )
 
-    async def _install(self, table: Table) -> None:
+    async def _install(self, table: CompiledTable) -> None:
         for warning in table.warnings:
             log.warning("the table has a warning (see tlvproxy check)", extra={"warning": warning})
         old = self._runtime
@@ -424,7 +425,7 @@ class Gateway:
                 await nursery.start(store.run)
                 task_status.started((store, scope))
 
-    async def _start_remote_keys(self, table: Table) -> dict[_KeysWanted, RemoteKeys]:
+    async def _start_remote_keys(self, table: CompiledTable) -> dict[_KeysWanted, RemoteKeys]:
         """The key sets `table` fetches from URLs: those already fetched are kept,
         new ones fetched once before the table is used, the others stopped."""
         wanted = {
@@ -511,7 +512,7 @@ class Gateway:
 
     # ------------------------------------------------------------ serving
 
-    def _settings(self, table: Table) -> HttpSettings:
+    def _settings(self, table: CompiledTable) -> HttpSettings:
         parser = resolve_parser_name(self._parser_override or table.http_parser)
         return HttpSettings.from_limits(table.limits, parser)
 
@@ -748,7 +749,7 @@ class Gateway:
         )
 
 
-def _described(table: Table) -> dict[str, Any]:
+def _described(table: CompiledTable) -> dict[str, Any]:
     """A table's version, and its etcd revision when it has one, for a log record."""
     extra: dict[str, Any] = {"version": table.version}
     if table.origin is not None:
@@ -756,7 +757,7 @@ def _described(table: Table) -> dict[str, Any]:
     return extra
 
 
-def _discovery_endpoints(table: Table) -> tuple[str, ...]:
+def _discovery_endpoints(table: CompiledTable) -> tuple[str, ...]:
     """Where `discovery` reads nodes: the table's `etcd`, else the etcd the
     table itself came from (docs/configuration.md "discovery")."""
     if table.etcd is not None:
@@ -785,7 +786,7 @@ def _open_local_store(runtime_dir: Path | None) -> LocalBuckets | ProcessBuckets
     return LocalBuckets(runtime_dir / "ratelimits")
 
 
-def _longest_timeout(table: Table) -> float:
+def _longest_timeout(table: CompiledTable) -> float:
     timeouts = [spec.timeout for spec in table.upstreams.values()]
     timeouts += [c.timeout for c in table.commands if c.timeout is not None]
     return max(timeouts, default=0.0) + 1.0

@@ -16,7 +16,7 @@ from tlvproxy import __version__
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from tlvproxy.config.model import Table
+    from tlvproxy.config.compiled import CompiledTable
 
 DEFAULT_TABLE = Path("commands.yaml")
 DEFAULT_DEMO_KEYS = Path("build/demo-keys")
@@ -221,7 +221,7 @@ def _publish(args: argparse.Namespace) -> int:
     return run_publish(args.config, table, args.etcd, args.etcd_prefix)
 
 
-def _load(path: Path) -> Table | None:
+def _load(path: Path) -> CompiledTable | None:
     """The table at `path`, or None after printing every problem to stderr."""
     from tlvproxy.config.loader import TableError, load_table
 
@@ -234,7 +234,7 @@ def _load(path: Path) -> Table | None:
         return None
 
 
-def _checked(path: Path) -> Table | None:
+def _checked(path: Path) -> CompiledTable | None:
     """`_load`, and the table's warnings printed to stderr, as `check` does."""
     table = _load(path)
     if table is not None:

@@ -61,7 +61,7 @@ from tlvproxy.framing import (
 )
 
 if TYPE_CHECKING:
-    from tlvproxy.config.model import Table
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.demo_keys import TokenIssuer
 
 log = logging.getLogger("tlvproxy.mock_upstream")
@@ -122,7 +122,7 @@ class MockService:
     """The demo IM service over `table` (its framing and codecs); `issuer`
     signs the tokens of `login` (None: login answers status 4)."""
 
-    def __init__(self, table: Table, issuer: TokenIssuer | None = None) -> None:
+    def __init__(self, table: CompiledTable, issuer: TokenIssuer | None = None) -> None:
         self.table = table
         self.issuer = issuer
         self.layout = table.framing
@@ -318,7 +318,7 @@ class MockService:
 async def serve_mock_upstream(
     host: str,
     port: int,
-    table: Table | None = None,
+    table: CompiledTable | None = None,
     *,
     issuer: TokenIssuer | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,

@@ -40,8 +40,9 @@ from tlvproxy.routing import template_params
 if TYPE_CHECKING:
     from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.keys import KeyExpr
-    from tlvproxy.config.model import AuthSpec, CommandSpec, JsonOptions, Table
+    from tlvproxy.config.model import AuthSpec, CommandSpec, JsonOptions
     from tlvproxy.routing import Route
 
 OPENAPI_VERSION: Final = "3.1.0"
@@ -156,7 +157,7 @@ _WELL_KNOWN: Final[dict[str, dict[str, Any]]] = {
 }
 
 
-def build_document(table: Table) -> dict[str, Any]:
+def build_document(table: CompiledTable) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every REST route of `table`, as a JSON-able dict.
 
     The table must have been loaded (it has a schema and a router); a table
@@ -189,7 +190,7 @@ def build_document(table: Table) -> dict[str, Any]:
     }
 
 
-def _servers(table: Table) -> list[dict[str, Any]]:
+def _servers(table: CompiledTable) -> list[dict[str, Any]]:
     """The HTTP and HTTPS listeners, so that "try it" tools call the gateway,
     not the admin port.
 
@@ -306,7 +307,7 @@ def _ref(name: str) -> dict[str, Any]:
 class _Builder:
     """Collects the components of one document while operations are built."""
 
-    def __init__(self, table: Table) -> None:
+    def __init__(self, table: CompiledTable) -> None:
         self.table = table
         self.schemas: dict[str, Any] = {}
         self.responses: dict[str, Any] = {}

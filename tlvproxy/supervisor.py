@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 
     from prometheus_client import Metric
 
-    from tlvproxy.config.model import Table, UpstreamSpec
+    from tlvproxy.config.compiled import CompiledTable
+    from tlvproxy.config.model import UpstreamSpec
     from tlvproxy.etcd.tables import TableTarget
 
 log = logging.getLogger("tlvproxy.supervisor")
@@ -228,8 +229,8 @@ def tune_gc() -> None:
 
 
 async def _serve_worker(
-    table: Table,
-    load: Callable[[], Table],
+    table: CompiledTable,
+    load: Callable[[], CompiledTable],
     http_parser: ParserChoice | None,
     is_worker: bool,
     follow: Callable[[TableTarget], Awaitable[None]] | None = None,
@@ -364,8 +365,8 @@ class Supervisor:
 
     def __init__(
         self,
-        load: Callable[[], Table],
-        table: Table,
+        load: Callable[[], CompiledTable],
+        table: CompiledTable,
         workers: int,
         *,
         worker_args: list[str],
@@ -397,7 +398,7 @@ class Supervisor:
         return not self._stopping.is_set() and len(self._ready) == self._count
 
     @property
-    def table(self) -> Table:
+    def table(self) -> CompiledTable:
         return self._table
 
     def metrics_exposition(self) -> bytes:
@@ -437,7 +438,7 @@ class Supervisor:
             log.info("table reloaded; workers told", extra={"version": table.version})
             return table.version
 
-    async def replace(self, table: Table) -> None:
+    async def replace(self, table: CompiledTable) -> None:
         """Have every worker run `table`, read from etcd and made `current` in
         the run directory, which is where a worker's reload loads from."""
         async with self._reload_lock:
@@ -455,7 +456,7 @@ class Supervisor:
             extra={"errors": error.problems},
         )
 
-    def _tell_workers(self, table: Table) -> None:
+    def _tell_workers(self, table: CompiledTable) -> None:
         self._table = table
         for index in self._ready:
             self._signal(index, signal.SIGHUP)

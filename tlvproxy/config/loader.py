@@ -38,6 +38,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from tlvproxy.config import auth, nodes, sections
 from tlvproxy.config.certificates import read_tls
+from tlvproxy.config.compiled import CompiledTable
 from tlvproxy.config.model import (
     CommandSpec,
     HttpRouteSpec,
@@ -156,12 +157,12 @@ class TableError(Exception):
         self.problems = problems
 
 
-def load_table(path: Path, *, confine: Path | None = None) -> Table:
+def load_table(path: Path, *, confine: Path | None = None) -> CompiledTable:
     """Read, validate and compile the table at `path` (and its .proto files).
 
     With `confine`, every file the table names must be inside that directory
     (a table from etcd, docs/operations.md "Running a fleet").
-    Returns the `Table` with its schema, codecs, router and version. Raises
+    Returns the `CompiledTable` with its schema, codecs, router and version. Raises
     TableError listing every problem found.
     """
     try:
@@ -175,7 +176,7 @@ def load_table(path: Path, *, confine: Path | None = None) -> Table:
     return parse_table(text, path, confine=confine)
 
 
-def parse_table(text: str, source: Path, *, confine: Path | None = None) -> Table:
+def parse_table(text: str, source: Path, *, confine: Path | None = None) -> CompiledTable:
     """Like `load_table`, from the table's text; relative paths start at `source.parent`."""
     return _TableLoader(text, source, confine).load()
 
@@ -209,7 +210,7 @@ class _CommandNodes:
 
 
 class _TableLoader:
-    """One pass over one table text. `load()` returns the Table or raises TableError."""
+    """One pass over one table text. `load()` returns the CompiledTable or raises TableError."""
 
     def __init__(self, text: str, source: Path, confine: Path | None = None) -> None:
         self.text = text
@@ -230,7 +231,7 @@ class _TableLoader:
         mark = node.start_mark
         self.warnings.append(f"{self.source}:{mark.line + 1}:{mark.column + 1}: {path}: {message}")
 
-    def load(self) -> Table:
+    def load(self) -> CompiledTable:
         try:
             root = yaml.compose(self.text, Loader=_YAML_LOADER)
         except yaml.MarkedYAMLError as exc:
@@ -246,7 +247,7 @@ class _TableLoader:
             raise TableError(self._problems())
         table = self._table(top)
         problems = self._problems()
-        if problems:
+        if problems or table is None:
             raise TableError(problems)
         return table
 
@@ -256,7 +257,9 @@ class _TableLoader:
 
     # ------------------------------------------------------------ top level
 
-    def _table(self, top: dict[str, Node]) -> Table:
+    def _table(self, top: dict[str, Node]) -> CompiledTable | None:
+        """The compiled table; None when a problem was found (in self.r.problems
+        or self.schema_problems)."""
         r = self.r
         framing = sections.read_framing(self.r, top.get("framing"))
         json_options = sections.read_json(self.r, top.get("json"), "json", JsonOptions())
@@ -277,7 +280,6 @@ class _TableLoader:
             "source": self.source,
             "listen": listen,
             "tls": tls,
-            "certificates": certificates,
             "admin_token": r.get(top, "admin_token", "", nodes.optional_text, None),
             "workers": r.get(top, "workers", "", nodes.integer(1, 1024), 1),
             "http_parser": r.get(
@@ -306,10 +308,7 @@ class _TableLoader:
             "etcd": self._etcd(top, upstreams),
         }
         if schema is None or self.r.problems or self.schema_problems:
-            return Table(**table_kwargs)
-        table_kwargs["schema"] = schema
-        table_kwargs["codecs"] = _codecs(commands, json_options, schema, framing.max_body)
-        table_kwargs["router"] = Router.build(commands)
+            return None
         digest = hashlib.sha256(self.text.encode("utf-8"))
         digest.update(schema.digest.encode("ascii"))
         for spec in self.authenticators.values():
@@ -319,7 +318,13 @@ class _TableLoader:
             for certificate in certificates.certificates:
                 digest.update(certificate.digest.encode("ascii"))  # so is a new certificate
         table_kwargs["version"] = digest.hexdigest()[:16]
-        return Table(**table_kwargs)
+        return CompiledTable(
+            **table_kwargs,
+            schema=schema,
+            codecs=_codecs(commands, json_options, schema, framing.max_body),
+            router=Router.build(commands),
+            certificates=certificates,
+        )
 
     def _etcd(self, top: dict[str, Node], upstreams: Mapping[str, UpstreamSpec]) -> EtcdSpec | None:
         spec = sections.read_etcd(self.r, top.get("etcd"))

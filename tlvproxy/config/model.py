@@ -20,11 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
 
-    from tlvproxy.config.certificates import ServerCertificates
     from tlvproxy.config.keys import KeyExpr
-    from tlvproxy.routing import Router
-    from tlvproxy.schema.codec import CommandCodec
-    from tlvproxy.schema.protos import Schema
 
 Codec = Literal["protobuf", "json", "raw"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -303,10 +299,12 @@ class Readiness:
 
 @attrs.frozen(kw_only=True)
 class Table:
-    """A whole loaded table: configuration plus what was compiled from it.
+    """A whole table as configuration: plain values, nothing built from them.
 
-    `schema`, `codecs`, `router` and `certificates` are built by the loader; `version` is a digest
-    of the table file and the .proto files it compiled.
+    What the loader builds from it (the compiled schema, a codec per command,
+    the router, the TLS certificates) is a `CompiledTable`'s (compiled.py).
+    `version` is a digest of the table file and the files it read (.proto
+    files, key sets, certificates).
     """
 
     source: Path | None = None
@@ -339,11 +337,6 @@ class Table:
     # Set for a table read from etcd, by whoever read it (the loader reads files).
     origin: EtcdOrigin | None = None
 
-    schema: Schema | None = None
-    codecs: Mapping[str, CommandCodec] = attrs.field(factory=dict)
-    router: Router | None = None
-    # The `tls` certificates, read from their files when the table is loaded.
-    certificates: ServerCertificates | None = attrs.field(default=None, eq=False)
     # What `check` warns about: lines like problems, for a table that loads.
     warnings: tuple[str, ...] = ()
 

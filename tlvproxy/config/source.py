@@ -28,7 +28,7 @@ from tlvproxy.config.stored import load_materialised
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from tlvproxy.config.model import Table
+    from tlvproxy.config.compiled import CompiledTable
 
 CURRENT: Final = "current"
 
@@ -39,7 +39,7 @@ class FileSource:
 
     path: Path
 
-    def load(self) -> Table:
+    def load(self) -> CompiledTable:
         """The table as the file holds it now. Raises TableError."""
         return load_table(self.path)
 
@@ -50,7 +50,7 @@ class RunDirSource:
 
     run_dir: Path
 
-    def load(self) -> Table:
+    def load(self) -> CompiledTable:
         """The table of the latest revision that loaded. Raises TableError."""
         where = self.run_dir / CURRENT
         try:

@@ -33,7 +33,7 @@ from tlvproxy.schema.protos import WELL_KNOWN_INCLUDE
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-    from tlvproxy.config.model import Table
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.etcd.wire import KeyValue
 
 TABLE_KEY: Final = "table"
@@ -170,7 +170,7 @@ def _write(path: Path, content: bytes) -> None:
         file.write(content)
 
 
-def load_materialised(directory: Path, prefix: str, origin: EtcdOrigin) -> Table:
+def load_materialised(directory: Path, prefix: str, origin: EtcdOrigin) -> CompiledTable:
     """Load the table `materialise` wrote into `directory`, as read from `origin`.
 
     Raises TableError whose problems name the etcd keys, not the directory."""
@@ -190,7 +190,7 @@ def _named(problem: str, directory: Path, prefix: str) -> str:
     return problem.replace(root, f"{prefix}/{FILES_KEY}")
 
 
-def load_stored(stored: StoredTable, directory: Path, endpoints: tuple[str, ...]) -> Table:
+def load_stored(stored: StoredTable, directory: Path, endpoints: tuple[str, ...]) -> CompiledTable:
     """Materialise `stored` into `directory` and load it. Raises TableError
     (problems naming etcd keys) or OSError (the directory cannot be written)."""
     materialise(stored, directory)
@@ -201,7 +201,7 @@ def load_stored(stored: StoredTable, directory: Path, endpoints: tuple[str, ...]
 # ---------------------------------------------------------------- publish
 
 
-def files_of(table: Table) -> list[Path]:
+def files_of(table: CompiledTable) -> list[Path]:
     """Every file `table` was loaded from but the table itself: the .proto files
     protoc read (imports included, not the well-known types), the JWT key set
     files and the TLS certificates and keys."""
@@ -225,7 +225,7 @@ def files_of(table: Table) -> list[Path]:
     return found
 
 
-def stored_from(table_path: Path, table: Table, prefix: str) -> StoredTable:
+def stored_from(table_path: Path, table: CompiledTable, prefix: str) -> StoredTable:
     """The keys `publish` writes for `table`, loaded from `table_path`.
 
     Raises StoredTableError naming each file that cannot be kept in etcd (one

@@ -32,7 +32,7 @@ from tlvproxy.etcd.client import EtcdUnavailable, open_etcd
 from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
 
 if TYPE_CHECKING:
-    from tlvproxy.config.model import Table
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.stored import StoredTable
     from tlvproxy.etcd.client import EtcdClient
     from tlvproxy.etcd.wire import KeyValue
@@ -53,7 +53,7 @@ class GuardFailed(Exception):
     """The prefix changed between the read and the transaction."""
 
 
-def run_publish(config: Path, table: Table, endpoint: str, prefix: str) -> int:
+def run_publish(config: Path, table: CompiledTable, endpoint: str, prefix: str) -> int:
     """Publish `table` (loaded from `config`) under `prefix`; the exit code.
 
     Prints what was written, or every reason nothing was, on stderr."""

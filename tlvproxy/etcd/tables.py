@@ -25,7 +25,7 @@ from tlvproxy.etcd.watch import PrefixWatch
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from tlvproxy.config.model import Table
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.etcd.client import EtcdClient
 
 
@@ -37,7 +37,7 @@ _KEEP_OLD: Final = 300.0
 class TableTarget(Protocol):
     """Who runs the tables read from etcd: one gateway, or the worker supervisor."""
 
-    async def replace(self, table: Table) -> None:
+    async def replace(self, table: CompiledTable) -> None:
         """Run `table` (already loaded, and `current` in the run directory)."""
 
     def refused(self, error: TableError) -> None:
@@ -68,7 +68,7 @@ class EtcdTables:
         self._kept: list[tuple[str, float]] = []  # directories, and when they were replaced
         self._last_error = TableError(["no table read yet"])
 
-    async def first(self) -> Table:
+    async def first(self) -> CompiledTable:
         """Read the prefix and load its table (the start of `serve --etcd`).
 
         Raises EtcdUnavailable, EtcdRefused, MalformedAnswer or TooManyKeys when
@@ -92,7 +92,7 @@ class EtcdTables:
                 else:
                     await target.replace(table)
 
-    async def _load(self) -> Table | None:
+    async def _load(self) -> CompiledTable | None:
         """Load the keys read last into a new directory and make it `current`;
         None when they do not load (`_last_error` says why)."""
         revision = self._watch.revision

@@ -37,7 +37,8 @@ from tlvproxy.server.http_conn import Request, Response
 from tlvproxy.server.rest import render_error, request_id_of
 
 if TYPE_CHECKING:
-    from tlvproxy.config.model import Address, CommandSpec, Table
+    from tlvproxy.config.compiled import CompiledTable
+    from tlvproxy.config.model import Address, CommandSpec
     from tlvproxy.errors import GatewayError
 
 
@@ -47,7 +48,7 @@ class AdminBackend(Protocol):
     @property
     def ready(self) -> bool: ...
     @property
-    def table(self) -> Table: ...
+    def table(self) -> CompiledTable: ...
     def metrics_exposition(self) -> bytes: ...
     def upstream_states(self) -> dict[str, Any]: ...
     async def reload(self) -> str: ...
@@ -300,7 +301,7 @@ class AdminHandler:
         }
 
 
-def _source(table: Table) -> str | None:
+def _source(table: CompiledTable) -> str | None:
     if table.origin is not None:
         return "etcd"
     return None if table.source is None else str(table.source)

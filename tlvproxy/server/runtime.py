@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from tlvproxy.auth.authenticators import Authenticators
-    from tlvproxy.config.model import Table
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.policy.waf import Waf
     from tlvproxy.stores.limits import RateLimits
     from tlvproxy.upstream.pool import Pool
@@ -23,7 +23,7 @@ class TableRuntime(Protocol):
     """One loaded table with its upstream pools (by upstream name), policy and authenticators."""
 
     @property
-    def table(self) -> Table: ...
+    def table(self) -> CompiledTable: ...
     @property
     def pools(self) -> Mapping[str, Pool]: ...
     @property

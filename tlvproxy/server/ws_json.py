@@ -24,8 +24,9 @@ from tlvproxy.errors import BadRequest, GatewayError, ws_error_message
 from tlvproxy.schema.codec import JSON_CONTENT_TYPE
 
 if TYPE_CHECKING:
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.keys import RequestView
-    from tlvproxy.config.model import CommandSpec, Table
+    from tlvproxy.config.model import CommandSpec
     from tlvproxy.schema.codec import CommandCodec
 
 
@@ -63,7 +64,7 @@ def dumps(value: Any) -> bytes:
         return _ENCODER.encode(value).encode()
 
 
-def parse_request(text: str, table: Table, upstream: str, view: RequestView) -> JsonRequest:
+def parse_request(text: str, table: CompiledTable, upstream: str, view: RequestView) -> JsonRequest:
     """Parse one client text message for a session on `upstream`.
 
     A command's `fields` are filled from `view`, the session's opening request,
@@ -124,7 +125,7 @@ def parse_request(text: str, table: Table, upstream: str, view: RequestView) -> 
     return JsonRequest(command=command, seq=seq, body=body)
 
 
-def _command(cmd: object, table: Table, upstream: str, seq: int) -> CommandSpec:
+def _command(cmd: object, table: CompiledTable, upstream: str, seq: int) -> CommandSpec:
     if cmd is None:
         raise MessageRejected(seq, BadRequest('"cmd" is missing: a command name or number'))
     if not isinstance(cmd, str | int) or isinstance(cmd, bool):

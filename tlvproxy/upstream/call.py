@@ -37,7 +37,8 @@ from tlvproxy.upstream.connection import Connection, SendFailed
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from tlvproxy.config.model import CommandSpec, Table
+    from tlvproxy.config.compiled import CompiledTable
+    from tlvproxy.config.model import CommandSpec
     from tlvproxy.framing import Frame
 
 DEFAULT_TIMEOUT: Final = 3.0
@@ -75,7 +76,7 @@ class CallRequest:
     connect_timeout: float
 
 
-def build_request(table: Table, command: str, json_text: str | None) -> CallRequest:
+def build_request(table: CompiledTable, command: str, json_text: str | None) -> CallRequest:
     """The request for COMMAND and JSON. Raises BadRequest naming what is wrong."""
     spec = table.find_command(command)
     if spec is None:
@@ -111,7 +112,9 @@ def build_request(table: Table, command: str, json_text: str | None) -> CallRequ
     )
 
 
-async def call_node(table: Table, address: Address, request: CallRequest, *, uid: int = 0) -> Frame:
+async def call_node(
+    table: CompiledTable, address: Address, request: CallRequest, *, uid: int = 0
+) -> Frame:
     """Send `request` to `address` on a fresh connection; the response frame.
 
     Raises UpstreamUnavailable (refused, lost), UpstreamTimeout, UpstreamProtocolError.
@@ -135,7 +138,7 @@ async def call_node(table: Table, address: Address, request: CallRequest, *, uid
             conn.close(SendFailed(f"{address}: the call is over"))
 
 
-def render_reply(table: Table, request: CallRequest, frame: Frame) -> dict[str, Any]:
+def render_reply(table: CompiledTable, request: CallRequest, frame: Frame) -> dict[str, Any]:
     """The JSON printed for a reply: command, status and the decoded body, which
     for a status-0 reply is the JSON a REST caller gets (defaults included, as
     the table's `json` options say)."""
