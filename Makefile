@@ -54,6 +54,7 @@ lint: install
 	$(BIN)/ruff check tlvproxy tests fuzz benchmarks
 	$(BIN)/ruff format --check tlvproxy tests fuzz benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Each target for FUZZ_SECONDS, seeded from fuzz/corpus/TARGET (with the
 # dictionary fuzz/TARGET.dict if there is one); new inputs go to
