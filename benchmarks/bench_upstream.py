@@ -1,9 +1,8 @@
 """Round trips per second through an upstream pool to the C echo upstream.
 
-Builds ../shared/bench/upstream/tlv_echo (its sources are copied to a temporary
-directory, the shared tree is read-only) and starts it on a free port. Every
-row keeps 256 requests in flight and reports the median of 3 rounds after a
-warm-up round:
+Builds ../shared/bench/upstream/tlv_echo and starts it on a free port
+(benchmarks/harness, which also prints the figures). Every row keeps 256
+requests in flight and reports the median of 3 rounds after a warm-up round:
 
 - the headline, a pool micro-benchmark shaped like the REST hot path (STYLE
   5.1): `Pool.submit` with a completion object per request whose `on_reply`
@@ -18,6 +17,7 @@ warm-up round:
   the smallest loop of each shape, the ceiling of this machine.
 
 The garbage collector is set up as `tlvproxy serve` sets it (`tune_gc`).
+Target: at least 150,000 round trips/s for the headline row on one connection.
 Exits non-zero when a reply does not echo its request, or a request fails.
 
 Run: .venv/bin/python benchmarks/bench_upstream.py [--requests N] [--case NAME]
@@ -26,12 +26,8 @@ Run: .venv/bin/python benchmarks/bench_upstream.py [--requests N] [--case NAME]
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import shutil
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
+from harness.figures import Column, FigureTable, print_target
+from harness.processes import echo_upstream
 
 from tlvproxy.config.model import Address, NodeSpec, UpstreamSpec
 from tlvproxy.framing import default_layout
@@ -53,7 +51,6 @@ if TYPE_CHECKING:
     from tlvproxy.framing import Frame
     from tlvproxy.upstream.pool import Pool
 
-ECHO_SOURCES = Path(__file__).resolve().parents[2] / "shared" / "bench" / "upstream"
 IN_FLIGHT = 256
 BODY = b'{"user":"alice","text":"hello, world"}'
 COMMAND = 0x1003
@@ -68,28 +65,6 @@ class BenchFailure(Exception):
     """A reply that does not echo its request, or a request that failed."""
 
 
-def build_echo(workdir: Path) -> Path:
-    """Copy the echo server's sources to `workdir`, build it there, return the binary."""
-    source = Path(os.environ.get("TLV_ECHO_SOURCES", ECHO_SOURCES))
-    for name in ("Makefile", "tlv_echo.c"):
-        shutil.copy(source / name, workdir / name)
-    subprocess.run(["make", "-s", "-C", str(workdir), "tlv_echo"], check=True)
-    return workdir / "tlv_echo"
-
-
-def start_echo(binary: Path) -> tuple[subprocess.Popen[bytes], int]:
-    process = subprocess.Popen(
-        [str(binary), "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline().decode()
-    match = re.search(r"127\.0\.0\.1:(\d+)", line)
-    if match is None:
-        process.kill()
-        raise RuntimeError(f"tlv_echo did not say where it listens: {line!r}")
-    return process, int(match.group(1))
-
-
 def upstream_spec(port: int, connections: int) -> UpstreamSpec:
     return UpstreamSpec(
         name="bench",
@@ -99,7 +74,7 @@ def upstream_spec(port: int, connections: int) -> UpstreamSpec:
     )
 
 
-async def measure(run_round: Callable[[int], Awaitable[None]], requests: int) -> float:
+async def median_rate(run_round: Callable[[int], Awaitable[None]], requests: int) -> float:
     """Round trips/s: the median of ROUNDS rounds of `requests`, after a warm-up."""
     with trio.fail_after(ROUND_LIMIT):
         await run_round(max(IN_FLIGHT * 20, requests // 4))
@@ -182,7 +157,7 @@ async def submit_rate(port: int, connections: int, requests: int) -> float:
             if loop.wrong:
                 raise BenchFailure(f"{loop.wrong} replies did not echo the body")
 
-        rate = await measure(run_round, requests)
+        rate = await median_rate(run_round, requests)
         check_connections(pool, connections)
     return rate
 
@@ -215,7 +190,7 @@ async def request_rate(port: int, connections: int, requests: int) -> float:
             if wrong:
                 raise BenchFailure(f"{wrong} replies did not echo the body")
 
-        rate = await measure(run_round, requests)
+        rate = await median_rate(run_round, requests)
         check_connections(pool, connections)
     return rate
 
@@ -325,7 +300,7 @@ async def bare_rate(port: int, requests: int, tasks: bool) -> float:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.write_forever)
         nursery.start_soon(conn.read_forever)
-        rate = await measure(run_round, requests)
+        rate = await median_rate(run_round, requests)
         nursery.cancel_scope.cancel()
     await stream.aclose()
     return rate
@@ -360,28 +335,28 @@ CASES: dict[str, tuple[str, Callable[[int, int, int], float], tuple[int, ...]]] 
 
 def print_table(port: int, cases: list[str], connection_counts: tuple[int, ...], n: int) -> None:
     """Run `cases` and print their rows as they finish; raises BenchFailure."""
-    widths = max(len(CASES[name][0]) for name in cases)
-    print(
+    figures = FigureTable(
         f"upstream round trips/s: {IN_FLIGHT} in flight, {len(BODY)}-byte body, "
-        f"median of {ROUNDS} rounds of {n:,} after a warm-up"
+        f"median of {ROUNDS} rounds of {n:,} after a warm-up",
+        "case",
+        max(len(CASES[name][0]) for name in cases),
+        [Column("1 conn", ",.0f", 9), Column("16 conns", ",.0f", 9)],
     )
-    print(f"  {'':{widths}}  {'1 conn':>9}  {'16 conns':>9}")
     headline = None
     for name in cases:
         label, rate_of, counts = CASES[name]
-        cells = []
+        cells: list[float | None] = []
         for connections in (1, 16):
             if connections in counts and connections in connection_counts:
                 rate = rate_of(port, connections, n)
-                cells.append(f"{rate:9,.0f}")
+                cells.append(rate)
                 if name == "submit" and connections == 1:
                     headline = rate
             else:
-                cells.append(f"{'-':>9}")
-        print(f"  {label:{widths}}  {'  '.join(cells)}", flush=True)
+                cells.append(None)
+        figures.row(label, *cells)
     if headline is not None:
-        verdict = "met" if headline >= TARGET else "NOT met"
-        print(f"  headline (Pool.submit, 1 connection): target {TARGET:,}/s {verdict}")
+        print_target("Pool.submit, 1 connection", headline, ">=", TARGET, ",.0f", "/s")
 
 
 def main() -> None:
@@ -396,15 +371,14 @@ def main() -> None:
     cases = args.case or list(CASES)
     counts = (1, 16) if args.connections is None else (args.connections,)
     failures: list[BaseException] = []
-    with tempfile.TemporaryDirectory(prefix="tlvbench-") as workdir:
-        process, port = start_echo(build_echo(Path(workdir)))
+    with (
+        tempfile.TemporaryDirectory(prefix="tlvbench-") as workdir,
+        echo_upstream(Path(workdir)) as port,
+    ):
         try:
             print_table(port, cases, counts, args.requests)
         except* BenchFailure as group:  # raised in a nursery, so in a group
             failures.append(group)
-        finally:
-            process.terminate()
-            process.wait(5)
     for failure in failures:
         sys.exit(f"bench_upstream: {'; '.join(map(str, _leaves(failure)))}")
 
