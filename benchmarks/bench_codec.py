@@ -8,18 +8,18 @@ reader and json_format writer the codec used before issue 10; "json_format" is
 json_format.Parse / MessageToJson alone; "floor" is json.loads of the request body
 (encode_request) or json.dumps of the answer (response_json), with no protobuf
 at all; "round trip" is one of each, the issue's ~35 us vs ~5 us figure.
-Microseconds per call, best of 5 runs.
+Microseconds per call, best of 5 runs, printed through benchmarks/harness.
 Run: `.venv/bin/python benchmarks/bench_codec.py`.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from google.protobuf import json_format
+from harness.figures import Column, FigureTable, timings
 
 from tlvproxy.config.model import JsonOptions
 from tlvproxy.schema.codec import ProtobufCodec
@@ -34,13 +34,13 @@ PROTO = Path(__file__).resolve().parent.parent / "proto"
 
 
 def best_us(fn: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(RUNS):
-        start = time.perf_counter()
+    """Microseconds per call of `fn`: the best of RUNS runs of CALLS calls."""
+
+    def run() -> None:
         for _ in range(CALLS):
             fn()
-        best = min(best, time.perf_counter() - start)
-    return best / CALLS * 1e6
+
+    return min(timings(run, RUNS)) / CALLS * 1e6
 
 
 def main() -> None:
@@ -159,16 +159,27 @@ def main() -> None:
             },
         ),
     ]
-    print(f"us per call, best of {RUNS} x {CALLS:,}")
-    print(
-        f"{'':36s}{'fast':>8s}{'reference':>11s}{'json_format':>13s}{'floor':>8s}{'fast/floor':>12s}"
+    figures = FigureTable(
+        f"protobuf <-> JSON codec, us per call, best of {RUNS} x {CALLS:,}",
+        "case",
+        max(len(name) for name, _ in cases),
+        [
+            Column("fast", ".2f", 8),
+            Column("reference", ".2f"),
+            Column("json_format", ".2f"),
+            Column("floor", ".2f", 8),
+            Column("fast/floor", ".1f"),
+        ],
     )
     for name, rows in cases:
-        figures = {label: best_us(fn) for label, fn in rows.items()}
-        print(
-            f"{name:36s}{figures['fast']:8.2f}{figures['reference']:11.2f}"
-            f"{figures['json_format']:13.2f}{figures['floor']:8.2f}"
-            f"{figures['fast'] / figures['floor']:11.1f}x"
+        us = {label: best_us(fn) for label, fn in rows.items()}
+        figures.row(
+            name,
+            us["fast"],
+            us["reference"],
+            us["json_format"],
+            us["floor"],
+            us["fast"] / us["floor"],
         )
 
 

@@ -1,8 +1,10 @@
 """HTTP/1.1 layer throughput: a fixed answer served with h11 and with httptools.
 
-For each parser, a trio server runs in its own process with a handler that
-returns a fixed 2-header JSON answer; wrk drives it (-t1 -c64, 5 s, keep-alive)
-and this prints requests/s and p50/p99 latency. Needs `wrk` (apt-get install wrk).
+For each parser, a trio server runs in its own process (this file run with
+`--serve PARSER`) with a handler that returns a fixed 2-header JSON answer;
+wrk drives GET requests at it (-t1 -c64, 5 s, keep-alive, through
+benchmarks/harness) and this prints requests/s, p50/p99 latency and the
+server's CPU per request. Needs `wrk` (apt-get install wrk).
 
     python benchmarks/bench_http.py [--duration 5] [--connections 64]
 """
@@ -10,13 +12,13 @@ and this prints requests/s and p50/p99 latency. Needs `wrk` (apt-get install wrk
 from __future__ import annotations
 
 import argparse
-import re
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness.figures import FigureTable
+from harness.load import RUN_COLUMNS, WARMUP_SECONDS, drive, require_wrk, run_cells, wrk
+from harness.processes import child
+
+WARMUP_CONNECTIONS = 8
 
 
 def serve(parser: str) -> None:
@@ -52,44 +54,15 @@ def serve(parser: str) -> None:
     trio.run(main)
 
 
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def _ms(text: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(number) * _UNITS[unit]
-
-
-def measure(parser: str, duration: int, connections: int) -> tuple[float, float, float]:
-    """(requests/s, p50 ms, p99 ms) for one parser."""
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", parser],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
+def measure(parser: str, duration: int, connections: int) -> dict[str, float]:
+    """One parser's server started, warmed up and driven; its figures (`drive`)."""
+    with child([sys.executable, __file__, "--serve", parser]) as (server, port):
         url = f"http://127.0.0.1:{port}/bench"
-        subprocess.run(["wrk", "-t1", "-c8", "-d1s", url], check=True, capture_output=True)
-        out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    finally:
-        server.terminate()
-        server.wait()
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    # Anchored at the line start: the thread stats line ends in a percentage too
-    # ("+/- Stdev 87.50%"), which an unanchored "50%" would take.
-    p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.MULTILINE).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.MULTILINE).group(1))  # type: ignore[union-attr]
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise SystemExit(f"wrk saw errors against {parser}:\n{out}")
-    return rps, p50, p99
+        wrk(url, WARMUP_SECONDS, WARMUP_CONNECTIONS, BENCH_METHOD="GET")
+        result = drive(url, duration, server.pid, None, connections, BENCH_METHOD="GET")
+    if result["errors"]:
+        raise SystemExit(f"wrk saw {result['errors']:.0f} errors against {parser}")
+    return result
 
 
 def main() -> None:
@@ -101,13 +74,15 @@ def main() -> None:
     if args.serve:
         serve(args.serve)
         return
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install -y wrk")
-    print(f"HTTP layer, fixed answer, wrk -t1 -c{args.connections} -d{args.duration}s")
-    print(f"{'parser':<10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    require_wrk()
+    figures = FigureTable(
+        f"HTTP layer, fixed answer, wrk -t1 -c{args.connections} -d{args.duration}s",
+        "parser",
+        10,
+        RUN_COLUMNS,
+    )
     for name in ("h11", "httptools"):
-        rps, p50, p99 = measure(name, args.duration, args.connections)
-        print(f"{name:<10} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f}")
+        figures.row(name, *run_cells(measure(name, args.duration, args.connections)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ with no rules, with 10 rate-limit rules, with 50 WAF rules, and with both; the
 same 10 rules as a gateway keeps them (`store: local`, in LMDB); then
 the WAF alone on larger bodies and on WebSocket messages. "regex on every text"
 is the naive scan (every rule's regex on every location) for comparison with the
-literal pre-check the WAF uses. Run: `.venv/bin/python benchmarks/bench_policy.py`.
+literal pre-check the WAF uses. Microseconds per call, printed through
+benchmarks/harness. Run: `.venv/bin/python benchmarks/bench_policy.py`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
+from harness.figures import Column, FigureTable, timings
 
 from tlvproxy.config.keys import parse_key
 from tlvproxy.config.model import RateLimitRule, WafRule
@@ -153,13 +155,12 @@ def per_call(fn: Callable[[], object], min_seconds: float = 0.3) -> float:
             break
         n *= 4
     n = max(1, int(n * min_seconds / max(elapsed, 1e-9)))
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
+
+    def run() -> None:
         for _ in range(n):
             fn()
-        best = min(best, (time.perf_counter() - start) / n)
-    return best
+
+    return min(timings(run, 3)) / n
 
 
 def user_requests(users: int) -> list[_Request]:
@@ -218,32 +219,34 @@ def naive(rules: list[WafRule], body: bytes) -> Callable[[], object]:
 
 def main() -> None:
     body = body_of(200)
-    none = per_call(policy_check(RateLimiter([]), Waf([]), body))
-    rates = per_call(policy_check(RateLimiter(rate_rules()), Waf([]), body))
-    wafs = per_call(policy_check(RateLimiter([]), Waf(waf_rules()), body))
-    both = per_call(policy_check(RateLimiter(rate_rules()), Waf(waf_rules()), body))
-    print("policy cost per REST request (200-byte JSON chat body, 8 headers)")
-    print(f"  no rules                          {none * 1e6:8.2f} us")
-    print(f"  10 rate-limit rules               {rates * 1e6:8.2f} us")
-    print(f"  50 WAF rules                      {wafs * 1e6:8.2f} us")
-    print(f"  10 rate-limit + 50 WAF rules      {both * 1e6:8.2f} us")
+    us = [Column("us", ",.2f", 9)]
+    request = FigureTable(
+        "policy cost per REST request (200-byte JSON chat body, 8 headers)", "rules", 33, us
+    )
+    for name, limiter, waf in (
+        ("no rules", RateLimiter([]), Waf([])),
+        ("10 rate-limit rules", RateLimiter(rate_rules()), Waf([])),
+        ("50 WAF rules", RateLimiter([]), Waf(waf_rules())),
+        ("10 rate-limit + 50 WAF rules", RateLimiter(rate_rules()), Waf(waf_rules())),
+    ):
+        request.row(name, per_call(policy_check(limiter, waf, body)) * 1e6)
     with tempfile.TemporaryDirectory(prefix="tlvproxy-bench-") as directory:
         local = LocalBuckets(Path(directory))
         stored = per_call(stored_check(RateLimits(rate_rules(), Metrics(), local=local)))
         local.close()
-    print(f"  10 rate-limit rules, store: local {stored * 1e6:8.2f} us")
-    print(f"  50 WAF rules, regex on every text {per_call(naive(waf_rules(), body)) * 1e6:8.2f} us")
+    request.row("10 rate-limit rules, store: local", stored * 1e6)
+    request.row("50 WAF rules, regex on every text", per_call(naive(waf_rules(), body)) * 1e6)
     waf = Waf(waf_rules())
-    print("WAF alone by body size (50 rules)")
+    alone = FigureTable("WAF alone (50 rules)", "input", 33, us)
     for size in (1024, 16 * 1024, 64 * 1024, 1024 * 1024):
         big = body_of(size)
         cost = per_call(
             lambda big=big: waf.inspect_request(path="/v1/echo", query="", body=big, headers=())
         )
-        print(f"  {size // 1024:5d} KiB body                    {cost * 1e6:8.2f} us")
+        alone.row(f"{size // 1024} KiB body", cost * 1e6)
     message = '{"cmd": "send_message", "seq": 7, "body": {"to": 7, "text": "' + CHAT + '"}}'
     cost = per_call(lambda: waf.inspect_message(message))
-    print(f"WebSocket text message ({len(message)} chars)      {cost * 1e6:8.2f} us")
+    alone.row(f"WebSocket text message ({len(message)} chars)", cost * 1e6)
 
 
 if __name__ == "__main__":

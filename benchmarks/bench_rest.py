@@ -19,7 +19,8 @@ Prints microseconds per request for
 Access records go to /dev/null through the gateway's own log handler
 (`LineHandler` with `json_formatter()`, as `setup_logging` installs it), and
 `AccessLog.run` publishes the `RequestTally` once per scheduler pass, as in
-app.py. The side-by-side comparison with other gateways is bench_shared.py.
+app.py. Figures are printed through benchmarks/harness. The side-by-side
+comparison with other gateways is bench_shared.py.
     python benchmarks/bench_rest.py [--requests 20000]
 """
 
@@ -42,6 +43,8 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from harness.figures import Column, FigureTable  # noqa: E402
+from harness.load import BODY_FILE  # noqa: E402
 from shared_target import PROTO, table_text  # noqa: E402  # the launcher's table, exactly
 
 from tlvproxy.app import Runtime  # noqa: E402
@@ -81,7 +84,7 @@ if TYPE_CHECKING:
     from tlvproxy.server.http_conn import Response
     from tlvproxy.upstream.pool import Pool
 
-BODY = (HERE.parent.parent / "shared" / "bench" / "wrk" / "body.json").read_bytes().strip()
+BODY = BODY_FILE.read_bytes().strip()
 WIRE = (
     b"POST /v1/echo HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
@@ -493,17 +496,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     args = parser.parse_args()
     _log_to_devnull()
-    print(f"{'REST handler (submit), in-process echo upstream':52} {'us/request (CPU)':>16}")
+    cpu = [Column("us/request (CPU)", ".1f")]
+    handler = FigureTable("REST handler (submit), in-process echo upstream", "route", 24, cpu)
     for route in ("json", "protobuf"):
         for concurrency in (1, 64):
             cost = trio.run(handler_cost, route, args.requests, concurrency)
-            print(f"  {route:9} {concurrency:3} in flight{'':29} {cost:16.1f}")
-    print(f"{'HTTP path, in-process clients and upstream':52} {'us/request (CPU)':>16}")
+            handler.row(f"{route}, {concurrency} in flight", cost)
+    http = FigureTable(
+        "HTTP path, in-process clients and upstream, 64 connections", "route, parser", 24, cpu
+    )
     for route in ("json", "protobuf"):
         for name in ("httptools", "h11"):
-            cost = trio.run(http_cost, route, name, args.requests, 64)
-            print(f"  {route:9} {name:9} 64 connections{'':15} {cost:16.1f}")
-    print(f"{'per-request parts, each alone (timeit, best of 5)':52} {'us/request':>16}")
+            http.row(f"{route}, {name}", trio.run(http_cost, route, name, args.requests, 64))
+    parts = FigureTable(
+        "per-request parts, each alone (timeit, best of 5)",
+        "part",
+        50,
+        [Column("us/request", ".2f")],
+    )
     total = 0.0
     counted = (
         "parse",
@@ -519,8 +529,8 @@ def main() -> None:
     for name, micros in part_costs():
         if name.startswith(counted):
             total += micros
-        print(f"  {name:50} {micros:16.2f}")
-    print(f"  {'sum (json route, no policy, checked, tally)':50} {total:16.2f}")
+        parts.row(name, micros)
+    parts.row("sum (json route, no policy, checked, tally)", total)
 
 
 if __name__ == "__main__":

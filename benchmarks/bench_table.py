@@ -2,16 +2,17 @@
 
 Generates the .proto and commands.yaml in a temporary directory, then times
 `load_table` (YAML, validation, protoc, descriptor pool, 500 codecs, router) and,
-separately, `compile_schema` alone and matching routes on the loaded router.
-Run: `.venv/bin/python benchmarks/bench_table.py`.
+separately, `compile_schema` alone and matching routes on the loaded router;
+printed through benchmarks/harness. Run: `.venv/bin/python benchmarks/bench_table.py`.
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from harness.figures import Column, FigureTable, print_target, timings
 
 from tlvproxy.config.loader import load_table
 from tlvproxy.errors import MethodNotAllowed, RouteNotFound
@@ -20,6 +21,8 @@ from tlvproxy.schema.protos import compile_schema
 MESSAGES = 200
 COMMANDS = 500
 RUNS = 5
+TARGET_MS = 1000  # load_table, median
+MATCHES = 100_000
 
 
 def make_proto() -> str:
@@ -69,13 +72,8 @@ def make_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def timed(fn, runs: int = RUNS) -> tuple[float, float]:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
+def _min_median_ms(seconds: list[float]) -> tuple[float, float]:
+    return min(seconds) * 1000, statistics.median(seconds) * 1000
 
 
 def main() -> None:
@@ -88,19 +86,17 @@ def main() -> None:
         table = load_table(root / "commands.yaml")
         assert len(table.commands) == COMMANDS
         assert len(table.codecs) == COMMANDS
-        print(f"table: {COMMANDS} commands, {MESSAGES} messages, version {table.version}")
-
-        best, median = timed(lambda: compile_schema([root / "proto"], ["bench.proto"]))
-        print(
-            f"compile_schema (protoc + pool):  min {best * 1000:7.1f} ms  "
-            f"median {median * 1000:7.1f} ms"
+        loading = FigureTable(
+            f"table load: {COMMANDS} commands, {MESSAGES} messages (version {table.version}), "
+            f"{RUNS} runs",
+            "step",
+            32,
+            [Column("min ms", ".1f", 9), Column("median ms", ".1f", 9)],
         )
-        best, median = timed(lambda: load_table(root / "commands.yaml"))
-        verdict = "ok" if median < 1.0 else "OVER the 1 s target"
-        print(
-            f"load_table (everything):         min {best * 1000:7.1f} ms  "
-            f"median {median * 1000:7.1f} ms  ({verdict})"
-        )
+        schema = timings(lambda: compile_schema([root / "proto"], ["bench.proto"]), RUNS)
+        loading.row("compile_schema (protoc + pool)", *_min_median_ms(schema))
+        loads = timings(lambda: load_table(root / "commands.yaml"), RUNS)
+        loading.row("load_table (everything)", *_min_median_ms(loads))
 
         router = table.router
         assert router is not None
@@ -110,16 +106,22 @@ def main() -> None:
             ("PUT", "/v1/resource40/77"),  # 405: the template exists for POST and DELETE
             ("GET", "/nope"),  # 404
         ]
-        n = 100_000
+        matching = FigureTable(
+            f"router.match, {MATCHES:,} calls", "request", 29, [Column("us", ".2f", 6)]
+        )
         for method, path in paths:
-            start = time.perf_counter()
-            for _ in range(n):
-                try:
-                    router.match(method, path)
-                except (RouteNotFound, MethodNotAllowed):  # timed too: 404 and 405 answers
-                    continue
-            per = (time.perf_counter() - start) / n
-            print(f"router.match {method:6} {path:22} {per * 1e6:6.2f} us")
+
+            def match(method: str = method, path: str = path) -> None:
+                for _ in range(MATCHES):
+                    try:
+                        router.match(method, path)
+                    except (RouteNotFound, MethodNotAllowed):  # timed too: 404 and 405 answers
+                        continue
+
+            matching.row(f"{method:6} {path}", timings(match, 1)[0] / MATCHES * 1e6)
+    print_target(
+        "load_table, median", statistics.median(loads) * 1000, "<", TARGET_MS, ",.0f", " ms"
+    )
 
 
 if __name__ == "__main__":

@@ -88,12 +88,17 @@ def wrk(
 
 
 def drive(
-    url: str, duration: int, pid: int, script: Path | None = None, **env: str
+    url: str,
+    duration: int,
+    pid: int,
+    script: Path | None = None,
+    connections: int = CONNECTIONS,
+    **env: str,
 ) -> dict[str, float]:
-    """`wrk` against the gateway `pid`, plus `cpu_us`: the CPU microseconds its
-    process tree spent per request over the run."""
+    """`wrk` against the server `pid` (a gateway), plus `cpu_us`: the CPU
+    microseconds its process tree spent per request over the run."""
     before = tree_cpu_seconds(pid)
-    result = wrk(url, duration, CONNECTIONS, script, **env)
+    result = wrk(url, duration, connections, script, **env)
     # CPU per request moves far less than req/s when wrk and the upstream
     # compete for the same two cores.
     result["cpu_us"] = (tree_cpu_seconds(pid) - before) * 1e6 / max(result["requests"], 1)
