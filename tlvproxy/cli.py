@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _endpoint(value: str) -> str:
-    from tlvproxy.config.sections import etcd_endpoint
+    from tlvproxy.config.upstreams import etcd_endpoint
 
     try:
         return etcd_endpoint(value)
@@ -171,7 +171,7 @@ def _endpoint(value: str) -> str:
 
 
 def _prefix(value: str) -> str:
-    from tlvproxy.config.sections import etcd_prefix
+    from tlvproxy.config.upstreams import etcd_prefix
 
     try:
         return etcd_prefix(value)

@@ -37,6 +37,7 @@ import yaml
 from google.protobuf.descriptor import FieldDescriptor
 
 from tlvproxy.config import auth, nodes, sections
+from tlvproxy.config import upstreams as upstream_sections
 from tlvproxy.config.certificates import read_tls
 from tlvproxy.config.compiled import CompiledTable
 from tlvproxy.config.model import (
@@ -263,7 +264,7 @@ class _TableLoader:
         r = self.r
         framing = sections.read_framing(self.r, top.get("framing"))
         json_options = sections.read_json(self.r, top.get("json"), "json", JsonOptions())
-        upstreams = sections.read_upstreams(self.r, top.get("upstreams"), framing)
+        upstreams = upstream_sections.read_upstreams(self.r, top.get("upstreams"), framing)
         schema = self._schema(top.get("proto"))
         self.authenticators = auth.read_auth(self.r, top.get("auth"), self.base)
         if "default_auth" in top:
@@ -327,7 +328,7 @@ class _TableLoader:
         )
 
     def _etcd(self, top: dict[str, Node], upstreams: Mapping[str, UpstreamSpec]) -> EtcdSpec | None:
-        spec = sections.read_etcd(self.r, top.get("etcd"))
+        spec = upstream_sections.read_etcd(self.r, top.get("etcd"))
         if spec is None and "etcd" not in top:
             for name, upstream in upstreams.items():
                 if upstream.discovery is not None:

@@ -195,7 +195,7 @@ class EtcdClient:
 @asynccontextmanager
 async def open_etcd(endpoints: Sequence[str]) -> AsyncIterator[EtcdClient]:
     """A client of the etcd cluster at `endpoints` (`http(s)://HOST:PORT` each,
-    as `config.sections.etcd_endpoint` checks them)."""
+    as `config.upstreams.etcd_endpoint` checks them)."""
     # No timeout of httpx's: the caller's cancel scope owns the time of every
     # request, and a watch waits for as long as nothing changes.
     async with httpx.AsyncClient(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from tlvproxy.config.nodes import Invalid
-from tlvproxy.config.sections import node_value
+from tlvproxy.config.upstreams import node_value
 from tlvproxy.etcd.client import EtcdUnavailable, open_etcd
 from tlvproxy.etcd.watch import BACKOFF_MAX, BACKOFF_MIN, PrefixWatch, TooManyKeys
 from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
