@@ -7,8 +7,10 @@ reconnected with capped exponential backoff), sending a request and sending it
 again, and opening dedicated session connections. Beside it: node.py (one
 node's state and health), attempt.py (a request on its way, the retry policy),
 watch.py (heartbeats and probes), session.py (a session's connection).
-Must not: set request deadlines (the caller wraps `request` in a cancel scope,
-docs/reference.md "How a request flows"), decode bodies, or know about HTTP.
+Must not: choose request deadlines (the caller passes `submit` one, which the
+connection keeps in its deadline heap and the worker's DeadlineTimer fires;
+`request` takes the caller's cancel scope's: docs/reference.md "Timeouts"),
+decode bodies, or know about HTTP.
 
 Policies decided here:
 - A request goes to the least-loaded usable connection of the chosen node. While the
@@ -21,8 +23,8 @@ Policies decided here:
   expression found nothing) is balanced by weighted round robin.
 - A node is skipped while unhealthy, and also while it has no connection and its
   reconnect backoff has not expired. With no node left: `NoHealthyNode`.
-- Failures (health.py): a failed connect, a timeout (the caller's cancel scope fired
-  at its deadline), a connection broken by the node (reset, EOF with requests in
+- Failures (health.py): a failed connect, a timeout (the request's deadline
+  passed), a connection broken by the node (reset, EOF with requests in
   flight, malformed frame: counted once per connection), a missed heartbeat.
   A connect that fails because this process has no file descriptor left
   (EMFILE, ENFILE) is the gateway's trouble, not the node's: no failure, no
