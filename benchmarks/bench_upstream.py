@@ -41,7 +41,7 @@ from harness.processes import echo_upstream
 from tlvproxy.config.model import Address, NodeSpec, UpstreamSpec
 from tlvproxy.framing import default_layout
 from tlvproxy.metrics import Metrics
-from tlvproxy.supervisor import tune_gc
+from tlvproxy.serving import tune_gc
 from tlvproxy.upstream.pool import open_pool
 
 if TYPE_CHECKING:

@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tlvproxy.supervisor import run_serve
+    from tlvproxy.serving import run_serve
 
     return run_serve(
         args.config,
