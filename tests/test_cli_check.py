@@ -77,7 +77,7 @@ upstreams:
 commands:
   - {name: a, command: 1, upstream: nope, request: demo.im.Nope, response: demo.im.Profile}
   - {name: a, command: 1, upstream: im, codec: raw, http: {method: GET, path: /x}}
-  - {name: b, command: 2, upstream: im, codec: raw, http: {method: GET, path: /x}}
+  - {name: b, command: 1, upstream: im, codec: raw, http: {method: GET, path: /x}}
 rate_limits: [{name: r, key: remote_addr, rate: fast}]
 waf: [{name: w, pattern: "[unclosed"}]
 """
@@ -103,8 +103,9 @@ def test_broken_table_fails_with_every_error_on_stderr(tmp_path):
         "bad.yaml:8:52: commands[0].request: undefined message 'demo.im.Nope' (not in"
         " proto.files); did you mean 'demo.im.Profile'?",
         "bad.yaml:9:12: commands[1].name: duplicate command name 'a' (first at commands[0])",
-        "bad.yaml:9:24: commands[1].command: duplicate command number 0x0001 (first at"
-        " commands[0])",
+        "bad.yaml:10:24: commands[2].command: duplicate command word 0x0001 on upstream 'im'"
+        " (first at commands[1], 'a'): a command word is unique per upstream (the answers of"
+        " 'im' are told apart by it); another upstream may reuse it",
         "bad.yaml:10:79: commands[2].http.path: GET /x (b) duplicates GET /x (a)",
         "bad.yaml:11:49: rate_limits[0].rate: expected a rate like 10/s or 600/m, got 'fast'",
         "bad.yaml:12:26: waf[0].pattern: invalid regular expression: unterminated character"

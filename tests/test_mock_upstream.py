@@ -420,3 +420,80 @@ def test_version_and_the_uid_option() -> None:
     assert "does not fit the header's uid field" in wide.stderr
     helped = run_cli("call", "--help")
     assert "example:" in helped.stdout
+
+
+NEXT_COMMANDS = [
+    {
+        "name": "get_profile_next",
+        "command": 0x1002,
+        "upstream": "im_next",
+        "request": "demo.im.GetProfileRequest",
+        "response": "demo.im.Profile",
+    },
+    {"name": "echo_next", "command": 0x1003, "upstream": "im_next", "codec": "json"},
+]
+
+
+@pytest.fixture(scope="module")
+def two_upstreams(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' demo table plus `im_next`, whose commands reuse the words of `im`'s."""
+    document = yaml.safe_load(FIXTURE_TABLE.read_text())
+    document["proto"]["paths"] = [str(ROOT / "proto")]
+    document["upstreams"]["im_next"] = {"nodes": ["127.0.0.1:7002"]}
+    document["commands"].extend(NEXT_COMMANDS)
+    path = tmp_path_factory.mktemp("next") / "table.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("upstream", "variant", "nickname", "tags"),
+    [
+        (None, "current", "user7", ["demo"]),
+        ("im", "next", "User 7", ["demo", "next"]),
+        ("im_next", "current", "user7", ["demo"]),
+        ("im_next", "next", "User 7", ["demo", "next"]),
+    ],
+)
+async def test_the_service_plays_one_upstream_in_one_variant(
+    two_upstreams: Path, upstream: str | None, variant: str, nickname: str, tags: list[str]
+) -> None:
+    table = load_table(two_upstreams)
+    async with trio.open_nursery() as nursery:
+        started = partial(
+            serve_mock_upstream, "127.0.0.1", 0, table, upstream=upstream, variant=variant
+        )
+        address = parse_address(await nursery.start(started))
+        async with connect(table, address) as conn:
+            # 0x1002 is get_profile on im and get_profile_next on im_next: both
+            # answer a profile (the second by its request message).
+            name = "get_profile_next" if upstream == "im_next" else "get_profile"
+            profile = await conn.request(0x1002, body(table, name, {"user_id": 7}))
+            assert profile.status == 0
+            value = decoded(table, name, profile)
+            assert (value["nickname"], value["tags"]) == (nickname, tags)
+            # A json command the demo does not know by name answers status 1.
+            echo = await conn.request(0x1003, b"{}")
+            assert echo.status == (1 if upstream == "im_next" else 0)
+        nursery.cancel_scope.cancel()
+
+
+def test_mock_upstream_refuses_an_upstream_the_table_lacks(two_upstreams: Path) -> None:
+    result = run_cli("mock-upstream", "-c", str(two_upstreams), "--upstream", "nope")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "tlvproxy mock-upstream: --upstream: the table has no upstream 'nope' "
+        "(its upstreams: im, im_next)"
+    )
+
+
+def test_call_asks_for_a_name_when_upstreams_share_a_word(two_upstreams: Path) -> None:
+    table = load_table(two_upstreams)
+    with pytest.raises(BadRequest) as caught:
+        build_request(table, "0x1002", '{"user_id": 7}')
+    assert caught.value.message == (
+        "command 0x1002 is the word of get_profile (upstream im), get_profile_next "
+        "(upstream im_next): name one of them"
+    )
+    named = build_request(table, "get_profile_next", '{"user_id": 7}')
+    assert (named.command, named.spec) == (0x1002, table.commands_by_name["get_profile_next"])

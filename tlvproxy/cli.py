@@ -125,6 +125,18 @@ def _parser() -> argparse.ArgumentParser:
         help="the private key that signs login's demo tokens (made by `tlvproxy demo-keys`)",
     )
     mock.add_argument(
+        "--upstream",
+        metavar="NAME",
+        help="the upstream of the table it plays: command words are read among its commands "
+        "(default: the websocket's upstream, else the first)",
+    )
+    mock.add_argument(
+        "--variant",
+        choices=("current", "next"),
+        default="current",
+        help="next: answer as the next version of the demo service (for trying a migration)",
+    )
+    mock.add_argument(
         "--register",
         metavar="URL",
         type=_endpoint,
@@ -276,7 +288,14 @@ def _mock_upstream(args: argparse.Namespace) -> int:
     from tlvproxy.mock_upstream import run_mock_upstream
 
     register = None if args.register is None else (args.register, args.prefix)
-    return run_mock_upstream(args.listen, args.config, args.token_key, register)
+    return run_mock_upstream(
+        args.listen,
+        args.config,
+        args.token_key,
+        register,
+        upstream=args.upstream,
+        variant=args.variant,
+    )
 
 
 def _demo_keys(args: argparse.Namespace) -> int:

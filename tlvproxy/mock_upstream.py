@@ -6,7 +6,12 @@ table's codecs like any other TLV peer would.
 
 It speaks the table's framing layout and reads request bodies with the table's
 codecs (`decode_request` / `encode_response`), so it follows the table's message
-names and JSON options. Commands, by their name in the table:
+names and JSON options. It plays one upstream of the table (`upstream`: by
+default the WebSocket's, else the first): a frame's command word is read among
+that upstream's commands, since words are unique per upstream only. Commands,
+by their name in the table, or, for a name it does not know, by their request
+message (a `get_profile_next` taking `demo.im.GetProfileRequest` answers as
+`get_profile`):
 
 - `heartbeat` (always also 0x0001): empty answer, status 0.
 - `echo`: answers the body unchanged.
@@ -24,6 +29,10 @@ names and JSON options. Commands, by their name in the table:
   Without a key: status 4 (unavailable), its `error` saying so; user 0 or any
   id from 1,000,000 on: status 2.
 - Any other command, or a body that does not decode: status 1, empty body.
+
+`variant="next"` plays the next version of the service, for trying a migration
+(docs/migrating.md): `get_profile` answers the nickname `User N` and the tags
+`["demo", "next"]`; everything else is the same.
 
 Switches for trying failures:
 - an `echo` body that is a JSON object with `"_status": N` is answered with status
@@ -77,6 +86,14 @@ NO_SIGNING_KEY: Final = (
     "build/demo-keys/demo-signing-key.pem (`make run` does)"
 )
 UNKNOWN_USERS_FROM: Final = 1_000_000
+# What a command whose name the demo does not know does, by its request message.
+_BY_REQUEST: Final = {
+    "demo.im.SendMessageRequest": "send_message",
+    "demo.im.GetProfileRequest": "get_profile",
+    "demo.im.ListMessagesRequest": "list_messages",
+    "demo.im.LoginRequest": "login",
+}
+_KNOWN: Final = frozenset({"echo", *_BY_REQUEST.values()})
 DEFAULT_LIST_LIMIT: Final = 20
 # What the demo keeps and waits for at most: the messages it remembers (the
 # oldest are forgotten), and the delay a failure switch may ask (seconds).
@@ -118,13 +135,31 @@ def _number(value: Any) -> int:
         return 0
 
 
-class MockService:
-    """The demo IM service over `table` (its framing and codecs); `issuer`
-    signs the tokens of `login` (None: login answers status 4)."""
+def default_upstream(table: Table) -> str:
+    """The upstream the service plays unless told: the WebSocket's, else the
+    table's first ("" when it has none)."""
+    if table.websocket is not None:
+        return table.websocket.upstream
+    return next(iter(table.upstreams), "")
 
-    def __init__(self, table: CompiledTable, issuer: TokenIssuer | None = None) -> None:
+
+class MockService:
+    """The demo IM service over `table` (its framing and codecs), playing its
+    `upstream` (default: `default_upstream`), in `variant` "current" or
+    "next"; `issuer` signs the tokens of `login` (None: login answers status 4)."""
+
+    def __init__(
+        self,
+        table: CompiledTable,
+        issuer: TokenIssuer | None = None,
+        *,
+        upstream: str | None = None,
+        variant: str = "current",
+    ) -> None:
         self.table = table
         self.issuer = issuer
+        self.upstream = default_upstream(table) if upstream is None else upstream
+        self.variant = variant
         self.layout = table.framing
         self.messages: deque[dict[str, Any]] = deque(maxlen=MAX_MESSAGES)
         self._sent = 0  # messages ever sent: the next msg_id
@@ -206,7 +241,7 @@ class MockService:
         """(status, body, delay in seconds) for a request frame."""
         if frame.command == HEARTBEAT:
             return 0, b"", 0.0
-        spec = self.table.find_command(frame.command)
+        spec = self.table.command_at(self.upstream, frame.command)
         if spec is None or spec.push is not None:
             return STATUS_BAD_REQUEST, b"", 0.0
         codec = self.table.codecs[spec.name]
@@ -215,15 +250,16 @@ class MockService:
         except BadRequest as exc:
             log.info("undecodable request", extra={"command": spec.name, "error": exc.message})
             return STATUS_BAD_REQUEST, b"", 0.0
-        if spec.name == "echo":
+        behaviour = spec.name if spec.name in _KNOWN else _BY_REQUEST.get(spec.request or "")
+        if behaviour == "echo":
             return self._echo(frame.body, value)
-        if spec.name == "send_message":
+        if behaviour == "send_message":
             status, answer, delay = self._send_message(frame.uid, value)
-        elif spec.name == "get_profile":
+        elif behaviour == "get_profile":
             status, answer, delay = self._profile(value)
-        elif spec.name == "list_messages":
+        elif behaviour == "list_messages":
             status, answer, delay = self._list_messages(value)
-        elif spec.name == "login":
+        elif behaviour == "login":
             status, answer, delay = self._login(value)
         else:
             return STATUS_BAD_REQUEST, b"", 0.0
@@ -287,13 +323,14 @@ class MockService:
         if user_id == 0 or user_id >= UNKNOWN_USERS_FROM:
             return STATUS_NOT_FOUND, None, 0.0
         online = any(c.uid == user_id for c in self._clients)
+        following = self.variant == "next"
         profile = {
             "user_id": user_id,
-            "nickname": f"user{user_id}",
+            "nickname": f"User {user_id}" if following else f"user{user_id}",
             "gender": "GENDER_FEMALE" if user_id % 2 else "GENDER_MALE",
             "status": "STATUS_ONLINE" if online else "STATUS_OFFLINE",
             "created_at": _CREATED_AT,
-            "tags": ["demo"],
+            "tags": ["demo", "next"] if following else ["demo"],
         }
         return 0, profile, 0.0
 
@@ -321,13 +358,16 @@ async def serve_mock_upstream(
     table: CompiledTable | None = None,
     *,
     issuer: TokenIssuer | None = None,
+    upstream: str | None = None,
+    variant: str = "current",
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the demo service on HOST:PORT (port 0: any free port) until cancelled.
 
-    `table` defaults to the bundled demo table; `issuer` signs `login`'s tokens.
-    Logs the address it listens on and reports it ("host:port") through
-    `task_status`. Raises OSError if it cannot bind.
+    `table` defaults to the bundled demo table; `issuer` signs `login`'s tokens;
+    `upstream` and `variant` are `MockService`'s. Logs the address it listens
+    on and reports it ("host:port") through `task_status`. Raises OSError if it
+    cannot bind.
     """
     if table is None:
         from tlvproxy.config.loader import load_table
@@ -335,7 +375,8 @@ async def serve_mock_upstream(
         table = await trio.to_thread.run_sync(load_table, DEMO_TABLE)
     if issuer is None and table.find_command("login") is not None:
         log.warning("no --token-key: login answers status 4", extra={"error": NO_SIGNING_KEY})
-    await _listen(MockService(table, issuer), host, port, task_status=task_status)
+    service = MockService(table, issuer, upstream=upstream, variant=variant)
+    await _listen(service, host, port, task_status=task_status)
 
 
 async def _listen(
@@ -393,10 +434,14 @@ def run_mock_upstream(
     table_path: Path,
     token_key: Path | None = None,
     register: tuple[str, str] | None = None,
+    *,
+    upstream: str | None = None,
+    variant: str = "current",
 ) -> int:
     """The whole `tlvproxy mock-upstream`: JSON logs on stdout; returns the exit status.
 
-    `register` is (etcd endpoint, prefix) for `--register URL --prefix P`."""
+    `register` is (etcd endpoint, prefix) for `--register URL --prefix P`;
+    `upstream` and `variant` are `MockService`'s (`--upstream`, `--variant`)."""
     from tlvproxy.config.loader import TableError, load_table
     from tlvproxy.demo_keys import TokenIssuer
     from tlvproxy.etcd.client import EtcdUnavailable
@@ -424,14 +469,32 @@ def run_mock_upstream(
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
+    if upstream is not None and upstream not in table.upstreams:
+        known = ", ".join(table.upstreams) or "none"
+        print(
+            f"tlvproxy mock-upstream: --upstream: the table has no upstream {upstream!r} "
+            f"(its upstreams: {known})",
+            file=sys.stderr,
+        )
+        return 2
     # The errors come out of nurseries (strict exception groups): except*
     # finds them inside, and the message, not a traceback, is what is shown.
     status = 0
     try:
         if register is None:
-            trio.run(partial(serve_mock_upstream, address.host, address.port, table, issuer=issuer))
+            trio.run(
+                partial(
+                    serve_mock_upstream,
+                    address.host,
+                    address.port,
+                    table,
+                    issuer=issuer,
+                    upstream=upstream,
+                    variant=variant,
+                )
+            )
         else:
-            service = MockService(table, issuer)
+            service = MockService(table, issuer, upstream=upstream, variant=variant)
             trio.run(serve_registered, service, address.host, address.port, *register)
     except* (EtcdUnavailable, EtcdRefused, MalformedAnswer, trio.TooSlowError) as group:
         failure = _first(group)

@@ -92,7 +92,7 @@ def test_demo_table_loads_with_everything_compiled():
     assert send.uid == KeyExpr("header", "x-user-id")
     assert send.fields == {"client_ip": KeyExpr("remote_addr")}
     assert send.timeout == 2.0
-    assert table.commands_by_number[0x2001].push == "demo.im.MessagePush"
+    assert table.command_at("im", 0x2001).push == "demo.im.MessagePush"
     assert table.find_command("0x1003") is table.commands_by_name["echo"]
 
     assert set(table.codecs) == set(names)
@@ -355,7 +355,7 @@ commands:
     response: demo.im.Profile
     http: {method: GET, path: "/v1/users/{user_id}"}
   - name: get2
-    command: "0x1005"
+    command: "0x1001"
     upstream: im
     request: demo.im.GetProfileRequest
     response: demo.im.Profile
@@ -412,7 +412,12 @@ EXPECTED = [
     ),
     (22, "commands[0].fields.client_ip", "invalid key expression 'remote_adr'"),
     (23, "commands[1].name", "duplicate command name 'send_message' (first at commands[0])"),
-    (24, "commands[1].command", "duplicate command number 0x1001 (first at commands[0])"),
+    (
+        30,
+        "commands[2].command",
+        "duplicate command word 0x1001 on upstream 'im' (first at commands[1], 'send_message')"
+        ": a command word is unique per upstream",
+    ),
     (
         34,
         "commands[2].http.path",

@@ -194,6 +194,7 @@ upstreams:
     connect_timeout: 1s
     timeout: {timeout}
     health: {{unhealthy_after: 1, healthy_after: 1}}
+{upstreams}
 commands:
   - name: heartbeat
     command: 0x0001
@@ -217,6 +218,7 @@ commands:
   - name: new_message
     command: 0x2001
     push: demo.im.MessagePush
+{commands}
 websocket:
   path: /ws
   upstream: im
@@ -238,6 +240,8 @@ def make_table(
     idle_timeout: str = "120s",
     timeout: str = "3s",
     extra: str = "",
+    upstreams: str = "",
+    commands: str = "",
 ) -> Table:
     path = tmp_path / "commands.yaml"
     path.write_text(
@@ -249,6 +253,8 @@ def make_table(
             idle_timeout=idle_timeout,
             timeout=timeout,
             extra=extra,
+            upstreams=upstreams,
+            commands=commands,
         )
     )
     return load_table(path)
@@ -261,6 +267,7 @@ class Runtime:
     limiter: RateLimits
     waf: Waf
     auth: Authenticators
+    traffic: dict[str, Any]
 
 
 @attrs.frozen
@@ -340,6 +347,7 @@ async def open_gateway(
                 limiter=RateLimits(table.rate_limits, metrics, local=local, redis=shared),
                 waf=Waf(table.waf),
                 auth=Authenticators(table.auth, metrics, _no_key_urls),
+                traffic={},
             )
             settings = HttpSettings.from_limits(table.limits, "h11")
             tally = RequestTally(metrics)
@@ -1037,6 +1045,27 @@ async def test_binary_mode_passes_frames_through_with_the_clients_seq(
             flags, command, got_seq, _uid, status, body = unframe(reply)
             assert flags & 0x01
             assert (command, got_seq, status, body) == (0x1003, seq, 0, b'{"a":1}')
+        await client.close()
+
+
+async def test_binary_mode_reads_a_word_among_the_sessions_upstreams_commands(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope]
+) -> None:
+    # Command words are unique per upstream: 0x1003 is also a command of
+    # `other`, declared last, and the session on `im` still sends its echo.
+    table = make_table(
+        tmp_path,
+        [upstream[0]],
+        mode="binary",
+        upstreams="  other: {nodes: [127.0.0.1:9]}",
+        commands="  - {name: echo_other, command: 0x1003, upstream: other, codec: raw}",
+    )
+    async with open_gateway(table) as gateway:
+        client = await Client.connect(gateway.port)
+        await client.send(frame(0x1003, 5, b'{"a":1}'))
+        reply = await client.receive()
+        assert isinstance(reply, bytes)
+        assert unframe(reply)[1:] == (0x1003, 5, 1, 0, b'{"a":1}')  # the session's uid 1
         await client.close()
 
 

@@ -47,6 +47,8 @@ def table(tmp_path: Path, nodes: list[str], *, echo_auth: str = "none") -> Table
         idle_timeout="120s",
         timeout="3s",
         extra=AUTH.format(keys=keys, digest=sha256_hex("acme-key")),
+        upstreams="",
+        commands="",
     )
     text = text.replace("  uid: query.uid\n", "  uid: auth.sub\n")
     text = text.replace("    codec: json\n", f"    codec: json\n    auth: {echo_auth}\n")

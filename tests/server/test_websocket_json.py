@@ -36,6 +36,10 @@ commands:
     command: 0x3000
     upstream: other
     codec: json
+  - name: echo_other
+    command: 0x1003
+    upstream: other
+    codec: json
   - name: new_message
     command: 0x2001
     push: demo.im.MessagePush
@@ -58,6 +62,15 @@ def test_parses_a_request_by_name_or_number(table) -> None:
     assert (by_number.command.name, by_number.body) == ("echo", b"{}")
     by_text = ws_json.parse_request('{"cmd": "0x1003", "seq": 3, "body": 5}', table, "im", VIEW)
     assert by_text.command.name == "echo"
+
+
+def test_a_number_names_the_command_of_the_sessions_upstream(table) -> None:
+    # 0x1003 is echo on im and echo_other on other: words are unique per upstream.
+    on_im = ws_json.parse_request('{"cmd": 4099, "seq": 1}', table, "im", VIEW)
+    on_other = ws_json.parse_request('{"cmd": "0x1003", "seq": 1}', table, "other", VIEW)
+    assert (on_im.command.name, on_other.command.name) == ("echo", "echo_other")
+    with pytest.raises(ws_json.MessageRejected, match="served by upstream 'other'"):
+        ws_json.parse_request('{"cmd": "echo_other", "seq": 1}', table, "im", VIEW)
 
 
 def test_fields_are_filled_from_the_opening_request(table) -> None:

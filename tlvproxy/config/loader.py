@@ -5,7 +5,8 @@ Owns: the top-level keys, `proto`, `commands`, `websocket` and `rate_limits`,
 the cross-references between sections (upstreams, messages, commands, routes),
 compiling `proto.files`, building each command's codec and the router, the
 table's `version`, and the route listing `tlvproxy check` prints. The
-self-contained sections are read by `sections.py`, over `nodes.py`.
+self-contained sections are read by `sections.py`, over `nodes.py`; a
+command's `split`, `mirror` and `fallback` by `traffic.py`.
 Must not: open sockets, read a clock or import trio. It reads the table and the
 .proto files, and is slow enough (protoc) that a running gateway calls it through
 `trio.to_thread.run_sync`.
@@ -22,10 +23,14 @@ Decisions made here:
   request message (protobuf commands); `fields` is refused for json/raw commands,
   whose bodies pass through unchanged.
 - `heartbeat.command` is a bare number; it need not be a command of the table.
+- A command word is unique per upstream, not per table: a `to` command may
+  reuse its command's word on another upstream. A push command has no
+  upstream and may arrive on any, so its word is used by no other command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import re
@@ -36,7 +41,7 @@ import attrs
 import yaml
 from google.protobuf.descriptor import FieldDescriptor
 
-from tlvproxy.config import auth, nodes, sections
+from tlvproxy.config import auth, nodes, sections, traffic
 from tlvproxy.config import upstreams as upstream_sections
 from tlvproxy.config.certificates import read_tls
 from tlvproxy.config.compiled import CompiledTable
@@ -123,6 +128,7 @@ _COMMAND_KEYS: Final = (
     "json",
     "auth",
     "claims",
+    *traffic.KEYS,
 )
 _PUSH_FORBIDS: Final = (
     "upstream",
@@ -135,6 +141,7 @@ _PUSH_FORBIDS: Final = (
     "idempotent",
     "auth",
     "claims",
+    *traffic.KEYS,
 )
 _INTEGER_TYPES: Final = frozenset(
     (
@@ -426,7 +433,7 @@ class _TableLoader:
         items = self.r.sequence(node, "commands")
         result: list[CommandSpec] = []
         names: dict[str, int] = {}
-        numbers: dict[int, int] = {}
+        words: dict[int, list[CommandSpec]] = {}  # the commands read so far, by word
         for i, item in enumerate(items or []):
             spec = self._command(i, item, framing, json_options, upstreams, schema)
             if spec is None:
@@ -441,15 +448,7 @@ class _TableLoader:
                 )
             else:
                 names[spec.name] = i
-            if spec.command in numbers:
-                first = numbers[spec.command]
-                self.error(
-                    keys["command"],
-                    join(join("commands", i), "command"),
-                    f"duplicate command number 0x{spec.command:04x} (first at commands[{first}])",
-                )
-            else:
-                numbers[spec.command] = i
+            self._check_word(spec, words.setdefault(spec.command, []))
             result.append(spec)
         commands = tuple(result)
         for spec, problem in route_problems(commands):
@@ -461,7 +460,68 @@ class _TableLoader:
                 join(join("commands", where.index), "http.path"),
                 str(problem),
             )
-        return commands
+        return self._traffic(commands, schema, json_options, framing)
+
+    def _check_word(self, spec: CommandSpec, same_word: list[CommandSpec]) -> None:
+        """A command word is unique per upstream; a push's word is no other
+        command's (docs/configuration.md "commands"). `same_word` holds the
+        commands read before `spec` with its word; `spec` joins them."""
+        clash = None
+        why = ""
+        for earlier in same_word:
+            if spec.push is not None or earlier.push is not None:
+                clash = earlier
+                why = (
+                    "a push command's word is used by no other command, since a push "
+                    "may arrive from any upstream"
+                )
+                break
+            if spec.upstream is not None and earlier.upstream == spec.upstream:
+                clash = earlier
+                why = (
+                    f"a command word is unique per upstream (the answers of {spec.upstream!r} "
+                    "are told apart by it); another upstream may reuse it"
+                )
+                break
+        same_word.append(spec)
+        if clash is None:
+            return
+        first = self.command_nodes[id(clash)].index
+        where = self.command_nodes[id(spec)]
+        on = f" on upstream {spec.upstream!r}" if clash.push is None and spec.push is None else ""
+        self.error(
+            where.keys["command"],
+            join(join("commands", where.index), "command"),
+            f"duplicate command word 0x{spec.command:04x}{on} (first at commands[{first}], "
+            f"{clash.name!r}): {why}",
+        )
+
+    def _traffic(
+        self,
+        commands: tuple[CommandSpec, ...],
+        schema: Schema | None,
+        json_options: JsonOptions,
+        framing: HeaderLayout,
+    ) -> tuple[CommandSpec, ...]:
+        """The commands with their `split`, `mirror` and `fallback` read
+        (docs/configuration.md "split, mirror, fallback"): those refer to
+        other commands, so they are read once every command is."""
+        reader = traffic.TrafficReader(
+            self.r, {c.name: c for c in commands}, schema, json_options, framing.max_body
+        )
+        result = []
+        for spec in commands:
+            where = self.command_nodes[id(spec)]
+            rules = None
+            if spec.push is None:
+                filled = list(spec.fields)
+                if spec.http is not None:
+                    with contextlib.suppress(ValueError):  # _http reported a bad template
+                        filled[:0] = _template_params(spec.http.path)
+                path = join("commands", where.index)
+                rules = reader.read(spec, where.keys, path, filled)
+            result.append(spec if rules is None else attrs.evolve(spec, traffic=rules))
+        return tuple(result)
 
     def _command(
         self,
@@ -1018,6 +1078,11 @@ def route_lines(table: Table) -> list[str]:
         + row[-1]
         for row in rows
     ]
+    lines.extend(
+        f"{command.name}: {traffic.describe(command.traffic)}"
+        for command in table.commands
+        if command.traffic is not None
+    )
     ws = table.websocket
     if ws is not None:
         extras = [f"{ws.mode} mode"]

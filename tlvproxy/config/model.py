@@ -196,6 +196,66 @@ AuthSpec = JwtAuthSpec | ApiKeyAuthSpec | HmacAuthSpec
 # A claim a command requires: its name and the values accepted.
 ClaimValue = str | int | float | bool
 
+# Percentages are kept in basis points: `percent: 12.5` is 1250 of 10000.
+BASIS_POINTS = 10000
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class SplitRule:
+    """One rule of a command's `split` (docs/configuration.md "split"): when
+    `key` matches, the request is sent as the command `to`. Exactly one of
+    `tail`, `values` and `percent` is set."""
+
+    key: KeyExpr
+    to: str
+    tail: frozenset[int] | None = None  # last decimal digits of the key
+    values: frozenset[str] | None = None  # the key's values, as the key reads them
+    percent: int | None = None  # basis points of the keys' stable hashes
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class MirrorSpec:
+    """A command's `mirror` (docs/configuration.md "mirror"): a copy of
+    `percent` (basis points) of its requests goes to the command `to`."""
+
+    to: str
+    percent: int = BASIS_POINTS
+    compare: bool = False
+    log_values: bool = False  # the compare's log line shows the differing values too
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class LastGoodSpec:
+    """`fallback.last_good` (docs/configuration.md "fallback"): the last
+    status-0 answer per value of `key`, kept `ttl` seconds, at most
+    `max_entries` answers and `max_bytes` bytes per worker process."""
+
+    key: KeyExpr
+    ttl: float
+    max_entries: int = 10000
+    max_bytes: int = 64 * 1024 * 1024
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class FallbackSpec:
+    """A command's `fallback` (docs/configuration.md "fallback"): a `last_good`
+    answer when one is fresh, else the static `body` when one is given."""
+
+    # The static body as the frame body of the command's response, encoded
+    # once at load; None: no static body.
+    body: bytes | None = None
+    last_good: LastGoodSpec | None = None
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class TrafficSpec:
+    """What a command does with its traffic besides sending it: `split`,
+    `mirror` and `fallback` (docs/configuration.md "split, mirror, fallback")."""
+
+    split: tuple[SplitRule, ...] = ()
+    mirror: MirrorSpec | None = None
+    fallback: FallbackSpec | None = None
+
 
 @attrs.frozen(slots=True, kw_only=True)
 class CommandSpec:
@@ -219,6 +279,9 @@ class CommandSpec:
     # Key expressions whose values become numbers (uid, integer fields): read
     # once per request and normalised (docs/configuration.md "Key expressions").
     numeric_keys: tuple[KeyExpr, ...] = ()
+    # split, mirror, fallback; None for a command that has none of them, so
+    # that its requests pay one attribute test for the feature.
+    traffic: TrafficSpec | None = None
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -341,23 +404,48 @@ class Table:
     warnings: tuple[str, ...] = ()
 
     commands_by_name: Mapping[str, CommandSpec] = attrs.field(init=False, repr=False)
-    commands_by_number: Mapping[int, CommandSpec] = attrs.field(init=False, repr=False)
+    # By (upstream, word): a command word is unique per upstream; a push
+    # command, which has no upstream, is under (None, word).
+    commands_by_word: Mapping[tuple[str | None, int], CommandSpec] = attrs.field(
+        init=False, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
         _set = object.__setattr__
         _set(self, "commands_by_name", {c.name: c for c in self.commands})
-        _set(self, "commands_by_number", {c.command: c for c in self.commands})
+        _set(self, "commands_by_word", {(c.upstream, c.command): c for c in self.commands})
 
-    def find_command(self, name_or_number: str | int) -> CommandSpec | None:
-        """A command by name, by number, or by a numeric string like "0x1001" or "4097"."""
+    def command_at(self, upstream: str, number: int) -> CommandSpec | None:
+        """The command a frame of word `number` on a connection to `upstream` is:
+        a command of that upstream, else a push command; None when neither
+        (docs/configuration.md "commands")."""
+        found = self.commands_by_word.get((upstream, number))
+        return found if found is not None else self.commands_by_word.get((None, number))
+
+    def find_command(
+        self, name_or_number: str | int, upstream: str | None = None
+    ) -> CommandSpec | None:
+        """A command by name, or by number (an int, or a numeric string like
+        "0x1001" or "4097"). A number is looked up among the commands of
+        `upstream` (and the pushes) when given; else it must be the word of one
+        command only (`commands_with_word`)."""
         if isinstance(name_or_number, int) and not isinstance(name_or_number, bool):
-            return self.commands_by_number.get(name_or_number)
-        if not isinstance(name_or_number, str):
+            number = name_or_number
+        elif isinstance(name_or_number, str):
+            found = self.commands_by_name.get(name_or_number)
+            if found is not None:
+                return found
+            try:
+                number = int(name_or_number, 0)
+            except ValueError:
+                return None
+        else:
             return None
-        found = self.commands_by_name.get(name_or_number)
-        if found is not None:
-            return found
-        try:
-            return self.commands_by_number.get(int(name_or_number, 0))
-        except ValueError:
-            return None
+        if upstream is not None:
+            return self.command_at(upstream, number)
+        same = self.commands_with_word(number)
+        return same[0] if len(same) == 1 else None
+
+    def commands_with_word(self, number: int) -> list[CommandSpec]:
+        """Every command whose word is `number`, whatever its upstream."""
+        return [c for c in self.commands if c.command == number]

@@ -129,6 +129,14 @@ class NodeReader:
                 self.error(node, join(path, name), "required key is missing")
         return found
 
+    def document(self, node: Node) -> Any:
+        """The whole value of `node`, mappings and lists included, as
+        yaml.safe_load builds it. Raises Invalid when it cannot be built."""
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except ConstructorError as exc:
+            raise Invalid(str(exc.problem)) from None
+
     def pairs(self, node: Node, path: str) -> list[tuple[Node, Node]] | None:
         """A mapping's (key node, value node) pairs, for keys that are not strings."""
         if not isinstance(node, yaml.MappingNode):

@@ -980,12 +980,16 @@ class _Session:
                 raise _InvalidFrame("more than one frame in one message")
         except FramingError as exc:
             raise _InvalidFrame(str(exc)) from None
-        command = self._table.commands_by_number.get(frame.command)
+        upstream = self._spec.upstream
+        command = self._table.command_at(upstream, frame.command)
         if command is None:
-            raise _InvalidFrame(f"command 0x{frame.command:04x} is not in the table")
-        if command.push is not None or command.upstream != self._spec.upstream:
             raise _InvalidFrame(
-                f"command {command.name!r} cannot be sent on this session's upstream"
+                f"command 0x{frame.command:04x} is not in the table for upstream {upstream!r}"
+            )
+        if command.push is not None:
+            raise _InvalidFrame(
+                f"command {command.name!r} cannot be sent: it is a push command, "
+                "which only the upstream sends"
             )
         return frame, command
 
@@ -1079,7 +1083,7 @@ class _Session:
         self._begin_close(INTERNAL, "upstream connection lost")
 
     def _render_push(self, frame: Frame) -> bytes | None:
-        command = self._table.commands_by_number.get(frame.command)
+        command = self._table.command_at(self._spec.upstream, frame.command)
         if command is None or command.push is None:
             self._metrics.frames_rejected.labels("unknown_push").inc()
             log.warning("push of a command not in the table", extra={"command": frame.command})

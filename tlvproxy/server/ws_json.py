@@ -130,7 +130,9 @@ def _command(cmd: object, table: CompiledTable, upstream: str, seq: int) -> Comm
         raise MessageRejected(seq, BadRequest('"cmd" is missing: a command name or number'))
     if not isinstance(cmd, str | int) or isinstance(cmd, bool):
         raise MessageRejected(seq, BadRequest('"cmd" must be a command name or number'))
-    command = table.find_command(cmd)
+    # A number names the command of this session's upstream: command words
+    # are unique per upstream (docs/configuration.md "commands").
+    command = table.find_command(cmd, upstream)
     if command is None:
         raise MessageRejected(seq, BadRequest(f"unknown command {cmd!r}"))
     if command.push is not None:

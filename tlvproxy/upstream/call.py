@@ -5,7 +5,8 @@ Owns: turning ADDRESS, COMMAND and JSON into a frame with the table's codec, the
 round trip on a single `Connection`, and the JSON printed for the reply.
 Must not: balance, retry or keep connections: it talks to exactly the node named.
 
-COMMAND is a name or number from the table (`table.find_command`). A number that
+COMMAND is a name or number from the table (`table.find_command`); a number
+that commands of several upstreams share must be given as a name. A number that
 the table does not list is still sent: its body is the JSON text as given, and its
 reply body is printed as JSON if it parses, else as a base64 string. Deadlines: the
 command's `timeout`, else its upstream's, else 3 s; connecting within the upstream's
@@ -86,6 +87,11 @@ def build_request(table: CompiledTable, command: str, json_text: str | None) -> 
             raise BadRequest(
                 f"unknown command {command!r}: neither a name in the table nor a number"
             ) from None
+        same = table.commands_with_word(number)
+        if len(same) > 1:
+            # A word is unique per upstream only (docs/configuration.md "commands").
+            named = ", ".join(f"{c.name} (upstream {c.upstream})" for c in same)
+            raise BadRequest(f"command {command} is the word of {named}: name one of them")
         if not 0 <= number <= table.framing.field_max("command"):
             raise BadRequest(f"command {command} does not fit the header's command field")
         body = b"" if json_text is None else json_text.encode()
