@@ -136,6 +136,7 @@ def _runtime(table: Table, pool: Pool, metrics: Metrics) -> Runtime:
         limiter=RateLimits((), metrics),
         waf=Waf(()),
         auth=auth,
+        traffic={},
     )
 
 

@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
     from tlvproxy.config.model import Table
+    from tlvproxy.server.traffic import CommandTraffic
     from tlvproxy.upstream.pool import Pool
 
 # Imported now, not on the first connection, so that `main` instruments them.
@@ -159,6 +160,7 @@ class _Runtime:
     limiter: RateLimits
     waf: Waf
     auth: Authenticators
+    traffic: Mapping[str, CommandTraffic]
 
 
 @attrs.frozen
@@ -379,6 +381,7 @@ async def _drive(plan: Plan, data: bytes, run: Run) -> None:
                     limiter=RateLimits(table.rate_limits, metrics, local=LOCAL_BUCKETS),
                     waf=WAFS[plan.mode],
                     auth=AUTH,
+                    traffic={},
                 )
                 await _session(plan, stream, run, runtime, metrics)
             nursery.cancel_scope.cancel()  # the mock upstream

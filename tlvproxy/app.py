@@ -61,6 +61,7 @@ from tlvproxy.server.http_conn import (
 from tlvproxy.server.parser_choice import resolve_parser_name
 from tlvproxy.server.rest import RestHandler, error_response_for, render_error, request_id_of
 from tlvproxy.server.tls import handshake
+from tlvproxy.server.traffic import CommandTraffic, Traffic
 from tlvproxy.server.view import client_address
 from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
 from tlvproxy.stores.limits import RateLimits
@@ -99,6 +100,7 @@ class Runtime:
     limiter: RateLimits
     waf: Waf
     auth: Authenticators
+    traffic: Mapping[str, CommandTraffic]
 
 
 # A key set URL is fetched once for every authenticator that reads it the same way.
@@ -211,6 +213,9 @@ class Gateway:
         # batch of access records, once per scheduler pass.
         self.tally = RequestTally(metrics)
         self.access_log = AccessLog(tally=self.tally)
+        # Mirrored copies in flight and `last_good` answers, across reloads
+        # (docs/configuration.md "split, mirror, fallback").
+        self.traffic = Traffic(metrics)
         # Connection limits and descriptors (docs/operations.md "Connections and
         # file descriptors"): counted once per connection, never per request.
         self._admission = Admission(budget=0)  # the budget is set once listening
@@ -351,12 +356,14 @@ class Gateway:
         # Retired pools keep their connections until _retire closes them.
         self._update_budget([handle.spec for handle in (*keep.values(), *retired)])
         self.metrics.config_revision.set(0 if table.origin is None else table.origin.revision)
+        pools = {name: handle.pool for name, handle in keep.items()}
         self._runtime = Runtime(
             table=table,
-            pools={name: handle.pool for name, handle in keep.items()},
+            pools=pools,
             limiter=limiter,
             waf=waf,
             auth=authenticators,
+            traffic=self.traffic.for_table(table, pools),
         )
         if retired and old is not None:
             # Requests that started on the old table finish on it
@@ -541,6 +548,7 @@ class Gateway:
             # In the outermost nursery: it outlives every connection, drain included.
             pool_nursery.start_soon(self._timer.run)
             pool_nursery.start_soon(self.access_log.run)
+            pool_nursery.start_soon(self.traffic.run)
             pool_nursery.start_soon(self._watch_certificates)
             await self._install(table)
             listeners: list[tuple[trio.SocketListener, bool]] = []  # (listener, tls)

@@ -17,6 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Upstream request outcomes, the `outcome` label of tlvproxy_upstream_requests_total.
 OUTCOMES = ("ok", "status", "timeout", "unavailable", "protocol_error")
+# Mirrored copies' outcomes, the `outcome` label of tlvproxy_mirror_total
+# (docs/configuration.md "mirror").
+MIRROR_OUTCOMES = ("same", "different", "answered", "failed", "dropped")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The histogram's bucket upper bounds as prometheus-client keeps them: floats,
@@ -123,6 +126,26 @@ class Metrics:
             "tlvproxy_config_reloads",
             "Table reloads, by result (ok, error)",
             ("result",),
+            registry=r,
+        )
+        self.split = Counter(
+            "tlvproxy_split",
+            "Requests a split rule sent as another command, by command and `to` command",
+            ("command", "to"),
+            registry=r,
+        )
+        self.mirror = Counter(
+            "tlvproxy_mirror",
+            "Mirrored copies of requests, by command and outcome (same, different, "
+            "answered, failed, dropped)",
+            ("command", "outcome"),
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "tlvproxy_fallbacks",
+            "Answers a fallback gave in the upstream's place, by command and kind "
+            "(static, last_good)",
+            ("command", "kind"),
             registry=r,
         )
 

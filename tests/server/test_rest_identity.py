@@ -8,7 +8,7 @@ from tlvproxy.auth.identity import Identity
 from tlvproxy.config.keys import parse_key
 from tlvproxy.config.model import CommandSpec
 from tlvproxy.errors import BadRequest, Forbidden
-from tlvproxy.server.rest import _field_values, _read_numbers, _uid
+from tlvproxy.server.fill import field_values, read_numbers, uid_of
 from tlvproxy.server.view import RequestContext
 
 
@@ -30,23 +30,23 @@ def test_a_field_the_identity_lacks_is_refused_not_left_to_the_caller():
     # Found by the docs review: the caller's own `user_id` in the body stood in.
     spec = command(fields={"user_id": parse_key("auth.claim.uid")})
     with pytest.raises(Forbidden, match=r"auth\.claim\.uid, which this command's user_id needs"):
-        _field_values(spec, context(Identity(authenticator="users", sub="7")))
-    found = _field_values(spec, context(Identity(authenticator="users", claims={"uid": 9})))
+        field_values(spec, context(Identity(authenticator="users", sub="7")))
+    found = field_values(spec, context(Identity(authenticator="users", claims={"uid": 9})))
     assert found == {"user_id": "9"}
 
 
 def test_a_header_field_that_is_absent_is_simply_absent():
     spec = command(fields={"text": parse_key("header.x-text")})
-    assert _field_values(spec, context()) == {}
+    assert field_values(spec, context()) == {}
 
 
 def test_uid_from_an_identity_without_it_is_forbidden():
     key = parse_key("auth.sub")
     spec = command(uid=key, numeric_keys=(key,))
     request = context(Identity(authenticator="partners", consumer="acme"))
-    _read_numbers(spec, request)
+    read_numbers(spec, request)
     with pytest.raises(Forbidden):
-        _uid(spec, request)
+        uid_of(spec, request)
 
 
 @pytest.mark.parametrize(("given", "uid"), [("010", 10), ("+10", 10), ("10", 10), ("0", 0)])
@@ -54,8 +54,8 @@ def test_uid_spellings_read_as_one_number(given, uid):
     key = parse_key("header.x-user-id")
     spec = command(uid=key, numeric_keys=(key,))
     request = context(x_user_id=given)
-    _read_numbers(spec, request)
-    assert _uid(spec, request) == uid
+    read_numbers(spec, request)
+    assert uid_of(spec, request) == uid
     assert key.evaluate(request) == str(uid)  # what a rate limit or hash key reads
 
 
@@ -66,8 +66,8 @@ def test_bad_uids_are_bad_requests(given):
     request = context(x_user_id=given)
 
     def read() -> int:
-        _read_numbers(spec, request)
-        return _uid(spec, request)
+        read_numbers(spec, request)
+        return uid_of(spec, request)
 
     with pytest.raises(BadRequest):
         read()

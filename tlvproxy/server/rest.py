@@ -24,9 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from tlvproxy.config.keys import parse_number
 from tlvproxy.errors import (
-    BadRequest,
     Forbidden,
     GatewayError,
     UpstreamProtocolError,
@@ -37,7 +35,9 @@ from tlvproxy.errors import (
 )
 from tlvproxy.logs import access_record
 from tlvproxy.server import cors
+from tlvproxy.server.fill import field_values, read_numbers, uid_of
 from tlvproxy.server.http_conn import Answer, Request, Response
+from tlvproxy.server.rest_traffic import forward_traffic
 from tlvproxy.server.runtime import TableRuntime
 from tlvproxy.server.static import demo_response
 from tlvproxy.server.view import RequestContext, client_address
@@ -45,7 +45,6 @@ from tlvproxy.stores.limits import Pending
 
 if TYPE_CHECKING:
     from tlvproxy.auth.identity import Identity
-    from tlvproxy.config.keys import KeyExpr
     from tlvproxy.config.model import CommandSpec, CorsSpec
     from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics, RequestTally
@@ -118,7 +117,7 @@ class RestHandler:
 
     A `Submitter` (server/http_conn.py): `submit` does the request's work up
     to the upstream frame and hands it to the pool; the upstream connection's
-    reader (or its timer) completes the `_Exchange`, which renders the answer.
+    reader (or its timer) completes the `Exchange`, which renders the answer.
     """
 
     def __init__(
@@ -143,7 +142,7 @@ class RestHandler:
         if table.demo and (page := demo_response(request.path, request.method)) is not None:
             answer.set(page)
             return
-        exchange = _Exchange(self, runtime, request, answer)
+        exchange = Exchange(self, runtime, request, answer)
         if table.cors is not None and (origin := request.header("origin")) is not None:
             # A browser page of another origin (docs/configuration.md "cors").
             asked = request.header("access-control-request-method")
@@ -178,7 +177,7 @@ class RestHandler:
                     command.claims,
                 )
             if command.numeric_keys:
-                _read_numbers(command, context)
+                read_numbers(command, context)
             now = trio.current_time()
             if runtime.limiter.applies(command.name):
                 verdict = runtime.limiter.check(command.name, context)
@@ -196,7 +195,7 @@ class RestHandler:
 
     def _resume(
         self,
-        exchange: _Exchange,
+        exchange: Exchange,
         runtime: TableRuntime,
         command: CommandSpec,
         context: RequestContext,
@@ -215,7 +214,7 @@ class RestHandler:
 
     def _forward(
         self,
-        exchange: _Exchange,
+        exchange: Exchange,
         runtime: TableRuntime,
         command: CommandSpec,
         context: RequestContext,
@@ -223,6 +222,11 @@ class RestHandler:
     ) -> None:
         """Build the request's frame and hand it to the pool (`now`: when the
         request was submitted, from which its deadline runs)."""
+        if command.traffic is not None:
+            # Split, mirror, fallback (docs/configuration.md): a command without
+            # them pays this one test.
+            forward_traffic(exchange, runtime, command, context, now)
+            return
         table = runtime.table
         try:
             codec = table.codecs[command.name]
@@ -230,11 +234,11 @@ class RestHandler:
             if codec.uses_overlays:
                 overlays: list[Mapping[str, str]] = [context.query, context.path_params]
                 if command.fields:
-                    overlays.append(_field_values(command, context))
+                    overlays.append(field_values(command, context))
                 frame_body = codec.encode_request(body, overlays)
             else:
                 frame_body = codec.encode_request(body, ())
-            uid = 0 if command.uid is None else _uid(command, context)
+            uid = 0 if command.uid is None else uid_of(command, context)
             assert command.upstream is not None  # routed commands always name one
             pool = runtime.pools[command.upstream]
             spec = pool.spec
@@ -262,7 +266,7 @@ class RestHandler:
         return refusal.error()
 
 
-class _Exchange:
+class Exchange:
     """One REST request from its submission to its answer: the pool's `Completion`.
 
     Its `on_reply` and `on_error` run in the upstream connection's tasks (or
@@ -305,13 +309,13 @@ class _Exchange:
         command = self.command
         assert command is not None  # only a routed request reaches the pool
         try:
-            response = self._render(command, frame.status, frame.body)
+            response = self.render(command, frame.status, frame.body)
         except GatewayError as error:
             response = render_error(error, self.request_id, envelope=self.table.envelope)
         except Exception:  # noqa: BLE001 - runs in the upstream reader: a bug costs one answer
             _log.exception("rendering the answer to %s failed", command.name)
-            response = self._internal_error()
-        self._finish(response, node, frame.status)
+            response = self.internal_error()
+        self.finish(response, node, frame.status)
 
     def on_error(self, error: GatewayError, node: str | None) -> None:
         command = self.command
@@ -320,9 +324,14 @@ class _Exchange:
                 f"upstream {command.upstream!r} did not answer {command.name!r} "
                 f"within {self.timeout:g} s"
             )
-        self._finish(render_error(error, self.request_id, envelope=self.table.envelope), node, None)
+        self.finish(self.error_response(error), node, None)
 
-    def _internal_error(self) -> Response:
+    def error_response(self, error: GatewayError) -> Response:
+        """The answer to `error` (docs/reference.md "Errors")."""
+        return render_error(error, self.request_id, envelope=self.table.envelope)
+
+    def internal_error(self) -> Response:
+        """The 500 answer to a bug of the gateway's (logged by the caller)."""
         return Response(
             status=500,
             headers=[("Content-Type", _JSON), ("X-Request-Id", self.request_id)],
@@ -337,9 +346,17 @@ class _Exchange:
             self.on_error(refused, None)
             return
         headers.append(("X-Request-Id", self.request_id))
-        self._finish(Response(status=204, headers=headers, checked=True), None, None)
+        self.finish(Response(status=204, headers=headers, checked=True), None, None)
 
-    def _finish(self, response: Response, node: str | None, upstream_status: int | None) -> None:
+    def finish(
+        self,
+        response: Response,
+        node: str | None,
+        upstream_status: int | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Count, log and write `response`; `extra` overrides or adds fields of
+        the access record (docs/operations.md "Access records")."""
         if self.cors is not None:
             response = attrs.evolve(response, headers=[*response.headers, *self.cors])
         request = self.request
@@ -349,24 +366,29 @@ class _Exchange:
         route = "unmatched" if command is None else command.name
         duration = trio.current_time() - request.received_at
         handler._tally.count(route, request.method, status, duration)
-        handler._access_log.add(
-            access_record(
-                request_id=self.request_id,
-                client_ip=self.client_ip,
-                method=request.method,
-                path=request.path,
-                route=None if command is None else route,
-                command=None if command is None else command.command,
-                node=node,
-                status=status,
-                upstream_status=upstream_status,
-                duration_ms=duration * 1000,
-                identity=self.identity,
-            ),
+        record = access_record(
+            request_id=self.request_id,
+            client_ip=self.client_ip,
+            method=request.method,
+            path=request.path,
+            route=None if command is None else route,
+            command=None if command is None else command.command,
+            node=node,
+            status=status,
+            upstream_status=upstream_status,
+            duration_ms=duration * 1000,
+            identity=self.identity,
         )
+        if extra is not None:
+            record.update(extra)
+        handler._access_log.add(record)
         self.answer.set(response)
 
-    def _render(self, command: CommandSpec, status: int, body: bytes) -> Response:
+    def render(self, command: CommandSpec, status: int, body: bytes) -> Response:
+        """The answer to a response frame of `command` (its codec renders it).
+
+        Raises UpstreamStatus for a non-zero status, UpstreamProtocolError
+        (counted) for a body that does not render."""
         table = self.table
         codec = table.codecs[command.name]
         if status != 0:
@@ -399,52 +421,6 @@ class _Exchange:
             )
         headers = [("Content-Type", codec.content_type), ("X-Request-Id", request_id)]
         return Response(status=200, headers=headers, body=payload, checked=True)
-
-
-def _field_values(command: CommandSpec, context: RequestContext) -> dict[str, str]:
-    """The `fields` values present. A field the identity fills must be filled:
-    otherwise the caller's own value in the body would stand in for it."""
-    values: dict[str, str] = {}
-    for field, key in command.fields.items():
-        value = key.evaluate(context)
-        if value is not None:
-            values[field] = value
-        elif key.source == "auth":
-            raise Forbidden(
-                f"the caller's identity has no {key}, which this command's {field} needs"
-            )
-    return values
-
-
-def _read_numbers(command: CommandSpec, context: RequestContext) -> None:
-    """Read the values that fill a number once, normalised, so that every later
-    reader (uid, fields, rate-limit keys, hashing) sees the same number
-    (docs/configuration.md "Key expressions")."""
-    numbers: dict[KeyExpr, str] = {}
-    for key in command.numeric_keys:
-        text = key.evaluate(context)
-        if text:
-            try:
-                numbers[key] = str(parse_number(key, text))
-            except ValueError as exc:
-                raise BadRequest(str(exc)) from None
-    context.numbers = numbers
-
-
-def _uid(command: CommandSpec, context: RequestContext) -> int:
-    """The header's uid: the command's `uid` key, read as a number by `_read_numbers`."""
-    key = command.uid
-    if key is None:
-        return 0
-    text = key.evaluate(context)
-    if not text:
-        if key.source == "auth":
-            raise Forbidden(f"the caller's identity has no {key}, which this command's uid needs")
-        return 0
-    uid = int(text)
-    if uid < 0 or uid > 0xFFFFFFFF:
-        raise BadRequest(f"{command.uid}: user id {uid} is out of range (0 to 4294967295)")
-    return uid
 
 
 def error_response_for(runtime: RuntimeSource, metrics: Metrics) -> ErrorHandler:

@@ -15,12 +15,15 @@ if TYPE_CHECKING:
     from tlvproxy.auth.authenticators import Authenticators
     from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.policy.waf import Waf
+    from tlvproxy.server.traffic import CommandTraffic
     from tlvproxy.stores.limits import RateLimits
     from tlvproxy.upstream.pool import Pool
 
 
 class TableRuntime(Protocol):
-    """One loaded table with its upstream pools (by upstream name), policy and authenticators."""
+    """One loaded table with its upstream pools (by upstream name), policy,
+    authenticators, and the traffic rules of the commands that have some (by
+    command name)."""
 
     @property
     def table(self) -> CompiledTable: ...
@@ -32,3 +35,5 @@ class TableRuntime(Protocol):
     def waf(self) -> Waf: ...
     @property
     def auth(self) -> Authenticators: ...
+    @property
+    def traffic(self) -> Mapping[str, CommandTraffic]: ...

@@ -90,6 +90,7 @@ from tlvproxy.logs import ACCESS_LOGGER
 from tlvproxy.server import ws_json
 from tlvproxy.server.rest import request_id_of, waf_inspect
 from tlvproxy.server.view import RequestContext, client_address
+from tlvproxy.server.ws_traffic import send_with_traffic
 from tlvproxy.server.ws_wire import (
     BINARY,
     FIN,
@@ -897,9 +898,14 @@ class _Session:
 
     def _send_json(self, request: ws_json.JsonRequest) -> None:
         """Send an admitted json-mode request upstream."""
+        command = request.command
+        if command.traffic is not None:
+            # Split, mirror, fallback (docs/websocket.md): the one test a
+            # command without them pays.
+            send_with_traffic(self, request)
+            return
         upstream = self._upstream
         assert upstream is not None  # messages are read only while the session serves
-        command = request.command
         deadline = self._received_at + self._timeout(command)
         try:
             upstream.submit(
@@ -934,6 +940,16 @@ class _Session:
             self._begin_close(INTERNAL, error.message)
         else:
             self._send_error(error, seq)  # PayloadTooLarge, BadRequest: this message only
+
+    def _internal_error(self) -> None:
+        """A bug answering a request (the caller logged it): the session closes 1011."""
+        self._begin_close(INTERNAL, "internal error")
+
+    def _upstream_lost(self, error: GatewayError) -> None:
+        """A request's outcome: the dedicated connection is lost or broken, and
+        the session cannot go on (1011)."""
+        self._settled()
+        self._begin_close(INTERNAL, error.message)
 
     def _settled(self) -> None:
         """A request got its outcome: its slot is free."""
@@ -1125,15 +1141,12 @@ class _Call(ABC):
             data = self._render(frame)
         except Exception:  # runs in the upstream reader: a bug costs the session, not the reader
             log.exception("rendering the answer to %s failed", self.command.name)
-            session._begin_close(INTERNAL, "internal error")
+            session._internal_error()
             return
         session._send(data)
 
     def on_error(self, error: GatewayError) -> None:
-        # The dedicated connection is lost or broken: the session cannot go on.
-        session = self.session
-        session._settled()
-        session._begin_close(INTERNAL, error.message)
+        self.session._upstream_lost(error)
 
     def on_timeout(self) -> None:
         session = self.session

@@ -193,6 +193,13 @@ def render_response_json(command: CommandSpec, seq: int, status: int, body: byte
     )
 
 
+def render_fallback_json(command: CommandSpec, seq: int, body: bytes, kind: str) -> bytes:
+    """A fallback answer (docs/websocket.md "Split, mirror, fallback"): a status-0
+    response whose `fallback` member says it came from the gateway, not the
+    upstream; `body` is JSON text (UTF-8) already."""
+    return render_response_json(command, seq, 0, body)[:-1] + b',"fallback":' + dumps(kind) + b"}"
+
+
 def render_push(command: CommandSpec, body: Any) -> bytes:
     """`{"cmd", "push": true, "body"}`."""
     return dumps({"cmd": command.name, "push": True, "body": body})

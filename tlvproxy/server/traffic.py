@@ -1,0 +1,390 @@
+"""Split, mirror and fallback at run time, for REST requests and json-mode
+WebSocket messages alike (docs/configuration.md "split, mirror, fallback").
+
+Owns: for each command of the running table that has rules, where a request
+goes (its split, counted), the mirrored copies (the share drawn per request,
+the bound of MAX_OUTSTANDING copies in flight per worker, their submission,
+their outcome, the field-by-field compare and its log line), and the fallback
+answers (the static body, the `last_good` caches, which a reload keeps while
+the command's `last_good` stays the same).
+Must not: build request bodies from HTTP or WebSocket input or render answers
+(`server/rest_traffic.py` and `server/ws_traffic.py` do), delay or change a
+caller's answer for a copy, or retry a copy.
+
+A copy is submitted after its caller's request, on the pool of the mirror's
+`to` command, with that command's deadline and without the retries of an
+idempotent command (like any request never written, it may still go to
+another node when its connection could not take it). It never holds the
+caller up: the caller's answer is written by whoever completes it, and a
+copy's outcome (and, with `compare`, the decoding and comparing of both
+answers) is worked out later by `run()`, in a task of its own, once both
+answers are in. Until then the copy counts against MAX_OUTSTANDING; beyond
+that, copies are dropped and counted, not queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+from tlvproxy.config.model import BASIS_POINTS
+from tlvproxy.errors import GatewayError, UpstreamProtocolError
+from tlvproxy.metrics import MIRROR_OUTCOMES
+from tlvproxy.policy.last_good import LastGood
+from tlvproxy.policy.split import first_match
+from tlvproxy.schema.compare import compare_answers
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from prometheus_client import Counter
+
+    from tlvproxy.config.keys import RequestView
+    from tlvproxy.config.model import CommandSpec, LastGoodSpec, Table
+    from tlvproxy.framing import Frame
+    from tlvproxy.metrics import Metrics
+    from tlvproxy.upstream.pool import Pool
+
+log = logging.getLogger("tlvproxy.mirror")
+
+# Copies of one worker waiting for their answers (docs/configuration.md "mirror").
+MAX_OUTSTANDING: Final = 1000
+# Outcomes worked out per scheduler pass before `run()` lets other tasks run.
+_OUTCOMES_PER_PASS: Final = 32
+# The errors a fallback answers in the upstream's place (docs/configuration.md "fallback").
+FALLBACK_CODES: Final = frozenset(
+    {"upstream_unavailable", "upstream_timeout", "upstream_protocol_error"}
+)
+
+
+@attrs.frozen(slots=True)
+class FallbackAnswer:
+    """What answers in the upstream's place: the kind (`static`, `last_good`),
+    the command whose response message `body` is, and the frame body."""
+
+    kind: str
+    command: CommandSpec
+    body: bytes
+
+
+def timeout_of(command: CommandSpec, table: Table) -> float:
+    """The deadline of a request sent as `command`: its own timeout, or its upstream's."""
+    if command.timeout is not None:
+        return command.timeout
+    assert command.upstream is not None  # a request command always names one
+    return table.upstreams[command.upstream].timeout
+
+
+def reencode(table: Table, source: CommandSpec, target: CommandSpec, body: bytes) -> bytes:
+    """The frame body `body` (a request of `source`) as a request of `target`:
+    the same bytes when both take the same request, else decoded to its JSON
+    value and encoded again. Raises BadRequest when `target` cannot take it."""
+    if same_request(source, target):
+        return body
+    value = table.codecs[source.name].decode_request(body)
+    return table.codecs[target.name].encode_value(value)
+
+
+def same_request(a: CommandSpec, b: CommandSpec) -> bool:
+    """Whether a request body of `a` is one of `b` as it is (same codec and,
+    for protobuf, the same request message)."""
+    return a.codec == b.codec and (a.codec != "protobuf" or a.request == b.request)
+
+
+class Traffic:
+    """The traffic rules of one worker: what outlives a table (the copies in
+    flight and their bound, the `last_good` caches) and `run()`, which works
+    out the copies' outcomes. `for_table` gives each new table its rules."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.outstanding = 0  # copies reserved and not yet worked out
+        # The `last_good` caches by command name, with the spec they were made for.
+        self._caches: dict[str, tuple[LastGoodSpec, LastGood]] = {}
+        self._done: list[MirrorCopy] = []
+        self._wake = trio.Event()
+
+    def for_table(self, table: Table, pools: Mapping[str, Pool]) -> dict[str, CommandTraffic]:
+        """The rules of every command of `table` that has some, on `pools`. A
+        `last_good` cache is carried over from the previous table when the
+        command's `last_good` is the same; the others are dropped."""
+        caches: dict[str, tuple[LastGoodSpec, LastGood]] = {}
+        result: dict[str, CommandTraffic] = {}
+        for command in table.commands:
+            rules = command.traffic
+            if rules is None:
+                continue
+            cache = None
+            last_good = None if rules.fallback is None else rules.fallback.last_good
+            if last_good is not None:
+                kept = self._caches.get(command.name)
+                if kept is not None and kept[0] == last_good:
+                    cache = kept[1]
+                else:
+                    cache = LastGood(
+                        ttl=last_good.ttl,
+                        max_entries=last_good.max_entries,
+                        max_bytes=last_good.max_bytes,
+                    )
+                caches[command.name] = (last_good, cache)
+            result[command.name] = CommandTraffic(self, table, command, pools, cache)
+        self._caches = caches
+        return result
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Work out the outcome of every copy whose answers are both in, forever."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            done, self._done = self._done, []
+            for index, copy in enumerate(done):
+                if index and index % _OUTCOMES_PER_PASS == 0:
+                    await trio.lowlevel.checkpoint()
+                try:
+                    copy.work_out()
+                except Exception:  # a bug costs one copy's outcome, not the worker
+                    log.exception("working out a mirrored copy's outcome failed")
+                finally:
+                    self.outstanding -= 1
+
+    def _finished(self, copy: MirrorCopy) -> None:
+        self._done.append(copy)
+        self._wake.set()
+
+
+class CommandTraffic:
+    """The rules of one command of one table: `route`, `copy`, `remember`, `fallback`."""
+
+    __slots__ = (
+        "_cache",
+        "_counts",
+        "_fallback",
+        "_fallback_counts",
+        "_rules",
+        "_splits",
+        "command",
+        "key",
+        "mirror",
+        "mirror_pool",
+        "mirror_to",
+        "owner",
+        "table",
+    )
+
+    def __init__(
+        self,
+        owner: Traffic,
+        table: Table,
+        command: CommandSpec,
+        pools: Mapping[str, Pool],
+        cache: LastGood | None,
+    ) -> None:
+        rules = command.traffic
+        assert rules is not None  # only commands with rules get one
+        metrics = owner._metrics
+        self.owner = owner
+        self.table = table
+        self.command = command
+        self._rules = rules.split
+        self._fallback = rules.fallback
+        self.mirror = rules.mirror
+        by_name = table.commands_by_name
+        # Each rule's `to` command and the counter of requests it takes.
+        self._splits = [
+            (by_name[rule.to], metrics.split.labels(command.name, rule.to)) for rule in rules.split
+        ]
+        self.mirror_to: CommandSpec | None = None
+        self.mirror_pool: Pool | None = None
+        if rules.mirror is not None:
+            self.mirror_to = by_name[rules.mirror.to]
+            assert self.mirror_to.upstream is not None  # the loader checked it
+            self.mirror_pool = pools[self.mirror_to.upstream]
+        # Series only for what the command has: a mirror's outcomes, a fallback's kinds.
+        outcomes = () if rules.mirror is None else MIRROR_OUTCOMES
+        self._counts: dict[str, Counter] = {
+            outcome: metrics.mirror.labels(command.name, outcome) for outcome in outcomes
+        }
+        kinds = () if rules.fallback is None else ("static", "last_good")
+        self._fallback_counts = {
+            kind: metrics.fallbacks.labels(command.name, kind) for kind in kinds
+        }
+        self._cache = cache
+        # The key of `last_good`: None without one.
+        self.key = None
+        if rules.fallback is not None and rules.fallback.last_good is not None:
+            self.key = rules.fallback.last_good.key
+
+    # ------------------------------------------------------------ split
+
+    def route(self, view: RequestView) -> CommandSpec:
+        """The command the request `view` is sent as: a split rule's `to`
+        (counted), or the command itself (docs/configuration.md "split")."""
+        rules = self._rules
+        if not rules:
+            return self.command
+        index = first_match(rules, view)
+        if index is None:
+            return self.command
+        target, counter = self._splits[index]
+        counter.inc()
+        return target
+
+    # ------------------------------------------------------------ mirror
+
+    def copy(self, sent: CommandSpec, request_id: str) -> MirrorCopy | None:
+        """A copy to send after the request (docs/configuration.md "mirror"), or
+        None: no mirror, not this request's share, already sent as the mirror's
+        `to` by a split, or MAX_OUTSTANDING copies in flight (dropped, counted)."""
+        to, mirror = self.mirror_to, self.mirror
+        if to is None or mirror is None or sent is to:
+            return None
+        share = mirror.percent
+        if share < BASIS_POINTS and random.randrange(BASIS_POINTS) >= share:
+            return None
+        owner = self.owner
+        if owner.outstanding >= MAX_OUTSTANDING:
+            self._count("dropped")
+            return None
+        owner.outstanding += 1
+        return MirrorCopy(self, sent, request_id)
+
+    def _count(self, outcome: str) -> None:
+        self._counts[outcome].inc()
+
+    # ------------------------------------------------------------ fallback
+
+    def remember(self, key: str | None, sent: CommandSpec, body: bytes) -> None:
+        """Keep a status-0 answer of `sent` for `last_good` (when the command
+        has one and the request's key is present)."""
+        cache = self._cache
+        if cache is not None and key is not None:
+            cache.keep(key, trio.current_time(), sent.name, body)
+
+    def fallback(self, error: GatewayError, key: str | None) -> FallbackAnswer | None:
+        """What answers in the upstream's place after `error` (counted), or None
+        when the error stands: not an error a fallback answers, or no fresh
+        `last_good` answer for `key` and no static body."""
+        spec = self._fallback
+        if spec is None or error.code not in FALLBACK_CODES:
+            return None
+        cache = self._cache
+        if cache is not None and key is not None:
+            kept = cache.fresh(key, trio.current_time())
+            if kept is not None:
+                command = self.table.commands_by_name.get(kept.command)
+                if command is not None:  # else it left the table with a reload
+                    self._fallback_counts["last_good"].inc()
+                    return FallbackAnswer("last_good", command, kept.body)
+        if spec.body is not None:
+            self._fallback_counts["static"].inc()
+            return FallbackAnswer("static", self.command, spec.body)
+        return None
+
+
+class MirrorCopy:
+    """One copy of a request on its way to the mirror's `to` command: the
+    pool's `Completion`. It learns the caller's answer too (`primary_*`), and
+    once both are in, `Traffic.run` works out its outcome."""
+
+    __slots__ = ("_pending", "primary", "reply", "request_id", "sent", "traffic")
+
+    def __init__(self, traffic: CommandTraffic, sent: CommandSpec, request_id: str) -> None:
+        self.traffic = traffic
+        self.sent = sent  # what the caller's request was sent as
+        self.request_id = request_id
+        self.primary: Frame | None = None  # the caller's answer; None: it failed
+        self.reply: Frame | None = None  # the copy's answer; None: it failed
+        self._pending = 2  # answers still to come: the caller's and the copy's
+
+    def send(self, body: bytes, uid: int, view: RequestView) -> None:
+        """Submit the copy, `body` being a request of the mirror's `to` command."""
+        traffic = self.traffic
+        to, pool = traffic.mirror_to, traffic.mirror_pool
+        assert to is not None  # a copy exists only then
+        assert pool is not None
+        hash_on = pool.spec.hash_on
+        pool.submit(
+            self,
+            to.command,
+            body,
+            uid=uid,
+            key=None if hash_on is None else hash_on.evaluate(view),
+            deadline=trio.current_time() + timeout_of(to, traffic.table),
+        )
+
+    def abandon(self) -> None:
+        """The copy cannot be sent (its body does not fit the `to` command): it failed."""
+        self._arrived()
+
+    # The caller's side.
+
+    def primary_answered(self, frame: Frame) -> None:
+        self.primary = frame
+        self._arrived()
+
+    def primary_failed(self) -> None:
+        self._arrived()
+
+    # The pool's side (`Completion`).
+
+    def on_reply(self, frame: Frame, node: str) -> None:
+        self.reply = frame
+        self._arrived()
+
+    def on_error(self, error: GatewayError, node: str | None) -> None:
+        self._arrived()
+
+    def _arrived(self) -> None:
+        self._pending -= 1
+        if self._pending == 0:
+            self.traffic.owner._finished(self)
+
+    def work_out(self) -> None:
+        """Count the outcome and, with `compare`, log the fields that differ."""
+        traffic = self.traffic
+        mirror, to = traffic.mirror, traffic.mirror_to
+        assert mirror is not None  # a copy exists only then
+        assert to is not None
+        reply, primary = self.reply, self.primary
+        if reply is None:
+            traffic._count("failed")
+            return
+        if not mirror.compare:
+            traffic._count("answered")
+            return
+        if primary is None:
+            traffic._count("failed")
+            return
+        codecs = traffic.table.codecs
+        try:
+            comparison = compare_answers(
+                (codecs[self.sent.name], primary.status, primary.body),
+                (codecs[to.name], reply.status, reply.body),
+                show_values=mirror.log_values,
+            )
+        except UpstreamProtocolError as exc:
+            traffic._count("failed")
+            log.debug(
+                "a mirrored answer did not decode",
+                extra={"command": traffic.command.name, "error": exc.message},
+            )
+            return
+        if comparison.same:
+            traffic._count("same")
+            return
+        traffic._count("different")
+        extra: dict[str, object] = {
+            "command": self.sent.name,
+            "to": to.name,
+            "request_id": self.request_id,
+            "paths": [difference.path for difference in comparison.differences],
+            "more_paths": comparison.more,
+        }
+        if mirror.log_values:
+            extra["values"] = {d.path: [d.left, d.right] for d in comparison.differences}
+        log.info("mirrored answers differ", extra=extra)
