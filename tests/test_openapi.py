@@ -474,3 +474,59 @@ def test_the_listener_and_the_authenticators_are_in_the_document(tmp_path):
     profile = built["paths"]["/v1/users/{user_id}/profile"]["get"]
     assert profile["security"] == []
     assert "401" not in profile["responses"]
+
+
+TRAFFIC = """
+proto: {paths: [proto], files: [t.proto]}
+upstreams:
+  svc: {nodes: [127.0.0.1:7001]}
+  svc_next: {nodes: [127.0.0.1:7002]}
+commands:
+  - name: get_query
+    command: 2
+    upstream: svc
+    request: t.Query
+    response: t.Tree
+    http: {method: GET, path: "/v1/query/{id}"}
+    idempotent: true
+    split: [{key: query.did, percent: 10, to: get_query_next}]
+    fallback: {body: {name: offline}, last_good: {key: path.id, ttl: 1m}}
+  - {name: get_query_next, command: 2, upstream: svc_next, request: t.Query, response: t.Item}
+  - name: echo
+    command: 4
+    upstream: svc
+    codec: json
+    http: {method: POST, path: /v1/echo}
+    mirror: {to: echo_next, percent: 2.5}
+  - {name: echo_next, command: 4, upstream: svc_next, codec: json}
+"""
+
+
+@pytest.mark.parametrize("envelope", [False, True])
+def test_split_answers_and_the_fallback_header(tmp_path: Path, envelope: bool) -> None:
+    (tmp_path / "proto").mkdir()
+    (tmp_path / "proto" / "t.proto").write_text(PROTO)
+    path = tmp_path / "table.yaml"
+    path.write_text(TRAFFIC + ("envelope: true\n" if envelope else ""))
+    document = build_document(load_table(path))
+    validate(document)
+    query = document["paths"]["/v1/query/{id}"]["get"]
+    echo = document["paths"]["/v1/echo"]["post"]
+    answer = query["responses"]["200"]
+    assert answer["headers"]["X-Fallback"]["schema"] == {
+        "type": "string",
+        "enum": ["static", "last_good"],
+    }
+    assert "X-Fallback" not in echo["responses"]["200"]["headers"]
+    # Split requests are answered by get_query_next, whose response is another message.
+    schema = answer["content"]["application/json"]["schema"]
+    either = {
+        "anyOf": [{"$ref": "#/components/schemas/t.Tree"}, {"$ref": "#/components/schemas/t.Item"}]
+    }
+    if envelope:
+        assert schema["allOf"][1]["properties"]["data"]["anyOf"][0] == either
+    else:
+        assert schema == either
+    assert "Split: some requests are sent as get_query_next instead" in query["description"]
+    assert "Fallback: when the upstream cannot answer" in query["description"]
+    assert "Mirrored: a copy of 2.5% of the requests goes to echo_next" in echo["description"]

@@ -21,6 +21,9 @@ Decisions made here:
   parameters are required. Fields filled from `fields` are the gateway's, so
   they are not parameters; key expressions reading a header, query value or
   cookie (`uid`, `fields`) become optional parameters of that kind.
+- A command with a fallback lists the X-Fallback header on its 200 answer; one
+  with a split answers with any of the response messages of the commands it
+  may be sent as (`anyOf`).
 - Every error status of docs/reference.md "Errors" is listed, plus each
   `status_map` value not among them; with `envelope: true` every answer is HTTP
   200 with the envelope.
@@ -90,6 +93,16 @@ _REQUEST_ID_HEADER: Final = {
     "X-Request-Id": {
         "description": "The caller's X-Request-Id, or a new one.",
         "schema": {"type": "string"},
+    }
+}
+_FALLBACK_HEADER: Final = {
+    "X-Fallback": {
+        "description": (
+            "Present when the gateway answered in the upstream's place (the upstream was "
+            "unavailable, timed out or sent a bad answer): static, the table's fallback "
+            "body; last_good, the last good answer for the same key."
+        ),
+        "schema": {"type": "string", "enum": ["static", "last_good"]},
     }
 }
 
@@ -300,6 +313,15 @@ def _error_response(text: str, codes: tuple[str, ...], status: int) -> dict[str,
     }
 
 
+def _answer_headers(command: CommandSpec) -> dict[str, Any]:
+    """The headers of a command's 200 answer: X-Request-Id, and X-Fallback when
+    it has a fallback (docs/configuration.md "fallback")."""
+    headers = dict(_REQUEST_ID_HEADER)
+    if command.traffic is not None and command.traffic.fallback is not None:
+        headers.update(_FALLBACK_HEADER)
+    return headers
+
+
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -377,6 +399,24 @@ class _Builder:
             lines.append(f"The frame's uid comes from {command.uid}.")
         if command.idempotent:
             lines.append("Idempotent: retried on another node after a failure.")
+        rules = command.traffic
+        if rules is not None:
+            targets = sorted({rule.to for rule in rules.split})
+            if targets:
+                lines.append(
+                    f"Split: some requests are sent as {', '.join(targets)} instead, "
+                    "which answers them."
+                )
+            if rules.mirror is not None:
+                lines.append(
+                    f"Mirrored: a copy of {rules.mirror.percent / 100:g}% of the requests "
+                    f"goes to {rules.mirror.to}; the answer is this command's."
+                )
+            if rules.fallback is not None:
+                lines.append(
+                    "Fallback: when the upstream cannot answer, a 200 answer with the "
+                    "X-Fallback header may stand in."
+                )
         return " ".join(lines)
 
     def _request_descriptor(self, command: CommandSpec) -> Descriptor | None:
@@ -463,6 +503,17 @@ class _Builder:
         }
 
     def _response_schema(self, command: CommandSpec, options: JsonOptions) -> dict[str, Any]:
+        """The answer's schema; with a split, any of the commands' it may be sent as."""
+        schemas = [self._own_response_schema(command, options)]
+        rules = command.traffic
+        for rule in () if rules is None else rules.split:
+            target = self.table.commands_by_name[rule.to]
+            shown = self._own_response_schema(target, target.json or self.table.json)
+            if shown not in schemas:
+                schemas.append(shown)
+        return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+    def _own_response_schema(self, command: CommandSpec, options: JsonOptions) -> dict[str, Any]:
         schema = self.table.schema
         if command.codec == "protobuf" and command.response is not None and schema is not None:
             return self._message(schema.descriptor(command.response), options)
@@ -482,7 +533,7 @@ class _Builder:
             return {
                 "200": {
                     "description": "Every answer, success or error, in the envelope.",
-                    "headers": dict(_REQUEST_ID_HEADER),
+                    "headers": _answer_headers(command),
                     "content": {_JSON: {"schema": schema}},
                 }
             }
@@ -493,7 +544,7 @@ class _Builder:
         responses: dict[str, Any] = {
             "200": {
                 "description": "The upstream answered status 0.",
-                "headers": dict(_REQUEST_ID_HEADER),
+                "headers": _answer_headers(command),
                 "content": content,
             }
         }

@@ -231,6 +231,9 @@ def test_admin_config_shows_the_table_and_live_nodes(procs: Processes, upstream:
         "push": None,
         "http": {"method": "POST", "path": "/v1/echo"},
         "auth": None,
+        "split": [],
+        "mirror": None,
+        "fallback": None,
     }
     assert config["auth"] == []  # names and types only; the tests' table has none
     assert {"method": "GET", "path": "/v1/users/{user_id}/profile", "command": "get_profile"} in (

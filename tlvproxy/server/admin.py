@@ -282,7 +282,7 @@ class AdminHandler:
             if table.origin is None
             else {"endpoints": list(table.origin.endpoints), "prefix": table.origin.prefix},
             "revision": None if table.origin is None else table.origin.revision,
-            "commands": [_command(c) for c in table.commands],
+            "commands": [_command(c, table) for c in table.commands],
             "routes": [
                 {"method": r.method, "path": r.template, "command": r.command.name}
                 for r in (table.router.routes if table.router is not None else ())
@@ -307,7 +307,7 @@ def _source(table: CompiledTable) -> str | None:
     return None if table.source is None else str(table.source)
 
 
-def _command(command: CommandSpec) -> dict[str, Any]:
+def _command(command: CommandSpec, table: Table) -> dict[str, Any]:
     return {
         "name": command.name,
         "command": f"0x{command.command:04x}",
@@ -320,6 +320,55 @@ def _command(command: CommandSpec) -> dict[str, Any]:
         if command.http is None
         else {"method": command.http.method, "path": command.http.path},
         "auth": command.auth,
+        **_traffic(command, table),
+    }
+
+
+def _traffic(command: CommandSpec, table: Table) -> dict[str, Any]:
+    """A command's split, mirror and fallback (docs/configuration.md "split,
+    mirror, fallback"); a static body as callers get it."""
+    rules = command.traffic
+    if rules is None:
+        return {"split": [], "mirror": None, "fallback": None}
+    split = []
+    for rule in rules.split:
+        shown: dict[str, Any] = {"key": str(rule.key), "to": rule.to}
+        if rule.tail is not None:
+            shown["tail"] = sorted(rule.tail)
+        elif rule.values is not None:
+            shown["values"] = sorted(rule.values)
+        elif rule.percent is not None:
+            shown["percent"] = rule.percent / 100  # basis points
+        split.append(shown)
+    mirror = rules.mirror
+    fallback = rules.fallback
+    shown_fallback = None
+    if fallback is not None:
+        last_good = fallback.last_good
+        shown_fallback = {
+            "body": None
+            if fallback.body is None
+            else table.codecs[command.name].decode_response(fallback.body),
+            "last_good": None
+            if last_good is None
+            else {
+                "key": str(last_good.key),
+                "ttl": last_good.ttl,
+                "max_entries": last_good.max_entries,
+                "max_bytes": last_good.max_bytes,
+            },
+        }
+    return {
+        "split": split,
+        "mirror": None
+        if mirror is None
+        else {
+            "to": mirror.to,
+            "percent": mirror.percent / 100,
+            "compare": mirror.compare,
+            "log_values": mirror.log_values,
+        },
+        "fallback": shown_fallback,
     }
 
 
