@@ -200,11 +200,27 @@ class Processes:
         self._started.append(process)
         return process
 
-    def upstream(self) -> str:
-        """The demo IM service in a process of its own; returns "127.0.0.1:PORT"."""
-        port = free_port()
+    def upstream(
+        self, *arguments: str, table: Path = FIXTURE_TABLE, port: int | None = None
+    ) -> str:
+        """The demo IM service in a process of its own (on `table`, with
+        mock-upstream's `arguments`, on `port` or a free one); returns
+        "127.0.0.1:PORT"."""
+        return self.upstream_process(*arguments, table=table, port=port)[1]
+
+    def upstream_process(
+        self, *arguments: str, table: Path = FIXTURE_TABLE, port: int | None = None
+    ) -> tuple[Process, str]:
+        """`upstream`, with the process (to stop it)."""
+        port = free_port() if port is None else port
         process = self.start(
-            "upstream", "mock-upstream", "--listen", f"127.0.0.1:{port}", "-c", str(FIXTURE_TABLE)
+            "upstream",
+            "mock-upstream",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "-c",
+            str(table),
+            *arguments,
         )
 
         def listening() -> bool:
@@ -213,7 +229,7 @@ class Processes:
                 return sock.connect_ex(("127.0.0.1", port)) == 0
 
         wait_for(listening, "the mock upstream")
-        return f"127.0.0.1:{port}"
+        return process, f"127.0.0.1:{port}"
 
     def table(self, upstream: str, name: str = "table", **overrides: Any) -> tuple[Path, int, int]:
         """A demo table on real free ports; returns (path, http port, admin port)."""
@@ -227,6 +243,11 @@ class Processes:
     def gateway(self, upstream: str, *options: str, **overrides: Any) -> Gateway:
         """`tlvproxy serve` on a fresh demo table; returns once /readyz answers 200."""
         path, http_port, admin_port = self.table(upstream, f"gw{len(self._started)}", **overrides)
+        return self.serve(path, http_port, admin_port, *options)
+
+    def serve(self, path: Path, http_port: int, admin_port: int, *options: str) -> Gateway:
+        """`tlvproxy serve` on the table at `path` (as `table` wrote it);
+        returns once /readyz answers 200."""
         process = self.start("gateway", "serve", "-c", str(path), *options)
         gateway = Gateway(process, path, http_port, admin_port)
 
