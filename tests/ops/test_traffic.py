@@ -379,6 +379,14 @@ def test_fallback_answers_when_the_service_is_down(procs: Processes) -> None:
         ("list_messages", "static", "upstream_unavailable"),
     ]
 
+    # A reload that keeps the rule keeps the answers; one that changes it starts afresh.
+    assert gateway.admin("POST", "/admin/reload").status == 200
+    assert gateway.call("GET", PROFILE).headers.get("x-fallback") == "last_good"
+    changed = {"fallback": {"last_good": {"key": "path.user_id", "ttl": "9m"}}}
+    gateway.rewrite_table(commands=commands(PROFILE_NEXT, get_profile=changed))
+    assert gateway.admin("POST", "/admin/reload").status == 200
+    assert gateway.call("GET", PROFILE).status == 502
+
 
 def test_fallback_answers_a_timeout_but_never_an_upstream_status(
     procs: Processes, upstream: str

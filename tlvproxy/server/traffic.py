@@ -103,16 +103,17 @@ class Traffic:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self.outstanding = 0  # copies reserved and not yet worked out
-        # The `last_good` caches by command name, with the spec they were made for.
-        self._caches: dict[str, tuple[LastGoodSpec, LastGood]] = {}
+        # The `last_good` caches by command name, with what they were made for.
+        self._caches: dict[str, tuple[object, LastGood]] = {}
         self._done: list[MirrorCopy] = []
         self._wake = trio.Event()
 
     def for_table(self, table: Table, pools: Mapping[str, Pool]) -> dict[str, CommandTraffic]:
         """The rules of every command of `table` that has some, on `pools`. A
         `last_good` cache is carried over from the previous table when the
-        command's `last_good` is the same; the others are dropped."""
-        caches: dict[str, tuple[LastGoodSpec, LastGood]] = {}
+        command's `last_good` is the same, and so are the response messages
+        of the commands its answers come from; the others are dropped."""
+        caches: dict[str, tuple[object, LastGood]] = {}
         result: dict[str, CommandTraffic] = {}
         for command in table.commands:
             rules = command.traffic
@@ -121,8 +122,9 @@ class Traffic:
             cache = None
             last_good = None if rules.fallback is None else rules.fallback.last_good
             if last_good is not None:
+                made_for = _made_for(table, command, last_good)
                 kept = self._caches.get(command.name)
-                if kept is not None and kept[0] == last_good:
+                if kept is not None and kept[0] == made_for:
                     cache = kept[1]
                 else:
                     cache = LastGood(
@@ -130,7 +132,7 @@ class Traffic:
                         max_entries=last_good.max_entries,
                         max_bytes=last_good.max_bytes,
                     )
-                caches[command.name] = (last_good, cache)
+                caches[command.name] = (made_for, cache)
             result[command.name] = CommandTraffic(self, table, command, pools, cache)
         self._caches = caches
         return result
@@ -155,6 +157,15 @@ class Traffic:
     def _finished(self, copy: MirrorCopy) -> None:
         self._done.append(copy)
         self._wake.set()
+
+
+def _made_for(table: Table, command: CommandSpec, last_good: LastGoodSpec) -> object:
+    """What a `last_good` cache's answers depend on: the spec, and the codec and
+    response message of each command they may come from (split targets too)."""
+    rules = command.traffic
+    assert rules is not None  # a command with last_good has rules
+    sources = [command, *(table.commands_by_name[rule.to] for rule in rules.split)]
+    return (last_good, [(c.name, c.codec, c.response) for c in sources])
 
 
 class CommandTraffic:
