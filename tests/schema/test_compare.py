@@ -189,3 +189,16 @@ def test_any_answer_is_the_same_as_itself_and_its_copy(rich: Schema, data: st.Da
     body = message.SerializeToString()
     copy = type(message).FromString(body).SerializeToString(deterministic=True)
     assert compare_answers((a, 0, body), (a, 0, copy)).same
+
+
+def test_equal_bodies_read_alike_are_the_same_without_decoding(demo: Schema) -> None:
+    profile = codec(demo, "demo.im.Profile")
+    # Not a Profile at all: equal bytes of one message type need no decoding.
+    assert compare_answers((profile, 0, b"\xff"), (profile, 0, b"\xff")).same
+    assert compare_answers((JsonCodec(), 0, b"{"), (JsonCodec(), 0, b"{")).same
+    # Another message type reads the same bytes otherwise: they are decoded.
+    other = codec(demo, "demo.im.GetProfileRequest")
+    with pytest.raises(UpstreamProtocolError):
+        compare_answers((profile, 0, b"\xff"), (other, 0, b"\xff"))
+    with pytest.raises(UpstreamProtocolError):
+        compare_answers((JsonCodec(), 0, b"{"), (RawCodec(), 0, b"{"))
