@@ -41,6 +41,10 @@ LATER = (
     "tlvproxy.config.stored",
     "tlvproxy.config.source",
     "tlvproxy.etcd.wire",
+    "tlvproxy.config.traffic",
+    "tlvproxy.policy.split",
+    "tlvproxy.policy.last_good",
+    "tlvproxy.schema.compare",
 )
 
 
