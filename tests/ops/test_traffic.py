@@ -388,6 +388,21 @@ def test_fallback_answers_when_the_service_is_down(procs: Processes) -> None:
     assert gateway.call("GET", PROFILE).status == 502
 
 
+def test_a_last_good_answer_older_than_ttl_is_not_served(procs: Processes) -> None:
+    current, address = procs.upstream_process()
+    rules = {"get_profile": {"fallback": {"last_good": {"key": "path.user_id", "ttl": "2s"}}}}
+    gateway = procs.gateway(address, commands=commands(**rules))
+    assert gateway.call("GET", PROFILE).status == 200
+    kept_until = time.monotonic() + 2.0  # the answer was kept before this
+    current.kill()
+    answer = gateway.call("GET", PROFILE)
+    assert (answer.status, answer.headers["x-fallback"]) == (200, "last_good")
+    time.sleep(max(0.0, kept_until - time.monotonic()) + 0.2)
+    stale = gateway.call("GET", PROFILE)
+    assert stale.status == 502
+    assert "x-fallback" not in stale.headers
+
+
 def test_fallback_answers_a_timeout_but_never_an_upstream_status(
     procs: Processes, upstream: str
 ) -> None:
