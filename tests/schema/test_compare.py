@@ -15,7 +15,13 @@ from tests.schema.test_convert import classes_of, messages
 from tlvproxy.config.model import JsonOptions
 from tlvproxy.errors import UpstreamProtocolError
 from tlvproxy.schema.codec import JsonCodec, ProtobufCodec, RawCodec
-from tlvproxy.schema.compare import BODY_PATH, STATUS_PATH, Comparison, compare_answers
+from tlvproxy.schema.compare import (
+    BODY_PATH,
+    STATUS_PATH,
+    Comparer,
+    Comparison,
+    compare_answers,
+)
 from tlvproxy.schema.protos import Schema, compile_schema
 
 HERE = Path(__file__).parent
@@ -202,3 +208,17 @@ def test_equal_bodies_read_alike_are_the_same_without_decoding(demo: Schema) -> 
         compare_answers((profile, 0, b"\xff"), (other, 0, b"\xff"))
     with pytest.raises(UpstreamProtocolError):
         compare_answers((JsonCodec(), 0, b"{"), (RawCodec(), 0, b"{"))
+
+
+def test_a_large_answer_is_compared_a_step_at_a_time(rich: Schema) -> None:
+    left = {"r_leaf": [{"name": str(n)} for n in range(3000)], "f_string": "a"}
+    right = {"r_leaf": [{"name": str(n)} for n in range(2999)] + [{"name": "x"}], "f_string": "b"}
+    a = codec(rich, "conv.All")
+    answers = ((a, 0, a.encode_response(left)), (a, 0, a.encode_response(right)))
+    comparer = Comparer(*answers)
+    steps = 1
+    while (comparison := comparer.step(1000)) is None:
+        steps += 1
+    assert steps > 5  # 3,000 leaves of several fields each: not in one step of 1,000
+    assert paths(comparison) == ["f_string", "r_leaf[2999].name"]
+    assert comparison == compare_answers(*answers)

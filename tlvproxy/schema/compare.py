@@ -53,6 +53,9 @@ STATUS_PATH: Final = "(status)"
 BODY_PATH: Final = "(body)"
 _ELIDED_KEY: Final = "[*]"
 _PLAIN_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# One comparison to make: a path and both values, and whether they are known
+# to differ already (a field or an element one side lacks).
+_Item = tuple[str, Any, Any, bool]
 
 
 @attrs.frozen(slots=True)
@@ -103,6 +106,75 @@ class _Collector:
         return Comparison(tuple(self.found.values()), self.more)
 
 
+class Comparer:
+    """Two answers, each (its command's codec, status, body), compared a step
+    at a time: `step` walks at most `budget` fields and returns the
+    `Comparison` once done, so that a caller can let others run between steps
+    (a large answer is many fields). Building it decodes both bodies.
+
+    Raises UpstreamProtocolError when a body does not decode with its codec.
+    """
+
+    __slots__ = ("_found", "_messages", "_show", "_stack", "spent")
+
+    def __init__(
+        self,
+        left: tuple[CommandCodec, int, bytes],
+        right: tuple[CommandCodec, int, bytes],
+        *,
+        show_values: bool = False,
+        limit: int = MAX_PATHS,
+    ) -> None:
+        (left_codec, left_status, left_body), (right_codec, right_status, right_body) = left, right
+        self._found = _Collector(limit, show_values)
+        self._show = show_values
+        self.spent = 0  # the budget the steps have used so far
+        self._stack: list[_Item] = []
+        self._messages = isinstance(left_codec, ProtobufCodec) and isinstance(
+            right_codec, ProtobufCodec
+        )
+        if left_status != right_status:
+            self._found.add(STATUS_PATH, left_status, right_status)
+        elif left_body == right_body and _read_alike(left_codec, right_codec):
+            pass  # the usual case once the services agree: nothing to decode
+        elif isinstance(left_codec, ProtobufCodec) and isinstance(right_codec, ProtobufCodec):
+            parsed = (_parse(left_codec, left_body), _parse(right_codec, right_body))
+            self._stack.append(("", *parsed, False))
+        else:
+            decoded = (
+                left_codec.decode_response(left_body),
+                right_codec.decode_response(right_body),
+            )
+            self._stack.append(("", *decoded, False))
+
+    def step(self, budget: int) -> Comparison | None:
+        """Compare up to about `budget` more fields or elements; the outcome
+        once everything is compared, else None."""
+        # An explicit stack, not recursion (the walk's depth is the answer's),
+        # taken in document order: a message's fields, each before the next.
+        stack, found, show = self._stack, self._found, self._show
+        start = budget
+        while stack and budget > 0:
+            path, a, b, differs = stack.pop()
+            budget -= 1
+            items: list[_Item] | None = None
+            if differs:
+                found.add(path, a, b)
+            elif self._messages and isinstance(a, Message) and isinstance(b, Message):
+                items = _message_items(path, a, b, show)
+            elif not self._messages and isinstance(a, dict) and isinstance(b, dict):
+                items = _member_items(path, a, b, show)
+            elif not self._messages and isinstance(a, list) and isinstance(b, list):
+                items = _element_items(path, a, b)
+            elif not _equal(a, b):
+                found.add(path, a, b)
+            if items:
+                budget -= len(items)
+                stack.extend(reversed(items))
+        self.spent += start - budget
+        return None if stack else found.result()
+
+
 def compare_answers(
     left: tuple[CommandCodec, int, bytes],
     right: tuple[CommandCodec, int, bytes],
@@ -110,29 +182,14 @@ def compare_answers(
     show_values: bool = False,
     limit: int = MAX_PATHS,
 ) -> Comparison:
-    """Compare two answers, each (its command's codec, status, body).
+    """Compare two answers, each (its command's codec, status, body), at once.
 
     Raises UpstreamProtocolError when a body does not decode with its codec.
     """
-    (left_codec, left_status, left_body), (right_codec, right_status, right_body) = left, right
-    found = _Collector(limit, show_values)
-    if left_status != right_status:
-        found.add(STATUS_PATH, left_status, right_status)
-        return found.result()
-    if left_body == right_body and _read_alike(left_codec, right_codec):
-        return found.result()  # the usual case once the services agree: nothing to decode
-    if isinstance(left_codec, ProtobufCodec) and isinstance(right_codec, ProtobufCodec):
-        _compare_messages(
-            _parse(left_codec, left_body), _parse(right_codec, right_body), found, show_values
-        )
-    else:
-        _compare_values(
-            left_codec.decode_response(left_body),
-            right_codec.decode_response(right_body),
-            found,
-            show_values,
-        )
-    return found.result()
+    comparer = Comparer(left, right, show_values=show_values, limit=limit)
+    while (comparison := comparer.step(1 << 20)) is None:
+        pass
+    return comparison
 
 
 def _read_alike(a: CommandCodec, b: CommandCodec) -> bool:
@@ -154,25 +211,6 @@ def _parse(codec: ProtobufCodec, body: bytes) -> Message:
 
 
 # ---------------------------------------------------------------- protobuf
-
-
-# One comparison to make: a path and both values, and whether they are known
-# to differ already (a field or an element one side lacks).
-_Item = tuple[str, Any, Any, bool]
-
-
-def _compare_messages(left: Message, right: Message, found: _Collector, show: bool) -> None:
-    # An explicit stack, not recursion (the walk's depth is the message's),
-    # taken in document order: a message's fields, each before the next.
-    stack: list[_Item] = [("", left, right, False)]
-    while stack:
-        path, a, b, differs = stack.pop()
-        if differs:
-            found.add(path, a, b)
-        elif isinstance(a, Message) and isinstance(b, Message):
-            stack.extend(reversed(_message_items(path, a, b, show)))
-        elif not _equal(a, b):
-            found.add(path, a, b)
 
 
 def _message_items(path: str, a: Message, b: Message, show: bool) -> list[_Item]:
@@ -262,25 +300,20 @@ def _same_number(a: Any, b: Any) -> bool:
 # ---------------------------------------------------------------- JSON values
 
 
-def _compare_values(left: Any, right: Any, found: _Collector, show: bool) -> None:
-    # As `_compare_messages`: a stack, in document order.
-    stack: list[_Item] = [("", left, right, False)]
-    while stack:
-        path, a, b, differs = stack.pop()
-        items: list[_Item] = []
-        if differs:
-            found.add(path, a, b)
-        elif isinstance(a, dict) and isinstance(b, dict):
-            for key in list(a) + [key for key in b if key not in a]:
-                missing = key not in a or key not in b
-                items.append((_member_path(path, key, show), a.get(key), b.get(key), missing))
-        elif isinstance(a, list) and isinstance(b, list):
-            for index in range(max(len(a), len(b))):
-                beyond = index >= len(a) or index >= len(b)
-                items.append((f"{path}[{index}]", _item(a, index), _item(b, index), beyond))
-        elif not _equal(a, b):
-            found.add(path, a, b)
-        stack.extend(reversed(items))
+def _member_items(path: str, a: dict[str, Any], b: dict[str, Any], show: bool) -> list[_Item]:
+    """The comparisons two JSON objects' members make, in key order of `a`, then `b`."""
+    return [
+        (_member_path(path, key, show), a.get(key), b.get(key), key not in a or key not in b)
+        for key in list(a) + [key for key in b if key not in a]
+    ]
+
+
+def _element_items(path: str, a: list[Any], b: list[Any]) -> list[_Item]:
+    """The comparisons two JSON arrays' elements make, in order."""
+    return [
+        (f"{path}[{index}]", _item(a, index), _item(b, index), index >= len(a) or index >= len(b))
+        for index in range(max(len(a), len(b)))
+    ]
 
 
 def _member_path(path: str, key: str, show: bool) -> str:

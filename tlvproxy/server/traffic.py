@@ -18,8 +18,9 @@ another node when its connection could not take it). It never holds the
 caller up: the caller's answer is written by whoever completes it, and a
 copy's outcome (and, with `compare`, the decoding and comparing of both
 answers) is worked out later by `run()`, in a task of its own, once both
-answers are in. Until then the copy counts against MAX_OUTSTANDING; beyond
-that, copies are dropped and counted, not queued.
+answers are in, a few thousand fields between two checkpoints. Until then
+the copy counts against MAX_OUTSTANDING; beyond that, copies are dropped and
+counted, not queued.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tlvproxy.errors import GatewayError, UpstreamProtocolError
 from tlvproxy.metrics import MIRROR_OUTCOMES
 from tlvproxy.policy.last_good import LastGood
 from tlvproxy.policy.split import first_match
-from tlvproxy.schema.compare import compare_answers
+from tlvproxy.schema.compare import Comparer
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -47,14 +48,16 @@ if TYPE_CHECKING:
     from tlvproxy.config.model import CommandSpec, LastGoodSpec, Table
     from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics
+    from tlvproxy.schema.compare import Comparison
     from tlvproxy.upstream.pool import Pool
 
 log = logging.getLogger("tlvproxy.mirror")
 
 # Copies of one worker waiting for their answers (docs/configuration.md "mirror").
 MAX_OUTSTANDING: Final = 1000
-# Outcomes worked out per scheduler pass before `run()` lets other tasks run.
-_OUTCOMES_PER_PASS: Final = 32
+# Fields and elements compared (or copies counted) between two checkpoints
+# of `Traffic.run`: about a millisecond's work.
+COMPARE_STEP: Final = 2000
 # The errors a fallback answers in the upstream's place (docs/configuration.md "fallback").
 FALLBACK_CODES: Final = frozenset(
     {"upstream_unavailable", "upstream_timeout", "upstream_protocol_error"}
@@ -144,15 +147,30 @@ class Traffic:
             await self._wake.wait()
             self._wake = trio.Event()
             done, self._done = self._done, []
-            for index, copy in enumerate(done):
-                if index and index % _OUTCOMES_PER_PASS == 0:
-                    await trio.lowlevel.checkpoint()
+            # About COMPARE_STEP fields compared between two checkpoints, so
+            # that other tasks (the callers' answers) run in between, whatever
+            # the answers' size; each copy counts as one.
+            left = COMPARE_STEP
+            for copy in done:
                 try:
-                    copy.work_out()
+                    comparer = copy.work_out()
+                    while comparer is not None:
+                        spent = comparer.spent
+                        comparison = comparer.step(left)
+                        left -= comparer.spent - spent
+                        if comparison is not None:
+                            copy.compared(comparison)
+                            break
+                        await trio.lowlevel.checkpoint()
+                        left = COMPARE_STEP
                 except Exception:  # a bug costs one copy's outcome, not the worker
                     log.exception("working out a mirrored copy's outcome failed")
                 finally:
                     self.outstanding -= 1
+                left -= 1
+                if left <= 0:
+                    await trio.lowlevel.checkpoint()
+                    left = COMPARE_STEP
 
     def _finished(self, copy: MirrorCopy) -> None:
         self._done.append(copy)
@@ -355,8 +373,9 @@ class MirrorCopy:
         if self._pending == 0:
             self.traffic.owner._finished(self)
 
-    def work_out(self) -> None:
-        """Count the outcome and, with `compare`, log the fields that differ."""
+    def work_out(self) -> Comparer | None:
+        """Count the outcome, or, with `compare` and both answers in, return
+        the comparison to make (`compared` takes its result)."""
         traffic = self.traffic
         mirror, to = traffic.mirror, traffic.mirror_to
         assert mirror is not None  # a copy exists only then
@@ -364,16 +383,16 @@ class MirrorCopy:
         reply, primary = self.reply, self.primary
         if reply is None:
             traffic._count("failed")
-            return
+            return None
         if not mirror.compare:
             traffic._count("answered")
-            return
+            return None
         if primary is None:
             traffic._count("failed")
-            return
+            return None
         codecs = traffic.table.codecs
         try:
-            comparison = compare_answers(
+            return Comparer(
                 (codecs[self.sent.name], primary.status, primary.body),
                 (codecs[to.name], reply.status, reply.body),
                 show_values=mirror.log_values,
@@ -384,7 +403,14 @@ class MirrorCopy:
                 "a mirrored answer did not decode",
                 extra={"command": traffic.command.name, "error": exc.message},
             )
-            return
+            return None
+
+    def compared(self, comparison: Comparison) -> None:
+        """Count the comparison's outcome, and log the fields that differ."""
+        traffic = self.traffic
+        mirror, to = traffic.mirror, traffic.mirror_to
+        assert mirror is not None  # a copy exists only then
+        assert to is not None
         if comparison.same:
             traffic._count("same")
             return
