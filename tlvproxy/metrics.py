@@ -141,6 +141,12 @@ class Metrics:
             ("command", "outcome"),
             registry=r,
         )
+        self.mirror_outstanding = Gauge(
+            "tlvproxy_mirror_outstanding",
+            "Mirrored copies sent and not yet worked out (at most 1,000 per worker)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.fallbacks = Counter(
             "tlvproxy_fallbacks",
             "Answers a fallback gave in the upstream's place, by command and kind "

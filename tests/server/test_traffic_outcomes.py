@@ -45,6 +45,12 @@ def answer(body: object) -> Frame:
     return Frame(command=0x1003, seq=1, flags=FLAG_RESPONSE, body=json.dumps(body).encode())
 
 
+def outstanding(metrics: Metrics) -> float:
+    found = metrics.registry.get_sample_value("tlvproxy_mirror_outstanding")
+    assert found is not None
+    return found
+
+
 def outcome(metrics: Metrics, name: str) -> float:
     found = metrics.registry.get_sample_value(
         "tlvproxy_mirror_total", {"command": "big", "outcome": name}
@@ -95,6 +101,7 @@ async def test_beyond_max_outstanding_copies_are_dropped_until_some_are_worked_o
         copies = [big.copy(big.command, str(n)) for n in range(MAX_OUTSTANDING + 5)]
         kept = [copy for copy in copies if copy is not None]
         assert len(kept) == MAX_OUTSTANDING
+        assert outstanding(metrics) == MAX_OUTSTANDING
         assert outcome(metrics, "dropped") == 5
         # A copy with both answers in makes room once worked out; one with a
         # single answer keeps its place.
@@ -113,5 +120,5 @@ async def test_beyond_max_outstanding_copies_are_dropped_until_some_are_worked_o
         kept[2].on_reply(answer({"a": 1}), "127.0.0.1:9")
         await trio.testing.wait_all_tasks_blocked()
         assert outcome(metrics, "failed") == 2
-        assert big.owner.outstanding == MAX_OUTSTANDING - 2
+        assert big.owner.outstanding == outstanding(metrics) == MAX_OUTSTANDING - 2
         nursery.cancel_scope.cancel()

@@ -105,7 +105,10 @@ class Traffic:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self.outstanding = 0  # copies reserved and not yet worked out
+        # Copies reserved and not yet worked out, also shown as
+        # tlvproxy_mirror_outstanding (docs/operations.md "Metrics").
+        self.outstanding = 0
+        self._outstanding_gauge = metrics.mirror_outstanding
         # The `last_good` caches by command name, with what they were made for.
         self._caches: dict[str, tuple[object, LastGood]] = {}
         self._done: list[MirrorCopy] = []
@@ -166,11 +169,19 @@ class Traffic:
                 except Exception:  # a bug costs one copy's outcome, not the worker
                     log.exception("working out a mirrored copy's outcome failed")
                 finally:
-                    self.outstanding -= 1
+                    self._release()
                 left -= 1
                 if left <= 0:
                     await trio.lowlevel.checkpoint()
                     left = COMPARE_STEP
+
+    def _reserve(self) -> None:
+        self.outstanding += 1
+        self._outstanding_gauge.inc()
+
+    def _release(self) -> None:
+        self.outstanding -= 1
+        self._outstanding_gauge.dec()
 
     def _finished(self, copy: MirrorCopy) -> None:
         self._done.append(copy)
@@ -279,7 +290,7 @@ class CommandTraffic:
         if owner.outstanding >= MAX_OUTSTANDING:
             self._count("dropped")
             return None
-        owner.outstanding += 1
+        owner._reserve()
         return MirrorCopy(self, sent, request_id)
 
     def _count(self, outcome: str) -> None:
