@@ -1,11 +1,13 @@
-"""Mirrored copies' outcomes (SPEC 4.6): worked out by `Traffic.run` once both
-answers are in, a large comparison in steps that let other tasks run, and
-the bound of 1,000 copies outstanding."""
+"""Mirrored copies' outcomes (SPEC 4.6): sent to the real demo service, worked
+out by `Traffic.run` once both answers are in, a large comparison in steps
+that let other tasks run, and the bound of 1,000 copies outstanding, which
+every copy gives back whatever becomes of it and of its caller's request."""
 
 from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,36 +15,51 @@ import trio
 import trio.testing
 
 from tlvproxy.config.loader import parse_table
-from tlvproxy.errors import UpstreamUnavailable
+from tlvproxy.errors import BadRequest
 from tlvproxy.framing import FLAG_RESPONSE, Frame
 from tlvproxy.metrics import Metrics
-from tlvproxy.server.traffic import COMPARE_STEP, MAX_OUTSTANDING, Traffic
+from tlvproxy.mock_upstream import serve_mock_upstream
+from tlvproxy.server.traffic import COMPARE_STEP, MAX_OUTSTANDING, MirroredCall, Traffic
+from tlvproxy.server.view import RequestContext
 from tlvproxy.upstream.pool import open_pool
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
+    from tlvproxy.config.model import CommandSpec
     from tlvproxy.server.traffic import CommandTraffic
 
 PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
 
-TABLE = f"""
-proto: {{paths: [{PROTO_ROOT}], files: [demo/im.proto]}}
+# `big` is mirrored to `echo` on im_next, which the demo service plays: it
+# answers each copy with the copy's own body.
+TABLE = """
+proto: {{paths: [{root}], files: [demo/im.proto]}}
 upstreams:
   im: {{nodes: [127.0.0.1:9]}}
-  im_next: {{nodes: [127.0.0.1:9]}}
+  im_next: {{nodes: [{next}]}}
 commands:
   - name: big
     command: 0x1003
     upstream: im
     codec: json
-    mirror: {{to: big_next, compare: true}}
-  - {{name: big_next, command: 0x1003, upstream: im_next, codec: json}}
+    mirror: {{to: echo, compare: true}}
+  - {{name: echo, command: 0x1003, upstream: im_next, codec: json}}
 """
+VIEW = RequestContext(remote_addr="10.0.0.1", headers=[], query_string="")
 
 
 def answer(body: object) -> Frame:
     return Frame(command=0x1003, seq=1, flags=FLAG_RESPONSE, body=json.dumps(body).encode())
+
+
+def copy_of(body: object) -> Callable[[CommandSpec], bytes]:
+    """The `encode` of a copy whose body is `body` as JSON."""
+    return lambda to: json.dumps(body).encode()
+
+
+def refused(to: CommandSpec) -> bytes:
+    raise BadRequest(f"{to.name} cannot take this body")
 
 
 def outstanding(metrics: Metrics) -> float:
@@ -60,12 +77,29 @@ def outcome(metrics: Metrics, name: str) -> float:
 
 @asynccontextmanager
 async def rules(metrics: Metrics, nursery: trio.Nursery) -> AsyncIterator[CommandTraffic]:
-    """The `big` command's rules on a running `Traffic` (its pools never used)."""
-    table = parse_table(TABLE, Path("commands.yaml"))
+    """The `big` command's rules on a running `Traffic`, its copies sent to
+    the demo service."""
+    placeholder = parse_table(TABLE.format(root=PROTO_ROOT, next="127.0.0.1:9"), Path("c.yaml"))
+    address = await nursery.start(
+        partial(serve_mock_upstream, "127.0.0.1", 0, placeholder, upstream="im_next")
+    )
+    table = parse_table(TABLE.format(root=PROTO_ROOT, next=address), Path("commands.yaml"))
     traffic = Traffic(metrics)
     await nursery.start(traffic.run)
     async with open_pool(table.upstreams["im_next"], table.framing, metrics) as pool:
         yield traffic.for_table(table, {"im_next": pool})["big"]
+
+
+def mirror(
+    big: CommandTraffic, caller: MirroredCall, encode: Callable[[CommandSpec], bytes]
+) -> None:
+    big.mirror_after(caller, big.command, "request-1", encode, 0, VIEW)
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not predicate():  # noqa: ASYNC110 - the answers come over a socket
+            await trio.sleep(0.01)
 
 
 async def test_a_large_comparison_lets_other_tasks_run_between_its_steps() -> None:
@@ -82,14 +116,15 @@ async def test_a_large_comparison_lets_other_tasks_run_between_its_steps() -> No
 
     async with trio.open_nursery() as nursery, rules(metrics, nursery) as big:
         size = 20 * COMPARE_STEP
-        copy = big.copy(big.command, "request-1")
+        caller = MirroredCall()
+        mirror(big, caller, copy_of([*range(size - 1), -1]))
+        copy = caller._copy
         assert copy is not None
-        copy.primary_answered(answer(list(range(size))))
-        copy.on_reply(answer([*range(size - 1), -1]), "127.0.0.1:9")
+        await until(lambda: copy.reply is not None)
+        # Both answers in: the comparison starts, and the ticker with it.
+        caller.settled(answer(list(range(size))))
         nursery.start_soon(ticker)
-        with trio.fail_after(10):
-            await trio.testing.wait_all_tasks_blocked()
-        assert outcome(metrics, "different") == 1
+        await until(lambda: outcome(metrics, "different") == 1)
         # About one pass per step of COMPARE_STEP elements.
         assert ticks >= 10
         nursery.cancel_scope.cancel()
@@ -98,27 +133,49 @@ async def test_a_large_comparison_lets_other_tasks_run_between_its_steps() -> No
 async def test_beyond_max_outstanding_copies_are_dropped_until_some_are_worked_out() -> None:
     metrics = Metrics()
     async with trio.open_nursery() as nursery, rules(metrics, nursery) as big:
-        copies = [big.copy(big.command, str(n)) for n in range(MAX_OUTSTANDING + 5)]
-        kept = [copy for copy in copies if copy is not None]
-        assert len(kept) == MAX_OUTSTANDING
-        assert outstanding(metrics) == MAX_OUTSTANDING
+        callers = [MirroredCall() for _ in range(MAX_OUTSTANDING + 5)]
+        for caller in callers:
+            mirror(big, caller, copy_of({"a": 1}))
+        assert big.owner.outstanding == outstanding(metrics) == MAX_OUTSTANDING
         assert outcome(metrics, "dropped") == 5
-        # A copy with both answers in makes room once worked out; one with a
-        # single answer keeps its place.
-        kept[0].primary_answered(answer({"a": 1}))
-        kept[0].on_reply(answer({"a": 1}), "127.0.0.1:9")
-        kept[1].primary_answered(answer({"a": 1}))
-        await trio.testing.wait_all_tasks_blocked()
-        assert big.owner.outstanding == MAX_OUTSTANDING - 1
-        assert outcome(metrics, "same") == 1
-        assert big.copy(big.command, "again") is not None
-        assert big.copy(big.command, "too many") is None
+        # Every copy got its answer; those whose caller has none keep their place.
+        await trio.sleep(0.5)
+        assert big.owner.outstanding == MAX_OUTSTANDING
+        callers[0].settled(answer({"a": 1}))
+        await until(lambda: outcome(metrics, "same") == 1)
+        assert big.owner.outstanding == outstanding(metrics) == MAX_OUTSTANDING - 1
+        mirror(big, MirroredCall(), copy_of({"a": 1}))
+        assert big.owner.outstanding == MAX_OUTSTANDING
+        mirror(big, MirroredCall(), copy_of({"a": 1}))
         assert outcome(metrics, "dropped") == 6
-        # A copy that fails, or whose caller's request does, is `failed`.
-        kept[1].on_error(UpstreamUnavailable("the connection was lost"), None)
-        kept[2].primary_failed()
-        kept[2].on_reply(answer({"a": 1}), "127.0.0.1:9")
-        await trio.testing.wait_all_tasks_blocked()
-        assert outcome(metrics, "failed") == 2
-        assert big.owner.outstanding == outstanding(metrics) == MAX_OUTSTANDING - 2
+        # A caller's request that got no answer: its copy is `failed`.
+        callers[1].settled(None)
+        await until(lambda: outcome(metrics, "failed") == 1)
+        assert big.owner.outstanding == outstanding(metrics) == MAX_OUTSTANDING - 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_copy_keeps_its_place_whatever_its_callers_outcome() -> None:
+    metrics = Metrics()
+    async with trio.open_nursery() as nursery, rules(metrics, nursery) as big:
+        # A body the mirror's command refuses: failed at once, no place taken.
+        mirror(big, MirroredCall(), refused)
+        assert outcome(metrics, "failed") == 1
+        assert big.owner.outstanding == outstanding(metrics) == 0
+        # The caller's outcome came before the copy was made (the pool settles
+        # a request with no healthy node before `submit` returns).
+        early = MirroredCall()
+        early.settled(None)
+        mirror(big, early, copy_of({"a": 1}))
+        answered = MirroredCall()
+        answered.settled(answer({"a": 2}))
+        mirror(big, answered, copy_of({"a": 1}))
+        # And the usual order.
+        late = MirroredCall()
+        mirror(big, late, copy_of({"a": 3}))
+        late.settled(answer({"a": 3}))
+        await until(lambda: big.owner.outstanding == 0)
+        assert outstanding(metrics) == 0
+        assert (outcome(metrics, "failed"), outcome(metrics, "different")) == (2, 1)
+        assert outcome(metrics, "same") == 1
         nursery.cancel_scope.cancel()

@@ -21,7 +21,7 @@ import attrs
 
 from tlvproxy.errors import GatewayError, UpstreamProtocolError, UpstreamTimeout
 from tlvproxy.server.fill import field_values, uid_of
-from tlvproxy.server.traffic import same_request, timeout_of
+from tlvproxy.server.traffic import MirroredCall, same_request, timeout_of
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from tlvproxy.server.http_conn import Response
     from tlvproxy.server.rest import Exchange
     from tlvproxy.server.runtime import TableRuntime
-    from tlvproxy.server.traffic import CommandTraffic, MirrorCopy
+    from tlvproxy.server.traffic import CommandTraffic
     from tlvproxy.server.view import RequestContext
 
 _log = logging.getLogger("tlvproxy.rest")
@@ -64,16 +64,6 @@ def forward_traffic(
     except GatewayError as error:
         exchange.on_error(error, None)
         return
-    copy = traffic.copy(sent, exchange.request_id)
-    copy_body = b""
-    if copy is not None:
-        to = traffic.mirror_to
-        assert to is not None  # a copy exists only then
-        try:
-            copy_body = frame_body if same_request(sent, to) else _encode(table, to, body, overlays)
-        except GatewayError:
-            copy.abandon()
-            copy = None
     last_good = traffic.key
     call = _RestCall(
         exchange,
@@ -81,7 +71,6 @@ def forward_traffic(
         sent,
         timeout,
         None if last_good is None else last_good.evaluate(context),
-        copy,
     )
     pool.submit(
         call,
@@ -92,8 +81,12 @@ def forward_traffic(
         idempotent=sent.idempotent,
         deadline=now + timeout,
     )
-    if copy is not None:
-        copy.send(copy_body, uid, context)
+    if traffic.mirror is not None:
+        # After the caller's request: the copy's body is not the caller's to wait for.
+        def encode(to: CommandSpec) -> bytes:
+            return frame_body if same_request(sent, to) else _encode(table, to, body, overlays)
+
+        traffic.mirror_after(call, sent, exchange.request_id, encode, uid, context)
 
 
 def _encode(
@@ -103,11 +96,11 @@ def _encode(
     return codec.encode_request(body, overlays if codec.uses_overlays else ())
 
 
-class _RestCall:
+class _RestCall(MirroredCall):
     """The pool's `Completion` of a request with rules: it completes the
     `Exchange`, applying the fallback, and tells the mirror's copy."""
 
-    __slots__ = ("copy", "exchange", "key", "sent", "timeout", "traffic")
+    __slots__ = ("exchange", "key", "sent", "timeout", "traffic")
 
     def __init__(
         self,
@@ -116,16 +109,29 @@ class _RestCall:
         sent: CommandSpec,
         timeout: float,
         key: str | None,
-        copy: MirrorCopy | None,
     ) -> None:
+        super().__init__()
         self.exchange = exchange
         self.traffic = traffic
         self.sent = sent  # the command the request was sent as
         self.timeout = timeout
         self.key = key  # its `last_good` key's value
-        self.copy = copy
+
+    # Both outcomes tell the mirror's copy, whatever happens in between.
 
     def on_reply(self, frame: Frame, node: str) -> None:
+        try:
+            self._answered(frame, node)
+        finally:
+            self.settled(frame)
+
+    def on_error(self, error: GatewayError, node: str | None) -> None:
+        try:
+            self._failed(error, node)
+        finally:
+            self.settled(None)
+
+    def _answered(self, frame: Frame, node: str) -> None:
         exchange, sent = self.exchange, self.sent
         extra = self._record()
         try:
@@ -141,10 +147,8 @@ class _RestCall:
             if frame.status == 0:
                 self.traffic.remember(self.key, sent, frame.body)
         exchange.finish(response, node, frame.status, extra)
-        if self.copy is not None:
-            self.copy.primary_answered(frame)
 
-    def on_error(self, error: GatewayError, node: str | None) -> None:
+    def _failed(self, error: GatewayError, node: str | None) -> None:
         sent = self.sent
         if isinstance(error, UpstreamTimeout):
             error = UpstreamTimeout(
@@ -153,8 +157,6 @@ class _RestCall:
         extra = self._record()
         response = self._fallback(error, extra) or self.exchange.error_response(error)
         self.exchange.finish(response, node, None, extra)
-        if self.copy is not None:
-            self.copy.primary_failed()
 
     def _record(self) -> dict[str, Any]:
         """The access record's fields for the command sent (docs/operations.md

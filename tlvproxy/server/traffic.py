@@ -11,16 +11,19 @@ Must not: build request bodies from HTTP or WebSocket input or render answers
 (`server/rest_traffic.py` and `server/ws_traffic.py` do), delay or change a
 caller's answer for a copy, or retry a copy.
 
-A copy is submitted after its caller's request, on the pool of the mirror's
-`to` command, with that command's deadline and without the retries of an
-idempotent command (like any request never written, it may still go to
-another node when its connection could not take it). It never holds the
-caller up: the caller's answer is written by whoever completes it, and a
-copy's outcome (and, with `compare`, the decoding and comparing of both
-answers) is worked out later by `run()`, in a task of its own, once both
-answers are in, a few thousand fields between two checkpoints. Until then
-the copy counts against MAX_OUTSTANDING; beyond that, copies are dropped and
-counted, not queued.
+A copy is built and submitted after its caller's request is submitted, on
+the pool of the mirror's `to` command, with that command's deadline and
+without the retries of an idempotent command (like any request never
+written, it may still go to another node when its connection could not take
+it). It never holds the caller up: the caller's answer is written by whoever
+completes it, and a copy's outcome (and, with `compare`, the decoding and
+comparing of both answers) is worked out later by `run()`, in a task of its
+own, once both answers are in, a few thousand fields between two
+checkpoints. A copy takes one of the MAX_OUTSTANDING places only once its
+body is built, and `run()` alone gives it back, after both answers came: the
+pool's (exactly one per submission) and the caller's (`MirroredCall.settled`,
+which every completion of a mirrored request calls once, whatever its
+outcome). Beyond MAX_OUTSTANDING, copies are dropped and counted, not queued.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from tlvproxy.policy.split import first_match
 from tlvproxy.schema.compare import Comparer
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from prometheus_client import Counter
 
@@ -198,7 +201,8 @@ def _made_for(table: Table, command: CommandSpec, last_good: LastGoodSpec) -> ob
 
 
 class CommandTraffic:
-    """The rules of one command of one table: `route`, `copy`, `remember`, `fallback`."""
+    """The rules of one command of one table: `route`, `mirror_after`, `remember`,
+    `fallback`."""
 
     __slots__ = (
         "_cache",
@@ -276,22 +280,39 @@ class CommandTraffic:
 
     # ------------------------------------------------------------ mirror
 
-    def copy(self, sent: CommandSpec, request_id: str) -> MirrorCopy | None:
-        """A copy to send after the request (docs/configuration.md "mirror"), or
-        None: no mirror, not this request's share, already sent as the mirror's
-        `to` by a split, or MAX_OUTSTANDING copies in flight (dropped, counted)."""
+    def mirror_after(
+        self,
+        caller: MirroredCall,
+        sent: CommandSpec,
+        request_id: str,
+        encode: Callable[[CommandSpec], bytes],
+        uid: int,
+        view: RequestView,
+    ) -> None:
+        """Send the mirror's copy of a request just submitted as `sent`, whose
+        outcome `caller` will tell (or has told) the copy (docs/configuration.md
+        "mirror"). No copy: no mirror, not this request's share, already sent as
+        the mirror's `to` by a split, MAX_OUTSTANDING copies in flight (dropped,
+        counted), or a body `to` refuses (`encode(to)` raised: failed, counted).
+        The copy holds its place from here until `Traffic.run` works it out."""
         to, mirror = self.mirror_to, self.mirror
         if to is None or mirror is None or sent is to:
-            return None
+            return
         share = mirror.percent
         if share < BASIS_POINTS and random.randrange(BASIS_POINTS) >= share:
-            return None
+            return
         owner = self.owner
         if owner.outstanding >= MAX_OUTSTANDING:
             self._count("dropped")
-            return None
-        owner._reserve()
-        return MirrorCopy(self, sent, request_id)
+            return
+        try:
+            body = encode(to)
+        except GatewayError:
+            self._count("failed")
+            return
+        copy = MirrorCopy(self, sent, request_id)
+        caller.attach(copy)
+        copy.send(body, uid, view)
 
     def _count(self, outcome: str) -> None:
         self._counts[outcome].inc()
@@ -326,10 +347,42 @@ class CommandTraffic:
         return None
 
 
+class MirroredCall:
+    """The caller's side of a request that a mirror may copy: the base of the
+    pool's or the session's completion of that request, which calls `settled`
+    once, on every outcome. It passes the outcome to the copy, whether the
+    copy is made before it comes or after (the pool may settle a request
+    before `submit` returns, and the copy is made after `submit`)."""
+
+    __slots__ = ("_answer", "_copy", "_settled")
+
+    def __init__(self) -> None:
+        self._copy: MirrorCopy | None = None
+        self._settled = False
+        self._answer: Frame | None = None
+
+    def attach(self, copy: MirrorCopy) -> None:
+        """`copy` learns this request's outcome: now if it came, else when it does."""
+        if self._settled:
+            copy.caller_settled(self._answer)
+        else:
+            self._copy = copy
+
+    def settled(self, answer: Frame | None) -> None:
+        """The request's outcome: its answer, or None when it got none."""
+        self._settled = True
+        self._answer = answer
+        copy = self._copy
+        if copy is not None:
+            self._copy = None
+            copy.caller_settled(answer)
+
+
 class MirrorCopy:
     """One copy of a request on its way to the mirror's `to` command: the
-    pool's `Completion`. It learns the caller's answer too (`primary_*`), and
-    once both are in, `Traffic.run` works out its outcome."""
+    pool's `Completion`. It learns the caller's answer too (`caller_settled`),
+    and once both are in, `Traffic.run` works out its outcome. Made, it holds
+    one of the MAX_OUTSTANDING places, which `Traffic.run` gives back."""
 
     __slots__ = ("_pending", "primary", "reply", "request_id", "sent", "traffic")
 
@@ -340,6 +393,7 @@ class MirrorCopy:
         self.primary: Frame | None = None  # the caller's answer; None: it failed
         self.reply: Frame | None = None  # the copy's answer; None: it failed
         self._pending = 2  # answers still to come: the caller's and the copy's
+        traffic.owner._reserve()
 
     def send(self, body: bytes, uid: int, view: RequestView) -> None:
         """Submit the copy, `body` being a request of the mirror's `to` command."""
@@ -357,17 +411,9 @@ class MirrorCopy:
             deadline=trio.current_time() + timeout_of(to, traffic.table),
         )
 
-    def abandon(self) -> None:
-        """The copy cannot be sent (its body does not fit the `to` command): it failed."""
-        self._arrived()
-
-    # The caller's side.
-
-    def primary_answered(self, frame: Frame) -> None:
-        self.primary = frame
-        self._arrived()
-
-    def primary_failed(self) -> None:
+    def caller_settled(self, answer: Frame | None) -> None:
+        """The caller's request's outcome: its answer, or None when it got none."""
+        self.primary = answer
         self._arrived()
 
     # The pool's side (`Completion`).

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 from tlvproxy.errors import BadRequest, GatewayError, UpstreamProtocolError, UpstreamTimeout
 from tlvproxy.server import ws_json
-from tlvproxy.server.traffic import reencode, timeout_of
+from tlvproxy.server.traffic import MirroredCall, reencode, timeout_of
 from tlvproxy.server.ws_wire import TEXT
 from tlvproxy.server.ws_wire import frame as wire_frame
 
 if TYPE_CHECKING:
     from tlvproxy.config.model import CommandSpec
     from tlvproxy.framing import Frame
-    from tlvproxy.server.traffic import CommandTraffic, MirrorCopy
+    from tlvproxy.server.traffic import CommandTraffic
     from tlvproxy.server.websocket import _Session
 
 log = logging.getLogger("tlvproxy.websocket")
@@ -45,20 +45,11 @@ def send_with_traffic(session: _Session, request: ws_json.JsonRequest) -> None:
         session._send_error(exc, seq)
         return
     timeout = timeout_of(sent, table)
-    copy = traffic.copy(sent, session._request_id)
-    copy_body = b""
-    if copy is not None:
-        assert traffic.mirror_to is not None  # a copy exists only then
-        try:
-            copy_body = reencode(table, command, traffic.mirror_to, request.body)
-        except BadRequest:
-            copy.abandon()
-            copy = None
     uid = session._uid or 0
     key = None if traffic.key is None else traffic.key.evaluate(context)
     assert sent.upstream is not None  # request commands always name one
     pooled = sent.upstream != session._spec.upstream
-    call = _TrafficCall(session, command, sent, seq, timeout, traffic, key, copy, pooled=pooled)
+    call = _TrafficCall(session, command, sent, seq, timeout, traffic, key, pooled=pooled)
     if pooled:
         pool = runtime.pools[sent.upstream]
         hash_on = pool.spec.hash_on
@@ -79,27 +70,28 @@ def send_with_traffic(session: _Session, request: ws_json.JsonRequest) -> None:
         try:
             upstream.submit(call, sent.command, body, uid=uid)
         except GatewayError as exc:
-            session._refused(exc, seq)
-            if copy is not None:
-                copy.abandon()
-                copy.primary_failed()
+            session._refused(exc, seq)  # never sent: nothing to copy
             return
         session._in_flight += 1
-    if copy is not None:
-        copy.send(copy_body, uid, context)
+    if traffic.mirror is not None:
+        # After the message is sent: the copy's body is not the session's to wait for.
+        def encode(to: CommandSpec) -> bytes:
+            return reencode(table, command, to, request.body)
+
+        traffic.mirror_after(call, sent, session._request_id, encode, uid, context)
 
 
-class _TrafficCall:
+class _TrafficCall(MirroredCall):
     """One message of a command with rules on its way: a `Waiter` on the
     session's connection, or a `Completion` of another upstream's pool.
 
     Exactly one outcome comes, from the connection's reader, the deadline
-    timer, the pool or the connection's end; none may raise.
+    timer, the pool or the connection's end; none may raise, and each tells
+    the mirror's copy.
     """
 
     __slots__ = (
         "command",
-        "copy",
         "deadline",
         "key",
         "pooled",
@@ -119,10 +111,10 @@ class _TrafficCall:
         timeout: float,
         traffic: CommandTraffic,
         key: str | None,
-        copy: MirrorCopy | None,
         *,
         pooled: bool,
     ) -> None:
+        super().__init__()
         self.session = session
         self.command = command  # the `cmd` the client sent
         self.sent = sent  # the command the message was sent as
@@ -131,28 +123,37 @@ class _TrafficCall:
         self.deadline = session._received_at + timeout
         self.traffic = traffic
         self.key = key  # its `last_good` key's value
-        self.copy = copy
         self.pooled = pooled  # sent on another upstream's pool, not the session's connection
 
     # The session's connection (`Waiter`) and the pool (`Completion`) alike.
 
     def on_response(self, frame: Frame) -> None:
-        self._answered(frame)
+        try:
+            self._answered(frame)
+        finally:
+            self.settled(frame)
 
     def on_reply(self, frame: Frame, node: str) -> None:
-        self._answered(frame)
+        try:
+            self._answered(frame)
+        finally:
+            self.settled(frame)
 
     def on_timeout(self) -> None:
-        self._failed(self._timed_out())
+        try:
+            self._failed(self._timed_out())
+        finally:
+            self.settled(None)
 
     def on_error(self, error: GatewayError, node: str | None = None) -> None:
-        if not self.pooled:
-            # The session's own connection is lost or broken: it cannot go on.
-            self.session._upstream_lost(error)
-        else:
-            self._failed(self._timed_out() if isinstance(error, UpstreamTimeout) else error)
-        if self.copy is not None:
-            self.copy.primary_failed()
+        try:
+            if not self.pooled:
+                # The session's own connection is lost or broken: it cannot go on.
+                self.session._upstream_lost(error)
+            else:
+                self._failed(self._timed_out() if isinstance(error, UpstreamTimeout) else error)
+        finally:
+            self.settled(None)
 
     # Outcomes.
 
@@ -173,8 +174,6 @@ class _TrafficCall:
                 session._internal_error()
             else:
                 session._send(wire_frame(TEXT, text))
-        if self.copy is not None:
-            self.copy.primary_answered(frame)
 
     def _failed(self, error: GatewayError) -> None:
         """No answer (a timeout, or the other upstream's failure): a fallback's,
