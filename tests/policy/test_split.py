@@ -21,6 +21,8 @@ from tlvproxy.policy.split import bucket, first_match, matches
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from tlvproxy.config.keys import KeyExpr
+
 
 @attrs.frozen
 class Request:
@@ -31,7 +33,7 @@ class Request:
     query: Mapping[str, str] = attrs.field(factory=dict)
     path_params: Mapping[str, str] = attrs.field(factory=dict)
     identity: None = None
-    numbers: None = None
+    numbers: Mapping[KeyExpr, str] | None = None
 
 
 def rule(key: str = "query.uid", **kind: object) -> SplitRule:
@@ -114,7 +116,31 @@ def test_the_first_matching_rule_wins() -> None:
         rule("query.uid", tail=frozenset({1})),
         rule("query.uid", percent=10_000),
     ]
-    assert first_match(rules, Request(headers={"x-group": "beta"}, query={"uid": "1"})) == 0
-    assert first_match(rules, Request(query={"uid": "11"})) == 1
-    assert first_match(rules, Request(query={"uid": "12"})) == 2
-    assert first_match(rules, Request()) is None
+    assert first_match(rules, Request(headers={"x-group": "beta"}, query={"uid": "1"}), ()) == 0
+    assert first_match(rules, Request(query={"uid": "11"}), ()) == 1
+    assert first_match(rules, Request(query={"uid": "12"}), ()) == 2
+    assert first_match(rules, Request(), ()) is None
+
+
+def test_an_empty_key_is_absent() -> None:
+    # `?did=`: no rule takes it, not even 100%, whose hash of "" it would be in.
+    rules = [
+        rule("query.did", values=frozenset({""})),
+        rule("query.did", percent=10_000),
+    ]
+    assert first_match(rules, Request(query={"did": ""}), ()) is None
+    assert first_match(rules, Request(query={"did": "a"}), ()) == 1
+
+
+def test_a_key_that_fills_a_number_reads_the_number_though_nobody_read_it_yet() -> None:
+    # A WebSocket session reads only its own uid: the split reads the others
+    # as a REST request of the command has them read, `007` as `7`.
+    uid = parse_key("query.uid")
+    rules = [rule("query.uid", values=frozenset({"7"})), rule("query.uid", percent=10_000)]
+    assert first_match(rules, Request(query={"uid": "007"}), {uid}) == 0
+    assert first_match(rules, Request(query={"uid": "+7"}), {uid}) == 0
+    assert first_match(rules, Request(query={"uid": "007"}), ()) == 1
+    # Already read (REST): the same number.
+    assert first_match(rules, Request(query={"uid": "007"}, numbers={uid: "7"}), {uid}) == 0
+    # No number: absent, as a REST request would have been refused.
+    assert first_match(rules, Request(query={"uid": "7a"}), {uid}) is None

@@ -1,8 +1,9 @@
 """Key expressions: which value of an incoming request a rule or field uses.
 
 Owns: parsing `remote_addr`, `header.NAME`, `query.NAME`, `path.NAME`,
-`cookie.NAME`, `auth.sub`, `auth.consumer`, `auth.claim.NAME`, and evaluating
-one against a `RequestView`.
+`cookie.NAME`, `auth.sub`, `auth.consumer`, `auth.claim.NAME`, evaluating
+one against a `RequestView`, and the value a traffic rule reads of one
+(`rule_value`).
 Must not: parse HTTP itself or verify credentials; the server builds the view
 from what it parsed and what the authenticator verified.
 
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import attrs
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Container, Mapping
 
 KeySource = Literal["remote_addr", "header", "query", "path", "cookie", "auth"]
 _SOURCES: tuple[KeySource, ...] = ("header", "query", "path", "cookie")
@@ -110,6 +111,25 @@ def parse_key(text: object) -> KeyExpr:
         f"invalid key expression {text!r}: use remote_addr, header.NAME, query.NAME, "
         "path.NAME, cookie.NAME, auth.sub, auth.consumer or auth.claim.NAME"
     )
+
+
+def rule_value(key: KeyExpr, view: RequestView, numeric: Container[KeyExpr]) -> str | None:
+    """The value a `split` rule or a `last_good` cache reads of `key` for a
+    request of a command whose keys that fill a number are `numeric`
+    (docs/configuration.md "split"): None when it is absent or empty; for a
+    key in `numeric`, the number, normalised as `parse_number` reads it, and
+    None when it is no number (a REST request refuses it before; a WebSocket
+    session reads only its own uid, so its messages are read here), so that
+    REST and WebSocket read one key alike."""
+    value = key.evaluate(view)
+    if not value:
+        return None
+    if key in numeric:
+        try:
+            return str(parse_number(key, value))
+        except ValueError:
+            return None
+    return value
 
 
 def parse_number(key: KeyExpr, text: str) -> int:

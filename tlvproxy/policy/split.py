@@ -5,8 +5,9 @@ Owns: matching a rule against its key's value (`tail`, `values`, `percent`),
 the rules' order (the first that matches wins), and the stable hash behind
 `percent`, which gives one key the same answer in every worker, every gateway
 and after every restart.
-Must not: import trio, count, or know where a request goes next; the servers
-evaluate the keys (`tlvproxy.config.keys`) and send the request.
+Must not: import trio, count, know where a request goes next (the servers
+send it), or read a key any other way than `tlvproxy.config.keys.rule_value`,
+which REST and WebSocket share.
 
 The stable hash is the first 8 bytes of the BLAKE2b digest of the key's UTF-8
 text, read as a big-endian number, modulo 10,000: a key falls in the first
@@ -21,12 +22,13 @@ from __future__ import annotations
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Final
 
+from tlvproxy.config.keys import rule_value
 from tlvproxy.config.model import BASIS_POINTS
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Container, Sequence
 
-    from tlvproxy.config.keys import RequestView
+    from tlvproxy.config.keys import KeyExpr, RequestView
     from tlvproxy.config.model import SplitRule
 
 _DIGITS: Final = "0123456789"
@@ -39,8 +41,8 @@ def bucket(value: str) -> int:
 
 
 def matches(rule: SplitRule, value: str | None) -> bool:
-    """Whether `rule` takes a request whose key reads `value` (None: absent,
-    which no rule takes)."""
+    """Whether `rule` takes a request whose key reads `value` (None: absent
+    or empty, which no rule takes)."""
     if value is None:
         return False
     if rule.tail is not None:
@@ -52,10 +54,13 @@ def matches(rule: SplitRule, value: str | None) -> bool:
     return bucket(value) < rule.percent
 
 
-def first_match(rules: Sequence[SplitRule], view: RequestView) -> int | None:
-    """The index of the first rule of `rules` that takes the request `view`,
-    or None when none does."""
+def first_match(
+    rules: Sequence[SplitRule], view: RequestView, numeric: Container[KeyExpr]
+) -> int | None:
+    """The index of the first rule of `rules` that takes the request `view` of
+    a command whose keys that fill a number are `numeric`, or None when none
+    does. Each key reads as `rule_value` reads it: an empty value is absent."""
     for index, rule in enumerate(rules):
-        if matches(rule, rule.key.evaluate(view)):
+        if matches(rule, rule_value(rule.key, view, numeric)):
             return index
     return None

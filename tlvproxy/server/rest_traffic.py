@@ -64,14 +64,7 @@ def forward_traffic(
     except GatewayError as error:
         exchange.on_error(error, None)
         return
-    last_good = traffic.key
-    call = _RestCall(
-        exchange,
-        traffic,
-        sent,
-        timeout,
-        None if last_good is None else last_good.evaluate(context),
-    )
+    call = _RestCall(exchange, traffic, sent, timeout, traffic.last_good_key(context))
     pool.submit(
         call,
         sent.command,

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
+from tlvproxy.config.keys import rule_value
 from tlvproxy.config.model import BASIS_POINTS
 from tlvproxy.errors import GatewayError, UpstreamProtocolError
 from tlvproxy.metrics import MIRROR_OUTCOMES
@@ -209,10 +210,11 @@ class CommandTraffic:
         "_counts",
         "_fallback",
         "_fallback_counts",
+        "_key",
+        "_numeric",
         "_rules",
         "_splits",
         "command",
-        "key",
         "mirror",
         "mirror_pool",
         "mirror_to",
@@ -258,10 +260,13 @@ class CommandTraffic:
             kind: metrics.fallbacks.labels(command.name, kind) for kind in kinds
         }
         self._cache = cache
+        # The keys that fill a number for the command, read as numbers by
+        # the split and `last_good` alike (docs/configuration.md "split").
+        self._numeric = frozenset(command.numeric_keys)
         # The key of `last_good`: None without one.
-        self.key = None
+        self._key = None
         if rules.fallback is not None and rules.fallback.last_good is not None:
-            self.key = rules.fallback.last_good.key
+            self._key = rules.fallback.last_good.key
 
     # ------------------------------------------------------------ split
 
@@ -271,7 +276,7 @@ class CommandTraffic:
         rules = self._rules
         if not rules:
             return self.command
-        index = first_match(rules, view)
+        index = first_match(rules, view, self._numeric)
         if index is None:
             return self.command
         target, counter = self._splits[index]
@@ -318,6 +323,13 @@ class CommandTraffic:
         self._counts[outcome].inc()
 
     # ------------------------------------------------------------ fallback
+
+    def last_good_key(self, view: RequestView) -> str | None:
+        """The value of the `last_good` key for the request `view`: None without
+        `last_good`, or when the key is absent or empty (docs/configuration.md
+        "fallback")."""
+        key = self._key
+        return None if key is None else rule_value(key, view, self._numeric)
 
     def remember(self, key: str | None, sent: CommandSpec, body: bytes) -> None:
         """Keep a status-0 answer of `sent` for `last_good` (when the command

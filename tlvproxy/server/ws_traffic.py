@@ -46,7 +46,7 @@ def send_with_traffic(session: _Session, request: ws_json.JsonRequest) -> None:
         return
     timeout = timeout_of(sent, table)
     uid = session._uid or 0
-    key = None if traffic.key is None else traffic.key.evaluate(context)
+    key = traffic.last_good_key(context)
     assert sent.upstream is not None  # request commands always name one
     pooled = sent.upstream != session._spec.upstream
     call = _TrafficCall(session, command, sent, seq, timeout, traffic, key, pooled=pooled)
