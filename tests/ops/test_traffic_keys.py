@@ -1,7 +1,8 @@
 """How `split` and `last_good` read their keys (SPEC 3, 4.6), through `tlvproxy
-serve` and two demo services: an empty value is absent, and a key that fills
-a number for the command reads as that number on REST and on a json-mode
-WebSocket alike."""
+serve` and two demo services: an empty value is absent, a key that fills a
+number for the command reads as that number on REST and on a json-mode
+WebSocket alike, and a `last_good` answer is served only to a request that
+would have sent the upstream the same frame."""
 
 from __future__ import annotations
 
@@ -71,3 +72,40 @@ def test_a_key_that_fills_a_number_routes_alike_on_rest_and_websocket(
             assert answer["body"]["nickname"] == nickname, account
         finally:
             session.close()
+
+
+def test_a_last_good_answer_is_served_only_to_the_same_request(procs: Processes) -> None:
+    current, address = procs.upstream_process()
+    rules = {
+        "get_profile": {"fallback": {"last_good": {"key": "header.X-Account", "ttl": "10m"}}},
+        "list_messages": {
+            "uid": "header.X-Uid",
+            "fallback": {"last_good": {"key": "path.user_id", "ttl": "10m"}},
+        },
+    }
+    gateway = procs.gateway(address, commands=commands(**rules))
+    account, first = {"X-Account": "alice"}, {"X-Uid": "1"}
+    messages = "/v1/users/7/messages"
+    profile = gateway.call("GET", "/v1/users/5/profile", headers=account)
+    assert profile.status == 200
+    assert gateway.call("GET", f"{messages}?limit=5", headers=first).status == 200
+    current.kill()
+
+    # The same requests: the answers they got stand in.
+    again = gateway.call("GET", "/v1/users/5/profile", headers=account)
+    assert (again.status, again.headers["x-fallback"], again.body) == (
+        200,
+        "last_good",
+        profile.body,
+    )
+    same = gateway.call("GET", f"{messages}?limit=5", headers={"X-Uid": "01"})
+    assert (same.status, same.headers["x-fallback"]) == (200, "last_good")
+    for path, headers in (
+        ("/v1/users/7/profile", account),  # the same key, another user's profile
+        (f"{messages}?limit=6", first),  # the same key, another request field
+        (messages, first),
+        (f"{messages}?limit=5", {"X-Uid": "2"}),  # the same key and body, another uid
+    ):
+        refused = gateway.call("GET", path, headers=headers)
+        assert refused.status == 502, (path, headers)
+        assert "x-fallback" not in refused.headers

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from tlvproxy.config.model import CommandSpec, Table
     from tlvproxy.framing import Frame
+    from tlvproxy.policy.last_good import AnswerKey
     from tlvproxy.server.http_conn import Response
     from tlvproxy.server.rest import Exchange
     from tlvproxy.server.runtime import TableRuntime
@@ -64,7 +65,8 @@ def forward_traffic(
     except GatewayError as error:
         exchange.on_error(error, None)
         return
-    call = _RestCall(exchange, traffic, sent, timeout, traffic.last_good_key(context))
+    answer_key = traffic.last_good_key(context, uid, frame_body)
+    call = _RestCall(exchange, traffic, sent, timeout, answer_key)
     pool.submit(
         call,
         sent.command,
@@ -93,7 +95,7 @@ class _RestCall(MirroredCall):
     """The pool's `Completion` of a request with rules: it completes the
     `Exchange`, applying the fallback, and tells the mirror's copy."""
 
-    __slots__ = ("exchange", "key", "sent", "timeout", "traffic")
+    __slots__ = ("answer_key", "exchange", "sent", "timeout", "traffic")
 
     def __init__(
         self,
@@ -101,14 +103,14 @@ class _RestCall(MirroredCall):
         traffic: CommandTraffic,
         sent: CommandSpec,
         timeout: float,
-        key: str | None,
+        answer_key: AnswerKey | None,
     ) -> None:
         super().__init__()
         self.exchange = exchange
         self.traffic = traffic
         self.sent = sent  # the command the request was sent as
         self.timeout = timeout
-        self.key = key  # its `last_good` key's value
+        self.answer_key = answer_key  # what its answer is kept for, with `last_good`
 
     # Both outcomes tell the mirror's copy, whatever happens in between.
 
@@ -138,7 +140,7 @@ class _RestCall(MirroredCall):
             response = exchange.internal_error()
         else:
             if frame.status == 0:
-                self.traffic.remember(self.key, sent, frame.body)
+                self.traffic.remember(self.answer_key, sent, frame.body)
         exchange.finish(response, node, frame.status, extra)
 
     def _failed(self, error: GatewayError, node: str | None) -> None:
@@ -162,7 +164,7 @@ class _RestCall(MirroredCall):
 
     def _fallback(self, error: GatewayError, extra: dict[str, Any]) -> Response | None:
         """The fallback's answer to `error`, or None when the error stands."""
-        answer = self.traffic.fallback(error, self.key)
+        answer = self.traffic.fallback(error, self.answer_key)
         if answer is None:
             return None
         try:

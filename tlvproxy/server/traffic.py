@@ -39,7 +39,7 @@ from tlvproxy.config.keys import rule_value
 from tlvproxy.config.model import BASIS_POINTS
 from tlvproxy.errors import GatewayError, UpstreamProtocolError
 from tlvproxy.metrics import MIRROR_OUTCOMES
-from tlvproxy.policy.last_good import LastGood
+from tlvproxy.policy.last_good import LastGood, answer_key
 from tlvproxy.policy.split import first_match
 from tlvproxy.schema.compare import Comparer
 
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from tlvproxy.config.model import CommandSpec, LastGoodSpec, Table
     from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics
+    from tlvproxy.policy.last_good import AnswerKey
     from tlvproxy.schema.compare import Comparison
     from tlvproxy.upstream.pool import Pool
 
@@ -324,24 +325,28 @@ class CommandTraffic:
 
     # ------------------------------------------------------------ fallback
 
-    def last_good_key(self, view: RequestView) -> str | None:
-        """The value of the `last_good` key for the request `view`: None without
-        `last_good`, or when the key is absent or empty (docs/configuration.md
-        "fallback")."""
+    def last_good_key(self, view: RequestView, uid: int, request: bytes) -> AnswerKey | None:
+        """What an answer to the request `view`, sent as a frame of `uid` and
+        body `request`, is kept and served under (docs/configuration.md
+        "fallback"): None without `last_good`, or when its key is absent or empty."""
         key = self._key
-        return None if key is None else rule_value(key, view, self._numeric)
+        if key is None:
+            return None
+        value = rule_value(key, view, self._numeric)
+        return None if value is None else answer_key(value, uid, request)
 
-    def remember(self, key: str | None, sent: CommandSpec, body: bytes) -> None:
-        """Keep a status-0 answer of `sent` for `last_good` (when the command
-        has one and the request's key is present)."""
+    def remember(self, key: AnswerKey | None, sent: CommandSpec, body: bytes) -> None:
+        """Keep a status-0 answer of `sent` for `last_good` under `key`, the
+        request's `last_good_key` (when it has one)."""
         cache = self._cache
         if cache is not None and key is not None:
             cache.keep(key, trio.current_time(), sent.name, body)
 
-    def fallback(self, error: GatewayError, key: str | None) -> FallbackAnswer | None:
+    def fallback(self, error: GatewayError, key: AnswerKey | None) -> FallbackAnswer | None:
         """What answers in the upstream's place after `error` (counted), or None
         when the error stands: not an error a fallback answers, or no fresh
-        `last_good` answer for `key` and no static body."""
+        `last_good` answer for `key` (the request's `last_good_key`) and no
+        static body."""
         spec = self._fallback
         if spec is None or error.code not in FALLBACK_CODES:
             return None

@@ -26,6 +26,7 @@ from tlvproxy.server.ws_wire import frame as wire_frame
 if TYPE_CHECKING:
     from tlvproxy.config.model import CommandSpec
     from tlvproxy.framing import Frame
+    from tlvproxy.policy.last_good import AnswerKey
     from tlvproxy.server.traffic import CommandTraffic
     from tlvproxy.server.websocket import _Session
 
@@ -46,10 +47,10 @@ def send_with_traffic(session: _Session, request: ws_json.JsonRequest) -> None:
         return
     timeout = timeout_of(sent, table)
     uid = session._uid or 0
-    key = traffic.last_good_key(context)
     assert sent.upstream is not None  # request commands always name one
     pooled = sent.upstream != session._spec.upstream
-    call = _TrafficCall(session, command, sent, seq, timeout, traffic, key, pooled=pooled)
+    answer_key = traffic.last_good_key(context, uid, body)
+    call = _TrafficCall(session, command, sent, seq, timeout, traffic, answer_key, pooled=pooled)
     if pooled:
         pool = runtime.pools[sent.upstream]
         hash_on = pool.spec.hash_on
@@ -91,9 +92,9 @@ class _TrafficCall(MirroredCall):
     """
 
     __slots__ = (
+        "answer_key",
         "command",
         "deadline",
-        "key",
         "pooled",
         "sent",
         "seq",
@@ -110,7 +111,7 @@ class _TrafficCall(MirroredCall):
         seq: int,
         timeout: float,
         traffic: CommandTraffic,
-        key: str | None,
+        answer_key: AnswerKey | None,
         *,
         pooled: bool,
     ) -> None:
@@ -122,7 +123,7 @@ class _TrafficCall(MirroredCall):
         self.timeout = timeout
         self.deadline = session._received_at + timeout
         self.traffic = traffic
-        self.key = key  # its `last_good` key's value
+        self.answer_key = answer_key  # what its answer is kept for, with `last_good`
         self.pooled = pooled  # sent on another upstream's pool, not the session's connection
 
     # The session's connection (`Waiter`) and the pool (`Completion`) alike.
@@ -197,11 +198,11 @@ class _TrafficCall(MirroredCall):
         except UpstreamProtocolError as exc:
             session._metrics.frames_rejected.labels(exc.reason).inc()
             return self._fallback_or_error(exc)
-        self.traffic.remember(self.key, sent, frame.body)
+        self.traffic.remember(self.answer_key, sent, frame.body)
         return ws_json.render_response_json(self.command, self.seq, 0, body)
 
     def _fallback_or_error(self, error: GatewayError) -> bytes:
-        answer = self.traffic.fallback(error, self.key)
+        answer = self.traffic.fallback(error, self.answer_key)
         if answer is not None:
             codec = self.session._table.codecs[answer.command.name]
             try:
