@@ -6,7 +6,7 @@ goes (its split, counted), the mirrored copies (the share drawn per request,
 the bound of MAX_OUTSTANDING copies in flight per worker, their submission,
 their outcome, the field-by-field compare and its log line), and the fallback
 answers (the static body, the `last_good` caches, which a reload keeps while
-the command's `last_good` stays the same).
+the command's `last_good` and the schema stay the same).
 Must not: build request bodies from HTTP or WebSocket input or render answers
 (`server/rest_traffic.py` and `server/ws_traffic.py` do), delay or change a
 caller's answer for a copy, or retry a copy.
@@ -122,8 +122,9 @@ class Traffic:
     def for_table(self, table: Table, pools: Mapping[str, Pool]) -> dict[str, CommandTraffic]:
         """The rules of every command of `table` that has some, on `pools`. A
         `last_good` cache is carried over from the previous table when the
-        command's `last_good` is the same, and so are the response messages
-        of the commands its answers come from; the others are dropped."""
+        command's `last_good` is the same, and so are the schema (its `.proto`
+        files) and the response messages of the commands its answers come
+        from; the others are dropped."""
         caches: dict[str, tuple[object, LastGood]] = {}
         result: dict[str, CommandTraffic] = {}
         for command in table.commands:
@@ -194,12 +195,16 @@ class Traffic:
 
 
 def _made_for(table: Table, command: CommandSpec, last_good: LastGoodSpec) -> object:
-    """What a `last_good` cache's answers depend on: the spec, and the codec and
-    response message of each command they may come from (split targets too)."""
+    """What a `last_good` cache's answers depend on: the spec; the schema their
+    bodies are read with (its digest: a `.proto` change that keeps a
+    message's name but renumbers or retypes its fields reads old bodies
+    wrongly); and the codec and response message of each command they may
+    come from (split targets too)."""
     rules = command.traffic
     assert rules is not None  # a command with last_good has rules
     sources = [command, *(table.commands_by_name[rule.to] for rule in rules.split)]
-    return (last_good, [(c.name, c.codec, c.response) for c in sources])
+    schema = None if table.schema is None else table.schema.digest
+    return (last_good, schema, [(c.name, c.codec, c.response) for c in sources])
 
 
 class CommandTraffic:
