@@ -1,6 +1,7 @@
 """What a `fallback` answers with, through `tlvproxy serve` and the demo service
 (SPEC 4.6): kept answers do not outlive a change of the `.proto` files that
-would read them wrongly."""
+would read them wrongly, and one that no longer renders gives way to the
+static body, which is what is counted."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.e2e.conftest import ROOT
-from tests.ops.test_traffic import PROFILE, commands
+from tests.ops.test_traffic import PROFILE, commands, counted
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -50,3 +51,53 @@ def test_a_proto_change_starts_the_kept_answers_afresh(procs: Processes, tmp_pat
     refused = gateway.call("GET", PROFILE)
     assert refused.status == 502, refused
     assert "x-fallback" not in refused.headers
+
+
+def test_a_kept_answer_that_no_longer_renders_gives_way_to_the_static_body(
+    procs: Processes,
+) -> None:
+    current, address = procs.upstream_process()
+    fallback = {
+        "last_good": {"key": "path.user_id", "ttl": "10m"},
+        "body": {"messages": []},
+    }
+    gateway = procs.gateway(address, commands=commands(list_messages={"fallback": fallback}))
+    for n in range(12):
+        sent = gateway.call(
+            "POST",
+            "/v1/messages",
+            {"to_uid": 7, "text": f"message {n} " + "x" * 100},
+            headers={"X-User-Id": "1"},
+        )
+        assert sent.status == 200, sent
+    kept = gateway.call("GET", "/v1/users/7/messages")
+    assert kept.status == 200
+    assert len(kept.json()["messages"]) == 12
+    assert len(kept.body) > 8 * 256
+    current.kill()
+
+    # An answer may render to 8 x framing.max_body of JSON: the kept one no
+    # longer fits once max_body is 256 bytes.
+    gateway.rewrite_table(framing={"max_body": 256})
+    assert gateway.admin("POST", "/admin/reload").status == 200
+    answer = gateway.call("GET", "/v1/users/7/messages")
+    assert (answer.status, answer.headers.get("x-fallback"), answer.json()) == (
+        200,
+        "static",
+        {"messages": []},
+    )
+
+    def fallbacks(kind: str) -> float:
+        return counted(gateway, "tlvproxy_fallbacks_total", command="list_messages", kind=kind)
+
+    assert (fallbacks("last_good"), fallbacks("static")) == (0, 1)
+    [line] = [
+        r
+        for r in gateway.process.records()
+        if r.get("message") == "a fallback answer did not render"
+    ]
+    assert (line["logger"], line["command"], line["kind"]) == (
+        "tlvproxy.fallback",
+        "list_messages",
+        "last_good",
+    )

@@ -1,8 +1,9 @@
 """How `split` and `last_good` read their keys (SPEC 3, 4.6), through `tlvproxy
 serve` and two demo services: an empty value is absent, a key that fills a
 number for the command reads as that number on REST and on a json-mode
-WebSocket alike, and a `last_good` answer is served only to a request that
-would have sent the upstream the same frame."""
+WebSocket alike, a `last_good` answer is served only to a request that
+would have sent the upstream the same frame, and `tlvproxy_split_total`
+counts only the requests sent."""
 
 from __future__ import annotations
 
@@ -109,3 +110,22 @@ def test_a_last_good_answer_is_served_only_to_the_same_request(procs: Processes)
         refused = gateway.call("GET", path, headers=headers)
         assert refused.status == 502, (path, headers)
         assert "x-fallback" not in refused.headers
+
+
+def test_a_request_refused_before_it_is_sent_is_not_counted_as_split(
+    procs: Processes, upstream: str
+) -> None:
+    rules = {
+        "get_profile": {
+            "uid": "header.X-Uid",
+            "split": [{"key": "header.X-Group", "values": ["beta"], "to": "get_profile_next"}],
+        }
+    }
+    gateway = start(procs, upstream, commands=commands(PROFILE_NEXT, **rules))
+    beta = {"X-Group": "beta"}
+    assert gateway.call("GET", "/v1/users/abc/profile", headers=beta).status == 400
+    assert gateway.call("GET", PROFILE, headers={**beta, "X-Uid": "x"}).status == 400
+    assert gateway.call("GET", PROFILE, headers={**beta, "X-Uid": "99999999999"}).status == 400
+    assert who(gateway.call("GET", PROFILE, headers=beta)) == "next"
+    split = counted(gateway, "tlvproxy_split_total", command="get_profile", to="get_profile_next")
+    assert split == 1

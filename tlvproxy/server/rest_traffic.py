@@ -67,6 +67,7 @@ def forward_traffic(
         return
     answer_key = traffic.last_good_key(context, uid, frame_body)
     call = _RestCall(exchange, traffic, sent, timeout, answer_key)
+    traffic.sent(sent)  # before `submit`, which may complete the request
     pool.submit(
         call,
         sent.command,
@@ -164,18 +165,15 @@ class _RestCall(MirroredCall):
 
     def _fallback(self, error: GatewayError, extra: dict[str, Any]) -> Response | None:
         """The fallback's answer to `error`, or None when the error stands."""
-        answer = self.traffic.fallback(error, self.answer_key)
-        if answer is None:
+        exchange = self.exchange
+
+        def render(command: CommandSpec, body: bytes) -> Response:
+            return exchange.render(command, 0, body)
+
+        found = self.traffic.fallback(error, self.answer_key, render)
+        if found is None:
             return None
-        try:
-            response = self.exchange.render(answer.command, 0, answer.body)
-        except GatewayError as failed:
-            # A kept answer the table's new schema cannot render: the error stands.
-            _log.warning(
-                "a fallback answer did not render",
-                extra={"command": self.traffic.command.name, "error": failed.message},
-            )
-            return None
-        extra["fallback"] = answer.kind
+        kind, response = found
+        extra["fallback"] = kind
         extra["upstream_error"] = error.code
-        return attrs.evolve(response, headers=[*response.headers, ("X-Fallback", answer.kind)])
+        return attrs.evolve(response, headers=[*response.headers, ("X-Fallback", kind)])

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
-import attrs
 import trio
 
 from tlvproxy.config.keys import rule_value
@@ -57,6 +56,9 @@ if TYPE_CHECKING:
     from tlvproxy.upstream.pool import Pool
 
 log = logging.getLogger("tlvproxy.mirror")
+_fallback_log = logging.getLogger("tlvproxy.fallback")
+# What a server makes of a fallback's answer: a REST response, a WebSocket text.
+Rendered = TypeVar("Rendered")
 
 # Copies of one worker waiting for their answers (docs/configuration.md "mirror").
 MAX_OUTSTANDING: Final = 1000
@@ -67,16 +69,6 @@ COMPARE_STEP: Final = 2000
 FALLBACK_CODES: Final = frozenset(
     {"upstream_unavailable", "upstream_timeout", "upstream_protocol_error"}
 )
-
-
-@attrs.frozen(slots=True)
-class FallbackAnswer:
-    """What answers in the upstream's place: the kind (`static`, `last_good`),
-    the command whose response message `body` is, and the frame body."""
-
-    kind: str
-    command: CommandSpec
-    body: bytes
 
 
 def timeout_of(command: CommandSpec, table: Table) -> float:
@@ -208,8 +200,8 @@ def _made_for(table: Table, command: CommandSpec, last_good: LastGoodSpec) -> ob
 
 
 class CommandTraffic:
-    """The rules of one command of one table: `route`, `mirror_after`, `remember`,
-    `fallback`."""
+    """The rules of one command of one table: `route` and `sent`,
+    `mirror_after`, `remember`, `fallback`."""
 
     __slots__ = (
         "_cache",
@@ -219,6 +211,7 @@ class CommandTraffic:
         "_key",
         "_numeric",
         "_rules",
+        "_split_counts",
         "_splits",
         "command",
         "mirror",
@@ -246,10 +239,12 @@ class CommandTraffic:
         self._fallback = rules.fallback
         self.mirror = rules.mirror
         by_name = table.commands_by_name
-        # Each rule's `to` command and the counter of requests it takes.
-        self._splits = [
-            (by_name[rule.to], metrics.split.labels(command.name, rule.to)) for rule in rules.split
-        ]
+        # Each rule's `to` command, and the counter of the requests sent as
+        # each `to` (rules with one `to` share it).
+        self._splits = [by_name[rule.to] for rule in rules.split]
+        self._split_counts = {
+            rule.to: metrics.split.labels(command.name, rule.to) for rule in rules.split
+        }
         self.mirror_to: CommandSpec | None = None
         self.mirror_pool: Pool | None = None
         if rules.mirror is not None:
@@ -277,17 +272,19 @@ class CommandTraffic:
     # ------------------------------------------------------------ split
 
     def route(self, view: RequestView) -> CommandSpec:
-        """The command the request `view` is sent as: a split rule's `to`
-        (counted), or the command itself (docs/configuration.md "split")."""
+        """The command the request `view` is to be sent as: a split rule's
+        `to`, or the command itself (docs/configuration.md "split")."""
         rules = self._rules
         if not rules:
             return self.command
         index = first_match(rules, view, self._numeric)
-        if index is None:
-            return self.command
-        target, counter = self._splits[index]
-        counter.inc()
-        return target
+        return self.command if index is None else self._splits[index]
+
+    def sent(self, sent: CommandSpec) -> None:
+        """The request `route` chose `sent` for was submitted: a split counts
+        it now, not a request refused before (a 400, a 403)."""
+        if sent is not self.command:
+            self._split_counts[sent.name].inc()
 
     # ------------------------------------------------------------ mirror
 
@@ -347,11 +344,19 @@ class CommandTraffic:
         if cache is not None and key is not None:
             cache.keep(key, trio.current_time(), sent.name, body)
 
-    def fallback(self, error: GatewayError, key: AnswerKey | None) -> FallbackAnswer | None:
-        """What answers in the upstream's place after `error` (counted), or None
-        when the error stands: not an error a fallback answers, or no fresh
-        `last_good` answer for `key` (the request's `last_good_key`) and no
-        static body."""
+    def fallback(
+        self,
+        error: GatewayError,
+        key: AnswerKey | None,
+        render: Callable[[CommandSpec, bytes], Rendered],
+    ) -> tuple[str, Rendered] | None:
+        """What answers in the upstream's place after `error`: its kind
+        (`last_good`, `static`) and what `render` made of the response body of
+        the command it names, counted; or None when the error stands: not an
+        error a fallback answers, or neither a fresh `last_good` answer for
+        `key` (the request's `last_good_key`) nor a static body that renders.
+        A kept answer that `render` refuses (raising GatewayError: too large
+        for the table's limits now, say) gives way to the static body."""
         spec = self._fallback
         if spec is None or error.code not in FALLBACK_CODES:
             return None
@@ -361,12 +366,30 @@ class CommandTraffic:
             if kept is not None:
                 command = self.table.commands_by_name.get(kept.command)
                 if command is not None:  # else it left the table with a reload
-                    self._fallback_counts["last_good"].inc()
-                    return FallbackAnswer("last_good", command, kept.body)
+                    rendered = self._render(render, "last_good", command, kept.body)
+                    if rendered is not None:
+                        return rendered
         if spec.body is not None:
-            self._fallback_counts["static"].inc()
-            return FallbackAnswer("static", self.command, spec.body)
+            return self._render(render, "static", self.command, spec.body)
         return None
+
+    def _render(
+        self,
+        render: Callable[[CommandSpec, bytes], Rendered],
+        kind: str,
+        command: CommandSpec,
+        body: bytes,
+    ) -> tuple[str, Rendered] | None:
+        try:
+            rendered = render(command, body)
+        except GatewayError as failed:
+            _fallback_log.warning(
+                "a fallback answer did not render",
+                extra={"command": self.command.name, "kind": kind, "error": failed.message},
+            )
+            return None
+        self._fallback_counts[kind].inc()
+        return kind, rendered
 
 
 class MirroredCall:

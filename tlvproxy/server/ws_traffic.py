@@ -56,6 +56,7 @@ def send_with_traffic(session: _Session, request: ws_json.JsonRequest) -> None:
         hash_on = pool.spec.hash_on
         # Counted first: the pool may settle the call before it returns.
         session._in_flight += 1
+        traffic.sent(sent)
         pool.submit(
             call,
             sent.command,
@@ -71,9 +72,10 @@ def send_with_traffic(session: _Session, request: ws_json.JsonRequest) -> None:
         try:
             upstream.submit(call, sent.command, body, uid=uid)
         except GatewayError as exc:
-            session._refused(exc, seq)  # never sent: nothing to copy
+            session._refused(exc, seq)  # never sent: not split, nothing to copy
             return
         session._in_flight += 1
+        traffic.sent(sent)
     if traffic.mirror is not None:
         # After the message is sent: the copy's body is not the session's to wait for.
         def encode(to: CommandSpec) -> bytes:
@@ -202,17 +204,13 @@ class _TrafficCall(MirroredCall):
         return ws_json.render_response_json(self.command, self.seq, 0, body)
 
     def _fallback_or_error(self, error: GatewayError) -> bytes:
-        answer = self.traffic.fallback(error, self.answer_key)
-        if answer is not None:
-            codec = self.session._table.codecs[answer.command.name]
-            try:
-                body = ws_json.body_json(codec, answer.body)
-            except UpstreamProtocolError as failed:
-                # A kept answer the table's new schema cannot render: the error stands.
-                log.warning(
-                    "a fallback answer did not render",
-                    extra={"command": self.command.name, "error": failed.message},
-                )
-            else:
-                return ws_json.render_fallback_json(self.command, self.seq, body, answer.kind)
-        return ws_json.render_error(error, self.seq)
+        codecs = self.traffic.table.codecs
+
+        def render(command: CommandSpec, body: bytes) -> bytes:
+            return ws_json.body_json(codecs[command.name], body)
+
+        found = self.traffic.fallback(error, self.answer_key, render)
+        if found is None:
+            return ws_json.render_error(error, self.seq)
+        kind, body = found
+        return ws_json.render_fallback_json(self.command, self.seq, body, kind)
