@@ -222,3 +222,52 @@ def test_a_large_answer_is_compared_a_step_at_a_time(rich: Schema) -> None:
     assert steps > 5  # 3,000 leaves of several fields each: not in one step of 1,000
     assert paths(comparison) == ["f_string", "r_leaf[2999].name"]
     assert comparison == compare_answers(*answers)
+
+
+def walk(comparer: Comparer, budget: int) -> tuple[Comparison, int, int]:
+    """Run `comparer` to the end in steps of `budget`: the outcome, how many
+    steps, and the most budget any one step spent."""
+    steps, most = 0, 0
+    while True:
+        before = comparer.spent
+        comparison = comparer.step(budget)
+        steps += 1
+        most = max(most, comparer.spent - before)
+        if comparison is not None:
+            return comparison, steps, most
+
+
+def test_a_million_elements_are_taken_budget_by_budget(rich: Schema) -> None:
+    # A 1 MiB packed repeated field: no step may take its elements all at once.
+    size = 1_000_000
+    cls = rich.message_class("conv.All")
+    left, right = cls(), cls()
+    left.r_uint32.extend(n % 100 for n in range(size))
+    right.r_uint32.extend(n % 100 for n in range(size))
+    right.r_uint32[size // 2] = 100
+    a = codec(rich, "conv.All")
+    comparer = Comparer((a, 0, left.SerializeToString()), (a, 0, right.SerializeToString()))
+    comparison, steps, most = walk(comparer, 2000)
+    assert paths(comparison) == [f"r_uint32[{size // 2}]"]
+    assert most <= 2000
+    assert steps >= size // 2000
+
+
+@pytest.mark.parametrize("show", [False, True])
+def test_a_large_map_is_taken_budget_by_budget_in_key_order(rich: Schema, show: bool) -> None:
+    size = 100_000
+    cls = rich.message_class("conv.All")
+    left, right = cls(), cls()
+    for n in range(size):
+        left.m_int32[n] = right.m_int32[n] = "v"
+    right.m_int32[77_777] = "w"
+    right.m_int32[5] = "w"
+    a = codec(rich, "conv.All")
+    comparer = Comparer(
+        (a, 0, left.SerializeToString()),
+        (a, 0, right.SerializeToString()),
+        show_values=show,
+    )
+    comparison, _, most = walk(comparer, 2000)
+    assert most <= 2000
+    assert paths(comparison) == (["m_int32[5]", "m_int32[77777]"] if show else ["m_int32[*]"])

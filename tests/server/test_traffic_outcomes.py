@@ -1,11 +1,11 @@
 """Mirrored copies' outcomes (SPEC 4.6): sent to the real demo service, worked
-out by `Traffic.run` once both answers are in, a large comparison in steps
-that let other tasks run, and the bound of 1,000 copies outstanding, which
-every copy gives back whatever becomes of it and of its caller's request."""
+out by `Traffic.run` once both answers are in, a large comparison (a million
+elements) in steps that let other tasks run throughout, and the bound of
+1,000 copies outstanding, which every copy gives back whatever becomes of it
+and of its caller's request."""
 
 from __future__ import annotations
 
-import json
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -24,17 +24,20 @@ from tlvproxy.server.view import RequestContext
 from tlvproxy.upstream.pool import open_pool
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Iterable
 
     from tlvproxy.config.model import CommandSpec
     from tlvproxy.server.traffic import CommandTraffic
 
-PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schema"
 
 # `big` is mirrored to `echo` on im_next, which the demo service plays: it
-# answers each copy with the copy's own body.
+# answers each copy with the copy's own body. Both take and answer
+# conv.All, whose `r_uint32` is a packed repeated field (a million elements
+# fit in 1 MiB).
 TABLE = """
-proto: {{paths: [{root}], files: [demo/im.proto]}}
+proto: {{paths: [{root}], files: [convert_test.proto]}}
+framing: {{max_body: 4 MiB}}
 upstreams:
   im: {{nodes: [127.0.0.1:9]}}
   im_next: {{nodes: [{next}]}}
@@ -42,20 +45,31 @@ commands:
   - name: big
     command: 0x1003
     upstream: im
-    codec: json
+    request: conv.All
+    response: conv.All
     mirror: {{to: echo, compare: true}}
-  - {{name: echo, command: 0x1003, upstream: im_next, codec: json}}
+  - {{name: echo, command: 0x1003, upstream: im_next, request: conv.All, response: conv.All}}
 """
 VIEW = RequestContext(remote_addr="10.0.0.1", headers=[], query_string="")
 
 
-def answer(body: object) -> Frame:
-    return Frame(command=0x1003, seq=1, flags=FLAG_RESPONSE, body=json.dumps(body).encode())
+def body(big: CommandTraffic, text: str = "", numbers: Iterable[int] = ()) -> bytes:
+    """A conv.All with `f_string` and `r_uint32`, as a frame body."""
+    schema = big.table.schema
+    assert schema is not None
+    message = schema.message_class("conv.All")(f_string=text)
+    message.r_uint32.extend(numbers)
+    data: bytes = message.SerializeToString()
+    return data
 
 
-def copy_of(body: object) -> Callable[[CommandSpec], bytes]:
-    """The `encode` of a copy whose body is `body` as JSON."""
-    return lambda to: json.dumps(body).encode()
+def answer(data: bytes) -> Frame:
+    return Frame(command=0x1003, seq=1, flags=FLAG_RESPONSE, body=data)
+
+
+def copy_of(data: bytes) -> Callable[[CommandSpec], bytes]:
+    """The `encode` of a copy whose body is `data`."""
+    return lambda to: data
 
 
 def refused(to: CommandSpec) -> bytes:
@@ -79,11 +93,11 @@ def outcome(metrics: Metrics, name: str) -> float:
 async def rules(metrics: Metrics, nursery: trio.Nursery) -> AsyncIterator[CommandTraffic]:
     """The `big` command's rules on a running `Traffic`, its copies sent to
     the demo service."""
-    placeholder = parse_table(TABLE.format(root=PROTO_ROOT, next="127.0.0.1:9"), Path("c.yaml"))
+    placeholder = parse_table(TABLE.format(root=SCHEMA_DIR, next="127.0.0.1:9"), Path("c.yaml"))
     address = await nursery.start(
         partial(serve_mock_upstream, "127.0.0.1", 0, placeholder, upstream="im_next")
     )
-    table = parse_table(TABLE.format(root=PROTO_ROOT, next=address), Path("commands.yaml"))
+    table = parse_table(TABLE.format(root=SCHEMA_DIR, next=address), Path("commands.yaml"))
     traffic = Traffic(metrics)
     await nursery.start(traffic.run)
     async with open_pool(table.upstreams["im_next"], table.framing, metrics) as pool:
@@ -97,7 +111,7 @@ def mirror(
 
 
 async def until(predicate: Callable[[], bool]) -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(30):
         while not predicate():  # noqa: ASYNC110 - the answers come over a socket
             await trio.sleep(0.01)
 
@@ -117,16 +131,46 @@ async def test_a_large_comparison_lets_other_tasks_run_between_its_steps() -> No
     async with trio.open_nursery() as nursery, rules(metrics, nursery) as big:
         size = 20 * COMPARE_STEP
         caller = MirroredCall()
-        mirror(big, caller, copy_of([*range(size - 1), -1]))
+        mirror(big, caller, copy_of(body(big, numbers=[*range(size - 1), 0])))
         copy = caller._copy
         assert copy is not None
         await until(lambda: copy.reply is not None)
         # Both answers in: the comparison starts, and the ticker with it.
-        caller.settled(answer(list(range(size))))
+        caller.settled(answer(body(big, numbers=range(size))))
         nursery.start_soon(ticker)
         await until(lambda: outcome(metrics, "different") == 1)
         # About one pass per step of COMPARE_STEP elements.
         assert ticks >= 10
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_million_elements_leave_room_for_other_tasks_throughout() -> None:
+    metrics = Metrics()
+    size = 1_000_000
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        # Each pass notes how long the comparison kept it waiting.
+        last = trio.current_time()
+        while outcome(metrics, "different") == 0:
+            await trio.lowlevel.checkpoint()
+            now = trio.current_time()
+            gaps.append(now - last)
+            last = now
+
+    async with trio.open_nursery() as nursery, rules(metrics, nursery) as big:
+        caller = MirroredCall()
+        mirror(big, caller, copy_of(body(big, numbers=[0] * (size - 1) + [1])))
+        copy = caller._copy
+        assert copy is not None
+        await until(lambda: copy.reply is not None)
+        caller.settled(answer(body(big, numbers=[0] * size)))
+        nursery.start_soon(ticker)
+        await until(lambda: outcome(metrics, "different") == 1)
+        assert len(gaps) >= size // COMPARE_STEP
+        # A step is about COMPARE_STEP elements, a millisecond or two; taking
+        # the million elements at once held other tasks for most of a second.
+        assert max(gaps) < 0.2, max(gaps)
         nursery.cancel_scope.cancel()
 
 
@@ -135,18 +179,18 @@ async def test_beyond_max_outstanding_copies_are_dropped_until_some_are_worked_o
     async with trio.open_nursery() as nursery, rules(metrics, nursery) as big:
         callers = [MirroredCall() for _ in range(MAX_OUTSTANDING + 5)]
         for caller in callers:
-            mirror(big, caller, copy_of({"a": 1}))
+            mirror(big, caller, copy_of(body(big, "a")))
         assert big.owner.outstanding == outstanding(metrics) == MAX_OUTSTANDING
         assert outcome(metrics, "dropped") == 5
         # Every copy got its answer; those whose caller has none keep their place.
         await trio.sleep(0.5)
         assert big.owner.outstanding == MAX_OUTSTANDING
-        callers[0].settled(answer({"a": 1}))
+        callers[0].settled(answer(body(big, "a")))
         await until(lambda: outcome(metrics, "same") == 1)
         assert big.owner.outstanding == outstanding(metrics) == MAX_OUTSTANDING - 1
-        mirror(big, MirroredCall(), copy_of({"a": 1}))
+        mirror(big, MirroredCall(), copy_of(body(big, "a")))
         assert big.owner.outstanding == MAX_OUTSTANDING
-        mirror(big, MirroredCall(), copy_of({"a": 1}))
+        mirror(big, MirroredCall(), copy_of(body(big, "a")))
         assert outcome(metrics, "dropped") == 6
         # A caller's request that got no answer: its copy is `failed`.
         callers[1].settled(None)
@@ -166,14 +210,14 @@ async def test_no_copy_keeps_its_place_whatever_its_callers_outcome() -> None:
         # a request with no healthy node before `submit` returns).
         early = MirroredCall()
         early.settled(None)
-        mirror(big, early, copy_of({"a": 1}))
+        mirror(big, early, copy_of(body(big, "a")))
         answered = MirroredCall()
-        answered.settled(answer({"a": 2}))
-        mirror(big, answered, copy_of({"a": 1}))
+        answered.settled(answer(body(big, "b")))
+        mirror(big, answered, copy_of(body(big, "a")))
         # And the usual order.
         late = MirroredCall()
-        mirror(big, late, copy_of({"a": 3}))
-        late.settled(answer({"a": 3}))
+        mirror(big, late, copy_of(body(big, "c")))
+        late.settled(answer(body(big, "c")))
         await until(lambda: big.owner.outstanding == 0)
         assert outstanding(metrics) == 0
         assert (outcome(metrics, "failed"), outcome(metrics, "different")) == (2, 1)

@@ -25,6 +25,10 @@ Decisions made here:
   the bodies. Bodies equal byte for byte, read through one message type (or
   both json, or both raw), are the same without being decoded.
 - At most `limit` paths are named; `more` counts the others.
+- The walk is an explicit stack of cursors, one per message, object or list
+  being compared, each yielding one comparison at a time, so that `step`
+  stops after its budget whatever the size of one field; a map's keys are
+  gathered a few per unit of budget, then taken in order off a heap.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import base64
 import json
 import math
 import re
+from heapq import heapify, heappop
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -42,6 +48,8 @@ from tlvproxy.errors import UpstreamProtocolError
 from tlvproxy.schema.codec import ProtobufCodec
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
     from google.protobuf.descriptor import FieldDescriptor
 
     from tlvproxy.schema.codec import CommandCodec
@@ -52,6 +60,9 @@ MAX_SHOWN: Final = 100
 STATUS_PATH: Final = "(status)"
 BODY_PATH: Final = "(body)"
 _ELIDED_KEY: Final = "[*]"
+# Map keys gathered for one unit of a step's budget: gathering a key costs a
+# small share of comparing a field.
+_KEYS_PER_PAUSE: Final = 16
 _PLAIN_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # One comparison to make: a path and both values, and whether they are known
 # to differ already (a field or an element one side lacks).
@@ -108,9 +119,12 @@ class _Collector:
 
 class Comparer:
     """Two answers, each (its command's codec, status, body), compared a step
-    at a time: `step` walks at most `budget` fields and returns the
-    `Comparison` once done, so that a caller can let others run between steps
-    (a large answer is many fields). Building it decodes both bodies.
+    at a time: `step` walks at most `budget` fields, elements or map keys and
+    returns the `Comparison` once done, so that a caller can let others run
+    between steps (a large answer is many fields: a million elements of one
+    packed field fit in 1 MiB). No step reads ahead of its budget: a field's
+    elements are taken one at a time when its turn comes. Building it
+    decodes both bodies (for protobuf, a few milliseconds per MiB).
 
     Raises UpstreamProtocolError when a body does not decode with its codec.
     """
@@ -129,7 +143,10 @@ class Comparer:
         self._found = _Collector(limit, show_values)
         self._show = show_values
         self.spent = 0  # the budget the steps have used so far
-        self._stack: list[_Item] = []
+        # The walk's cursors, innermost last: each yields the comparisons of
+        # one message, object or list, one at a time, when its turn comes (or
+        # None for a share of its own work done, such as gathering map keys).
+        self._stack: list[Iterator[_Item | None]] = []
         self._messages = isinstance(left_codec, ProtobufCodec) and isinstance(
             right_codec, ProtobufCodec
         )
@@ -139,38 +156,43 @@ class Comparer:
             pass  # the usual case once the services agree: nothing to decode
         elif isinstance(left_codec, ProtobufCodec) and isinstance(right_codec, ProtobufCodec):
             parsed = (_parse(left_codec, left_body), _parse(right_codec, right_body))
-            self._stack.append(("", *parsed, False))
+            self._stack.append(iter([("", *parsed, False)]))
         else:
             decoded = (
                 left_codec.decode_response(left_body),
                 right_codec.decode_response(right_body),
             )
-            self._stack.append(("", *decoded, False))
+            self._stack.append(iter([("", *decoded, False)]))
 
     def step(self, budget: int) -> Comparison | None:
-        """Compare up to about `budget` more fields or elements; the outcome
-        once everything is compared, else None."""
-        # An explicit stack, not recursion (the walk's depth is the answer's),
-        # taken in document order: a message's fields, each before the next.
-        stack, found, show = self._stack, self._found, self._show
+        """Compare up to `budget` more fields or elements; the outcome once
+        everything is compared, else None."""
+        # An explicit stack of cursors, not recursion (the walk's depth is the
+        # answer's), taken in document order: a message's fields, each before
+        # the next. A cursor yields one comparison at a time, so a field of a
+        # million elements costs nothing until its turn, then `budget` at a time.
+        stack, found, show, messages = self._stack, self._found, self._show, self._messages
         start = budget
         while stack and budget > 0:
-            path, a, b, differs = stack.pop()
+            try:
+                item = next(stack[-1])
+            except StopIteration:
+                stack.pop()
+                continue
             budget -= 1
-            items: list[_Item] | None = None
+            if item is None:
+                continue
+            path, a, b, differs = item
             if differs:
                 found.add(path, a, b)
-            elif self._messages and isinstance(a, Message) and isinstance(b, Message):
-                items = _message_items(path, a, b, show)
-            elif not self._messages and isinstance(a, dict) and isinstance(b, dict):
-                items = _member_items(path, a, b, show)
-            elif not self._messages and isinstance(a, list) and isinstance(b, list):
-                items = _element_items(path, a, b)
+            elif messages and isinstance(a, Message) and isinstance(b, Message):
+                stack.append(_message_items(path, a, b, show))
+            elif not messages and isinstance(a, dict) and isinstance(b, dict):
+                stack.append(_member_items(path, a, b, show))
+            elif not messages and isinstance(a, list) and isinstance(b, list):
+                stack.append(_element_items(path, a, b))
             elif not _equal(a, b):
                 found.add(path, a, b)
-            if items:
-                budget -= len(items)
-                stack.extend(reversed(items))
         self.spent += start - budget
         return None if stack else found.result()
 
@@ -213,12 +235,11 @@ def _parse(codec: ProtobufCodec, body: bytes) -> Message:
 # ---------------------------------------------------------------- protobuf
 
 
-def _message_items(path: str, a: Message, b: Message, show: bool) -> list[_Item]:
-    """The comparisons two messages' fields make, in field order."""
-    items: list[_Item] = []
-    a_fields: dict[str, Any] = dict(a.DESCRIPTOR.fields_by_name)
-    b_fields: dict[str, Any] = dict(b.DESCRIPTOR.fields_by_name)
-    for name in list(a_fields) + [name for name in b_fields if name not in a_fields]:
+def _message_items(path: str, a: Message, b: Message, show: bool) -> Iterator[_Item | None]:
+    """The comparisons two messages' fields make, in field order, one at a time."""
+    a_fields: Mapping[str, Any] = a.DESCRIPTOR.fields_by_name
+    b_fields: Mapping[str, Any] = b.DESCRIPTOR.fields_by_name
+    for name in [*a_fields, *(name for name in b_fields if name not in a_fields)]:
         field_path = f"{path}.{name}" if path else name
         fa, fb = a_fields.get(name), b_fields.get(name)
         va: Any = None if fa is None else _field_value(a, fa)
@@ -227,23 +248,37 @@ def _message_items(path: str, a: Message, b: Message, show: bool) -> list[_Item]
             # A field of one message type only: a difference when it holds something.
             present, value = (fa, va) if fb is None else (fb, vb)
             if present is not None and not _empty(present, value):
-                items.append((field_path, va, vb, True))
+                yield (field_path, va, vb, True)
         elif _is_map(fa) != _is_map(fb):
             if not (_empty(fa, va) and _empty(fb, vb)):
-                items.append((field_path, va, vb, True))
+                yield (field_path, va, vb, True)
         elif _is_map(fa):
-            # Sorted: a protobuf map's order is not the wire's, nor stable.
-            for key in sorted({*va, *vb}):
-                item_path = f"{field_path}[{_key_text(key)}]" if show else field_path + _ELIDED_KEY
-                # `get`, never `[key]`, which inserts a missing key into a protobuf map.
-                items.append((item_path, va.get(key), vb.get(key), key not in va or key not in vb))
+            yield from _map_items(field_path, va, vb, show)
         elif fa.is_repeated and fb.is_repeated:
             for index in range(max(len(va), len(vb))):
                 beyond = index >= len(va) or index >= len(vb)
-                items.append((f"{field_path}[{index}]", _item(va, index), _item(vb, index), beyond))
+                yield (f"{field_path}[{index}]", _item(va, index), _item(vb, index), beyond)
         else:
-            items.append((field_path, va, vb, False))
-    return items
+            yield (field_path, va, vb, False)
+
+
+def _map_items(path: str, a: Any, b: Any, show: bool) -> Iterator[_Item | None]:
+    """The comparisons two protobuf maps make, one per key, in key order (a
+    protobuf map's order is not the wire's, nor stable). The keys are gathered
+    a few at a time first (a None for each few: work done, nothing compared),
+    then taken in order off a heap, one at a time, never all sorted at once."""
+    keys: set[Any] = set()
+    for count, key in enumerate(chain(a, b), 1):
+        keys.add(key)
+        if count % _KEYS_PER_PAUSE == 0:
+            yield None
+    ordered = list(keys)
+    heapify(ordered)
+    while ordered:
+        key = heappop(ordered)
+        item_path = f"{path}[{_key_text(key)}]" if show else path + _ELIDED_KEY
+        # `get`, never `[key]`, which inserts a missing key into a protobuf map.
+        yield (item_path, a.get(key), b.get(key), key not in a or key not in b)
 
 
 def _field_value(message: Message, field: FieldDescriptor) -> Any:
@@ -300,20 +335,21 @@ def _same_number(a: Any, b: Any) -> bool:
 # ---------------------------------------------------------------- JSON values
 
 
-def _member_items(path: str, a: dict[str, Any], b: dict[str, Any], show: bool) -> list[_Item]:
-    """The comparisons two JSON objects' members make, in key order of `a`, then `b`."""
-    return [
-        (_member_path(path, key, show), a.get(key), b.get(key), key not in a or key not in b)
-        for key in list(a) + [key for key in b if key not in a]
-    ]
+def _member_items(path: str, a: dict[str, Any], b: dict[str, Any], show: bool) -> Iterator[_Item]:
+    """The comparisons two JSON objects' members make, in key order of `a`,
+    then `b`, one at a time."""
+    for key in a:
+        yield (_member_path(path, key, show), a[key], b.get(key), key not in b)
+    for key in b:
+        if key not in a:
+            yield (_member_path(path, key, show), None, b[key], True)
 
 
-def _element_items(path: str, a: list[Any], b: list[Any]) -> list[_Item]:
-    """The comparisons two JSON arrays' elements make, in order."""
-    return [
-        (f"{path}[{index}]", _item(a, index), _item(b, index), index >= len(a) or index >= len(b))
-        for index in range(max(len(a), len(b)))
-    ]
+def _element_items(path: str, a: list[Any], b: list[Any]) -> Iterator[_Item]:
+    """The comparisons two JSON arrays' elements make, in order, one at a time."""
+    for index in range(max(len(a), len(b))):
+        beyond = index >= len(a) or index >= len(b)
+        yield (f"{path}[{index}]", _item(a, index), _item(b, index), beyond)
 
 
 def _member_path(path: str, key: str, show: bool) -> str:
