@@ -19,7 +19,8 @@ from tlvproxy.errors import BadRequest
 from tlvproxy.framing import FLAG_RESPONSE, Frame
 from tlvproxy.metrics import Metrics
 from tlvproxy.mock_upstream import serve_mock_upstream
-from tlvproxy.server.traffic import COMPARE_STEP, MAX_OUTSTANDING, MirroredCall, Traffic
+from tlvproxy.server.mirror import MirroredCall
+from tlvproxy.server.traffic import COMPARE_STEP, MAX_OUTSTANDING, Traffic
 from tlvproxy.server.view import RequestContext
 from tlvproxy.upstream.pool import open_pool
 

@@ -21,7 +21,8 @@ import attrs
 
 from tlvproxy.errors import GatewayError, UpstreamProtocolError, UpstreamTimeout
 from tlvproxy.server.fill import field_values, uid_of
-from tlvproxy.server.traffic import MirroredCall, same_request, timeout_of
+from tlvproxy.server.mirror import MirroredCall
+from tlvproxy.server.traffic import same_request, timeout_of
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

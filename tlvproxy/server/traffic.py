@@ -2,11 +2,12 @@
 WebSocket messages alike (docs/configuration.md "split, mirror, fallback").
 
 Owns: for each command of the running table that has rules, where a request
-goes (its split, counted), the mirrored copies (the share drawn per request,
-the bound of MAX_OUTSTANDING copies in flight per worker, their submission,
-their outcome, the field-by-field compare and its log line), and the fallback
-answers (the static body, the `last_good` caches, which a reload keeps while
-the command's `last_good` and the schema stay the same).
+goes (its split, counted once sent), the mirrored copies (the share drawn
+per request, the copy's body, the bound of MAX_OUTSTANDING copies in flight
+per worker, and `run()`, which works out their outcomes in steps; each copy
+itself is a `server/mirror.py` MirrorCopy), and the fallback answers (the
+static body, the `last_good` caches, which a reload keeps while the
+command's `last_good` and the schema stay the same, and which is served).
 Must not: build request bodies from HTTP or WebSocket input or render answers
 (`server/rest_traffic.py` and `server/ws_traffic.py` do), delay or change a
 caller's answer for a copy, or retry a copy.
@@ -36,11 +37,11 @@ import trio
 
 from tlvproxy.config.keys import rule_value
 from tlvproxy.config.model import BASIS_POINTS
-from tlvproxy.errors import GatewayError, UpstreamProtocolError
+from tlvproxy.errors import GatewayError
 from tlvproxy.metrics import MIRROR_OUTCOMES
 from tlvproxy.policy.last_good import LastGood, answer_key
 from tlvproxy.policy.split import first_match
-from tlvproxy.schema.compare import Comparer
+from tlvproxy.server.mirror import MirrorCopy
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -49,10 +50,9 @@ if TYPE_CHECKING:
 
     from tlvproxy.config.keys import RequestView
     from tlvproxy.config.model import CommandSpec, LastGoodSpec, Table
-    from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics
     from tlvproxy.policy.last_good import AnswerKey
-    from tlvproxy.schema.compare import Comparison
+    from tlvproxy.server.mirror import MirroredCall
     from tlvproxy.upstream.pool import Pool
 
 log = logging.getLogger("tlvproxy.mirror")
@@ -173,7 +173,9 @@ class Traffic:
                     await trio.lowlevel.checkpoint()
                     left = COMPARE_STEP
 
-    def _reserve(self) -> None:
+    def reserve(self) -> None:
+        """A copy takes one of the MAX_OUTSTANDING places (`MirrorCopy` does,
+        when it is made)."""
         self.outstanding += 1
         self._outstanding_gauge.inc()
 
@@ -181,7 +183,9 @@ class Traffic:
         self.outstanding -= 1
         self._outstanding_gauge.dec()
 
-    def _finished(self, copy: MirrorCopy) -> None:
+    def finished(self, copy: MirrorCopy) -> None:
+        """Both of `copy`'s answers are in: `run` works out its outcome and
+        gives its place back."""
         self._done.append(copy)
         self._wake.set()
 
@@ -311,18 +315,19 @@ class CommandTraffic:
             return
         owner = self.owner
         if owner.outstanding >= MAX_OUTSTANDING:
-            self._count("dropped")
+            self.count("dropped")
             return
         try:
             body = encode(to)
         except GatewayError:
-            self._count("failed")
+            self.count("failed")
             return
         copy = MirrorCopy(self, sent, request_id)
         caller.attach(copy)
-        copy.send(body, uid, view)
+        copy.send(body, uid, view, timeout_of(to, self.table))
 
-    def _count(self, outcome: str) -> None:
+    def count(self, outcome: str) -> None:
+        """Count a copy's outcome (docs/configuration.md "mirror")."""
         self._counts[outcome].inc()
 
     # ------------------------------------------------------------ fallback
@@ -390,140 +395,3 @@ class CommandTraffic:
             return None
         self._fallback_counts[kind].inc()
         return kind, rendered
-
-
-class MirroredCall:
-    """The caller's side of a request that a mirror may copy: the base of the
-    pool's or the session's completion of that request, which calls `settled`
-    once, on every outcome. It passes the outcome to the copy, whether the
-    copy is made before it comes or after (the pool may settle a request
-    before `submit` returns, and the copy is made after `submit`)."""
-
-    __slots__ = ("_answer", "_copy", "_settled")
-
-    def __init__(self) -> None:
-        self._copy: MirrorCopy | None = None
-        self._settled = False
-        self._answer: Frame | None = None
-
-    def attach(self, copy: MirrorCopy) -> None:
-        """`copy` learns this request's outcome: now if it came, else when it does."""
-        if self._settled:
-            copy.caller_settled(self._answer)
-        else:
-            self._copy = copy
-
-    def settled(self, answer: Frame | None) -> None:
-        """The request's outcome: its answer, or None when it got none."""
-        self._settled = True
-        self._answer = answer
-        copy = self._copy
-        if copy is not None:
-            self._copy = None
-            copy.caller_settled(answer)
-
-
-class MirrorCopy:
-    """One copy of a request on its way to the mirror's `to` command: the
-    pool's `Completion`. It learns the caller's answer too (`caller_settled`),
-    and once both are in, `Traffic.run` works out its outcome. Made, it holds
-    one of the MAX_OUTSTANDING places, which `Traffic.run` gives back."""
-
-    __slots__ = ("_pending", "primary", "reply", "request_id", "sent", "traffic")
-
-    def __init__(self, traffic: CommandTraffic, sent: CommandSpec, request_id: str) -> None:
-        self.traffic = traffic
-        self.sent = sent  # what the caller's request was sent as
-        self.request_id = request_id
-        self.primary: Frame | None = None  # the caller's answer; None: it failed
-        self.reply: Frame | None = None  # the copy's answer; None: it failed
-        self._pending = 2  # answers still to come: the caller's and the copy's
-        traffic.owner._reserve()
-
-    def send(self, body: bytes, uid: int, view: RequestView) -> None:
-        """Submit the copy, `body` being a request of the mirror's `to` command."""
-        traffic = self.traffic
-        to, pool = traffic.mirror_to, traffic.mirror_pool
-        assert to is not None  # a copy exists only then
-        assert pool is not None
-        hash_on = pool.spec.hash_on
-        pool.submit(
-            self,
-            to.command,
-            body,
-            uid=uid,
-            key=None if hash_on is None else hash_on.evaluate(view),
-            deadline=trio.current_time() + timeout_of(to, traffic.table),
-        )
-
-    def caller_settled(self, answer: Frame | None) -> None:
-        """The caller's request's outcome: its answer, or None when it got none."""
-        self.primary = answer
-        self._arrived()
-
-    # The pool's side (`Completion`).
-
-    def on_reply(self, frame: Frame, node: str) -> None:
-        self.reply = frame
-        self._arrived()
-
-    def on_error(self, error: GatewayError, node: str | None) -> None:
-        self._arrived()
-
-    def _arrived(self) -> None:
-        self._pending -= 1
-        if self._pending == 0:
-            self.traffic.owner._finished(self)
-
-    def work_out(self) -> Comparer | None:
-        """Count the outcome, or, with `compare` and both answers in, return
-        the comparison to make (`compared` takes its result)."""
-        traffic = self.traffic
-        mirror, to = traffic.mirror, traffic.mirror_to
-        assert mirror is not None  # a copy exists only then
-        assert to is not None
-        reply, primary = self.reply, self.primary
-        if reply is None:
-            traffic._count("failed")
-            return None
-        if not mirror.compare:
-            traffic._count("answered")
-            return None
-        if primary is None:
-            traffic._count("failed")
-            return None
-        codecs = traffic.table.codecs
-        try:
-            return Comparer(
-                (codecs[self.sent.name], primary.status, primary.body),
-                (codecs[to.name], reply.status, reply.body),
-                show_values=mirror.log_values,
-            )
-        except UpstreamProtocolError as exc:
-            traffic._count("failed")
-            log.debug(
-                "a mirrored answer did not decode",
-                extra={"command": traffic.command.name, "error": exc.message},
-            )
-            return None
-
-    def compared(self, comparison: Comparison) -> None:
-        """Count the comparison's outcome, and log the fields that differ."""
-        traffic = self.traffic
-        mirror, to = traffic.mirror, traffic.mirror_to
-        assert mirror is not None  # a copy exists only then
-        assert to is not None
-        if comparison.same:
-            traffic._count("same")
-            return
-        traffic._count("different")
-        extra: dict[str, object] = {
-            "command": self.sent.name,
-            "to": to.name,
-            "request_id": self.request_id,
-            "paths": [difference.path for difference in comparison.differences],
-            "more_paths": comparison.more,
-        }
-        if mirror.log_values:
-            extra["values"] = {d.path: [d.left, d.right] for d in comparison.differences}
-        log.info("mirrored answers differ", extra=extra)

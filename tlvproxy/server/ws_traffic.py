@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from tlvproxy.errors import BadRequest, GatewayError, UpstreamProtocolError, UpstreamTimeout
 from tlvproxy.server import ws_json
-from tlvproxy.server.traffic import MirroredCall, reencode, timeout_of
+from tlvproxy.server.mirror import MirroredCall
+from tlvproxy.server.traffic import reencode, timeout_of
 from tlvproxy.server.ws_wire import TEXT
 from tlvproxy.server.ws_wire import frame as wire_frame
 
