@@ -100,7 +100,7 @@ _FALLBACK_HEADER: Final = {
         "description": (
             "Present when the gateway answered in the upstream's place (the upstream was "
             "unavailable, timed out or sent a bad answer): static, the table's fallback "
-            "body; last_good, the last good answer for the same key."
+            "body; last_good, the last good answer to the same request."
         ),
         "schema": {"type": "string", "enum": ["static", "last_good"]},
     }
