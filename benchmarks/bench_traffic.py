@@ -28,48 +28,46 @@ Run: .venv/bin/python benchmarks/bench_traffic.py [--duration 5] [--rounds 5]
 from __future__ import annotations
 
 import argparse
-import shutil
-import statistics
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import yaml
-from bench_upstream import build_echo, start_echo
-from bench_workers import CONNECTIONS, WRK, check_echo, measure, serving, write_table
+from harness.figures import Column, FigureTable, medians
+from harness.load import CONNECTIONS, RUN_COLUMNS, check_echo, measure, require_wrk, run_cells
+from harness.processes import echo_upstream, serving
+from harness.tables import DEMO_TABLE, GatewayTable, write_demo_table
 
 ECHO_NEXT = {"name": "echo_next", "command": 0x1003, "upstream": "im_next", "codec": "json"}
 SPLIT = [{"key": "remote_addr", "percent": 0, "to": "echo_next"}]
+VARIANTS: dict[str, dict[str, object]] = {
+    "none": {},
+    "split + mirror": {"split": SPLIT, "mirror": {"to": "echo_next"}},
+    "split + mirror + compare": {"split": SPLIT, "mirror": {"to": "echo_next", "compare": True}},
+}
 
 
-def tables(directory: Path, port: int, next_port: int) -> dict[str, tuple[Path, int, int]]:
-    """The three tables by name: (path, http port, admin port)."""
+def write_tables(directory: Path, port: int, next_port: int) -> dict[str, GatewayTable]:
+    """The three tables by name."""
+    demo = yaml.safe_load(DEMO_TABLE.read_text())
+    upstreams = {
+        **demo["upstreams"],
+        "im": {**demo["upstreams"]["im"], "nodes": [f"127.0.0.1:{port}"]},
+        "im_next": {"nodes": [f"127.0.0.1:{next_port}"]},
+    }
     found = {}
-    for name, rules in (
-        ("none", {}),
-        ("split + mirror", {"split": SPLIT, "mirror": {"to": "echo_next"}}),
-        (
-            "split + mirror + compare",
-            {"split": SPLIT, "mirror": {"to": "echo_next", "compare": True}},
-        ),
-    ):
-        place = directory / name.replace(" ", "").replace("+", "_")
-        place.mkdir()
-        path, http_port, admin_port = write_table(place, port)
-        document = yaml.safe_load(path.read_text())
-        document["upstreams"]["im_next"] = {"nodes": [f"127.0.0.1:{next_port}"]}
-        commands = [{**c, **rules} if c["name"] == "echo" else c for c in document["commands"]]
-        document["commands"] = [*commands, ECHO_NEXT]
-        path.write_text(yaml.safe_dump(document, sort_keys=False))
-        found[name] = (path, http_port, admin_port)
+    for n, (name, rules) in enumerate(VARIANTS.items()):
+        commands = [{**c, **rules} if c["name"] == "echo" else c for c in demo["commands"]]
+        overrides = {"upstreams": upstreams, "commands": [*commands, ECHO_NEXT]}
+        found[name] = write_demo_table(directory / f"table-{n}.yaml", port, overrides)
     return found
 
 
-def mirrored(admin_port: int) -> dict[str, float]:
+def mirrored(table: GatewayTable) -> dict[str, float]:
     """echo's tlvproxy_mirror_total by outcome, from the gateway's metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as answer:
+    url = f"http://127.0.0.1:{table.admin}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as answer:
         text = answer.read().decode()
     found = {}
     for line in text.splitlines():
@@ -79,19 +77,18 @@ def mirrored(admin_port: int) -> dict[str, float]:
     return found
 
 
-def check_mirror(path: Path, http_port: int, admin_port: int, compare: bool) -> None:
+def check_mirror(table: GatewayTable, compare: bool) -> None:
     """The copies reach the second upstream and are answered (and the same)."""
-    with serving(path, admin_port) as _process:
-        url = f"http://127.0.0.1:{http_port}/v1/echo"
+    with serving(table):
         for _ in range(20):
-            check_echo(url, (WRK / "body.json").read_bytes())
+            check_echo(table.url())
         expected = "same" if compare else "answered"
         for _ in range(50):
-            outcomes = mirrored(admin_port)
+            outcomes = mirrored(table)
             if outcomes.get(expected) == 20:
                 return
             time.sleep(0.1)  # the outcomes are worked out just after the answers
-        raise SystemExit(f"{path}: the mirror's copies were not {expected}: {outcomes}")
+        raise SystemExit(f"{table.path}: the mirror's copies were not {expected}: {outcomes}")
 
 
 def main() -> None:
@@ -99,56 +96,48 @@ def main() -> None:
     options.add_argument("--duration", type=int, default=5)
     options.add_argument("--rounds", type=int, default=5)
     args = options.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    require_wrk()
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="tlvbench-") as workdir:
-        binary = build_echo(Path(workdir))
-        echo, port = start_echo(binary)
-        echo_next, next_port = start_echo(binary)
-        try:
-            found = tables(Path(workdir), port, next_port)
-            for name, (path, http_port, admin_port) in found.items():
+        directory = Path(workdir)
+        for place in ("first", "second"):
+            (directory / place).mkdir()
+        with (
+            echo_upstream(directory / "first") as port,
+            echo_upstream(directory / "second") as next_port,
+        ):
+            tables = write_tables(directory, port, next_port)
+            for name, table in tables.items():
                 if name != "none":
-                    check_mirror(path, http_port, admin_port, compare="compare" in name)
-            print(
-                f"POST /v1/echo (json codec, 200-byte body), 1 worker, wrk -t1 -c{CONNECTIONS} "
-                f"-d{args.duration}s, two C echo upstreams; medians of {args.rounds} "
-                "alternating runs"
-            )
-            print(
-                f"{'rules':<26} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-                f"{'CPU us/req':>11} {'errors':>7}"
-            )
-            runs: dict[str, list[dict[str, float]]] = {name: [] for name in found}
+                    check_mirror(table, compare="compare" in name)
             for _ in range(args.rounds):
-                for name, (path, http_port, admin_port) in found.items():
-                    runs[name].append(
-                        measure(path, http_port, admin_port, 1, args.duration, "info")
-                    )
-            median: dict[str, dict[str, Any]] = {
-                name: {key: statistics.median(run[key] for run in results) for key in results[0]}
-                for name, results in runs.items()
-            }
-            for name, result in median.items():
-                print(
-                    f"{name:<26} {result['rps']:>10.0f} {result['p50_us'] / 1000:>8.2f} "
-                    f"{result['p99_us'] / 1000:>8.2f} {result['cpu_us']:>11.1f} "
-                    f"{result['errors']:>7.0f}"
-                )
-        finally:
-            for process in (echo, echo_next):
-                process.terminate()
-                process.wait()
-    base = median["none"]
+                for name, table in tables.items():
+                    runs[name].append(measure(table, 1, args.duration))
+    median = medians(runs)
+    figures = FigureTable(
+        f"POST /v1/echo (json codec, 200-byte body), 1 worker, wrk -t1 -c{CONNECTIONS} "
+        f"-d{args.duration}s, two C echo upstreams; medians of {args.rounds} alternating runs",
+        "rules",
+        26,
+        RUN_COLUMNS,
+    )
     for name, result in median.items():
-        if name == "none":
-            continue
-        extra = result["cpu_us"] - base["cpu_us"]
-        slower = 1 - result["rps"] / base["rps"]
-        print(
-            f"{name}: +{extra:.1f} us CPU per request (+{extra / base['cpu_us']:.1%}), "
-            f"{slower:.1%} fewer req/s"
-        )
+        figures.row(name, *run_cells(result))
+    base = median["none"]
+    against = FigureTable(
+        "against none",
+        "rules",
+        26,
+        [
+            Column("req/s change", "+.1%"),
+            Column("CPU us/req added", "+.1f"),
+            Column("CPU change", "+.1%"),
+        ],
+    )
+    for name, result in median.items():
+        if name != "none":
+            extra = result["cpu_us"] - base["cpu_us"]
+            against.row(name, result["rps"] / base["rps"] - 1, extra, extra / base["cpu_us"])
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def _number(value: Any) -> int:
         return 0
 
 
-def default_upstream(table: Table) -> str:
+def default_upstream(table: CompiledTable) -> str:
     """The upstream the service plays unless told: the WebSocket's, else the
     table's first ("" when it has none)."""
     if table.websocket is not None:

@@ -307,7 +307,7 @@ def _source(table: CompiledTable) -> str | None:
     return None if table.source is None else str(table.source)
 
 
-def _command(command: CommandSpec, table: Table) -> dict[str, Any]:
+def _command(command: CommandSpec, table: CompiledTable) -> dict[str, Any]:
     return {
         "name": command.name,
         "command": f"0x{command.command:04x}",
@@ -324,7 +324,7 @@ def _command(command: CommandSpec, table: Table) -> dict[str, Any]:
     }
 
 
-def _traffic(command: CommandSpec, table: Table) -> dict[str, Any]:
+def _traffic(command: CommandSpec, table: CompiledTable) -> dict[str, Any]:
     """A command's split, mirror and fallback (docs/configuration.md "split,
     mirror, fallback"); a static body as callers get it."""
     rules = command.traffic

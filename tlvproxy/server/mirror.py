@@ -16,7 +16,7 @@ made) and `Traffic.finished` (when both answers are in), or retry a copy
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -24,14 +24,48 @@ from tlvproxy.errors import UpstreamProtocolError
 from tlvproxy.schema.compare import Comparer
 
 if TYPE_CHECKING:
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.keys import RequestView
-    from tlvproxy.config.model import CommandSpec
+    from tlvproxy.config.model import CommandSpec, MirrorSpec
     from tlvproxy.errors import GatewayError
     from tlvproxy.framing import Frame
     from tlvproxy.schema.compare import Comparison
-    from tlvproxy.server.traffic import CommandTraffic
+    from tlvproxy.upstream.pool import Pool
 
 log = logging.getLogger("tlvproxy.mirror")
+
+
+class Outstanding(Protocol):
+    """The worker's count of copies against its bound (traffic.py's Traffic)."""
+
+    def reserve(self) -> None: ...
+
+    def finished(self, copy: MirrorCopy) -> None: ...
+
+
+class CommandTraffic(Protocol):
+    """What a copy needs of its command's rules (traffic.py's CommandTraffic,
+    which imports this module: named here by what it does)."""
+
+    @property
+    def owner(self) -> Outstanding: ...
+
+    @property
+    def table(self) -> CompiledTable: ...
+
+    @property
+    def command(self) -> CommandSpec: ...
+
+    @property
+    def mirror(self) -> MirrorSpec | None: ...
+
+    @property
+    def mirror_to(self) -> CommandSpec | None: ...
+
+    @property
+    def mirror_pool(self) -> Pool | None: ...
+
+    def count(self, outcome: str) -> None: ...
 
 
 class MirroredCall:

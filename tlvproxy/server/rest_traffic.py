@@ -15,7 +15,7 @@ those itself.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -27,16 +27,43 @@ from tlvproxy.server.traffic import same_request, timeout_of
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from tlvproxy.config.model import CommandSpec, Table
+    from tlvproxy.config.compiled import CompiledTable
+    from tlvproxy.config.model import CommandSpec
     from tlvproxy.framing import Frame
     from tlvproxy.policy.last_good import AnswerKey
-    from tlvproxy.server.http_conn import Response
-    from tlvproxy.server.rest import Exchange
+    from tlvproxy.server.http_conn import Request, Response
     from tlvproxy.server.runtime import TableRuntime
     from tlvproxy.server.traffic import CommandTraffic
     from tlvproxy.server.view import RequestContext
 
 _log = logging.getLogger("tlvproxy.rest")
+
+
+class Exchange(Protocol):
+    """What a REST request with rules needs of its exchange (rest.py's
+    Exchange, which imports this module: named here by what it does)."""
+
+    @property
+    def request(self) -> Request: ...
+
+    @property
+    def request_id(self) -> str: ...
+
+    def on_error(self, error: GatewayError, node: str | None) -> None: ...
+
+    def error_response(self, error: GatewayError) -> Response: ...
+
+    def internal_error(self) -> Response: ...
+
+    def render(self, command: CommandSpec, status: int, body: bytes) -> Response: ...
+
+    def finish(
+        self,
+        response: Response,
+        node: str | None,
+        upstream_status: int | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None: ...
 
 
 def forward_traffic(
@@ -87,7 +114,7 @@ def forward_traffic(
 
 
 def _encode(
-    table: Table, command: CommandSpec, body: bytes, overlays: list[Mapping[str, str]]
+    table: CompiledTable, command: CommandSpec, body: bytes, overlays: list[Mapping[str, str]]
 ) -> bytes:
     codec = table.codecs[command.name]
     return codec.encode_request(body, overlays if codec.uses_overlays else ())

@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 
     from prometheus_client import Counter
 
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.keys import RequestView
-    from tlvproxy.config.model import CommandSpec, LastGoodSpec, Table
+    from tlvproxy.config.model import CommandSpec, LastGoodSpec
     from tlvproxy.metrics import Metrics
     from tlvproxy.policy.last_good import AnswerKey
     from tlvproxy.server.mirror import MirroredCall
@@ -71,7 +72,7 @@ FALLBACK_CODES: Final = frozenset(
 )
 
 
-def timeout_of(command: CommandSpec, table: Table) -> float:
+def timeout_of(command: CommandSpec, table: CompiledTable) -> float:
     """The deadline of a request sent as `command`: its own timeout, or its upstream's."""
     if command.timeout is not None:
         return command.timeout
@@ -79,7 +80,7 @@ def timeout_of(command: CommandSpec, table: Table) -> float:
     return table.upstreams[command.upstream].timeout
 
 
-def reencode(table: Table, source: CommandSpec, target: CommandSpec, body: bytes) -> bytes:
+def reencode(table: CompiledTable, source: CommandSpec, target: CommandSpec, body: bytes) -> bytes:
     """The frame body `body` (a request of `source`) as a request of `target`:
     the same bytes when both take the same request, else decoded to its JSON
     value and encoded again. Raises BadRequest when `target` cannot take it."""
@@ -111,7 +112,9 @@ class Traffic:
         self._done: list[MirrorCopy] = []
         self._wake = trio.Event()
 
-    def for_table(self, table: Table, pools: Mapping[str, Pool]) -> dict[str, CommandTraffic]:
+    def for_table(
+        self, table: CompiledTable, pools: Mapping[str, Pool]
+    ) -> dict[str, CommandTraffic]:
         """The rules of every command of `table` that has some, on `pools`. A
         `last_good` cache is carried over from the previous table when the
         command's `last_good` is the same, and so are the schema (its `.proto`
@@ -190,7 +193,7 @@ class Traffic:
         self._wake.set()
 
 
-def _made_for(table: Table, command: CommandSpec, last_good: LastGoodSpec) -> object:
+def _made_for(table: CompiledTable, command: CommandSpec, last_good: LastGoodSpec) -> object:
     """What a `last_good` cache's answers depend on: the spec; the schema their
     bodies are read with (its digest: a `.proto` change that keeps a
     message's name but renumbers or retypes its fields reads old bodies
@@ -228,7 +231,7 @@ class CommandTraffic:
     def __init__(
         self,
         owner: Traffic,
-        table: Table,
+        table: CompiledTable,
         command: CommandSpec,
         pools: Mapping[str, Pool],
         cache: LastGood | None,

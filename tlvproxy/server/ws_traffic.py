@@ -15,7 +15,7 @@ as it is, docs/websocket.md "binary mode").
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tlvproxy.errors import BadRequest, GatewayError, UpstreamProtocolError, UpstreamTimeout
 from tlvproxy.server import ws_json
@@ -25,13 +25,46 @@ from tlvproxy.server.ws_wire import TEXT
 from tlvproxy.server.ws_wire import frame as wire_frame
 
 if TYPE_CHECKING:
-    from tlvproxy.config.model import CommandSpec
+    from tlvproxy.config.compiled import CompiledTable
+    from tlvproxy.config.model import CommandSpec, WebSocketSpec
     from tlvproxy.framing import Frame
+    from tlvproxy.metrics import Metrics
     from tlvproxy.policy.last_good import AnswerKey
+    from tlvproxy.server.runtime import TableRuntime
     from tlvproxy.server.traffic import CommandTraffic
-    from tlvproxy.server.websocket import _Session
+    from tlvproxy.server.view import RequestContext
+    from tlvproxy.upstream.pool import Session
 
 log = logging.getLogger("tlvproxy.websocket")
+
+
+class _Session(Protocol):
+    """What a message with rules needs of its json-mode session (websocket.py's
+    session, which imports this module: named here by what it does)."""
+
+    _table: CompiledTable
+    _runtime: TableRuntime
+    _context: RequestContext
+    _spec: WebSocketSpec
+    _metrics: Metrics
+    _request_id: str
+    _uid: int | None
+    _upstream: Session | None
+    _in_flight: int
+    _received_at: float
+    close_code: int | None
+
+    def _send(self, data: bytes) -> None: ...
+
+    def _send_error(self, error: GatewayError, seq: int | str | None) -> None: ...
+
+    def _refused(self, error: GatewayError, seq: int) -> None: ...
+
+    def _internal_error(self) -> None: ...
+
+    def _upstream_lost(self, error: GatewayError) -> None: ...
+
+    def _settled(self) -> None: ...
 
 
 def send_with_traffic(session: _Session, request: ws_json.JsonRequest) -> None:
