@@ -2,12 +2,14 @@
 
 Owns: the RFC 6455 opening handshake after the HTTP driver hands over an
 `Upgrade: websocket` request, the wsproto connection, the session's requests
-on their way, seq mapping in binary mode, the per-message WAF and rate-limit
-seams (docs/configuration.md "waf" and "rate_limits"), the close codes,
-backpressure, the drain of a worker's sessions (`WebSocketSessions`) and the
-per-session access record.
+on their way, seq mapping in binary mode, what a WAF deny or a rate-limit
+refusal does to a WebSocket session (docs/configuration.md "waf" and
+"rate_limits"), the close codes, backpressure, the drain of a worker's
+sessions (`WebSocketSessions`) and the per-session access record.
 Must not: parse HTTP (the driver did), pick nodes or frame requests (the pool
-does), or hold protocol logic of json mode (`ws_json.py` does).
+does), hold protocol logic of json mode (`ws_json.py` does), or the policy
+and rendering every json-mode session shares, WebSocket or push session
+(`session_core.py` does).
 
 Requests are state, not tasks (docs/reference.md "How a request
 flows"). The session's one task reads the client: it parses a batch of
@@ -59,7 +61,6 @@ import contextlib
 import logging
 import math
 import os
-import time
 from abc import ABC, abstractmethod
 from functools import partial
 from typing import TYPE_CHECKING, Final
@@ -69,13 +70,11 @@ import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong
 
-from tlvproxy.config.keys import parse_number
 from tlvproxy.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
     RouteNotFound,
-    UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -87,7 +86,7 @@ from tlvproxy.framing import (
     encode_frame,
 )
 from tlvproxy.logs import ACCESS_LOGGER
-from tlvproxy.server import ws_json
+from tlvproxy.server import session_core, ws_json
 from tlvproxy.server.rest import request_id_of, waf_inspect
 from tlvproxy.server.view import RequestContext, client_address
 from tlvproxy.server.ws_traffic import send_with_traffic
@@ -110,7 +109,6 @@ if TYPE_CHECKING:
 
     from tlvproxy.config.model import CommandSpec, WebSocketSpec
     from tlvproxy.metrics import Metrics
-    from tlvproxy.policy.ratelimit import Refusal
     from tlvproxy.server.http_conn import Request
     from tlvproxy.server.runtime import TableRuntime
     from tlvproxy.upstream.pool import Session
@@ -142,32 +140,6 @@ _access = logging.getLogger(ACCESS_LOGGER)
 
 class _InvalidFrame(Exception):
     """A binary message that is not exactly one acceptable TLV frame (closes 1008)."""
-
-
-def _session_uid(spec: WebSocketSpec, context: RequestContext) -> int | None:
-    """The session's uid from `websocket.uid`; None when the table names no key.
-
-    The value is read once as a number, and that number is what the session's
-    rate-limit and hash keys see too (docs/configuration.md "Key expressions").
-    Raises BadRequest for a value that is not an unsigned 32-bit integer, and
-    Forbidden when the uid comes from the identity and the identity lacks it.
-    """
-    key = spec.uid
-    if key is None:
-        return None
-    text = key.evaluate(context)
-    if not text:
-        if key.source == "auth":
-            raise Forbidden(f"the caller's identity has no {key}, which the session's uid needs")
-        return 0
-    try:
-        uid = parse_number(key, text)
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
-    if not 0 <= uid <= 0xFFFFFFFF:
-        raise BadRequest(f"{key}: user id {uid} is out of range (0 to 4294967295)")
-    context.numbers = {key: str(uid)}
-    return uid
 
 
 def _check_origin(spec: WebSocketSpec, request: Request) -> None:
@@ -260,16 +232,9 @@ def serve_websocket(
         if problem is not None:
             raise BadRequest(problem)
         _check_origin(spec, request)
-        expires = math.inf
-        if spec.auth is not None:
-            now = time.time()
-            identity = context.identity = runtime.auth.authenticate(
-                spec.auth, context, request.method, request.target, b"", now
-            )
-            if identity.expires_at is not None:
-                # The session closes when its credentials do (1008), on trio's clock.
-                expires = trio.current_time() + identity.expires_at - now
-        uid = _session_uid(spec, context)
+        # The session closes when its credentials expire (1008), on trio's clock.
+        expires = session_core.authenticate(runtime, spec, context, request)
+        uid = session_core.session_uid(spec, context)
     except GatewayError as error:
         return _refuse(stream, error, request_id, client_ip)
     session = _Session(
@@ -449,8 +414,7 @@ class _Session:
                 self._begin_close(ABNORMAL, "client gone before the handshake completed")
                 return
             pool = self._runtime.pools[self._spec.upstream]
-            hash_on = self._spec.hash_on
-            key = None if hash_on is None else hash_on.evaluate(self._context)
+            key = session_core.hash_key(self._spec, self._context)
             self._sessions._add(self)
             try:
                 if not self._closing():  # else the gateway drains already
@@ -960,27 +924,7 @@ class _Session:
             freed.set()
 
     def _timeout(self, command: CommandSpec) -> float:
-        if command.timeout is not None:
-            return command.timeout
-        return self._table.upstreams[self._spec.upstream].timeout
-
-    def _render_reply(self, command: CommandSpec, seq: int, reply: Frame) -> bytes:
-        """The text message answering `seq`, from the response frame `reply`."""
-        codec = self._table.codecs[command.name]
-        if reply.status == 0:
-            try:
-                body = ws_json.body_json(codec, reply.body)
-            except UpstreamProtocolError as exc:
-                self._metrics.frames_rejected.labels(exc.reason).inc()
-                return ws_json.render_error(exc, seq)
-            return ws_json.render_response_json(command, seq, 0, body)
-        try:
-            value = codec.decode_response(reply.body) if reply.body else None
-        except UpstreamProtocolError:
-            # A non-zero status carries the body only when it decodes
-            # (docs/websocket.md "json mode").
-            value = None
-        return ws_json.render_response(command, seq, reply.status, value)
+        return session_core.command_timeout(self._table, self._spec.upstream, command)
 
     def _check_frame(self, data: bytes) -> tuple[Frame, CommandSpec]:
         """The one TLV frame `data` holds, checked (docs/websocket.md "binary mode");
@@ -1013,30 +957,18 @@ class _Session:
 
     def _waf_admits(self, text: str) -> bool:
         """WAF rules see each text message; a deny closes 1008 (docs/configuration.md "waf")."""
-        for found in self._runtime.waf.inspect_message(text):
-            self._metrics.waf_blocked.labels(found.rule).inc()
-            if found.action == "deny":
-                self._begin_close(POLICY, f"message refused by WAF rule {found.rule!r}")
-                return False
-            log.warning("waf rule matched a websocket message", extra={"rule": found.rule})
+        denial = session_core.waf_denial(self._runtime, self._metrics, text)
+        if denial is not None:
+            self._begin_close(POLICY, denial)
+            return False
         return True
 
     def _identity_admits(self, command: CommandSpec, seq: int) -> bool:
         """A command with an authenticator is sent only on a session that
         authenticator verified, holding the command's claims; otherwise the
         message gets a `forbidden` error (docs/security.md "WebSocket")."""
-        if command.auth is None:
-            return True
-        identity = self._context.identity
-        try:
-            if identity is None or identity.authenticator != command.auth:
-                raise Forbidden(
-                    f"{command.name!r} needs credentials of {command.auth!r}, "
-                    "which this session was not opened with"
-                )
-            if command.claims:
-                self._runtime.auth.check_claims(command.auth, command.claims, identity)
-        except Forbidden as refusal:
+        refusal = session_core.identity_refusal(self._runtime, self._context, command)
+        if refusal is not None:
             self._send_error(refusal, seq)
             return False
         return True
@@ -1046,15 +978,12 @@ class _Session:
         got a per-message `rate_limited` error, docs/configuration.md
         "rate_limits"); a Pending when the verdict waits for Redis: the caller
         holds the message in `_verdict` and reading stops until it comes."""
-        limiter = self._runtime.limiter
-        if not limiter.applies(command.name):
-            return True
-        verdict = limiter.check(command.name, self._context)
+        verdict = session_core.rate_verdict(self._runtime, self._metrics, self._context, command)
         if verdict is None:
             return True
         if isinstance(verdict, Pending):
             return verdict
-        self._rate_refused(verdict, seq)
+        self._send_error(verdict, seq)
         return False
 
     async def _await_verdict(self) -> None:
@@ -1069,11 +998,7 @@ class _Session:
         if verdict is None:
             send()
         else:
-            self._rate_refused(verdict, seq)
-
-    def _rate_refused(self, refusal: Refusal, seq: int) -> None:
-        self._metrics.rate_limited.labels(refusal.rule).inc()
-        self._send_error(refusal.error(), seq)
+            self._send_error(session_core.refused(self._metrics, verdict), seq)
 
     # ------------------------------------------------------------ the upstream's side
 
@@ -1085,7 +1010,9 @@ class _Session:
             if self._binary:
                 data = wire_frame(BINARY, encode_frame(self._table.framing, frame))
             else:
-                text = self._render_push(frame)
+                text = session_core.render_push(
+                    self._table, self._metrics, self._spec.upstream, frame
+                )
                 if text is None:
                     return
                 data = wire_frame(TEXT, text)
@@ -1097,20 +1024,6 @@ class _Session:
     def on_end(self, error: GatewayError) -> None:
         """The dedicated connection ended; unless the session ended it, 1011."""
         self._begin_close(INTERNAL, "upstream connection lost")
-
-    def _render_push(self, frame: Frame) -> bytes | None:
-        command = self._table.command_at(self._spec.upstream, frame.command)
-        if command is None or command.push is None:
-            self._metrics.frames_rejected.labels("unknown_push").inc()
-            log.warning("push of a command not in the table", extra={"command": frame.command})
-            return None
-        try:
-            body = ws_json.body_json(self._table.codecs[command.name], frame.body)
-        except UpstreamProtocolError as exc:
-            self._metrics.frames_rejected.labels(exc.reason).inc()
-            log.warning("push dropped", extra={"command": command.name, "error": exc.message})
-            return None
-        return ws_json.render_push_json(command, body)
 
 
 # ---------------------------------------------------------------- requests
@@ -1167,7 +1080,11 @@ class _JsonCall(_Call):
     __slots__ = ()
 
     def _render(self, frame: Frame) -> bytes:
-        return wire_frame(TEXT, self.session._render_reply(self.command, self.seq, frame))
+        session = self.session
+        text = session_core.render_reply(
+            session._table, session._metrics, self.command, self.seq, frame
+        )
+        return wire_frame(TEXT, text)
 
 
 class _BinaryCall(_Call):
