@@ -6,7 +6,8 @@ the cross-references between sections (upstreams, messages, commands, routes),
 compiling `proto.files`, building each command's codec and the router, the
 table's `version`, and the route listing `tlvproxy check` prints. The
 self-contained sections are read by `sections.py`, over `nodes.py`; a
-command's `split`, `mirror` and `fallback` by `traffic.py`.
+command's `split`, `mirror` and `fallback` by `traffic.py`; `sessions` by
+`push_sessions.py`.
 Must not: open sockets, read a clock or import trio. It reads the table and the
 .proto files, and is slow enough (protoc) that a running gateway calls it through
 `trio.to_thread.run_sync`.
@@ -59,6 +60,7 @@ from tlvproxy.config.model import (
     WebSocketSpec,
 )
 from tlvproxy.config.nodes import Invalid, Node, NodeReader, join
+from tlvproxy.config.push_sessions import read_sessions
 from tlvproxy.routing import InvalidTemplate, Router, parse_template, route_problems
 from tlvproxy.schema.codec import (
     RENDER_FACTOR,
@@ -103,6 +105,7 @@ _TOP_KEYS: Final = (
     "status_map",
     "envelope",
     "websocket",
+    "sessions",
     "limits",
     "rate_limits",
     "redis",
@@ -280,6 +283,15 @@ class _TableLoader:
             )
         commands = self._commands(top.get("commands"), framing, json_options, upstreams, schema)
         websocket = self._websocket(top.get("websocket"), upstreams, commands)
+        sessions = read_sessions(
+            self.r,
+            top.get("sessions"),
+            upstreams=upstreams,
+            commands=commands,
+            websocket=websocket,
+            authenticators=self.authenticators,
+            warn=self.warn,
+        )
         listen = sections.read_listen(self.r, top.get("listen"))
         tls, certificates = read_tls(self.r, top.get("tls"), self.base, self.warn)
         self._check_https(top, listen, tls)
@@ -305,6 +317,7 @@ class _TableLoader:
             "status_map": sections.read_status_map(self.r, top.get("status_map"), framing),
             "envelope": r.get(top, "envelope", "", nodes.boolean, False),
             "websocket": websocket,
+            "sessions": sessions,
             "limits": sections.read_limits(self.r, top.get("limits")),
             "rate_limits": self._rate_limits(top.get("rate_limits"), commands, redis),
             "redis": redis,
@@ -1055,7 +1068,7 @@ def _codecs(
 
 def route_lines(table: Table) -> list[str]:
     """The `tlvproxy check` listing: one row per command (REST routes, WebSocket-only
-    commands and pushes), then the WebSocket endpoint."""
+    commands and pushes), then the WebSocket endpoint and the push sessions'."""
     header = ("NAME", "COMMAND", "METHOD", "PATH", "UPSTREAM", "TYPES")
     rows: list[tuple[str, ...]] = [header]
     for command in table.commands:
@@ -1091,5 +1104,10 @@ def route_lines(table: Table) -> list[str]:
         if ws.uid is not None:
             extras.append(f"uid {ws.uid}")
         lines.append(f"websocket: {ws.path} -> upstream {ws.upstream} ({', '.join(extras)})")
+    sessions = table.sessions
+    if sessions is not None:
+        lines.append(
+            f"sessions: {sessions.path} -> upstream {sessions.upstream} (SSE, long polling)"
+        )
     lines.append(f"{len(table.commands)} commands, table version {table.version}")
     return lines

@@ -298,6 +298,20 @@ class WebSocketSpec:
 
 
 @attrs.frozen(slots=True, kw_only=True)
+class SessionsSpec:
+    """Push sessions over plain HTTP, SSE and long polling (docs/push-sessions.md)."""
+
+    path: str = "/v1/sessions"
+    upstream: str
+    hash_on: KeyExpr | None = None
+    uid: KeyExpr | None = None
+    auth: str | None = None  # the authenticator every request of a session needs; None: public
+    idle_timeout: float = 60.0  # closed after this long with no stream, poll or send
+    poll_timeout: float = 25.0  # the longest a long poll waits
+    max_buffered: int = 256  # pushes kept for resuming
+
+
+@attrs.frozen(slots=True, kw_only=True)
 class Limits:
     max_header_bytes: int = 16 * 1024
     max_request_body: int = 1024 * 1024
@@ -389,6 +403,7 @@ class Table:
     status_map: Mapping[int, int] = attrs.field(factory=dict)
     envelope: bool = False
     websocket: WebSocketSpec | None = None
+    sessions: SessionsSpec | None = None
     limits: Limits = Limits()
     rate_limits: tuple[RateLimitRule, ...] = ()
     redis: RedisSpec | None = None
