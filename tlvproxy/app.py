@@ -48,6 +48,7 @@ from tlvproxy.server.admission import (
     refuse,
     upstream_reserve,
 )
+from tlvproxy.server.handoff import MAX_LEFTOVER, Handoff
 from tlvproxy.server.http_conn import (
     DeadlineTimer,
     DrainSignal,
@@ -59,6 +60,8 @@ from tlvproxy.server.http_conn import (
     serve_http_connection,
 )
 from tlvproxy.server.parser_choice import resolve_parser_name
+from tlvproxy.server.push_http import PushEndpoints
+from tlvproxy.server.push_sessions import PushSessions
 from tlvproxy.server.rest import RestHandler, error_response_for, render_error, request_id_of
 from tlvproxy.server.tls import handshake
 from tlvproxy.server.traffic import CommandTraffic, Traffic
@@ -169,10 +172,13 @@ class Gateway:
         serve_admin: bool = True,
         load: Callable[[], CompiledTable] | None = None,
         runtime_dir: Path | None = None,
+        worker: int = 0,
     ) -> None:
         """`runtime_dir`: where the `store: local` rate limits live, shared with
-        the other workers of the gateway (the supervisor's); None: a store of
-        this gateway's own (`_open_local_store`)."""
+        the other workers of the gateway (the supervisor's), and where the
+        workers pass each other the requests of their push sessions; None: a
+        store of this gateway's own (`_open_local_store`), and every push
+        session is this process's. `worker`: this worker's index."""
         self.metrics = metrics
         self._runtime_dir = runtime_dir
         self._local: LocalBuckets | ProcessBuckets | None = None
@@ -225,6 +231,10 @@ class Gateway:
         # The WebSocket sessions admitted, by their stream: the client address
         # each counts against when a trusted proxy forwarded it, else None.
         self._session_addresses: dict[trio.abc.Stream, str | None] = {}
+        # Push sessions (docs/push-sessions.md): this worker's, and, with
+        # workers, the way to the others' (the drain closes them).
+        self.push_sessions = PushSessions(metrics, self._admission, worker)
+        self._handoff = None if runtime_dir is None else Handoff(runtime_dir, worker)
 
     # ------------------------------------------------------------ the table
 
@@ -574,7 +584,8 @@ class Gateway:
                 self._admission.budget,
                 table.limits,
             )
-            rest = RestHandler(self.current, self.metrics, self.access_log, self.tally)
+            push = PushEndpoints(self.push_sessions, self.metrics, self._handoff)
+            rest = RestHandler(self.current, self.metrics, self.access_log, self.tally, push)
             errors = error_response_for(self.current, self.metrics)
             async with trio.open_nursery() as admin_nursery:
                 if admin_listener is not None:
@@ -583,6 +594,14 @@ class Gateway:
                         self._accept, admin_listener, admin, admin_error, False, admin_nursery
                     )
                 async with trio.open_nursery() as connections:
+                    await connections.start(self.push_sessions.run)
+                    if self._handoff is not None:
+                        await connections.start(
+                            self._handoff.serve,
+                            connections,
+                            partial(self._serve_handed, rest, errors),
+                            self._handoff_bytes,
+                        )
                     for listener, tls in listeners:
                         connections.start_soon(
                             self._accept, listener, rest, errors, True, connections, tls
@@ -602,6 +621,8 @@ class Gateway:
                     self.ready = False
                     for listener, _ in listeners:
                         await listener.aclose()
+                    if self._handoff is not None:
+                        self._handoff.close()
                     connections.cancel_scope.deadline = (
                         trio.current_time() + self.runtime.table.shutdown_timeout
                     )
@@ -623,6 +644,7 @@ class Gateway:
         self.shutdown.set()
         self._drain_signal.set()
         self.websockets.drain()
+        self.push_sessions.drain()
         self._drain_requested.set()
 
     async def _accept(
@@ -676,10 +698,11 @@ class Gateway:
         handler: Handler | Submitter,
         errors: ErrorHandler,
         tls: bool,
+        received: bytes = b"",
     ) -> None:
         """Serve one admitted client connection, after a TLS handshake when
         `tls`; `counted` is the address it counts against (`counted_address`),
-        released when it ends."""
+        released when it ends. `received`: what another worker read of it."""
         served: trio.abc.Stream = stream
         try:
             table = self.runtime.table
@@ -704,12 +727,38 @@ class Gateway:
                 upgrade=upgrade,
                 drain_signal=self._drain_signal,
                 timer=self._timer,
+                received=received,
             )
         finally:
             sessions = self._session_addresses
             if sessions and served in sessions:
                 self._admission.release_session(sessions.pop(served))
             self._admission.release(counted)
+
+    async def _serve_handed(
+        self,
+        handler: Handler | Submitter,
+        errors: ErrorHandler,
+        stream: trio.SocketStream,
+        peer: str,
+        received: bytes,
+    ) -> None:
+        """Serve a connection another worker passed on for a push session of
+        this one, as one accepted here (docs/push-sessions.md "Workers")."""
+        table = self.runtime.table
+        counted = counted_address(peer, table.trusted_proxies)
+        refusal = self._admission.admit(counted, table.limits)
+        if refusal is not None:
+            self._door.log_refusal(refusal, peer)
+            await refuse(stream, closing_answer(errors(Overloaded(refusal.message), None)))
+            return
+        await self._serve_connection(stream, peer, counted, handler, errors, False, received)
+
+    def _handoff_bytes(self) -> int:
+        """The most request bytes one handoff may carry: a whole request and
+        what may follow it."""
+        limits = self.runtime.table.limits
+        return limits.max_header_bytes + limits.max_request_body + MAX_LEFTOVER + 1024
 
     async def _serve_admin_connection(
         self,

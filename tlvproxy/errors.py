@@ -66,6 +66,13 @@ class RouteNotFound(GatewayError):
     code, http_status = "route_not_found", 404
 
 
+class SessionNotFound(GatewayError):
+    """A push session id that does not exist, has expired, or belongs to
+    another identity: the three answer alike (docs/push-sessions.md "Identity")."""
+
+    code, http_status = "session_not_found", 404
+
+
 class MethodNotAllowed(GatewayError):
     code, http_status = "method_not_allowed", 405
 

@@ -71,6 +71,20 @@ class Metrics:
             ("direction",),
             registry=r,
         )
+        self.push_sessions = Gauge(
+            "tlvproxy_push_sessions",
+            "Push sessions (server-sent events and long polling) open now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.push_messages = Counter(
+            "tlvproxy_push_messages",
+            "Push session messages, by direction (in: from clients, out: to clients) "
+            "and transport (http: messages and their answers, sse: pushes on event "
+            "streams, poll: pushes in poll answers)",
+            ("direction", "transport"),
+            registry=r,
+        )
         self.frames_rejected = Counter(
             "tlvproxy_frames_rejected",
             "Malformed frames and undecodable bodies received from upstreams",

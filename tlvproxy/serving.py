@@ -99,7 +99,7 @@ def run_serve(
 
     def start() -> int:
         if worker_index is not None:
-            return trio.run(_serve_worker, table, load, http_parser, True)
+            return trio.run(_serve_worker, table, load, http_parser, True, None, worker_index)
         if count <= 1:
             return trio.run(_serve_worker, table, load, http_parser, False)
         supervisor = Supervisor(
@@ -204,6 +204,7 @@ async def _serve_worker(
     http_parser: ParserChoice | None,
     is_worker: bool,
     follow: Callable[[TableTarget], Awaitable[None]] | None = None,
+    worker_index: int = 0,
 ) -> int:
     shared = os.environ.get(RUNTIME_DIR_ENV) if is_worker else None
     gateway = Gateway(
@@ -214,6 +215,7 @@ async def _serve_worker(
         serve_admin=not is_worker,
         load=load,
         runtime_dir=None if shared is None else Path(shared),
+        worker=worker_index,
     )
     async with trio.open_nursery() as nursery:
         # Signals are caught before the listeners open: a SIGTERM or SIGHUP that

@@ -15,8 +15,10 @@ worker, and a worker that started on an older table is sent SIGHUP at once.
 With `serve --etcd` (docs/operations.md "Running a fleet") the supervisor's
 process watches etcd (serving.py) and hands each checked revision to
 `Supervisor.replace`, so every worker loads the revision checked there
-(`RunDirSource`). The workers' `store: local` rate limits live in a runtime
-directory the supervisor makes and removes (RUNTIME_DIR_ENV), new for each start.
+(`RunDirSource`). The workers' `store: local` rate limits, and the sockets on
+which they pass each other the requests of their push sessions, live in a
+runtime directory the supervisor makes and removes (RUNTIME_DIR_ENV), new for
+each start.
 Must not: handle REST or WebSocket traffic, or run a gateway itself
 (serving.py runs one per process).
 """

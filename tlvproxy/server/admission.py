@@ -93,24 +93,25 @@ class Admission:
     """One worker's client connections, counted at accept and at release.
 
     `budget` is how many descriptors client connections may hold: each client
-    connection takes one, each WebSocket session one more for its upstream
-    connection. Pure bookkeeping, O(1) per connection: a count, and a count
+    connection takes one, each WebSocket or push session one more for its
+    upstream connection. Pure bookkeeping, O(1) per connection: a count, and a count
     per client address that is dropped when it reaches zero (so the dict holds
     at most one entry per open connection).
     """
 
-    __slots__ = ("budget", "clients", "per_address", "sessions")
+    __slots__ = ("budget", "clients", "per_address", "pushes", "sessions")
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.clients = 0
-        self.sessions = 0
+        self.sessions = 0  # upstream connections of sessions, WebSocket and push
+        self.pushes = 0  # push sessions, which hold no client connection of their own
         self.per_address: dict[str, int] = {}
 
     def admit(self, address: str | None, limits: Limits) -> Refusal | None:
         """Count a new client connection from `address` (None: counted in all
         only); None when it is admitted, else why not (nothing is counted)."""
-        if self.clients >= limits.max_connections:
+        if self.clients + self.pushes >= limits.max_connections:
             return Refusal(
                 "max_connections",
                 f"the gateway holds max_connections ({limits.max_connections}) "
@@ -142,6 +143,28 @@ class Admission:
         self.sessions -= 1
         if address is not None:
             self._drop(address)
+
+    def admit_push_session(self, address: str, limits: Limits) -> Refusal | None:
+        """Count a push session opened by the client `address`: it holds an
+        upstream connection, and counts as a client connection against both
+        limits (docs/operations.md "Connections and file descriptors"); None
+        when admitted, else why not."""
+        if self.clients + self.pushes >= limits.max_connections:
+            return Refusal(
+                "max_connections",
+                f"the gateway holds max_connections ({limits.max_connections}) "
+                "connections and push sessions; try again later",
+            )
+        refusal = self._take(address, limits)
+        if refusal is None:
+            self.sessions += 1
+            self.pushes += 1
+        return refusal
+
+    def release_push_session(self, address: str) -> None:
+        """A push session admitted with `address` has ended."""
+        self.pushes -= 1
+        self.release_session(address)
 
     def _take(self, address: str | None, limits: Limits) -> Refusal | None:
         """A descriptor from the budget and, for `address`, a place under its

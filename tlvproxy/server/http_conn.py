@@ -187,6 +187,14 @@ class Answer:
         if not connection._in_batch and order and order[0] is self:
             connection._write_ready()
 
+    def take_over(self, handler: UpgradeHandler) -> None:
+        """Instead of an answer, hand the connection to `handler(request,
+        stream, leftover)` once every earlier answer is written (a stream of
+        events, or a push session's owner in another worker): called by the
+        Submitter from `submit`, it ends HTTP on this connection."""
+        self.keep_alive = False
+        self._connection._taken = (self, handler)
+
 
 Handler = Callable[[Request], Awaitable[Response]]
 ErrorHandler = Callable[[GatewayError, Request | None], Response]
@@ -221,6 +229,7 @@ async def serve_http_connection(
     draining: Callable[[], bool] = _never,
     drain_signal: DrainSignal | None = None,
     timer: DeadlineTimer | None = None,
+    received: bytes = b"",
 ) -> None:
     """Serve HTTP/1.1 on `stream` until either side closes it; always close it.
 
@@ -232,9 +241,12 @@ async def serve_http_connection(
     then the connection closes; a GatewayError from it is answered the same
     way but keeps the connection. A GET with `Upgrade: websocket` goes to
     `upgrade(request, stream, leftover)` when given, once every earlier answer
-    is written; it owns the stream until it returns. The time limits fire from
+    is written; it owns the stream until it returns, and so does the handler
+    a Submitter gives `Answer.take_over`. The time limits fire from
     `timer` (a running `DeadlineTimer`), or from a timer of the connection's
-    own. Returns normally; only trio.Cancelled and KeyboardInterrupt get out.
+    own. `received`: bytes of the connection read before (by another worker,
+    which handed it over), parsed first. Returns normally; only
+    trio.Cancelled and KeyboardInterrupt get out.
     """
     connection = _Connection(
         stream,
@@ -246,6 +258,8 @@ async def serve_http_connection(
         draining,
         drain_signal,
     )
+    if received:
+        connection._parser.receive_data(received)
     if drain_signal is not None:
         drain_signal._connections.add(connection)
     try:
@@ -277,10 +291,9 @@ async def serve_http_connection(
         # is light): the connection, its parser and its nursery go now.
         del connection, nursery
         if handover is not None:
-            assert upgrade is not None  # a handover needs an upgrade handler
-            request, leftover = handover
+            takes_over, request, leftover = handover
             try:
-                await upgrade(request, stream, leftover)
+                await takes_over(request, stream, leftover)
             except Exception:
                 log.exception("upgraded connection from %s failed", remote_addr)
     finally:
@@ -337,8 +350,12 @@ class _Connection:
         self._close_after_answers = False  # draining: close once the order is empty
         self._broken = False  # a write failed: the peer is gone
         self._closed = False  # the stream is closed: late answers are dropped
-        # An upgrade's request and the bytes past it, for `upgrade`.
-        self._handover: tuple[Request, bytes] | None = None
+        # What the connection is handed to once HTTP ends on it: the upgrade
+        # handler (or a Submitter's, `Answer.take_over`), the request and the
+        # bytes past it.
+        self._handover: tuple[UpgradeHandler, Request, bytes] | None = None
+        # The answer a Submitter gave `Answer.take_over`, and its handler.
+        self._taken: tuple[Answer, UpgradeHandler] | None = None
         # The connection's one cancel scope: armed with a deadline only while it
         # waits for bytes (see `_serve_requests`), cancelled by the drain signal
         # only while idle.
@@ -493,6 +510,9 @@ class _Connection:
                     keep_alive = head.keep_alive
                 if self._submit is not None:
                     if not self._submit_request(request, keep_alive):
+                        if self._taken is not None:
+                            await self._hand_over_taken(request)
+                            return False
                         return True
                 elif not await self._answer(request, keep_alive):
                     return True
@@ -532,6 +552,7 @@ class _Connection:
         except Exception:
             # The path, not the target: a query may hold a token (docs/security.md).
             log.exception("handler failed on %s %s", request.method, request.path)
+            self._taken = None
             answer.keep_alive = False
             answer.set(self._internal_error(request))
         return answer.keep_alive
@@ -581,7 +602,20 @@ class _Connection:
         await self._settle(0)
         if self._closing:
             return
-        self._handover = (request, self._parser.trailing_data())
+        self._handover = (self._upgrade, request, self._parser.trailing_data())
+
+    async def _hand_over_taken(self, request: Request) -> None:
+        # The same for a request whose Submitter took the connection over: its
+        # answer, never set, leaves the order (it is the last one there).
+        assert self._taken is not None  # the caller checked
+        answer, handler = self._taken
+        order = self._order
+        if order and order[-1] is answer:
+            order.pop()
+        await self._settle(0)
+        if self._closing:
+            return
+        self._handover = (handler, request, self._parser.trailing_data())
 
     def _request(self, head: RequestHead, body: bytes) -> Request:
         path, query = split_target(head.target)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from tlvproxy.metrics import Metrics, RequestTally
     from tlvproxy.policy.ratelimit import Refusal
     from tlvproxy.server.access_log import AccessLog
+    from tlvproxy.server.push_http import PushEndpoints
 
 _JSON = "application/json"
 # A caller's request id that can be echoed as a header value as it is.
@@ -126,6 +127,7 @@ class RestHandler:
         metrics: Metrics,
         access_log: AccessLog,
         tally: RequestTally,
+        push: PushEndpoints | None = None,
     ) -> None:
         # Each request reads `runtime()` once and keeps it: in-flight requests
         # finish on the table they started with (docs/operations.md "Reload").
@@ -134,6 +136,8 @@ class RestHandler:
         self._access_log = access_log
         # Requests are counted in plain numbers, published once per pass.
         self._tally = tally
+        # The requests under `sessions.path` (docs/push-sessions.md).
+        self._push = push
 
     def submit(self, request: Request, answer: Answer) -> None:
         """Answer `request` through `answer`, now or when the upstream replies."""
@@ -150,6 +154,18 @@ class RestHandler:
                 exchange.preflight(table.cors, origin, asked)
                 return
             exchange.cors = cors.answer_headers(table.cors, origin)
+        sessions = table.sessions
+        if (
+            sessions is not None
+            and request.path.startswith(sessions.path)
+            and self._push is not None
+            and self._push.submit(
+                runtime, request, answer, exchange.request_id, exchange.client_ip, exchange.cors
+            )
+        ):
+            # A push session's request: checked by the worker that holds the
+            # session, wherever the connection landed.
+            return
         try:
             assert table.router is not None  # the loader always builds one
             # The WAF sees every request, routed or not: probes of unknown paths

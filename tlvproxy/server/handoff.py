@@ -1,0 +1,287 @@
+"""A request for a push session, served by the worker that holds the session
+(docs/push-sessions.md "Workers").
+
+With `workers: N` the kernel hands each new connection to any worker, but a
+session lives in one. The worker that reads a request for another's session
+passes it the connection: the client's socket (SCM_RIGHTS, over a Unix
+socket each worker listens on in the supervisor's private runtime
+directory), with the request it read written again as HTTP/1.1 and the bytes
+past it. The owner serves the connection from there as if it had accepted
+it. A TLS connection cannot be passed (its keys live in this process): the
+owner gets one end of a socket pair instead, and this worker relays the
+plain bytes between it and the client until either side closes.
+
+Owns: the listening socket of one worker, passing a connection (bounded:
+MAX_PENDING at once, HANDOFF_TIMEOUT each, the request and MAX_LEFTOVER
+bytes past it), receiving one (the same bounds, exactly one descriptor,
+which must be a stream socket), the relay of a TLS connection, and the
+answer when the owner cannot take it: `session_not_found` when it does not
+run (its sessions went with it), `overloaded` when it does not answer in time.
+Must not: serve HTTP on the connections it receives (the gateway does, as
+connections it accepted), or parse requests.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import socket
+import struct
+from functools import partial
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from tlvproxy.errors import GatewayError, Overloaded, SessionNotFound
+from tlvproxy.server.admission import closing_answer, refuse
+from tlvproxy.server.rest import render_error
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from pathlib import Path
+
+    from tlvproxy.server.http_conn import Request, UpgradeHandler
+
+# Bounds: handoffs one worker sends at once and receives at once; the time
+# one may take; the bytes past the request that may go with it.
+MAX_PENDING: Final = 64
+HANDOFF_TIMEOUT: Final = 5.0
+MAX_LEFTOVER: Final = 256 * 1024
+_MAX_PEER: Final = 64  # an IPv6 address in text is at most 45 characters
+_MAGIC: Final = b"TLVH"
+# magic, the peer address's length, the request bytes' length; then both.
+_HEAD: Final = struct.Struct("!4sHI")
+_DESCRIPTOR: Final = array.array("i", [0]).itemsize
+_RELAY_SIZE: Final = 65536
+# Headers the request is written again without: its body is whole now, and a
+# `100 Continue` was answered (or not) by the worker that read it.
+_DROPPED: Final = frozenset({"content-length", "transfer-encoding", "expect"})
+
+log = logging.getLogger("tlvproxy.sessions")
+
+
+def socket_path(directory: Path, worker: int) -> Path:
+    """Where worker `worker` takes the connections of its sessions."""
+    return directory / "sessions" / f"worker-{worker}.sock"
+
+
+def request_bytes(request: Request) -> bytes:
+    """`request` as HTTP/1.1 bytes the owner's parser reads as the same request.
+
+    Header names and values are the bytes received (latin-1 both ways); the
+    body, read whole (chunked or not), goes with its Content-Length.
+    """
+    lines = [f"{request.method} {request.target} HTTP/{request.http_version}"]
+    lines.extend(f"{name}: {value}" for name, value in request.headers if name not in _DROPPED)
+    if request.body or request.method not in ("GET", "HEAD"):
+        lines.append(f"content-length: {len(request.body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body
+
+
+class Handoff:
+    """One worker's end of the handoffs: it passes connections to the other
+    workers (`handler`) and takes theirs (`serve`)."""
+
+    def __init__(self, directory: Path, worker: int) -> None:
+        self._directory = directory
+        self.worker = worker
+        self._sending = 0
+        self._receiving = 0
+        self._accepting: trio.CancelScope | None = None
+
+    # ------------------------------------------------------------ passing
+
+    def handler(self, owner: int, request_id: str) -> UpgradeHandler:
+        """What takes over a connection whose request is for a session of
+        worker `owner` (`Answer.take_over`): it passes the connection on."""
+        return partial(self._pass, owner, request_id)
+
+    async def _pass(
+        self,
+        owner: int,
+        request_id: str,
+        request: Request,
+        stream: trio.abc.Stream,
+        leftover: bytes,
+    ) -> None:
+        error: GatewayError | None = None
+        relay: socket.socket | None = None
+        if len(leftover) > MAX_LEFTOVER or self._sending >= MAX_PENDING:
+            error = Overloaded("too many requests are on their way between workers; try again")
+        else:
+            data = request_bytes(request) + leftover
+            self._sending += 1
+            try:
+                if isinstance(stream, trio.SocketStream):
+                    error = await self._send(
+                        owner, request.remote_addr, stream.socket.fileno(), data
+                    )
+                else:
+                    relay, theirs = socket.socketpair()
+                    with theirs:
+                        error = await self._send(owner, request.remote_addr, theirs.fileno(), data)
+            finally:
+                self._sending -= 1
+        if error is not None:
+            if relay is not None:
+                relay.close()
+            log.info(
+                "push session request not passed to its worker",
+                extra={"request_id": request_id, "worker": owner, "error": error.message},
+            )
+            response = render_error(error, request_id, envelope=False)
+            await refuse(stream, closing_answer(response))
+        elif relay is not None:
+            await _relay(stream, relay)
+
+    async def _send(
+        self, owner: int, peer: str, descriptor: int, data: bytes
+    ) -> GatewayError | None:
+        """Pass `descriptor` and `data` to worker `owner`; the error to answer
+        when it could not be."""
+        peer_bytes = peer.encode()[:_MAX_PEER]
+        head = _HEAD.pack(_MAGIC, len(peer_bytes), len(data)) + peer_bytes
+        with trio.move_on_after(HANDOFF_TIMEOUT):
+            with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                try:
+                    await sock.connect(str(socket_path(self._directory, owner)))
+                except (FileNotFoundError, ConnectionRefusedError):
+                    # No such worker, or it is not running: its sessions are gone.
+                    return SessionNotFound("no such push session: its worker is not running")
+                except OSError as exc:
+                    log.warning("cannot reach a worker", extra={"worker": owner, "error": str(exc)})
+                    return Overloaded("the session's worker cannot be reached; try again")
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [descriptor]))]
+                sent = await sock.sendmsg([head], rights)
+                view = memoryview(head[sent:] + data)
+                while view:
+                    view = view[await sock.send(view) :]
+            return None
+        # The owner did not read in time: it never serves a request it did
+        # not read whole, so this worker answers.
+        return Overloaded("the session's worker did not answer in time; try again")
+
+    # ------------------------------------------------------------ receiving
+
+    async def serve(
+        self,
+        nursery: trio.Nursery,
+        accept: Callable[[trio.SocketStream, str, bytes], Awaitable[None]],
+        max_bytes: Callable[[], int],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Take the connections other workers pass, until `close()`; each one
+        received whole goes to `accept(stream, peer, received)` in `nursery`.
+        `max_bytes()`: the most request bytes one may carry."""
+        path = socket_path(self._directory, self.worker)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        # A restarted worker takes over the path of the one it replaces.
+        path.unlink(missing_ok=True)
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with listener:
+            await listener.bind(str(path))
+            listener.listen(MAX_PENDING)
+            with trio.CancelScope() as self._accepting:
+                task_status.started()
+                while True:
+                    conn, _ = await listener.accept()
+                    if self._receiving >= MAX_PENDING:
+                        conn.close()  # the sender answers `overloaded`
+                        continue
+                    self._receiving += 1
+                    nursery.start_soon(self._receive, conn, accept, max_bytes())
+        path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Stop taking connections (the drain); those received are served."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    async def _receive(
+        self,
+        conn: trio.socket.SocketType,
+        accept: Callable[[trio.SocketStream, str, bytes], Awaitable[None]],
+        max_bytes: int,
+    ) -> None:
+        received: tuple[socket.socket, str, bytes] | None = None
+        try:
+            with conn, trio.move_on_after(HANDOFF_TIMEOUT):
+                received = await _read_handoff(conn, max_bytes)
+        finally:
+            self._receiving -= 1
+        if received is None:
+            return
+        client, peer, data = received
+        await accept(trio.SocketStream(trio.socket.from_stdlib_socket(client)), peer, data)
+
+
+async def _read_handoff(
+    conn: trio.socket.SocketType, max_bytes: int
+) -> tuple[socket.socket, str, bytes] | None:
+    """One handoff: the client's socket, its address and the request bytes;
+    None (logged) for anything else, whose descriptors are closed."""
+    data, ancillary, flags, _ = await conn.recvmsg(_HEAD.size, socket.CMSG_SPACE(_DESCRIPTOR))
+    descriptors: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _DESCRIPTOR
+            descriptors.extend(array.array("i", payload[:usable]))
+    client: socket.socket | None = None
+    try:
+        if len(descriptors) != 1 or flags & socket.MSG_CTRUNC:
+            raise ValueError(f"{len(descriptors)} descriptors")
+        client = socket.socket(fileno=descriptors[0])
+        descriptors.clear()  # the socket object owns it now
+        if client.type != socket.SOCK_STREAM:
+            raise ValueError("not a stream socket")
+        data += await _read_exactly(conn, _HEAD.size - len(data))
+        magic, peer_length, length = _HEAD.unpack(data)
+        if magic != _MAGIC or peer_length > _MAX_PEER or length > max_bytes:
+            raise ValueError(f"a head of {peer_length}, {length} bytes")
+        peer = (await _read_exactly(conn, peer_length)).decode("ascii")
+        request = await _read_exactly(conn, length)
+    except (ValueError, OSError, EOFError) as exc:
+        log.warning("a malformed handoff was dropped", extra={"error": str(exc)})
+        for descriptor in descriptors:
+            with contextlib.suppress(OSError):
+                socket.close(descriptor)
+        if client is not None:
+            client.close()
+        return None
+    return client, peer, request
+
+
+async def _read_exactly(conn: trio.socket.SocketType, size: int) -> bytes:
+    parts = bytearray()
+    while len(parts) < size:
+        chunk = await conn.recv(min(size - len(parts), _RELAY_SIZE))
+        if not chunk:
+            raise EOFError("the handoff ended early")
+        parts += chunk
+    return bytes(parts)
+
+
+async def _relay(client: trio.abc.Stream, relay: socket.socket) -> None:
+    """Copy bytes both ways between `client` (TLS) and the owner's end of the
+    pair until the owner closes, or the client does and the owner answers."""
+    owner = trio.SocketStream(trio.socket.from_stdlib_socket(relay))
+    async with owner, trio.open_nursery() as nursery:
+
+        async def to_owner() -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await client.receive_some(_RELAY_SIZE):
+                    await owner.send_all(data)
+                await owner.send_eof()
+                return
+            nursery.cancel_scope.cancel()
+
+        async def to_client() -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await owner.receive_some(_RELAY_SIZE):
+                    await client.send_all(data)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(to_owner)
+        nursery.start_soon(to_client)

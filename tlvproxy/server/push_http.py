@@ -1,0 +1,333 @@
+"""The HTTP endpoints of push sessions under `sessions.path` (docs/push-sessions.md).
+
+Owns: what each request under the path may do and its answer: create a
+session (201), stream its pushes (`events`: the connection is taken over by an
+`EventStream`), poll them, send a json-mode message, delete it; the checks
+every one of them passes (the WAF, the credentials of `sessions.auth`, the
+session's identity: another identity's session is `session_not_found`, as an
+unknown one is); and sending a request for another worker's session to that
+worker (`Handoff`).
+Must not: parse HTTP, keep sessions (`push_sessions.py`), or write an event
+stream (`push_stream.py`).
+
+Requests are state, not tasks, as on REST (docs/reference.md "How a request
+flows"): `submit` answers at once, or leaves the answer to whoever has it (the
+session's task once its upstream connection is open, the upstream
+connection's reader for a message's answer or a poll's push).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, Final
+
+from tlvproxy.errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    Overloaded,
+    RouteNotFound,
+    SessionNotFound,
+    ShuttingDown,
+)
+from tlvproxy.server import push_wire, session_core, ws_json
+from tlvproxy.server.http_conn import Response
+from tlvproxy.server.push_sessions import DELETED, PushSession, who
+from tlvproxy.server.push_stream import EventStream
+from tlvproxy.server.rest import render_error, waf_inspect
+from tlvproxy.server.view import RequestContext
+from tlvproxy.stores.limits import Pending
+
+if TYPE_CHECKING:
+    import trio
+
+    from tlvproxy.config.model import CommandSpec, SessionsSpec
+    from tlvproxy.metrics import Metrics
+    from tlvproxy.policy.ratelimit import Refusal
+    from tlvproxy.server.handoff import Handoff
+    from tlvproxy.server.http_conn import Answer, Request
+    from tlvproxy.server.push_sessions import PushSessions
+    from tlvproxy.server.runtime import TableRuntime
+
+_JSON: Final = "application/json"
+
+log = logging.getLogger("tlvproxy.sessions")
+
+
+class _Reply:
+    """How one request is answered: its answer slot, its id and the CORS
+    headers a page of another origin needs."""
+
+    __slots__ = ("answer", "cors", "request_id")
+
+    def __init__(self, answer: Answer, request_id: str, cors: list[tuple[str, str]] | None) -> None:
+        self.answer = answer
+        self.request_id = request_id
+        self.cors = cors
+
+    def headers(self) -> list[tuple[str, str]]:
+        headers = [("X-Request-Id", self.request_id)]
+        if self.cors is not None:
+            headers += self.cors
+        return headers
+
+    def json(self, status: int, body: bytes, *extra: tuple[str, str]) -> None:
+        headers = [("Content-Type", _JSON), *self.headers(), *extra]
+        self.answer.set(Response(status=status, headers=headers, body=body, checked=True))
+
+    def empty(self, status: int) -> None:
+        self.answer.set(Response(status=status, headers=self.headers(), checked=True))
+
+    def error(self, error: GatewayError) -> None:
+        response = render_error(error, self.request_id, envelope=False)
+        if self.cors is not None:
+            response = Response(
+                status=response.status,
+                headers=[*response.headers, *self.cors],
+                body=response.body,
+                checked=True,
+            )
+        self.answer.set(response)
+
+
+class PushEndpoints:
+    """Answers the requests under `sessions.path` of the table they come with."""
+
+    def __init__(
+        self, sessions: PushSessions, metrics: Metrics, handoff: Handoff | None = None
+    ) -> None:
+        self._sessions = sessions
+        self._metrics = metrics
+        self._handoff = handoff  # None: one worker, which owns every session
+        self._in = metrics.push_messages.labels("in", "http")
+        self._out = metrics.push_messages.labels("out", "http")
+
+    def submit(
+        self,
+        runtime: TableRuntime,
+        request: Request,
+        answer: Answer,
+        request_id: str,
+        client_ip: str,
+        cors: list[tuple[str, str]] | None,
+    ) -> bool:
+        """Answer `request` through `answer`, now or later; False when its path
+        only starts like `sessions.path` (`/v1/sessionsX`), for REST to route."""
+        spec = runtime.table.sessions
+        assert spec is not None  # the caller checked
+        try:
+            target = push_wire.parse_target(spec.path, request.path)
+        except LookupError:
+            target = None
+            reply = _Reply(answer, request_id, cors)
+            self._refused(reply, request, client_ip, RouteNotFound(f"no route for {request.path}"))
+            return True
+        if target is None:
+            return False
+        reply = _Reply(answer, request_id, cors)
+        try:
+            method = push_wire.METHODS[target.action]
+            if request.method != method:
+                raise MethodNotAllowed(
+                    f"{request.method} is not allowed on {request.path}; use {method}",
+                    allow=(method,),
+                )
+            if target.session_id is None:
+                self._create(runtime, spec, request, reply, client_ip)
+                return True
+            owner = push_wire.owner_of(target.session_id)
+            if owner is None:
+                raise SessionNotFound(f"no push session {target.session_id[:64]!r}")
+            if owner != self._sessions.worker:
+                if self._handoff is None:
+                    raise SessionNotFound(f"no push session {target.session_id!r}")
+                # Served by the worker that holds it, on this very connection
+                # (docs/push-sessions.md "Workers").
+                answer.take_over(self._handoff.handler(owner, request_id))
+                return True
+            self._serve(runtime, spec, request, reply, client_ip, target)
+        except GatewayError as error:
+            self._refused(reply, request, client_ip, error)
+        return True
+
+    def _refused(
+        self, reply: _Reply, request: Request, client_ip: str, error: GatewayError
+    ) -> None:
+        log.info(
+            "push session request refused",
+            extra={
+                "request_id": reply.request_id,
+                "client_ip": client_ip,
+                "method": request.method,
+                "path": request.path,
+                "error": error.message,
+            },
+        )
+        reply.error(error)
+
+    def _context(self, runtime: TableRuntime, request: Request, client_ip: str) -> RequestContext:
+        if runtime.waf.inspects_requests:
+            waf_inspect(runtime, self._metrics, request)
+        return RequestContext(
+            remote_addr=client_ip, headers=request.headers, query_string=request.query_string
+        )
+
+    # ------------------------------------------------------------ create
+
+    def _create(
+        self,
+        runtime: TableRuntime,
+        spec: SessionsSpec,
+        request: Request,
+        reply: _Reply,
+        client_ip: str,
+    ) -> None:
+        sessions = self._sessions
+        if sessions.is_draining():
+            raise ShuttingDown("the gateway is shutting down; open the session elsewhere")
+        context = self._context(runtime, request, client_ip)
+        session_core.authenticate(runtime, spec, context, request)
+        uid = session_core.session_uid(spec, context)
+        key = session_core.hash_key(spec, context)
+        refusal = sessions.admit(client_ip, runtime.table.limits)
+        if refusal is not None:
+            raise Overloaded(refusal.message)
+        session = PushSession(
+            registry=sessions,
+            runtime=runtime,
+            spec=spec,
+            context=context,
+            uid=uid,
+            request_id=reply.request_id,
+            path=request.path,
+        )
+        sessions.start(
+            session, runtime.pools[spec.upstream], key, partial(self._opened, session, reply)
+        )
+
+    def _opened(self, session: PushSession, reply: _Reply, error: GatewayError | None) -> None:
+        if error is not None:
+            reply.error(error)
+            return
+        base = f"{session.spec.path}/{session.id}"
+        body = ws_json.dumps(
+            {
+                "session": session.id,
+                "events": f"{base}/events",
+                "poll": f"{base}/poll",
+                "messages": f"{base}/messages",
+            }
+        )
+        reply.json(201, body, ("Location", base))
+
+    # ------------------------------------------------------------ a session's requests
+
+    def _serve(
+        self,
+        runtime: TableRuntime,
+        spec: SessionsSpec,
+        request: Request,
+        reply: _Reply,
+        client_ip: str,
+        target: push_wire.SessionTarget,
+    ) -> None:
+        context = self._context(runtime, request, client_ip)
+        expires = session_core.authenticate(runtime, spec, context, request)
+        session_id = target.session_id
+        assert session_id is not None  # `create` has none, and went elsewhere
+        session = self._sessions.get(session_id)
+        if session is None or session.opened_by != who(context.identity):
+            # Another identity's session is as unknown as one that never was.
+            raise SessionNotFound(f"no push session {session_id!r}")
+        session.touch()
+        action = target.action
+        if action == "events":
+            given = request.header("last-event-id")
+            if given is None:
+                given, what = context.query.get("after"), "after"
+            else:
+                what = "Last-Event-ID"
+            after = push_wire.parse_after(given, what)
+            handler = partial(_serve_stream, session, after, expires, reply.headers())
+            reply.answer.take_over(handler)
+        elif action == "poll":
+            after = push_wire.parse_after(context.query.get("after"), "after")
+            session.poll(after, partial(self._poll_answer, reply))
+        elif action == "messages":
+            self._message(session, request, reply)
+        else:
+            session.close(DELETED)
+            reply.empty(204)
+
+    @staticmethod
+    def _poll_answer(reply: _Reply, body: bytes) -> None:
+        reply.json(200, body)
+
+    # ------------------------------------------------------------ messages
+
+    def _message(self, session: PushSession, request: Request, reply: _Reply) -> None:
+        """One json-mode request (docs/websocket.md "json mode"): answered 200
+        with its response or its per-message error, as on a WebSocket."""
+        session.messages_in += 1
+        self._in.inc()
+        answer = partial(self._message_answer, session, reply)
+        try:
+            text = request.body.decode()
+        except UnicodeDecodeError:
+            answer(ws_json.render_error(BadRequest("a message must be UTF-8 JSON text"), None))
+            return
+        runtime = session.runtime
+        try:
+            parsed = ws_json.parse_request(
+                text, runtime.table, session.spec.upstream, session.context
+            )
+        except ws_json.MessageRejected as rejected:
+            answer(ws_json.render_error(rejected.error, rejected.seq))
+            return
+        command, seq = parsed.command, parsed.seq
+        refusal = session_core.identity_refusal(runtime, session.context, command)
+        if refusal is not None:
+            answer(ws_json.render_error(refusal, seq))
+            return
+        verdict = session_core.rate_verdict(runtime, self._metrics, session.context, command)
+        if isinstance(verdict, Pending):
+            # Redis answers on its store's task: the message goes on there.
+            verdict.then(partial(self._admitted, session, command, seq, parsed.body, answer))
+        elif verdict is None:
+            session.send(command, seq, parsed.body, answer)
+        else:
+            answer(ws_json.render_error(verdict, seq))
+
+    def _admitted(
+        self,
+        session: PushSession,
+        command: CommandSpec,
+        seq: int,
+        body: bytes,
+        answer: partial[None],
+        refusal: Refusal | None,
+    ) -> None:
+        if refusal is None:
+            session.send(command, seq, body, answer)
+        else:
+            answer(ws_json.render_error(session_core.refused(self._metrics, refusal), seq))
+
+    def _message_answer(self, session: PushSession, reply: _Reply, text: bytes) -> None:
+        session.messages_out += 1
+        self._out.inc()
+        reply.json(200, text)
+
+
+async def _serve_stream(
+    session: PushSession,
+    after: int,
+    expires: float,
+    headers: list[tuple[str, str]],
+    request: Request,
+    stream: trio.abc.Stream,
+    leftover: bytes,
+) -> None:
+    """The event stream on the connection `events` took over (the request is
+    answered by its head; bytes past it are not read)."""
+    await EventStream(session, stream, expires).run(push_wire.stream_head(headers), after)
