@@ -132,8 +132,13 @@ class Handoff:
             )
             response = render_error(error, request_id, envelope=False)
             await refuse(stream, closing_answer(response))
-        elif relay is not None:
-            await _relay(stream, relay)
+        else:
+            log.debug(
+                "push session request passed to its worker",
+                extra={"request_id": request_id, "worker": owner},
+            )
+            if relay is not None:
+                await _relay(stream, relay)
 
     async def _send(
         self, owner: int, peer: str, descriptor: int, data: bytes
