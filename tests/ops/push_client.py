@@ -30,6 +30,80 @@ class Event:
         return json.loads(self.data)
 
 
+class EventParser:
+    """text/event-stream, sans I/O: `feed` bytes, get the events they complete."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._kind = ""
+        self._data: list[str] = []
+        self.last_id: str | None = None
+        self.comments = 0
+
+    def feed(self, data: bytes) -> list[Event]:
+        self._buffer += data
+        events = []
+        while (line := self._line()) is not None:
+            event = self._take(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _line(self) -> str | None:
+        buffer = self._buffer
+        ends = [i for i in (buffer.find(b"\n"), buffer.find(b"\r")) if i >= 0]
+        if not ends:
+            return None
+        index = min(ends)
+        size = 1
+        if buffer[index : index + 1] == b"\r":
+            if index + 1 == len(buffer):
+                return None  # maybe the first half of \r\n
+            if buffer[index + 1 : index + 2] == b"\n":
+                size = 2
+        line, self._buffer = buffer[:index], buffer[index + size :]
+        return line.decode()
+
+    def _take(self, line: str) -> Event | None:
+        if line == "":
+            data, kind = self._data, self._kind
+            self._data, self._kind = [], ""
+            if not data:
+                return None
+            return Event(kind or "message", self.last_id, "\n".join(data))
+        if line.startswith(":"):
+            self.comments += 1
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self._kind = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id" and "\0" not in value:
+            self.last_id = value
+        return None
+
+
+def split_head(data: bytes) -> tuple[int, dict[str, str], bytes] | None:
+    """(status, headers, the bytes after the head) once `data` holds a whole head."""
+    if b"\r\n\r\n" not in data:
+        return None
+    head, rest = data.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split(" ", 2)[1]), headers, rest
+
+
+def stream_request(target: str, headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"GET {target} HTTP/1.1", "Host: gateway.test", "Accept: text/event-stream"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 class Stream:
     """GET .../events on a connection of its own; `next()` reads one event."""
 
@@ -41,74 +115,29 @@ class Stream:
         sock: socket.socket | None = None,
     ) -> None:
         self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-        lines = [f"GET {target} HTTP/1.1", "Host: gateway.test", "Accept: text/event-stream"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        self._buffer = b""
-        while b"\r\n\r\n" not in self._buffer:
+        self.sock.sendall(stream_request(target, headers))
+        received = b""
+        while (head := split_head(received)) is None:
             chunk = self.sock.recv(65536)
-            assert chunk, f"closed before the head: {self._buffer!r}"
-            self._buffer += chunk
-        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        self.status = int(status_line.split(" ", 2)[1])
-        self.headers = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        self.comments = 0
-        self.last_id: str | None = None
+            assert chunk, f"closed before the head: {received!r}"
+            received += chunk
+        self.status, self.headers, rest = head
+        self.parser = EventParser()
+        self._events = self.parser.feed(rest)
 
-    def body(self) -> bytes:
-        """The rest of a non-stream answer (its Content-Length bytes)."""
-        length = int(self.headers.get("content-length", "0"))
-        while len(self._buffer) < length:
-            self._buffer += self.sock.recv(65536)
-        return self._buffer[:length]
-
-    def _line(self, timeout: float) -> str | None:
-        self.sock.settimeout(timeout)
-        while True:
-            for end in (b"\r\n", b"\n", b"\r"):
-                if end in self._buffer:
-                    break
-            else:
-                end = b""
-            if end:
-                index = self._buffer.index(end)
-                if end == b"\r" and index == len(self._buffer) - 1:
-                    end = b""  # maybe the first half of \r\n
-                else:
-                    line, self._buffer = self._buffer[:index], self._buffer[index + len(end) :]
-                    return line.decode()
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
+    @property
+    def comments(self) -> int:
+        return self.parser.comments
 
     def next(self, timeout: float = DEADLINE) -> Event | None:
         """The next event (comments counted, not returned); None at the end."""
-        kind, data = "", []
-        while True:
-            line = self._line(timeout)
-            if line is None:
+        self.sock.settimeout(timeout)
+        while not self._events:
+            chunk = self.sock.recv(65536)
+            if not chunk:
                 return None
-            if line == "":
-                if data:
-                    return Event(kind or "message", self.last_id, "\n".join(data))
-                kind = ""
-                continue
-            if line.startswith(":"):
-                self.comments += 1
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                kind = value
-            elif name == "data":
-                data.append(value)
-            elif name == "id" and "\0" not in value:
-                self.last_id = value
+            self._events = self.parser.feed(chunk)
+        return self._events.pop(0)
 
     def events(self, count: int, timeout: float = DEADLINE) -> list[Event]:
         found = []

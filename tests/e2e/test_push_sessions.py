@@ -1,0 +1,341 @@
+"""Push sessions (SPEC 8) in one process: the real gateway on the real mock
+upstream, on trio's clock where time matters (poll_timeout, idle_timeout,
+the 15 s comment, credentials that expire), with both HTTP parsers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+import trio.testing
+
+from tests.auth.keys import jwks, rsa_jwk, token
+from tests.e2e.client import HttpClient, fetch
+from tests.ops.push_client import EventParser, split_head, stream_request
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.e2e.client import Answer
+    from tests.e2e.conftest import GatewayFactory
+    from tests.ops.push_client import Event
+    from tlvproxy.app import Gateway
+
+PATH = "/v1/sessions"
+SESSIONS = {"upstream": "im", "hash_on": "query.did", "uid": "query.uid"}
+# Heartbeats are real frames: on a jumping clock they would race it.
+NO_HEARTBEAT = {"im": {"heartbeat": None}}
+
+
+class Events:
+    """An event stream read from a trio socket."""
+
+    def __init__(self, stream: trio.SocketStream, status: int, headers: dict[str, str]) -> None:
+        self.stream = stream
+        self.status = status
+        self.headers = headers
+        self.parser = EventParser()
+        self.pending: list[Event] = []
+
+    @classmethod
+    async def open(
+        cls, gateway: Gateway, target: str, headers: dict[str, str] | None = None
+    ) -> Events:
+        address = gateway.http_address
+        assert address is not None
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        await stream.send_all(stream_request(target, headers))
+        received = b""
+        while (head := split_head(received)) is None:
+            chunk = await stream.receive_some(65536)
+            assert chunk, received
+            received += chunk
+        status, found, rest = head
+        events = cls(stream, status, found)
+        events.pending = events.parser.feed(rest)
+        return events
+
+    async def next(self) -> Event | None:
+        while not self.pending:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                return None
+            self.pending = self.parser.feed(chunk)
+        return self.pending.pop(0)
+
+    async def close(self) -> None:
+        await self.stream.aclose()
+
+
+async def create(
+    gateway: Gateway, query: str = "uid=2&did=a", headers: dict[str, str] | None = None
+) -> str:
+    answer = await fetch(gateway.http_address, "POST", f"{PATH}?{query}", headers=headers)
+    assert answer.status == 201, answer
+    session_id: str = answer.json()["session"]
+    return session_id
+
+
+async def send(
+    gateway: Gateway, session_id: str, message: Any, headers: dict[str, str] | None = None
+) -> Answer:
+    body = message if isinstance(message, bytes) else json.dumps(message)
+    return await fetch(gateway.http_address, "POST", f"{PATH}/{session_id}/messages", body, headers)
+
+
+async def poll(
+    gateway: Gateway, session_id: str, after: int = 0, headers: dict[str, str] | None = None
+) -> Answer:
+    target = f"{PATH}/{session_id}/poll?after={after}"
+    return await fetch(gateway.http_address, "GET", target, headers=headers)
+
+
+async def push(gateway: Gateway, uid: int, text: str) -> None:
+    answer = await fetch(
+        gateway.http_address,
+        "POST",
+        "/v1/messages",
+        {"to_uid": uid, "text": text},
+        {"X-User-Id": "9"},
+    )
+    assert answer.status == 200, answer
+
+
+async def register(gateway: Gateway, session_id: str) -> None:
+    """The session's first frame tells the demo upstream whose it is."""
+    answer = await send(gateway, session_id, {"cmd": "echo", "seq": 0})
+    assert answer.json()["status"] == 0, answer
+
+
+# ---------------------------------------------------------------- time
+
+
+async def test_a_poll_waits_poll_timeout_and_a_stream_gets_a_comment_every_15_s(
+    gateways: GatewayFactory, autojump_clock: Any
+) -> None:
+    gateway = await gateways.start(sessions=SESSIONS, upstreams=NO_HEARTBEAT)
+    session_id = await create(gateway)
+    began = trio.current_time()
+    answer = await poll(gateway, session_id)
+    assert answer.json() == {"messages": [], "next": 0}
+    assert trio.current_time() - began == pytest.approx(25, abs=0.5)  # the default
+
+    events = await Events.open(gateway, f"{PATH}/{session_id}/events")
+    began = trio.current_time()
+    with trio.move_on_after(46):
+        assert await events.next() is None
+    assert events.parser.comments == 3  # at 15, 30 and 45 s
+    # The stream kept the session from expiring (idle_timeout 60 s).
+    assert len(gateway.push_sessions) == 1
+    await events.close()
+
+
+async def test_idle_expiry_counts_from_the_last_stream_poll_or_send(
+    gateways: GatewayFactory, autojump_clock: Any
+) -> None:
+    gateway = await gateways.start(
+        sessions={**SESSIONS, "idle_timeout": "60s", "poll_timeout": "10s"},
+        upstreams=NO_HEARTBEAT,
+    )
+    session_id = await create(gateway)
+    await trio.sleep(50)
+    await register(gateway, session_id)  # a send
+    await trio.sleep(50)
+    assert (await poll(gateway, session_id)).status == 200  # a poll of 10 s
+    await trio.sleep(59)
+    assert len(gateway.push_sessions) == 1
+    await trio.sleep(2)
+    assert len(gateway.push_sessions) == 0
+    gone = await poll(gateway, session_id)
+    assert (gone.status, gone.json()["error"]["code"]) == (404, "session_not_found")
+    assert gateway.metrics.registry.get_sample_value("tlvproxy_push_sessions") == 0
+
+
+async def test_a_stream_ends_when_its_token_expires(
+    gateways: GatewayFactory, tmp_path: Path, autojump_clock: Any
+) -> None:
+    keys = tmp_path / "jwks.json"
+    keys.write_text(jwks(rsa_jwk()))
+    users = {
+        "name": "users",
+        "type": "jwt",
+        "keys": str(keys),
+        "token_from": ["query.access_token"],
+    }
+    gateway = await gateways.start(
+        auth=[users],
+        sessions={**SESSIONS, "auth": "users", "uid": "auth.sub", "idle_timeout": "1h"},
+        upstreams=NO_HEARTBEAT,
+    )
+    session_id = await create(gateway, f"did=a&access_token={token({'sub': '7'})}")
+    expiry = int(time.time()) + 120
+    short = token({"sub": "7", "exp": expiry})
+    events = await Events.open(gateway, f"{PATH}/{session_id}/events?access_token={short}")
+    began = trio.current_time()
+    assert await events.next() is None  # ended, without an event: the session goes on
+    assert trio.current_time() - began == pytest.approx(expiry - time.time(), abs=2)
+    assert len(gateway.push_sessions) == 1
+    renewed = token({"sub": "7"})
+    assert (await poll(gateway, session_id, headers=None)).status == 401
+    again = await Events.open(gateway, f"{PATH}/{session_id}/events?access_token={renewed}")
+    assert again.status == 200
+    await again.close()
+
+
+async def test_a_message_the_upstream_does_not_answer_gets_upstream_timeout(
+    gateways: GatewayFactory, autojump_clock: Any
+) -> None:
+    gateway = await gateways.start(sessions=SESSIONS, upstreams=NO_HEARTBEAT)
+    session_id = await create(gateway)
+    answer = await send(gateway, session_id, {"cmd": "echo", "seq": 3, "body": {"_delay_ms": 9000}})
+    assert answer.status == 200
+    assert answer.json()["seq"] == 3
+    assert answer.json()["error"]["code"] == "upstream_timeout"
+
+
+# ---------------------------------------------------------------- requests
+
+
+async def test_messages_pass_the_policy_of_websocket_messages(gateways: GatewayFactory) -> None:
+    gateway = await gateways.start(
+        sessions=SESSIONS,
+        rate_limits=[{"name": "echoes", "commands": ["echo"], "key": "query.uid", "rate": "1/m"}],
+    )
+    session_id = await create(gateway)
+    first = await send(gateway, session_id, {"cmd": "echo", "seq": 1, "body": {"a": 1}})
+    assert first.json() == {"cmd": "echo", "seq": 1, "status": 0, "body": {"a": 1}}
+    limited = await send(gateway, session_id, {"cmd": "echo", "seq": 2})
+    assert (limited.status, limited.json()["error"]["code"]) == (200, "rate_limited")
+    for body, code in (
+        (b"{not json", "bad_request"),
+        (b"\xff\xfe", "bad_request"),
+        ({"cmd": "new_message", "seq": 4}, "bad_request"),
+        ({"cmd": "echo"}, "bad_request"),
+    ):
+        answer = await send(gateway, session_id, body)
+        assert (answer.status, answer.json()["error"]["code"]) == (200, code), answer
+    # A WAF deny refuses the request, 403, as on REST; the session stays open.
+    denied = await send(gateway, session_id, {"cmd": "get_profile", "seq": 5, "body": "eval(1)"})
+    assert (denied.status, denied.json()["error"]["code"]) == (403, "forbidden")
+    profile = await send(
+        gateway, session_id, {"cmd": "get_profile", "seq": 6, "body": {"user_id": 3}}
+    )
+    assert profile.json()["status"] == 0
+    registry = gateway.metrics.registry
+    # Seven messages reached the session; the one the WAF refused did not.
+    assert (
+        registry.get_sample_value(
+            "tlvproxy_push_messages_total", {"direction": "in", "transport": "http"}
+        )
+        == 7
+    )
+    assert registry.get_sample_value("tlvproxy_waf_blocked_total", {"rule": "php_injection"}) == 1
+
+
+async def test_paths_and_methods_under_the_sessions_path(gateways: GatewayFactory) -> None:
+    gateway = await gateways.start(sessions=SESSIONS)
+    address = gateway.http_address
+    session_id = await create(gateway)
+    for method, target, status, code in (
+        ("GET", PATH, 405, "method_not_allowed"),
+        ("GET", f"{PATH}/{session_id}", 405, "method_not_allowed"),
+        ("POST", f"{PATH}/{session_id}/poll", 405, "method_not_allowed"),
+        ("GET", f"{PATH}/{session_id}/other", 404, "route_not_found"),
+        ("GET", f"{PATH}/{session_id}/poll/more", 404, "route_not_found"),
+        ("GET", f"{PATH}//poll", 404, "route_not_found"),
+        ("GET", f"{PATH}/x/poll", 404, "session_not_found"),
+        ("GET", f"{PATH}/{session_id}/poll?after=-1", 400, "bad_request"),
+        ("GET", f"{PATH}/{session_id}/poll?after=1e3", 400, "bad_request"),
+        ("GET", f"{PATH}sX", 404, "route_not_found"),
+    ):
+        answer = await fetch(address, method, target)
+        assert (answer.status, answer.json()["error"]["code"]) == (status, code), target
+        assert answer.headers["x-request-id"]
+    allow = await fetch(address, "DELETE", f"{PATH}/{session_id}/events")
+    assert allow.headers["allow"] == "GET"
+    # A REST route that merely starts like the path is routed as ever.
+    assert (await fetch(address, "POST", "/v1/echo", {"n": 1})).json() == {"n": 1}
+
+
+async def test_a_poll_and_a_stream_on_one_keep_alive_connection(gateways: GatewayFactory) -> None:
+    gateway = await gateways.start(sessions={**SESSIONS, "poll_timeout": "200ms"})
+    session_id = await create(gateway)
+    await register(gateway, session_id)
+    await push(gateway, 2, "kept")
+    client = await HttpClient.connect(gateway.http_address)
+    polled = await client.request("GET", f"{PATH}/{session_id}/poll")
+    assert [m["id"] for m in polled.json()["messages"]] == [1]
+    waited = await client.request("GET", f"{PATH}/{session_id}/poll?after=1")
+    assert waited.json() == {"messages": [], "next": 1}
+    # The stream takes the connection over once the answers before it are out.
+    await client.stream.send_all(stream_request(f"{PATH}/{session_id}/events?after=0"))
+    received = b""
+    while b"data: " not in received:
+        received += await client.stream.receive_some(65536)
+    assert b"text/event-stream" in received
+    assert b"id: 1\n" in received
+    await client.aclose()
+
+
+async def test_sessions_count_against_the_connection_limits(gateways: GatewayFactory) -> None:
+    gateway = await gateways.start(sessions=SESSIONS, limits={"max_connections_per_ip": 3})
+    client = await HttpClient.connect(gateway.http_address)
+    first = await client.request("POST", f"{PATH}?uid=2&did=a")
+    assert (await client.request("POST", f"{PATH}?uid=3&did=b")).status == 201
+    # This connection and two sessions: a third session is one too many.
+    refused = await client.request("POST", f"{PATH}?uid=4&did=c")
+    assert (refused.status, refused.json()["error"]["code"]) == (503, "overloaded")
+    deleted = await client.request("DELETE", first.headers["location"])
+    assert deleted.status == 204
+    await trio.testing.wait_all_tasks_blocked()  # the session's task has let go
+    assert (await client.request("POST", f"{PATH}?uid=4&did=c")).status == 201
+    await client.aclose()
+
+
+async def test_no_healthy_node_refuses_the_session(gateways: GatewayFactory) -> None:
+    gateway = await gateways.start(
+        sessions=SESSIONS, upstreams={"im": {"nodes": ["127.0.0.1:1"], "retries": 0}}
+    )
+    answer = await fetch(gateway.http_address, "POST", f"{PATH}?uid=2&did=a")
+    assert (answer.status, answer.json()["error"]["code"]) == (502, "upstream_unavailable")
+    assert len(gateway.push_sessions) == 0
+
+
+async def test_a_deleted_session_answers_its_waiting_poll(
+    gateways: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await gateways.start(sessions={**SESSIONS, "poll_timeout": "20s"})
+    session_id = await create(gateway)
+    caplog.set_level(logging.INFO, "tlvproxy.access")
+    async with trio.open_nursery() as nursery:
+        answers: list[Answer] = []
+
+        async def waiting() -> None:
+            answers.append(await poll(gateway, session_id))
+
+        nursery.start_soon(waiting)
+        await trio.sleep(0.2)
+        deleted = await fetch(gateway.http_address, "DELETE", f"{PATH}/{session_id}")
+        assert deleted.status == 204
+    assert answers[0].json() == {"messages": [], "next": 0, "closed": "deleted"}
+    await trio.testing.wait_all_tasks_blocked()  # the session's task has ended
+    [record] = [r for r in caplog.records if r.getMessage() == "push session"]
+    assert record.closed == "deleted"  # type: ignore[attr-defined]
+
+
+async def test_cors_headers_on_session_answers(gateways: GatewayFactory) -> None:
+    origin = "https://web.example.com"
+    gateway = await gateways.start(sessions=SESSIONS, cors={"origins": [origin]})
+    answer = await fetch(
+        gateway.http_address, "POST", f"{PATH}?uid=2&did=a", headers={"Origin": origin}
+    )
+    assert answer.status == 201
+    assert answer.headers["access-control-allow-origin"] == origin
+    session_id = answer.json()["session"]
+    events = await Events.open(gateway, f"{PATH}/{session_id}/events", {"Origin": origin})
+    assert events.headers["access-control-allow-origin"] == origin
+    await events.close()
