@@ -45,6 +45,8 @@ LATER = (
     "tlvproxy.policy.split",
     "tlvproxy.policy.last_good",
     "tlvproxy.schema.compare",
+    "tlvproxy.config.push_sessions",
+    "tlvproxy.server.push_wire",
 )
 
 

@@ -628,3 +628,63 @@ async def test_unexpected_stream_error_is_contained(settings, caplog):
         await trio.testing.wait_all_tasks_blocked(cushion=0.05)
         assert len(connections.child_tasks) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class TakesOver:
+    """A Submitter that answers `/take` by taking the connection over, as a
+    push session's event stream does; other paths are held until `release()`."""
+
+    def __init__(self) -> None:
+        self.held = HeldAnswers()
+        self.taken: list[tuple[str, bytes]] = []
+
+    def submit(self, request: Request, answer: Answer) -> None:
+        if request.path == "/take":
+            answer.take_over(self._take)
+        else:
+            self.held.submit(request, answer)
+
+    async def _take(self, request: Request, stream: trio.abc.Stream, leftover: bytes) -> None:
+        self.taken.append((request.path, leftover))
+        await stream.send_all(b"taken over\n")
+
+
+async def test_a_submitter_takes_the_connection_over_after_the_answers_before(settings):
+    handler = TakesOver()
+    async with serving(settings, handler) as (open_client, _):
+        client = await open_client()
+        await client.send(get("/1") + get("/take") + b"bytes past it")
+        await trio.testing.wait_all_tasks_blocked()
+        assert handler.taken == []  # /1 is owed first
+        handler.held.release()
+        reply = await client.reply()
+        assert reply is not None
+        assert reply.headers["x-path"] == "/1"
+        while not client.buffer.endswith(b"\n"):
+            assert await client._fill()
+        assert client.buffer == b"taken over\n"
+        client.buffer = b""
+        assert await client.closed()  # the stream closes when the handler returns
+    assert handler.taken == [("/take", b"bytes past it")]
+
+
+async def test_a_connection_starts_from_bytes_read_elsewhere(settings):
+    async def on_connection(stream):
+        await serve_http_connection(
+            stream, "127.0.0.1", settings, echo, error_handler, received=post("/a", b"one")
+        )
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            partial(trio.serve_tcp, host="127.0.0.1"), on_connection, 0
+        )
+        port = listener.socket.getsockname()[1]
+        client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        first = await client.reply()  # answered before the client sent a byte
+        assert first is not None
+        assert (first.headers["x-path"], first.body) == ("/a", b"one")
+        await client.send(get("/b"))
+        second = await client.reply()
+        assert second is not None
+        assert second.headers["x-path"] == "/b"
+        nursery.cancel_scope.cancel()

@@ -1107,7 +1107,7 @@ def route_lines(table: Table) -> list[str]:
     sessions = table.sessions
     if sessions is not None:
         lines.append(
-            f"sessions: {sessions.path} -> upstream {sessions.upstream} (SSE, long polling)"
+            f"sessions: {sessions.path} -> upstream {sessions.upstream} (SSE and long polling)"
         )
     lines.append(f"{len(table.commands)} commands, table version {table.version}")
     return lines
