@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -338,4 +339,37 @@ async def test_cors_headers_on_session_answers(gateways: GatewayFactory) -> None
     session_id = answer.json()["session"]
     events = await Events.open(gateway, f"{PATH}/{session_id}/events", {"Origin": origin})
     assert events.headers["access-control-allow-origin"] == origin
+    await events.close()
+
+
+async def test_a_stream_whose_client_does_not_read_ends_and_resumes(
+    gateways: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await gateways.start(sessions=SESSIONS)
+    session_id = await create(gateway)
+    await register(gateway, session_id)
+    address = gateway.http_address
+    assert address is not None
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    await sock.connect((address.host, address.port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(stream_request(f"{PATH}/{session_id}/events"))
+    text = "x" * 400_000
+    for n in range(16):  # 6.4 MB of pushes, none read
+        await push(gateway, 2, f"{n}{text}")
+    assert any("not reading" in r.getMessage() for r in caplog.records)
+    received = b""
+    while chunk := await stream.receive_some(65536):
+        received += chunk  # what was sent before the stream ended, then the end
+    assert received.count(b"\nid: ") < 16
+    # The pushes are kept (the last 4 MiB of them): the client resumes.
+    events = await Events.open(gateway, f"{PATH}/{session_id}/events?after=0")
+    gap = await events.next()
+    assert gap is not None
+    assert gap.kind == "gap"
+    kept = [await events.next() for _ in range(16 - gap.json()["missed_to"])]
+    assert [event.id for event in kept if event] == [
+        str(n) for n in range(gap.json()["missed_to"] + 1, 17)
+    ]
     await events.close()

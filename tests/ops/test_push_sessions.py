@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.ops.procs import call, metric, wait_for
-from tests.ops.push_client import PATH, Session, push_to
+from tests.ops.push_client import PATH, Session, Stream, push_to
+from tests.ops.tls_helpers import Certificates, start_gateway, tls_socket
 
 if TYPE_CHECKING:
     from tests.ops.procs import Answer, Gateway, Processes
@@ -330,3 +331,31 @@ def test_drain_ends_streams_and_polls(procs: Processes, upstream: str, workers: 
     assert gateway.process.wait() == 0
     closes = [r["closed"] for r in gateway.process.records() if r["message"] == "push session"]
     assert closes == ["shutting_down", "shutting_down"]
+
+
+def test_over_tls_a_request_for_the_other_worker_is_relayed(
+    procs: Processes, upstream: str, tmp_path: Path
+) -> None:
+    certificates = Certificates(tmp_path / "certs")
+    gateway = start_gateway(
+        procs, upstream, certificates, "--workers", "2", "--log-level", "debug", sessions=SESSIONS
+    )
+    created = gateway.https("POST", f"{PATH}?uid=71&did=a")
+    assert created.status == 201, created
+    path = created.headers["location"]
+    for seq in range(8):  # each on a new TLS connection, to either worker
+        answer = gateway.https("POST", f"{path}/messages", {"cmd": "echo", "seq": seq})
+        assert answer.json() == {"cmd": "echo", "seq": seq, "status": 0, "body": {}}, answer
+    context = certificates.client_context()
+    streams = [
+        Stream(0, f"{path}/events", sock=tls_socket(gateway.https_port, context)) for _ in range(4)
+    ]
+    for stream in streams[:-1]:  # each new stream ends the one before
+        closed = stream.next()
+        assert (closed.kind, closed.json()) == ("close", {"closed": "replaced"})
+    stream = streams[-1]
+    push_to(gateway.http_port, 71, "over tls")
+    assert stream.next().json()["body"]["text"] == "over tls"
+    polled = gateway.https("GET", f"{path}/poll?after=0")
+    assert ids(polled) == [1]
+    assert passed_between_workers(gateway) > 0

@@ -15,8 +15,9 @@ The stream runs in its connection's task, which sleeps on the client's socket
 comment, or when the credentials expire. A push is written by whoever
 delivers it (the upstream connection's reader) with a non-blocking send;
 only bytes the socket does not take at once wake the task to flush them.
-Past MAX_UNSENT such bytes the client is not reading: the stream ends
-without another word, and the client resumes with `Last-Event-ID`.
+Past MAX_UNSENT such bytes (on top of the kept pushes a stream starts
+with) the client is not reading: the stream ends without another word, and
+the client resumes with `Last-Event-ID`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class EventStream:
         "_ended",
         "_expires",
         "_fd",
+        "_first",
         "_gone",
         "_out",
         "_scope",
@@ -74,6 +76,7 @@ class EventStream:
         self._expires = expires  # when the credentials that opened it expire
         self._count = session.metrics.push_messages.labels("out", "sse")
         self._out = bytearray()
+        self._first = 0  # bytes of the first write (the kept pushes) not counted as unread
         self._ended = False  # no more events: what is in `_out` is the last
         self._gone = False  # nothing can be written any more
         self._close_by = math.inf
@@ -91,7 +94,10 @@ class EventStream:
         if gap is not None:
             parts.append(push_wire.gap_event(*gap))
         parts.extend(push_wire.push_event(push_id, text) for push_id, text in pushes)
-        self._write(b"".join(parts))
+        first = b"".join(parts)
+        # What the session kept (MAX_BUFFERED_BYTES at most) may wait on top of MAX_UNSENT.
+        self._first = len(first)
+        self._write(first)
         if pushes:
             session.messages_out += len(pushes)
             self._count.inc(len(pushes))
@@ -141,7 +147,7 @@ class EventStream:
                 return
             data = data[sent:]
         self._out += data
-        if len(self._out) > MAX_UNSENT:
+        if len(self._out) > MAX_UNSENT + self._first:
             log.warning(
                 "event stream client not reading: ending the stream",
                 extra={"unsent": len(self._out), "upstream_node": self._session.node},
