@@ -96,7 +96,8 @@ def test_broken_table_fails_with_every_error_on_stderr(tmp_path):
         " workers, http_parser, trusted_proxies, shutdown_timeout, readiness, cors, proto,"
         " framing,"
         " upstreams,"
-        " commands, json, status_map, envelope, websocket, limits, rate_limits, redis, waf,"
+        " commands, json, status_map, envelope, websocket, sessions, limits, rate_limits, redis,"
+        " waf,"
         " auth, default_auth, demo, etcd)",
         "bad.yaml:6:7: upstreams.im.hash_on: required when balance is consistent_hash",
         "bad.yaml:8:37: commands[0].upstream: undefined upstream 'nope' (defined: im)",

@@ -1,5 +1,7 @@
 """The web IM demo in a real browser: two users log in and chat through the real
-gateway, and a page cannot read another user's pushes.
+gateway, over a WebSocket and, with WebSockets blocked, over a push session
+(SSE, or long polling with event streams blocked too); and a page cannot read
+another user's pushes.
 
 Headless Debian Chromium, driven by selenium through Debian's chromedriver
 (`make test` installs both), loads /demo/ from a real `tlvproxy serve` in front
@@ -100,6 +102,9 @@ def write_table(directory, keys):
         f"http://127.0.0.1:{ports['http']}",
         f"http://localhost:{ports['http']}",
     ]
+    # The page's fallback: push sessions with the same token.
+    sessions = table["sessions"]
+    assert (sessions["auth"], sessions["uid"]) == ("users", "auth.sub")
     # REST calls from one other page, the partner's (the shipped demo needs none).
     assert table.get("cors") is None
     table["cors"] = {"origins": [f"http://127.0.0.1:{ports['partner']}"], "max_age": "1m"}
@@ -171,6 +176,40 @@ def gateway(tmp_path_factory):
                     process.wait()
 
 
+# What a page is made to do without: WebSockets for SSE, and event streams
+# too for long polling.
+BLOCKED = {
+    "WebSocket": (),
+    "SSE": ("websocket",),
+    "long polling": ("websocket", "events"),
+}
+# A network that does not carry WebSockets, in every page before its own
+# script runs: each WebSocket goes to a port where nothing listens, so it
+# fails in Chromium's own network stack, as one a proxy refuses does.
+# (DevTools' request blocking, used for event streams below, does not apply
+# to WebSockets.)
+NO_WEBSOCKETS = """
+const Native = window.WebSocket;
+window.WebSocket = class extends Native {
+  constructor(url, protocols) {
+    const refused = new URL(url, location.href);
+    refused.port = "1";
+    super(refused.href, protocols);
+  }
+};
+"""
+
+
+def block(driver, what):
+    """Make `driver`'s pages fail to open WebSockets and, with "events",
+    event streams (DevTools' request blocking: a network error)."""
+    if "websocket" in what:
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": NO_WEBSOCKETS})
+    if "events" in what:
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/events?*"]})
+
+
 @pytest.fixture
 def browser(tmp_path):
     """A factory of headless Chromium sessions, each with a fresh profile."""
@@ -195,9 +234,10 @@ def browser(tmp_path):
             driver.quit()
 
 
-def log_in(driver, demo, uid, did, *, from_the_address=True):
+def log_in(driver, demo, uid, did, *, from_the_address=True, transport="WebSocket"):
     """Open the demo page as user `uid`: from `?uid=&did=` (the page logs in and
-    connects by itself) or by typing into the form and clicking Connect."""
+    connects by itself) or by typing into the form and clicking Connect; the
+    page must end up on `transport`."""
     if from_the_address:
         driver.get(f"{demo.base}/demo/?uid={uid}&did={did}")
         assert driver.title == "tlvproxy IM demo"
@@ -212,6 +252,9 @@ def log_in(driver, demo, uid, did, *, from_the_address=True):
     assert driver.find_element(By.ID, "uid").get_attribute("value") == str(uid)
     wait = WebDriverWait(driver, WAIT)
     wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "online")
+    shown = driver.find_element(By.ID, "transport")
+    assert shown.get_attribute("data-transport") == transport
+    assert shown.text == f"Transport: {transport}"
     # The page asks for its own profile on connect; its answer shows the session works.
     wait.until(lambda d: d.find_element(By.ID, "profile").text.strip() != "")
     profile = json.loads(driver.find_element(By.ID, "profile").text)
@@ -267,55 +310,66 @@ def history(driver):
     return [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#history li")]
 
 
-def test_two_users_chat_through_the_gateway(gateway, browser):
+@pytest.mark.parametrize("transport", list(BLOCKED))
+def test_two_users_chat_through_the_gateway(gateway, browser, transport):
     alice = browser()
     bob = browser()
-    log_in(alice, gateway, 1, "alice-laptop")
-    log_in(bob, gateway, 2, "bob-phone")
+    block(alice, BLOCKED[transport])
+    block(bob, BLOCKED[transport])
+    # Distinct users per run: the demo upstream keeps every message it was sent.
+    a, b = {"WebSocket": (1, 2), "SSE": (3, 4), "long polling": (5, 6)}[transport]
+    log_in(alice, gateway, a, "alice-laptop", transport=transport)
+    log_in(bob, gateway, b, "bob-phone", transport=transport)
 
     greeting = "hello bob <b>not bold</b> \u2713"
-    send(alice, 2, greeting)
+    send(alice, b, greeting)
     pushed = incoming(bob, greeting)
-    assert pushed.find_element(By.CLASS_NAME, "meta").text.startswith("from 1 to 2")
+    assert pushed.find_element(By.CLASS_NAME, "meta").text.startswith(f"from {a} to {b}")
     assert pushed.find_elements(By.TAG_NAME, "b") == []  # text, never markup
     # The sender's item carries the msg_id of the send_message response: the same
     # message id the recipient's push carries.
     outgoing = sent(alice, greeting)
     assert outgoing.get_attribute("data-msg-id") == pushed.get_attribute("data-msg-id")
 
-    send(bob, 1, "hi alice")
+    send(bob, a, "hi alice")
     answer = incoming(alice, "hi alice")
-    assert answer.find_element(By.CLASS_NAME, "meta").text.startswith("from 2 to 1")
+    assert answer.find_element(By.CLASS_NAME, "meta").text.startswith(f"from {b} to {a}")
     # Alice's own message never came back to her as a push.
     assert [
         item.find_element(By.CLASS_NAME, "text").text
         for item in alice.find_elements(By.CSS_SELECTOR, "#messages li.incoming")
     ] == ["hi alice"]
 
-    # The protocol log shows the json-mode frames of SPEC 5.
+    # The protocol log shows the json-mode frames of SPEC 5, whatever carries them.
     frames = [json.loads(item.text) for item in bob.find_elements(By.CSS_SELECTOR, "#log li.in")]
     push = next(frame for frame in frames if frame.get("push"))
     assert push["cmd"] == "new_message"
     assert push["body"]["text"] == greeting
-    assert push["body"]["from_uid"] == 1
+    assert push["body"]["from_uid"] == a
 
     # Over REST with the page's bearer token: alice's own messages, both ways.
     listed = history(alice)
     assert len(listed) == 2
-    assert listed[0].startswith("1 \u2192 2")
+    assert listed[0].startswith(f"{a} \u2192 {b}")
     assert listed[0].endswith(f": {greeting}")
-    assert listed[1].startswith("2 \u2192 1")
+    assert listed[1].startswith(f"{b} \u2192 {a}")
     assert listed[1].endswith(": hi alice")
 
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    assert bob.save_screenshot(str(OUTPUT / "demo-chat.png"))
-    assert alice.save_screenshot(str(OUTPUT / "demo-chat-sender.png"))
-    assert (OUTPUT / "demo-chat.png").stat().st_size > 0
+    name = transport.replace(" ", "-").lower()
+    assert bob.save_screenshot(str(OUTPUT / f"demo-chat-{name}.png"))
+    assert alice.save_screenshot(str(OUTPUT / f"demo-chat-{name}-sender.png"))
+    assert (OUTPUT / f"demo-chat-{name}.png").stat().st_size > 0
 
 
-def test_get_profile_and_disconnect(gateway, browser):
+@pytest.mark.parametrize(
+    ("transport", "closed"), [("WebSocket", "close code 1000"), ("SSE", "logged out")]
+)
+def test_get_profile_and_disconnect(gateway, browser, transport, closed):
     page = browser()
-    log_in(page, gateway, 7, "tablet", from_the_address=False)
+    block(page, BLOCKED[transport])
+    uid = {"WebSocket": 7, "SSE": 8}[transport]
+    log_in(page, gateway, uid, "tablet", from_the_address=False, transport=transport)
     assert history(page) == ["No messages yet."]
     field = page.find_element(By.ID, "profile-uid")
     field.clear()
@@ -327,7 +381,8 @@ def test_get_profile_and_disconnect(gateway, browser):
     page.find_element(By.ID, "disconnect").click()
     status = page.find_element(By.ID, "status")
     WebDriverWait(page, WAIT).until(lambda d: status.get_attribute("data-state") == "offline")
-    assert "close code 1000" in status.text
+    assert closed in status.text
+    assert page.find_element(By.ID, "transport").text == ""
     assert page.find_element(By.ID, "send").get_attribute("disabled") is not None
     # Logged out, the page holds no token any more.
     assert page.execute_script("return token") is None
