@@ -4,6 +4,7 @@ the 15 s comment, credentials that expire), with both HTTP parsers."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
@@ -17,6 +18,7 @@ import trio.testing
 from tests.auth.keys import jwks, rsa_jwk, token
 from tests.e2e.client import HttpClient, fetch
 from tests.ops.push_client import EventParser, split_head, stream_request
+from tlvproxy.server import http_conn
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -373,3 +375,23 @@ async def test_a_stream_whose_client_does_not_read_ends_and_resumes(
         str(n) for n in range(gap.json()["missed_to"] + 1, 17)
     ]
     await events.close()
+
+
+async def test_an_idle_session_holds_nothing_of_the_request_that_opened_it(
+    gateways: GatewayFactory,
+) -> None:
+    gateway = await gateways.start(sessions=SESSIONS)
+    client = await HttpClient.connect(gateway.http_address)
+
+    def answers() -> int:
+        gc.collect()
+        return sum(isinstance(thing, http_conn.Answer) for thing in gc.get_objects())
+
+    before = answers()
+    for uid in range(20):
+        assert (await client.request("POST", f"{PATH}?uid={uid}&did=d")).status == 201
+    await client.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    # Each create's answer (and through it its HTTP connection) is let go of.
+    assert answers() == before
+    assert len(gateway.push_sessions) == 20

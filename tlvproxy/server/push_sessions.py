@@ -31,6 +31,7 @@ import trio
 from tlvproxy.errors import (
     GatewayError,
     Overloaded,
+    ShuttingDown,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -130,7 +131,8 @@ class PushSessions:
         told once its upstream connection is open (None) or could not be."""
         assert self._nursery is not None, "push sessions are not running"
         self._open[session.id] = session
-        self._nursery.start_soon(session.run, pool, key, opened)
+        session._opened = opened
+        self._nursery.start_soon(session.run, pool, key)
 
     def drain(self) -> None:
         """Close every session (`shutting_down`); refuse new ones."""
@@ -164,6 +166,7 @@ class PushSession:
         "_in_flight",
         "_kept",
         "_listener",
+        "_opened",
         "_registry",
         "_started_at",
         "_upstream",
@@ -215,7 +218,11 @@ class PushSession:
         self.messages_out = 0
         self.pushes = 0
         self._upstream: Session | None = None
-        self._kept: deque[tuple[int, bytes]] = deque()
+        # Who hears that the session opened (the create request's answer);
+        # let go of once told, with the HTTP connection it answers on.
+        self._opened: Callable[[GatewayError | None], None] | None = None
+        # The pushes kept, made with the first one: an idle session has none.
+        self._kept: deque[tuple[int, bytes]] | None = None
         self._buffered = 0  # bytes of text in `_kept`
         self._listener: Listener | None = None
         self._in_flight = 0
@@ -225,13 +232,12 @@ class PushSession:
     @property
     def last_push_id(self) -> int:
         """The id of the latest push (0 before the first)."""
-        return self._kept[-1][0] if self._kept else 0
+        kept = self._kept
+        return kept[-1][0] if kept else 0
 
     # ------------------------------------------------------------ life cycle
 
-    async def run(
-        self, pool: Pool, key: str | None, opened: Callable[[GatewayError | None], None]
-    ) -> None:
+    async def run(self, pool: Pool, key: str | None) -> None:
         """The session's whole life; then the access record."""
         metrics = self.metrics
         metrics.push_sessions.inc()
@@ -242,9 +248,9 @@ class PushSession:
                 self._active_at = trio.current_time()
                 if self.closed is not None:
                     # The gateway started draining while the connection opened.
-                    opened(UpstreamUnavailable("the gateway is shutting down"))
+                    self._tell_opened(ShuttingDown("the gateway is shutting down"))
                     return
-                opened(None)
+                self._tell_opened(None)
                 while self.closed is None:
                     # Until the next deadline: a waiting poll's, or idle expiry.
                     with trio.CancelScope(deadline=self._deadline()) as self._wake:
@@ -253,7 +259,7 @@ class PushSession:
                     self._expire(trio.current_time())
         except UpstreamUnavailable as exc:
             self.close(UPSTREAM_UNAVAILABLE)
-            opened(exc)
+            self._tell_opened(exc)
         finally:
             self._upstream = None
             if self.closed is None:
@@ -262,6 +268,11 @@ class PushSession:
             metrics.push_sessions.dec()
             self._registry._ended(self)
             self._log_access()
+
+    def _tell_opened(self, error: GatewayError | None) -> None:
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            opened(error)
 
     def _deadline(self) -> float:
         if self.closed is not None:
@@ -382,6 +393,8 @@ class PushSession:
             return
         push_id = self.last_push_id + 1
         kept = self._kept
+        if kept is None:
+            kept = self._kept = deque()
         kept.append((push_id, text))
         self._buffered += len(text)
         while len(kept) > self.spec.max_buffered or (
