@@ -24,6 +24,8 @@ from cryptography.x509.oid import NameOID
 from tests.cli import REPO
 from tests.fixtures import FIXTURE_TABLE
 from tlvproxy.config.loader import load_table
+from tlvproxy.config.model import SessionsSpec
+from tlvproxy.server.push_stream import KEEP_ALIVE_INTERVAL
 from tlvproxy.units import parse_duration
 
 DEPLOY = REPO / "deploy"
@@ -152,6 +154,16 @@ def test_nginx_timeouts_are_above_the_gateways(table):
     keepalive = re.search(r"keepalive_timeout (\d+)s;", text)
     assert keepalive is not None
     assert int(keepalive.group(1)) < table.limits.keepalive_timeout
+    # Push sessions: unbuffered, sticky, and waiting longer than a poll or an
+    # idle stream's comments (the defaults: the tests' table has no `sessions`).
+    sessions = re.search(r"location /v1/sessions \{(.*?)\}", text, re.S)
+    assert sessions is not None
+    assert "proxy_buffering off;" in sessions.group(1)
+    assert "proxy_pass http://tlvproxy_sessions;" in sessions.group(1)
+    read = re.search(r"proxy_read_timeout (\d+)s;", sessions.group(1))
+    assert read is not None
+    assert int(read.group(1)) > max(SessionsSpec(upstream="").poll_timeout, KEEP_ALIVE_INTERVAL)
+    assert re.search(r"upstream tlvproxy_sessions \{\s*hash \$remote_addr consistent;", text)
 
 
 def self_signed(directory):

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -190,11 +191,21 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-HEAD = struct.Struct("!4sHI")
+HEAD = struct.Struct("!4sHId")  # magic, peer length, request length, the sender's deadline
+LATER = time.monotonic() + 3600
 
 
 def rights(*descriptors: int) -> list[tuple[int, int, bytes]]:
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", descriptors).tobytes())]
+
+
+async def not_taken(sock: trio.socket.SocketType) -> bool:
+    """True when the owner closes without saying it took the connection (a
+    close with bytes left unread resets it)."""
+    try:
+        return await sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
 
 
 async def test_malformed_handoffs_are_dropped_and_their_descriptors_closed(
@@ -205,21 +216,25 @@ async def test_malformed_handoffs_are_dropped_and_their_descriptors_closed(
     path = str(socket_path(tmp_path, 1))
     pipe_read, pipe_write = os.pipe()
     victims = [socket.socket() for _ in range(3)]
-    head = HEAD.pack(b"TLVH", 9, 3) + b"192.0.2.1"
+    head = HEAD.pack(b"TLVH", 9, 3, LATER) + b"192.0.2.1"
+    stale = HEAD.pack(b"TLVH", 9, 3, time.monotonic() - 1) + b"192.0.2.1"
     cases: list[tuple[bytes, list[tuple[int, int, bytes]]]] = [
         (b"no descriptor at all", []),
-        (HEAD.pack(b"NOPE", 9, 3) + b"192.0.2.1abc", rights(victims[0].fileno())),
+        (HEAD.pack(b"NOPE", 9, 3, LATER) + b"192.0.2.1abc", rights(victims[0].fileno())),
         (head + b"abc", rights(victims[1].fileno(), victims[2].fileno())),
         (head + b"abc", rights(pipe_read)),
-        (HEAD.pack(b"TLVH", 9, 1001) + b"192.0.2.1", rights(victims[0].fileno())),
-        (HEAD.pack(b"TLVH", 200, 3), rights(victims[0].fileno())),
+        (HEAD.pack(b"TLVH", 9, 1001, LATER) + b"192.0.2.1", rights(victims[0].fileno())),
+        (HEAD.pack(b"TLVH", 200, 3, LATER), rights(victims[0].fileno())),
         (head + b"a", rights(victims[0].fileno())),  # ends early
+        (stale + b"abc", rights(victims[0].fileno())),  # the sender stopped waiting
     ]
     before = open_descriptors()
     for data, ancillary in cases:
         with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             await sock.connect(path)
             await sock.sendmsg([data], ancillary)
+            sock.shutdown(socket.SHUT_WR)  # a handoff that ends early ends here
+            assert await not_taken(sock)
         await trio.testing.wait_all_tasks_blocked()
     assert open_descriptors() == before  # every descriptor received was closed
     assert owner.received == []
@@ -229,8 +244,11 @@ async def test_malformed_handoffs_are_dropped_and_their_descriptors_closed(
     os.close(pipe_write)
     # The listener still takes a good one.
     client, server = await tcp_pair()
-    async with client, server:
-        await Handoff(tmp_path, 0).handler(1, "r3")(a_request(body=b""), server, b"")
+    async with client:
+        async with server:
+            await Handoff(tmp_path, 0).handler(1, "r3")(a_request(body=b""), server, b"")
+        assert await client.receive_some(100) == b"answered by worker 1: POST"
+        await client.send_all(b"more")
     await owner.handed.wait()
 
 
@@ -257,3 +275,26 @@ async def test_a_handoff_that_stalls_is_dropped_and_pending_ones_are_bounded(
         assert await sock.recv(1) == b""
         sock.close()
     assert trio.current_time() - began == pytest.approx(HANDOFF_TIMEOUT, abs=0.1)
+
+
+async def test_an_owner_with_too_many_handoffs_under_way_leaves_the_answer_to_the_sender(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    owner = Owner(tmp_path)
+    await nursery.start(owner.handoff.serve, nursery, owner.accept, lambda: 1 << 20)
+    path = str(socket_path(tmp_path, 1))
+    stalled = []
+    for _ in range(MAX_PENDING):
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect(path)
+        stalled.append(sock)
+    await trio.testing.wait_all_tasks_blocked()
+    client, server = await tcp_pair()
+    async with client:
+        async with server:
+            await Handoff(tmp_path, 0).handler(1, "r4")(a_request(), server, b"")
+        status, body = await read_answer(client)
+    assert (status, body["error"]["code"]) == (503, "overloaded")
+    assert owner.received == []
+    for sock in stalled:
+        sock.close()

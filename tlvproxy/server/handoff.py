@@ -6,10 +6,12 @@ session lives in one. The worker that reads a request for another's session
 passes it the connection: the client's socket (SCM_RIGHTS, over a Unix
 socket each worker listens on in the supervisor's private runtime
 directory), with the request it read written again as HTTP/1.1 and the bytes
-past it. The owner serves the connection from there as if it had accepted
-it. A TLS connection cannot be passed (its keys live in this process): the
-owner gets one end of a socket pair instead, and this worker relays the
-plain bytes between it and the client until either side closes.
+past it. The owner says when it has taken the connection, and serves it from
+there as if it had accepted it; a connection it does not take in time is
+the sender's to answer (503), never both. A TLS connection cannot be passed
+(its keys live in this process): the owner gets one end of a socket pair
+instead, and this worker relays the plain bytes between it and the client
+until either side closes.
 
 Owns: the listening socket of one worker, passing a connection (bounded:
 MAX_PENDING at once, HANDOFF_TIMEOUT each, the request and MAX_LEFTOVER
@@ -28,6 +30,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
@@ -50,8 +53,16 @@ HANDOFF_TIMEOUT: Final = 5.0
 MAX_LEFTOVER: Final = 256 * 1024
 _MAX_PEER: Final = 64  # an IPv6 address in text is at most 45 characters
 _MAGIC: Final = b"TLVH"
-# magic, the peer address's length, the request bytes' length; then both.
-_HEAD: Final = struct.Struct("!4sHI")
+# magic, the peer address's length, the request bytes' length, and when the
+# sender stops waiting (time.monotonic(), one clock for every process of the
+# host); then the address and the bytes.
+_HEAD: Final = struct.Struct("!4sHId")
+# The owner's answer once it has the connection: from then on it is the
+# owner's to serve, and the sender's only to close.
+_TAKEN: Final = b"\x01"
+# An owner takes a connection only this long before the sender stops
+# waiting, so that the sender hears it in time: never are both serving it.
+_TAKE_MARGIN: Final = 1.0
 _DESCRIPTOR: Final = array.array("i", [0]).itemsize
 _RELAY_SIZE: Final = 65536
 # Headers the request is written again without: its body is whole now, and a
@@ -143,10 +154,11 @@ class Handoff:
     async def _send(
         self, owner: int, peer: str, descriptor: int, data: bytes
     ) -> GatewayError | None:
-        """Pass `descriptor` and `data` to worker `owner`; the error to answer
-        when it could not be."""
+        """Pass `descriptor` and `data` to worker `owner`; None once the owner
+        has taken it, else the error to answer with."""
         peer_bytes = peer.encode()[:_MAX_PEER]
-        head = _HEAD.pack(_MAGIC, len(peer_bytes), len(data)) + peer_bytes
+        deadline = time.monotonic() + HANDOFF_TIMEOUT
+        head = _HEAD.pack(_MAGIC, len(peer_bytes), len(data), deadline) + peer_bytes
         with trio.move_on_after(HANDOFF_TIMEOUT):
             with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 try:
@@ -157,14 +169,22 @@ class Handoff:
                 except OSError as exc:
                     log.warning("cannot reach a worker", extra={"worker": owner, "error": str(exc)})
                     return Overloaded("the session's worker cannot be reached; try again")
-                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [descriptor]))]
-                sent = await sock.sendmsg([head], rights)
-                view = memoryview(head[sent:] + data)
-                while view:
-                    view = view[await sock.send(view) :]
-            return None
-        # The owner did not read in time: it never serves a request it did
-        # not read whole, so this worker answers.
+                try:
+                    rights = [
+                        (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [descriptor]))
+                    ]
+                    sent = await sock.sendmsg([head], rights)
+                    view = memoryview(head[sent:] + data)
+                    while view:
+                        view = view[await sock.send(view) :]
+                    taken = await sock.recv(1)
+                except OSError:
+                    taken = b""
+                if taken == _TAKEN:
+                    return None
+                # The owner dropped it (too many handoffs at once, or too late).
+                return Overloaded("the session's worker did not take the request; try again")
+        # The owner did not take it in time: it takes none after that.
         return Overloaded("the session's worker did not answer in time; try again")
 
     # ------------------------------------------------------------ receiving
@@ -210,23 +230,30 @@ class Handoff:
         accept: Callable[[trio.SocketStream, str, bytes], Awaitable[None]],
         max_bytes: int,
     ) -> None:
-        received: tuple[socket.socket, str, bytes] | None = None
+        received: tuple[socket.socket, str, bytes, float] | None = None
+        taken = False
         try:
             with conn, trio.move_on_after(HANDOFF_TIMEOUT):
                 received = await _read_handoff(conn, max_bytes)
+                if received is not None and time.monotonic() < received[3] - _TAKE_MARGIN:
+                    with contextlib.suppress(OSError):
+                        taken = await conn.send(_TAKEN) == 1
         finally:
             self._receiving -= 1
-        if received is None:
+            if received is not None and not taken:
+                received[0].close()  # the sender answers this client
+        if received is None or not taken:
             return
-        client, peer, data = received
+        client, peer, data, _ = received
         await accept(trio.SocketStream(trio.socket.from_stdlib_socket(client)), peer, data)
 
 
 async def _read_handoff(
     conn: trio.socket.SocketType, max_bytes: int
-) -> tuple[socket.socket, str, bytes] | None:
-    """One handoff: the client's socket, its address and the request bytes;
-    None (logged) for anything else, whose descriptors are closed."""
+) -> tuple[socket.socket, str, bytes, float] | None:
+    """One handoff: the client's socket, its address, the request bytes and
+    the sender's deadline; None (logged) for anything else, whose descriptors
+    are closed (also when cancelled)."""
     data, ancillary, flags, _ = await conn.recvmsg(_HEAD.size, socket.CMSG_SPACE(_DESCRIPTOR))
     descriptors: list[int] = []
     for level, kind, payload in ancillary:
@@ -242,20 +269,27 @@ async def _read_handoff(
         if client.type != socket.SOCK_STREAM:
             raise ValueError("not a stream socket")
         data += await _read_exactly(conn, _HEAD.size - len(data))
-        magic, peer_length, length = _HEAD.unpack(data)
+        magic, peer_length, length, deadline = _HEAD.unpack(data)
         if magic != _MAGIC or peer_length > _MAX_PEER or length > max_bytes:
             raise ValueError(f"a head of {peer_length}, {length} bytes")
         peer = (await _read_exactly(conn, peer_length)).decode("ascii")
         request = await _read_exactly(conn, length)
     except (ValueError, OSError, EOFError) as exc:
         log.warning("a malformed handoff was dropped", extra={"error": str(exc)})
-        for descriptor in descriptors:
-            with contextlib.suppress(OSError):
-                socket.close(descriptor)
-        if client is not None:
-            client.close()
+        _close(descriptors, client)
         return None
-    return client, peer, request
+    except BaseException:
+        _close(descriptors, client)
+        raise
+    return client, peer, request, deadline
+
+
+def _close(descriptors: list[int], client: socket.socket | None) -> None:
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):
+            socket.close(descriptor)
+    if client is not None:
+        client.close()
 
 
 async def _read_exactly(conn: trio.socket.SocketType, size: int) -> bytes:
