@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 import trio.testing
+import yaml
 
 from tests.auth.keys import jwks, rsa_jwk, token
 from tests.e2e.client import HttpClient, fetch
@@ -395,3 +396,40 @@ async def test_an_idle_session_holds_nothing_of_the_request_that_opened_it(
     # Each create's answer (and through it its HTTP connection) is let go of.
     assert answers() == before
     assert len(gateway.push_sessions) == 20
+
+
+async def test_a_session_keeps_its_table_across_a_reload(gateways: GatewayFactory) -> None:
+    gateway = await gateways.start(sessions=SESSIONS)
+    session_id = await create(gateway)
+    await register(gateway, session_id)
+    events = await Events.open(gateway, f"{PATH}/{session_id}/events")
+    admin = gateway.admin_address
+    assert admin is not None
+    async with await trio.open_tcp_stream(admin.host, admin.port) as stream:
+        await stream.send_all(b"GET /admin/config HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        received = b""
+        while (head := split_head(received)) is None or len(head[2]) < int(
+            head[1]["content-length"]
+        ):
+            received += await stream.receive_some(65536)
+    config = json.loads(head[2])
+    assert config["sessions"] == {"path": PATH, "upstream": "im", "auth": None}
+    # The echo command goes away with the reload; the session keeps its table.
+    table = gateway.table.source
+    assert table is not None
+    document = yaml.safe_load(table.read_text())
+    document["commands"] = [c for c in document["commands"] if c["name"] != "echo"]
+    table.write_text(yaml.safe_dump(document))
+    await gateway.reload()
+    assert "echo" not in gateway.table.commands_by_name
+    await push(gateway, 2, "after the reload")
+    pushed = await events.next()
+    assert pushed is not None
+    assert pushed.json()["body"]["text"] == "after the reload"
+    answer = await send(gateway, session_id, {"cmd": "echo", "seq": 5, "body": [1]})
+    assert answer.json() == {"cmd": "echo", "seq": 5, "status": 0, "body": [1]}
+    # A session created now is on the new table.
+    newer = await create(gateway, "uid=3&did=b")
+    refused = await send(gateway, newer, {"cmd": "echo", "seq": 6})
+    assert refused.json()["error"]["code"] == "bad_request"
+    await events.close()

@@ -295,6 +295,13 @@ class AdminHandler:
                 "mode": table.websocket.mode,
                 "auth": table.websocket.auth,
             },
+            "sessions": None
+            if table.sessions is None
+            else {
+                "path": table.sessions.path,
+                "upstream": table.sessions.upstream,
+                "auth": table.sessions.auth,
+            },
             # Names and kinds only: key sets, key digests and secrets stay out.
             "auth": [{"name": name, "type": spec.kind} for name, spec in table.auth.items()],
             "upstreams": self._backend.upstream_states(),

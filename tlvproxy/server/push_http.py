@@ -119,7 +119,6 @@ class PushEndpoints:
         try:
             target = push_wire.parse_target(spec.path, request.path)
         except LookupError:
-            target = None
             reply = _Reply(answer, request_id, cors)
             self._refused(reply, request, client_ip, RouteNotFound(f"no route for {request.path}"))
             return True
