@@ -298,3 +298,21 @@ async def test_an_owner_with_too_many_handoffs_under_way_leaves_the_answer_to_th
     assert owner.received == []
     for sock in stalled:
         sock.close()
+
+
+async def test_a_runtime_directory_too_long_for_a_socket_address_works(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    directory = tmp_path / ("a-long-temporary-directory-" * 4)
+    directory.mkdir()
+    assert len(str(socket_path(directory, 1))) > 108  # beyond sun_path
+    owner = Owner(directory)
+    await nursery.start(owner.handoff.serve, nursery, owner.accept, lambda: 1 << 20)
+    assert socket_path(directory, 1).exists()
+    client, server = await tcp_pair()
+    async with client:
+        async with server:
+            await Handoff(directory, 0).handler(1, "r5")(a_request(), server, b"")
+        assert await client.receive_some(100) == b"answered by worker 1: POST"
+        await client.send_all(b"more")
+    await owner.handed.wait()

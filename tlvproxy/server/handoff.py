@@ -28,6 +28,7 @@ from __future__ import annotations
 import array
 import contextlib
 import logging
+import os
 import socket
 import struct
 import time
@@ -41,7 +42,7 @@ from tlvproxy.server.admission import closing_answer, refuse
 from tlvproxy.server.rest import render_error
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
     from pathlib import Path
 
     from tlvproxy.server.http_conn import Request, UpgradeHandler
@@ -65,6 +66,9 @@ _TAKEN: Final = b"\x01"
 _TAKE_MARGIN: Final = 1.0
 _DESCRIPTOR: Final = array.array("i", [0]).itemsize
 _RELAY_SIZE: Final = 65536
+# The longest path a Unix socket address holds (sun_path is 108 bytes on
+# Linux, the last one a NUL).
+_MAX_SOCKET_PATH: Final = 107
 # Headers the request is written again without: its body is whole now, and a
 # `100 Continue` was answered (or not) by the worker that read it.
 _DROPPED: Final = frozenset({"content-length", "transfer-encoding", "expect"})
@@ -75,6 +79,21 @@ log = logging.getLogger("tlvproxy.sessions")
 def socket_path(directory: Path, worker: int) -> Path:
     """Where worker `worker` takes the connections of its sessions."""
     return directory / "sessions" / f"worker-{worker}.sock"
+
+
+@contextlib.contextmanager
+def _address(path: Path) -> Iterator[str]:
+    """An address of the Unix socket `path` that `bind` and `connect` take:
+    the path itself, or, when it is too long for one (a long TMPDIR),
+    the same file reached through a descriptor of its directory."""
+    if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+        yield str(path)
+        return
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
 
 
 def request_bytes(request: Request) -> bytes:
@@ -162,7 +181,8 @@ class Handoff:
         with trio.move_on_after(HANDOFF_TIMEOUT):
             with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 try:
-                    await sock.connect(str(socket_path(self._directory, owner)))
+                    with _address(socket_path(self._directory, owner)) as address:
+                        await sock.connect(address)
                 except (FileNotFoundError, ConnectionRefusedError):
                     # No such worker, or it is not running: its sessions are gone.
                     return SessionNotFound("no such push session: its worker is not running")
@@ -206,7 +226,8 @@ class Handoff:
         path.unlink(missing_ok=True)
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with listener:
-            await listener.bind(str(path))
+            with _address(path) as address:
+                await listener.bind(address)
             listener.listen(MAX_PENDING)
             with trio.CancelScope() as self._accepting:
                 task_status.started()
