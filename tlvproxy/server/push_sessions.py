@@ -6,9 +6,10 @@ connection, the pushes it keeps for resuming (the last `max_buffered`, at
 most MAX_BUFFERED_BYTES of them), the one stream or poll that receives them
 (a `Listener`), the messages on their way upstream, idle expiry, closing, and
 the access record written when it ends.
-Must not: read HTTP, write to clients (a listener does: `push_stream.py`, or
-a poll's answer), decide what a request may do (`push_http.py`), or hold the
-json-mode policy and rendering (`session_core.py`).
+Must not: read HTTP, write to clients (a listener does: an event stream,
+`push_stream.py`, or a long poll, `push_poll.py`), decide what a request may
+do (`push_http.py`), or hold the json-mode policy and rendering
+(`session_core.py`).
 
 A session is state, not tasks (docs/reference.md "How a request flows"): its
 one task holds the upstream connection open and sleeps until the next
@@ -37,6 +38,7 @@ from tlvproxy.errors import (
 )
 from tlvproxy.logs import ACCESS_LOGGER
 from tlvproxy.server import push_wire, session_core, ws_json
+from tlvproxy.server.push_poll import Poll
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -260,11 +262,15 @@ class PushSession:
         except UpstreamUnavailable as exc:
             self.close(UPSTREAM_UNAVAILABLE)
             self._tell_opened(exc)
+        except Exception:  # the top of a session's task: a bug costs this session, not the worker
+            log.exception("push session failed")
         finally:
             self._upstream = None
             if self.closed is None:
                 # Cancelled from outside (the drain's deadline passed) or a bug.
                 self.close(SHUTTING_DOWN)
+            # Never opened (cancelled first, or a bug): the create request hears so.
+            self._tell_opened(ShuttingDown("the session could not be opened; try again"))
             metrics.push_sessions.dec()
             self._registry._ended(self)
             self._log_access()
@@ -386,11 +392,13 @@ class PushSession:
             return
         try:
             text = session_core.render_push(self.runtime.table, self.metrics, frame)
+            if text is not None:
+                self._keep(text)
         except Exception:  # runs in the upstream reader: a bug costs one push, not the reader
-            log.exception("rendering a push failed", extra={"command": frame.command})
-            return
-        if text is None:
-            return
+            log.exception("delivering a push failed", extra={"command": frame.command})
+
+    def _keep(self, text: bytes) -> None:
+        """Keep one rendered push, and hand it to the listener."""
         push_id = self.last_push_id + 1
         kept = self._kept
         if kept is None:
@@ -484,36 +492,3 @@ class _MessageCall:
             f"upstream {command.upstream!r} did not answer {command.name!r} within {timeout:g} s"
         )
         self.reply(ws_json.render_error(error, self.seq))
-
-
-class Poll:
-    """A long poll waiting for a push (docs/push-sessions.md "Long polling"):
-    answered with the first push, when another stream or poll takes over,
-    when the session closes, or at `deadline` (empty)."""
-
-    __slots__ = ("after", "deadline", "reply", "session")
-
-    def __init__(
-        self, session: PushSession, after: int, deadline: float, reply: Callable[[bytes], None]
-    ) -> None:
-        self.session = session
-        self.after = after
-        self.deadline = deadline
-        self.reply = reply
-
-    def deliver(self, push_id: int, text: bytes) -> None:
-        self.session.detach(self)
-        self.answer(None)
-
-    def end(self, reason: str | None) -> None:
-        self.answer(reason)
-
-    def answer(self, closed: str | None) -> None:
-        """Answer with the pushes kept after `after` (and `closed`, when given)."""
-        session = self.session
-        gap, pushes = session.kept_after(self.after)
-        if pushes:
-            session.messages_out += len(pushes)
-            session.metrics.push_messages.labels("out", "poll").inc(len(pushes))
-        after = min(self.after, session.last_push_id)
-        self.reply(push_wire.poll_body(pushes, after, gap=gap is not None, closed=closed))
