@@ -538,7 +538,7 @@ class Gateway:
 
         Drain (docs/operations.md "Drain"): stop accepting, /readyz answers 503,
         in-flight requests get up to shutdown_timeout, idle keep-alive connections
-        close, WebSocket sessions close with 1001.
+        close, WebSocket sessions close with 1001, push sessions end.
         """
         # Opened here, in the process that uses it: LMDB must not cross a fork.
         local = self._local = _open_local_store(self._runtime_dir)
