@@ -9,14 +9,29 @@ its deadline), or read HTTP.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tlvproxy.server import push_wire
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from tlvproxy.server.push_sessions import PushSession
+    from tlvproxy.metrics import Metrics
+
+
+class PushSession(Protocol):
+    """What a poll needs of its session (push_sessions.py, which imports this
+    module: the session is named by what it does here)."""
+
+    messages_out: int
+    metrics: Metrics
+
+    @property
+    def last_push_id(self) -> int: ...
+
+    def detach(self, listener: Any) -> None: ...
+
+    def kept_after(self, after: int) -> tuple[tuple[int, int] | None, list[tuple[int, bytes]]]: ...
 
 
 class Poll:

@@ -19,7 +19,7 @@ from base64 import b64encode
 from collections.abc import Callable, Mapping
 from functools import partial
 from random import getrandbits
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from tlvproxy.metrics import Metrics, RequestTally
     from tlvproxy.policy.ratelimit import Refusal
     from tlvproxy.server.access_log import AccessLog
-    from tlvproxy.server.push_http import PushEndpoints
 
 _JSON = "application/json"
 # A caller's request id that can be echoed as a header value as it is.
@@ -113,6 +112,22 @@ def waf_inspect(runtime: TableRuntime, metrics: Metrics, request: Request) -> No
         _waf_log.warning("waf rule matched", extra={"rule": found.rule, "location": found.location})
 
 
+class PushRoutes(Protocol):
+    """The push-session endpoints as REST hands them a request (server/push_http.py,
+    which imports this module)."""
+
+    def submit(
+        self,
+        runtime: TableRuntime,
+        request: Request,
+        answer: Answer,
+        request_id: str,
+        client_ip: str,
+        cors: list[tuple[str, str]] | None,
+    ) -> bool:
+        """Answer `request`, now or later; False when it is not a push session's."""
+
+
 class RestHandler:
     """Answers REST requests on whatever table `runtime()` returns at the time.
 
@@ -127,7 +142,7 @@ class RestHandler:
         metrics: Metrics,
         access_log: AccessLog,
         tally: RequestTally,
-        push: PushEndpoints | None = None,
+        push: PushRoutes | None = None,
     ) -> None:
         # Each request reads `runtime()` once and keeps it: in-flight requests
         # finish on the table they started with (docs/operations.md "Reload").

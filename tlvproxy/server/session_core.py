@@ -28,8 +28,9 @@ from tlvproxy.server import ws_json
 from tlvproxy.stores.limits import Pending
 
 if TYPE_CHECKING:
+    from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.keys import KeyExpr
-    from tlvproxy.config.model import CommandSpec, Table
+    from tlvproxy.config.model import CommandSpec
     from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics
     from tlvproxy.policy.ratelimit import Refusal
@@ -162,7 +163,7 @@ def refused(metrics: Metrics, refusal: Refusal) -> GatewayError:
     return refusal.error()
 
 
-def command_timeout(table: Table, upstream: str, command: CommandSpec) -> float:
+def command_timeout(table: CompiledTable, upstream: str, command: CommandSpec) -> float:
     """How long the upstream has to answer `command` (its own timeout, else
     the upstream's)."""
     if command.timeout is not None:
@@ -174,7 +175,7 @@ def command_timeout(table: Table, upstream: str, command: CommandSpec) -> float:
 
 
 def render_reply(
-    table: Table, metrics: Metrics, command: CommandSpec, seq: int, reply: Frame
+    table: CompiledTable, metrics: Metrics, command: CommandSpec, seq: int, reply: Frame
 ) -> bytes:
     """The json-mode text answering `seq`, from the response frame `reply`."""
     codec = table.codecs[command.name]
@@ -194,7 +195,7 @@ def render_reply(
     return ws_json.render_response(command, seq, reply.status, value)
 
 
-def render_push(table: Table, metrics: Metrics, upstream: str, frame: Frame) -> bytes | None:
+def render_push(table: CompiledTable, metrics: Metrics, upstream: str, frame: Frame) -> bytes | None:
     """The json-mode text of a push from `upstream`; None when it is dropped
     (a command not in the table, or a body that does not decode), counted and
     logged."""
