@@ -2,11 +2,10 @@
 
     python benchmarks/bench_push.py [--duration 5] [--sessions 1000] [--idle 5000]
 
-Processes, as in bench_websocket.py (whose helpers this uses): the bundled
-mock upstream, one gateway process (bench_websocket.py run as `gateway
-TABLE`, serving `tlvproxy.app.Gateway`, on a table with `sessions`), and the
-clients here, so the gateway's RSS is its own. Everything shares this
-machine's cores.
+Processes (benchmarks/harness): the bundled mock upstream (bench_websocket.py
+run as `mock`), one `tlvproxy serve` process (1 worker, so in one process) on
+bench_websocket's json-mode table plus `sessions`, and the clients here, so
+the gateway's RSS is its own. Everything shares this machine's cores.
 
 - pushes/s to SSE sessions: `--sessions` push sessions (one uid each), each
   with an event stream open, and 10 WebSocket senders calling `send_message`
@@ -14,7 +13,8 @@ machine's cores.
 - memory per idle session: the gateway's VmRSS before and after opening
   `--idle` push sessions (each with its dedicated upstream connection, no
   stream open), divided; then the same for `--idle` idle WebSocket sessions
-  (bench_websocket.idle_memory), on a fresh gateway.
+  (harness/sessions.py), on a fresh gateway. Target: a push session costs no
+  more than a WebSocket session.
 """
 
 from __future__ import annotations
@@ -22,23 +22,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import trio
-from bench_websocket import (
-    ROOT,
-    TABLE,
-    Client,
-    idle_memory,
-    raise_fd_limit,
-    rss_kib,
-    start,
-    stop,
-)
+from bench_websocket import TABLE
+from harness.figures import Column, FigureTable, print_target
+from harness.processes import ROOT, child, raise_fd_limit, rss_kib, serving
+from harness.sessions import Client, idle_memory
+from harness.tables import write_table
 
 HERE = Path(__file__).resolve().parent
 RECEIVERS_UID_BASE = 1000
@@ -175,32 +169,19 @@ async def sse_pushes(port: int, receivers: int, duration: float) -> float:
     return delivered / elapsed
 
 
-async def idle_push_memory(port: int, gateway_pid: int, sessions: int) -> tuple[int, float]:
-    """The gateway's RSS growth for `sessions` idle push sessions (KiB in all, per session)."""
+async def idle_push_memory(port: int, gateway_pid: int, sessions: int) -> float:
+    """KiB of the gateway's resident memory per idle push session: its growth
+    for `sessions` sessions, once 50 were opened to warm up."""
     await create_sessions(port, range(1, 51))  # warm-up: code paths and allocator
     await trio.sleep(0.5)
     before = rss_kib(gateway_pid)
     await create_sessions(port, range(100, 100 + sessions))
     await trio.sleep(1.0)
     after = rss_kib(gateway_pid)
-    return after - before, (after - before) / sessions
+    return (after - before) / sessions
 
 
 # ---------------------------------------------------------------- processes
-
-
-def start_gateway(tmp: Path, node: str, name: str) -> tuple[subprocess.Popen[str], int]:
-    """bench_websocket's gateway process on its table plus `sessions`."""
-    table = tmp / f"{name}.yaml"
-    table.write_text(TABLE.format(proto=ROOT / "proto", node=node) + SESSIONS)
-    process = start(
-        [sys.executable, str(HERE / "bench_websocket.py"), "gateway", str(table)],
-        stdin=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-    assert process.stdout is not None
-    return process, int(process.stdout.readline())
 
 
 def main() -> None:
@@ -209,41 +190,40 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--idle", type=int, default=5000)
     args = parser.parse_args()
-    raise_fd_limit()
-    mock = start([sys.executable, str(HERE / "bench_websocket.py"), "mock"], cwd=ROOT)
-    assert mock.stdout is not None
-    node = mock.stdout.readline().strip()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-push-") as tmp_name:
-            tmp = Path(tmp_name)
-            gateway, port = start_gateway(tmp, node, "fan-out")
-            try:
-                rate = trio.run(sse_pushes, port, args.sessions, args.duration)
-                print(f"pushes/s to {args.sessions} SSE sessions (mock upstream): {rate:,.0f}")
-            finally:
-                stop(gateway)
-            gateway, port = start_gateway(tmp, node, "idle-push")
-            try:
-                total, push = trio.run(idle_push_memory, port, gateway.pid, args.idle)
-                print(
-                    f"gateway RSS per idle push session, {args.idle} sessions: {push:.1f} KiB "
-                    f"({total / 1024:.1f} MiB in all, upstream connections included)"
-                )
-            finally:
-                stop(gateway)
-            gateway, port = start_gateway(tmp, node, "idle-websocket")
-            try:
-                total, websocket = trio.run(idle_memory, port, gateway.pid, args.idle)
-                print(
-                    f"gateway RSS per idle WebSocket session, {args.idle} sessions: "
-                    f"{websocket:.1f} KiB ({total / 1024:.1f} MiB in all); "
-                    f"push / WebSocket: {push / websocket:.2f}"
-                )
-            finally:
-                stop(gateway)
-    finally:
-        mock.terminate()
-        mock.wait()
+    raise_fd_limit()  # the gateway inherits it: each session holds two descriptors
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-push-") as tmp_name,
+        child([sys.executable, str(HERE / "bench_websocket.py"), "mock"]) as (_, node),
+    ):
+        tmp = Path(tmp_name)
+        document = TABLE.format(proto=ROOT / "proto", node=node) + SESSIONS
+        fan_out, idle_push, idle_websocket = (
+            write_table(tmp / f"{name}.yaml", document)
+            for name in ("fan-out", "idle-push", "idle-websocket")
+        )
+        with serving(fan_out):
+            rate = trio.run(sse_pushes, fan_out.http, args.sessions, args.duration)
+        with serving(idle_push) as gateway:
+            push = trio.run(idle_push_memory, idle_push.http, gateway.pid, args.idle)
+        with serving(idle_websocket) as gateway:
+            websocket = trio.run(idle_memory, idle_websocket.http, gateway.pid, args.idle)
+    FigureTable(
+        f"push sessions, {args.duration:g} s measured after a 1 s warm-up",
+        "load",
+        44,
+        [Column("per second")],
+    ).row(f"pushes to {args.sessions} SSE sessions (mock upstream)", rate)
+    memory = FigureTable(
+        f"gateway RSS per idle session, {args.idle} sessions, upstream connections included",
+        "sessions",
+        9,
+        [Column("KiB/session", ".1f", 12), Column("MiB in all", ".1f", 11)],
+    )
+    memory.row("push", push, push * args.idle / 1024)
+    memory.row("websocket", websocket, websocket * args.idle / 1024)
+    print_target(
+        "KiB per idle push session, bound a WebSocket session's,", push, "<=", websocket, ".1f"
+    )
 
 
 if __name__ == "__main__":
