@@ -15,9 +15,12 @@ The stream runs in its connection's task, which sleeps on the client's socket
 comment, or when the credentials expire. A push is written by whoever
 delivers it (the upstream connection's reader) with a non-blocking send;
 only bytes the socket does not take at once wake the task to flush them.
-Past MAX_UNSENT such bytes (on top of the kept pushes a stream starts
-with) the client is not reading: the stream ends without another word, and
-the client resumes with `Last-Event-ID`.
+The client is not reading when more than MAX_UNSENT such bytes wait (on top
+of the kept pushes a stream starts with), or when it takes none of them for
+STALL_TIMEOUT: the stream ends without another word, and the client
+resumes with `Last-Event-ID`. Whatever the task waits in (the socket, or a
+flush), its cancel scope is the stream's: ending the stream bounds the wait
+by CLOSE_TIMEOUT, and losing the client cancels it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
 KEEP_ALIVE_INTERVAL: Final = 15.0
 # Bytes waiting for a client that does not read; past it the stream ends.
 MAX_UNSENT: Final = 1024 * 1024
+# The longest bytes wait with the client taking none of them; then the stream ends.
+STALL_TIMEOUT: Final = 15.0
 # Bound on writing what is left once the stream ends.
 CLOSE_TIMEOUT: Final = 5.0
 _READ_SIZE: Final = 65536
@@ -80,8 +85,10 @@ class EventStream:
         self._ended = False  # no more events: what is in `_out` is the last
         self._gone = False  # nothing can be written any more
         self._close_by = math.inf
+        # The scope of the task's wait, on the socket or in a flush: `end`
+        # and `_lost` reach the task through it.
         self._scope: trio.CancelScope | None = None
-        self._waiting = False  # the task sleeps in `_scope`: a write may wake it
+        self._waiting = False  # the wait is on the socket: a write wakes it to flush
         self._written_at = trio.current_time()
         self.deadline = math.inf  # a stream has no deadline the session keeps
 
@@ -126,7 +133,13 @@ class EventStream:
         self._close_by = trio.current_time() + CLOSE_TIMEOUT
         if reason is not None:
             self._write(push_wire.close_event(reason))
-        self._wake()
+        scope = self._scope
+        if scope is not None:
+            if self._waiting:
+                scope.cancel()  # the task writes the last event, if any, and ends
+            else:
+                # A flush under way: what is left has CLOSE_TIMEOUT.
+                scope.deadline = min(scope.deadline, self._close_by)
 
     # ------------------------------------------------------------ writing
 
@@ -148,45 +161,62 @@ class EventStream:
             data = data[sent:]
         self._out += data
         if len(self._out) > MAX_UNSENT + self._first:
-            log.warning(
-                "event stream client not reading: ending the stream",
-                extra={"unsent": len(self._out), "upstream_node": self._session.node},
-            )
-            self._out.clear()
-            self._lost()
+            self._not_reading()
             return
-        self._wake()
+        if self._waiting:
+            assert self._scope is not None  # set while waiting
+            self._scope.cancel()  # the task flushes
+
+    def _not_reading(self) -> None:
+        log.warning(
+            "event stream client not reading: ending the stream",
+            extra={"unsent": len(self._out), "upstream_node": self._session.node},
+        )
+        self._lost()
 
     def _lost(self) -> None:
+        """Nothing more can be written: the task stops whatever it waits for,
+        what was not written is dropped, and the session lets go of the stream."""
         self._gone = True
         self._ended = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiting and self._scope is not None:
+        self._out = bytearray()
+        if self._scope is not None:
             self._scope.cancel()
+        self._session.detach(self)
 
     async def _flush(self) -> None:
-        """Write `_out` (bounded by CLOSE_TIMEOUT once the stream ended)."""
-        with trio.CancelScope(deadline=min(self._close_by, self._expires)) as scope:
+        """Write `_out`; the stream is lost when the client takes nothing of it
+        for STALL_TIMEOUT, once it ended and CLOSE_TIMEOUT passed, when its
+        credentials expire, or when `_lost` cancels the flush."""
+        fd = self._fd
+        with trio.CancelScope() as self._scope:
+            scope = self._scope
+            progress = trio.current_time()
             try:
                 while self._out:
-                    if self._fd >= 0:
+                    # Recomputed after each write: `end` may lower it meanwhile.
+                    scope.deadline = min(progress + STALL_TIMEOUT, self._close_by, self._expires)
+                    if fd >= 0:
                         try:
-                            sent = os.write(self._fd, self._out)
+                            sent = os.write(fd, self._out)
                         except BlockingIOError:
-                            await trio.lowlevel.wait_writable(self._fd)
+                            await trio.lowlevel.wait_writable(fd)
                             continue
                         del self._out[:sent]
                     else:
                         data = bytes(self._out)
                         self._out.clear()
                         await self._stream.send_all(data)
-                    self._written_at = trio.current_time()
+                    progress = self._written_at = trio.current_time()
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                self._gone = True
-        if scope.cancelled_caught:
-            self._gone = True
+                self._lost()
+            finally:
+                self._scope = None
+        if scope.cancelled_caught and not self._gone:
+            if not self._ended and trio.current_time() < self._expires:
+                self._not_reading()  # STALL_TIMEOUT passed
+            else:
+                self._lost()
 
     # ------------------------------------------------------------ the task
 
@@ -210,7 +240,7 @@ class EventStream:
                         await trio.sleep_forever()
                 finally:
                     self._waiting = False
-            self._scope = None
+                    self._scope = None
             if readable and not self._client_still_there():
                 return
             now = trio.current_time()
