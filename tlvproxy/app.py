@@ -48,6 +48,7 @@ from tlvproxy.server.admission import (
     refuse,
     upstream_reserve,
 )
+from tlvproxy.server.handoff import DESCRIPTORS as HANDOFF_DESCRIPTORS
 from tlvproxy.server.handoff import MAX_LEFTOVER, Handoff
 from tlvproxy.server.http_conn import (
     DeadlineTimer,
@@ -234,7 +235,9 @@ class Gateway:
         # Push sessions (docs/push-sessions.md): this worker's, and, with
         # workers, the way to the others' (the drain closes them).
         self.push_sessions = PushSessions(metrics, self._admission, worker)
-        self._handoff = None if runtime_dir is None else Handoff(runtime_dir, worker)
+        self._handoff = (
+            None if runtime_dir is None else Handoff(runtime_dir, worker, self._admission)
+        )
 
     # ------------------------------------------------------------ the table
 
@@ -523,6 +526,8 @@ class Gateway:
         reserve = upstream_reserve(upstreams) + MAX_REFUSING + SPARE_DESCRIPTORS
         if self._serve_admin:
             reserve += MAX_ADMIN_CONNECTIONS
+        if self._handoff is not None:
+            reserve += HANDOFF_DESCRIPTORS
         self._admission.budget = descriptor_budget(
             self._descriptor_limit, self._descriptors_at_start, reserve
         )
@@ -599,6 +604,7 @@ class Gateway:
                         await connections.start(
                             self._handoff.serve,
                             connections,
+                            self._door,
                             partial(self._serve_handed, rest, errors),
                             self._handoff_bytes,
                         )
@@ -749,8 +755,8 @@ class Gateway:
         counted = counted_address(peer, table.trusted_proxies)
         refusal = self._admission.admit(counted, table.limits)
         if refusal is not None:
-            self._door.log_refusal(refusal, peer)
-            await refuse(stream, closing_answer(errors(Overloaded(refusal.message), None)))
+            answer = closing_answer(errors(Overloaded(refusal.message), None))
+            await self._door.refuse_here(stream, peer, refusal, answer)
             return
         await self._serve_connection(stream, peer, counted, handler, errors, False, received)
 

@@ -61,18 +61,8 @@ def limited_gateway(
     procs: Processes, upstream: str, soft: int, hard: int | None = None, **overrides: Any
 ) -> Gateway:
     """`tlvproxy serve` under RLIMIT_NOFILE = (soft, hard or soft), ready."""
-    hard = soft if hard is None else hard
     path, http_port, admin_port = procs.table(upstream, f"limited{soft}", **overrides)
-    # setrlimit in the child, then the gateway in the same process.
-    launcher = (
-        "import resource, runpy, sys; "
-        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
-        "sys.argv[0] = 'tlvproxy'; "
-        "runpy.run_module('tlvproxy', run_name='__main__', alter_sys=True)"
-    )
-    command = [sys.executable, "-c", launcher, "serve", "-c", str(path)]
-    process = Process(command, procs.directory / f"limited-{soft}.log")
-    procs._started.append(process)  # killed with the test's other processes
+    process = limited_serve(procs, path, soft, hard)
     gateway = Gateway(process, path, http_port, admin_port)
 
     def ready() -> bool:
@@ -81,6 +71,25 @@ def limited_gateway(
 
     wait_for(ready, "the gateway's /readyz")
     return gateway
+
+
+def limited_serve(
+    procs: Processes, path: Path, soft: int, hard: int | None = None, *arguments: str
+) -> Process:
+    """`tlvproxy serve -c PATH ARGUMENTS` under RLIMIT_NOFILE = (soft, hard or
+    soft), started (not waited for)."""
+    hard = soft if hard is None else hard
+    # setrlimit in the child, then the gateway in the same process.
+    launcher = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+        "sys.argv[0] = 'tlvproxy'; "
+        "runpy.run_module('tlvproxy', run_name='__main__', alter_sys=True)"
+    )
+    command = [sys.executable, "-c", launcher, "serve", "-c", str(path), *arguments]
+    process = Process(command, procs.directory / f"limited-{soft}.log")
+    procs._started.append(process)  # killed with the test's other processes
+    return process
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """What a push session's clients can make the gateway hold (docs/push-sessions.md),
-through the real gateway process: event streams whose clients stop reading.
+through the real gateway process: event streams whose clients stop reading,
+and requests passed between workers that are out of descriptors.
 """
 
 from __future__ import annotations
@@ -10,13 +11,21 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import attrs
 import pytest
 
-from tests.ops.procs import wait_for
+from tests.e2e.conftest import write_table
+from tests.ops.procs import accepted, call, children, free_port, try_call, wait_for
 from tests.ops.push_client import PATH, Session, Stream, push_to, stream_request
+from tests.ops.test_connection_limits import (
+    close_all,
+    descriptors_for,
+    limited_serve,
+)
+from tests.ops.tls_helpers import GW_ENTRY, Certificates, tls_socket
 
 if TYPE_CHECKING:
-    from tests.ops.procs import Gateway, Processes
+    from tests.ops.procs import Gateway, Process, Processes
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +35,7 @@ SESSIONS = {
     "hash_on": "query.did",
     "uid": "query.uid",
     "idle_timeout": "3s",
+    "poll_timeout": "1s",
     "max_buffered": 256,
 }
 TEXT = "x" * 64_000  # about 64 KB of pushed text
@@ -121,3 +131,122 @@ def test_a_stream_whose_client_stops_reading_is_ended_within_bounds(
     assert len(stalled) == 2  # past 1 MiB, and stalled; the replaced one is not logged
     for sock in (first, second, third):
         sock.close()
+
+
+@attrs.frozen
+class LimitedGateway:
+    """A `tlvproxy serve` of two workers under a descriptor limit, on http and https."""
+
+    process: Process
+    http: int
+    https: int
+    admin: int
+
+
+def limited_tls_gateway(
+    procs: Processes, upstream: str, certificates: Certificates, nofile: int
+) -> LimitedGateway:
+    """Two workers under RLIMIT_NOFILE `nofile`, on http and https, with `sessions`; ready."""
+    directory = procs.directory / "tls"
+    directory.mkdir()
+    certificates.copy_to(directory)
+    http, https, admin = free_port(), free_port(), free_port()
+    path = write_table(
+        directory,
+        upstream,
+        listen={
+            "http": f"127.0.0.1:{http}",
+            "https": f"127.0.0.1:{https}",
+            "admin": f"127.0.0.1:{admin}",
+        },
+        tls={"certificates": [GW_ENTRY]},
+        sessions=SESSIONS,
+        rate_limits=[],
+        # Every client is 127.0.0.1: only the descriptors limit them.
+        limits={"max_connections_per_ip": 10000},
+    )
+    process = limited_serve(procs, path, nofile, None, "--workers", "2")
+
+    def ready() -> bool:
+        assert process.alive(), process.text()
+        answer = try_call(admin, "GET", "/readyz", timeout=2.0)
+        return answer is not None and answer.status == 200
+
+    wait_for(ready, "the gateway's /readyz")
+    return LimitedGateway(process, http, https, admin)
+
+
+def test_a_worker_out_of_descriptors_survives_the_requests_passed_to_it(
+    procs: Processes, upstream: str, tmp_path: Path
+) -> None:
+    certificates = Certificates(tmp_path / "certs")
+    gateway = limited_tls_gateway(procs, upstream, certificates, 700)
+    process = gateway.process
+    pids = wait_for(
+        lambda: {
+            r["worker"]: r["worker_pid"]
+            for r in process.records()
+            if r["message"] == "worker started"
+        },
+        "the workers to start",
+    )
+    session = Session(gateway.http, "uid=91&did=a")
+    session.register()
+    owner = int(session.id.split("-", 1)[0], 16)
+    other = 1 - owner
+    context = certificates.client_context()
+    message = (
+        f"POST {session.path}/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 26\r\n\r\n"
+        '{"cmd": "echo", "seq": 1}\n'
+    ).encode()
+    relayed: list[socket.socket] = []
+    with descriptors_for(1000):
+        try:
+            # TLS connections to the worker without the session: it relays
+            # each to the owner, holding a descriptor more than the
+            # connection, until it can hold no more.
+            for _ in range(900):
+                try:
+                    sock = tls_socket(gateway.https, context)
+                except OSError:
+                    continue  # refused
+                client_port = sock.getsockname()[1]
+                held = accepted(gateway.https, {client_port}, {pids[other]})
+                if client_port not in held:
+                    sock.close()  # the owner's
+                    continue
+                sock.settimeout(2)
+                try:
+                    sock.sendall(message)
+                    answered = sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+                except OSError:
+                    answered = False
+                if not answered:
+                    sock.close()
+                    break  # it has no descriptor for another
+                relayed.append(sock)
+            assert len(relayed) > 100
+            # Connections that do not even start their TLS handshake take
+            # whatever descriptors it has left.
+            relayed += [
+                socket.create_connection(("127.0.0.1", gateway.https), timeout=5) for _ in range(60)
+            ]
+            # Requests for the other worker's sessions, passed to it.
+            for _ in range(20):
+                answer = try_call(
+                    gateway.http, "GET", f"{PATH}/{other}-AAAAAAAAAAAAAAAAAAAAAA/poll", timeout=2
+                )
+                assert answer is None or answer.status in (404, 503), answer
+        finally:
+            close_all(relayed)
+    # Both workers lived through it: the session is still there, and the
+    # gateway serves again.
+    assert not [r for r in process.records() if r["message"] == "worker died; restarting"]
+    assert set(children(process.pid)) == set(pids.values())
+    wait_for(
+        lambda: call(gateway.http, "POST", "/v1/echo", b"{}").status == 200,
+        "the gateway to serve again",
+    )
+    for seq in range(10):  # on new connections, to either worker
+        answer = session.send({"cmd": "echo", "seq": seq})
+        assert answer.json() == {"cmd": "echo", "seq": seq, "status": 0, "body": {}}

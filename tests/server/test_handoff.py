@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from tlvproxy.server.admission import Admission, Doorkeeper
 from tlvproxy.server.handoff import (
     HANDOFF_TIMEOUT,
     MAX_PENDING,
@@ -75,7 +76,7 @@ class Owner:
     """Worker 1: its `Handoff` serving, and what it was handed."""
 
     def __init__(self, directory: Path) -> None:
-        self.handoff = Handoff(directory, 1)
+        self.handoff = Handoff(directory, 1, Admission(budget=1000))
         self.received: list[tuple[str, bytes]] = []
         self.handed = trio.Event()
 
@@ -102,10 +103,12 @@ async def test_a_connection_goes_to_its_owner_with_the_bytes_read(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     owner = Owner(tmp_path)
-    await nursery.start(owner.handoff.serve, nursery, owner.accept, lambda: 1 << 20)
+    await nursery.start(
+        owner.handoff.serve, nursery, Doorkeeper(nursery), owner.accept, lambda: 1 << 20
+    )
     client, server = await tcp_pair()
     request = a_request()
-    sender = Handoff(tmp_path, 0)
+    sender = Handoff(tmp_path, 0, Admission(budget=1000))
     async with client:
         async with server:
             await sender.handler(1, "r1")(request, server, b"GET /x")
@@ -139,14 +142,18 @@ async def test_a_stream_that_is_not_a_socket_is_relayed(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     owner = Owner(tmp_path)
-    await nursery.start(owner.handoff.serve, nursery, owner.accept, lambda: 1 << 20)
+    await nursery.start(
+        owner.handoff.serve, nursery, Doorkeeper(nursery), owner.accept, lambda: 1 << 20
+    )
     client, server = await tcp_pair()
     request = a_request(body=b"{}")
     async with client:
 
         async def gateway_side() -> None:
             async with Relayed(server) as stream:
-                await Handoff(tmp_path, 0).handler(1, "r1")(request, stream, b"")
+                await Handoff(tmp_path, 0, Admission(budget=1000)).handler(1, "r1")(
+                    request, stream, b""
+                )
 
         async with trio.open_nursery() as inner:
             inner.start_soon(gateway_side)
@@ -171,7 +178,9 @@ async def test_a_session_of_a_worker_not_running_is_not_found(tmp_path: Path) ->
     client, server = await tcp_pair()
     async with client:
         async with server:
-            await Handoff(tmp_path, 0).handler(3, "r9")(a_request(), server, b"")
+            await Handoff(tmp_path, 0, Admission(budget=1000)).handler(3, "r9")(
+                a_request(), server, b""
+            )
         status, body = await read_answer(client)
     assert status == 404
     assert body["error"]["code"] == "session_not_found"
@@ -182,7 +191,9 @@ async def test_too_many_bytes_past_the_request_are_refused(tmp_path: Path) -> No
     client, server = await tcp_pair()
     async with client:
         async with server:
-            await Handoff(tmp_path, 0).handler(1, "r2")(a_request(), server, b"x" * 300_000)
+            await Handoff(tmp_path, 0, Admission(budget=1000)).handler(1, "r2")(
+                a_request(), server, b"x" * 300_000
+            )
         status, body = await read_answer(client)
     assert (status, body["error"]["code"]) == (503, "overloaded")
 
@@ -212,7 +223,9 @@ async def test_malformed_handoffs_are_dropped_and_their_descriptors_closed(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     owner = Owner(tmp_path)
-    await nursery.start(owner.handoff.serve, nursery, owner.accept, lambda: 1000)
+    await nursery.start(
+        owner.handoff.serve, nursery, Doorkeeper(nursery), owner.accept, lambda: 1000
+    )
     path = str(socket_path(tmp_path, 1))
     pipe_read, pipe_write = os.pipe()
     victims = [socket.socket() for _ in range(3)]
@@ -246,7 +259,9 @@ async def test_malformed_handoffs_are_dropped_and_their_descriptors_closed(
     client, server = await tcp_pair()
     async with client:
         async with server:
-            await Handoff(tmp_path, 0).handler(1, "r3")(a_request(body=b""), server, b"")
+            await Handoff(tmp_path, 0, Admission(budget=1000)).handler(1, "r3")(
+                a_request(body=b""), server, b""
+            )
         assert await client.receive_some(100) == b"answered by worker 1: POST"
         await client.send_all(b"more")
     await owner.handed.wait()
@@ -256,7 +271,9 @@ async def test_a_handoff_that_stalls_is_dropped_and_pending_ones_are_bounded(
     tmp_path: Path, nursery: trio.Nursery, autojump_clock: Any
 ) -> None:
     owner = Owner(tmp_path)
-    await nursery.start(owner.handoff.serve, nursery, owner.accept, lambda: 1000)
+    await nursery.start(
+        owner.handoff.serve, nursery, Doorkeeper(nursery), owner.accept, lambda: 1000
+    )
     path = str(socket_path(tmp_path, 1))
     stalled = []
     for _ in range(MAX_PENDING):
@@ -281,7 +298,9 @@ async def test_an_owner_with_too_many_handoffs_under_way_leaves_the_answer_to_th
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     owner = Owner(tmp_path)
-    await nursery.start(owner.handoff.serve, nursery, owner.accept, lambda: 1 << 20)
+    await nursery.start(
+        owner.handoff.serve, nursery, Doorkeeper(nursery), owner.accept, lambda: 1 << 20
+    )
     path = str(socket_path(tmp_path, 1))
     stalled = []
     for _ in range(MAX_PENDING):
@@ -292,7 +311,9 @@ async def test_an_owner_with_too_many_handoffs_under_way_leaves_the_answer_to_th
     client, server = await tcp_pair()
     async with client:
         async with server:
-            await Handoff(tmp_path, 0).handler(1, "r4")(a_request(), server, b"")
+            await Handoff(tmp_path, 0, Admission(budget=1000)).handler(1, "r4")(
+                a_request(), server, b""
+            )
         status, body = await read_answer(client)
     assert (status, body["error"]["code"]) == (503, "overloaded")
     assert owner.received == []
@@ -307,12 +328,16 @@ async def test_a_runtime_directory_too_long_for_a_socket_address_works(
     directory.mkdir()
     assert len(str(socket_path(directory, 1))) > 108  # beyond sun_path
     owner = Owner(directory)
-    await nursery.start(owner.handoff.serve, nursery, owner.accept, lambda: 1 << 20)
+    await nursery.start(
+        owner.handoff.serve, nursery, Doorkeeper(nursery), owner.accept, lambda: 1 << 20
+    )
     assert socket_path(directory, 1).exists()
     client, server = await tcp_pair()
     async with client:
         async with server:
-            await Handoff(directory, 0).handler(1, "r5")(a_request(), server, b"")
+            await Handoff(directory, 0, Admission(budget=1000)).handler(1, "r5")(
+                a_request(), server, b""
+            )
         assert await client.receive_some(100) == b"answered by worker 1: POST"
         await client.send_all(b"more")
     await owner.handed.wait()

@@ -1,13 +1,14 @@
 """Who may hold a connection: connection counts and the file descriptor budget.
 
 Owns: the count of one worker's client connections, in all and per client
-address (`limits.max_connections`, `limits.max_connections_per_ip`), the
+address (`limits.max_connections`, `limits.max_connections_per_ip`), and
+the second descriptor of sessions and relayed TLS connections; the
 descriptors a worker keeps in reserve for its upstream connections and its
-admin listener, raising RLIMIT_NOFILE's soft limit at start, accept()'s
-failures (a pause, not a spin), the answer that refuses a connection (503
-`overloaded`, written without reading the request), and the burst logging of
-both. docs/operations.md "Connections and file descriptors" tells the
-operator the same rules.
+admin listener (app.py adds those of handoffs), raising RLIMIT_NOFILE's
+soft limit at start, accept()'s failures (a pause, not a spin), the answer
+that refuses a connection (503 `overloaded`, written without reading the
+request), and the burst logging of both. docs/operations.md "Connections
+and file descriptors" tells the operator the same rules.
 Must not: serve a connection or read a request: the accept loop (app.py)
 decides, asking `Admission` once per connection, never per request.
 """
@@ -21,7 +22,7 @@ import logging
 import os
 import resource
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -94,18 +95,20 @@ class Admission:
 
     `budget` is how many descriptors client connections may hold: each client
     connection takes one, each WebSocket or push session one more for its
-    upstream connection. Pure bookkeeping, O(1) per connection: a count, and a count
-    per client address that is dropped when it reaches zero (so the dict holds
-    at most one entry per open connection).
+    upstream connection, and each TLS connection relayed to another worker
+    one more for its end of the relay. Pure bookkeeping, O(1) per connection:
+    a count, and a count per client address that is dropped when it reaches
+    zero (so the dict holds at most one entry per open connection).
     """
 
-    __slots__ = ("budget", "clients", "per_address", "pushes", "sessions")
+    __slots__ = ("budget", "clients", "per_address", "pushes", "relays", "sessions")
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.clients = 0
         self.sessions = 0  # upstream connections of sessions, WebSocket and push
         self.pushes = 0  # push sessions, which hold no client connection of their own
+        self.relays = 0  # TLS connections relayed to another worker
         self.per_address: dict[str, int] = {}
 
     def admit(self, address: str | None, limits: Limits) -> Refusal | None:
@@ -166,10 +169,26 @@ class Admission:
         self.pushes -= 1
         self.release_session(address)
 
+    def admit_relay(self) -> Refusal | None:
+        """Count the descriptor an admitted TLS connection needs to be relayed
+        to another worker (docs/push-sessions.md "Workers"); None when
+        admitted, else why not."""
+        if self._full():
+            return _no_descriptors()
+        self.relays += 1
+        return None
+
+    def release_relay(self) -> None:
+        """A relay admitted by `admit_relay` has ended."""
+        self.relays -= 1
+
+    def _full(self) -> bool:
+        return self.clients + self.sessions + self.relays >= self.budget
+
     def _take(self, address: str | None, limits: Limits) -> Refusal | None:
         """A descriptor from the budget and, for `address`, a place under its
         limit (counted); else why not (nothing counted)."""
-        if self.clients + self.sessions >= self.budget:
+        if self._full():
             return _no_descriptors()
         return None if address is None else self._count(address, limits)
 
@@ -352,7 +371,18 @@ class Doorkeeper:
 
     async def accept(self, listener: trio.SocketListener) -> tuple[trio.SocketStream, str] | None:
         """The next connection on `listener` and its peer's address; None once
-        the listener is closed.
+        the listener is closed (see `accept_socket`)."""
+        accepted = await self.accept_socket(listener.socket)
+        if accepted is None:
+            return None
+        sock, address = accepted
+        return trio.SocketStream(sock), address[0]
+
+    async def accept_socket(
+        self, listener: trio.socket.SocketType
+    ) -> tuple[trio.socket.SocketType, Any] | None:
+        """The next connection on the listening socket `listener` and its
+        peer's address; None once the listener is closed.
 
         When accept() fails for want of descriptors (EMFILE, ENFILE) or
         memory, pauses ACCEPT_BACKOFF and tries again: logged once per burst,
@@ -360,7 +390,7 @@ class Doorkeeper:
         """
         while True:
             try:
-                sock, address = await listener.socket.accept()
+                return await listener.accept()
             except trio.ClosedResourceError:
                 return None
             except OSError as exc:
@@ -370,8 +400,6 @@ class Doorkeeper:
                     continue
                 self._accept_failures.record(self._nursery, error=str(exc))
                 await trio.sleep(ACCEPT_BACKOFF)
-                continue
-            return trio.SocketStream(sock), address[0]
 
     def refuse(
         self,
@@ -390,6 +418,19 @@ class Doorkeeper:
             return
         self._refusing += 1
         nursery.start_soon(self._refuse, stream, answer)
+
+    async def refuse_here(
+        self, stream: trio.SocketStream, peer: str, refusal: Refusal, answer: bytes
+    ) -> None:
+        """`refuse`, in the calling task: a refused connection that is
+        already a task's (one another worker passed on) lingers only within
+        the same MAX_REFUSING as the others."""
+        self.log_refusal(refusal, peer)
+        if self._refusing >= MAX_REFUSING:
+            refuse_now(stream, answer)
+            return
+        self._refusing += 1
+        await self._refuse(stream, answer)
 
     def log_refusal(self, refusal: Refusal, peer: str, *, answered: bool = True) -> None:
         """Log `refusal`, once per burst of its kind; `answered` False for a

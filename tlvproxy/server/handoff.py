@@ -16,9 +16,12 @@ until either side closes.
 Owns: the listening socket of one worker, passing a connection (bounded:
 MAX_PENDING at once, HANDOFF_TIMEOUT each, the request and MAX_LEFTOVER
 bytes past it), receiving one (the same bounds, exactly one descriptor,
-which must be a stream socket), the relay of a TLS connection, and the
+which must be a stream socket), the relay of a TLS connection (its
+descriptor counted by the worker's `Admission`), the descriptors all this
+may hold at once (DESCRIPTORS, which the worker keeps in reserve), and the
 answer when the owner cannot take it: `session_not_found` when it does not
-run (its sessions went with it), `overloaded` when it does not answer in time.
+run (its sessions went with it), `overloaded` when it does not answer in
+time or a worker is out of descriptors.
 Must not: serve HTTP on the connections it receives (the gateway does, as
 connections it accepted), or parse requests.
 """
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
     from pathlib import Path
 
+    from tlvproxy.server.admission import Admission, Doorkeeper
     from tlvproxy.server.http_conn import Request, UpgradeHandler
 
 # Bounds: handoffs one worker sends at once and receives at once; the time
@@ -52,6 +56,12 @@ if TYPE_CHECKING:
 MAX_PENDING: Final = 64
 HANDOFF_TIMEOUT: Final = 5.0
 MAX_LEFTOVER: Final = 256 * 1024
+# The descriptors a worker's handoffs hold at most at once, beyond the client
+# connections they pass: a Unix socket for each handoff sent (and for a TLS
+# connection one end of its socket pair), a Unix socket and the connection
+# received for each handoff taken. A relay's own end is counted with its
+# connection (`Admission.admit_relay`).
+DESCRIPTORS: Final = 4 * MAX_PENDING
 _MAX_PEER: Final = 64  # an IPv6 address in text is at most 45 characters
 _MAGIC: Final = b"TLVH"
 # magic, the peer address's length, the request bytes' length, and when the
@@ -113,9 +123,11 @@ class Handoff:
     """One worker's end of the handoffs: it passes connections to the other
     workers (`handler`) and takes theirs (`serve`)."""
 
-    def __init__(self, directory: Path, worker: int) -> None:
+    def __init__(self, directory: Path, worker: int, admission: Admission) -> None:
+        """`admission`: the worker's, which counts the descriptor of each relay."""
         self._directory = directory
         self.worker = worker
+        self._admission = admission
         self._sending = 0
         self._receiving = 0
         self._accepting: trio.CancelScope | None = None
@@ -135,40 +147,58 @@ class Handoff:
         stream: trio.abc.Stream,
         leftover: bytes,
     ) -> None:
-        error: GatewayError | None = None
-        relay: socket.socket | None = None
+        relayed = not isinstance(stream, trio.SocketStream)
         if len(leftover) > MAX_LEFTOVER or self._sending >= MAX_PENDING:
-            error = Overloaded("too many requests are on their way between workers; try again")
+            error: GatewayError | None = Overloaded(
+                "too many requests are on their way between workers; try again"
+            )
+        elif relayed and (refusal := self._admission.admit_relay()) is not None:
+            error = Overloaded(refusal.message)
         else:
-            data = request_bytes(request) + leftover
-            self._sending += 1
             try:
-                if isinstance(stream, trio.SocketStream):
-                    error = await self._send(
-                        owner, request.remote_addr, stream.socket.fileno(), data
+                self._sending += 1
+                try:
+                    error, relay = await self._hand(owner, request, stream, leftover)
+                finally:
+                    self._sending -= 1
+                if error is None:
+                    log.debug(
+                        "push session request passed to its worker",
+                        extra={"request_id": request_id, "worker": owner},
                     )
-                else:
-                    relay, theirs = socket.socketpair()
-                    with theirs:
-                        error = await self._send(owner, request.remote_addr, theirs.fileno(), data)
+                    if relay is not None:
+                        await _relay(stream, relay)
+                    return
             finally:
-                self._sending -= 1
+                if relayed:
+                    self._admission.release_relay()
+        assert error is not None  # one that was passed returned above
+        log.info(
+            "push session request not passed to its worker",
+            extra={"request_id": request_id, "worker": owner, "error": error.message},
+        )
+        response = render_error(error, request_id, envelope=False)
+        await refuse(stream, closing_answer(response))
+
+    async def _hand(
+        self, owner: int, request: Request, stream: trio.abc.Stream, leftover: bytes
+    ) -> tuple[GatewayError | None, socket.socket | None]:
+        """Pass `stream` (its socket, or one end of a socket pair to relay it
+        through) to worker `owner`: None once taken, with this worker's end of
+        the relay when there is one; else the error to answer with."""
+        data = request_bytes(request) + leftover
+        if isinstance(stream, trio.SocketStream):
+            return await self._send(owner, request.remote_addr, stream.socket.fileno(), data), None
+        try:
+            relay, theirs = socket.socketpair()
+        except OSError:
+            return _no_descriptor(), None
+        with theirs:
+            error = await self._send(owner, request.remote_addr, theirs.fileno(), data)
         if error is not None:
-            if relay is not None:
-                relay.close()
-            log.info(
-                "push session request not passed to its worker",
-                extra={"request_id": request_id, "worker": owner, "error": error.message},
-            )
-            response = render_error(error, request_id, envelope=False)
-            await refuse(stream, closing_answer(response))
-        else:
-            log.debug(
-                "push session request passed to its worker",
-                extra={"request_id": request_id, "worker": owner},
-            )
-            if relay is not None:
-                await _relay(stream, relay)
+            relay.close()
+            return error, None
+        return None, relay
 
     async def _send(
         self, owner: int, peer: str, descriptor: int, data: bytes
@@ -178,32 +208,33 @@ class Handoff:
         peer_bytes = peer.encode()[:_MAX_PEER]
         deadline = time.monotonic() + HANDOFF_TIMEOUT
         head = _HEAD.pack(_MAGIC, len(peer_bytes), len(data), deadline) + peer_bytes
-        with trio.move_on_after(HANDOFF_TIMEOUT):
-            with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                try:
-                    with _address(socket_path(self._directory, owner)) as address:
-                        await sock.connect(address)
-                except (FileNotFoundError, ConnectionRefusedError):
-                    # No such worker, or it is not running: its sessions are gone.
-                    return SessionNotFound("no such push session: its worker is not running")
-                except OSError as exc:
-                    log.warning("cannot reach a worker", extra={"worker": owner, "error": str(exc)})
-                    return Overloaded("the session's worker cannot be reached; try again")
-                try:
-                    rights = [
-                        (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [descriptor]))
-                    ]
-                    sent = await sock.sendmsg([head], rights)
-                    view = memoryview(head[sent:] + data)
-                    while view:
-                        view = view[await sock.send(view) :]
-                    taken = await sock.recv(1)
-                except OSError:
-                    taken = b""
-                if taken == _TAKEN:
-                    return None
-                # The owner dropped it (too many handoffs at once, or too late).
-                return Overloaded("the session's worker did not take the request; try again")
+        try:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return _no_descriptor()
+        with sock, trio.move_on_after(HANDOFF_TIMEOUT):
+            try:
+                with _address(socket_path(self._directory, owner)) as address:
+                    await sock.connect(address)
+            except (FileNotFoundError, ConnectionRefusedError):
+                # No such worker, or it is not running: its sessions are gone.
+                return SessionNotFound("no such push session: its worker is not running")
+            except OSError as exc:
+                log.warning("cannot reach a worker", extra={"worker": owner, "error": str(exc)})
+                return Overloaded("the session's worker cannot be reached; try again")
+            try:
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [descriptor]))]
+                sent = await sock.sendmsg([head], rights)
+                view = memoryview(head[sent:] + data)
+                while view:
+                    view = view[await sock.send(view) :]
+                taken = await sock.recv(1)
+            except OSError:
+                taken = b""
+            if taken == _TAKEN:
+                return None
+            # The owner dropped it (too many handoffs at once, or too late).
+            return Overloaded("the session's worker did not take the request; try again")
         # The owner did not take it in time: it takes none after that.
         return Overloaded("the session's worker did not answer in time; try again")
 
@@ -212,6 +243,7 @@ class Handoff:
     async def serve(
         self,
         nursery: trio.Nursery,
+        door: Doorkeeper,
         accept: Callable[[trio.SocketStream, str, bytes], Awaitable[None]],
         max_bytes: Callable[[], int],
         *,
@@ -219,7 +251,9 @@ class Handoff:
     ) -> None:
         """Take the connections other workers pass, until `close()`; each one
         received whole goes to `accept(stream, peer, received)` in `nursery`.
-        `max_bytes()`: the most request bytes one may carry."""
+        `door` accepts them as it does clients (out of descriptors, it
+        pauses and tries again). `max_bytes()`: the most request bytes one
+        may carry."""
         path = socket_path(self._directory, self.worker)
         path.parent.mkdir(mode=0o700, exist_ok=True)
         # A restarted worker takes over the path of the one it replaces.
@@ -231,8 +265,8 @@ class Handoff:
             listener.listen(MAX_PENDING)
             with trio.CancelScope() as self._accepting:
                 task_status.started()
-                while True:
-                    conn, _ = await listener.accept()
+                while (accepted := await door.accept_socket(listener)) is not None:
+                    conn, _ = accepted
                     if self._receiving >= MAX_PENDING:
                         conn.close()  # the sender answers `overloaded`
                         continue
@@ -275,14 +309,15 @@ async def _read_handoff(
     """One handoff: the client's socket, its address, the request bytes and
     the sender's deadline; None (logged) for anything else, whose descriptors
     are closed (also when cancelled)."""
-    data, ancillary, flags, _ = await conn.recvmsg(_HEAD.size, socket.CMSG_SPACE(_DESCRIPTOR))
     descriptors: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % _DESCRIPTOR
-            descriptors.extend(array.array("i", payload[:usable]))
     client: socket.socket | None = None
     try:
+        data, ancillary, flags, _ = await conn.recvmsg(_HEAD.size, socket.CMSG_SPACE(_DESCRIPTOR))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % _DESCRIPTOR
+                descriptors.extend(array.array("i", payload[:usable]))
+        # Out of descriptors, the kernel drops the one sent and says so (MSG_CTRUNC).
         if len(descriptors) != 1 or flags & socket.MSG_CTRUNC:
             raise ValueError(f"{len(descriptors)} descriptors")
         client = socket.socket(fileno=descriptors[0])
@@ -303,6 +338,12 @@ async def _read_handoff(
         _close(descriptors, client)
         raise
     return client, peer, request, deadline
+
+
+def _no_descriptor() -> Overloaded:
+    # socket() or socketpair() failed: the process (or the system) is out of
+    # descriptors or memory (docs/operations.md "Connections and file descriptors").
+    return Overloaded("the gateway has no file descriptor to spare for the request; try again")
 
 
 def _close(descriptors: list[int], client: socket.socket | None) -> None:
