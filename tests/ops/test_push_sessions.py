@@ -165,6 +165,8 @@ def test_create_stream_resume_poll_gap_and_send(
     # Past max_buffered (4) the oldest go: a gap, reported before what is kept.
     for n in range(7, 12):
         push_to(port, 21, f"n{n}")
+    # A push reaches the session after the request that caused it is answered.
+    wait_for(lambda: ids(session.poll(after=10)) == [11], "push 11")
     polled = session.poll(after=6)
     assert (ids(polled), polled.json()["gap"]) == ([8, 9, 10, 11], True)
     gapped = session.stream({"Last-Event-ID": "6"})
