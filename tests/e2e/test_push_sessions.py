@@ -190,6 +190,60 @@ async def test_a_stream_ends_when_its_token_expires(
     await again.close()
 
 
+def users(tmp_path: Path) -> dict[str, Any]:
+    """A `jwt` authenticator reading tokens from the Authorization header."""
+    keys = tmp_path / "jwks.json"
+    keys.write_text(jwks(rsa_jwk()))
+    return {"name": "users", "type": "jwt", "keys": str(keys)}
+
+
+def bearer(claims: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(claims)}"}
+
+
+async def test_tokens_without_sub_reach_only_the_sessions_of_their_own_uid(
+    gateways: GatewayFactory, tmp_path: Path
+) -> None:
+    gateway = await gateways.start(
+        auth=[users(tmp_path)],
+        sessions={**SESSIONS, "auth": "users", "uid": "auth.claim.uid"},
+    )
+    alice = bearer({"uid": 5})  # no sub: the identities differ only by their uid
+    session_id = await create(gateway, "did=a", alice)
+    address = gateway.http_address
+    mallory = bearer({"uid": 6})
+    for method, suffix in (
+        ("GET", "/poll?after=0"),
+        ("GET", "/events"),
+        ("POST", "/messages"),
+        ("DELETE", ""),
+    ):
+        answer = await fetch(address, method, f"{PATH}/{session_id}{suffix}", b"{}", mallory)
+        assert (answer.status, answer.json()["error"]["code"]) == (404, "session_not_found")
+    # Another token of the same uid (a renewed one) is the same caller.
+    renewed = bearer({"uid": 5, "exp": int(time.time()) + 60})
+    answer = await send(gateway, session_id, {"cmd": "echo", "seq": 1}, renewed)
+    assert answer.json() == {"cmd": "echo", "seq": 1, "status": 0, "body": {}}
+    assert (await fetch(address, "DELETE", f"{PATH}/{session_id}", headers=alice)).status == 204
+
+
+async def test_a_session_is_refused_to_an_identity_that_names_nobody(
+    gateways: GatewayFactory, tmp_path: Path
+) -> None:
+    gateway = await gateways.start(
+        auth=[users(tmp_path)], sessions={**SESSIONS, "auth": "users", "uid": "query.uid"}
+    )
+    # Neither sub nor anything the session reads from the identity: every
+    # such token would be the same caller.
+    refused = await fetch(
+        gateway.http_address, "POST", f"{PATH}?uid=5&did=a", headers=bearer({"role": "x"})
+    )
+    assert (refused.status, refused.json()["error"]["code"]) == (403, "forbidden")
+    assert "name no subject" in refused.json()["error"]["message"]
+    assert len(gateway.push_sessions) == 0
+    assert await create(gateway, "uid=5&did=a", bearer({"sub": "5"}))
+
+
 async def test_a_message_the_upstream_does_not_answer_gets_upstream_timeout(
     gateways: GatewayFactory, autojump_clock: Any
 ) -> None:

@@ -85,12 +85,25 @@ class Listener(Protocol):
         or `deadline` passed (None). The session has let go of it already."""
 
 
-def who(identity: Identity | None) -> tuple[str, str | None, str | None] | None:
-    """What a session is bound to: the authenticator and the subject or
-    consumer it verified (docs/push-sessions.md "Identity")."""
+def bound_to(spec: SessionsSpec, identity: Identity | None) -> tuple[str | None, ...] | None:
+    """Who a session opened by `identity` belongs to (docs/push-sessions.md
+    "Identity"): the authenticator, the subject and consumer it verified, and
+    every value the session's `uid` and `hash_on` read from it; None without
+    `sessions.auth`. A request of the session must yield the same."""
     if identity is None:
         return None
-    return (identity.authenticator, identity.sub, identity.consumer)
+    read = tuple(
+        identity.value(key.name)
+        for key in (spec.uid, spec.hash_on)
+        if key is not None and key.source == "auth"
+    )
+    return (identity.authenticator, identity.sub, identity.consumer, *read)
+
+
+def names_nobody(binding: tuple[str | None, ...] | None) -> bool:
+    """Whether a binding (`bound_to`) tells no caller from another: an
+    identity with no subject, no consumer and none of the values read."""
+    return binding is not None and not any(binding[1:])
 
 
 class PushSessions:
@@ -209,7 +222,7 @@ class PushSession:
         self.runtime = runtime
         self.spec = spec
         self.context = context  # the opening request: fields and rate-limit keys read it
-        self.opened_by = who(context.identity)
+        self.opened_by = bound_to(spec, context.identity)
         self.uid = uid
         self.request_id = request_id
         self.path = path
