@@ -404,7 +404,9 @@ class PushSession:
         if self.closed is not None:
             return
         try:
-            text = session_core.render_push(self.runtime.table, self.metrics, frame)
+            text = session_core.render_push(
+                self.runtime.table, self.metrics, self.spec.upstream, frame
+            )
             if text is not None:
                 self._keep(text)
         except Exception:  # runs in the upstream reader: a bug costs one push, not the reader

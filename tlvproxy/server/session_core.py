@@ -195,7 +195,9 @@ def render_reply(
     return ws_json.render_response(command, seq, reply.status, value)
 
 
-def render_push(table: CompiledTable, metrics: Metrics, upstream: str, frame: Frame) -> bytes | None:
+def render_push(
+    table: CompiledTable, metrics: Metrics, upstream: str, frame: Frame
+) -> bytes | None:
     """The json-mode text of a push from `upstream`; None when it is dropped
     (a command not in the table, or a body that does not decode), counted and
     logged."""
