@@ -319,6 +319,23 @@ async def test_paths_and_methods_under_the_sessions_path(gateways: GatewayFactor
     assert (await fetch(address, "POST", "/v1/echo", {"n": 1})).json() == {"n": 1}
 
 
+async def test_a_poll_after_a_push_not_made_yet_is_refused(gateways: GatewayFactory) -> None:
+    gateway = await gateways.start(sessions={**SESSIONS, "poll_timeout": "200ms"})
+    session_id = await create(gateway)
+    await register(gateway, session_id)
+    await push(gateway, 2, "one")
+    while not (await poll(gateway, session_id)).json()["messages"]:
+        pass  # until push 1 is kept
+    # Waiting for push 3 would answer push 2 with nothing, and the client,
+    # polling after 2 from then on, would never see it.
+    beyond = await poll(gateway, session_id, after=2)
+    assert (beyond.status, beyond.json()["error"]["code"]) == (400, "bad_request")
+    assert "beyond the session's last push, 1" in beyond.json()["error"]["message"]
+    await push(gateway, 2, "two")
+    polled = await poll(gateway, session_id, after=1)
+    assert [m["body"]["text"] for m in polled.json()["messages"]] == ["two"]
+
+
 async def test_a_poll_and_a_stream_on_one_keep_alive_connection(gateways: GatewayFactory) -> None:
     gateway = await gateways.start(sessions={**SESSIONS, "poll_timeout": "200ms"})
     session_id = await create(gateway)

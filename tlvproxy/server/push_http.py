@@ -258,6 +258,11 @@ class PushEndpoints:
             reply.answer.take_over(handler)
         elif action == "poll":
             after = push_wire.parse_after(context.query.get("after"), "after")
+            last = session.last_push_id
+            if after > last:
+                # Waiting would answer push `last + 1` as if it came before
+                # `after` (docs/push-sessions.md "Long polling").
+                raise BadRequest(f"after {after} is beyond the session's last push, {last}")
             session.poll(after, partial(self._poll_answer, reply))
         elif action == "messages":
             self._message(session, request, reply)

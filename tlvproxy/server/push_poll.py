@@ -26,9 +26,6 @@ class PushSession(Protocol):
     messages_out: int
     metrics: Metrics
 
-    @property
-    def last_push_id(self) -> int: ...
-
     def detach(self, listener: Any) -> None: ...
 
     def kept_after(self, after: int) -> tuple[tuple[int, int] | None, list[tuple[int, bytes]]]: ...
@@ -63,5 +60,4 @@ class Poll:
         if pushes:
             session.messages_out += len(pushes)
             session.metrics.push_messages.labels("out", "poll").inc(len(pushes))
-        after = min(self.after, session.last_push_id)
-        self.reply(push_wire.poll_body(pushes, after, gap=gap is not None, closed=closed))
+        self.reply(push_wire.poll_body(pushes, self.after, gap=gap is not None, closed=closed))
