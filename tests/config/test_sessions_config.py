@@ -68,6 +68,7 @@ def test_defaults_and_every_key(workdir: Path) -> None:
           idle_timeout: 2m
           poll_timeout: 500ms
           max_buffered: 10
+          max_buffered_per_worker: 64 MiB
         """,
     )
     assert table.sessions == SessionsSpec(
@@ -79,6 +80,7 @@ def test_defaults_and_every_key(workdir: Path) -> None:
         idle_timeout=120.0,
         poll_timeout=0.5,
         max_buffered=10,
+        max_buffered_per_worker=64 * 1024 * 1024,
     )
     assert table.warnings == ()
     assert route_lines(table)[-2] == "sessions: /im/push -> upstream im (SSE and long polling)"
@@ -115,6 +117,14 @@ def test_defaults_and_every_key(workdir: Path) -> None:
         ("sessions: {upstream: im, max_buffered: 0}\n", "sessions.max_buffered: expected a number"),
         ("sessions: {upstream: im, max_buffered: 70000}\n", "sessions.max_buffered: expected"),
         ("sessions: {upstream: im, max_buffered: many}\n", "sessions.max_buffered: expected"),
+        (
+            "sessions: {upstream: im, max_buffered_per_worker: 0}\n",
+            "sessions.max_buffered_per_worker: expected a size above zero",
+        ),
+        (
+            "sessions: {upstream: im, max_buffered_per_worker: lots}\n",
+            "sessions.max_buffered_per_worker:",
+        ),
     ],
 )
 def test_mistakes_name_their_place(workdir: Path, sessions: str, expected: str) -> None:

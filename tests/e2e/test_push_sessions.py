@@ -449,6 +449,45 @@ async def test_a_stream_whose_client_does_not_read_ends_and_resumes(
     await events.close()
 
 
+async def test_a_worker_keeps_at_most_max_buffered_per_worker_of_pushes(
+    gateways: GatewayFactory,
+) -> None:
+    gateway = await gateways.start(
+        sessions={**SESSIONS, "max_buffered_per_worker": "100 KiB"}, rate_limits=[]
+    )
+    first = await create(gateway, "uid=2&did=a")
+    second = await create(gateway, "uid=3&did=b")
+    for session_id in (first, second):
+        await register(gateway, session_id)
+    text = "x" * 40_000
+    for n in (1, 2, 3):
+        await push(gateway, 2, f"{n}{text}")
+    await push(gateway, 3, f"4{text}")
+    await push(gateway, 3, f"5{text}")  # the second's push wait: the worker's oldest go
+    while len((await poll(gateway, second)).json()["messages"]) < 2:
+        pass
+    # The first session's pushes went, oldest first, to make room: a gap.
+    polled = (await poll(gateway, first)).json()
+    assert polled == {"messages": [], "next": 3, "gap": True}
+    events = await Events.open(gateway, f"{PATH}/{first}/events")
+    gap = await events.next()
+    assert gap is not None
+    assert (gap.kind, gap.json()) == ("gap", {"missed_from": 1, "missed_to": 3})
+    await events.close()
+    kept = (await poll(gateway, second)).json()["messages"]
+    assert [message["body"]["text"][0] for message in kept] == ["4", "5"]
+    # Its numbering goes on, and a session that ends gives its bytes back.
+    await push(gateway, 2, "6")
+    while not (await poll(gateway, first, after=3)).json()["messages"]:
+        pass
+    assert [m["id"] for m in (await poll(gateway, first, after=3)).json()["messages"]] == [4]
+    assert gateway.push_sessions.kept.bytes > 80_000
+    for session_id in (first, second):
+        assert (await fetch(gateway.http_address, "DELETE", f"{PATH}/{session_id}")).status == 204
+    await trio.testing.wait_all_tasks_blocked()
+    assert gateway.push_sessions.kept.bytes == 0
+
+
 async def test_an_idle_session_holds_nothing_of_the_request_that_opened_it(
     gateways: GatewayFactory,
 ) -> None:

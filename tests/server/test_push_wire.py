@@ -111,14 +111,14 @@ def test_the_stream_head() -> None:
 
 def test_poll_answers() -> None:
     pushes = [(4, b'{"cmd":"n","push":true,"body":{}}'), (5, b'{"cmd":"n","push":true,"body":1}')]
-    assert json.loads(push_wire.poll_body(pushes, 3, gap=False, closed=None)) == {
+    assert json.loads(push_wire.poll_body(pushes, 5, gap=False, closed=None)) == {
         "messages": [
             {"id": 4, "cmd": "n", "push": True, "body": {}},
             {"id": 5, "cmd": "n", "push": True, "body": 1},
         ],
         "next": 5,
     }
-    assert json.loads(push_wire.poll_body(pushes, 1, gap=True, closed=None))["gap"] is True
+    assert json.loads(push_wire.poll_body(pushes, 5, gap=True, closed=None))["gap"] is True
     assert json.loads(push_wire.poll_body([], 9, gap=False, closed="deleted")) == {
         "messages": [],
         "next": 9,

@@ -308,7 +308,9 @@ class SessionsSpec:
     auth: str | None = None  # the authenticator every request of a session needs; None: public
     idle_timeout: float = 60.0  # closed after this long with no stream, poll or send
     poll_timeout: float = 25.0  # the longest a long poll waits
-    max_buffered: int = 256  # pushes kept for resuming
+    max_buffered: int = 256  # pushes kept per session for resuming
+    # Bytes of pushes all the sessions of one worker keep; past it the oldest go.
+    max_buffered_per_worker: int = 256 * 1024 * 1024
 
 
 @attrs.frozen(slots=True, kw_only=True)

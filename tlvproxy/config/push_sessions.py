@@ -35,6 +35,7 @@ _KEYS: Final = (
     "idle_timeout",
     "poll_timeout",
     "max_buffered",
+    "max_buffered_per_worker",
 )
 # The largest `max_buffered`: pushes kept per session for resuming.
 MAX_BUFFERED: Final = 65536
@@ -126,5 +127,12 @@ def read_sessions(
         ),
         max_buffered=r.get(
             found, "max_buffered", "sessions", nodes.integer(1, MAX_BUFFERED), default.max_buffered
+        ),
+        max_buffered_per_worker=r.get(
+            found,
+            "max_buffered_per_worker",
+            "sessions",
+            sections.positive_size,
+            default.max_buffered_per_worker,
         ),
     )

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tlvproxy.metrics import Metrics
+    from tlvproxy.server.push_kept import Gap
 
 
 class PushSession(Protocol):
@@ -28,7 +29,7 @@ class PushSession(Protocol):
 
     def detach(self, listener: Any) -> None: ...
 
-    def kept_after(self, after: int) -> tuple[tuple[int, int] | None, list[tuple[int, bytes]]]: ...
+    def kept_after(self, after: int) -> tuple[Gap | None, list[tuple[int, bytes]]]: ...
 
 
 class Poll:
@@ -60,4 +61,7 @@ class Poll:
         if pushes:
             session.messages_out += len(pushes)
             session.metrics.push_messages.labels("out", "poll").inc(len(pushes))
-        self.reply(push_wire.poll_body(pushes, self.after, gap=gap is not None, closed=closed))
+        # The next poll's `after`: past what this one tells of, lost or not.
+        last_lost = self.after if gap is None else gap[1]
+        next_id = pushes[-1][0] if pushes else last_lost
+        self.reply(push_wire.poll_body(pushes, next_id, gap=gap is not None, closed=closed))

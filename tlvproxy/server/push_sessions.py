@@ -1,14 +1,15 @@
 """Push sessions: json-mode sessions reached over plain HTTP (docs/push-sessions.md).
 
-Owns: one worker's push sessions (`PushSessions`: by id, their lifetimes and
-their drain), and each session (`PushSession`): its dedicated upstream
-connection, the pushes it keeps for resuming (the last `max_buffered`, at
-most MAX_BUFFERED_BYTES of them), the one stream or poll that receives them
-(a `Listener`), the messages on their way upstream, idle expiry, closing, and
-the access record written when it ends.
+Owns: one worker's push sessions (`PushSessions`: by id, their lifetimes,
+the budget of the pushes they keep, and their drain), and each session
+(`PushSession`): its dedicated upstream connection, the numbering of its
+pushes, the one stream or poll that receives them (a `Listener`), the
+messages on their way upstream, idle expiry, closing, and the access record
+written when it ends.
 Must not: read HTTP, write to clients (a listener does: an event stream,
-`push_stream.py`, or a long poll, `push_poll.py`), decide what a request may
-do (`push_http.py`), or hold the json-mode policy and rendering
+`push_stream.py`, or a long poll, `push_poll.py`), keep pushes itself
+(`push_kept.py` bounds them), decide what a request may do
+(`push_http.py`), or hold the json-mode policy and rendering
 (`session_core.py`).
 
 A session is state, not tasks (docs/reference.md "How a request flows"): its
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
@@ -38,6 +38,7 @@ from tlvproxy.errors import (
 )
 from tlvproxy.logs import ACCESS_LOGGER
 from tlvproxy.server import push_wire, session_core, ws_json
+from tlvproxy.server.push_kept import Kept, KeptBudget
 from tlvproxy.server.push_poll import Poll
 
 if TYPE_CHECKING:
@@ -48,15 +49,13 @@ if TYPE_CHECKING:
     from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.admission import Admission, Refusal
+    from tlvproxy.server.push_kept import Gap
     from tlvproxy.server.runtime import TableRuntime
     from tlvproxy.server.view import RequestContext
     from tlvproxy.upstream.pool import Pool, Session
 
 # Messages of one session waiting for their answers; more get `overloaded`.
 MAX_IN_FLIGHT: Final = 32
-# The pushes a session keeps, in bytes of their text: past it the oldest go
-# early (reported as a gap), whatever `max_buffered` says.
-MAX_BUFFERED_BYTES: Final = 4 * 1024 * 1024
 
 # Why a session (or the delivery of one stream or poll) ended: the `closed`
 # of a poll's answer and of `event: close` (docs/push-sessions.md "Close reasons").
@@ -114,6 +113,7 @@ class PushSessions:
         self.metrics = metrics
         self.worker = worker  # the owner index every id of this worker carries
         self._admission = admission
+        self.kept = KeptBudget()  # the pushes every session of this worker keeps
         self._open: dict[str, PushSession] = {}
         self._nursery: trio.Nursery | None = None
         self._draining = False
@@ -162,6 +162,9 @@ class PushSessions:
 
     def _ended(self, session: PushSession) -> None:
         self._admission.release_push_session(session.address)
+        kept = session._kept
+        if kept is not None:
+            kept.clear()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the sessions' tasks until drained and every session ended."""
@@ -177,7 +180,6 @@ class PushSession:
 
     __slots__ = (
         "_active_at",
-        "_buffered",
         "_in_flight",
         "_kept",
         "_listener",
@@ -231,14 +233,13 @@ class PushSession:
         self.closed: str | None = None
         self.messages_in = 0
         self.messages_out = 0
-        self.pushes = 0
+        self.pushes = 0  # pushes so far: the id of the latest
         self._upstream: Session | None = None
         # Who hears that the session opened (the create request's answer);
         # let go of once told, with the HTTP connection it answers on.
         self._opened: Callable[[GatewayError | None], None] | None = None
         # The pushes kept, made with the first one: an idle session has none.
-        self._kept: deque[tuple[int, bytes]] | None = None
-        self._buffered = 0  # bytes of text in `_kept`
+        self._kept: Kept | None = None
         self._listener: Listener | None = None
         self._in_flight = 0
         self._started_at = self._active_at = trio.current_time()
@@ -247,8 +248,7 @@ class PushSession:
     @property
     def last_push_id(self) -> int:
         """The id of the latest push (0 before the first)."""
-        kept = self._kept
-        return kept[-1][0] if kept else 0
+        return self.pushes
 
     # ------------------------------------------------------------ life cycle
 
@@ -379,23 +379,17 @@ class PushSession:
         Either way it ends the stream or poll before it."""
         poll = Poll(self, after, trio.current_time() + self.spec.poll_timeout, reply)
         self.attach(poll)
-        if self.kept_after(after)[1]:
+        if after < self.pushes:  # pushes came since, kept or lost: a gap to tell
             self.detach(poll)
             poll.answer(None)
 
-    def kept_after(self, after: int) -> tuple[tuple[int, int] | None, list[tuple[int, bytes]]]:
+    def kept_after(self, after: int) -> tuple[Gap | None, list[tuple[int, bytes]]]:
         """The pushes kept after id `after`, and the ids no longer kept between
         `after` and the first of them (None when nothing was lost)."""
         kept = self._kept
-        if not kept or after >= kept[-1][0]:
+        if kept is None:
             return None, []
-        first = kept[0][0]
-        gap = (after + 1, first - 1) if after + 1 < first else None
-        if after < first:
-            return gap, list(kept)
-        # Ids are consecutive: the one after `after` sits at a known place.
-        start = after + 1 - first
-        return gap, [kept[index] for index in range(start, len(kept))]
+        return kept.after(after, self.pushes)
 
     # ------------------------------------------------------------ the upstream's side
 
@@ -413,18 +407,15 @@ class PushSession:
             log.exception("delivering a push failed", extra={"command": frame.command})
 
     def _keep(self, text: bytes) -> None:
-        """Keep one rendered push, and hand it to the listener."""
-        push_id = self.last_push_id + 1
+        """Keep one rendered push (within the worker's budget: the worker's
+        oldest may go), and hand it to the listener."""
+        push_id = self.pushes = self.pushes + 1
         kept = self._kept
         if kept is None:
-            kept = self._kept = deque()
-        kept.append((push_id, text))
-        self._buffered += len(text)
-        while len(kept) > self.spec.max_buffered or (
-            self._buffered > MAX_BUFFERED_BYTES and len(kept) > 1
-        ):
-            self._buffered -= len(kept.popleft()[1])
-        self.pushes += 1
+            kept = self._kept = Kept(self._registry.kept)
+        spec = self.spec
+        kept.add(push_id, text, spec.max_buffered)
+        self._registry.kept.trim(spec.max_buffered_per_worker)
         listener = self._listener
         if listener is not None:
             listener.deliver(push_id, text)

@@ -102,7 +102,8 @@ class EventStream:
             parts.append(push_wire.gap_event(*gap))
         parts.extend(push_wire.push_event(push_id, text) for push_id, text in pushes)
         first = b"".join(parts)
-        # What the session kept (MAX_BUFFERED_BYTES at most) may wait on top of MAX_UNSENT.
+        # What the session kept (push_kept.MAX_BUFFERED_BYTES at most) may
+        # wait on top of MAX_UNSENT.
         self._first = len(first)
         self._write(first)
         if pushes:

@@ -139,14 +139,13 @@ def close_event(reason: str) -> bytes:
 
 
 def poll_body(
-    pushes: Sequence[tuple[int, bytes]], after: int, *, gap: bool, closed: str | None
+    pushes: Sequence[tuple[int, bytes]], next_id: int, *, gap: bool, closed: str | None
 ) -> bytes:
     """`{"messages": [{"id": N, ...push}], "next": N}`, with `"gap": true`
-    when pushes after `after` were dropped and `"closed"` when the poll ends
+    when pushes before them were dropped and `"closed"` when the poll ends
     the session's delivery."""
     parts = [b'{"messages":[']
     parts.append(b",".join(b'{"id":%d,' % push_id + text[1:] for push_id, text in pushes))
-    next_id = pushes[-1][0] if pushes else after
     parts.append(b'],"next":%d' % next_id)
     if gap:
         parts.append(b',"gap":true')
