@@ -247,6 +247,15 @@ def test_a_worker_out_of_descriptors_survives_the_requests_passed_to_it(
         lambda: call(gateway.http, "POST", "/v1/echo", b"{}").status == 200,
         "the gateway to serve again",
     )
-    for seq in range(10):  # on new connections, to either worker
-        answer = session.send({"cmd": "echo", "seq": seq})
-        assert answer.json() == {"cmd": "echo", "seq": seq, "status": 0, "body": {}}
+
+    # Each worker gets its descriptors back as it notices the closed
+    # connections, not at once: wait until the session answers ten messages
+    # in a row, each on a new connection to either worker.
+    def serves_the_session() -> bool:
+        return all(
+            session.send({"cmd": "echo", "seq": seq}).json()
+            == {"cmd": "echo", "seq": seq, "status": 0, "body": {}}
+            for seq in range(10)
+        )
+
+    wait_for(serves_the_session, "both workers to serve the session again")
