@@ -140,3 +140,29 @@ def test_a_uid_the_client_writes_on_an_authenticated_session_is_warned_about(
     table = load(workdir, "sessions: {upstream: im, auth: partners, uid: query.uid}\n")
     [warning] = table.warnings
     assert "sessions.uid: the session's uid comes from query.uid" in warning
+
+
+def test_rate_limits_name_session_creation_only_with_sessions(workdir: Path) -> None:
+    rule = (
+        "rate_limits: [{name: creates, commands: [sessions.create], key: remote_addr, rate: 1/s}]\n"
+    )
+    table = load(workdir, "sessions: {upstream: im}\n" + rule)
+    assert table.rate_limits[0].commands == ("sessions.create",)
+    [problem] = problems(workdir, rule)
+    line = len(BASE.splitlines()) + 1
+    assert problem.endswith(
+        f"commands.yaml:{line}:42: rate_limits[0].commands[0]: sessions.create limits the "
+        "creation of push sessions, but the table has no sessions section"
+    )
+
+
+def test_no_command_may_take_the_name_of_session_creation(workdir: Path) -> None:
+    path = workdir / "commands.yaml"
+    path.write_text(BASE.replace("name: echo", "name: sessions.create"))
+    with pytest.raises(TableError) as caught:
+        load_table(path)
+    assert any(
+        "commands[0].name: sessions.create is what rate_limits call the creation of push "
+        "sessions" in problem
+        for problem in caught.value.problems
+    ), caught.value.problems

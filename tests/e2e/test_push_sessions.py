@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from tests.e2e.client import Answer
     from tests.e2e.conftest import GatewayFactory
     from tests.ops.push_client import Event
+    from tests.stores.redis_server import RedisServer
     from tlvproxy.app import Gateway
 
 PATH = "/v1/sessions"
@@ -292,6 +293,42 @@ async def test_messages_pass_the_policy_of_websocket_messages(gateways: GatewayF
         == 7
     )
     assert registry.get_sample_value("tlvproxy_waf_blocked_total", {"rule": "php_injection"}) == 1
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+async def test_rate_limits_apply_to_creating_sessions(
+    gateways: GatewayFactory, redis: RedisServer, store: str
+) -> None:
+    gateway = await gateways.start(
+        sessions=SESSIONS,
+        redis={"url": redis.url},
+        rate_limits=[
+            # Named for session creation: per device.
+            {
+                "name": "creates",
+                "commands": ["sessions.create"],
+                "key": "query.did",
+                "rate": "1/m",
+                "store": store,
+            },
+            # For every command, so for session creation too: per uid.
+            {"name": "everything", "key": "query.uid", "rate": "1/m", "burst": 1},
+        ],
+    )
+    address = gateway.http_address
+    assert (await fetch(address, "POST", f"{PATH}?uid=2&did=a")).status == 201
+    refused = await fetch(address, "POST", f"{PATH}?uid=3&did=a")
+    assert (refused.status, refused.json()["error"]["code"]) == (429, "rate_limited")
+    assert "'creates'" in refused.json()["error"]["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert (await fetch(address, "POST", f"{PATH}?uid=2&did=b")).status == 201
+    refused = await fetch(address, "POST", f"{PATH}?uid=2&did=c")
+    assert (refused.status, refused.json()["error"]["code"]) == (429, "rate_limited")
+    assert "'everything'" in refused.json()["error"]["message"]
+    assert len(gateway.push_sessions) == 2
+    registry = gateway.metrics.registry
+    for rule in ("creates", "everything"):
+        assert registry.get_sample_value("tlvproxy_rate_limited_total", {"rule": rule}) == 1
 
 
 async def test_paths_and_methods_under_the_sessions_path(gateways: GatewayFactory) -> None:

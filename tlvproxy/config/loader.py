@@ -60,7 +60,7 @@ from tlvproxy.config.model import (
     WebSocketSpec,
 )
 from tlvproxy.config.nodes import Invalid, Node, NodeReader, join
-from tlvproxy.config.push_sessions import read_sessions
+from tlvproxy.config.push_sessions import CREATE_COMMAND, read_sessions
 from tlvproxy.routing import InvalidTemplate, Router, parse_template, route_problems
 from tlvproxy.schema.codec import (
     RENDER_FACTOR,
@@ -319,7 +319,9 @@ class _TableLoader:
             "websocket": websocket,
             "sessions": sessions,
             "limits": sections.read_limits(self.r, top.get("limits")),
-            "rate_limits": self._rate_limits(top.get("rate_limits"), commands, redis),
+            "rate_limits": self._rate_limits(
+                top.get("rate_limits"), commands, redis, sessions=sessions is not None
+            ),
             "redis": redis,
             "waf": sections.read_waf(self.r, top.get("waf")),
             "auth": self.authenticators,
@@ -866,7 +868,12 @@ class _TableLoader:
         return Readiness(require_healthy_upstreams=tuple(names))
 
     def _rate_limits(
-        self, node: Node | None, commands: tuple[CommandSpec, ...], redis: RedisSpec | None
+        self,
+        node: Node | None,
+        commands: tuple[CommandSpec, ...],
+        redis: RedisSpec | None,
+        *,
+        sessions: bool,
     ) -> tuple[RateLimitRule, ...]:
         if node is None:
             return ()
@@ -897,7 +904,15 @@ class _TableLoader:
                     command = r.value(cnode, join(cpath, j), nodes.text, None)
                     if command is None:
                         continue
-                    if command not in known:
+                    if command == CREATE_COMMAND:
+                        if not sessions:
+                            self.error(
+                                cnode,
+                                join(cpath, j),
+                                f"{CREATE_COMMAND} limits the creation of push sessions, "
+                                "but the table has no sessions section",
+                            )
+                    elif command not in known:
                         self.error(
                             cnode,
                             join(cpath, j),
@@ -1007,6 +1022,11 @@ def _command_name(value: Any) -> str:
         raise Invalid(
             f"a command name starts with a letter or _ and then uses letters, digits, "
             f"_ . or -; got {name!r}"
+        )
+    if name == CREATE_COMMAND:
+        raise Invalid(
+            f"{CREATE_COMMAND} is what rate_limits call the creation of push sessions; "
+            "name the command otherwise"
         )
     return name
 

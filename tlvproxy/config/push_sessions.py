@@ -39,6 +39,9 @@ _KEYS: Final = (
 )
 # The largest `max_buffered`: pushes kept per session for resuming.
 MAX_BUFFERED: Final = 65536
+# What a rate limit's `commands` call the creation of a push session
+# (docs/configuration.md "rate_limits"); no command may be named so.
+CREATE_COMMAND: Final = "sessions.create"
 
 
 def _sessions_path(value: Any) -> str:

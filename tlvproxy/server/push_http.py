@@ -22,6 +22,9 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
+import attrs
+
+from tlvproxy.config.push_sessions import CREATE_COMMAND
 from tlvproxy.errors import (
     BadRequest,
     Forbidden,
@@ -92,6 +95,19 @@ class _Reply:
         self.answer.set(response)
 
 
+@attrs.frozen(slots=True, kw_only=True)
+class _Creation:
+    """A create request that passed its checks, on its way to opening."""
+
+    runtime: TableRuntime
+    spec: SessionsSpec
+    path: str
+    reply: _Reply
+    context: RequestContext
+    uid: int | None
+    key: str | None
+
+
 class PushEndpoints:
     """Answers the requests under `sessions.path` of the table they come with."""
 
@@ -121,7 +137,8 @@ class PushEndpoints:
             target = push_wire.parse_target(spec.path, request.path)
         except LookupError:
             reply = _Reply(answer, request_id, cors)
-            self._refused(reply, request, client_ip, RouteNotFound(f"no route for {request.path}"))
+            error = RouteNotFound(f"no route for {request.path}")
+            self._refused(reply, request.method, request.path, client_ip, error)
             return True
         if target is None:
             return False
@@ -148,19 +165,20 @@ class PushEndpoints:
                 return True
             self._serve(runtime, spec, request, reply, client_ip, target)
         except GatewayError as error:
-            self._refused(reply, request, client_ip, error)
+            self._refused(reply, request.method, request.path, client_ip, error)
         return True
 
+    @staticmethod
     def _refused(
-        self, reply: _Reply, request: Request, client_ip: str, error: GatewayError
+        reply: _Reply, method: str, path: str, client_ip: str, error: GatewayError
     ) -> None:
         log.info(
             "push session request refused",
             extra={
                 "request_id": reply.request_id,
                 "client_ip": client_ip,
-                "method": request.method,
-                "path": request.path,
+                "method": method,
+                "path": path,
                 "error": error.message,
             },
         )
@@ -183,8 +201,7 @@ class PushEndpoints:
         reply: _Reply,
         client_ip: str,
     ) -> None:
-        sessions = self._sessions
-        if sessions.is_draining():
+        if self._sessions.is_draining():
             raise ShuttingDown("the gateway is shutting down; open the session elsewhere")
         context = self._context(runtime, request, client_ip)
         session_core.authenticate(runtime, spec, context, request)
@@ -193,9 +210,48 @@ class PushEndpoints:
                 "the credentials name no subject (sub) or consumer the session could "
                 "belong to: any other such credentials would reach it"
             )
-        uid = session_core.session_uid(spec, context)
-        key = session_core.hash_key(spec, context)
-        refusal = sessions.admit(client_ip, runtime.table.limits)
+        creation = _Creation(
+            runtime=runtime,
+            spec=spec,
+            path=request.path,
+            reply=reply,
+            context=context,
+            uid=session_core.session_uid(spec, context),
+            key=session_core.hash_key(spec, context),
+        )
+        # The rate limits that name CREATE_COMMAND, or no command
+        # (docs/configuration.md "rate_limits").
+        limiter = runtime.limiter
+        if limiter.applies(CREATE_COMMAND):
+            verdict = limiter.check(CREATE_COMMAND, context)
+            if isinstance(verdict, Pending):
+                # Redis answers on its store's task: the session opens there.
+                verdict.then(partial(self._limited, creation))
+                return
+            if verdict is not None:
+                raise session_core.refused(self._metrics, verdict)
+        self._open(creation)
+
+    def _limited(self, creation: _Creation, verdict: Refusal | None) -> None:
+        """Go on with a create whose rate limits waited for Redis."""
+        try:
+            if verdict is not None:
+                raise session_core.refused(self._metrics, verdict)
+            self._open(creation)
+        except GatewayError as error:
+            client_ip = creation.context.remote_addr
+            self._refused(creation.reply, "POST", creation.path, client_ip, error)
+        except Exception:  # runs in the rate-limit store's task: a bug costs one answer
+            log.exception("opening a push session after its rate limits failed")
+            creation.reply.error(GatewayError("internal error"))
+
+    def _open(self, creation: _Creation) -> None:
+        """Open the session `creation` asks for, if the limits admit it."""
+        sessions = self._sessions
+        if sessions.is_draining():  # since the request came, while Redis answered
+            raise ShuttingDown("the gateway is shutting down; open the session elsewhere")
+        runtime, spec, context = creation.runtime, creation.spec, creation.context
+        refusal = sessions.admit(context.remote_addr, runtime.table.limits)
         if refusal is not None:
             raise Overloaded(refusal.message)
         session = PushSession(
@@ -203,12 +259,15 @@ class PushEndpoints:
             runtime=runtime,
             spec=spec,
             context=context,
-            uid=uid,
-            request_id=reply.request_id,
-            path=request.path,
+            uid=creation.uid,
+            request_id=creation.reply.request_id,
+            path=creation.path,
         )
         sessions.start(
-            session, runtime.pools[spec.upstream], key, partial(self._opened, session, reply)
+            session,
+            runtime.pools[spec.upstream],
+            creation.key,
+            partial(self._opened, session, creation.reply),
         )
 
     def _opened(self, session: PushSession, reply: _Reply, error: GatewayError | None) -> None:
