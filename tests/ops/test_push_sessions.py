@@ -7,7 +7,9 @@ worker that does not hold the session, which passes them to the one that does.
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.ops.procs import call, metric, wait_for
-from tests.ops.push_client import PATH, Session, Stream, push_to
+from tests.ops.procs import DEADLINE, call, metric, wait_for
+from tests.ops.push_client import PATH, Session, Stream, push_to, split_head
 from tests.ops.tls_helpers import Certificates, start_gateway, tls_socket
 
 if TYPE_CHECKING:
@@ -203,6 +205,53 @@ def test_create_stream_resume_poll_gap_and_send(
     assert record["status"] == 201
     # About half of the ~40 requests went to the worker without the session.
     assert (passed_between_workers(gateway) > 0) == (workers == 2)
+
+
+def tight_request(path: str, body: bytes, size: int) -> bytes:
+    """POST `path` with a head of exactly `size` bytes, its headers written
+    without a space after the colon (padded by many short ones)."""
+    head = f"POST {path} HTTP/1.1\r\nHost:gw\r\nContent-Length:{len(body)}\r\n".encode()
+    n = 0
+    while len(head) < size - 64:
+        head += b"X-%d:v\r\n" % n
+        n += 1
+    head += b"X-Pad:" + b"v" * (size - len(head) - len(b"X-Pad:\r\n\r\n")) + b"\r\n\r\n"
+    assert len(head) == size
+    return head + body
+
+
+def raw_answer(port: int, data: bytes) -> tuple[int, bytes]:
+    """Send `data` on a connection of its own: the answer's status and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(data)
+        received = b""
+        while (head := split_head(received)) is None or len(head[2]) < int(
+            head[1]["content-length"]
+        ):
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+    return head[0], head[2]
+
+
+def test_a_request_as_large_as_max_header_bytes_allows_reaches_its_worker(
+    procs: Processes, upstream: str
+) -> None:
+    gateway = start(procs, upstream, 2, limits={"max_header_bytes": "2 KiB"})
+    session = Session(gateway.http_port, "uid=25&did=a")
+    session.register()
+    body = b'{"cmd": "echo", "seq": 3, "body": 1}'
+    request = tight_request(f"{session.path}/messages", body, 2048)
+    for _ in range(16):  # on new connections: about half are passed to the owner
+        status, answer = raw_answer(gateway.http_port, request)
+        assert (status, json.loads(answer)) == (
+            200,
+            {"cmd": "echo", "seq": 3, "status": 0, "body": 1},
+        )
+    assert passed_between_workers(gateway) > 0
+    # One byte more is too large for either worker.
+    status, _ = raw_answer(gateway.http_port, tight_request(f"{session.path}/messages", body, 2049))
+    assert status == 431
 
 
 KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key"}

@@ -72,6 +72,58 @@ def test_a_request_written_again_reads_as_the_same_request(parser: str) -> None:
     assert reader.trailing_data() == b"GET /next"  # what followed it
 
 
+def parsed(parser: str, data: bytes, max_header_bytes: int) -> Request:
+    """The request `data` begins with, as a worker's parser with
+    `max_header_bytes` reads it (one that is too large raises)."""
+    reader = new_parser(parser, max_header_bytes=max_header_bytes, max_body=1 << 20)
+    reader.receive_data(data)
+    head = reader.next_event()
+    end = reader.next_event()
+    assert isinstance(head, RequestHead), head
+    assert isinstance(end, RequestEnd), end
+    path, _, query = head.target.partition("?")
+    return a_request(
+        method=head.method,
+        target=head.target,
+        path=path,
+        query_string=query,
+        headers=head.headers,
+        body=end.body,
+    )
+
+
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"",
+        b"Content-Length:2\r\n",
+        b"Transfer-Encoding:chunked\r\n",
+        b"Content-Length:0\r\nExpect:100-continue\r\n",
+    ],
+)
+def test_a_request_written_again_is_no_larger_than_it_came(parser: str, framing: bytes) -> None:
+    # Written tightly (no space after the colons), up to the worker's limit:
+    # written again, the owner's parser with the same limit must take it.
+    chunked = b"chunked" in framing
+    body = b"2\r\n{}\r\n0\r\n\r\n" if chunked else b"{}" if b":2" in framing else b""
+    method = b"GET" if not body else b"POST"
+    head = method + b" /v1/sessions/1-AAAAAAAAAAAAAAAAAAAAAA/poll?after=0 HTTP/1.1\r\n"
+    head += b"Host:gw\r\n" + framing
+    n = 0
+    while len(head) < 4000:
+        head += b"X-%d:v\r\n" % n
+        n += 1
+    head += b"\r\n"
+    request = parsed(parser, head + body, len(head))
+    again = parsed(parser, request_bytes(request), len(head))
+    framing_names = {"content-length", "transfer-encoding", "expect"}
+    assert [h for h in again.headers if h[0] not in framing_names] == [
+        h for h in request.headers if h[0] not in framing_names
+    ]
+    assert again.body == request.body
+
+
 class Owner:
     """Worker 1: its `Handoff` serving, and what it was handed."""
 

@@ -111,11 +111,17 @@ def request_bytes(request: Request) -> bytes:
 
     Header names and values are the bytes received (latin-1 both ways); the
     body, read whole (chunked or not), goes with its Content-Length.
+
+    The head is never longer than the one received, so that the owner, with
+    the same `max_header_bytes`, takes what this worker took: no space after
+    the colons, which the parsers strip (the request line is the one
+    received), and a Content-Length only for a body, whose framing header
+    (Content-Length or `Transfer-Encoding: chunked`, dropped) was at least as long.
     """
     lines = [f"{request.method} {request.target} HTTP/{request.http_version}"]
-    lines.extend(f"{name}: {value}" for name, value in request.headers if name not in _DROPPED)
-    if request.body or request.method not in ("GET", "HEAD"):
-        lines.append(f"content-length: {len(request.body)}")
+    lines.extend(f"{name}:{value}" for name, value in request.headers if name not in _DROPPED)
+    if request.body:
+        lines.append(f"content-length:{len(request.body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body
 
 
