@@ -4,6 +4,7 @@ the 15 s comment, credentials that expire), with both HTTP parsers."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -437,6 +438,45 @@ async def test_a_deleted_session_answers_its_waiting_poll(
     await trio.testing.wait_all_tasks_blocked()  # the session's task has ended
     [record] = [r for r in caplog.records if r.getMessage() == "push session"]
     assert record.closed == "deleted"  # type: ignore[attr-defined]
+
+
+async def test_a_session_the_drain_ends_while_it_opens_is_recorded_as_answered(
+    gateways: GatewayFactory, caplog: pytest.LogCaptureFixture, autojump_clock: Any
+) -> None:
+    # A node whose accept queue is full: it drops the SYN of every connect,
+    # so the session's connection never opens.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    host, port = silent.getsockname()
+    fillers = [socket.socket() for _ in range(2)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex((host, port))
+    gateway = await gateways.start(
+        sessions=SESSIONS,
+        upstreams={"im": {"nodes": [f"{host}:{port}"], "heartbeat": None, "connect_timeout": "1m"}},
+        shutdown_timeout="2s",
+    )
+    caplog.set_level(logging.INFO, "tlvproxy.access")
+    address = gateway.http_address
+    assert address is not None
+    async with await trio.open_tcp_stream(address.host, address.port) as client:
+        await client.send_all(b"POST /v1/sessions?uid=2&did=a HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.sleep(1)  # the session's connect is on its way
+        gateway.drain()
+        received = b""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await client.receive_some(65536):
+                received += chunk
+    # Answered 503 (when the answer made it out before the connection was
+    # closed at shutdown_timeout), and recorded so.
+    assert received == b"" or received.startswith(b"HTTP/1.1 503 "), received
+    [record] = [r for r in caplog.records if r.getMessage() == "push session"]
+    assert record.status == 503  # type: ignore[attr-defined]
+    assert record.closed == "shutting_down"  # type: ignore[attr-defined]
+    for sock in (silent, *fillers):
+        sock.close()
 
 
 async def test_cors_headers_on_session_answers(gateways: GatewayFactory) -> None:

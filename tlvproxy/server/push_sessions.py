@@ -202,6 +202,7 @@ class PushSession:
         "request_id",
         "runtime",
         "spec",
+        "status",
         "uid",
     )
 
@@ -231,6 +232,7 @@ class PushSession:
         self.address = context.remote_addr
         self.node: str | None = None
         self.closed: str | None = None
+        self.status = 0  # what the create request was answered, once it is
         self.messages_in = 0
         self.messages_out = 0
         self.pushes = 0  # pushes so far: the id of the latest
@@ -291,6 +293,7 @@ class PushSession:
     def _tell_opened(self, error: GatewayError | None) -> None:
         opened, self._opened = self._opened, None
         if opened is not None:
+            self.status = 201 if error is None else error.http_status
             opened(error)
 
     def _deadline(self) -> float:
@@ -344,7 +347,7 @@ class PushSession:
                 "client_ip": self.context.remote_addr,
                 "method": "POST",
                 "path": self.path,
-                "status": 201 if self.node is not None else 502,
+                "status": self.status,
                 "upstream_node": self.node,
                 "uid": self.uid,
                 "closed": self.closed,
