@@ -668,6 +668,32 @@ async def test_a_submitter_takes_the_connection_over_after_the_answers_before(se
     assert handler.taken == [("/take", b"bytes past it")]
 
 
+async def test_a_take_over_the_drain_overtakes_is_answered_503(settings):
+    drain = DrainSignal()
+    handler = TakesOver()
+    async with serving(settings, handler, drain_signal=drain) as (open_client, _):
+        client = await open_client()
+        await client.send(get("/1") + get("/take"))
+        await trio.testing.wait_all_tasks_blocked()
+        drain.set()  # while /1 is owed
+        handler.held.release()
+        first = await client.reply()
+        assert first is not None
+        assert first.headers["x-path"] == "/1"
+        if settings.parser == "httptools":
+            # /take was read, and is owed an answer: not a stream, once draining.
+            second = await client.reply()
+            assert second is not None
+            assert second.status == 503
+            assert json.loads(second.body)["error"]["code"] == "shutting_down"
+            assert second.headers["connection"] == "close"
+        else:
+            # h11 reads /take only once /1 is answered: the drain's last answer.
+            assert first.headers["connection"] == "close"
+        assert await client.closed()
+    assert handler.taken == []
+
+
 async def test_a_connection_starts_from_bytes_read_elsewhere(settings):
     async def on_connection(stream):
         await serve_http_connection(

@@ -605,16 +605,24 @@ class _Connection:
         self._handover = (self._upgrade, request, self._parser.trailing_data())
 
     async def _hand_over_taken(self, request: Request) -> None:
-        # The same for a request whose Submitter took the connection over: its
-        # answer, never set, leaves the order (it is the last one there).
+        # The same for a request whose Submitter took the connection over. Its
+        # answer, not set, stays last in the order while the earlier ones are
+        # written, so that none of them closes the connection as the drain's
+        # last answer would; then it leaves the order, or, once draining, is
+        # answered 503 as any request the drain overtakes (docs/operations.md
+        # "Drain").
         assert self._taken is not None  # the caller checked
         answer, handler = self._taken
-        order = self._order
-        if order and order[-1] is answer:
-            order.pop()
-        await self._settle(0)
+        await self._settle(1)
         if self._closing:
+            return  # an earlier answer closed the connection: nothing may follow
+        if self._is_draining():
+            answer.keep_alive = False
+            error = ShuttingDown("the gateway is shutting down; retry on a new connection")
+            answer.set(self._error_handler(error, request))
             return
+        self._order.pop()  # the last, and now the only one
+        await self._settle(0)  # its bytes out (no answer is owed: none can close)
         self._handover = (handler, request, self._parser.trailing_data())
 
     def _request(self, head: RequestHead, body: bytes) -> Request:
