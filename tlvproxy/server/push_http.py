@@ -37,7 +37,7 @@ from tlvproxy.errors import (
 )
 from tlvproxy.server import push_wire, session_core, ws_json
 from tlvproxy.server.http_conn import Response
-from tlvproxy.server.push_sessions import DELETED, PushSession, bound_to, names_nobody
+from tlvproxy.server.push_sessions import DELETED, PushSession
 from tlvproxy.server.push_stream import EventStream
 from tlvproxy.server.rest import render_error, waf_inspect
 from tlvproxy.server.view import RequestContext
@@ -205,7 +205,7 @@ class PushEndpoints:
             raise ShuttingDown("the gateway is shutting down; open the session elsewhere")
         context = self._context(runtime, request, client_ip)
         session_core.authenticate(runtime, spec, context, request)
-        if names_nobody(bound_to(spec, context.identity)):
+        if session_core.names_nobody(session_core.bound_to(spec, context.identity)):
             raise Forbidden(
                 "the credentials name no subject (sub) or consumer the session could "
                 "belong to: any other such credentials would reach it"
@@ -301,7 +301,7 @@ class PushEndpoints:
         session_id = target.session_id
         assert session_id is not None  # `create` has none, and went elsewhere
         session = self._sessions.get(session_id)
-        if session is None or session.opened_by != bound_to(session.spec, context.identity):
+        if session is None or not session.belongs_to(context.identity):
             # Another identity's session is as unknown as one that never was.
             raise SessionNotFound(f"no push session {session_id!r}")
         session.touch()

@@ -84,27 +84,6 @@ class Listener(Protocol):
         or `deadline` passed (None). The session has let go of it already."""
 
 
-def bound_to(spec: SessionsSpec, identity: Identity | None) -> tuple[str | None, ...] | None:
-    """Who a session opened by `identity` belongs to (docs/push-sessions.md
-    "Identity"): the authenticator, the subject and consumer it verified, and
-    every value the session's `uid` and `hash_on` read from it; None without
-    `sessions.auth`. A request of the session must yield the same."""
-    if identity is None:
-        return None
-    read = tuple(
-        identity.value(key.name)
-        for key in (spec.uid, spec.hash_on)
-        if key is not None and key.source == "auth"
-    )
-    return (identity.authenticator, identity.sub, identity.consumer, *read)
-
-
-def names_nobody(binding: tuple[str | None, ...] | None) -> bool:
-    """Whether a binding (`bound_to`) tells no caller from another: an
-    identity with no subject, no consumer and none of the values read."""
-    return binding is not None and not any(binding[1:])
-
-
 class PushSessions:
     """One worker's push sessions, by id; `run()` is their lifetime, and
     `drain()` closes them all (docs/operations.md "Drain")."""
@@ -225,7 +204,7 @@ class PushSession:
         self.runtime = runtime
         self.spec = spec
         self.context = context  # the opening request: fields and rate-limit keys read it
-        self.opened_by = bound_to(spec, context.identity)
+        self.opened_by = session_core.bound_to(spec, context.identity)
         self.uid = uid
         self.request_id = request_id
         self.path = path
@@ -246,6 +225,11 @@ class PushSession:
         self._in_flight = 0
         self._started_at = self._active_at = trio.current_time()
         self._wake: trio.CancelScope | None = None  # the sleep of `_live`
+
+    def belongs_to(self, identity: Identity | None) -> bool:
+        """Whether a request with `identity` may use the session: one that
+        yields what the session is bound to (`session_core.bound_to`)."""
+        return self.opened_by == session_core.bound_to(self.spec, identity)
 
     @property
     def last_push_id(self) -> int:

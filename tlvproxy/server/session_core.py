@@ -28,6 +28,7 @@ from tlvproxy.server import ws_json
 from tlvproxy.stores.limits import Pending
 
 if TYPE_CHECKING:
+    from tlvproxy.auth.identity import Identity
     from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.keys import KeyExpr
     from tlvproxy.config.model import CommandSpec
@@ -104,6 +105,27 @@ def hash_key(spec: SessionSpec, context: RequestContext) -> str | None:
     """The key consistent hashing places the session's connection by."""
     hash_on = spec.hash_on
     return None if hash_on is None else hash_on.evaluate(context)
+
+
+def bound_to(spec: SessionSpec, identity: Identity | None) -> tuple[str | None, ...] | None:
+    """Who a push session opened by `identity` belongs to (docs/push-sessions.md
+    "Identity"): the authenticator, the subject and consumer it verified, and
+    every value the session's `uid` and `hash_on` read from it; None without
+    `sessions.auth`. A request of the session must yield the same."""
+    if identity is None:
+        return None
+    read = tuple(
+        identity.value(key.name)
+        for key in (spec.uid, spec.hash_on)
+        if key is not None and key.source == "auth"
+    )
+    return (identity.authenticator, identity.sub, identity.consumer, *read)
+
+
+def names_nobody(binding: tuple[str | None, ...] | None) -> bool:
+    """Whether a binding (`bound_to`) tells no caller from another: an
+    identity with no subject, no consumer and none of the values read."""
+    return binding is not None and not any(binding[1:])
 
 
 # ---------------------------------------------------------------- each message
