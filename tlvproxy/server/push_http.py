@@ -46,7 +46,7 @@ from tlvproxy.stores.limits import Pending
 if TYPE_CHECKING:
     import trio
 
-    from tlvproxy.config.model import CommandSpec, SessionsSpec
+    from tlvproxy.config.model import SessionsSpec
     from tlvproxy.metrics import Metrics
     from tlvproxy.policy.ratelimit import Refusal
     from tlvproxy.server.handoff import Handoff
@@ -362,30 +362,35 @@ class PushEndpoints:
         verdict = session_core.rate_verdict(runtime, self._metrics, session.context, command)
         if isinstance(verdict, Pending):
             # Redis answers on its store's task: the message goes on there.
-            verdict.then(partial(self._admitted, session, command, seq, parsed.body, answer))
+            verdict.then(partial(self._admitted, session, parsed, answer))
         elif verdict is None:
-            session.send(command, seq, parsed.body, answer)
+            session.send(parsed, answer)
         else:
             answer(ws_json.render_error(verdict, seq))
 
     def _admitted(
         self,
         session: PushSession,
-        command: CommandSpec,
-        seq: int,
-        body: bytes,
+        request: ws_json.JsonRequest,
         answer: partial[None],
         refusal: Refusal | None,
     ) -> None:
         if refusal is None:
-            session.send(command, seq, body, answer)
+            session.send(request, answer)
         else:
-            answer(ws_json.render_error(session_core.refused(self._metrics, refusal), seq))
+            error = session_core.refused(self._metrics, refusal)
+            answer(ws_json.render_error(error, request.seq))
 
-    def _message_answer(self, session: PushSession, reply: _Reply, text: bytes) -> None:
+    def _message_answer(
+        self, session: PushSession, reply: _Reply, text: bytes, fallback: str | None = None
+    ) -> None:
         session.messages_out += 1
         self._out.inc()
-        reply.json(200, text)
+        if fallback is None:
+            reply.json(200, text)
+        else:
+            # As a REST answer a fallback gives (docs/push-sessions.md "Split, mirror, fallback").
+            reply.json(200, text, ("X-Fallback", fallback))
 
 
 async def _serve_stream(

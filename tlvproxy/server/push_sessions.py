@@ -9,8 +9,8 @@ written when it ends.
 Must not: read HTTP, write to clients (a listener does: an event stream,
 `push_stream.py`, or a long poll, `push_poll.py`), keep pushes itself
 (`push_kept.py` bounds them), decide what a request may do
-(`push_http.py`), or hold the json-mode policy and rendering
-(`session_core.py`).
+(`push_http.py`), hold the json-mode policy and rendering
+(`session_core.py`), or split, mirror or fall back (`push_traffic.py`).
 
 A session is state, not tasks (docs/reference.md "How a request flows"): its
 one task holds the upstream connection open and sleeps until the next
@@ -37,7 +37,7 @@ from tlvproxy.errors import (
     UpstreamUnavailable,
 )
 from tlvproxy.logs import ACCESS_LOGGER
-from tlvproxy.server import push_wire, session_core, ws_json
+from tlvproxy.server import push_traffic, push_wire, session_core, ws_json
 from tlvproxy.server.push_kept import Kept, KeptBudget
 from tlvproxy.server.push_poll import Poll
 
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.admission import Admission, Refusal
     from tlvproxy.server.push_kept import Gap
+    from tlvproxy.server.push_traffic import MessageReply
     from tlvproxy.server.runtime import TableRuntime
     from tlvproxy.server.view import RequestContext
     from tlvproxy.upstream.pool import Pool, Session
@@ -413,11 +414,10 @@ class PushSession:
 
     # ------------------------------------------------------------ messages
 
-    def send(
-        self, command: CommandSpec, seq: int, body: bytes, reply: Callable[[bytes], None]
-    ) -> None:
+    def send(self, request: ws_json.JsonRequest, reply: MessageReply) -> None:
         """Send one admitted json-mode request; `reply` gets the text of its
         answer or per-message error, once (docs/websocket.md "json mode")."""
+        command, seq = request.command, request.seq
         upstream = self._upstream
         if upstream is None or self.closed is not None:
             reply(ws_json.render_error(UpstreamUnavailable("the session is closed"), seq))
@@ -426,10 +426,15 @@ class PushSession:
             error = Overloaded(f"the session has {MAX_IN_FLIGHT} messages waiting for answers")
             reply(ws_json.render_error(error, seq))
             return
+        if command.traffic is not None:
+            # Split, mirror, fallback (docs/push-sessions.md): the one test a
+            # command without them pays.
+            push_traffic.send_with_traffic(self, upstream, request, reply)
+            return
         timeout = session_core.command_timeout(self.runtime.table, self.spec.upstream, command)
         call = _MessageCall(self, command, seq, trio.current_time() + timeout, reply)
         try:
-            upstream.submit(call, command.command, body, uid=self.uid or 0)
+            upstream.submit(call, command.command, request.body, uid=self.uid or 0)
         except GatewayError as exc:
             reply(ws_json.render_error(exc, seq))
             return
