@@ -226,7 +226,7 @@ def test_drained_buckets_expire():
         assert limiter.check("send", user(str(i)), 0.0) is None
     assert len(limiter) == 1000
     # Every bucket held one request, drained after 0.1 s; each new key expires
-    # up to four drained ones, least recently used first.
+    # up to four drained ones, oldest first.
     assert limiter.check("send", user("late"), 0.1) is None
     assert len(limiter) == 1000 - 4 + 1
     for i in range(300):
@@ -245,15 +245,31 @@ def test_buckets_still_draining_are_kept():
     assert admitted(limiter, user("old"), 2.5, 10) == 5
 
 
-def test_lru_cap_evicts_least_recently_used():
+def test_the_cap_evicts_the_oldest_bucket():
     limiter = RateLimiter([rule(rate=0.001, burst=0)], max_keys=2)
     assert limiter.check("send", user("a"), 0.0) is None
     assert limiter.check("send", user("b"), 0.0) is None
-    assert limiter.check("send", user("a"), 1.0) is not None  # touches "a"
-    assert limiter.check("send", user("c"), 1.0) is None  # evicts "b"
+    assert limiter.check("send", user("a"), 1.0) is not None  # using "a" does not renew it
+    assert limiter.check("send", user("c"), 1.0) is None  # evicts "a", the oldest
     assert len(limiter) == 2
-    assert limiter.check("send", user("a"), 1.0) is not None
-    assert limiter.check("send", user("b"), 1.0) is None  # forgotten, so admitted
+    assert limiter.check("send", user("b"), 1.0) is not None
+    assert limiter.check("send", user("a"), 1.0) is None  # forgotten, so admitted
+
+
+def test_expiry_goes_on_past_buckets_still_draining():
+    # The oldest buckets still hold requests: each new key moves them to the
+    # recent end, so the drained ones behind them are found and dropped.
+    limiter = RateLimiter([rule(rate=1.0, burst=5)])
+    assert admitted(limiter, user("busy"), 0.0, 6) == 6  # drains by 6.0
+    for i in range(8):
+        assert limiter.check("send", user(f"idle{i}"), 0.0) is None  # each drained by 1.0
+    assert len(limiter) == 9
+    for i in range(3):
+        assert limiter.check("send", user(f"new{i}"), 2.0) is None
+    assert len(limiter) == 1 + 3  # "busy" and the new keys
+    assert limiter.check("send", user("busy"), 2.0) is None  # still counted: 4 left, 1 more
+    assert limiter.check("send", user("busy"), 2.0) is None
+    assert limiter.check("send", user("busy"), 2.0) is not None
 
 
 @attrs.frozen
@@ -348,9 +364,9 @@ def test_a_bucket_drains_at_its_rules_rate_of_now_after_a_reload():
     # faster rate: the bucket of a key at its limit would be dropped, and the
     # key get a whole new burst at once.
     store = ProcessBuckets(max_keys=10)
-    held = store.rule("per_user")
-    fast, slow = (held, 100.0, 0.0, 0), (held, 1 / 60, 0.0, 0)
+    fast = (store.rule("per_user", 100.0), 100.0, 0.0, 0)
     assert store.check([fast], ["attacker"], 0.0) is None
+    slow = (store.rule("per_user", 1 / 60), 1 / 60, 0.0, 0)  # the reload
     assert store.check([slow], ["attacker"], 0.001) == (0, 60)  # the reloaded rule refuses
     for n in range(5):  # other keys come: each new bucket expires drained ones
         assert store.check([slow], [f"other{n}"], 1.0) is None

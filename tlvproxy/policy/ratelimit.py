@@ -36,8 +36,8 @@ ABSENT_KEY = "-"
 # in time (4.00001 - 2.00001 is not exactly 2.0) admits, and 2.0000000000000004 s
 # of waiting is 2 s.
 EPSILON = 1e-9
-# Drained buckets expired per bucket added: more than one, so the map shrinks back
-# once a crowd of keys goes quiet.
+# Buckets looked at for expiry per bucket added: more than one, so the map
+# shrinks back once a crowd of keys goes quiet.
 _EXPIRE_BATCH = 4
 
 # A check's answer: None (every bucket counted the request), or the position of
@@ -73,9 +73,18 @@ class Refusal:
         )
 
 
-# A rule's buckets in one process: key value -> [level, time of the last
-# admission, rate], least recently used first.
-RuleBuckets = OrderedDict[Hashable, list[float]]
+class RuleBuckets(OrderedDict[Hashable, list[float]]):
+    """A rule's buckets in one process: key value -> [level, time of the last
+    admission], oldest first, and the rule's `rate` now, at which drained
+    buckets are found (a reload may change it)."""
+
+    __slots__ = ("rate",)
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+
 # One rule of a check: its buckets, its rate per second and burst, and the
 # position of its key's value in the check's values.
 Step = tuple[RuleBuckets, float, float, int]
@@ -94,11 +103,13 @@ class ProcessBuckets:
 
     A rule's buckets are found by its name (`rule`), so a reload that keeps a
     rule keeps them. Memory: at most `max_keys` buckets per rule. A bucket that
-    has fully drained is worth nothing: each new bucket expires up to four
-    drained ones from its rule's least recently used end. Past `max_keys`, the
-    rule's least recently used bucket is evicted (that key then starts afresh,
-    so the limit errs on the side of admitting); size `max_keys` above the
-    number of keys active within `(burst + 1) / rate` seconds.
+    has fully drained is worth nothing: each new bucket looks at up to four of
+    the rule's oldest, dropping those that have drained and moving the others
+    to the recent end. Past `max_keys`, the rule's oldest bucket is evicted
+    (that key then starts afresh, so the limit errs on the side of admitting);
+    size `max_keys` above the number of keys active within `(burst + 1) / rate`
+    seconds. A check that finds its bucket touches nothing but the bucket: the
+    order is kept as buckets are added, not as they are used.
     """
 
     def __init__(self, *, max_keys: int = 100_000) -> None:
@@ -111,11 +122,13 @@ class ProcessBuckets:
         """How many buckets are held now, every rule's."""
         return sum(len(held) for held in self._rules.values())
 
-    def rule(self, name: str) -> RuleBuckets:
-        """The buckets of the rule named `name`, for the `Step`s of a check."""
+    def rule(self, name: str, rate: float) -> RuleBuckets:
+        """The buckets of the rule named `name`, for the `Step`s of a check,
+        draining at `rate` from now on."""
         held = self._rules.get(name)
         if held is None:
-            held = self._rules[name] = OrderedDict()
+            held = self._rules[name] = RuleBuckets(rate)
+        held.rate = rate
         return held
 
     def retain(self, names: Collection[str]) -> None:
@@ -139,19 +152,13 @@ class ProcessBuckets:
             value = values[key]
             bucket = held.get(value)
             if bucket is None:
-                held[value] = [1.0, now, rate]
-                # The bucket just added holds one request and sits at the
-                # recent end, so expiring never drops it.
-                _expire(held, now, _EXPIRE_BATCH)
+                _expire(held, now)
+                held[value] = [1.0, now]
                 if len(held) > self.max_keys:
                     held.popitem(last=False)
                 continue
             elapsed = now - bucket[1]
             level = bucket[0] - rate * elapsed if elapsed > 0.0 else bucket[0]
-            # A refused key is in use too: its bucket goes to the recent end,
-            # expiring at the rate it is refused at (a reload may change it).
-            held.move_to_end(value)
-            bucket[2] = rate
             if level - burst > EPSILON:
                 _uncount(steps[:position], values)
                 wait = (level - burst) / rate
@@ -170,20 +177,22 @@ def _uncount(steps: Sequence[Step], values: Sequence[Hashable]) -> None:
         held[values[key]][0] -= 1.0
 
 
-def _expire(held: RuleBuckets, now: float, limit: int) -> None:
-    # Called as buckets are added, so a rule's map grows only by keys still in
-    # use: drop drained buckets from the least recently used end, stopping at
-    # the first that still holds something (the LRU cap bounds whatever lies
-    # behind it). At most `limit`, so that after a long quiet spell no single
+def _expire(held: RuleBuckets, now: float) -> None:
+    # Called before a bucket is added, so a rule's map grows only by keys still
+    # in use: of the _EXPIRE_BATCH oldest buckets, drop those that have drained,
+    # and move the others to the recent end, so that the next look goes on
+    # past them. A few at a time, so that after a long quiet spell no single
     # request pays for expiring the whole map.
-    for _ in range(limit):
+    rate = held.rate
+    for _ in range(_EXPIRE_BATCH):
         value = next(iter(held), None)
         if value is None:
             return
-        level, last, rate = held[value]
+        level, last = held[value]
         if level - rate * (now - last) > 0.0:
-            return
-        del held[value]
+            held.move_to_end(value)
+        else:
+            del held[value]
 
 
 class RateLimiter:
@@ -210,7 +219,7 @@ class RateLimiter:
     def _plan(self, command_name: str) -> tuple[Plan, tuple[Step, ...]]:
         plan = Plan.of(self._rules, command_name)
         steps = tuple(
-            (self._store.rule(self._rules[index].name), rate, burst, position)
+            (self._store.rule(self._rules[index].name, rate), rate, burst, position)
             for index, rate, burst, position in plan.steps
         )
         return plan, steps
