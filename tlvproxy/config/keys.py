@@ -17,12 +17,13 @@ key or a hash key is the number, not the caller's spelling of it
 from __future__ import annotations
 
 from http.cookies import CookieError, SimpleCookie
+from operator import attrgetter
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import attrs
 
 if TYPE_CHECKING:
-    from collections.abc import Container, Mapping
+    from collections.abc import Callable, Container, Mapping
 
 KeySource = Literal["remote_addr", "header", "query", "path", "cookie", "auth"]
 _SOURCES: tuple[KeySource, ...] = ("header", "query", "path", "cookie")
@@ -57,10 +58,21 @@ class RequestView(Protocol):
 
 @attrs.frozen(slots=True)
 class KeyExpr:
-    """A parsed key expression; `name` is lower-cased for headers."""
+    """A parsed key expression; `name` is lower-cased for headers.
+
+    `read` reads the value from a request as it came, without its `numbers`:
+    for the callers that know a request has none (`evaluate` is the general
+    way); chosen once, so a read costs no dispatch on the source.
+    """
 
     source: KeySource
     name: str = ""
+    read: Callable[[RequestView], str | None] = attrs.field(
+        init=False, eq=False, repr=False, hash=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "read", _reader(self.source, self.name))
 
     def __str__(self) -> str:
         return self.source if self.source == "remote_addr" else f"{self.source}.{self.name}"
@@ -70,18 +82,21 @@ class KeyExpr:
         numbers = request.numbers
         if numbers is not None and (number := numbers.get(self)) is not None:
             return number
-        if self.source == "remote_addr":
-            return request.remote_addr
-        if self.source == "header":
-            return request.headers.get(self.name)
-        if self.source == "query":
-            return request.query.get(self.name)
-        if self.source == "path":
-            return request.path_params.get(self.name)
-        if self.source == "auth":
-            identity = request.identity
-            return None if identity is None else identity.value(self.name)
-        return _cookie(request.headers.get("cookie"), self.name)
+        return self.read(request)
+
+
+def _reader(source: KeySource, name: str) -> Callable[[RequestView], str | None]:
+    if source == "remote_addr":
+        return attrgetter("remote_addr")
+    if source == "header":
+        return lambda request: request.headers.get(name)
+    if source == "query":
+        return lambda request: request.query.get(name)
+    if source == "path":
+        return lambda request: request.path_params.get(name)
+    if source == "auth":
+        return lambda request: None if request.identity is None else request.identity.value(name)
+    return lambda request: _cookie(request.headers.get("cookie"), name)
 
 
 def _cookie(header: str | None, name: str) -> str | None:

@@ -68,6 +68,7 @@ class _CommandPlan:
     """The rules of one command, split by store, in table order within each."""
 
     keys: tuple[KeyExpr, ...]
+    readers: tuple[Callable[[RequestView], str | None], ...]  # each key's `read`
     # The local store's steps: (the rule's buckets or name prefix, rate, burst, key position).
     local: tuple[tuple[Any, float, float, int], ...]
     local_rules: tuple[_Rule, ...]
@@ -99,7 +100,7 @@ class _CommandPlan:
             else:
                 # ProcessBuckets finds a rule's buckets by name, LMDB by a prefix of each bucket's.
                 found = (
-                    local_store.rule(rule.name)
+                    local_store.rule(rule.name, rate)
                     if isinstance(local_store, ProcessBuckets)
                     else local_prefix(rule.name)
                 )
@@ -107,6 +108,7 @@ class _CommandPlan:
                 local_rules.append(meta)
         return cls(
             plan.keys,
+            tuple(key.read for key in plan.keys),
             tuple(local),
             tuple(local_rules),
             tuple(redis),
@@ -170,23 +172,30 @@ class RateLimits:
         one of those once Redis answers (within its 50 ms budget).
         """
         plan = self._plans.get(command_name, self._unlisted)
-        values = [key.evaluate(request) for key in plan.keys]
+        # Each key's value, "-" when absent.
+        if request.numbers is None:
+            texts = [
+                ABSENT_KEY if (text := read(request)) is None else text for read in plan.readers
+            ]
+        else:
+            texts = [
+                ABSENT_KEY if (text := key.evaluate(request)) is None else text for key in plan.keys
+            ]
         if plan.local:
-            refusal = self._check_local(plan, values)
+            refusal = self._check_local(plan, texts)
             if refusal is not None:
                 return refusal
         if not plan.redis:
             return None
         assert self._redis is not None  # __init__ checked that every rule has its store
         pending = Pending(plan.redis_rules, self._metrics)
-        texts = [ABSENT_KEY if value is None else value for value in values]
         keys = [prefix + bounded(texts[position]) for prefix, position in plan.redis]
         # The script's ARGV: the time ("" for Redis's TIME), then rate, burst per key.
         now = b"" if self._redis_clock is None else repr(self._redis_clock()).encode()
         self._redis.submit(keys, (now, *plan.redis_args), pending)
         return pending
 
-    def _check_local(self, plan: _CommandPlan, values: list[str | None]) -> Refusal | None:
+    def _check_local(self, plan: _CommandPlan, texts: list[str]) -> Refusal | None:
         local = self._local
         assert local is not None  # __init__ checked that every rule has its store
         try:
@@ -194,18 +203,14 @@ class RateLimits:
                 # A bucket is named by the key value's text; one longer than
                 # MAX_VALUE_BYTES characters by its digest, so that a caller
                 # cannot make a bucket's name large.
-                texts: list[Hashable] = [
-                    ABSENT_KEY
-                    if value is None
-                    else value
-                    if len(value) <= MAX_VALUE_BYTES
-                    else bounded(value)
-                    for value in values
-                ]
-                answer = local.check(plan.local, texts, self._clock())
-            else:
-                names = [bounded(ABSENT_KEY if value is None else value) for value in values]
+                names: Sequence[Hashable] = texts
+                if max(map(len, texts)) > MAX_VALUE_BYTES:
+                    names = [
+                        text if len(text) <= MAX_VALUE_BYTES else bounded(text) for text in texts
+                    ]
                 answer = local.check(plan.local, names, self._clock())
+            else:
+                answer = local.check(plan.local, [bounded(text) for text in texts], self._clock())
         except StoreError as exc:
             now = time.monotonic()
             if now >= self._next_log:
