@@ -118,6 +118,10 @@ class Waf:
             if self._by_location[location].rules
         )
         self.inspects_requests = bool(self._request_rules)
+        # Every rule a REST request meets, to rule the whole request out at once.
+        self._any_request = _LocationRules(
+            tuple(c for c in self._rules if not c.rule.locations.isdisjoint(_REQUEST_LOCATIONS))
+        )
 
     def inspect_request(
         self, *, path: str, query: str, body: bytes, headers: Sequence[tuple[str, str]]
@@ -130,7 +134,7 @@ class Waf:
         `body_views`).
         """
         texts: list[tuple[_LocationRules, WafLocation, tuple[str, ...], str]] = []
-        suspect = False
+        joins: list[str] = []
         for location, rules in self._request_rules:
             if location == "path":
                 parts: tuple[str, ...] = (path,)
@@ -138,14 +142,16 @@ class Waf:
                 parts = query_views(query)
             elif location == "body":
                 parts = body_views(body)
-            elif headers:
-                parts = tuple([value for _, value in headers])
             else:
-                continue
+                parts = tuple([value for _, value in headers])
             joined = parts[0] if len(parts) == 1 else "\n".join(parts)
+            if not joined and not rules.always:
+                continue  # nothing to find: a rule with a literal needs it
             texts.append((rules, location, parts, joined))
-            suspect = suspect or rules.may_match(joined)
-        if not suspect:
+            joins.append(joined)
+        # One look for the anchors of every location's rules over all the
+        # texts at once: the usual clean request stops here.
+        if not joins or not self._any_request.may_match("\n".join(joins)):
             return []
         found: dict[int, str] = {}
         for rules, location, parts, joined in texts:
@@ -265,12 +271,14 @@ class _LocationRules:
             text for text, fold in ranked if not fold or not _has_letters(text)
         )
         self._folded_anchors = tuple(text for text, fold in ranked if fold and _has_letters(text))
-        self._always = bool(self.index.always)
+        # Whether a rule has no literal to look for: it may match any text,
+        # even an empty one.
+        self.always = bool(self.index.always)
 
     def may_match(self, joined: str) -> bool:
         """False when no rule of this location can match `joined` (which holds
         every part of the text): it lacks every anchor literal."""
-        if self._always:
+        if self.always:
             return True
         for anchor in self._plain_anchors:
             if anchor in joined:
