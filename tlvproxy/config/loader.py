@@ -32,7 +32,6 @@ Decisions made here:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import re
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -59,7 +58,7 @@ from tlvproxy.config.model import (
     UpstreamSpec,
     WebSocketSpec,
 )
-from tlvproxy.config.nodes import Invalid, Node, NodeReader, join
+from tlvproxy.config.nodes import Invalid, Node, NodeReader, join, suggest
 from tlvproxy.config.push_sessions import CREATE_COMMAND, read_sessions
 from tlvproxy.routing import InvalidTemplate, Router, parse_template, route_problems
 from tlvproxy.schema.codec import (
@@ -200,11 +199,6 @@ def _message_name(value: Any) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):
         raise Invalid(f"expected a full message name like demo.im.Profile, got {name!r}")
     return name
-
-
-def _suggest(name: str, known: Any) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 # ---------------------------------------------------------------- the loader
@@ -589,7 +583,7 @@ class _TableLoader:
                     found["upstream"],
                     join(path, "upstream"),
                     f"undefined upstream {upstream!r} (defined: {known})"
-                    + _suggest(upstream, upstreams),
+                    + suggest(upstream, upstreams),
                 )
         http_keys: dict[str, Node] = {}
         http = self._http(found.get("http"), join(path, "http"), http_keys)
@@ -692,7 +686,7 @@ class _TableLoader:
                 node,
                 path,
                 f"undefined message {name!r} (not in proto.files)"
-                + _suggest(name, schema.message_names),
+                + suggest(name, schema.message_names),
             )
         return name
 
@@ -741,7 +735,7 @@ class _TableLoader:
                     node,
                     where,
                     f"{what} {name!r} is not a field of {spec.request}"
-                    + _suggest(name, [f.name for f in descriptor.fields]),
+                    + suggest(name, [f.name for f in descriptor.fields]),
                 )
             elif field.message_type is not None and not field.message_type.full_name.startswith(
                 "google.protobuf."
@@ -793,7 +787,7 @@ class _TableLoader:
                 found["upstream"],
                 "websocket.upstream",
                 f"undefined upstream {upstream!r} (defined: {known})"
-                + _suggest(upstream, upstreams),
+                + suggest(upstream, upstreams),
             )
         for command in commands:
             route = command.http
@@ -861,7 +855,7 @@ class _TableLoader:
                 self.error(
                     item,
                     join(path, j),
-                    f"undefined upstream {name!r} (defined: {known})" + _suggest(name, upstreams),
+                    f"undefined upstream {name!r} (defined: {known})" + suggest(name, upstreams),
                 )
             elif name:
                 names.append(name)
@@ -916,7 +910,7 @@ class _TableLoader:
                         self.error(
                             cnode,
                             join(cpath, j),
-                            f"unknown command {command!r}" + _suggest(command, known),
+                            f"unknown command {command!r}" + suggest(command, known),
                         )
                     selected += (command,)
             store: Literal["local", "redis"] = r.get(

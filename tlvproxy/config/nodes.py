@@ -10,6 +10,7 @@ and the caller carries on with a default, so one pass finds them all.
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,7 +18,7 @@ import yaml
 from yaml.constructor import ConstructorError, SafeConstructor
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection
+    from collections.abc import Callable, Collection, Iterable
     from pathlib import Path
 
 T = TypeVar("T")
@@ -34,6 +35,13 @@ def join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else key
+
+
+def suggest(name: str, known: Iterable[str]) -> str:
+    """The "; did you mean 'x'?" that ends an error naming a misspelt `name`:
+    the closest of `known`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def kind(node: Node, value: Any = None) -> str:

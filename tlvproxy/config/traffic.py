@@ -13,7 +13,6 @@ place, and the section is left out of the table.
 
 from __future__ import annotations
 
-import difflib
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Final
 
@@ -27,7 +26,7 @@ from tlvproxy.config.model import (
     SplitRule,
     TrafficSpec,
 )
-from tlvproxy.config.nodes import Invalid, join
+from tlvproxy.config.nodes import Invalid, join, suggest
 from tlvproxy.config.sections import key_expr, positive_duration, positive_size
 from tlvproxy.errors import BadRequest
 from tlvproxy.schema.codec import RENDER_FACTOR, JsonCodec, ProtobufCodec, RawCodec
@@ -292,7 +291,7 @@ class TrafficReader:
             return None
         target = self.commands.get(name)
         if target is None:
-            r.error(node, path, f"unknown command {name!r}" + _suggest(name, self.commands))
+            r.error(node, path, f"unknown command {name!r}" + suggest(name, self.commands))
             return None
         problem = None
         if target is command:
@@ -362,8 +361,3 @@ def _matching(rule: SplitRule) -> str:
 
 def _shown_percent(basis_points: int) -> str:
     return f"{basis_points / 100:g}%"
-
-
-def _suggest(name: str, known: Mapping[str, object]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
