@@ -47,6 +47,7 @@ LATER = (
     "tlvproxy.schema.compare",
     "tlvproxy.config.push_sessions",
     "tlvproxy.server.push_wire",
+    "tlvproxy.config.listing",
 )
 
 

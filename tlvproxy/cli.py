@@ -256,7 +256,7 @@ def _checked(path: Path) -> CompiledTable | None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from tlvproxy.config.loader import route_lines
+    from tlvproxy.config.listing import route_lines
 
     table = _checked(args.config)
     if table is None:

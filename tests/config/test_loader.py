@@ -15,7 +15,8 @@ import pytest
 
 from tests.fixtures import FIXTURE_TABLE
 from tlvproxy.config.keys import KeyExpr
-from tlvproxy.config.loader import TableError, load_table, parse_table, route_lines
+from tlvproxy.config.listing import route_lines
+from tlvproxy.config.loader import TableError, load_table, parse_table
 from tlvproxy.config.model import Address, JsonOptions
 from tlvproxy.errors import BadRequest
 from tlvproxy.schema.codec import JsonCodec, ProtobufCodec, RawCodec

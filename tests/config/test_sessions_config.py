@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tlvproxy.config.keys import KeyExpr
-from tlvproxy.config.loader import TableError, load_table, route_lines
+from tlvproxy.config.listing import route_lines
+from tlvproxy.config.loader import TableError, load_table
 from tlvproxy.config.model import SessionsSpec
 
 DEMO_PROTO = Path(__file__).resolve().parents[2] / "proto" / "demo" / "im.proto"

@@ -13,7 +13,8 @@ import pytest
 
 from tests.cli import run_cli
 from tlvproxy.config.keys import KeyExpr
-from tlvproxy.config.loader import TableError, load_table, route_lines
+from tlvproxy.config.listing import route_lines
+from tlvproxy.config.loader import TableError, load_table
 from tlvproxy.config.model import LastGoodSpec, MirrorSpec, SplitRule, Table
 
 REPO = Path(__file__).resolve().parents[2]
