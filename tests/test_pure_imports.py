@@ -48,6 +48,7 @@ LATER = (
     "tlvproxy.config.push_sessions",
     "tlvproxy.server.push_wire",
     "tlvproxy.config.listing",
+    "tlvproxy.config.rate_limits",
 )
 
 

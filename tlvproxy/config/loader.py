@@ -1,12 +1,13 @@
 """commands.yaml -> one immutable `Table`, or every problem with its location
 (docs/configuration.md).
 
-Owns: the top-level keys, `proto`, `commands`, `websocket` and `rate_limits`,
+Owns: the top-level keys, `proto`, `commands` and `websocket`,
 the cross-references between sections (upstreams, messages, commands, routes),
 compiling `proto.files`, building each command's codec and the router, and the
 table's `version`. The self-contained sections are read by `sections.py`, over
 `nodes.py`; a command's `split`, `mirror` and `fallback` by `traffic.py`;
-`sessions` by `push_sessions.py`. The route listing `tlvproxy check` prints is
+`sessions` by `push_sessions.py`; `rate_limits` and `redis` by
+`rate_limits.py`. The route listing `tlvproxy check` prints is
 `listing.py`'s.
 Must not: open sockets, read a clock or import trio. It reads the table and the
 .proto files, and is slow enough (protoc) that a running gateway calls it through
@@ -35,13 +36,12 @@ import contextlib
 import hashlib
 import re
 from typing import TYPE_CHECKING, Any, Final, Literal
-from urllib.parse import SplitResult, urlsplit
 
 import attrs
 import yaml
 from google.protobuf.descriptor import FieldDescriptor
 
-from tlvproxy.config import auth, nodes, sections, traffic
+from tlvproxy.config import auth, nodes, rate_limits, sections, traffic
 from tlvproxy.config import upstreams as upstream_sections
 from tlvproxy.config.certificates import read_tls
 from tlvproxy.config.compiled import CompiledTable
@@ -51,9 +51,7 @@ from tlvproxy.config.model import (
     JsonOptions,
     JwtAuthSpec,
     ProtoSpec,
-    RateLimitRule,
     Readiness,
-    RedisSpec,
     UpstreamSpec,
     WebSocketSpec,
 )
@@ -68,7 +66,7 @@ from tlvproxy.schema.codec import (
     RawCodec,
 )
 from tlvproxy.schema.protos import Schema, SchemaError, compile_schema
-from tlvproxy.units import parse_duration, parse_rate
+from tlvproxy.units import parse_duration
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -288,7 +286,7 @@ class _TableLoader:
         listen = sections.read_listen(self.r, top.get("listen"))
         tls, certificates = read_tls(self.r, top.get("tls"), self.base, self.warn)
         self._check_https(top, listen, tls)
-        redis = self._redis(top.get("redis"))
+        redis = rate_limits.read_redis(self.r, top.get("redis"))
         table_kwargs: dict[str, Any] = {
             "source": self.source,
             "listen": listen,
@@ -312,8 +310,8 @@ class _TableLoader:
             "websocket": websocket,
             "sessions": sessions,
             "limits": sections.read_limits(self.r, top.get("limits")),
-            "rate_limits": self._rate_limits(
-                top.get("rate_limits"), commands, redis, sessions=sessions is not None
+            "rate_limits": rate_limits.read_rate_limits(
+                self.r, top.get("rate_limits"), commands, redis, sessions=sessions is not None
             ),
             "redis": redis,
             "waf": sections.read_waf(self.r, top.get("waf")),
@@ -860,139 +858,8 @@ class _TableLoader:
                 names.append(name)
         return Readiness(require_healthy_upstreams=tuple(names))
 
-    def _rate_limits(
-        self,
-        node: Node | None,
-        commands: tuple[CommandSpec, ...],
-        redis: RedisSpec | None,
-        *,
-        sessions: bool,
-    ) -> tuple[RateLimitRule, ...]:
-        if node is None:
-            return ()
-        r = self.r
-        known = {c.name for c in commands}
-        names: set[str] = set()
-        result: list[RateLimitRule] = []
-        for i, item in enumerate(r.sequence(node, "rate_limits") or []):
-            path = join("rate_limits", i)
-            keys = ("name", "commands", "key", "rate", "burst", "store", "on_store_error")
-            found = r.mapping(item, path, keys, ("name", "key", "rate"))
-            if found is None:
-                continue
-            name = r.get(found, "name", path, nodes.text, "")
-            if name in names:
-                self.error(found["name"], join(path, "name"), f"duplicate rule name {name!r}")
-            names.add(name)
-            selected: tuple[str, ...] | None = None
-            if "commands" in found:
-                cpath = join(path, "commands")
-                selected = ()
-                items = r.sequence(found["commands"], cpath)
-                if items == []:
-                    self.error(
-                        found["commands"], cpath, "name at least one command, or omit it for all"
-                    )
-                for j, cnode in enumerate(items or []):
-                    command = r.value(cnode, join(cpath, j), nodes.text, None)
-                    if command is None:
-                        continue
-                    if command == CREATE_COMMAND:
-                        if not sessions:
-                            self.error(
-                                cnode,
-                                join(cpath, j),
-                                f"{CREATE_COMMAND} limits the creation of push sessions, "
-                                "but the table has no sessions section",
-                            )
-                    elif command not in known:
-                        self.error(
-                            cnode,
-                            join(cpath, j),
-                            f"unknown command {command!r}" + suggest(command, known),
-                        )
-                    selected += (command,)
-            store: Literal["local", "redis"] = r.get(
-                found, "store", path, nodes.choice("local", "redis"), "local"
-            )
-            if store == "redis" and redis is None:
-                self.error(
-                    found["store"],
-                    join(path, "store"),
-                    "store: redis needs the top-level `redis: {url: ...}` section",
-                )
-            on_error: Literal["allow", "deny"] = r.get(
-                found, "on_store_error", path, nodes.choice("allow", "deny"), "allow"
-            )
-            key = r.get(found, "key", path, sections.key_expr, None)
-            rate = r.get(found, "rate", path, parse_rate, None)
-            if key is None or rate is None:
-                continue
-            result.append(
-                RateLimitRule(
-                    name=name,
-                    commands=selected,
-                    key=key,
-                    rate=rate,
-                    burst=r.get(found, "burst", path, nodes.integer(0), 0),
-                    store=store,
-                    on_store_error=on_error,
-                )
-            )
-        return tuple(result)
-
-    def _redis(self, node: Node | None) -> RedisSpec | None:
-        if node is None:
-            return None
-        found = self.r.mapping(node, "redis", ("url",), ("url",))
-        url = self.r.get(found, "url", "redis", _redis_url, None)
-        return None if url is None else RedisSpec(url=url)
-
 
 # ---------------------------------------------------------------- small converters
-
-
-_REDIS_FORMS = "redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or unix:///PATH"
-
-
-def _redis_url(value: Any) -> str:
-    """A Redis URL the client can use as it is (docs/configuration.md "redis").
-
-    Raises Invalid naming the accepted forms; the message never repeats a password.
-    """
-    if not isinstance(value, str) or not value:
-        raise Invalid(f"expected a URL like {_REDIS_FORMS}, got {value!r}")
-    try:
-        parsed = urlsplit(value)
-        port = parsed.port
-    except ValueError as exc:
-        raise Invalid(f"not a valid URL ({exc}); expected {_REDIS_FORMS}") from None
-    shown = _without_password(value, parsed)
-    if parsed.query or parsed.fragment:
-        raise Invalid(f"{shown}: a query or fragment is not accepted; expected {_REDIS_FORMS}")
-    if parsed.scheme == "unix":
-        if not parsed.path.startswith("/") or parsed.netloc:
-            raise Invalid(f"{shown}: expected unix:///ABSOLUTE/PATH of the socket")
-        return value
-    if parsed.scheme not in ("redis", "rediss"):
-        what = f"unknown scheme {parsed.scheme!r}" if parsed.scheme else "no scheme"
-        raise Invalid(f"{shown}: {what}; expected {_REDIS_FORMS}")
-    if not parsed.hostname:
-        raise Invalid(f"{shown}: the host is missing; expected {_REDIS_FORMS}")
-    if port == 0:
-        raise Invalid(f"{shown}: port 0 is not a port")
-    database = parsed.path.lstrip("/")
-    if database and not (database.isascii() and database.isdigit()):
-        raise Invalid(f"{shown}: the path must be a database number like /0, got {parsed.path!r}")
-    return value
-
-
-def _without_password(value: str, parsed: SplitResult) -> str:
-    if parsed.password is None:
-        return repr(value)
-    host = parsed.netloc.rpartition("@")[2]
-    user = parsed.username or ""
-    return repr(parsed._replace(netloc=f"{user}:***@{host}").geturl())
 
 
 def _numeric_keys(
