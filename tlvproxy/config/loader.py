@@ -51,12 +51,12 @@ from tlvproxy.config.model import (
     JsonOptions,
     JwtAuthSpec,
     ProtoSpec,
-    Readiness,
     UpstreamSpec,
     WebSocketSpec,
 )
 from tlvproxy.config.nodes import Invalid, Node, NodeReader, join, suggest
 from tlvproxy.config.push_sessions import CREATE_COMMAND, read_sessions
+from tlvproxy.config.readiness import read_readiness
 from tlvproxy.routing import InvalidTemplate, Router, parse_template, route_problems
 from tlvproxy.schema.codec import (
     RENDER_FACTOR,
@@ -298,7 +298,7 @@ class _TableLoader:
             ),
             "trusted_proxies": sections.read_networks(self.r, top.get("trusted_proxies")),
             "shutdown_timeout": r.get(top, "shutdown_timeout", "", parse_duration, 30.0),
-            "readiness": self._readiness(top.get("readiness"), upstreams),
+            "readiness": read_readiness(self.r, top.get("readiness"), upstreams),
             "cors": auth.read_cors(self.r, top.get("cors")),
             "proto": self.proto_spec,
             "framing": framing,
@@ -836,27 +836,6 @@ class _TableLoader:
                 found, "idle_timeout", "websocket", sections.positive_duration, default.idle_timeout
             ),
         )
-
-    def _readiness(self, node: Node | None, upstreams: Mapping[str, UpstreamSpec]) -> Readiness:
-        if node is None:
-            return Readiness()
-        found = self.r.mapping(node, "readiness", ("require_healthy_upstreams",))
-        if found is None or "require_healthy_upstreams" not in found:
-            return Readiness()
-        path = "readiness.require_healthy_upstreams"
-        names: list[str] = []
-        for j, item in enumerate(self.r.sequence(found["require_healthy_upstreams"], path) or []):
-            name = self.r.value(item, join(path, j), nodes.text, "")
-            if name and name not in upstreams:
-                known = ", ".join(upstreams) or "none"
-                self.error(
-                    item,
-                    join(path, j),
-                    f"undefined upstream {name!r} (defined: {known})" + suggest(name, upstreams),
-                )
-            elif name:
-                names.append(name)
-        return Readiness(require_healthy_upstreams=tuple(names))
 
 
 # ---------------------------------------------------------------- small converters
