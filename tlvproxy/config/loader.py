@@ -1,7 +1,7 @@
 """commands.yaml -> one immutable `Table`, or every problem with its location
 (docs/configuration.md).
 
-Owns: the top-level keys, `proto`, `commands` and `websocket`,
+Owns: the top-level keys, `proto` and `commands`,
 the cross-references between sections (upstreams, messages, commands, routes),
 compiling `proto.files`, building each command's codec and the router, and the
 table's `version`. The self-contained sections are read by `sections.py`, over
@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import yaml
@@ -52,11 +52,11 @@ from tlvproxy.config.model import (
     JwtAuthSpec,
     ProtoSpec,
     UpstreamSpec,
-    WebSocketSpec,
 )
 from tlvproxy.config.nodes import Invalid, Node, NodeReader, join, suggest
 from tlvproxy.config.push_sessions import CREATE_COMMAND, read_sessions
 from tlvproxy.config.readiness import read_readiness
+from tlvproxy.config.websocket import read_websocket
 from tlvproxy.routing import InvalidTemplate, Router, parse_template, route_problems
 from tlvproxy.schema.codec import (
     RENDER_FACTOR,
@@ -273,7 +273,14 @@ class _TableLoader:
                 self.r, top["default_auth"], "default_auth", self.authenticators
             )
         commands = self._commands(top.get("commands"), framing, json_options, upstreams, schema)
-        websocket = self._websocket(top.get("websocket"), upstreams, commands)
+        websocket = read_websocket(
+            self.r,
+            top.get("websocket"),
+            upstreams=upstreams,
+            commands=commands,
+            authenticators=self.authenticators,
+            warn=self.warn,
+        )
         sessions = read_sessions(
             self.r,
             top.get("sessions"),
@@ -751,92 +758,6 @@ class _TableLoader:
         for name, node in where.fields.items():
             check(name, node, join(path, f"fields.{name}"), "field")
 
-    # ------------------------------------------------------------ sections that refer to others
-
-    def _websocket(
-        self,
-        node: Node | None,
-        upstreams: Mapping[str, UpstreamSpec],
-        commands: tuple[CommandSpec, ...],
-    ) -> WebSocketSpec | None:
-        if node is None:
-            return None
-        r = self.r
-        keys = (
-            "path",
-            "upstream",
-            "hash_on",
-            "uid",
-            "auth",
-            "allowed_origins",
-            "mode",
-            "max_message",
-            "idle_timeout",
-        )
-        found = r.mapping(node, "websocket", keys, ("upstream",))
-        if found is None or "upstream" not in found:
-            return None
-        path = r.get(found, "path", "websocket", _ws_path, "/ws")
-        upstream = r.get(found, "upstream", "websocket", nodes.text, "")
-        if upstream and upstream not in upstreams:
-            known = ", ".join(upstreams) or "none"
-            self.error(
-                found["upstream"],
-                "websocket.upstream",
-                f"undefined upstream {upstream!r} (defined: {known})"
-                + suggest(upstream, upstreams),
-            )
-        for command in commands:
-            route = command.http
-            if route is not None and route.path == path and route.method == "GET":
-                self.error(
-                    found.get("path", node),
-                    "websocket.path",
-                    f"{path} is also the GET route of command {command.name!r}",
-                )
-        default = WebSocketSpec(upstream=upstream)
-        session_auth = None
-        if "auth" in found:
-            _, session_auth = auth.reference(
-                r, found["auth"], "websocket.auth", self.authenticators
-            )
-        uid = r.get(found, "uid", "websocket", sections.key_expr, None)
-        mode: Literal["json", "binary"] = r.get(
-            found, "mode", "websocket", nodes.choice("json", "binary"), "json"
-        )
-        if session_auth is not None and uid is not None and uid.source != "auth":
-            self.warn(
-                found["uid"],
-                "websocket.uid",
-                f"the session's uid comes from {uid}, which the client writes, although "
-                "the handshake is authenticated; use auth.sub (or auth.claim.NAME)",
-            )
-        elif session_auth is not None and uid is None and mode == "binary":
-            self.warn(
-                node,
-                "websocket.uid",
-                "without it, the uid of each binary frame is the client's own, although the "
-                "handshake is authenticated; set uid: auth.sub (or auth.claim.NAME)",
-            )
-        allowed_origins = None
-        if "allowed_origins" in found:
-            allowed_origins = auth.origins(r, found["allowed_origins"], "websocket.allowed_origins")
-        return WebSocketSpec(
-            path=path,
-            upstream=upstream,
-            hash_on=r.get(found, "hash_on", "websocket", sections.key_expr, None),
-            uid=uid,
-            auth=session_auth,
-            allowed_origins=allowed_origins,
-            mode=mode,
-            max_message=r.get(
-                found, "max_message", "websocket", sections.positive_size, default.max_message
-            ),
-            idle_timeout=r.get(
-                found, "idle_timeout", "websocket", sections.positive_duration, default.idle_timeout
-            ),
-        )
-
 
 # ---------------------------------------------------------------- small converters
 
@@ -881,13 +802,6 @@ def _template(value: Any) -> str:
     template = nodes.text(value)
     parse_template(template)  # raises InvalidTemplate (a ValueError) saying why
     return template
-
-
-def _ws_path(value: Any) -> str:
-    path = nodes.text(value)
-    if _template_params(path):
-        raise Invalid(f"the websocket path cannot have parameters, got {path!r}")
-    return path
 
 
 def _template_params(template: str) -> list[str]:
