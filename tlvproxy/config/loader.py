@@ -1,20 +1,19 @@
 """commands.yaml -> one immutable `Table`, or every problem with its location
 (docs/configuration.md).
 
-Owns: the top-level keys, `proto` and `commands`,
-the cross-references between sections (upstreams, messages, commands, routes),
-compiling `proto.files`, building each command's codec and the router, and the
-table's `version`. The self-contained sections are read by `sections.py`, over
-`nodes.py`; a command's `split`, `mirror` and `fallback` by `traffic.py`;
-`sessions` by `push_sessions.py`; `rate_limits` and `redis` by
-`rate_limits.py`. The route listing `tlvproxy check` prints is
-`listing.py`'s.
+Owns: the top-level keys, `commands`, the cross-references between sections
+(upstreams, messages, commands, routes), building each command's codec and
+the router, and the table's `version`. The self-contained sections are read
+by `sections.py`, over `nodes.py`; `proto` (and compiling its files) by
+`proto.py`; a command's `split`, `mirror` and `fallback` by `traffic.py`;
+`websocket` by `websocket.py`; `sessions` by `push_sessions.py`;
+`rate_limits` and `redis` by `rate_limits.py`; `readiness` by
+`readiness.py`. The route listing `tlvproxy check` prints is `listing.py`'s.
 Must not: open sockets, read a clock or import trio. It reads the table and the
 .proto files, and is slow enough (protoc) that a running gateway calls it through
 `trio.to_thread.run_sync`.
 
 Decisions made here:
-- `proto.paths` defaults to the table's own directory.
 - A protobuf command needs both `request` and `response`. A push command has
   `push` and neither `upstream`, `http`, `request`, `response`, `uid`, `fields`,
   `timeout` nor `idempotent`; for a json or raw push, `push: true` (stored as
@@ -54,6 +53,7 @@ from tlvproxy.config.model import (
     UpstreamSpec,
 )
 from tlvproxy.config.nodes import Invalid, Node, NodeReader, join, suggest
+from tlvproxy.config.proto import read_proto
 from tlvproxy.config.push_sessions import CREATE_COMMAND, read_sessions
 from tlvproxy.config.readiness import read_readiness
 from tlvproxy.config.websocket import read_websocket
@@ -65,7 +65,6 @@ from tlvproxy.schema.codec import (
     ProtobufCodec,
     RawCodec,
 )
-from tlvproxy.schema.protos import Schema, SchemaError, compile_schema
 from tlvproxy.units import parse_duration
 
 if TYPE_CHECKING:
@@ -82,6 +81,7 @@ if TYPE_CHECKING:
         TlsSpec,
     )
     from tlvproxy.framing import HeaderLayout
+    from tlvproxy.schema.protos import Schema
 
 _TOP_KEYS: Final = (
     "listen",
@@ -266,7 +266,9 @@ class _TableLoader:
         framing = sections.read_framing(self.r, top.get("framing"))
         json_options = sections.read_json(self.r, top.get("json"), "json", JsonOptions())
         upstreams = upstream_sections.read_upstreams(self.r, top.get("upstreams"), framing)
-        schema = self._schema(top.get("proto"))
+        self.proto_spec, schema, self.schema_problems = read_proto(
+            self.r, top.get("proto"), self.base
+        )
         self.authenticators = auth.read_auth(self.r, top.get("auth"), self.base)
         if "default_auth" in top:
             _, self.default_auth = auth.reference(
@@ -368,68 +370,6 @@ class _TableLoader:
             self.warn(
                 top["tls"], "tls", "listen.https is not set: these certificates serve nothing"
             )
-
-    # ------------------------------------------------------------ proto
-
-    def _schema(self, node: Node | None) -> Schema | None:
-        """Compile proto.files; None when the section or the compile failed."""
-        paths: list[Path] = []
-        files: list[str] = []
-        failed = False
-        found = {} if node is None else self.r.mapping(node, "proto", ("paths", "files"))
-        if found is None:
-            self.proto_spec = ProtoSpec()
-            return None
-        for key in ("paths", "files"):
-            if key in found and not isinstance(found[key], yaml.SequenceNode):
-                self.r.sequence(found[key], join("proto", key))
-                failed = True
-        if "paths" in found:
-            for i, item in enumerate(self.r.sequence(found["paths"], "proto.paths") or []):
-                path = join("proto.paths", i)
-                text = self.r.value(item, path, nodes.text, None)
-                if text is None:
-                    failed = True
-                    continue
-                try:
-                    directory = self.r.file(self.base, text)
-                except Invalid as exc:
-                    self.error(item, path, str(exc))
-                    failed = True
-                    continue
-                if not directory.is_dir():
-                    self.error(item, path, f"no such directory: {directory}")
-                    failed = True
-                paths.append(directory)
-        if not paths:
-            paths.append(self.base)
-        if "files" in found:
-            for i, item in enumerate(self.r.sequence(found["files"], "proto.files") or []):
-                path = join("proto.files", i)
-                text = self.r.value(item, path, nodes.text, None)
-                if text is None:
-                    failed = True
-                    continue
-                try:
-                    for root in paths:
-                        self.r.file(root, text)
-                except Invalid as exc:
-                    self.error(item, path, str(exc))
-                    failed = True
-                    continue
-                if not any((root / text).is_file() for root in paths):
-                    roots = ", ".join(str(p) for p in paths)
-                    self.error(item, path, f"{text} is not in the import paths ({roots})")
-                    failed = True
-                files.append(text)
-        self.proto_spec = ProtoSpec(paths=tuple(paths), files=tuple(files))
-        if failed:
-            return None
-        try:
-            return compile_schema(paths, files)
-        except SchemaError as exc:
-            self.schema_problems.extend(exc.problems)
-            return None
 
     # ------------------------------------------------------------ commands
 
