@@ -6,6 +6,9 @@ heartbeat, discovery, the etcd endpoints and prefix) and the model values
 they become.
 Must not: look across sections (the loader does), or stop at the first
 problem: every reader records problems on the `NodeReader`.
+
+Decisions made here:
+- `heartbeat.command` is a bare number; it need not be a command of the table.
 """
 
 from __future__ import annotations
