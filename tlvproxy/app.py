@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import socket
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,6 +26,7 @@ from tlvproxy.config.certificates import EXPIRY_WARNING_DAYS
 from tlvproxy.config.loader import TableError, load_table
 from tlvproxy.config.model import Address, JwtAuthSpec, UpstreamSpec
 from tlvproxy.errors import Overloaded
+from tlvproxy.gateway.listeners import address_of, bind_listener
 from tlvproxy.metrics import RequestTally
 from tlvproxy.policy.ratelimit import ProcessBuckets
 from tlvproxy.policy.waf import Waf
@@ -88,7 +88,6 @@ log = logging.getLogger("tlvproxy.app")
 
 ParserChoice = Literal["auto", "h11", "httptools"]
 
-_BACKLOG = 1024
 # How often the certificates' expiry gauge is brought up to date, and how often
 # a certificate about to expire is warned about again (docs/operations.md "TLS").
 _EXPIRY_REFRESH = 60.0
@@ -122,42 +121,6 @@ class _PoolHandle:
     etcd: tuple[str, ...]  # where a `discovery` upstream's nodes are read
     pool: Pool
     close: trio.Event
-
-
-class CannotListen(OSError):
-    """A listener could not be bound; `str()` is the one line that says where
-    and why (docs/operations.md "Starting")."""
-
-    def __init__(self, address: Address, error: OSError) -> None:
-        super().__init__(error.errno, error.strerror or str(error))
-        self.address = address
-
-    def __str__(self) -> str:
-        return f"cannot listen on {self.address}: {self.strerror}"
-
-
-def bind_listener(address: Address, *, reuse_port: bool) -> trio.SocketListener:
-    """A listening socket on `address`; SO_REUSEPORT lets workers share a port
-    (docs/operations.md "Workers").
-
-    Raises CannotListen (an OSError) naming the address when it cannot be bound.
-    """
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        # bind() on a trio socket is synchronous for numeric addresses.
-        sock._sock.bind((address.host, address.port))  # type: ignore[attr-defined]  # trio hides the stdlib socket; binding a numeric address never blocks
-        sock.listen(_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise CannotListen(address, exc) from None
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
 
 
 class Gateway:
@@ -571,16 +534,16 @@ class Gateway:
                 listeners.append(
                     (bind_listener(table.listen.http, reuse_port=self._reuse_port), False)
                 )
-                self.http_address = _address_of(listeners[-1][0])
+                self.http_address = address_of(listeners[-1][0])
             if table.listen.https is not None:
                 listeners.append(
                     (bind_listener(table.listen.https, reuse_port=self._reuse_port), True)
                 )
-                self.https_address = _address_of(listeners[-1][0])
+                self.https_address = address_of(listeners[-1][0])
             admin_listener = None
             if self._serve_admin and table.listen.admin is not None:
                 admin_listener = bind_listener(table.listen.admin, reuse_port=False)
-                self.admin_address = _address_of(admin_listener)
+                self.admin_address = address_of(admin_listener)
             self._descriptors_at_start = open_descriptors()
             self._update_budget([handle.spec for handle in self._pools.values()])
             log_capacity(
@@ -594,7 +557,7 @@ class Gateway:
             errors = error_response_for(self.current, self.metrics)
             async with trio.open_nursery() as admin_nursery:
                 if admin_listener is not None:
-                    admin = AdminHandler(self, bound=_address_of(admin_listener))
+                    admin = AdminHandler(self, bound=address_of(admin_listener))
                     admin_nursery.start_soon(
                         self._accept, admin_listener, admin, admin_error, False, admin_nursery
                     )
@@ -853,8 +816,3 @@ def _longest_timeout(table: CompiledTable) -> float:
     timeouts = [spec.timeout for spec in table.upstreams.values()]
     timeouts += [c.timeout for c in table.commands if c.timeout is not None]
     return max(timeouts, default=0.0) + 1.0
-
-
-def _address_of(listener: trio.SocketListener) -> Address:
-    host, port = listener.socket.getsockname()[:2]
-    return Address(host, port)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from tlvproxy.app import CannotListen, Gateway, ParserChoice
+from tlvproxy.app import Gateway, ParserChoice
 from tlvproxy.config.loader import TableError
 from tlvproxy.config.source import FileSource, RunDirSource
 from tlvproxy.errors import first_of
@@ -33,6 +33,7 @@ from tlvproxy.etcd.client import EtcdUnavailable, open_etcd
 from tlvproxy.etcd.tables import EtcdTables
 from tlvproxy.etcd.watch import TooManyKeys
 from tlvproxy.etcd.wire import EtcdRefused, MalformedAnswer
+from tlvproxy.gateway.listeners import CannotListen
 from tlvproxy.logs import setup_logging
 from tlvproxy.metrics import Metrics
 from tlvproxy.private_dirs import make_private_dir, remove_abandoned

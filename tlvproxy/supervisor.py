@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-from tlvproxy.app import ParserChoice, bind_listener
 from tlvproxy.config.loader import TableError
 from tlvproxy.config.model import Address
+from tlvproxy.gateway.listeners import bind_listener
 from tlvproxy.metrics import Metrics
 from tlvproxy.private_dirs import make_private_dir
 from tlvproxy.server.admin import AdminHandler, admin_error
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from prometheus_client import Metric
 
+    from tlvproxy.app import ParserChoice
     from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.model import UpstreamSpec
     from tlvproxy.etcd.tables import TableTarget
