@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,10 +20,10 @@ from prometheus_client import generate_latest
 
 from tlvproxy.auth.authenticators import Authenticators
 from tlvproxy.auth.remote_keys import RemoteKeys
-from tlvproxy.config.certificates import EXPIRY_WARNING_DAYS
 from tlvproxy.config.loader import TableError, load_table
 from tlvproxy.config.model import Address, JwtAuthSpec, UpstreamSpec
 from tlvproxy.errors import Overloaded
+from tlvproxy.gateway.certificates import ServingCertificates
 from tlvproxy.gateway.listeners import address_of, bind_listener
 from tlvproxy.metrics import RequestTally
 from tlvproxy.policy.ratelimit import ProcessBuckets
@@ -78,7 +76,6 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Mapping
     from pathlib import Path
 
-    from tlvproxy.config.certificates import ServerCertificates
     from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.model import NodeSpec
     from tlvproxy.framing import HeaderLayout
@@ -87,11 +84,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tlvproxy.app")
 
 ParserChoice = Literal["auto", "h11", "httptools"]
-
-# How often the certificates' expiry gauge is brought up to date, and how often
-# a certificate about to expire is warned about again (docs/operations.md "TLS").
-_EXPIRY_REFRESH = 60.0
-_EXPIRY_WARNING_INTERVAL = 86400.0
 
 
 @attrs.frozen
@@ -171,9 +163,7 @@ class Gateway:
         self.https_address: Address | None = None
         # The certificates new TLS handshakes use: the latest table's (a table
         # without `tls` leaves a bound https listener on the last ones).
-        self._certificates: ServerCertificates | None = None
-        self._expiry_names: set[str] = set()
-        self._next_expiry_warning = math.inf
+        self._certificates = ServingCertificates(metrics)
         self.admin_address: Address | None = None
         self._drain_requested = trio.Event()
         self._drain_signal = DrainSignal()  # wakes idle keep-alive connections to close
@@ -325,10 +315,7 @@ class Gateway:
         )
         self._pools = keep
         if table.certificates is not None:
-            self._certificates = table.certificates
-            self._publish_expiry()
-            # The loader's warnings told of those about to expire: again in a day.
-            self._next_expiry_warning = time.time() + _EXPIRY_WARNING_INTERVAL
+            self._certificates.install(table.certificates)
         # Retired pools keep their connections until _retire closes them.
         self._update_budget([handle.spec for handle in (*keep.values(), *retired)])
         self.metrics.config_revision.set(0 if table.origin is None else table.origin.revision)
@@ -346,40 +333,6 @@ class Gateway:
             # (docs/operations.md "Reload"); none can outlive its longest upstream
             # timeout, so retire pools after that.
             self._pool_nursery.start_soon(self._retire, retired, _longest_timeout(old.table))
-
-    def _publish_expiry(self) -> None:
-        """Set tlvproxy_tls_certificate_expiry_seconds for the current certificates."""
-        if self._certificates is None:
-            return
-        gauge = self.metrics.tls_certificate_expiry
-        now = time.time()
-        names = set()
-        for certificate in self._certificates.certificates:
-            gauge.labels(certificate.name).set(certificate.seconds_left(now))
-            names.add(certificate.name)
-        for gone in self._expiry_names - names:
-            gauge.remove(gone)
-        self._expiry_names = names
-
-    async def _watch_certificates(self) -> None:
-        """Keep the expiry gauge current, and warn once a day of each
-        certificate with less than EXPIRY_WARNING_DAYS left."""
-        while True:
-            await trio.sleep(_EXPIRY_REFRESH)
-            self._publish_expiry()
-            now = time.time()
-            if self._certificates is None or now < self._next_expiry_warning:
-                continue
-            self._next_expiry_warning = now + _EXPIRY_WARNING_INTERVAL
-            for certificate in self._certificates.certificates:
-                days = certificate.seconds_left(now) / 86400
-                if days < EXPIRY_WARNING_DAYS:
-                    log.warning(
-                        "a TLS certificate expires soon"
-                        if days > 0
-                        else "a TLS certificate expired",
-                        extra={"certificate": certificate.name, "days_left": round(days, 1)},
-                    )
 
     async def _redis_store(self, url: str | None) -> RedisBuckets | None:
         """The store of `url`, started once; the stores of other URLs stop (a
@@ -527,7 +480,7 @@ class Gateway:
             pool_nursery.start_soon(self._timer.run)
             pool_nursery.start_soon(self.access_log.run)
             pool_nursery.start_soon(self.traffic.run)
-            pool_nursery.start_soon(self._watch_certificates)
+            pool_nursery.start_soon(self._certificates.run)
             await self._install(table)
             listeners: list[tuple[trio.SocketListener, bool]] = []  # (listener, tls)
             if table.listen.http is not None:
@@ -676,12 +629,13 @@ class Gateway:
         try:
             table = self.runtime.table
             if tls:
-                assert self._certificates is not None  # listen.https needs tls
+                certificates = self._certificates.current
+                assert certificates is not None  # listen.https needs tls
                 # The handshake has header_timeout, as the first request after
                 # it does (docs/configuration.md "limits").
                 deadline = trio.current_time() + table.limits.header_timeout
                 wrapped = await handshake(
-                    stream, peer, self._certificates, deadline, self.metrics, errors
+                    stream, peer, certificates, deadline, self.metrics, errors
                 )
                 if wrapped is None:
                     return
