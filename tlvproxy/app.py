@@ -25,8 +25,8 @@ from tlvproxy.config.model import Address, JwtAuthSpec, UpstreamSpec
 from tlvproxy.errors import Overloaded
 from tlvproxy.gateway.certificates import ServingCertificates
 from tlvproxy.gateway.listeners import address_of, bind_listener
+from tlvproxy.gateway.stores import RedisStores, open_local_store
 from tlvproxy.metrics import RequestTally
-from tlvproxy.policy.ratelimit import ProcessBuckets
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.admin import AdminHandler, admin_error
@@ -68,7 +68,6 @@ from tlvproxy.server.view import client_address
 from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
 from tlvproxy.stores.limits import RateLimits
 from tlvproxy.stores.local_store import LocalBuckets
-from tlvproxy.stores.redis_store import RedisBuckets
 from tlvproxy.upstream.discovery import run_discovery
 from tlvproxy.upstream.pool import Pool, open_pool
 
@@ -80,6 +79,7 @@ if TYPE_CHECKING:
     from tlvproxy.config.model import NodeSpec
     from tlvproxy.framing import HeaderLayout
     from tlvproxy.metrics import Metrics
+    from tlvproxy.policy.ratelimit import ProcessBuckets
 
 log = logging.getLogger("tlvproxy.app")
 
@@ -133,17 +133,12 @@ class Gateway:
         """`runtime_dir`: where the `store: local` rate limits live, shared with
         the other workers of the gateway (the supervisor's), and where the
         workers pass each other the requests of their push sessions; None: a
-        store of this gateway's own (`_open_local_store`), and every push
+        store of this gateway's own (`open_local_store`), and every push
         session is this process's. `worker`: this worker's index."""
         self.metrics = metrics
         self._runtime_dir = runtime_dir
         self._local: LocalBuckets | ProcessBuckets | None = None
-        # The Redis stores by URL, kept while the gateway runs: a WebSocket
-        # session keeps the rate limits of the table it started on, and with
-        # them its store, however many reloads later.
-        # The Redis store of each `redis.url` the current table names, with the
-        # scope that stops it when a reload names another.
-        self._redis: dict[str, tuple[RedisBuckets, trio.CancelScope]] = {}
+        self._redis = RedisStores()
         self._initial = table
         # How a reload loads the table (docs/operations.md "Reload"): the
         # table file again by default.
@@ -303,7 +298,9 @@ class Gateway:
                 table.rate_limits,
                 self.metrics,
                 local=self._local,
-                redis=await self._redis_store(None if table.redis is None else table.redis.url),
+                redis=await self._redis.for_url(
+                    None if table.redis is None else table.redis.url, self._pool_nursery
+                ),
             )
         waf = old.waf if old is not None and old.table.waf == table.waf else Waf(table.waf)
         remote = await self._start_remote_keys(table)
@@ -333,33 +330,6 @@ class Gateway:
             # (docs/operations.md "Reload"); none can outlive its longest upstream
             # timeout, so retire pools after that.
             self._pool_nursery.start_soon(self._retire, retired, _longest_timeout(old.table))
-
-    async def _redis_store(self, url: str | None) -> RedisBuckets | None:
-        """The store of `url`, started once; the stores of other URLs stop (a
-        check still submitted to one fails at once, as Redis down would)."""
-        for other in [other for other in self._redis if other != url]:
-            _, scope = self._redis.pop(other)
-            scope.cancel()
-        if url is None:
-            return None
-        found = self._redis.get(url)
-        if found is None:
-            found = self._redis[url] = await self._pool_nursery.start(self._run_redis, url)
-        return found[0]
-
-    @staticmethod
-    async def _run_redis(
-        url: str,
-        *,
-        task_status: trio.TaskStatus[tuple[RedisBuckets, trio.CancelScope]] = (
-            trio.TASK_STATUS_IGNORED
-        ),
-    ) -> None:
-        store = RedisBuckets(url)
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.run)
-                task_status.started((store, scope))
 
     async def _start_remote_keys(self, table: CompiledTable) -> dict[_KeysWanted, RemoteKeys]:
         """The key sets `table` fetches from URLs: those already fetched are kept,
@@ -462,7 +432,7 @@ class Gateway:
         close, WebSocket sessions close with 1001, push sessions end.
         """
         # Opened here, in the process that uses it: LMDB must not cross a fork.
-        local = self._local = _open_local_store(self._runtime_dir)
+        local = self._local = open_local_store(self._runtime_dir)
         try:
             await self._serve(task_status)
         finally:
@@ -754,16 +724,6 @@ def _saved_nodes(runtime_dir: Path | None, etcd: tuple[str, ...], prefix: str) -
         return None
     name = hashlib.sha256(repr((etcd, prefix)).encode()).hexdigest()[:32]
     return runtime_dir / "discovery" / name
-
-
-def _open_local_store(runtime_dir: Path | None) -> LocalBuckets | ProcessBuckets:
-    """The `store: local` buckets: in the workers' shared `runtime_dir` (LMDB),
-    or, for a gateway that runs as one process (no `runtime_dir`), in its own
-    memory, where no other process needs them (docs/configuration.md "Where
-    the buckets live"). Either way a new gateway starts clean."""
-    if runtime_dir is None:
-        return ProcessBuckets()
-    return LocalBuckets(runtime_dir / "ratelimits")
 
 
 def _longest_timeout(table: CompiledTable) -> float:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.policy.test_ratelimit import Request, rule
 from tests.stores.local import check_buckets, local_buckets
-from tlvproxy.app import _open_local_store
+from tlvproxy.gateway.stores import open_local_store
 from tlvproxy.metrics import Metrics
 from tlvproxy.policy.ratelimit import ProcessBuckets, RateLimiter, Refusal
 from tlvproxy.stores.limits import RateLimits
@@ -346,9 +346,9 @@ def test_rules_without_their_store_are_refused() -> None:
 def test_a_gateway_of_one_process_keeps_its_local_buckets_in_memory(tmp_path):
     # Workers share an LMDB store in the supervisor's runtime directory; a
     # gateway that runs as one process has no one to share with.
-    alone = _open_local_store(None)
+    alone = open_local_store(None)
     assert isinstance(alone, ProcessBuckets)
-    shared = _open_local_store(tmp_path)
+    shared = open_local_store(tmp_path)
     try:
         assert isinstance(shared, LocalBuckets)
         assert (tmp_path / "ratelimits").is_dir()
