@@ -19,11 +19,10 @@ import trio
 from prometheus_client import generate_latest
 
 from tlvproxy.auth.authenticators import Authenticators
-from tlvproxy.auth.remote_keys import RemoteKeys
 from tlvproxy.config.loader import TableError, load_table
-from tlvproxy.config.model import Address, JwtAuthSpec, UpstreamSpec
 from tlvproxy.errors import Overloaded
 from tlvproxy.gateway.certificates import ServingCertificates
+from tlvproxy.gateway.key_sets import RemoteKeySets, keys_wanted
 from tlvproxy.gateway.listeners import address_of, bind_listener
 from tlvproxy.gateway.stores import RedisStores, open_local_store
 from tlvproxy.metrics import RequestTally
@@ -76,7 +75,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tlvproxy.config.compiled import CompiledTable
-    from tlvproxy.config.model import NodeSpec
+    from tlvproxy.config.model import Address, NodeSpec, UpstreamSpec
     from tlvproxy.framing import HeaderLayout
     from tlvproxy.metrics import Metrics
     from tlvproxy.policy.ratelimit import ProcessBuckets
@@ -96,14 +95,6 @@ class Runtime:
     waf: Waf
     auth: Authenticators
     traffic: Mapping[str, CommandTraffic]
-
-
-# A key set URL is fetched once for every authenticator that reads it the same way.
-_KeysWanted = tuple[str, tuple[str, ...], float]
-
-
-def _keys_wanted(spec: JwtAuthSpec) -> _KeysWanted:
-    return (spec.keys, spec.algorithms, spec.refresh)
 
 
 @attrs.frozen
@@ -148,9 +139,7 @@ class Gateway:
         self._serve_admin = serve_admin
         self._runtime: Runtime | None = None
         self._pools: dict[str, _PoolHandle] = {}
-        # The key set URLs of the current table's `jwt` authenticators, fetched
-        # by a task each, kept across reloads that keep them.
-        self._remote_keys: dict[_KeysWanted, tuple[RemoteKeys, trio.CancelScope]] = {}
+        self._key_sets = RemoteKeySets()
         self._reload_lock = trio.Lock()
         self.shutdown = trio.Event()  # set when draining starts
         self.ready = False
@@ -303,11 +292,11 @@ class Gateway:
                 ),
             )
         waf = old.waf if old is not None and old.table.waf == table.waf else Waf(table.waf)
-        remote = await self._start_remote_keys(table)
+        remote = await self._key_sets.start(table, self._pool_nursery)
         authenticators = Authenticators(
             table.auth,
             self.metrics,
-            lambda spec: remote[_keys_wanted(spec)],
+            lambda spec: remote[keys_wanted(spec)],
             None if old is None else old.auth,
         )
         self._pools = keep
@@ -330,36 +319,6 @@ class Gateway:
             # (docs/operations.md "Reload"); none can outlive its longest upstream
             # timeout, so retire pools after that.
             self._pool_nursery.start_soon(self._retire, retired, _longest_timeout(old.table))
-
-    async def _start_remote_keys(self, table: CompiledTable) -> dict[_KeysWanted, RemoteKeys]:
-        """The key sets `table` fetches from URLs: those already fetched are kept,
-        new ones fetched once before the table is used, the others stopped."""
-        wanted = {
-            _keys_wanted(spec): spec
-            for spec in table.auth.values()
-            if isinstance(spec, JwtAuthSpec) and spec.remote
-        }
-        for key, spec in wanted.items():
-            if key not in self._remote_keys:
-                self._remote_keys[key] = await self._pool_nursery.start(self._run_remote_keys, spec)
-        for key in [key for key in self._remote_keys if key not in wanted]:
-            _, scope = self._remote_keys.pop(key)
-            scope.cancel()
-        return {key: keys for key, (keys, _) in self._remote_keys.items()}
-
-    @staticmethod
-    async def _run_remote_keys(
-        spec: JwtAuthSpec,
-        *,
-        task_status: trio.TaskStatus[
-            tuple[RemoteKeys, trio.CancelScope]
-        ] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        keys = RemoteKeys(spec.keys, spec.algorithms, spec.refresh)
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(keys.run)
-                task_status.started((keys, scope))
 
     async def _run_pool(
         self,
