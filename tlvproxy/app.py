@@ -9,7 +9,6 @@ Must not: parse HTTP, frames or YAML; it wires the modules that do.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,6 +23,7 @@ from tlvproxy.errors import Overloaded
 from tlvproxy.gateway.certificates import ServingCertificates
 from tlvproxy.gateway.key_sets import RemoteKeySets, keys_wanted
 from tlvproxy.gateway.listeners import address_of, bind_listener
+from tlvproxy.gateway.pools import PoolHandle, UpstreamPools, longest_timeout
 from tlvproxy.gateway.stores import RedisStores, open_local_store
 from tlvproxy.metrics import RequestTally
 from tlvproxy.policy.waf import Waf
@@ -67,18 +67,16 @@ from tlvproxy.server.view import client_address
 from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
 from tlvproxy.stores.limits import RateLimits
 from tlvproxy.stores.local_store import LocalBuckets
-from tlvproxy.upstream.discovery import run_discovery
-from tlvproxy.upstream.pool import Pool, open_pool
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Mapping
     from pathlib import Path
 
     from tlvproxy.config.compiled import CompiledTable
-    from tlvproxy.config.model import Address, NodeSpec, UpstreamSpec
-    from tlvproxy.framing import HeaderLayout
+    from tlvproxy.config.model import Address, UpstreamSpec
     from tlvproxy.metrics import Metrics
     from tlvproxy.policy.ratelimit import ProcessBuckets
+    from tlvproxy.upstream.pool import Pool
 
 log = logging.getLogger("tlvproxy.app")
 
@@ -95,15 +93,6 @@ class Runtime:
     waf: Waf
     auth: Authenticators
     traffic: Mapping[str, CommandTraffic]
-
-
-@attrs.frozen
-class _PoolHandle:
-    spec: UpstreamSpec
-    layout: HeaderLayout
-    etcd: tuple[str, ...]  # where a `discovery` upstream's nodes are read
-    pool: Pool
-    close: trio.Event
 
 
 class Gateway:
@@ -138,7 +127,6 @@ class Gateway:
         self._reuse_port = reuse_port
         self._serve_admin = serve_admin
         self._runtime: Runtime | None = None
-        self._pools: dict[str, _PoolHandle] = {}
         self._key_sets = RemoteKeySets()
         self._reload_lock = trio.Lock()
         self.shutdown = trio.Event()  # set when draining starts
@@ -153,6 +141,7 @@ class Gateway:
         self._drain_signal = DrainSignal()  # wakes idle keep-alive connections to close
         self.websockets = WebSocketSessions()  # the drain closes them with 1001
         self._timer = DeadlineTimer()  # fires every connection's time limits
+        self._pools = UpstreamPools(metrics, self._timer, runtime_dir)
         # REST requests are counted in plain numbers and published with each
         # batch of access records, once per scheduler pass.
         self.tally = RequestTally(metrics)
@@ -249,33 +238,7 @@ class Gateway:
         for warning in table.warnings:
             log.warning("the table has a warning (see tlvproxy check)", extra={"warning": warning})
         old = self._runtime
-        keep: dict[str, _PoolHandle] = {}
-        retired: list[_PoolHandle] = []
-        etcd = _discovery_endpoints(table)
-        for name, handle in self._pools.items():
-            spec = table.upstreams.get(name)
-            same_etcd = spec is None or spec.discovery is None or handle.etcd == etcd
-            if spec == handle.spec and table.framing == handle.layout and same_etcd:
-                keep[name] = handle
-            else:
-                retired.append(handle)
-        for name, spec in table.upstreams.items():
-            if name not in keep:
-                # A pool rebuilt on the same prefix starts from the old one's
-                # nodes, in case etcd cannot be read now (docs/configuration.md
-                # "discovery").
-                old_handle = self._pools.get(name)
-                seed: tuple[NodeSpec, ...] = ()
-                if (
-                    old_handle is not None
-                    and spec.discovery is not None
-                    and old_handle.spec.discovery == spec.discovery
-                    and old_handle.etcd == etcd
-                ):
-                    seed = old_handle.pool.node_specs()
-                keep[name] = await self._pool_nursery.start(
-                    self._run_pool, spec, table.framing, etcd, seed
-                )
+        keep, retired = await self._pools.build(table, self._pool_nursery)
         if (
             old is not None
             and old.table.rate_limits == table.rate_limits
@@ -299,7 +262,7 @@ class Gateway:
             lambda spec: remote[keys_wanted(spec)],
             None if old is None else old.auth,
         )
-        self._pools = keep
+        self._pools.handles = keep
         if table.certificates is not None:
             self._certificates.install(table.certificates)
         # Retired pools keep their connections until _retire closes them.
@@ -318,50 +281,13 @@ class Gateway:
             # Requests that started on the old table finish on it
             # (docs/operations.md "Reload"); none can outlive its longest upstream
             # timeout, so retire pools after that.
-            self._pool_nursery.start_soon(self._retire, retired, _longest_timeout(old.table))
+            self._pool_nursery.start_soon(self._retire, retired, longest_timeout(old.table))
 
-    async def _run_pool(
-        self,
-        spec: UpstreamSpec,
-        layout: HeaderLayout,
-        etcd: tuple[str, ...],
-        seed: tuple[NodeSpec, ...] = (),
-        *,
-        task_status: trio.TaskStatus[_PoolHandle] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        close = trio.Event()
-        async with (
-            open_pool(spec, layout, self.metrics, self._timer) as pool,
-            trio.open_nursery() as discovery,
-        ):
-            if spec.discovery is not None:
-                if etcd:
-                    await discovery.start(
-                        partial(
-                            run_discovery,
-                            seed=seed,
-                            saved=_saved_nodes(self._runtime_dir, etcd, spec.discovery),
-                        ),
-                        pool,
-                        etcd,
-                        spec.discovery,
-                    )
-                else:
-                    log.error(
-                        "an upstream's nodes are discovered in etcd, but the table has no "
-                        "etcd section and the gateway was not started with --etcd",
-                        extra={"upstream": spec.name},
-                    )
-            handle = _PoolHandle(spec=spec, layout=layout, etcd=etcd, pool=pool, close=close)
-            task_status.started(handle)
-            await close.wait()
-            discovery.cancel_scope.cancel()
-
-    async def _retire(self, handles: list[_PoolHandle], delay: float) -> None:
+    async def _retire(self, handles: list[PoolHandle], delay: float) -> None:
         await trio.sleep(delay)
         for handle in handles:
             handle.close.set()
-        self._update_budget([handle.spec for handle in self._pools.values()])
+        self._update_budget([handle.spec for handle in self._pools.handles.values()])
 
     def _update_budget(self, upstreams: Iterable[UpstreamSpec]) -> None:
         """Set how many descriptors client connections may hold: what the limit
@@ -427,7 +353,7 @@ class Gateway:
                 admin_listener = bind_listener(table.listen.admin, reuse_port=False)
                 self.admin_address = address_of(admin_listener)
             self._descriptors_at_start = open_descriptors()
-            self._update_budget([handle.spec for handle in self._pools.values()])
+            self._update_budget([handle.spec for handle in self._pools.handles.values()])
             log_capacity(
                 self._descriptor_limit,
                 self._descriptors_at_start,
@@ -664,28 +590,3 @@ def _described(table: CompiledTable) -> dict[str, Any]:
     if table.origin is not None:
         extra["revision"] = table.origin.revision
     return extra
-
-
-def _discovery_endpoints(table: CompiledTable) -> tuple[str, ...]:
-    """Where `discovery` reads nodes: the table's `etcd`, else the etcd the
-    table itself came from (docs/configuration.md "discovery")."""
-    if table.etcd is not None:
-        return table.etcd.endpoints
-    return () if table.origin is None else table.origin.endpoints
-
-
-def _saved_nodes(runtime_dir: Path | None, etcd: tuple[str, ...], prefix: str) -> Path | None:
-    """Where a worker keeps the nodes discovered under `prefix`, for the
-    worker that replaces it should etcd be down then (docs/configuration.md
-    "discovery"): in the supervisor's private runtime directory, gone with it.
-    A gateway of one process has none (it is not restarted on its own)."""
-    if runtime_dir is None:
-        return None
-    name = hashlib.sha256(repr((etcd, prefix)).encode()).hexdigest()[:32]
-    return runtime_dir / "discovery" / name
-
-
-def _longest_timeout(table: CompiledTable) -> float:
-    timeouts = [spec.timeout for spec in table.upstreams.values()]
-    timeouts += [c.timeout for c in table.commands if c.timeout is not None]
-    return max(timeouts, default=0.0) + 1.0

@@ -1,6 +1,6 @@
 """The parts one worker's `Gateway` (app.py) is composed of: its listeners,
-the certificates its handshakes use, its rate-limit stores and the key sets
-its authenticators fetch.
+its upstream pools, the certificates its handshakes use, its rate-limit
+stores and the key sets its authenticators fetch.
 
 Owns: what the gateway runs beside the servers, one concept per module.
 Must not: parse HTTP, frames or YAML (the servers and the loader do), or
