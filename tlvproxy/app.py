@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -19,8 +19,8 @@ from prometheus_client import generate_latest
 
 from tlvproxy.auth.authenticators import Authenticators
 from tlvproxy.config.loader import TableError, load_table
-from tlvproxy.errors import Overloaded
 from tlvproxy.gateway.certificates import ServingCertificates
+from tlvproxy.gateway.connections import ClientConnections, ParserChoice
 from tlvproxy.gateway.key_sets import RemoteKeySets, keys_wanted
 from tlvproxy.gateway.listeners import address_of, bind_listener
 from tlvproxy.gateway.pools import PoolHandle, UpstreamPools, longest_timeout
@@ -35,41 +35,28 @@ from tlvproxy.server.admission import (
     SPARE_DESCRIPTORS,
     Admission,
     Doorkeeper,
-    Refusal,
-    closing_answer,
-    counted_address,
     descriptor_budget,
     log_capacity,
     open_descriptors,
     raise_descriptor_limit,
-    refuse,
     upstream_reserve,
 )
 from tlvproxy.server.handoff import DESCRIPTORS as HANDOFF_DESCRIPTORS
-from tlvproxy.server.handoff import MAX_LEFTOVER, Handoff
+from tlvproxy.server.handoff import Handoff
 from tlvproxy.server.http_conn import (
     DeadlineTimer,
     DrainSignal,
-    ErrorHandler,
-    Handler,
-    HttpSettings,
-    Request,
-    Submitter,
-    serve_http_connection,
 )
-from tlvproxy.server.parser_choice import resolve_parser_name
 from tlvproxy.server.push_http import PushEndpoints
 from tlvproxy.server.push_sessions import PushSessions
-from tlvproxy.server.rest import RestHandler, error_response_for, render_error, request_id_of
-from tlvproxy.server.tls import handshake
+from tlvproxy.server.rest import RestHandler, error_response_for
 from tlvproxy.server.traffic import CommandTraffic, Traffic
-from tlvproxy.server.view import client_address
-from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
+from tlvproxy.server.websocket import WebSocketSessions
 from tlvproxy.stores.limits import RateLimits
 from tlvproxy.stores.local_store import LocalBuckets
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
     from pathlib import Path
 
     from tlvproxy.config.compiled import CompiledTable
@@ -79,8 +66,6 @@ if TYPE_CHECKING:
     from tlvproxy.upstream.pool import Pool
 
 log = logging.getLogger("tlvproxy.app")
-
-ParserChoice = Literal["auto", "h11", "httptools"]
 
 
 @attrs.frozen
@@ -154,10 +139,6 @@ class Gateway:
         self._admission = Admission(budget=0)  # the budget is set once listening
         self._descriptor_limit = 0
         self._descriptors_at_start: int | None = None
-        self._admin_connections = 0
-        # The WebSocket sessions admitted, by their stream: the client address
-        # each counts against when a trusted proxy forwarded it, else None.
-        self._session_addresses: dict[trio.abc.Stream, str | None] = {}
         # Push sessions (docs/push-sessions.md): this worker's, and, with
         # workers, the way to the others' (the drain closes them).
         self.push_sessions = PushSessions(metrics, self._admission, worker)
@@ -305,10 +286,6 @@ class Gateway:
 
     # ------------------------------------------------------------ serving
 
-    def _settings(self, table: CompiledTable) -> HttpSettings:
-        parser = resolve_parser_name(self._parser_override or table.http_parser)
-        return HttpSettings.from_limits(table.limits, parser)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until drained: bind, report readiness, then run every connection.
 
@@ -330,7 +307,17 @@ class Gateway:
         self._descriptor_limit = raise_descriptor_limit()
         async with trio.open_nursery() as pool_nursery:
             self._pool_nursery = pool_nursery
-            self._door = Doorkeeper(pool_nursery)
+            accepting = ClientConnections(
+                self.current,
+                self.metrics,
+                self._admission,
+                Doorkeeper(pool_nursery),
+                timer=self._timer,
+                drain_signal=self._drain_signal,
+                websockets=self.websockets,
+                certificates=self._certificates,
+                http_parser=self._parser_override,
+            )
             # In the outermost nursery: it outlives every connection, drain included.
             pool_nursery.start_soon(self._timer.run)
             pool_nursery.start_soon(self.access_log.run)
@@ -367,7 +354,7 @@ class Gateway:
                 if admin_listener is not None:
                     admin = AdminHandler(self, bound=address_of(admin_listener))
                     admin_nursery.start_soon(
-                        self._accept, admin_listener, admin, admin_error, False, admin_nursery
+                        accepting.accept, admin_listener, admin, admin_error, False, admin_nursery
                     )
                 async with trio.open_nursery() as connections:
                     await connections.start(self.push_sessions.run)
@@ -375,13 +362,13 @@ class Gateway:
                         await connections.start(
                             self._handoff.serve,
                             connections,
-                            self._door,
-                            partial(self._serve_handed, rest, errors),
-                            self._handoff_bytes,
+                            accepting.door,
+                            partial(accepting.serve_handed, rest, errors),
+                            accepting.handoff_bytes,
                         )
                     for listener, tls in listeners:
                         connections.start_soon(
-                            self._accept, listener, rest, errors, True, connections, tls
+                            accepting.accept, listener, rest, errors, True, connections, tls
                         )
                     self.ready = True
                     log.info(
@@ -423,165 +410,6 @@ class Gateway:
         self.websockets.drain()
         self.push_sessions.drain()
         self._drain_requested.set()
-
-    async def _accept(
-        self,
-        listener: trio.SocketListener,
-        handler: Handler | Submitter,
-        errors: ErrorHandler,
-        public: bool,
-        nursery: trio.Nursery,
-        tls: bool = False,
-    ) -> None:
-        """Accept connections on `listener` until it closes: serve each one the
-        limits admit (over TLS when `tls`), answer the others 503 `overloaded`
-        (docs/operations.md "Connections and file descriptors"), or on the TLS
-        listener close them: a handshake is the very work an overload must not
-        buy."""
-        while (accepted := await self._door.accept(listener)) is not None:
-            stream, peer = accepted
-            refusal: Refusal | None
-            if public:
-                table = self.runtime.table
-                counted = counted_address(peer, table.trusted_proxies)
-                refusal = self._admission.admit(counted, table.limits)
-                if refusal is None:
-                    nursery.start_soon(
-                        self._serve_connection, stream, peer, counted, handler, errors, tls
-                    )
-                    continue
-                if tls:
-                    self._door.log_refusal(refusal, peer, answered=False)
-                    stream.socket.close()
-                    continue
-            elif self._admin_connections < MAX_ADMIN_CONNECTIONS:
-                self._admin_connections += 1
-                nursery.start_soon(self._serve_admin_connection, stream, peer, handler, errors)
-                continue
-            else:
-                refusal = Refusal(
-                    "admin_connections",
-                    f"the admin listener holds {MAX_ADMIN_CONNECTIONS} connections; "
-                    "try again later",
-                )
-            answer = closing_answer(errors(Overloaded(refusal.message), None))
-            self._door.refuse(nursery, stream, peer, refusal, answer)
-
-    async def _serve_connection(
-        self,
-        stream: trio.SocketStream,
-        peer: str,
-        counted: str | None,
-        handler: Handler | Submitter,
-        errors: ErrorHandler,
-        tls: bool,
-        received: bytes = b"",
-    ) -> None:
-        """Serve one admitted client connection, after a TLS handshake when
-        `tls`; `counted` is the address it counts against (`counted_address`),
-        released when it ends. `received`: what another worker read of it."""
-        served: trio.abc.Stream = stream
-        try:
-            table = self.runtime.table
-            if tls:
-                certificates = self._certificates.current
-                assert certificates is not None  # listen.https needs tls
-                # The handshake has header_timeout, as the first request after
-                # it does (docs/configuration.md "limits").
-                deadline = trio.current_time() + table.limits.header_timeout
-                wrapped = await handshake(
-                    stream, peer, certificates, deadline, self.metrics, errors
-                )
-                if wrapped is None:
-                    return
-                served = wrapped
-            upgrade = self._upgrade if table.websocket is not None else None
-            await serve_http_connection(
-                served,
-                peer,
-                self._settings(table),
-                handler,
-                errors,
-                upgrade=upgrade,
-                drain_signal=self._drain_signal,
-                timer=self._timer,
-                received=received,
-            )
-        finally:
-            sessions = self._session_addresses
-            if sessions and served in sessions:
-                self._admission.release_session(sessions.pop(served))
-            self._admission.release(counted)
-
-    async def _serve_handed(
-        self,
-        handler: Handler | Submitter,
-        errors: ErrorHandler,
-        stream: trio.SocketStream,
-        peer: str,
-        received: bytes,
-    ) -> None:
-        """Serve a connection another worker passed on for a push session of
-        this one, as one accepted here (docs/push-sessions.md "Workers")."""
-        table = self.runtime.table
-        counted = counted_address(peer, table.trusted_proxies)
-        refusal = self._admission.admit(counted, table.limits)
-        if refusal is not None:
-            answer = closing_answer(errors(Overloaded(refusal.message), None))
-            await self._door.refuse_here(stream, peer, refusal, answer)
-            return
-        await self._serve_connection(stream, peer, counted, handler, errors, False, received)
-
-    def _handoff_bytes(self) -> int:
-        """The most request bytes one handoff may carry: a whole request and
-        what may follow it."""
-        limits = self.runtime.table.limits
-        return limits.max_header_bytes + limits.max_request_body + MAX_LEFTOVER + 1024
-
-    async def _serve_admin_connection(
-        self,
-        stream: trio.SocketStream,
-        peer: str,
-        handler: Handler | Submitter,
-        errors: ErrorHandler,
-    ) -> None:
-        # The admin listener keeps answering while draining: /readyz must say
-        # 503 to the load balancer until the process exits (docs/operations.md "Drain").
-        try:
-            await serve_http_connection(
-                stream, peer, self._settings(self.runtime.table), handler, errors, timer=self._timer
-            )
-        finally:
-            self._admin_connections -= 1
-
-    def _upgrade(
-        self, request: Request, stream: trio.abc.Stream, leftover: bytes
-    ) -> Awaitable[None]:
-        # A session holds a second descriptor, its upstream connection: admitted
-        # here, released by _serve_connection. Through a trusted proxy it also
-        # counts against the client the proxy forwarded.
-        table = self.runtime.table
-        address = None
-        trusted = table.trusted_proxies
-        if trusted and counted_address(request.remote_addr, trusted) is None:
-            address = client_address(request.remote_addr, request.headers, trusted)
-        refusal = self._admission.admit_session(address, table.limits)
-        if refusal is not None:
-            self._door.log_refusal(refusal, address or request.remote_addr)
-            error = Overloaded(refusal.message)
-            answer = render_error(error, request_id_of(request), envelope=False)
-            return refuse(stream, closing_answer(answer))
-        self._session_addresses[stream] = address
-        # Returns the session's coroutine rather than awaiting it: no frame of
-        # this method stays with every idle WebSocket session.
-        return serve_websocket(
-            request,
-            stream,
-            leftover,
-            runtime=self.runtime,
-            metrics=self.metrics,
-            sessions=self.websockets,
-        )
 
 
 def _described(table: CompiledTable) -> dict[str, Any]:

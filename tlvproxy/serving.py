@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from tlvproxy.app import Gateway, ParserChoice
+from tlvproxy.app import Gateway
 from tlvproxy.config.loader import TableError
 from tlvproxy.config.source import FileSource, RunDirSource
 from tlvproxy.errors import first_of
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.etcd.tables import TableTarget
+    from tlvproxy.gateway.connections import ParserChoice
 
 log = logging.getLogger("tlvproxy.supervisor")
 

@@ -48,10 +48,10 @@ if TYPE_CHECKING:
 
     from prometheus_client import Metric
 
-    from tlvproxy.app import ParserChoice
     from tlvproxy.config.compiled import CompiledTable
     from tlvproxy.config.model import UpstreamSpec
     from tlvproxy.etcd.tables import TableTarget
+    from tlvproxy.gateway.connections import ParserChoice
 
 log = logging.getLogger("tlvproxy.supervisor")
 
