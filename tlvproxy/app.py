@@ -1,9 +1,13 @@
-"""The gateway in one process: the current table, its pools and policy, the listeners.
+"""The gateway in one process: the composition of its parts (tlvproxy/gateway/)
+and the servers.
 
-Owns: the `Runtime` of each loaded table (pools, rate limits, WAF), swapping it
-on reload, the rate-limit stores (the local one in the runtime directory, one
-per Redis URL), the HTTP and admin listeners, and the drain sequence
-(docs/operations.md "Reload", "Drain").
+Owns: the `Runtime` of each loaded table (pools, rate limits, WAF,
+authenticators, traffic rules) and swapping it on reload, what the admin
+listener reads and drives, the descriptor budget of client connections, the
+order things start in, and the drain sequence (docs/operations.md "Reload",
+"Drain"). Its parts own the rest: the listening sockets and the connections
+they accept, the upstream pools, the certificates, the rate-limit stores and
+the key sets fetched from URLs.
 Must not: parse HTTP, frames or YAML; it wires the modules that do.
 """
 
