@@ -49,6 +49,11 @@ LATER = (
     "tlvproxy.server.push_wire",
     "tlvproxy.config.listing",
     "tlvproxy.config.rate_limits",
+    "tlvproxy.config.readiness",
+    "tlvproxy.config.websocket",
+    "tlvproxy.config.proto",
+    "tlvproxy.config.commands",
+    "tlvproxy.config.messages",
 )
 
 
