@@ -118,10 +118,6 @@ class Waf:
             if self._by_location[location].rules
         )
         self.inspects_requests = bool(self._request_rules)
-        # Every rule a REST request meets, to rule the whole request out at once.
-        self._any_request = _LocationRules(
-            tuple(c for c in self._rules if not c.rule.locations.isdisjoint(_REQUEST_LOCATIONS))
-        )
 
     def inspect_request(
         self, *, path: str, query: str, body: bytes, headers: Sequence[tuple[str, str]]
@@ -134,7 +130,7 @@ class Waf:
         `body_views`).
         """
         texts: list[tuple[_LocationRules, WafLocation, tuple[str, ...], str]] = []
-        joins: list[str] = []
+        suspect = False
         for location, rules in self._request_rules:
             if location == "path":
                 parts: tuple[str, ...] = (path,)
@@ -148,10 +144,8 @@ class Waf:
             if not joined and not rules.always:
                 continue  # nothing to find: a rule with a literal needs it
             texts.append((rules, location, parts, joined))
-            joins.append(joined)
-        # One look for the anchors of every location's rules over all the
-        # texts at once: the usual clean request stops here.
-        if not joins or not self._any_request.may_match("\n".join(joins)):
+            suspect = suspect or rules.may_match(joined)
+        if not suspect:
             return []
         found: dict[int, str] = {}
         for rules, location, parts, joined in texts:
