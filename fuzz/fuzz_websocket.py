@@ -539,6 +539,7 @@ def main() -> None:
     LOGS.install()
     instrument_modules(
         "tlvproxy.server.websocket",
+        "tlvproxy.server.ws_binary",
         "tlvproxy.server.ws_wire",
         "tlvproxy.server.ws_json",
         "tlvproxy.framing",

@@ -7,9 +7,9 @@ refusal does to a WebSocket session (docs/configuration.md "waf" and
 "rate_limits"), the close codes, backpressure, the drain of a worker's
 sessions (`WebSocketSessions`) and the per-session access record.
 Must not: parse HTTP (the driver did), pick nodes or frame requests (the pool
-does), hold protocol logic of json mode (`ws_json.py` does), or the policy
-and rendering every json-mode session shares, WebSocket or push session
-(`session_core.py` does).
+does), hold protocol logic of json mode (`ws_json.py` does) or binary mode's
+frame check (`ws_binary.py` does), or the policy and rendering every
+json-mode session shares, WebSocket or push session (`session_core.py` does).
 
 Requests are state, not tasks (docs/reference.md "How a request
 flows"). The session's one task reads the client: it parses a batch of
@@ -78,23 +78,24 @@ from tlvproxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from tlvproxy.framing import (
-    ConnectionClosed,
-    Frame,
-    FrameDecoder,
-    FramingError,
-    encode_frame,
-)
+from tlvproxy.framing import encode_frame
 from tlvproxy.logs import ACCESS_LOGGER
 from tlvproxy.server import session_core, ws_json
 from tlvproxy.server.rest import request_id_of, waf_inspect
 from tlvproxy.server.view import RequestContext, client_address
+from tlvproxy.server.ws_binary import InvalidFrame, check_frame
 from tlvproxy.server.ws_traffic import send_with_traffic
 from tlvproxy.server.ws_wire import (
+    ABNORMAL,
     BINARY,
     FIN,
+    GOING_AWAY,
+    INTERNAL,
     MAX_CONTROL_PAYLOAD,
+    NORMAL,
+    POLICY,
     TEXT,
+    TOO_BIG,
     accept_head,
     frame_head,
     handshake_problem,
@@ -108,6 +109,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from tlvproxy.config.model import CommandSpec, WebSocketSpec
+    from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.http_conn import Request
     from tlvproxy.server.runtime import TableRuntime
@@ -124,22 +126,8 @@ MAX_FRAGMENTS: Final = 1024
 CLOSE_TIMEOUT: Final = 5.0
 _READ_SIZE: Final = 65536
 
-# Close codes (RFC 6455 7.4.1; which one when: docs/websocket.md "Close codes").
-NORMAL: Final = 1000
-GOING_AWAY: Final = 1001
-POLICY: Final = 1008
-TOO_BIG: Final = 1009
-INTERNAL: Final = 1011
-TRY_AGAIN_LATER: Final = 1013
-ABNORMAL: Final = 1006  # no close frame: the client vanished (never sent on the wire)
-
-
 log = logging.getLogger("tlvproxy.websocket")
 _access = logging.getLogger(ACCESS_LOGGER)
-
-
-class _InvalidFrame(Exception):
-    """A binary message that is not exactly one acceptable TLV frame (closes 1008)."""
 
 
 def _check_origin(spec: WebSocketSpec, request: Request) -> None:
@@ -847,8 +835,8 @@ class _Session:
             self._send_error(BadRequest("json mode takes text messages (JSON objects)"), None)
             return
         try:
-            frame, command = self._check_frame(message)
-        except _InvalidFrame as exc:
+            frame, command = check_frame(self._table, self._spec.upstream, message)
+        except InvalidFrame as exc:
             log.info("invalid binary frame from a websocket client", extra={"error": str(exc)})
             self._begin_close(POLICY, f"invalid frame: {exc}")
             return
@@ -925,33 +913,6 @@ class _Session:
 
     def _timeout(self, command: CommandSpec) -> float:
         return session_core.command_timeout(self._table, self._spec.upstream, command)
-
-    def _check_frame(self, data: bytes) -> tuple[Frame, CommandSpec]:
-        """The one TLV frame `data` holds, checked (docs/websocket.md "binary mode");
-        raises _InvalidFrame."""
-        decoder = FrameDecoder(self._table.framing)
-        decoder.receive_data(data)
-        decoder.receive_data(b"")
-        try:
-            frame = decoder.next_event()
-            if not isinstance(frame, Frame):
-                raise _InvalidFrame("an empty message")
-            if not isinstance(decoder.next_event(), ConnectionClosed):
-                raise _InvalidFrame("more than one frame in one message")
-        except FramingError as exc:
-            raise _InvalidFrame(str(exc)) from None
-        upstream = self._spec.upstream
-        command = self._table.command_at(upstream, frame.command)
-        if command is None:
-            raise _InvalidFrame(
-                f"command 0x{frame.command:04x} is not in the table for upstream {upstream!r}"
-            )
-        if command.push is not None:
-            raise _InvalidFrame(
-                f"command {command.name!r} cannot be sent: it is a push command, "
-                "which only the upstream sends"
-            )
-        return frame, command
 
     # ------------------------------------------------------------ policy seams
 

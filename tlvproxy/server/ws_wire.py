@@ -1,9 +1,10 @@
 """The sans-I/O pieces of RFC 6455 that WebSocket sessions use beside wsproto.
 
-Owns: the opening handshake's checks and answers (RFC 6455 4.2), and plain
+Owns: the opening handshake's checks and answers (RFC 6455 4.2), plain
 data frames: a server's unmasked frame (`frame`), and the head and masking of a
 client's (`frame_head`, `unmask`), which let a session read a whole, final
-text or binary frame without wsproto (server/websocket.py).
+text or binary frame without wsproto (server/websocket.py), and the close
+codes (RFC 6455 7.4.1).
 Must not: do I/O, import trio, or keep state: wsproto owns the connection's
 state (control frames, fragments, the closing handshake).
 """
@@ -34,6 +35,15 @@ MAX_CONTROL_PAYLOAD: Final = 125
 _MASKED: Final = 0x80
 _LENGTH_16: Final = struct.Struct("!BBH")
 _LENGTH_64: Final = struct.Struct("!BBQ")
+
+# Close codes (RFC 6455 7.4.1; which one when: docs/websocket.md "Close codes").
+NORMAL: Final = 1000
+GOING_AWAY: Final = 1001
+POLICY: Final = 1008
+TOO_BIG: Final = 1009
+INTERNAL: Final = 1011
+TRY_AGAIN_LATER: Final = 1013
+ABNORMAL: Final = 1006  # no close frame: the client vanished (never sent on the wire)
 
 
 # ---------------------------------------------------------------- handshake
