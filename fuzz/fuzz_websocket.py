@@ -540,6 +540,7 @@ def main() -> None:
     instrument_modules(
         "tlvproxy.server.websocket",
         "tlvproxy.server.ws_binary",
+        "tlvproxy.server.ws_calls",
         "tlvproxy.server.ws_wire",
         "tlvproxy.server.ws_json",
         "tlvproxy.framing",

@@ -8,13 +8,14 @@ refusal does to a WebSocket session (docs/configuration.md "waf" and
 sessions (`WebSocketSessions`) and the per-session access record.
 Must not: parse HTTP (the driver did), pick nodes or frame requests (the pool
 does), hold protocol logic of json mode (`ws_json.py` does) or binary mode's
-frame check (`ws_binary.py` does), or the policy and rendering every
-json-mode session shares, WebSocket or push session (`session_core.py` does).
+frame check (`ws_binary.py` does), render a request's outcome (`ws_calls.py`
+does), or the policy and rendering every json-mode session shares, WebSocket
+or push session (`session_core.py` does).
 
 Requests are state, not tasks (docs/reference.md "How a request
 flows"). The session's one task reads the client: it parses a batch of
 messages and submits each request to the dedicated upstream connection as a
-waiter (`_Call`) whose deadline is the command's timeout. The connection's
+waiter (`ws_calls`) whose deadline is the command's timeout. The connection's
 reader completes it (or the worker's deadline timer, with a per-message
 `upstream_timeout`, or the connection's end, with a 1011 close): it renders
 the response and writes it to the client with a non-blocking send. Pushes go
@@ -61,7 +62,6 @@ import contextlib
 import logging
 import math
 import os
-from abc import ABC, abstractmethod
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
@@ -75,7 +75,6 @@ from tlvproxy.errors import (
     Forbidden,
     GatewayError,
     RouteNotFound,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from tlvproxy.framing import encode_frame
@@ -84,6 +83,7 @@ from tlvproxy.server import session_core, ws_json
 from tlvproxy.server.rest import request_id_of, waf_inspect
 from tlvproxy.server.view import RequestContext, client_address
 from tlvproxy.server.ws_binary import InvalidFrame, check_frame
+from tlvproxy.server.ws_calls import BinaryCall, JsonCall
 from tlvproxy.server.ws_traffic import send_with_traffic
 from tlvproxy.server.ws_wire import (
     ABNORMAL,
@@ -262,7 +262,7 @@ class _Session:
     """One accepted session; `run()` is its whole life, in the HTTP connection's task.
 
     It is also its dedicated connection's `PushReceiver`: `on_push` and
-    `on_end` run in that connection's reader, like the `_Call`s.
+    `on_end` run in that connection's reader, like the `ws_calls` requests.
     """
 
     __slots__ = (
@@ -861,7 +861,7 @@ class _Session:
         deadline = self._received_at + self._timeout(command)
         try:
             upstream.submit(
-                _JsonCall(self, command, request.seq, deadline),
+                JsonCall(self, command, request.seq, deadline),
                 command.command,
                 request.body,
                 uid=self._uid or 0,
@@ -880,7 +880,7 @@ class _Session:
         outgoing = frame if self._uid is None else attrs.evolve(frame, uid=self._uid)
         deadline = self._received_at + self._timeout(command)
         try:
-            upstream.submit_frame(_BinaryCall(self, command, frame.seq, deadline), outgoing)
+            upstream.submit_frame(BinaryCall(self, command, frame.seq, deadline), outgoing)
         except GatewayError as exc:
             self._refused(exc, frame.seq)
             return
@@ -985,74 +985,3 @@ class _Session:
     def on_end(self, error: GatewayError) -> None:
         """The dedicated connection ended; unless the session ended it, 1011."""
         self._begin_close(INTERNAL, "upstream connection lost")
-
-
-# ---------------------------------------------------------------- requests
-
-
-class _Call(ABC):
-    """One client request on its way: a `Waiter` on the dedicated connection.
-
-    Exactly one of the three is called, from the connection's reader, the
-    worker's deadline timer or the connection's end; so none may raise: a bug
-    in rendering is logged and closes the session with 1011.
-    """
-
-    __slots__ = ("command", "deadline", "seq", "session")
-
-    def __init__(self, session: _Session, command: CommandSpec, seq: int, deadline: float) -> None:
-        self.session = session
-        self.command = command
-        self.seq = seq  # the client's
-        self.deadline = deadline
-
-    def on_response(self, frame: Frame) -> None:
-        session = self.session
-        session._settled()
-        if session.close_code is not None:
-            return
-        try:
-            data = self._render(frame)
-        except Exception:  # runs in the upstream reader: a bug costs the session, not the reader
-            log.exception("rendering the answer to %s failed", self.command.name)
-            session._internal_error()
-            return
-        session._send(data)
-
-    def on_error(self, error: GatewayError) -> None:
-        self.session._upstream_lost(error)
-
-    def on_timeout(self) -> None:
-        session = self.session
-        session._settled()
-        command = self.command
-        error = UpstreamTimeout(
-            f"upstream {command.upstream!r} did not answer {command.name!r} "
-            f"within {session._timeout(command):g} s"
-        )
-        session._send_error(error, self.seq)
-
-    @abstractmethod
-    def _render(self, frame: Frame) -> bytes:
-        """The WebSocket frame that answers the client with `frame`."""
-
-
-class _JsonCall(_Call):
-    __slots__ = ()
-
-    def _render(self, frame: Frame) -> bytes:
-        session = self.session
-        text = session_core.render_reply(
-            session._table, session._metrics, self.command, self.seq, frame
-        )
-        return wire_frame(TEXT, text)
-
-
-class _BinaryCall(_Call):
-    # Binary mode has no error frame: per-message errors go back as the
-    # json-mode text error, carrying the frame's seq.
-    __slots__ = ()
-
-    def _render(self, frame: Frame) -> bytes:
-        layout = self.session._table.framing
-        return wire_frame(BINARY, encode_frame(layout, attrs.evolve(frame, seq=self.seq)))
