@@ -541,6 +541,7 @@ def main() -> None:
         "tlvproxy.server.websocket",
         "tlvproxy.server.ws_binary",
         "tlvproxy.server.ws_calls",
+        "tlvproxy.server.ws_drain",
         "tlvproxy.server.ws_wire",
         "tlvproxy.server.ws_json",
         "tlvproxy.framing",

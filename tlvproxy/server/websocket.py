@@ -4,8 +4,9 @@ Owns: the RFC 6455 opening handshake after the HTTP driver hands over an
 `Upgrade: websocket` request, the wsproto connection, the session's requests
 on their way, seq mapping in binary mode, what a WAF deny or a rate-limit
 refusal does to a WebSocket session (docs/configuration.md "waf" and
-"rate_limits"), the close codes, backpressure, the drain of a worker's
-sessions (`WebSocketSessions`) and the per-session access record.
+"rate_limits"), the close codes, backpressure, closing a session when its
+worker drains (`go_away`, for `ws_drain.WebSocketSessions`, which this module
+hands on to the gateway) and the per-session access record.
 Must not: parse HTTP (the driver did), pick nodes or frame requests (the pool
 does), hold protocol logic of json mode (`ws_json.py` does) or binary mode's
 frame check (`ws_binary.py` does), render a request's outcome (`ws_calls.py`
@@ -84,6 +85,7 @@ from tlvproxy.server.rest import request_id_of, waf_inspect
 from tlvproxy.server.view import RequestContext, client_address
 from tlvproxy.server.ws_binary import InvalidFrame, check_frame
 from tlvproxy.server.ws_calls import BinaryCall, JsonCall
+from tlvproxy.server.ws_drain import WebSocketSessions
 from tlvproxy.server.ws_traffic import send_with_traffic
 from tlvproxy.server.ws_wire import (
     ABNORMAL,
@@ -115,6 +117,8 @@ if TYPE_CHECKING:
     from tlvproxy.server.runtime import TableRuntime
     from tlvproxy.upstream.pool import Session
 
+__all__ = ["WebSocketSessions", "serve_websocket"]
+
 # Requests of one session in flight at once; past it the reader stops reading.
 MAX_IN_FLIGHT: Final = 32
 # Messages waiting behind a blocked write; more means the client does not read.
@@ -138,47 +142,6 @@ def _check_origin(spec: WebSocketSpec, request: Request) -> None:
     origin = request.header("origin")
     if origin is not None and origin not in spec.allowed_origins:
         raise Forbidden(f"WebSocket connections from the origin {origin[:100]!r} are not allowed")
-
-
-# ---------------------------------------------------------------- the drain
-
-
-class WebSocketSessions:
-    """A worker's open sessions, so that its drain closes them with 1001
-    (docs/operations.md "Drain").
-
-    Each session is registered for its life; `drain()` closes every one, and
-    any opened afterwards at once. A set, where a task per session waiting for
-    the drain would cost a task's memory per idle session.
-    """
-
-    __slots__ = ("_draining", "_open")
-
-    def __init__(self) -> None:
-        self._open: set[_Session] = set()
-        self._draining = False
-
-    def __len__(self) -> int:
-        """The sessions open now."""
-        return len(self._open)
-
-    def is_draining(self) -> bool:
-        """True once `drain()` was called."""
-        return self._draining
-
-    def drain(self) -> None:
-        """Close every open session with 1001, and every later one at once."""
-        self._draining = True
-        for session in list(self._open):
-            session.go_away()
-
-    def _add(self, session: _Session) -> None:
-        self._open.add(session)
-        if self._draining:
-            session.go_away()
-
-    def _remove(self, session: _Session) -> None:
-        self._open.discard(session)
 
 
 def serve_websocket(
