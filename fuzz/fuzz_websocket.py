@@ -542,6 +542,7 @@ def main() -> None:
         "tlvproxy.server.ws_binary",
         "tlvproxy.server.ws_calls",
         "tlvproxy.server.ws_drain",
+        "tlvproxy.server.ws_writing",
         "tlvproxy.server.ws_wire",
         "tlvproxy.server.ws_json",
         "tlvproxy.framing",

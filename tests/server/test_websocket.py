@@ -43,7 +43,8 @@ from tlvproxy.policy.waf import Waf
 from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
 from tlvproxy.server.rest import RestHandler, error_response_for
-from tlvproxy.server.websocket import OUTGOING_QUEUE, WebSocketSessions, serve_websocket
+from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
+from tlvproxy.server.ws_writing import OUTGOING_QUEUE
 from tlvproxy.stores.limits import RateLimits
 from tlvproxy.stores.redis_store import RedisBuckets
 from tlvproxy.upstream.pool import Pool, open_pool

@@ -10,8 +10,9 @@ hands on to the gateway) and the per-session access record.
 Must not: parse HTTP (the driver did), pick nodes or frame requests (the pool
 does), hold protocol logic of json mode (`ws_json.py` does) or binary mode's
 frame check (`ws_binary.py` does), render a request's outcome (`ws_calls.py`
-does), or the policy and rendering every json-mode session shares, WebSocket
-or push session (`session_core.py` does).
+does), write to the client (its base `SessionWriting`, ws_writing.py, does),
+or the policy and rendering every json-mode session shares, WebSocket or push
+session (`session_core.py` does).
 
 Requests are state, not tasks (docs/reference.md "How a request
 flows"). The session's one task reads the client: it parses a batch of
@@ -30,14 +31,14 @@ than a task each.
 wsproto: a plain message (one final, masked text or binary frame) is read
 with `ws_wire` (`_on_frames`); every other frame (control frames, fragments,
 anything wrong) goes, whole, to a wsproto connection made for the first such
-frame, which judges it. Data messages are framed with `ws_wire.frame` (a
-server's frames are unmasked, and no extension is ever negotiated), so wsproto
-sends only pongs and the close frame, which move its state; no data may follow
-either side's close. An idle session has no wsproto connection at all.
+frame, which judges it. Data messages are written by `SessionWriting`
+(ws_writing.py), so wsproto sends only pongs and the close frame, which move
+its state; no data may follow either side's close. An idle session has no
+wsproto connection at all.
 
 Close codes (docs/websocket.md "Close codes"): 1001 drain, 1008 policy (a WAF
 deny, an invalid binary frame, a text message in binary mode, and a client that
-does not read: see backpressure), 1009 message over `max_message` or of over
+does not read: see ws_writing.py), 1009 message over `max_message` or of over
 `MAX_FRAGMENTS` fragments, 1011 upstream connection lost or broken, 1013 no
 healthy node. A session idle for `idle_timeout` closes with 1000 (nothing went
 wrong; it just ended). A client's own close is answered with its code.
@@ -48,13 +49,9 @@ meanwhile: the session's messages reach the upstream in the order they came.
 
 Backpressure: at most `MAX_IN_FLIGHT` requests of a session wait for their
 answer; with that many the reader stops reading, so TCP pushes back on the
-client. While a write to the client is blocked, at most `OUTGOING_QUEUE`
-messages wait behind it: past that the client is not reading what it asked for,
-so the session closes with 1008 ("client too slow") and a warning is logged,
-instead of buffering without bound. What is queued is then flushed and the
-close frame sent within `CLOSE_TIMEOUT`, after which the TCP connection is
-dropped. Pongs are not such messages: while a write is blocked, only the
-latest ping's pong waits, in a slot of its own.
+client. Writing to a client that does not read is bounded too (ws_writing.py).
+When a session closes, what is queued is flushed and the close frame sent
+within `CLOSE_TIMEOUT`, after which the TCP connection is dropped.
 """
 
 from __future__ import annotations
@@ -105,6 +102,7 @@ from tlvproxy.server.ws_wire import (
     unmask,
 )
 from tlvproxy.server.ws_wire import frame as wire_frame
+from tlvproxy.server.ws_writing import SessionWriting
 from tlvproxy.stores.limits import Pending
 
 if TYPE_CHECKING:
@@ -115,14 +113,13 @@ if TYPE_CHECKING:
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.http_conn import Request
     from tlvproxy.server.runtime import TableRuntime
+    from tlvproxy.server.ws_writing import WritingSession
     from tlvproxy.upstream.pool import Session
 
 __all__ = ["WebSocketSessions", "serve_websocket"]
 
 # Requests of one session in flight at once; past it the reader stops reading.
 MAX_IN_FLIGHT: Final = 32
-# Messages waiting behind a blocked write; more means the client does not read.
-OUTGOING_QUEUE: Final = 64
 # Fragments of one message (docs/websocket.md "Close codes"); more closes the session
 # with 1009.
 MAX_FRAGMENTS: Final = 1024
@@ -221,7 +218,7 @@ async def _refuse(
 # ---------------------------------------------------------------- the session
 
 
-class _Session:
+class _Session(SessionWriting):
     """One accepted session; `run()` is its whole life, in the HTTP connection's task.
 
     It is also its dedicated connection's `PushReceiver`: `on_push` and
@@ -489,89 +486,6 @@ class _Session:
                     conn.receive_data(bytes(received))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._client_gone = True
-
-    # ------------------------------------------------------------ writing
-
-    def _send(self, data: bytes) -> None:
-        """Send one whole message frame after everything sent before it; never waits."""
-        if self.close_code is not None:
-            return  # the close frame is on its way: nothing may follow it
-        if self._flushing:
-            if self._queued >= OUTGOING_QUEUE:
-                log.warning(
-                    "websocket client not reading: closing the session",
-                    extra={"queued": OUTGOING_QUEUE, "upstream_node": self.node},
-                )
-                self._begin_close(POLICY, f"client too slow: {OUTGOING_QUEUE} messages unread")
-                return
-            self._queued += 1
-        self.messages_out += 1
-        self._count_out.inc()
-        self._write(data)
-
-    def _send_pong(self, data: bytes) -> None:
-        """Answer a ping; never waits, and is not a message the client must read.
-
-        While a write is blocked the pong waits in `_pong`, replacing the one of
-        an earlier ping (RFC 6455 5.5.3 lets the latest ping's pong answer them
-        all): a burst of pings costs one pong's bytes, and is not counted
-        against OUTGOING_QUEUE (docs/websocket.md "Backpressure").
-        """
-        if self.close_code is not None:
-            return
-        if self._flushing:
-            self._pong = data
-            return
-        self._write(data)
-
-    def _send_error(self, error: GatewayError, seq: int | str | None) -> None:
-        self._send(wire_frame(TEXT, ws_json.render_error(error, seq)))
-
-    def _write(self, data: bytes) -> None:
-        """Write `data` now if the socket takes it, else leave it to the flush task."""
-        if self._client_gone:
-            return
-        serving = self._serving
-        if not self._flushing and not self._out and self._fd >= 0 and serving:
-            try:
-                sent = os.write(self._fd, data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._begin_close(ABNORMAL, "client connection lost")
-                return
-            if sent == len(data):
-                return
-            data = data[sent:]
-        self._out += data
-        if not self._flushing and serving:
-            assert self._upstream is not None  # set while serving
-            self._flushing = True
-            self._upstream.start_soon(self._flush)
-
-    async def _flush(self) -> None:
-        """Write `_out` until it stays empty (the client reads again), or give up."""
-        scope = self._flush_scope = trio.CancelScope(deadline=self._close_by)
-        try:
-            with scope:
-                while (self._out or self._pong is not None) and not self._client_gone:
-                    if self._pong is not None:
-                        # After the whole frames queued: `_out` ends at a frame's end.
-                        self._out += self._pong
-                        self._pong = None
-                    # Everything queued meanwhile goes out in one write.
-                    batch, self._out = self._out, bytearray()
-                    self._queued = 0
-                    await self._stream.send_all(batch)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._begin_close(ABNORMAL, "client connection lost")
-        finally:
-            self._flushing = False
-            self._flush_scope = None
-        if scope.cancelled_caught:
-            # CLOSE_TIMEOUT passed while closing: the client takes nothing, not
-            # even the close frame.
-            self._client_gone = True
 
     # ------------------------------------------------------------ reading
 
@@ -948,3 +862,12 @@ class _Session:
     def on_end(self, error: GatewayError) -> None:
         """The dedicated connection ended; unless the session ended it, 1011."""
         self._begin_close(INTERNAL, "upstream connection lost")
+
+
+if TYPE_CHECKING:
+
+    def _parts_fit(session: _Session) -> WritingSession:
+        """The session is what each of its parts needs: mypy compares a part's
+        Protocol with the session only where the part's methods are called on
+        a session, and some are called only by other parts."""
+        return session
