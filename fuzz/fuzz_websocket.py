@@ -61,7 +61,8 @@ from tlvproxy.metrics import Metrics
 from tlvproxy.mock_upstream import serve_mock_upstream
 from tlvproxy.policy.waf import Waf
 from tlvproxy.server.http_conn import HttpSettings, Request, Response, serve_http_connection
-from tlvproxy.server.websocket import MAX_FRAGMENTS, WebSocketSessions, serve_websocket
+from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
+from tlvproxy.server.ws_reading import MAX_FRAGMENTS
 from tlvproxy.stores.limits import RateLimits
 from tlvproxy.stores.local_store import LocalBuckets
 from tlvproxy.upstream.pool import open_pool
@@ -542,6 +543,7 @@ def main() -> None:
         "tlvproxy.server.ws_binary",
         "tlvproxy.server.ws_calls",
         "tlvproxy.server.ws_drain",
+        "tlvproxy.server.ws_reading",
         "tlvproxy.server.ws_writing",
         "tlvproxy.server.ws_wire",
         "tlvproxy.server.ws_json",

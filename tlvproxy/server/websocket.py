@@ -4,15 +4,16 @@ Owns: the RFC 6455 opening handshake after the HTTP driver hands over an
 `Upgrade: websocket` request, the wsproto connection, the session's requests
 on their way, seq mapping in binary mode, what a WAF deny or a rate-limit
 refusal does to a WebSocket session (docs/configuration.md "waf" and
-"rate_limits"), the close codes, backpressure, closing a session when its
+"rate_limits"), the close codes, closing a session when its
 worker drains (`go_away`, for `ws_drain.WebSocketSessions`, which this module
 hands on to the gateway) and the per-session access record.
 Must not: parse HTTP (the driver did), pick nodes or frame requests (the pool
 does), hold protocol logic of json mode (`ws_json.py` does) or binary mode's
 frame check (`ws_binary.py` does), render a request's outcome (`ws_calls.py`
-does), write to the client (its base `SessionWriting`, ws_writing.py, does),
-or the policy and rendering every json-mode session shares, WebSocket or push
-session (`session_core.py` does).
+does), read or write the client (its bases `SessionReading` and
+`SessionWriting` do, ws_reading.py and ws_writing.py), or the policy and
+rendering every json-mode session shares, WebSocket or push session
+(`session_core.py` does).
 
 Requests are state, not tasks (docs/reference.md "How a request
 flows"). The session's one task reads the client: it parses a batch of
@@ -28,13 +29,10 @@ session thus costs one task here, plus the upstream connection's reader and
 writer, and a worker's drain reaches its sessions through one registry rather
 than a task each.
 
-wsproto: a plain message (one final, masked text or binary frame) is read
-with `ws_wire` (`_on_frames`); every other frame (control frames, fragments,
-anything wrong) goes, whole, to a wsproto connection made for the first such
-frame, which judges it. Data messages are written by `SessionWriting`
-(ws_writing.py), so wsproto sends only pongs and the close frame, which move
-its state; no data may follow either side's close. An idle session has no
-wsproto connection at all.
+wsproto judges the frames `SessionReading` (ws_reading.py) does not read
+itself, and data messages are written by `SessionWriting` (ws_writing.py), so
+wsproto sends only pongs and the close frame, which move its state; no data
+may follow either side's close.
 
 Close codes (docs/websocket.md "Close codes"): 1001 drain, 1008 policy (a WAF
 deny, an invalid binary frame, a text message in binary mode, and a client that
@@ -47,11 +45,10 @@ A message whose rate limits ask Redis (`store: redis`) waits for its verdict
 in the session's task (at most the store's 50 ms budget), and reading stops
 meanwhile: the session's messages reach the upstream in the order they came.
 
-Backpressure: at most `MAX_IN_FLIGHT` requests of a session wait for their
-answer; with that many the reader stops reading, so TCP pushes back on the
-client. Writing to a client that does not read is bounded too (ws_writing.py).
-When a session closes, what is queued is flushed and the close frame sent
-within `CLOSE_TIMEOUT`, after which the TCP connection is dropped.
+Backpressure bounds what a session holds, reading (`MAX_IN_FLIGHT`,
+ws_reading.py) and writing (`OUTGOING_QUEUE`, ws_writing.py). When a session
+closes, what is queued is flushed and the close frame sent within
+`CLOSE_TIMEOUT`, after which the TCP connection is dropped.
 """
 
 from __future__ import annotations
@@ -59,14 +56,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import CloseConnection, Message, Ping, Pong
+from wsproto.events import CloseConnection
 
 from tlvproxy.errors import (
     BadRequest,
@@ -83,23 +79,18 @@ from tlvproxy.server.view import RequestContext, client_address
 from tlvproxy.server.ws_binary import InvalidFrame, check_frame
 from tlvproxy.server.ws_calls import BinaryCall, JsonCall
 from tlvproxy.server.ws_drain import WebSocketSessions
+from tlvproxy.server.ws_reading import READ_SIZE, SessionReading
 from tlvproxy.server.ws_traffic import send_with_traffic
 from tlvproxy.server.ws_wire import (
     ABNORMAL,
     BINARY,
-    FIN,
     GOING_AWAY,
     INTERNAL,
-    MAX_CONTROL_PAYLOAD,
-    NORMAL,
     POLICY,
     TEXT,
-    TOO_BIG,
     accept_head,
-    frame_head,
     handshake_problem,
     reject_bytes,
-    unmask,
 )
 from tlvproxy.server.ws_wire import frame as wire_frame
 from tlvproxy.server.ws_writing import SessionWriting
@@ -113,19 +104,14 @@ if TYPE_CHECKING:
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.http_conn import Request
     from tlvproxy.server.runtime import TableRuntime
+    from tlvproxy.server.ws_reading import ReadingSession
     from tlvproxy.server.ws_writing import WritingSession
     from tlvproxy.upstream.pool import Session
 
 __all__ = ["WebSocketSessions", "serve_websocket"]
 
-# Requests of one session in flight at once; past it the reader stops reading.
-MAX_IN_FLIGHT: Final = 32
-# Fragments of one message (docs/websocket.md "Close codes"); more closes the session
-# with 1009.
-MAX_FRAGMENTS: Final = 1024
 # Bound on the closing handshake: flushing, the close frame, the client's reply.
 CLOSE_TIMEOUT: Final = 5.0
-_READ_SIZE: Final = 65536
 
 log = logging.getLogger("tlvproxy.websocket")
 _access = logging.getLogger(ACCESS_LOGGER)
@@ -218,7 +204,7 @@ async def _refuse(
 # ---------------------------------------------------------------- the session
 
 
-class _Session(SessionWriting):
+class _Session(SessionReading, SessionWriting):
     """One accepted session; `run()` is its whole life, in the HTTP connection's task.
 
     It is also its dedicated connection's `PushReceiver`: `on_push` and
@@ -480,208 +466,12 @@ class _Session(SessionWriting):
                         pass
                     if conn.state is not ConnectionState.LOCAL_CLOSING:
                         return
-                    received = await self._stream.receive_some(_READ_SIZE)
+                    received = await self._stream.receive_some(READ_SIZE)
                     if not received:
                         return
                     conn.receive_data(bytes(received))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._client_gone = True
-
-    # ------------------------------------------------------------ reading
-
-    async def _read_loop(self) -> None:
-        """Take the client's messages until the session starts closing."""
-        idle_timeout = self._spec.idle_timeout
-        fd = self._fd
-        while self.close_code is None:
-            # One cancel scope per idle period, not per read (entering one costs
-            # about as much as a small message): when its deadline passes, the
-            # session may have been active meanwhile, and another period starts.
-            # `_begin_close` cancels it.
-            deadline = min(self._active_at + idle_timeout, self._expires)
-            with trio.CancelScope(deadline=deadline) as self._reading:
-                while True:
-                    if self._verdict is not None:
-                        await self._await_verdict()
-                        if self._closing():
-                            return
-                    held = self._held
-                    if held is not None:
-                        # With MAX_IN_FLIGHT requests waiting, reading stops. The
-                        # message stays held if the wait ends with the idle period.
-                        while self._in_flight >= MAX_IN_FLIGHT:
-                            self._slot_freed = freed = trio.Event()
-                            await freed.wait()
-                        self._held = None
-                        self._received_at = trio.current_time()
-                        self._on_message(held)
-                        if self._verdict is not None:
-                            continue
-                    # Closing, or a message held or waiting: _on_frames says which.
-                    if self._on_frames():
-                        return
-                    if self._held is not None or self._verdict is not None:
-                        continue
-                    if fd >= 0:
-                        # Wait, then read: the bytes before were all handled, so a
-                        # read first would mostly fail. The wait is the checkpoint.
-                        await trio.lowlevel.wait_readable(fd)
-                        try:
-                            data = os.read(fd, _READ_SIZE)
-                        except BlockingIOError:
-                            continue
-                        except OSError:
-                            data = b""  # reset by the client: as good as EOF
-                    else:
-                        try:
-                            data = bytes(await self._stream.receive_some(_READ_SIZE))
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            data = b""
-                    self._received_at = trio.current_time()
-                    if not data:
-                        # wsproto takes None for EOF where the stream gives b""
-                        # (its convention); it answers with a 1006 CloseConnection.
-                        self._wsproto().receive_data(None)
-                        self._on_events()
-                        return
-                    inbox = self._inbox
-                    if self._inbox_at == len(inbox):
-                        self._inbox = data
-                    else:
-                        # Part of a frame is waiting: join in one growing buffer.
-                        if not isinstance(inbox, bytearray) or self._inbox_at:
-                            inbox = bytearray(inbox[self._inbox_at :])
-                        inbox += data
-                        self._inbox = inbox
-                    self._inbox_at = 0
-            now = trio.current_time()
-            if self.close_code is None and now >= self._expires:
-                self._begin_close(POLICY, "the session's credentials expired")
-            elif self.close_code is None and now >= self._active_at + idle_timeout:
-                self._begin_close(NORMAL, f"idle for {idle_timeout:g} s")
-
-    def _on_frames(self) -> bool:
-        """Handle the whole frames received; True once the session is closing.
-
-        A plain message, one final masked text or binary frame while no
-        fragmented message is under way, is read here (RFC 6455 5.2, 5.3);
-        every other frame goes, whole, to wsproto, which judges control frames,
-        fragments and protocol errors. Stops at a whole message while
-        MAX_IN_FLIGHT requests wait: it is held.
-        """
-        if self._closing():
-            return True
-        buf = self._inbox
-        pos = self._inbox_at
-        max_message = self._spec.max_message
-        try:
-            while (head := frame_head(buf, pos)) is not None:
-                first, plain, start, end = head
-                opcode = first & 0x0F
-                if opcode <= BINARY:
-                    if self._size + end - start > max_message:
-                        # At once, before the payload (docs/websocket.md "Close codes").
-                        self._begin_close(
-                            TOO_BIG, f"message over max_message ({max_message} bytes)"
-                        )
-                        return True
-                elif end - start > MAX_CONTROL_PAYLOAD:
-                    # Not a frame to wait for: wsproto refuses it from its head.
-                    self._wsproto().receive_data(bytes(buf[pos:]))
-                    pos = len(buf)
-                    return self._on_events()
-                if end > len(buf):
-                    break  # the rest of the frame is on its way
-                message: str | bytes | None = None
-                # A final text or binary frame, no extension bit, plain (masked
-                # as a client's must be, its length in the fewest bytes), while
-                # no fragmented message is under way.
-                if first & 0xF0 == FIN and plain and 0 < opcode <= BINARY and not self._fragmented:
-                    payload = unmask(buf[start - 4 : start], buf[start:end])
-                    if opcode == BINARY:
-                        message = payload
-                    else:
-                        with contextlib.suppress(UnicodeDecodeError):  # wsproto closes 1007
-                            message = payload.decode()
-                if message is None:
-                    self._wsproto().receive_data(bytes(buf[pos:end]))
-                    pos = end
-                    if self._on_events():
-                        return True
-                    if self._held is not None or self._verdict is not None:
-                        return False
-                else:
-                    pos = end
-                    if self._take(message):
-                        return self._closing()
-            return False
-        finally:
-            self._inbox_at = pos
-
-    def _on_events(self) -> bool:
-        """Handle wsproto's events (of one whole frame); True once the session is closing."""
-        conn = self._wsproto()
-        for event in conn.events():
-            if isinstance(event, Message):
-                data = event.data
-                self._fragments += 1
-                if self._fragments > MAX_FRAGMENTS:
-                    self._begin_close(TOO_BIG, f"message of over {MAX_FRAGMENTS} fragments")
-                    return True
-                self._fragmented = not event.message_finished
-                message: str | bytes
-                if isinstance(data, str):
-                    self._size += len(data) if data.isascii() else len(data.encode())
-                    texts = self._text_parts
-                    if self._fragmented:
-                        if texts is None:
-                            texts = self._text_parts = []
-                        texts.append(data)
-                        continue
-                    if texts is not None:
-                        texts.append(data)
-                        data = "".join(texts)
-                        self._text_parts = None
-                    message = data
-                else:
-                    self._size += len(data)
-                    chunks = self._byte_parts
-                    if self._fragmented:
-                        if chunks is None:
-                            chunks = self._byte_parts = []
-                        chunks.append(bytes(data))
-                        continue
-                    if chunks is not None:
-                        chunks.append(bytes(data))
-                        data = b"".join(chunks)
-                        self._byte_parts = None
-                    message = bytes(data)
-                if self._take(message):
-                    return self._closing()
-            elif isinstance(event, Ping):
-                self._active_at = self._received_at
-                if conn.state is ConnectionState.OPEN:
-                    self._send_pong(bytes(conn.send(Pong(payload=event.payload))))
-            elif isinstance(event, CloseConnection):
-                # The client's close (answered with its code), its vanishing
-                # (1006), or wsproto's verdict on a protocol error (1002, 1007).
-                self._begin_close(event.code, event.reason or "")
-                return True
-        return self._closing()
-
-    def _take(self, message: str | bytes) -> bool:
-        """One whole message from the client; True when reading must stop (the
-        session is closing, or the message is held)."""
-        self._size = 0
-        self._fragments = 0
-        self._active_at = self._received_at
-        self.messages_in += 1
-        self._count_in.inc()
-        if self._in_flight >= MAX_IN_FLIGHT:
-            self._held = message
-            return True
-        self._on_message(message)
-        return self._verdict is not None or self._closing()
 
     # ------------------------------------------------------------ requests
 
@@ -866,8 +656,8 @@ class _Session(SessionWriting):
 
 if TYPE_CHECKING:
 
-    def _parts_fit(session: _Session) -> WritingSession:
+    def _parts_fit(session: _Session) -> tuple[ReadingSession, WritingSession]:
         """The session is what each of its parts needs: mypy compares a part's
         Protocol with the session only where the part's methods are called on
         a session, and some are called only by other parts."""
-        return session
+        return session, session
