@@ -544,6 +544,7 @@ def main() -> None:
         "tlvproxy.server.ws_calls",
         "tlvproxy.server.ws_drain",
         "tlvproxy.server.ws_reading",
+        "tlvproxy.server.ws_requests",
         "tlvproxy.server.ws_writing",
         "tlvproxy.server.ws_wire",
         "tlvproxy.server.ws_json",

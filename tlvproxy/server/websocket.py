@@ -1,19 +1,17 @@
 """One WebSocket session <-> one dedicated upstream connection (docs/websocket.md).
 
 Owns: the RFC 6455 opening handshake after the HTTP driver hands over an
-`Upgrade: websocket` request, the wsproto connection, the session's requests
-on their way, seq mapping in binary mode, what a WAF deny or a rate-limit
-refusal does to a WebSocket session (docs/configuration.md "waf" and
-"rate_limits"), the close codes, closing a session when its
-worker drains (`go_away`, for `ws_drain.WebSocketSessions`, which this module
-hands on to the gateway) and the per-session access record.
+`Upgrade: websocket` request, the wsproto connection, the close codes,
+closing a session when its worker drains (`go_away`, for
+`ws_drain.WebSocketSessions`, which this module hands on to the gateway) and
+the per-session access record.
 Must not: parse HTTP (the driver did), pick nodes or frame requests (the pool
 does), hold protocol logic of json mode (`ws_json.py` does) or binary mode's
 frame check (`ws_binary.py` does), render a request's outcome (`ws_calls.py`
-does), read or write the client (its bases `SessionReading` and
-`SessionWriting` do, ws_reading.py and ws_writing.py), or the policy and
-rendering every json-mode session shares, WebSocket or push session
-(`session_core.py` does).
+does), read or write the client or handle a message (its bases
+`SessionReading`, `SessionWriting` and `SessionRequests` do, ws_reading.py,
+ws_writing.py and ws_requests.py), or the policy and rendering every
+json-mode session shares, WebSocket or push session (`session_core.py` does).
 
 Requests are state, not tasks (docs/reference.md "How a request
 flows"). The session's one task reads the client: it parses a batch of
@@ -41,10 +39,6 @@ does not read: see ws_writing.py), 1009 message over `max_message` or of over
 healthy node. A session idle for `idle_timeout` closes with 1000 (nothing went
 wrong; it just ended). A client's own close is answered with its code.
 
-A message whose rate limits ask Redis (`store: redis`) waits for its verdict
-in the session's task (at most the store's 50 ms budget), and reading stops
-meanwhile: the session's messages reach the upstream in the order they came.
-
 Backpressure bounds what a session holds, reading (`MAX_IN_FLIGHT`,
 ws_reading.py) and writing (`OUTGOING_QUEUE`, ws_writing.py). When a session
 closes, what is queued is flushed and the close frame sent within
@@ -56,10 +50,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from functools import partial
 from typing import TYPE_CHECKING, Final
 
-import attrs
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import CloseConnection
@@ -73,20 +65,17 @@ from tlvproxy.errors import (
 )
 from tlvproxy.framing import encode_frame
 from tlvproxy.logs import ACCESS_LOGGER
-from tlvproxy.server import session_core, ws_json
+from tlvproxy.server import session_core
 from tlvproxy.server.rest import request_id_of, waf_inspect
 from tlvproxy.server.view import RequestContext, client_address
-from tlvproxy.server.ws_binary import InvalidFrame, check_frame
-from tlvproxy.server.ws_calls import BinaryCall, JsonCall
 from tlvproxy.server.ws_drain import WebSocketSessions
 from tlvproxy.server.ws_reading import READ_SIZE, SessionReading
-from tlvproxy.server.ws_traffic import send_with_traffic
+from tlvproxy.server.ws_requests import SessionRequests
 from tlvproxy.server.ws_wire import (
     ABNORMAL,
     BINARY,
     GOING_AWAY,
     INTERNAL,
-    POLICY,
     TEXT,
     accept_head,
     handshake_problem,
@@ -94,18 +83,19 @@ from tlvproxy.server.ws_wire import (
 )
 from tlvproxy.server.ws_wire import frame as wire_frame
 from tlvproxy.server.ws_writing import SessionWriting
-from tlvproxy.stores.limits import Pending
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from tlvproxy.config.model import CommandSpec, WebSocketSpec
+    from tlvproxy.config.model import WebSocketSpec
     from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.http_conn import Request
     from tlvproxy.server.runtime import TableRuntime
     from tlvproxy.server.ws_reading import ReadingSession
+    from tlvproxy.server.ws_requests import RequestsSession
     from tlvproxy.server.ws_writing import WritingSession
+    from tlvproxy.stores.limits import Pending
     from tlvproxy.upstream.pool import Session
 
 __all__ = ["WebSocketSessions", "serve_websocket"]
@@ -204,7 +194,7 @@ async def _refuse(
 # ---------------------------------------------------------------- the session
 
 
-class _Session(SessionReading, SessionWriting):
+class _Session(SessionReading, SessionRequests, SessionWriting):
     """One accepted session; `run()` is its whole life, in the HTTP connection's task.
 
     It is also its dedicated connection's `PushReceiver`: `on_push` and
@@ -473,161 +463,6 @@ class _Session(SessionReading, SessionWriting):
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._client_gone = True
 
-    # ------------------------------------------------------------ requests
-
-    def _on_message(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            if not self._waf_admits(message):
-                return
-            if self._binary:
-                self._begin_close(POLICY, "binary mode takes binary messages, one TLV frame each")
-                return
-            try:
-                request = ws_json.parse_request(
-                    message, self._table, self._spec.upstream, self._context
-                )
-            except ws_json.MessageRejected as rejected:
-                self._send_error(rejected.error, rejected.seq)
-                return
-            command = request.command
-            if not self._identity_admits(command, request.seq):
-                return
-            admits = self._rate_admits(command, request.seq)
-            if admits is True:
-                self._send_json(request)
-            elif isinstance(admits, Pending):
-                self._verdict = (admits, request.seq, partial(self._send_json, request))
-            return
-        if not self._binary:
-            self._send_error(BadRequest("json mode takes text messages (JSON objects)"), None)
-            return
-        try:
-            frame, command = check_frame(self._table, self._spec.upstream, message)
-        except InvalidFrame as exc:
-            log.info("invalid binary frame from a websocket client", extra={"error": str(exc)})
-            self._begin_close(POLICY, f"invalid frame: {exc}")
-            return
-        if not self._identity_admits(command, frame.seq):
-            return
-        admits = self._rate_admits(command, frame.seq)
-        if admits is True:
-            self._send_frame(frame, command)
-        elif isinstance(admits, Pending):
-            self._verdict = (admits, frame.seq, partial(self._send_frame, frame, command))
-
-    def _send_json(self, request: ws_json.JsonRequest) -> None:
-        """Send an admitted json-mode request upstream."""
-        command = request.command
-        if command.traffic is not None:
-            # Split, mirror, fallback (docs/websocket.md): the one test a
-            # command without them pays.
-            send_with_traffic(self, request)
-            return
-        upstream = self._upstream
-        assert upstream is not None  # messages are read only while the session serves
-        deadline = self._received_at + self._timeout(command)
-        try:
-            upstream.submit(
-                JsonCall(self, command, request.seq, deadline),
-                command.command,
-                request.body,
-                uid=self._uid or 0,
-            )
-        except GatewayError as exc:
-            self._refused(exc, request.seq)
-            return
-        self._in_flight += 1
-
-    def _send_frame(self, frame: Frame, command: CommandSpec) -> None:
-        """Send an admitted binary-mode frame upstream."""
-        upstream = self._upstream
-        assert upstream is not None  # messages are read only while the session serves
-        # The session's uid, when the table names one, is what the gateway vouches
-        # for: a client cannot speak for another user by writing its own uid.
-        outgoing = frame if self._uid is None else attrs.evolve(frame, uid=self._uid)
-        deadline = self._received_at + self._timeout(command)
-        try:
-            upstream.submit_frame(BinaryCall(self, command, frame.seq, deadline), outgoing)
-        except GatewayError as exc:
-            self._refused(exc, frame.seq)
-            return
-        self._in_flight += 1
-
-    def _refused(self, error: GatewayError, seq: int) -> None:
-        if isinstance(error, UpstreamUnavailable):
-            # SendFailed: the dedicated connection is closed or at its cap (1011).
-            self._begin_close(INTERNAL, error.message)
-        else:
-            self._send_error(error, seq)  # PayloadTooLarge, BadRequest: this message only
-
-    def _internal_error(self) -> None:
-        """A bug answering a request (the caller logged it): the session closes 1011."""
-        self._begin_close(INTERNAL, "internal error")
-
-    def _upstream_lost(self, error: GatewayError) -> None:
-        """A request's outcome: the dedicated connection is lost or broken, and
-        the session cannot go on (1011)."""
-        self._settled()
-        self._begin_close(INTERNAL, error.message)
-
-    def _settled(self) -> None:
-        """A request got its outcome: its slot is free."""
-        self._in_flight -= 1
-        freed = self._slot_freed
-        if freed is not None:
-            self._slot_freed = None
-            freed.set()
-
-    def _timeout(self, command: CommandSpec) -> float:
-        return session_core.command_timeout(self._table, self._spec.upstream, command)
-
-    # ------------------------------------------------------------ policy seams
-
-    def _waf_admits(self, text: str) -> bool:
-        """WAF rules see each text message; a deny closes 1008 (docs/configuration.md "waf")."""
-        denial = session_core.waf_denial(self._runtime, self._metrics, text)
-        if denial is not None:
-            self._begin_close(POLICY, denial)
-            return False
-        return True
-
-    def _identity_admits(self, command: CommandSpec, seq: int) -> bool:
-        """A command with an authenticator is sent only on a session that
-        authenticator verified, holding the command's claims; otherwise the
-        message gets a `forbidden` error (docs/security.md "WebSocket")."""
-        refusal = session_core.identity_refusal(self._runtime, self._context, command)
-        if refusal is not None:
-            self._send_error(refusal, seq)
-            return False
-        return True
-
-    def _rate_admits(self, command: CommandSpec, seq: int) -> bool | Pending:
-        """True when the message may be sent now; False when it was refused (it
-        got a per-message `rate_limited` error, docs/configuration.md
-        "rate_limits"); a Pending when the verdict waits for Redis: the caller
-        holds the message in `_verdict` and reading stops until it comes."""
-        verdict = session_core.rate_verdict(self._runtime, self._metrics, self._context, command)
-        if verdict is None:
-            return True
-        if isinstance(verdict, Pending):
-            return verdict
-        self._send_error(verdict, seq)
-        return False
-
-    async def _await_verdict(self) -> None:
-        """Wait for the verdict of the message whose rate limits asked Redis
-        (at most its 50 ms budget), then send it or refuse it."""
-        assert self._verdict is not None
-        pending, seq, send = self._verdict
-        verdict = await pending.wait()
-        self._verdict = None
-        if self._closing():
-            return
-        if verdict is None:
-            send()
-        else:
-            self._send_error(session_core.refused(self._metrics, verdict), seq)
-
     # ------------------------------------------------------------ the upstream's side
 
     def on_push(self, frame: Frame) -> None:
@@ -656,8 +491,10 @@ class _Session(SessionReading, SessionWriting):
 
 if TYPE_CHECKING:
 
-    def _parts_fit(session: _Session) -> tuple[ReadingSession, WritingSession]:
+    def _parts_fit(
+        session: _Session,
+    ) -> tuple[ReadingSession, RequestsSession, WritingSession]:
         """The session is what each of its parts needs: mypy compares a part's
         Protocol with the session only where the part's methods are called on
         a session, and some are called only by other parts."""
-        return session, session
+        return session, session, session

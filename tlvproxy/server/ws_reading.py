@@ -6,8 +6,8 @@ life of its credentials; the frame reader and its bounds (`max_message`,
 `MAX_FRAGMENTS`, a control frame's size); pings answered; and when reading
 stops: while `MAX_IN_FLIGHT` requests wait for their answer, or while a
 message waits for its rate limits' verdict.
-Must not: handle a message (the session's `_on_message` does) or write to
-the client other than a pong (ws_writing.py writes).
+Must not: handle a message (the session's `_on_message`, ws_requests.py) or
+write to the client other than a pong (ws_writing.py writes).
 
 wsproto: a plain message (one final, masked text or binary frame) is read
 with `ws_wire` (`_on_frames`); every other frame (control frames, fragments,
