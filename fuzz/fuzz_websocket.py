@@ -540,11 +540,11 @@ def main() -> None:
     LOGS.install()
     instrument_modules(
         "tlvproxy.server.websocket",
-        "tlvproxy.server.ws_binary",
-        "tlvproxy.server.ws_calls",
-        "tlvproxy.server.ws_drain",
+        "tlvproxy.server.ws_session",
         "tlvproxy.server.ws_reading",
         "tlvproxy.server.ws_requests",
+        "tlvproxy.server.ws_binary",
+        "tlvproxy.server.ws_calls",
         "tlvproxy.server.ws_writing",
         "tlvproxy.server.ws_wire",
         "tlvproxy.server.ws_json",

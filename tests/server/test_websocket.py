@@ -44,6 +44,8 @@ from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
 from tlvproxy.server.rest import RestHandler, error_response_for
 from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
+from tlvproxy.server.ws_calls import BinaryCall, JsonCall
+from tlvproxy.server.ws_session import WebSocketSession
 from tlvproxy.server.ws_writing import OUTGOING_QUEUE
 from tlvproxy.stores.limits import RateLimits
 from tlvproxy.stores.redis_store import RedisBuckets
@@ -1195,3 +1197,11 @@ async def test_a_thousand_sessions_leave_no_task_or_fd_behind(gateway: Gateway) 
         assert len(os.listdir("/proc/self/fd")) == fds
         assert count_tasks() == tasks
         assert gateway.metrics.websocket_sessions._value.get() == 0
+
+
+@pytest.mark.parametrize("cls", [WebSocketSession, JsonCall, BinaryCall])
+def test_a_session_and_its_requests_keep_no_dict(cls: type) -> None:
+    # Every attribute is a slot, so an idle session and a request in flight
+    # stay small: a base (a part of the session) without `__slots__ = ()`
+    # would give every instance a dict.
+    assert cls.__dictoffset__ == 0

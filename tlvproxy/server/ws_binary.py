@@ -3,7 +3,7 @@
 Owns: the check of a client's binary message: exactly one TLV frame, of a
 command of the session's upstream that the client may send (not a push
 command); anything else raises `InvalidFrame`, whose text is the close reason.
-Must not: do I/O, import trio, or close the session (`server/websocket.py`
+Must not: do I/O, import trio, or close the session (`server/ws_requests.py`
 closes it with 1008).
 """
 

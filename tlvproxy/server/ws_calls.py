@@ -35,7 +35,7 @@ log = logging.getLogger("tlvproxy.websocket")
 
 
 class _Session(Protocol):
-    """What a request needs of its session (websocket.py's, which imports
+    """What a request needs of its session (ws_session.py, whose parts import
     this module: named here by what it does)."""
 
     _table: CompiledTable

@@ -12,7 +12,7 @@ from typing import Protocol
 
 
 class _Session(Protocol):
-    """What the drain needs of a session (websocket.py's, which imports this
+    """What the drain needs of a session (ws_session.py, which imports this
     module: named here by what it does)."""
 
     def go_away(self) -> None: ...

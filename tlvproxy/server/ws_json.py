@@ -4,7 +4,8 @@ Owns: turning a client's text message into a `JsonRequest` (the command, the
 client's seq and the encoded frame body), and rendering responses, pushes and
 per-message errors as the UTF-8 text of text messages.
 Must not: do I/O, import trio, or decide whether a session closes: that is
-`server/websocket.py`. Every error here is per-message (the session stays open).
+the session's (`server/ws_requests.py`). Every error here is per-message (the
+session stays open).
 
 Client messages are `{"cmd": NAME_OR_NUMBER, "seq": N, "body": {...}}`; `body`
 may be left out for a command whose request is empty.

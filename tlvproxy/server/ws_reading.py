@@ -60,7 +60,7 @@ READ_SIZE: Final = 65536
 
 class ReadingSession(Protocol):
     """What reading needs of its session, the `self` of `SessionReading`'s
-    methods (websocket.py, which imports this module, checks that its
+    methods (ws_session.py, which imports this module, checks that its
     session is one)."""
 
     _stream: trio.abc.Stream
@@ -105,7 +105,7 @@ class ReadingSession(Protocol):
 
 
 class SessionReading:
-    """A session's reads from its client; a base of websocket.py's session,
+    """A session's reads from its client; part of `ws_session.WebSocketSession`,
     whose slots hold the state (so that a session keeps no `__dict__`)."""
 
     __slots__ = ()

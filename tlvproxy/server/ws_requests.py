@@ -50,7 +50,7 @@ log = logging.getLogger("tlvproxy.websocket")
 
 class RequestsSession(Protocol):
     """What a message's way upstream needs of its session, the `self` of
-    `SessionRequests`'s methods (websocket.py, which imports this module,
+    `SessionRequests`'s methods (ws_session.py, which imports this module,
     checks that its session is one)."""
 
     _runtime: TableRuntime
@@ -100,9 +100,9 @@ class RequestsSession(Protocol):
 
 
 class SessionRequests:
-    """A session's messages on their way upstream; a base of websocket.py's
-    session, whose slots hold the state (so that a session keeps no
-    `__dict__`)."""
+    """A session's messages on their way upstream; part of
+    `ws_session.WebSocketSession`, whose slots hold the state (so that a
+    session keeps no `__dict__`)."""
 
     __slots__ = ()
 

@@ -3,7 +3,7 @@
 Owns: the opening handshake's checks and answers (RFC 6455 4.2), plain
 data frames: a server's unmasked frame (`frame`), and the head and masking of a
 client's (`frame_head`, `unmask`), which let a session read a whole, final
-text or binary frame without wsproto (server/websocket.py), and the close
+text or binary frame without wsproto (server/ws_reading.py), and the close
 codes (RFC 6455 7.4.1).
 Must not: do I/O, import trio, or keep state: wsproto owns the connection's
 state (control frames, fragments, the closing handshake).

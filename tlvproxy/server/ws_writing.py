@@ -45,7 +45,7 @@ log = logging.getLogger("tlvproxy.websocket")
 
 class WritingSession(Protocol):
     """What writing needs of its session, the `self` of `SessionWriting`'s
-    methods (websocket.py, which imports this module, checks that its
+    methods (ws_session.py, which imports this module, checks that its
     session is one)."""
 
     _stream: trio.abc.Stream
@@ -74,7 +74,7 @@ class WritingSession(Protocol):
 
 
 class SessionWriting:
-    """A session's writes to its client; a base of websocket.py's session,
+    """A session's writes to its client; part of `ws_session.WebSocketSession`,
     whose slots hold the state (so that a session keeps no `__dict__`)."""
 
     __slots__ = ()
