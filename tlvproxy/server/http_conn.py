@@ -10,7 +10,9 @@ connections closed at once, docs/operations.md "Drain"), the handover of an upgr
 and closing the stream whatever happens.
 Must not: parse HTTP itself (a `RequestParser` from `parsers.py` does that, h11
 or httptools alike), or know routes or JSON (`rest.py` does, through `handler`
-and `error_handler`).
+and `error_handler`). The values it shares with its callers and handlers
+(`Request`, `Response`, `HttpSettings`, the handler types) are http_types.py's;
+this module hands them on, so that its callers import the driver from one place.
 
 Requests are state, not tasks (docs/reference.md "How a request flows"): the
 connection's one task reads, parses and hands each request to the handler
@@ -29,13 +31,19 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import attrs
 import trio
 
 from tlvproxy.errors import GatewayError, RequestTimeout, ShuttingDown
+from tlvproxy.server.http_types import (
+    ErrorHandler,
+    Handler,
+    HttpSettings,
+    Request,
+    Response,
+    UpgradeHandler,
+)
 from tlvproxy.server.parser_choice import new_parser
 from tlvproxy.server.parsers import (
     NEED_DATA,
@@ -48,7 +56,8 @@ from tlvproxy.server.parsers import (
 from tlvproxy.timer import DeadlineTimer
 
 if TYPE_CHECKING:
-    from tlvproxy.config.model import Limits
+    from collections.abc import Callable
+
     from tlvproxy.server.parsers import RequestParser
 
 log = logging.getLogger("tlvproxy.http")
@@ -78,67 +87,9 @@ __all__ = [
     "Request",
     "Response",
     "Submitter",
+    "UpgradeHandler",
     "serve_http_connection",
 ]
-
-
-@attrs.define(slots=True, kw_only=True)
-class Request:
-    """One complete request as the handler sees it. Read-only by convention:
-    not frozen, because one is made per request and a frozen instance costs
-    twice as much to make."""
-
-    method: str
-    target: str  # raw request target, e.g. "/v1/users/7/profile?x=1"
-    path: str  # percent-decoded path, without the query
-    query_string: str  # raw query, without "?"
-    headers: tuple[tuple[str, str], ...]  # names lower-cased, in order
-    body: bytes
-    http_version: str  # "1.1" or "1.0"
-    remote_addr: str  # the peer's IP address
-    received_at: float  # trio.current_time() when the head arrived
-
-    def header(self, name: str) -> str | None:
-        """The first value of header `name` (any case), or None."""
-        key = name.lower()
-        for header_name, value in self.headers:
-            if header_name == key:
-                return value
-        return None
-
-
-@attrs.frozen(slots=True)
-class Response:
-    """A final answer. Content-Length and Connection are the driver's to add."""
-
-    status: int
-    headers: Sequence[tuple[str, str]] = ()
-    body: bytes = b""
-    # True when the status and headers are known to be valid (built by the
-    # gateway from checked values), so serialising skips their checks.
-    checked: bool = False
-
-
-@attrs.frozen(slots=True, kw_only=True)
-class HttpSettings:
-    """The limits (docs/configuration.md "limits") and the parser one connection runs with."""
-
-    max_header_bytes: int
-    max_request_body: int
-    header_timeout: float
-    keepalive_timeout: float
-    parser: Literal["h11", "httptools"]
-
-    @classmethod
-    def from_limits(cls, limits: Limits, parser: Literal["h11", "httptools"]) -> HttpSettings:
-        """Settings from the table's `limits` and a resolved parser name."""
-        return cls(
-            max_header_bytes=limits.max_header_bytes,
-            max_request_body=limits.max_request_body,
-            header_timeout=limits.header_timeout,
-            keepalive_timeout=limits.keepalive_timeout,
-            parser=parser,
-        )
 
 
 class DrainSignal:
@@ -194,11 +145,6 @@ class Answer:
         Submitter from `submit`, it ends HTTP on this connection."""
         self.keep_alive = False
         self._connection._taken = (self, handler)
-
-
-Handler = Callable[[Request], Awaitable[Response]]
-ErrorHandler = Callable[[GatewayError, Request | None], Response]
-UpgradeHandler = Callable[[Request, trio.abc.Stream, bytes], Awaitable[None]]
 
 
 @runtime_checkable
