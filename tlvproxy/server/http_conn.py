@@ -1,13 +1,15 @@
 """One HTTP/1.1 connection: read requests, submit them, write the answers in order.
 
 Owns: the connection's life (docs/reference.md "Keep-alive and pipelining"):
-keep-alive, pipelining (answers in request order, written as soon as the one at
-the head is ready), `100 Continue`, the time limits (`header_timeout` for each
-request's head and body, `keepalive_timeout` between requests, 408:
-docs/reference.md "Errors"; fired by a `DeadlineTimer`
-shared by a worker's connections), draining (503 for a new request, idle
-connections closed at once, docs/operations.md "Drain"), the handover of an upgraded connection,
-and closing the stream whatever happens.
+keep-alive, pipelining (how many answers a connection may owe while it reads
+on; the answers are written in request order, as soon as the one at the head
+is ready, by its base `AnswerOrder`, http_answers.py), `100 Continue`, the
+time limits (`header_timeout` for each request's head and body,
+`keepalive_timeout` between requests, 408: docs/reference.md "Errors"; fired
+by a `DeadlineTimer` shared by a worker's connections), draining (503 for a
+new request, idle connections closed at once, docs/operations.md "Drain"),
+the handover of an upgraded connection, and closing the stream whatever
+happens.
 Must not: parse HTTP itself (a `RequestParser` from `parsers.py` does that, h11
 or httptools alike), or know routes or JSON (`rest.py` does, through `handler`
 and `error_handler`). The values it shares with its callers and handlers
@@ -31,11 +33,12 @@ import logging
 import math
 import os
 from collections import deque
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import trio
 
 from tlvproxy.errors import GatewayError, RequestTimeout, ShuttingDown
+from tlvproxy.server.http_answers import MAX_OUT, Answer, AnswerOrder, Submitter
 from tlvproxy.server.http_types import (
     ErrorHandler,
     Handler,
@@ -47,7 +50,6 @@ from tlvproxy.server.http_types import (
 from tlvproxy.server.parser_choice import new_parser
 from tlvproxy.server.parsers import (
     NEED_DATA,
-    InvalidResponse,
     RequestEnd,
     RequestHead,
     comma_tokens,
@@ -58,6 +60,7 @@ from tlvproxy.timer import DeadlineTimer
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from tlvproxy.server.http_answers import AnsweringConnection
     from tlvproxy.server.parsers import RequestParser
 
 log = logging.getLogger("tlvproxy.http")
@@ -65,9 +68,8 @@ log = logging.getLogger("tlvproxy.http")
 _RECEIVE_SIZE = 65536
 # Answers a connection may owe at once: past this many pipelined requests it
 # stops reading until some are answered (and the bytes a client does not read
-# stop it past _MAX_OUT), so a client cannot make it hold unbounded work.
+# stop it past MAX_OUT), so a client cannot make it hold unbounded work.
 _MAX_PIPELINED = 32
-_MAX_OUT = 1024 * 1024
 # After the last answer of a closing connection, what the peer still sends is
 # read and dropped for a moment, so that closing with unread bytes does not
 # reset the connection and destroy the answer in flight (RFC 9112 9.6).
@@ -113,46 +115,6 @@ class DrainSignal:
         self._set = True
         for connection in list(self._connections):
             connection._drain()
-
-
-class Answer:
-    """One request's place in its connection's answer order.
-
-    The handler calls `set` once, from any task; the answer is written as soon
-    as every earlier one has been.
-    """
-
-    __slots__ = ("_connection", "keep_alive", "method", "response")
-
-    def __init__(self, connection: _Connection, method: str, keep_alive: bool) -> None:
-        self._connection = connection
-        self.method = method
-        self.keep_alive = keep_alive
-        self.response: Response | None = None
-
-    def set(self, response: Response) -> None:
-        """The final answer. Never raises: a connection gone meanwhile drops it."""
-        self.response = response
-        connection = self._connection
-        order = connection._order
-        if not connection._in_batch and order and order[0] is self:
-            connection._write_ready()
-
-    def take_over(self, handler: UpgradeHandler) -> None:
-        """Instead of an answer, hand the connection to `handler(request,
-        stream, leftover)` once every earlier answer is written (a stream of
-        events, or a push session's owner in another worker): called by the
-        Submitter from `submit`, it ends HTTP on this connection."""
-        self.keep_alive = False
-        self._connection._taken = (self, handler)
-
-
-@runtime_checkable
-class Submitter(Protocol):
-    """A handler that answers later: `submit` returns at once, and the answer's
-    `set` is called once, now or from another task. It must not raise."""
-
-    def submit(self, request: Request, answer: Answer) -> None: ...
 
 
 def _never() -> bool:
@@ -246,7 +208,7 @@ async def serve_http_connection(
         await trio.aclose_forcefully(stream)
 
 
-class _Connection:
+class _Connection(AnswerOrder):
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -464,13 +426,13 @@ class _Connection:
                     return True
                 if (
                     len(self._order) >= _MAX_PIPELINED
-                    or len(self._out) > _MAX_OUT
+                    or len(self._out) > MAX_OUT
                     or not self._pipelining
                 ):
                     # h11 parses the next request only once this one is
                     # answered; httptools up to _MAX_PIPELINED answers ahead,
                     # and not while a client that does not read holds more
-                    # than _MAX_OUT of answers unsent.
+                    # than MAX_OUT of answers unsent.
                     await self._settle(_MAX_PIPELINED - 1 if self._pipelining else 0)
                     if self._closing:
                         return True
@@ -585,137 +547,6 @@ class _Connection:
             received_at=self._received_at,
         )
 
-    # ------------------------------------------------------------ answers
-
-    def _write_ready(self) -> None:
-        """Write the answers ready at the head of the order, without waiting.
-
-        Called by this task at the end of a batch, and by whichever task sets
-        the answer at the head. Never raises: a broken peer marks the
-        connection broken, and this task finds out at its next read.
-        """
-        order = self._order
-        if self._closed or not order or order[0].response is None:
-            return
-        parser = self._parser
-        parts: list[bytes] = []
-        while order and (answer := order[0]).response is not None:
-            order.popleft()
-            response = answer.response
-            # While draining, the last answer owed closes the connection
-            # (docs/operations.md "Drain").
-            close = not answer.keep_alive or (
-                not order and (self._close_after_answers or self._is_draining())
-            )
-            try:
-                data = parser.send_response(
-                    response.status,
-                    response.headers,
-                    response.body,
-                    close=close,
-                    method=answer.method,
-                    checked=response.checked,
-                )
-            except InvalidResponse:
-                log.exception("handler answered %s invalidly", answer.method)
-                internal = self._error_handler(GatewayError("internal error"), None)
-                close = True
-                data = parser.send_response(
-                    internal.status, internal.headers, internal.body, close=True
-                )
-            parts.append(data)
-            if close:
-                # Nothing may follow `Connection: close`; the requests after it
-                # get no answer, as on any connection that closes.
-                order.clear()
-                self._closing = True
-                if not self._in_batch:
-                    self._cancel()  # this task waits for bytes: it closes now
-                break
-        self._answered_at = self._now()
-        self._send_now(parts[0] if len(parts) == 1 else b"".join(parts))
-
-    def _send_now(self, data: bytes) -> None:
-        """Send `data` after what is pending, without waiting; what does not
-        fit goes to the flush task."""
-        if self._broken:
-            return
-        out = self._out
-        if not out and self._fd >= 0:
-            try:
-                sent = os.write(self._fd, data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._break()
-                return
-            if sent == len(data):
-                self._notify_settled()
-                return
-            data = data[sent:]
-        out += data
-        if not self._flushing:
-            self._flushing = True
-            assert self._nursery is not None  # set before serve() runs
-            self._nursery.start_soon(self._flush_out)
-
-    async def _flush_out(self) -> None:
-        out = self._out
-        try:
-            while out:
-                if self._fd >= 0:
-                    try:
-                        sent = os.write(self._fd, out)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(self._fd)
-                        continue
-                    del out[:sent]
-                else:
-                    data = bytes(out)
-                    out.clear()
-                    await self._stream.send_all(data)
-                self._notify_settled()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            self._break()
-        finally:
-            self._flushing = False
-            self._notify_settled()
-
-    def _break(self) -> None:
-        # The peer is gone: nothing more can be written.
-        self._broken = True
-        self._order.clear()
-        self._out.clear()
-        self._notify_settled()
-
-    def _notify_settled(self) -> None:
-        event = self._settled
-        if event is not None:
-            self._settled = None
-            event.set()
-        if self._close_after_answers and not self._order and not self._out:
-            self._cancel()
-
-    async def _settle(self, owed: int) -> None:
-        """Write what is ready, then wait until at most `owed` answers are owed."""
-        self._in_batch = False
-        self._write_ready()
-        await self._wait_settled(owed)
-
-    async def _wait_settled(self, owed: int) -> None:
-        """Wait until at most `owed` answers are pending (and, for 0, every
-        byte of them written). Raises BrokenResourceError once the peer is gone."""
-        while True:
-            if self._broken:
-                raise trio.BrokenResourceError("the peer is gone")
-            if len(self._order) <= owed and (
-                not self._out if owed == 0 else len(self._out) <= _MAX_OUT
-            ):
-                return
-            if self._settled is None:
-                self._settled = trio.Event()
-            await self._settled.wait()
-
     def _drain(self) -> None:
         # The drain signal: a connection waiting for its next request closes
         # now, or once the answers it still owes are written; any other finds
@@ -807,3 +638,12 @@ class _Connection:
                 if not data:
                     break
                 dropped += len(data)
+
+
+if TYPE_CHECKING:
+
+    def _parts_fit(connection: _Connection) -> AnsweringConnection:
+        """The connection is what each of its parts needs: mypy compares a
+        part's Protocol with the connection only where the part's methods are
+        called on a connection, and some are called only by other parts."""
+        return connection
