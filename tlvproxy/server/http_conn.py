@@ -6,10 +6,10 @@ on; the answers are written in request order, as soon as the one at the head
 is ready, by its base `AnswerOrder`, http_answers.py), `100 Continue`, the
 time limits (`header_timeout` for each request's head and body,
 `keepalive_timeout` between requests, 408: docs/reference.md "Errors"; fired
-by a `DeadlineTimer` shared by a worker's connections), draining (503 for a
-new request, idle connections closed at once, docs/operations.md "Drain"),
-the handover of an upgraded connection, and closing the stream whatever
-happens.
+by a `DeadlineTimer` shared by a worker's connections, through its base
+`Waits`, http_waits.py), draining (503 for a new request, idle connections
+closed at once, docs/operations.md "Drain"), the handover of an upgraded
+connection, and closing the stream whatever happens.
 Must not: parse HTTP itself (a `RequestParser` from `parsers.py` does that, h11
 or httptools alike), or know routes or JSON (`rest.py` does, through `handler`
 and `error_handler`). The values it shares with its callers and handlers
@@ -47,6 +47,7 @@ from tlvproxy.server.http_types import (
     Response,
     UpgradeHandler,
 )
+from tlvproxy.server.http_waits import DrainSignal, Waits
 from tlvproxy.server.parser_choice import new_parser
 from tlvproxy.server.parsers import (
     NEED_DATA,
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tlvproxy.server.http_answers import AnsweringConnection
+    from tlvproxy.server.http_waits import WaitingConnection
     from tlvproxy.server.parsers import RequestParser
 
 log = logging.getLogger("tlvproxy.http")
@@ -92,29 +94,6 @@ __all__ = [
     "UpgradeHandler",
     "serve_http_connection",
 ]
-
-
-class DrainSignal:
-    """Tells every connection sharing it that the gateway drains (docs/operations.md "Drain").
-
-    Once `set()`, a new request gets 503 and closes the connection, and idle
-    connections close at once: `set()` wakes those waiting for a next request
-    (one that still owes answers closes after writing them).
-    """
-
-    def __init__(self) -> None:
-        self._set = False
-        self._connections: set[_Connection] = set()
-
-    def is_set(self) -> bool:
-        """True once `set()` was called."""
-        return self._set
-
-    def set(self) -> None:
-        """Start draining and wake every idle connection so it closes."""
-        self._set = True
-        for connection in list(self._connections):
-            connection._drain()
 
 
 def _never() -> bool:
@@ -208,7 +187,7 @@ async def serve_http_connection(
         await trio.aclose_forcefully(stream)
 
 
-class _Connection(AnswerOrder):
+class _Connection(AnswerOrder, Waits):
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -278,19 +257,6 @@ class _Connection(AnswerOrder):
         self._wanted = math.inf
         self.timer_deadline = math.inf
         self._idle = True  # whether that wait is between requests
-
-    def _is_draining(self) -> bool:
-        signal = self._drain_signal
-        if signal is not None and signal._set:
-            return True
-        draining = self._draining
-        return draining is not None and draining()
-
-    def _cancel(self) -> None:
-        # End the wait under way (and `_serve_requests`): a deadline, the
-        # drain, or an answer that closes the connection.
-        self._cancelled = True
-        self._scope.cancel()
 
     async def serve(self) -> None:
         try:
@@ -547,17 +513,6 @@ class _Connection(AnswerOrder):
             received_at=self._received_at,
         )
 
-    def _drain(self) -> None:
-        # The drain signal: a connection waiting for its next request closes
-        # now, or once the answers it still owes are written; any other finds
-        # out at its next request or wait.
-        if not self._idle or self._wanted == math.inf:
-            return
-        if self._order or self._out:
-            self._close_after_answers = True
-        else:
-            self._cancel()
-
     # ------------------------------------------------------------ reading
 
     async def _read_now(self) -> bytes | None:
@@ -592,32 +547,6 @@ class _Connection(AnswerOrder):
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
-    def _arm(self, deadline: float) -> None:
-        self._wanted = deadline
-        if deadline < self.timer_deadline:
-            self.timer_deadline = deadline
-            assert self._timer is not None  # set before serve() runs
-            self._timer.watch(self, deadline)
-
-    def expire(self, now: float) -> None:
-        """The timer's call: end the wait under way if it is over time."""
-        self.timer_deadline = math.inf  # the entry that called is used up
-        wanted = self._wanted
-        if wanted == math.inf:
-            return  # not waiting
-        if self._idle:
-            # keepalive_timeout counts from the last answer (docs/configuration.md
-            # `limits`): a connection that still owes answers is not idle yet.
-            keepalive = self._settings.keepalive_timeout
-            if self._order or self._out:
-                wanted = now + keepalive
-            else:
-                wanted = max(wanted, self._answered_at + keepalive)
-        if wanted > now:
-            self._arm(wanted)
-        else:
-            self._cancel()
-
     async def _close_gracefully(self) -> None:
         """Send what is queued, half-close, and drop what the peer still sends."""
         await self._settle(0)
@@ -642,8 +571,8 @@ class _Connection(AnswerOrder):
 
 if TYPE_CHECKING:
 
-    def _parts_fit(connection: _Connection) -> AnsweringConnection:
+    def _parts_fit(connection: _Connection) -> tuple[AnsweringConnection, WaitingConnection]:
         """The connection is what each of its parts needs: mypy compares a
         part's Protocol with the connection only where the part's methods are
         called on a connection, and some are called only by other parts."""
-        return connection
+        return connection, connection
