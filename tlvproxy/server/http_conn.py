@@ -8,8 +8,9 @@ time limits (`header_timeout` for each request's head and body,
 `keepalive_timeout` between requests, 408: docs/reference.md "Errors"; fired
 by a `DeadlineTimer` shared by a worker's connections, through its base
 `Waits`, http_waits.py), draining (503 for a new request, idle connections
-closed at once, docs/operations.md "Drain"), the handover of an upgraded
-connection, and closing the stream whatever happens.
+closed at once, docs/operations.md "Drain"), running the handler a connection
+is handed over to once its HTTP state is gone (its base `HandOver`,
+http_handover.py, decides when), and closing the stream whatever happens.
 Must not: parse HTTP itself (a `RequestParser` from `parsers.py` does that, h11
 or httptools alike), or know routes or JSON (`rest.py` does, through `handler`
 and `error_handler`). The values it shares with its callers and handlers
@@ -39,6 +40,7 @@ import trio
 
 from tlvproxy.errors import GatewayError, RequestTimeout, ShuttingDown
 from tlvproxy.server.http_answers import MAX_OUT, Answer, AnswerOrder, Submitter
+from tlvproxy.server.http_handover import HandOver
 from tlvproxy.server.http_types import (
     ErrorHandler,
     Handler,
@@ -53,7 +55,6 @@ from tlvproxy.server.parsers import (
     NEED_DATA,
     RequestEnd,
     RequestHead,
-    comma_tokens,
     split_target,
 )
 from tlvproxy.timer import DeadlineTimer
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tlvproxy.server.http_answers import AnsweringConnection
+    from tlvproxy.server.http_handover import HandingOverConnection
     from tlvproxy.server.http_waits import WaitingConnection
     from tlvproxy.server.parsers import RequestParser
 
@@ -187,7 +189,7 @@ async def serve_http_connection(
         await trio.aclose_forcefully(stream)
 
 
-class _Connection(AnswerOrder, Waits):
+class _Connection(AnswerOrder, Waits, HandOver):
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -462,43 +464,6 @@ class _Connection(AnswerOrder, Waits):
         )
         await self._close_gracefully()
 
-    def _wants_upgrade(self, head: RequestHead) -> bool:
-        return (
-            self._upgrade is not None
-            and head.method == "GET"
-            and "websocket" in comma_tokens(head.headers, "upgrade")
-        )
-
-    async def _hand_over(self, request: Request) -> None:
-        # Once every earlier answer is written, the request and the bytes past
-        # it go to the upgrade handler, run after this connection has ended.
-        assert self._upgrade is not None  # checked by _wants_upgrade
-        await self._settle(0)
-        if self._closing:
-            return
-        self._handover = (self._upgrade, request, self._parser.trailing_data())
-
-    async def _hand_over_taken(self, request: Request) -> None:
-        # The same for a request whose Submitter took the connection over. Its
-        # answer, not set, stays last in the order while the earlier ones are
-        # written, so that none of them closes the connection as the drain's
-        # last answer would; then it leaves the order, or, once draining, is
-        # answered 503 as any request the drain overtakes (docs/operations.md
-        # "Drain").
-        assert self._taken is not None  # the caller checked
-        answer, handler = self._taken
-        await self._settle(1)
-        if self._closing:
-            return  # an earlier answer closed the connection: nothing may follow
-        if self._is_draining():
-            answer.keep_alive = False
-            error = ShuttingDown("the gateway is shutting down; retry on a new connection")
-            answer.set(self._error_handler(error, request))
-            return
-        self._order.pop()  # the last, and now the only one
-        await self._settle(0)  # its bytes out (no answer is owed: none can close)
-        self._handover = (handler, request, self._parser.trailing_data())
-
     def _request(self, head: RequestHead, body: bytes) -> Request:
         path, query = split_target(head.target)
         return Request(
@@ -571,8 +536,10 @@ class _Connection(AnswerOrder, Waits):
 
 if TYPE_CHECKING:
 
-    def _parts_fit(connection: _Connection) -> tuple[AnsweringConnection, WaitingConnection]:
+    def _parts_fit(
+        connection: _Connection,
+    ) -> tuple[AnsweringConnection, WaitingConnection, HandingOverConnection]:
         """The connection is what each of its parts needs: mypy compares a
         part's Protocol with the connection only where the part's methods are
         called on a connection, and some are called only by other parts."""
-        return connection, connection
+        return connection, connection, connection
