@@ -714,3 +714,10 @@ async def test_a_connection_starts_from_bytes_read_elsewhere(settings):
         assert second is not None
         assert second.headers["x-path"] == "/b"
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("cls", [Answer, Request])
+def test_a_requests_objects_keep_no_dict(cls):
+    # One of each is made per request: every attribute is a slot, so that a
+    # request costs no dict (docs/architecture.md "The data path").
+    assert cls.__dictoffset__ == 0
