@@ -1,5 +1,5 @@
 """What a json-mode session is, whatever carries it: a WebSocket
-(`server/websocket.py`) or plain HTTP, SSE and long polling
+(`server/ws_session.py`) or plain HTTP, SSE and long polling
 (`server/push_sessions.py`) (docs/websocket.md "json mode", docs/push-sessions.md).
 
 Owns: a session's identity, uid and hash key, read once from the request

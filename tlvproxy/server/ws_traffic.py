@@ -32,8 +32,9 @@ _log: Final = logging.getLogger("tlvproxy.websocket")
 
 
 class _Session(Protocol):
-    """What a message with rules needs of its json-mode session (websocket.py's
-    session, which imports this module: named here by what it does)."""
+    """What a message with rules needs of its json-mode session (ws_session.py's
+    WebSocketSession, whose ws_requests.py part imports this module: named here
+    by what it does)."""
 
     _runtime: TableRuntime
     _context: RequestContext
