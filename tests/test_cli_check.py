@@ -121,3 +121,30 @@ def test_missing_table(tmp_path):
     assert result.stderr.splitlines()[0] == (
         f"{tmp_path / 'none.yaml'}: cannot read the table: No such file or directory"
     )
+
+
+DISCOVERED = """\
+proto: {paths: [proto], files: [demo/im.proto]}
+upstreams:
+  im: {discovery: {etcd: /services/im}}
+commands:
+  - {name: a, command: 1, upstream: im, codec: raw, http: {method: GET, path: /x}}
+"""
+
+
+def test_a_discovery_upstream_without_an_etcd_section_is_a_warning(tmp_path):
+    # Its nodes are read from the etcd of `serve --etcd`: a gateway serving
+    # this file would find none (docs/configuration.md "etcd").
+    shutil.copytree(REPO / "proto", tmp_path / "proto")
+    (tmp_path / "discovered.yaml").write_text(DISCOVERED)
+    result = check("-c", "discovered.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: discovered.yaml:3:3: upstreams.im.discovery: the table has no etcd section:"
+        " the nodes are read from the etcd of `serve --etcd`, and a gateway serving a file"
+        " finds none"
+    ]
+    with_etcd = DISCOVERED + 'etcd: {endpoints: ["http://127.0.0.1:2379"]}\n'
+    (tmp_path / "discovered.yaml").write_text(with_etcd)
+    result = check("-c", "discovered.yaml", cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (0, "")

@@ -257,10 +257,12 @@ class _TableLoader:
             "waf": sections.read_waf(self.r, top.get("waf")),
             "auth": self.authenticators,
             "default_auth": self.default_auth,
-            "warnings": tuple(self.warnings),
             "demo": r.get(top, "demo", "", nodes.boolean, False),
             "etcd": self._etcd(top, upstreams),
         }
+        # Last: every section above may warn (`_etcd` of a `discovery` upstream
+        # without an etcd section, docs/configuration.md "etcd").
+        table_kwargs["warnings"] = tuple(self.warnings)
         if schema is None or self.r.problems or self.schema_problems:
             return None
         digest = hashlib.sha256(self.text.encode("utf-8"))
