@@ -18,7 +18,7 @@ from tlvproxy.config.model import (
     UpstreamSpec,
 )
 from tlvproxy.errors import NoHealthyNode, UpstreamProtocolError, UpstreamUnavailable
-from tlvproxy.framing import default_layout
+from tlvproxy.framing import Frame, default_layout
 from tlvproxy.metrics import Metrics
 from tlvproxy.upstream.connection import ConnectionLost, SendFailed
 from tlvproxy.upstream.pool import Pool, open_pool
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from rawtlv import RawConn, RawUpstream, Request
+
+    from tlvproxy.errors import GatewayError
 
 HEARTBEAT = 0x0001
 
@@ -305,6 +307,52 @@ async def test_no_healthy_node(start_upstream) -> None:
             await pool.request(0x1001, b"x")
     assert isinstance(caught.value, UpstreamUnavailable)
     assert caught.value.ws_close == 1013
+
+
+class Outcome:
+    """A pool `Completion` that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, object]] = []
+
+    def on_reply(self, frame: Frame, node: str) -> None:
+        self.told.append(("reply", frame.body))
+
+    def on_error(self, error: GatewayError, node: str | None) -> None:
+        self.told.append(("error", error))
+
+
+async def test_a_closed_pool_fails_what_is_submitted_and_raises_nothing(start_upstream) -> None:
+    upstream = await start_upstream()
+    async with pool_for(spec_for(upstream, retries=2)) as pool:
+        await pool.request(0x1001, b"open")
+    # A reload retired the pool (docs/operations.md "Reload"), and a session
+    # that kept the old table submits to it.
+    outcome = Outcome()
+    pool.submit(outcome, 0x1001, b"late", idempotent=True, deadline=trio.current_time() + 1)
+    [(kind, error)] = outcome.told
+    assert kind == "error"
+    assert type(error) is UpstreamUnavailable
+    assert error.message == "upstream 'im': the pool is closed"
+    with pytest.raises(UpstreamUnavailable, match="the pool is closed"):
+        await pool.request(0x1001, b"late")
+    assert [request.body for request in upstream.requests] == [b"open"]
+
+
+async def test_a_request_in_flight_when_its_pool_closes_is_told_without_a_retry(
+    start_upstream,
+) -> None:
+    holds = await start_upstream(ignore)
+    other = await start_upstream()
+    outcome = Outcome()
+    async with pool_for(spec_for(holds, other, retries=1)) as pool:
+        # Idempotent: lost with its connection, it would go to `other`.
+        pool.submit(outcome, 0x1002, b"x", idempotent=True, deadline=trio.current_time() + 5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(holds.requests) == 1
+    [(kind, error)] = outcome.told
+    assert (kind, type(error)) == ("error", UpstreamUnavailable)
+    assert other.requests == []
 
 
 async def test_timeouts_count_as_failures_but_other_cancels_do_not(

@@ -242,6 +242,10 @@ class Attempt:
             return
         pool.send(self, following)
 
+    def abandon(self, error: GatewayError) -> None:
+        """Report `error` without a retry: the pool can send nothing (it is closed)."""
+        self._settle(error)
+
     def elsewhere(self) -> None:
         """Send again to another node: `self.node` left the upstream before
         the request was written (docs/configuration.md "discovery"). Not a

@@ -40,6 +40,10 @@ Policies decided here:
 - Retries (docs/reference.md "Retries"): on another node, at most `retries`
   times, only after `SendFailed`, or after any upstream failure when the request
   is idempotent. A timeout is never retried: the caller's deadline has passed.
+- A closed pool (its `open_pool` context ended: a reload retired it, or the
+  worker stops) sends nothing: a request submitted to it, or retried on it,
+  fails at once with UpstreamUnavailable, through its completion like any
+  other outcome (docs/operations.md "Reload").
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from tlvproxy.config.model import NodeSpec
-from tlvproxy.errors import NoHealthyNode, Overloaded
+from tlvproxy.errors import NoHealthyNode, Overloaded, UpstreamUnavailable
 from tlvproxy.metrics import OUTCOMES
 from tlvproxy.timer import DeadlineTimer
 from tlvproxy.upstream.attempt import Attempt, Completion, Reply, TaskCompletion
@@ -132,6 +136,7 @@ class Pool:
         self._joined = trio.Event()  # set while nothing is joining
         self._connected: list[Node] = []  # joining, connected, to be admitted
         self._joined.set()
+        self.closed = False  # set when `open_pool`'s context ends: nothing more is sent
         self._set_members([Node(node, spec, metrics) for node in spec.nodes])
 
     def _set_members(self, members: list[Node]) -> None:
@@ -296,9 +301,9 @@ class Pool:
 
         Its `on_reply` gets the response frame; its `on_error` gets
         UpstreamTimeout (`deadline` passed), NoHealthyNode, UpstreamUnavailable
-        (SendFailed: never sent; ConnectionLost: lost before the response),
-        UpstreamProtocolError, or PayloadTooLarge / BadRequest when the request
-        does not fit a frame.
+        (SendFailed: never sent; ConnectionLost: lost before the response; the
+        pool is closed), UpstreamProtocolError, or PayloadTooLarge / BadRequest
+        when the request does not fit a frame. Never raises.
         """
         attempt = Attempt(self, completion, command, body, uid, key, idempotent, deadline)
         node = self._first(key if self.hash_requests else None)
@@ -383,6 +388,12 @@ class Pool:
     def send(self, attempt: Attempt, node: Node) -> None:
         """Put `attempt` on a connection of `node`, opening one when needed."""
         attempt.node = node
+        if self.closed:
+            # Its nursery takes no task, and its connections are gone: a
+            # session that kept a retired pool's table ends up here
+            # (docs/operations.md "Reload").
+            attempt.abandon(UpstreamUnavailable(f"upstream {self.spec.name!r}: the pool is closed"))
+            return
         conn = node.pick()
         if conn is None or (conn.in_flight and len(node.live) < self.spec.connections):
             # Only the connections still open count (docs/reference.md "When an
@@ -604,4 +615,7 @@ async def open_pool(
         try:
             yield pool
         finally:
+            # Before the cancel: a request failed by a closing connection must
+            # not be sent again on a nursery that no longer runs its tasks.
+            pool.closed = True
             nursery.cancel_scope.cancel()
