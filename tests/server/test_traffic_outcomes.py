@@ -224,3 +224,24 @@ async def test_no_copy_keeps_its_place_whatever_its_callers_outcome() -> None:
         assert (outcome(metrics, "failed"), outcome(metrics, "different")) == (2, 1)
         assert outcome(metrics, "same") == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_copy_that_cannot_be_sent_gives_its_place_back() -> None:
+    metrics = Metrics()
+    table = parse_table(TABLE.format(root=SCHEMA_DIR, next="127.0.0.1:9"), Path("commands.yaml"))
+    traffic = Traffic(metrics)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(traffic.run)
+        async with open_pool(table.upstreams["im_next"], table.framing, metrics) as closed:
+            pass
+        # The pool in force is closed (a reload retired it), or there is none
+        # (a reload removed the upstream): either way the copy fails, once.
+        for pools, failed in (({"im_next": closed}, 1), ({}, 2)):
+            big = traffic.for_table(table, pools)["big"]
+            caller = MirroredCall()
+            mirror(big, caller, copy_of(body(big, "a")))
+            assert big.owner.outstanding == 1
+            caller.settled(answer(body(big, "a")))
+            await until(lambda failed=failed: outcome(metrics, "failed") == failed)
+            assert big.owner.outstanding == outstanding(metrics) == 0
+        nursery.cancel_scope.cancel()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from tlvproxy.errors import UpstreamProtocolError
+from tlvproxy.errors import UpstreamProtocolError, UpstreamUnavailable
 from tlvproxy.schema.compare import Comparer
 
 if TYPE_CHECKING:
@@ -62,8 +62,7 @@ class CommandTraffic(Protocol):
     @property
     def mirror_to(self) -> CommandSpec | None: ...
 
-    @property
-    def mirror_pool(self) -> Pool | None: ...
+    def pool(self, upstream: str) -> Pool | None: ...
 
     def count(self, outcome: str) -> None: ...
 
@@ -118,11 +117,19 @@ class MirrorCopy:
 
     def send(self, body: bytes, uid: int, view: RequestView, timeout: float) -> None:
         """Submit the copy, `body` being a request of the mirror's `to` command,
-        whose deadline is `timeout` from now."""
+        whose deadline is `timeout` from now, on the pool in force of its
+        upstream. Whatever becomes of it, the copy's outcome comes (`on_reply`
+        or `on_error`), now or later: its place is given back once the
+        caller's is in too."""
         traffic = self.traffic
-        to, pool = traffic.mirror_to, traffic.mirror_pool
+        to = traffic.mirror_to
         assert to is not None  # a copy exists only then
-        assert pool is not None
+        assert to.upstream is not None  # the loader checked it
+        pool = traffic.pool(to.upstream)
+        if pool is None:
+            # A reload removed the upstream; the caller's table still names it.
+            self.on_error(UpstreamUnavailable(f"upstream {to.upstream!r} left the table"), None)
+            return
         hash_on = pool.spec.hash_on
         pool.submit(
             self,

@@ -5,7 +5,9 @@ mirror, fallback", docs/push-sessions.md "Split, mirror, fallback").
 
 Owns: sending the message as the command a split chose (on the session's own
 upstream connection when that command is on the session's upstream, else on
-the pool of its upstream, like a REST request), then the mirror's copy; and
+the pool in force of its upstream, like a REST request: a reload may have
+retired the pools of the session's table, docs/operations.md "Reload"), then
+the mirror's copy; and
 the message's outcome: its answer under the `cmd` the client used, rendered
 with the codec of the command it was sent as, with last good answers kept,
 or a fallback answer (marked `"fallback"`) in the upstream's place, or its
@@ -20,7 +22,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from tlvproxy.errors import BadRequest, GatewayError, UpstreamProtocolError, UpstreamTimeout
+from tlvproxy.errors import (
+    BadRequest,
+    GatewayError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from tlvproxy.server import ws_json
 from tlvproxy.server.mirror import MirroredCall
 from tlvproxy.server.traffic import reencode, timeout_of
@@ -132,20 +140,24 @@ def send_with_rules(
         pooled=pooled,
     )
     if pooled:
-        pool = runtime.pools[sent.upstream]
-        hash_on = pool.spec.hash_on
         # Counted first: the pool may settle the call before it returns.
         carrier.submitted()
-        traffic.sent(sent)
-        pool.submit(
-            call,
-            sent.command,
-            body,
-            uid=uid,
-            key=None if hash_on is None else hash_on.evaluate(context),
-            idempotent=sent.idempotent,
-            deadline=call.deadline,
-        )
+        pool = traffic.pool(sent.upstream)
+        if pool is None:
+            # A reload removed the upstream: answered like a failed message.
+            call.on_error(UpstreamUnavailable(f"upstream {sent.upstream!r} left the table"))
+        else:
+            traffic.sent(sent)
+            hash_on = pool.spec.hash_on
+            pool.submit(
+                call,
+                sent.command,
+                body,
+                uid=uid,
+                key=None if hash_on is None else hash_on.evaluate(context),
+                idempotent=sent.idempotent,
+                deadline=call.deadline,
+            )
     else:
         try:
             connection.submit(call, sent.command, body, uid=uid)

@@ -13,7 +13,8 @@ Must not: build request bodies from HTTP or WebSocket input or render answers
 caller's answer for a copy, or retry a copy.
 
 A copy is built and submitted after its caller's request is submitted, on
-the pool of the mirror's `to` command, with that command's deadline and
+the pool in force of the mirror's `to` command's upstream (see `Traffic.pool`:
+a session keeps its table, not that table's pools), with that command's deadline and
 without the retries of an idempotent command (like any request never
 written, it may still go to another node when its connection could not take
 it). It never holds the caller up: the caller's answer is written by whoever
@@ -98,11 +99,14 @@ def same_request(a: CommandSpec, b: CommandSpec) -> bool:
 
 class Traffic:
     """The traffic rules of one worker: what outlives a table (the copies in
-    flight and their bound, the `last_good` caches) and `run()`, which works
-    out the copies' outcomes. `for_table` gives each new table its rules."""
+    flight and their bound, the `last_good` caches, the pools in force) and
+    `run()`, which works out the copies' outcomes. `for_table` gives each new
+    table its rules."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # The upstream pools of the latest table, by upstream name (`pool`).
+        self._pools: Mapping[str, Pool] = {}
         # Copies reserved and not yet worked out, also shown as
         # tlvproxy_mirror_outstanding (docs/operations.md "Metrics").
         self.outstanding = 0
@@ -115,11 +119,13 @@ class Traffic:
     def for_table(
         self, table: CompiledTable, pools: Mapping[str, Pool]
     ) -> dict[str, CommandTraffic]:
-        """The rules of every command of `table` that has some, on `pools`. A
-        `last_good` cache is carried over from the previous table when the
-        command's `last_good` is the same, and so are the schema (its `.proto`
-        files) and the response messages of the commands its answers come
-        from; the others are dropped."""
+        """The rules of every command of `table` that has some; `pools`, the
+        table's, become the pools in force (`pool`). A `last_good` cache is
+        carried over from the previous table when the command's `last_good`
+        is the same, and so are the schema (its `.proto` files) and the
+        response messages of the commands its answers come from; the others
+        are dropped."""
+        self._pools = pools
         caches: dict[str, tuple[object, LastGood]] = {}
         result: dict[str, CommandTraffic] = {}
         for command in table.commands:
@@ -140,9 +146,17 @@ class Traffic:
                         max_bytes=last_good.max_bytes,
                     )
                 caches[command.name] = (made_for, cache)
-            result[command.name] = CommandTraffic(self, table, command, pools, cache)
+            result[command.name] = CommandTraffic(self, table, command, cache)
         self._caches = caches
         return result
+
+    def pool(self, upstream: str) -> Pool | None:
+        """The pool in force of `upstream`: the latest table's, or None when
+        that table has no such upstream. A session keeps the table it opened
+        on, but a reload retires the pools of the upstreams it changes or
+        removes (docs/operations.md "Reload"): what a session sends on a pool
+        goes to this one (docs/push-sessions.md "Split, mirror, fallback")."""
+        return self._pools.get(upstream)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Work out the outcome of every copy whose answers are both in, forever."""
@@ -222,7 +236,6 @@ class CommandTraffic:
         "_splits",
         "command",
         "mirror",
-        "mirror_pool",
         "mirror_to",
         "owner",
         "table",
@@ -233,7 +246,6 @@ class CommandTraffic:
         owner: Traffic,
         table: CompiledTable,
         command: CommandSpec,
-        pools: Mapping[str, Pool],
         cache: LastGood | None,
     ) -> None:
         rules = command.traffic
@@ -253,11 +265,8 @@ class CommandTraffic:
             rule.to: metrics.split.labels(command.name, rule.to) for rule in rules.split
         }
         self.mirror_to: CommandSpec | None = None
-        self.mirror_pool: Pool | None = None
         if rules.mirror is not None:
             self.mirror_to = by_name[rules.mirror.to]
-            assert self.mirror_to.upstream is not None  # the loader checked it
-            self.mirror_pool = pools[self.mirror_to.upstream]
         # Series only for what the command has: a mirror's outcomes, a fallback's kinds.
         outcomes = () if rules.mirror is None else MIRROR_OUTCOMES
         self._counts: dict[str, Counter] = {
@@ -275,6 +284,11 @@ class CommandTraffic:
         self._key = None
         if rules.fallback is not None and rules.fallback.last_good is not None:
             self._key = rules.fallback.last_good.key
+
+    def pool(self, upstream: str) -> Pool | None:
+        """The pool in force of `upstream` (`Traffic.pool`), whichever table
+        these rules are of."""
+        return self.owner.pool(upstream)
 
     # ------------------------------------------------------------ split
 
