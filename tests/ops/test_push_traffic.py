@@ -7,6 +7,7 @@ connection of its own."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ from tests.ops.test_traffic import (
 from tlvproxy.policy.split import bucket
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tests.ops.procs import Answer, Gateway, Process, Processes
 
 pytestmark = pytest.mark.slow
@@ -332,3 +335,51 @@ def test_fallback_answers_a_timeout_or_a_lost_connection_of_the_session_itself(
     [record] = records(gateway, "push session")
     assert record["closed"] == "upstream_lost"
     assert session.send({"cmd": "echo", "seq": 4}).status == 404
+
+
+def test_a_message_waiting_when_the_session_ends_gets_its_error_not_a_fallback(
+    procs: Processes, upstream: str
+) -> None:
+    echo = {"timeout": "5s", "fallback": {"body": {"fallback": True}}}
+    gateway = procs.gateway(upstream, sessions=SESSIONS, commands=commands(echo=echo))
+    sent = 0
+
+    def answer_when(session: Session, end: Callable[[], object]) -> Answer:
+        """The answer to a message still waiting on the session's connection
+        when `end` ends the session."""
+        nonlocal sent
+        waiting: list[Answer] = []
+        message = {"cmd": "echo", "seq": 3, "body": {"_delay_ms": 3000}}
+        thread = threading.Thread(target=lambda: waiting.append(session.send(message)))
+        thread.start()
+        sent += 1
+        wait_for(
+            lambda: counted(gateway, "tlvproxy_push_messages_total", direction="in") == sent,
+            "the message on its way",
+        )
+        time.sleep(0.2)
+        ended = time.monotonic()
+        end()
+        thread.join(20)
+        assert time.monotonic() - ended < 1.5  # not its delay: the session's end
+        [answer] = waiting
+        return answer
+
+    def unanswered(answer: Answer) -> None:
+        # No upstream failed: the per-message error, as for a command without rules.
+        assert answer.status == 200
+        assert "x-fallback" not in answer.headers
+        assert answer.json()["seq"] == 3
+        assert answer.json()["error"]["code"] == "upstream_unavailable", answer
+
+    deleted = Session(gateway.http_port, "uid=2&did=a")
+    unanswered(answer_when(deleted, deleted.delete))
+    assert counted(gateway, "tlvproxy_fallbacks_total", command="echo", kind="static") == 0
+    wait_for(lambda: records(gateway, "push session"), "the session's access record")
+    [record] = records(gateway, "push session")
+    assert (record["closed"], record["messages_in"], record["messages_out"]) == ("deleted", 1, 1)
+
+    drained = Session(gateway.http_port, "uid=3&did=b")
+    unanswered(answer_when(drained, lambda: gateway.process.send(signal.SIGTERM)))
+    assert gateway.process.wait() == 0
+

@@ -2,9 +2,11 @@
 (docs/push-sessions.md "Split, mirror, fallback").
 
 Owns: how a push session carries such a message (`_PushCarrier`): every
-outcome answers the message's own HTTP request, the loss of the session's
-upstream connection included (a fallback's answer with `X-Fallback`, or the
-per-message error), since that request waits whatever becomes of the session.
+outcome answers the message's own HTTP request, since that request waits
+whatever becomes of the session: the loss of the session's upstream
+connection included (a fallback's answer with `X-Fallback`, or the
+per-message error), and the session's own end, which closes that connection
+though no upstream failed (the per-message error, never a fallback).
 Must not: send the message or work out its answer (`server/session_traffic.py`
 does, for WebSocket sessions too), check the session's state or bounds
 (`PushSession.send` does, before), or write HTTP (the reply does).
@@ -39,6 +41,7 @@ class _Session(Opened, Protocol):
     PushSession, which imports this module: named here by what it does)."""
 
     _in_flight: int
+    closed: str | None  # why the session ended; None while it is open
 
 
 def send_with_traffic(
@@ -75,9 +78,17 @@ class _PushCarrier:
     def answer(self, text: bytes, fallback: str | None) -> None:
         self.reply(text, fallback)
 
-    def upstream_lost(self, error: GatewayError) -> bool:
-        # Answered like any failed message; the session ends (`on_end`) all the same.
-        return False
+    def upstream_lost(self, error: GatewayError, seq: int) -> bool:
+        if self.session.closed is None:
+            # Lost or broken by the upstream (the session ends after, `on_end`):
+            # answered like any failed message, by its fallback if one applies.
+            return False
+        # The session ended first (deleted, drained, idle) and closed the
+        # connection: no upstream failed, so no fallback answers
+        # (docs/push-sessions.md "Split, mirror, fallback").
+        self.settled()
+        self.reply(ws_json.render_error(error, seq))
+        return True
 
     def internal_error(self, seq: int) -> None:
         self.reply(ws_json.render_error(GatewayError("internal error"), seq))

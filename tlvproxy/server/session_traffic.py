@@ -93,10 +93,12 @@ class Carrier(Protocol):
         """The text answering the message: its response, a fallback's (`fallback`
         names its kind) or its per-message error."""
 
-    def upstream_lost(self, error: GatewayError) -> bool:
-        """The session's own connection is lost or broken with the message on
-        it: True when the session ends without answering it (and has settled
-        it), False when it is answered like any failed message."""
+    def upstream_lost(self, error: GatewayError, seq: int) -> bool:
+        """The session's own connection ended with the message on it: lost or
+        broken by the upstream, or closed by the session's own end. True when
+        the session has dealt with the message (settled it, and answered it
+        or not), False when it is answered like any failed message, its
+        fallback included."""
 
     def internal_error(self, seq: int) -> None:
         """A bug rendering the message's answer (logged already)."""
@@ -244,7 +246,7 @@ class _TrafficCall(MirroredCall):
 
     def on_error(self, error: GatewayError, node: str | None = None) -> None:
         try:
-            if self.pooled or not self.carrier.upstream_lost(error):
+            if self.pooled or not self.carrier.upstream_lost(error, self.seq):
                 self._failed(self._timed_out() if isinstance(error, UpstreamTimeout) else error)
         finally:
             self.settled(None)

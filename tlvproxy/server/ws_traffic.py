@@ -124,7 +124,7 @@ class _WebSocketCarrier:
         # A fallback's answer says so in its `"fallback"` member (docs/websocket.md).
         self.session._send(wire_frame(TEXT, text))
 
-    def upstream_lost(self, error: GatewayError) -> bool:
+    def upstream_lost(self, error: GatewayError, seq: int) -> bool:
         # The session cannot go on without its connection: it closes 1011.
         self.session._upstream_lost(error)
         return True
