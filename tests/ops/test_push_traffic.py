@@ -16,6 +16,7 @@ import pytest
 
 from tests.ops.procs import free_port, wait_for
 from tests.ops.push_client import PATH, Session
+from tests.ops.test_answer_bound import GET_PROFILE, LIST_MESSAGES, TlvServer
 from tests.ops.test_mirror_slots import outcomes
 from tests.ops.test_traffic import (
     CURRENT,
@@ -383,3 +384,28 @@ def test_a_message_waiting_when_the_session_ends_gets_its_error_not_a_fallback(
     unanswered(answer_when(drained, lambda: gateway.process.send(signal.SIGTERM)))
     assert gateway.process.wait() == 0
 
+
+def test_a_malformed_frame_on_the_session_connection_is_upstream_protocol_error(
+    procs: Processes,
+) -> None:
+    # Answers one byte over framing.max_body: the header alone breaks the
+    # connection (docs/push-sessions.md "Split, mirror, fallback").
+    too_large = b"\x00" * (1024 * 1024 + 1)
+    server = TlvServer({GET_PROFILE: too_large, LIST_MESSAGES: too_large})
+    try:
+        lists = {"fallback": {"body": {"messages": []}}}
+        table = commands(list_messages=lists)
+        gateway = procs.gateway(server.address, sessions=SESSIONS, commands=table)
+        plain = Session(gateway.http_port, "uid=2&did=a")
+        answer = profile(plain, seq=1)
+        assert answer.status == 200
+        assert answer.json()["error"]["code"] == "upstream_protocol_error", answer
+        # An upstream's failure: the fallback of a command that has one answers.
+        ruled = Session(gateway.http_port, "uid=3&did=b")
+        answer = ruled.send({"cmd": "list_messages", "seq": 2, "body": {"user_id": 3}})
+        assert (answer.status, answer.headers["x-fallback"]) == (200, "static")
+        assert answer.json()["body"] == {"messages": []}
+        wait_for(lambda: len(records(gateway, "push session")) == 2, "the access records")
+        assert {r["closed"] for r in records(gateway, "push session")} == {"upstream_lost"}
+    finally:
+        server.close()
