@@ -409,3 +409,34 @@ def test_a_malformed_frame_on_the_session_connection_is_upstream_protocol_error(
         assert {r["closed"] for r in records(gateway, "push session")} == {"upstream_lost"}
     finally:
         server.close()
+
+
+def test_a_split_message_answered_after_the_session_ended_is_in_its_record(
+    procs: Processes, upstream: str
+) -> None:
+    split = [{"key": "query.uid", "tail": [1], "to": "send_message_next"}]
+    table = commands(SEND_NEXT, send_message={"split": split})
+    gateway, _ = start(procs, upstream, commands=table)
+    session = Session(gateway.http_port, "uid=11&did=a")
+    waiting: list[Answer] = []
+    # The demo service answers a text starting `/delay MS` that late.
+    message = {"cmd": "send_message", "seq": 1, "body": {"to_uid": 3, "text": "/delay 1000 hi"}}
+    thread = threading.Thread(target=lambda: waiting.append(session.send(message)))
+    thread.start()
+    wait_for(
+        lambda: (
+            counted(gateway, "tlvproxy_split_total", command="send_message", to="send_message_next")
+            == 1
+        ),
+        "the message on im_next's pool",
+    )
+    assert session.delete().status == 204
+    # The record is written now; the answer, not on the session's connection, comes later.
+    wait_for(lambda: records(gateway, "push session"), "the session's access record")
+    thread.join(20)
+    [answer] = waiting
+    assert (answer.json()["seq"], answer.json()["status"]) == (1, 0), answer
+    assert "msg_id" in answer.json()["body"]
+    [record] = records(gateway, "push session")
+    assert (record["closed"], record["messages_in"], record["messages_out"]) == ("deleted", 1, 1)
+    assert counted(gateway, "tlvproxy_push_messages_total", direction="out") == 1

@@ -339,8 +339,12 @@ class PushEndpoints:
         """One json-mode request (docs/websocket.md "json mode"): answered 200
         with its response or its per-message error, as on a WebSocket."""
         session.messages_in += 1
+        # Its answer, which every message gets once, counts in the session's
+        # record now: it may come after the record is written, from another
+        # upstream's pool or a Redis verdict (docs/operations.md "Access records").
+        session.messages_out += 1
         self._in.inc()
-        answer = partial(self._message_answer, session, reply)
+        answer = partial(self._message_answer, reply)
         try:
             text = request.body.decode()
         except UnicodeDecodeError:
@@ -381,10 +385,7 @@ class PushEndpoints:
             error = session_core.refused(self._metrics, refusal)
             answer(ws_json.render_error(error, request.seq))
 
-    def _message_answer(
-        self, session: PushSession, reply: _Reply, text: bytes, fallback: str | None = None
-    ) -> None:
-        session.messages_out += 1
+    def _message_answer(self, reply: _Reply, text: bytes, fallback: str | None = None) -> None:
         self._out.inc()
         if fallback is None:
             reply.json(200, text)
