@@ -7,15 +7,17 @@ per request, the copy's body, the bound of MAX_OUTSTANDING copies in flight
 per worker, and `run()`, which works out their outcomes in steps; each copy
 itself is a `server/mirror.py` MirrorCopy), and the fallback answers (the
 static body, the `last_good` caches, which a reload keeps while the
-command's `last_good` and the schema stay the same, and which is served).
+command's `last_good` and the schema stay the same, and which is served);
+and which upstream pools are in force, for the traffic of sessions that keep
+an older table (docs/operations.md "Reload").
 Must not: build request bodies from HTTP or WebSocket input or render answers
 (`server/rest_traffic.py` and `server/ws_traffic.py` do), delay or change a
 caller's answer for a copy, or retry a copy.
 
 A copy is built and submitted after its caller's request is submitted, on
-the pool in force of the mirror's `to` command's upstream (see `Traffic.pool`:
-a session keeps its table, not that table's pools), with that command's deadline and
-without the retries of an idempotent command (like any request never
+the pool in force of the mirror's `to` command's upstream (`Traffic.pool`: a
+session keeps its table, not that table's pools), with that command's
+deadline and without the retries of an idempotent command (like any request never
 written, it may still go to another node when its connection could not take
 it). It never holds the caller up: the caller's answer is written by whoever
 completes it, and a copy's outcome (and, with `compare`, the decoding and
