@@ -6,12 +6,12 @@ mirror, fallback", docs/push-sessions.md "Split, mirror, fallback").
 Owns: sending the message as the command a split chose (on the session's own
 upstream connection when that command is on the session's upstream, else on
 the pool in force of its upstream, like a REST request: a reload may have
-retired the pools of the session's table, docs/operations.md "Reload"), then
-the mirror's copy; and
-the message's outcome: its answer under the `cmd` the client used, rendered
-with the codec of the command it was sent as, with last good answers kept,
-or a fallback answer (marked `"fallback"`) in the upstream's place, or its
-per-message error, handed to the session's `Carrier`.
+retired the pools of the session's table, docs/operations.md "Reload"),
+then the mirror's copy; and the message's outcome: its answer under the
+`cmd` the client used, rendered with the codec of the command it was sent
+as, with last good answers kept, or a fallback answer (marked `"fallback"`)
+in the upstream's place, or its per-message error, handed to the session's
+`Carrier`.
 Must not: decide splits, shares or fallbacks (`server/traffic.py` does), touch
 a message of a command without rules or a binary-mode frame (passed through
 as it is, docs/websocket.md "binary mode"), or know how a session writes an
