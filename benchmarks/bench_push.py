@@ -20,22 +20,19 @@ the gateway's RSS is its own. Everything shares this machine's cores.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import trio
 from bench_websocket import TABLE
 from harness.figures import Column, FigureTable, print_target
 from harness.processes import ROOT, child, raise_fd_limit, rss_kib, serving
-from harness.sessions import Client, idle_memory
+from harness.sessions import RECEIVERS_UID_BASE, Client, FanOut, idle_memory
 from harness.tables import write_table
 
 HERE = Path(__file__).resolve().parent
-RECEIVERS_UID_BASE = 1000
 SENDERS = 10
 OPENING = 100  # connections creating sessions at once
 SESSIONS = """
@@ -126,9 +123,8 @@ async def sse_pushes(port: int, receivers: int, duration: float) -> float:
     paths = await create_sessions(port, uids)
     streams = [await open_stream(port, path) for path in paths]
     senders = [await Client.connect(port, 1 + i) for i in range(SENDERS)]
-    counting = False
+    fan_out = FanOut()
     delivered = 0
-    stop_sending = False
 
     async def receive(stream: trio.SocketStream) -> None:
         nonlocal delivered
@@ -136,33 +132,14 @@ async def sse_pushes(port: int, receivers: int, duration: float) -> float:
         while data := await stream.receive_some(65536):
             # One `data:` line per push (compact JSON); a line may straddle reads.
             joined = tail + data
-            if counting:
+            if fan_out.counting:
                 delivered += joined.count(b"\ndata: ") - tail.count(b"\ndata: ")
             tail = joined[-7:]
-
-    async def send(client: Client, first: int) -> None:
-        for seq in itertools.count():
-            if stop_sending:
-                return
-            to_uid = RECEIVERS_UID_BASE + (first + seq) % receivers
-            await client.send(
-                {"cmd": "send_message", "seq": seq, "body": {"to_uid": to_uid, "text": "hi"}}
-            )
-            await client.receive()
 
     async with trio.open_nursery() as nursery:
         for stream in streams:
             nursery.start_soon(receive, stream)
-        async with trio.open_nursery() as sending:
-            for i, client in enumerate(senders):
-                sending.start_soon(send, client, i * 7)
-            await trio.sleep(1.0)  # warm-up
-            counting = True
-            started = time.perf_counter()
-            await trio.sleep(duration)
-            counting = False
-            elapsed = time.perf_counter() - started
-            stop_sending = True
+        elapsed = await fan_out.send(senders, receivers, duration)
         nursery.cancel_scope.cancel()
     for stream in streams:
         await stream.aclose()

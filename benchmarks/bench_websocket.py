@@ -30,10 +30,9 @@ from pathlib import Path
 import trio
 from harness.figures import Column, FigureTable
 from harness.processes import ROOT, child, echo_upstream, raise_fd_limit, serving
-from harness.sessions import Client, idle_memory
+from harness.sessions import RECEIVERS_UID_BASE, Client, FanOut, idle_memory
 from harness.tables import write_table
 
-RECEIVERS_UID_BASE = 1000
 SENDERS = 10
 
 TABLE = """\
@@ -126,26 +125,15 @@ async def round_trips(port: int, sessions: int, duration: float) -> float:
 async def push_fanout(port: int, receivers: int, duration: float) -> float:
     inboxes = [await Client.connect(port, RECEIVERS_UID_BASE + i) for i in range(receivers)]
     senders = [await Client.connect(port, 1 + i) for i in range(SENDERS)]
-    counting = False
+    fan_out = FanOut()
     delivered = 0
-    stop = False
 
     async def receive(client: Client) -> None:
         nonlocal delivered
         while True:
             message = await client.receive()
-            if message.get("push") and counting:
+            if message.get("push") and fan_out.counting:
                 delivered += 1
-
-    async def send(client: Client, first: int) -> None:
-        for seq in itertools.count():
-            if stop:
-                return
-            to_uid = RECEIVERS_UID_BASE + (first + seq) % receivers
-            await client.send(
-                {"cmd": "send_message", "seq": seq, "body": {"to_uid": to_uid, "text": "hi"}}
-            )
-            await client.receive()
 
     async with trio.open_nursery() as nursery:
         # Each receiver registers its uid with the upstream by one request.
@@ -154,16 +142,7 @@ async def push_fanout(port: int, receivers: int, duration: float) -> float:
             await client.receive()
         for client in inboxes:
             nursery.start_soon(receive, client)
-        async with trio.open_nursery() as sending:
-            for i, client in enumerate(senders):
-                sending.start_soon(send, client, i * 7)
-            await trio.sleep(1.0)
-            counting = True
-            started = time.perf_counter()
-            await trio.sleep(duration)
-            counting = False
-            elapsed = time.perf_counter() - started
-            stop = True
+        elapsed = await fan_out.send(senders, receivers, duration)
         nursery.cancel_scope.cancel()
     return delivered / elapsed
 

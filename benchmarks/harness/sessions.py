@@ -1,15 +1,18 @@
 """json-mode WebSocket sessions for the benchmarks, and what idle ones cost the gateway.
 
 Owns: `Client`, one json-mode session (wsproto over a trio stream, over TLS
-when given a context) that sends and receives JSON messages; and
-`idle_memory`, the gateway's resident memory per idle session. The gateway's
+when given a context) that sends and receives JSON messages; `FanOut`, the
+senders of a push fan-out and its measuring window; and `idle_memory`, the
+gateway's resident memory per idle session. The gateway's
 table must map `uid` and `did` from the query (`/ws?uid=N&did=dN`). Starts
 no process and prints nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
 WARM_SESSIONS = 50  # opened and closed before the first reading
 OPENING = 200  # sessions being opened at once
 IDLE_LIMIT = 300.0  # seconds for opening every idle session: more means stuck
+RECEIVERS_UID_BASE = 1000  # a fan-out's receivers have the uids from here on
+FAN_OUT_WARM_UP = 1.0  # seconds of sending before a fan-out's pushes are counted
 
 
 class Client:
@@ -84,6 +89,43 @@ class Client:
         """A close frame (1000), then the stream closed without waiting for the answer."""
         await self.stream.send_all(self.ws.send(CloseConnection(code=1000)))
         await self.stream.aclose()
+
+
+class FanOut:
+    """Senders calling `send_message` on the receivers' uids in turn, each
+    after the answer to its last; `counting` is True while the pushes that
+    reach the receivers count."""
+
+    def __init__(self) -> None:
+        self.counting = False
+
+    async def send(self, senders: list[Client], receivers: int, duration: float) -> float:
+        """Send from every one of `senders` to the `receivers` (uids from
+        RECEIVERS_UID_BASE) for FAN_OUT_WARM_UP seconds, then `duration`
+        more while `counting`; the seconds that were counted."""
+        stop = False
+
+        async def send_from(client: Client, first: int) -> None:
+            for seq in itertools.count():
+                if stop:
+                    return
+                to_uid = RECEIVERS_UID_BASE + (first + seq) % receivers
+                await client.send(
+                    {"cmd": "send_message", "seq": seq, "body": {"to_uid": to_uid, "text": "hi"}}
+                )
+                await client.receive()
+
+        async with trio.open_nursery() as sending:
+            for i, client in enumerate(senders):
+                sending.start_soon(send_from, client, i * 7)
+            await trio.sleep(FAN_OUT_WARM_UP)
+            self.counting = True
+            started = time.perf_counter()
+            await trio.sleep(duration)
+            self.counting = False
+            elapsed = time.perf_counter() - started
+            stop = True
+        return elapsed
 
 
 async def idle_memory(
