@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from harness.figures import Column, FigureTable, medians, print_target
-from harness.load import CONNECTIONS, RUN_COLUMNS, measure, require_wrk, run_cells
+from harness.figures import Column, FigureTable, print_target
+from harness.load import CONNECTIONS, RUN_COLUMNS, measure_alternating, require_wrk, run_cells
 from harness.processes import echo_upstream
 from harness.tables import DEMO_TABLE, write_demo_table
 
@@ -104,7 +104,6 @@ def main() -> None:
         "none": {"rate_limits": [], "waf": []},
         "10 limits + 50 WAF": {"rate_limits": rate_limits, "waf": waf},
     }
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="tlvbench-") as workdir:
         directory = Path(workdir)
         with echo_upstream(directory) as port:
@@ -112,10 +111,7 @@ def main() -> None:
                 name: write_demo_table(directory / f"table-{n}.yaml", port, overrides)
                 for n, (name, overrides) in enumerate(variants.items())
             }
-            for _ in range(args.rounds):
-                for name, table in tables.items():
-                    runs[name].append(measure(table, 1, args.duration))
-    median = medians(runs)
+            median = measure_alternating(tables, args.rounds, args.duration)
     figures = FigureTable(
         f"POST /v1/echo (json codec, 200-byte body), 1 worker, wrk -t1 -c{CONNECTIONS} "
         f"-d{args.duration}s, C echo upstream; medians of {args.rounds} alternating runs",

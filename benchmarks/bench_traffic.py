@@ -34,8 +34,15 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from harness.figures import Column, FigureTable, medians
-from harness.load import CONNECTIONS, RUN_COLUMNS, check_echo, measure, require_wrk, run_cells
+from harness.figures import Column, FigureTable
+from harness.load import (
+    CONNECTIONS,
+    RUN_COLUMNS,
+    check_echo,
+    measure_alternating,
+    require_wrk,
+    run_cells,
+)
 from harness.processes import echo_upstream, serving
 from harness.tables import DEMO_TABLE, GatewayTable, write_demo_table
 
@@ -97,7 +104,6 @@ def main() -> None:
     options.add_argument("--rounds", type=int, default=5)
     args = options.parse_args()
     require_wrk()
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="tlvbench-") as workdir:
         directory = Path(workdir)
         for place in ("first", "second"):
@@ -110,10 +116,7 @@ def main() -> None:
             for name, table in tables.items():
                 if name != "none":
                     check_mirror(table, compare="compare" in name)
-            for _ in range(args.rounds):
-                for name, table in tables.items():
-                    runs[name].append(measure(table, 1, args.duration))
-    median = medians(runs)
+            median = measure_alternating(tables, args.rounds, args.duration)
     figures = FigureTable(
         f"POST /v1/echo (json codec, 200-byte body), 1 worker, wrk -t1 -c{CONNECTIONS} "
         f"-d{args.duration}s, two C echo upstreams; medians of {args.rounds} alternating runs",

@@ -4,8 +4,9 @@ Owns: the load every REST bench drives (wrk -t1 with CONNECTIONS connections
 and ../shared/bench/wrk/bench.lua, which POSTs its 200-byte body.json and
 prints one WRKJSON line of figures), scripts that extend bench.lua, one run
 and its parsed figures, the gateway's CPU time per request over a run,
-`measure` (serve a table, check its echo, warm up, one measured run), and
-the columns such a run is printed in. Prints nothing: figures.py does.
+`measure` (serve a table, check its echo, warm up, one measured run),
+`measure_alternating` (tables measured in turn, medians), and the columns
+such a run is printed in. Prints nothing: figures.py does.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import subprocess
 import urllib.request
 from typing import TYPE_CHECKING
 
-from .figures import Column
+from .figures import Column, medians
 from .processes import SHARED_BENCH, serving, tree_cpu_seconds
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from pathlib import Path
 
     from .tables import GatewayTable
@@ -153,3 +154,16 @@ def measure(
         if before_run is not None:
             before_run()
         return drive(url, duration, process.pid, script, **env)
+
+
+def measure_alternating(
+    tables: Mapping[str, GatewayTable], rounds: int, duration: int
+) -> dict[str, dict[str, float]]:
+    """`measure` each of `tables` (1 worker) in turn, `rounds` times over, so
+    that a drift of the box falls on every table alike; each table's figures,
+    the medians of its runs."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in tables}
+    for _ in range(rounds):
+        for name, table in tables.items():
+            runs[name].append(measure(table, 1, duration))
+    return medians(runs)
