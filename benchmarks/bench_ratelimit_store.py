@@ -6,7 +6,8 @@
 
 - no `rate_limits`, against 10 rules on `echo` with `store: local` (the
   rules of bench_policy_rest.py, whose rates refuse nothing: the cost measured
-  is the LMDB work, one write transaction per request); target: within 15%;
+  is the LMDB work, one write transaction per worker's scheduler pass, with
+  1 worker the process's own buckets); target: within 15%;
 - one rule with `store: redis` on a redis-server the benchmark starts (Debian's,
   `make test-deps`): the throughput, the p99 it adds over no limits, and the
   Redis round trips per request: the EVALSHAs per request, from INFO

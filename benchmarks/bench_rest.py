@@ -59,6 +59,7 @@ from tlvproxy.logs import (  # noqa: E402
     setup_logging,
 )
 from tlvproxy.metrics import Metrics, RequestTally  # noqa: E402
+from tlvproxy.policy.ratelimit import ProcessBuckets  # noqa: E402
 from tlvproxy.policy.waf import Waf  # noqa: E402
 from tlvproxy.server import parsers  # noqa: E402
 from tlvproxy.server.access_log import AccessLog  # noqa: E402
@@ -74,7 +75,6 @@ from tlvproxy.server.httptools_parser import HttptoolsParser  # noqa: E402
 from tlvproxy.server.rest import RestHandler, error_response_for, request_id_of  # noqa: E402
 from tlvproxy.server.view import RequestContext  # noqa: E402
 from tlvproxy.stores.limits import RateLimits  # noqa: E402
-from tlvproxy.stores.local_store import LocalBuckets  # noqa: E402
 from tlvproxy.upstream.pool import open_pool  # noqa: E402
 
 if TYPE_CHECKING:
@@ -363,9 +363,8 @@ def part_costs() -> list[tuple[str, float]]:
     assert request.path == "/v1/echo"
 
     # Policy: none, then one WAF rule and one rate limit.
-    # The rate limit in its `store: local`, as a gateway keeps it.
-    store_directory = tempfile.TemporaryDirectory(prefix="tlvproxy-bench-")
-    local = LocalBuckets(Path(store_directory.name))
+    # The rate limit in its `store: local`, as a one-process gateway keeps it.
+    local = ProcessBuckets()
     no_waf, no_limits = Waf(table.waf), RateLimits(table.rate_limits, Metrics(), local=local)
     waf, limiter = (
         Waf(policy_table.waf),

@@ -27,6 +27,7 @@ LATER = (
     "tlvproxy.policy.waf",
     "tlvproxy.stores.names",
     "tlvproxy.stores.local_store",
+    "tlvproxy.stores.waiters",
     "tlvproxy.upstream.balance",
     "tlvproxy.upstream.health",
     "tlvproxy.openapi",

@@ -57,7 +57,7 @@ from tlvproxy.server.rest import RestHandler, error_response_for
 from tlvproxy.server.traffic import CommandTraffic, Traffic
 from tlvproxy.server.websocket import WebSocketSessions
 from tlvproxy.stores.limits import RateLimits
-from tlvproxy.stores.local_store import LocalBuckets
+from tlvproxy.stores.local_batches import LocalChecks
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -106,7 +106,7 @@ class Gateway:
         session is this process's. `worker`: this worker's index."""
         self.metrics = metrics
         self._runtime_dir = runtime_dir
-        self._local: LocalBuckets | ProcessBuckets | None = None
+        self._local: LocalChecks | ProcessBuckets | None = None
         self._redis = RedisStores()
         self._initial = table
         # How a reload loads the table (docs/operations.md "Reload"): the
@@ -302,8 +302,8 @@ class Gateway:
         try:
             await self._serve(task_status)
         finally:
-            if isinstance(local, LocalBuckets):
-                local.close()
+            if isinstance(local, LocalChecks):
+                local.buckets.close()
         log.info("gateway stopped")
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
@@ -326,6 +326,8 @@ class Gateway:
             pool_nursery.start_soon(self._timer.run)
             pool_nursery.start_soon(self.access_log.run)
             pool_nursery.start_soon(self.traffic.run)
+            if isinstance(self._local, LocalChecks):
+                pool_nursery.start_soon(self._local.run)
             pool_nursery.start_soon(self._certificates.run)
             await self._install(table)
             listeners: list[tuple[trio.SocketListener, bool]] = []  # (listener, tls)

@@ -34,7 +34,7 @@ from wsproto.events import (
 )
 
 from tests.fixtures import FIXTURE_TABLE
-from tests.stores.local import local_buckets
+from tests.stores.local import local_checks
 from tlvproxy.auth.authenticators import Authenticators
 from tlvproxy.config.loader import load_table
 from tlvproxy.metrics import Metrics, RequestTally
@@ -335,11 +335,12 @@ async def open_gateway(
     """
     metrics = Metrics()
     sessions = WebSocketSessions()
-    with local_buckets() as local:
+    with local_checks() as local:
         async with (
             trio.open_nursery() as nursery,
             open_pool(table.upstreams["im"], table.framing, metrics) as pool,
         ):
+            nursery.start_soon(local.run)
             shared = None
             if redis is not None:
                 shared = RedisBuckets(redis)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -13,15 +14,24 @@ from typing import TYPE_CHECKING
 
 import attrs
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.policy.test_ratelimit import Request, rule
-from tests.stores.local import check_buckets, local_buckets
+from tests.stores.local import (
+    check_buckets,
+    local_buckets,
+    local_checks,
+    running_local_checks,
+    settled,
+)
 from tlvproxy.gateway.stores import open_local_store
 from tlvproxy.metrics import Metrics
 from tlvproxy.policy.ratelimit import ProcessBuckets, RateLimiter, Refusal
-from tlvproxy.stores.limits import RateLimits
+from tlvproxy.stores.limits import Pending, RateLimits
+from tlvproxy.stores.local_batches import LocalChecks
 from tlvproxy.stores.local_store import LocalBuckets, StoreError
 from tlvproxy.stores.names import MAX_VALUE_BYTES, bounded, local_prefix
 
@@ -88,9 +98,9 @@ def request_of(user: str, device: str) -> Request:
 
 
 @contextmanager
-def _store(kind: str) -> Iterator[LocalBuckets | ProcessBuckets]:
+def _store(kind: str) -> Iterator[LocalChecks | ProcessBuckets]:
     if kind == "lmdb":
-        with local_buckets() as local:
+        with local_checks() as local:
             yield local
     else:
         yield ProcessBuckets()
@@ -111,7 +121,102 @@ def test_the_local_stores_give_the_references_verdicts(kind, drawn, events):
             clock.now += delay
             request = request_of(user, device)
             expected = reference.check(command, request, clock.now)
-            assert limits.check(command, request) == expected
+            assert settled(limits, local, command, request) == expected
+
+
+# The checks of one scheduler pass are made in one transaction: however the
+# requests fall into passes, each gets the verdict it would get alone.
+@settings(max_examples=60, deadline=None)
+@given(drawn=_RULES, events=_EVENTS, cuts=st.lists(st.integers(1, 8), min_size=1, max_size=20))
+def test_checks_made_together_give_the_references_verdicts(drawn, events, cuts):
+    rules = make_rules(drawn)
+    reference = RateLimiter(rules)
+    clock = Clock()
+    with local_checks() as local:
+        limits = RateLimits(rules, Metrics(), local=local, clock=clock)
+        left = list(events)
+        for cut in itertools.cycle(cuts):
+            if not left:
+                break
+            batch, left = left[:cut], left[cut:]
+            expected, pending = [], []
+            for command, user, device, delay in batch:
+                clock.now += delay
+                request = request_of(user, device)
+                expected.append(reference.check(command, request, clock.now))
+                pending.append(limits.check(command, request))
+            local.flush()
+            verdicts = [p.verdict if isinstance(p, Pending) else p for p in pending]
+            assert verdicts == expected
+
+
+async def test_the_store_task_answers_after_the_pass_and_fails_when_stopped() -> None:
+    metrics = Metrics()
+    rules = [
+        rule("allowing", rate=1.0, burst=1),
+        attrs.evolve(rule("denying", rate=1.0, burst=1), on_store_error="deny"),
+    ]
+    async with running_local_checks() as local:
+        limits = RateLimits(rules[:1], metrics, local=local, clock=Clock())
+        checks = [limits.check("send", request_of("alice", "d")) for _ in range(3)]
+        assert all(isinstance(check, Pending) for check in checks)
+        # Submitted in this pass, made in one transaction after it.
+        assert [await check.wait() for check in checks if isinstance(check, Pending)] == [
+            None,
+            None,
+            Refusal("allowing", 1),
+        ]
+        assert len(local.buckets) == 1
+    # The store's task has stopped (the gateway exits): what is submitted
+    # fails at once, and on_store_error decides.
+    for rules_now, expected in [
+        (rules[:1], None),
+        (rules[1:], Refusal("denying", 1, store_failed=True)),
+    ]:
+        limits = RateLimits(rules_now, metrics, local=local, clock=Clock())
+        check = limits.check("send", request_of("bob", "d"))
+        assert isinstance(check, Pending)
+        assert await check.wait() == expected
+    assert sample(metrics, "allowing") == sample(metrics, "denying") == 1
+
+
+async def test_checks_still_queued_when_the_store_stops_fail() -> None:
+    metrics = Metrics()
+    rule_ = attrs.evolve(rule(rate=1.0, burst=1), on_store_error="deny")
+    with local_checks() as local:
+        limits = RateLimits([rule_], metrics, local=local, clock=Clock())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(local.run)
+            await trio.testing.wait_all_tasks_blocked()
+            # Stopped, and a check submitted before the store's task runs again.
+            nursery.cancel_scope.cancel()
+            check = limits.check("send", request_of("alice", "d"))
+        assert isinstance(check, Pending)
+        assert await check.wait() == Refusal("per_user", 1, store_failed=True)
+        assert len(local.buckets) == 0
+
+
+def test_a_failing_waiter_costs_only_its_own_check(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def resolve(self, answer: object) -> None:
+            raise RuntimeError("a bug in the caller")
+
+    class Kept:
+        answer: object = "none yet"
+
+        def resolve(self, answer: object) -> None:
+            self.answer = answer
+
+    step = [(b"k", 1.0, 0.0, 0)]
+    with local_checks() as local:
+        kept = Kept()
+        local.submit(step, [b""], 0.0, Broken())
+        local.submit(step, [b"other"], 0.0, kept)
+        local.flush()
+        assert kept.answer is None
+        assert "a rate-limit waiter failed" in caplog.text
+        # The broken waiter's check was made all the same.
+        assert check_buckets(local.buckets, [(b"k", 1.0, 0.0)], 0.0) == (0, 1)
 
 
 def test_one_process_buckets_are_bounded_per_rule_and_dropped_with_their_rule() -> None:
@@ -154,7 +259,7 @@ buckets = LocalBuckets(Path(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()
 shared = [(b"shared", 1e-6, 19999.0, 0)]
-admitted = sum(buckets.check(shared, [b""], 1.0) is None for _ in range(40000))
+admitted = sum(buckets.check_batch([(shared, [b""], 1.0)]) == [None] for _ in range(40000))
 print(admitted, flush=True)
 """
 
@@ -264,13 +369,13 @@ def test_the_bound_evicts_and_an_evicted_key_starts_afresh() -> None:
 
 def test_a_million_keys_do_not_grow_the_file_without_bound() -> None:
     with local_buckets() as buckets:
-        check = buckets.check
+        check = buckets.check_batch
         step = [(b"key", 10.0, 5.0, 0)]
         largest = 0
         for i in range(1_000_000):
             # 10 new keys a millisecond, each drained 0.1 s later: about a
             # thousand are live at any time.
-            assert check(step, [b"%d" % i], i * 1e-4) is None
+            assert check([(step, [b"%d" % i], i * 1e-4)]) == [None]
             if i % 10_000 == 0:
                 largest = max(largest, len(buckets))
         assert largest < 2_000
@@ -289,11 +394,11 @@ def test_long_key_values_are_bounded() -> None:
     assert bounded(long_a)[:1] == b"\xff"
     assert bounded("\udc80") == "\udc80".encode("utf-8", "surrogatepass")
     assert len(local_prefix("any rule name")) == 8
-    with local_buckets() as local:
+    with local_checks() as local:
         limits = RateLimits([rule(rate=1.0, burst=0)], Metrics(), local=local, clock=Clock())
-        assert limits.check("send", request_of(long_a, "d")) is None
-        assert limits.check("send", request_of(long_a, "d")) == Refusal("per_user", 1)
-        assert limits.check("send", request_of(long_b, "d")) is None
+        assert settled(limits, local, "send", request_of(long_a, "d")) is None
+        assert settled(limits, local, "send", request_of(long_a, "d")) == Refusal("per_user", 1)
+        assert settled(limits, local, "send", request_of(long_b, "d")) is None
 
 
 # ---------------------------------------------------------------- when the store fails
@@ -305,11 +410,11 @@ def test_a_store_that_cannot_answer_leaves_it_to_on_store_error(
 ) -> None:
     metrics = Metrics()
     rules = [attrs.evolve(rule(rate=1.0, burst=0), on_store_error=on_error)]
-    with local_buckets() as local:
+    with local_checks() as local:
         limits = RateLimits(rules, metrics, local=local, clock=Clock())
-        assert limits.check("send", request_of("alice", "d")) is None
-        local.close()  # its files stay, but the store is gone for this process
-        verdict = limits.check("send", request_of("alice", "d"))
+        assert settled(limits, local, "send", request_of("alice", "d")) is None
+        local.buckets.close()  # its files stay, but the store is gone for this process
+        verdict = settled(limits, local, "send", request_of("alice", "d"))
         assert sample(metrics, "per_user") == 1
     if refused:
         assert verdict == Refusal("per_user", 1, store_failed=True)
@@ -350,10 +455,10 @@ def test_a_gateway_of_one_process_keeps_its_local_buckets_in_memory(tmp_path):
     assert isinstance(alone, ProcessBuckets)
     shared = open_local_store(tmp_path)
     try:
-        assert isinstance(shared, LocalBuckets)
+        assert isinstance(shared, LocalChecks)
         assert (tmp_path / "ratelimits").is_dir()
     finally:
-        shared.close()
+        shared.buckets.close()
 
 
 def test_a_bucket_time_never_goes_back():

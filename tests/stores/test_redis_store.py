@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -14,25 +14,26 @@ from coredis.exceptions import ResponseError
 from hypothesis import given, settings
 
 from tests.policy.test_ratelimit import rule
-from tests.stores.local import local_buckets
+from tests.stores.local import running_local_checks
 from tests.stores.redis_server import RedisServer
 from tests.stores.test_local_store import _EVENTS, _RULES, Clock, make_rules, request_of, sample
 from tlvproxy.metrics import Metrics
-from tlvproxy.policy.ratelimit import RateLimiter, Refusal
+from tlvproxy.policy.ratelimit import ProcessBuckets, RateLimiter, Refusal
 from tlvproxy.stores.limits import Pending, RateLimits
 from tlvproxy.stores.names import MAX_VALUE_BYTES, redis_prefix
 from tlvproxy.stores.redis_store import (
     _MAX_QUEUED,
     ANSWER_BUDGET,
-    Failed,
     RedisBuckets,
     _answer,
 )
+from tlvproxy.stores.waiters import Failed
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from tlvproxy.config.model import RateLimitRule
+    from tlvproxy.stores.local_batches import LocalChecks
 
 
 @asynccontextmanager
@@ -357,21 +358,34 @@ async def test_a_retry_after_beyond_the_rules_longest_is_cut(redis: RedisServer)
         assert await verdict_of(small, "send", request_of("alice", "d")) == Refusal("per_user", 1)
 
 
+def redis_calls(redis: RedisServer) -> str:
+    """The calls Redis has answered so far, by command."""
+    stats = redis.cli("INFO", "commandstats").splitlines()
+    return "\n".join(line.partition(",")[0] for line in stats if line.startswith("cmdstat_eval"))
+
+
 async def test_rules_of_both_stores_local_first(redis: RedisServer) -> None:
     rules = [
         redis_rule("shared", rate=1.0, burst=0),
         rule("mine", rate=1.0, burst=0),
     ]
     async with open_store(redis.url) as store:
-        with local_buckets() as local:
-            limits = RateLimits(rules, Metrics(), local=local, redis=store, clock=Clock())
-            alice = request_of("alice", "d")
-            assert await verdict_of(limits, "send", alice) is None
-            # The local rule refuses at once, without asking Redis.
-            assert limits.check("send", alice) == Refusal("mine", 1)
-            bob = request_of("bob", "d")
-            redis.cli("SET", (redis_prefix("shared") + b"bob").decode(), "1 1e300", "EX", "60")
-            # Redis refuses bob; his local bucket has counted him
-            # (docs/configuration.md "Where the buckets live").
-            assert await verdict_of(limits, "send", bob) == Refusal("shared", 1)
-            assert limits.check("send", bob) == Refusal("mine", 1)
+        for workers in (1, 2):
+            async with AsyncExitStack() as stack:
+                local: LocalChecks | ProcessBuckets = ProcessBuckets()
+                if workers > 1:  # the LMDB store that workers share
+                    local = await stack.enter_async_context(running_local_checks())
+                limits = RateLimits(rules, Metrics(), local=local, redis=store, clock=Clock())
+                alice = request_of("alice", "d")
+                assert await verdict_of(limits, "send", alice) is None
+                # The local rule refuses without asking Redis.
+                before = redis_calls(redis)
+                assert await verdict_of(limits, "send", alice) == Refusal("mine", 1)
+                assert redis_calls(redis) == before
+                bob = request_of("bob", "d")
+                redis.cli("SET", (redis_prefix("shared") + b"bob").decode(), "1 1e300", "EX", "60")
+                # Redis refuses bob; his local bucket has counted him
+                # (docs/configuration.md "Where the buckets live").
+                assert await verdict_of(limits, "send", bob) == Refusal("shared", 1)
+                assert await verdict_of(limits, "send", bob) == Refusal("mine", 1)
+                redis.cli("DEL", (redis_prefix("shared") + b"alice").decode())

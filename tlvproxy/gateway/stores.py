@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from tlvproxy.policy.ratelimit import ProcessBuckets
+from tlvproxy.stores.local_batches import LocalChecks
 from tlvproxy.stores.local_store import LocalBuckets
 from tlvproxy.stores.redis_store import RedisBuckets
 
@@ -22,14 +23,15 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-def open_local_store(runtime_dir: Path | None) -> LocalBuckets | ProcessBuckets:
+def open_local_store(runtime_dir: Path | None) -> LocalChecks | ProcessBuckets:
     """The `store: local` buckets: in the workers' shared `runtime_dir` (LMDB),
     or, for a gateway that runs as one process (no `runtime_dir`), in its own
     memory, where no other process needs them (docs/configuration.md "Where
-    the buckets live"). Either way a new gateway starts clean."""
+    the buckets live"). Either way a new gateway starts clean.
+    The LMDB store's checks are made by `LocalChecks.run`, which the caller runs."""
     if runtime_dir is None:
         return ProcessBuckets()
-    return LocalBuckets(runtime_dir / "ratelimits")
+    return LocalChecks(LocalBuckets(runtime_dir / "ratelimits"))
 
 
 class RedisStores:

@@ -5,9 +5,10 @@ Owns: which rules apply to a command and in which store their buckets live,
 the bucket names of a request, the clock of the local store, what a store that
 cannot answer means (`on_store_error`, counted in
 `tlvproxy_rate_limit_store_errors_total`), and `Pending`, the verdict of a
-check that waits for Redis.
-Must not: wait: a check that needs Redis returns a `Pending` at once, and the
-caller goes on with the request when it is resolved.
+check that waits for a store's task (the LMDB store of several workers, or
+Redis).
+Must not: wait: such a check returns a `Pending` at once, and the caller goes
+on with the request when it is resolved.
 
 One check, for every path: `check(command, request)` returns None (admitted),
 a `Refusal`, or a `Pending`. The rules of each store are checked together, so
@@ -19,18 +20,17 @@ and one that Redis refuses stays counted in its local buckets
 
 from __future__ import annotations
 
-import logging
 import math
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from tlvproxy.policy.ratelimit import ABSENT_KEY, Plan, ProcessBuckets, Refusal
-from tlvproxy.stores.local_store import StoreError
 from tlvproxy.stores.names import MAX_VALUE_BYTES, bounded, local_prefix, redis_prefix
-from tlvproxy.stores.redis_store import Failed
+from tlvproxy.stores.waiters import Failed
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Hashable, Sequence
@@ -38,16 +38,13 @@ if TYPE_CHECKING:
     from tlvproxy.config.keys import KeyExpr, RequestView
     from tlvproxy.config.model import RateLimitRule
     from tlvproxy.metrics import Metrics
-    from tlvproxy.stores.local_store import LocalBuckets
-    from tlvproxy.stores.redis_store import Answer, RedisBuckets
-
-log = logging.getLogger("tlvproxy.ratelimit")
+    from tlvproxy.stores.local_batches import LocalChecks
+    from tlvproxy.stores.redis_store import RedisBuckets
+    from tlvproxy.stores.waiters import Answer
 
 # A refusal for want of a store's answer (`on_store_error: deny`) asks the
 # caller to come back after this many seconds.
 _STORE_RETRY_AFTER = 1
-# How often a local store failure is logged (seconds); every one is counted.
-_LOG_INTERVAL = 10.0
 
 Verdict = Refusal | None
 
@@ -133,7 +130,7 @@ class RateLimits:
         rules: Sequence[RateLimitRule],
         metrics: Metrics,
         *,
-        local: LocalBuckets | ProcessBuckets | None = None,
+        local: LocalChecks | ProcessBuckets | None = None,
         redis: RedisBuckets | None = None,
         clock: Callable[[], float] = time.monotonic,
         redis_clock: Callable[[], float] | None = None,
@@ -153,7 +150,6 @@ class RateLimits:
         self._redis = redis
         self._clock = clock
         self._redis_clock = redis_clock
-        self._next_log = -math.inf
         named = {name for rule in self._rules for name in rule.commands or ()}
         if isinstance(local, ProcessBuckets):
             local.retain({rule.name for rule in self._rules if rule.store == "local"})
@@ -169,7 +165,8 @@ class RateLimits:
 
         Returns None when every rule admits it (each bucket counting it), the
         `Refusal` of the first refusing rule, or a `Pending` whose verdict is
-        one of those once Redis answers (within its 50 ms budget).
+        one of those once the store's task answers: the LMDB store after this
+        scheduler pass, Redis within its 50 ms budget.
         """
         plan = self._plans.get(command_name, self._unlisted)
         # Each key's value, "-" when absent.
@@ -181,42 +178,43 @@ class RateLimits:
             texts = [
                 ABSENT_KEY if (text := key.evaluate(request)) is None else text for key in plan.keys
             ]
+        local = self._local
         if plan.local:
-            refusal = self._check_local(plan, texts)
+            if not isinstance(local, ProcessBuckets):
+                # Shared by workers: checked with the others of this pass.
+                assert local is not None  # __init__ checked that every rule has its store
+                pending = Pending(plan.local_rules, self._metrics)
+                if plan.redis:
+                    pending.then_redis(plan.redis_rules, partial(self._submit_redis, plan, texts))
+                values = [bounded(text) for text in texts]
+                local.submit(plan.local, values, self._clock(), pending)
+                return pending
+            refusal = self._check_process(local, plan, texts)
             if refusal is not None:
                 return refusal
         if not plan.redis:
             return None
-        assert self._redis is not None  # __init__ checked that every rule has its store
         pending = Pending(plan.redis_rules, self._metrics)
+        self._submit_redis(plan, texts, pending)
+        return pending
+
+    def _submit_redis(self, plan: _CommandPlan, texts: list[str], pending: Pending) -> None:
+        assert self._redis is not None  # __init__ checked that every rule has its store
         keys = [prefix + bounded(texts[position]) for prefix, position in plan.redis]
         # The script's ARGV: the time ("" for Redis's TIME), then rate, burst per key.
         now = b"" if self._redis_clock is None else repr(self._redis_clock()).encode()
         self._redis.submit(keys, (now, *plan.redis_args), pending)
-        return pending
 
-    def _check_local(self, plan: _CommandPlan, texts: list[str]) -> Refusal | None:
-        local = self._local
-        assert local is not None  # __init__ checked that every rule has its store
-        try:
-            if isinstance(local, ProcessBuckets):
-                # A bucket is named by the key value's text; one longer than
-                # MAX_VALUE_BYTES characters by its digest, so that a caller
-                # cannot make a bucket's name large.
-                names: Sequence[Hashable] = texts
-                if max(map(len, texts)) > MAX_VALUE_BYTES:
-                    names = [
-                        text if len(text) <= MAX_VALUE_BYTES else bounded(text) for text in texts
-                    ]
-                answer = local.check(plan.local, names, self._clock())
-            else:
-                answer = local.check(plan.local, [bounded(text) for text in texts], self._clock())
-        except StoreError as exc:
-            now = time.monotonic()
-            if now >= self._next_log:
-                self._next_log = now + _LOG_INTERVAL
-                log.error("the local rate-limit store cannot answer", extra={"error": str(exc)})
-            return _store_failed(plan.local_rules, self._metrics)
+    def _check_process(
+        self, local: ProcessBuckets, plan: _CommandPlan, texts: list[str]
+    ) -> Refusal | None:
+        # A bucket is named by the key value's text; one longer than
+        # MAX_VALUE_BYTES characters by its digest, so that a caller cannot
+        # make a bucket's name large.
+        names: Sequence[Hashable] = texts
+        if max(map(len, texts)) > MAX_VALUE_BYTES:
+            names = [text if len(text) <= MAX_VALUE_BYTES else bounded(text) for text in texts]
+        answer = local.check(plan.local, names, self._clock())
         if answer is None:
             return None
         position, retry_after = answer
@@ -224,14 +222,15 @@ class RateLimits:
 
 
 class Pending:
-    """The verdict of a check that waits for Redis: None or a `Refusal`.
+    """The verdict of a check that waits for a store's task: None or a `Refusal`.
 
-    The store resolves it once, from its own task, within the answer budget.
-    A REST request goes on in the callback given to `then`; a WebSocket
-    session awaits `wait()`, so that its messages keep their order.
+    The store resolves it once, from its own task: the LMDB store after the
+    scheduler pass of the check, Redis within the answer budget. A REST
+    request goes on in the callback given to `then`; a WebSocket session
+    awaits `wait()`, so that its messages keep their order.
     """
 
-    __slots__ = ("_callback", "_done", "_event", "_metrics", "_rules", "verdict")
+    __slots__ = ("_callback", "_done", "_event", "_metrics", "_redis", "_rules", "verdict")
 
     def __init__(self, rules: tuple[_Rule, ...], metrics: Metrics) -> None:
         self._rules = rules
@@ -239,7 +238,15 @@ class Pending:
         self._callback: Callable[[Verdict], None] | None = None
         self._event: trio.Event | None = None
         self._done = False
+        # The request's Redis rules and how to submit it to them, once the
+        # local store admits it.
+        self._redis: tuple[tuple[_Rule, ...], Callable[[Pending], None]] | None = None
         self.verdict: Verdict = None
+
+    def then_redis(self, rules: tuple[_Rule, ...], submit: Callable[[Pending], None]) -> None:
+        """Once the local store admits the request, check it on Redis's rules
+        `rules` (`submit` sends it there): the verdict is Redis's."""
+        self._redis = rules, submit
 
     def then(self, callback: Callable[[Verdict], None]) -> None:
         """Call `callback(verdict)` once it is known: now, if it is already."""
@@ -257,7 +264,7 @@ class Pending:
         return self.verdict
 
     def resolve(self, answer: Answer) -> None:
-        """The store's answer (redis_store.Waiter): its verdict, told to whoever waits."""
+        """The store's answer (waiters.Waiter): its verdict, told to whoever waits."""
         if isinstance(answer, Failed):
             verdict = _store_failed(self._rules, self._metrics)
         elif answer is None:
@@ -265,6 +272,10 @@ class Pending:
         else:
             rule = self._rules[answer[0]]
             verdict = Refusal(rule.name, min(answer[1], rule.max_retry_after))
+        if verdict is None and self._redis is not None:
+            (self._rules, submit), self._redis = self._redis, None
+            submit(self)
+            return
         self.verdict = verdict
         self._done = True
         if self._event is not None:

@@ -1,10 +1,10 @@
 """`store: local`: the buckets every worker process of one gateway shares, in an
 LMDB file (docs/configuration.md "Where the buckets live", "Capacity").
 
-Owns: the LMDB environment in the gateway's runtime directory, one write
-transaction per check (every rule of a request is checked, and counted or not,
-at once), the expiry of drained buckets, the bound on their number, and the
-recovery of reader slots left by killed workers.
+Owns: the LMDB environment in the gateway's runtime directory, checks made
+together in one write transaction (every rule of a request is checked, and
+counted or not, at once), the expiry of drained buckets, the bound on their
+number, and the recovery of reader slots left by killed workers.
 Must not: read a clock (the caller passes `now`, on a clock every process of
 the box shares: `time.monotonic`), import trio, or outlive the gateway's run:
 the state is ephemeral, and a new gateway starts from a new directory.
@@ -13,6 +13,12 @@ Why LMDB: a memory map that several processes open at once, one writer at a
 time under a robust mutex (a writer killed with SIGKILL does not leave the lock
 held), and transactions of a few microseconds without fsync (`sync=False,
 metasync=False, writemap=True`: nothing here must survive a crash).
+
+Why checks together: what a transaction costs is mostly its reads and writes
+of buckets and the pages it takes from the other workers' caches, and the
+requests of one scheduler pass mostly share their buckets (one caller, one
+address). A batch reads each bucket once, applies every check to it in order,
+exactly as one transaction each would, and writes it once.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import lmdb
 from tlvproxy.policy.ratelimit import EPSILON
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Collection, Sequence
     from pathlib import Path
 
 # The bound on buckets, and the map that holds them: a million buckets with the
@@ -55,6 +61,11 @@ Verdict = tuple[int, int] | None
 # its rate per second and burst, and the position of its key's value
 # (names.bounded) in the check's values; the bucket's name is prefix + value.
 Step = tuple[bytes, float, float, int]
+# One request's check: its rules' steps, its key values, and the time.
+Check = tuple["Sequence[Step]", "Sequence[bytes]", float]
+# A bucket while a batch is checked: [level, time of the last admission, rate],
+# or None for one the store does not hold.
+_Bucket = list[float] | None
 
 
 class StoreError(Exception):
@@ -65,8 +76,9 @@ class StoreError(Exception):
 class LocalBuckets:
     """The LMDB environment of one gateway's buckets, opened once per process.
 
-    Every method is synchronous and takes microseconds: the servers call
-    `check` inline on their hot path.
+    Its one check, `check_batch`, is synchronous and takes microseconds per
+    request; `local_batches.LocalChecks` gives it the checks of a scheduler
+    pass at once.
     """
 
     def __init__(
@@ -108,68 +120,85 @@ class LocalBuckets:
     def close(self) -> None:
         self._env.close()
 
-    def check(self, steps: Sequence[Step], values: Sequence[bytes], now: float) -> Verdict:
-        """Admit one request on the bucket of each rule of `steps` at time
-        `now` (seconds): the bucket of the value at the step's key position in
-        `values`.
-
-        The same arithmetic as `policy.ratelimit.ProcessBuckets.check`: either
-        every bucket counts the request and None is returned, or none does and
-        the answer is the first refusing step's position and retry-after.
-        Raises StoreError when the store cannot answer.
-        """
-        if now >= self._next_reader_check:
-            self._next_reader_check = now + _READER_CHECK_INTERVAL
+    def check_batch(self, checks: Sequence[Check]) -> list[Verdict]:
+        """Make `checks` in order, in one transaction, and answer each: the
+        same arithmetic as `policy.ratelimit.ProcessBuckets.check`, and the
+        same answers as one transaction per check. For each check either every
+        bucket counts the request and its answer is None, or none does and it
+        is the first refusing step's position and retry-after. Raises
+        StoreError when the store cannot answer (for any of them)."""
+        if checks and checks[0][2] >= self._next_reader_check:
+            self._next_reader_check = checks[0][2] + _READER_CHECK_INTERVAL
             self._free_readers()
         try:
-            return self._check(steps, values, now)
+            return self._check_all(checks)
         except lmdb.MapFullError:
             # The map is full despite MAX_KEYS (free pages held by a reader
-            # that never ends): this check fails, and the store starts afresh.
+            # that never ends): these checks fail, and the store starts afresh.
             self._empty()
             raise StoreError("the rate-limit store was full; every bucket starts afresh") from None
         except lmdb.Error as exc:
             raise StoreError(f"the rate-limit store failed: {exc}") from None
 
-    def _check(self, steps: Sequence[Step], values: Sequence[bytes], now: float) -> Verdict:
-        # One write transaction: the check and the count are atomic across
-        # processes. Each bucket counts the request as it admits it; a refusal
-        # aborts the transaction, and nothing is written.
-        pack = _BUCKET.pack
-        unpack = _BUCKET.unpack
+    def _check_all(self, checks: Sequence[Check]) -> list[Verdict]:
+        # One write transaction: the checks and their counts are atomic across
+        # processes. Each bucket is read once, into `held`, and written once,
+        # if a check changed it; `found` keeps what was read.
+        verdicts: list[Verdict] = []
         with self._env.begin(write=True, db=self._db) as txn:
             get = txn.get
+            unpack = _BUCKET.unpack
+            found: dict[bytes, _Bucket] = {}
+            held: dict[bytes, _Bucket] = {}
+            for steps, values, now in checks:
+                # Each bucket counts the request as it admits it; a refusal
+                # puts back what this check replaced.
+                replaced: list[tuple[bytes, _Bucket]] = []
+                verdict: Verdict = None
+                for position, (prefix, rate, burst, key) in enumerate(steps):
+                    name = prefix + values[key]
+                    if name in held:
+                        bucket = held[name]
+                    else:
+                        stored = get(name)
+                        bucket = None if stored is None else list(unpack(stored))
+                        found[name] = held[name] = bucket
+                    replaced.append((name, bucket))
+                    if bucket is None:
+                        held[name] = [1.0, now, rate]
+                        continue
+                    level, last, _ = bucket
+                    elapsed = now - last
+                    if elapsed > 0.0:
+                        level -= rate * elapsed
+                    if level - burst > EPSILON:
+                        held.update(reversed(replaced))
+                        wait = (level - burst) / rate
+                        verdict = position, max(1, math.ceil(wait - EPSILON))
+                        break
+                    # A worker that read its clock before waiting for the
+                    # write lock may come after one that read it later: the
+                    # bucket's time never goes back, or its drain would count
+                    # twice.
+                    held[name] = [level + 1.0 if level > 0.0 else 1.0, max(last, now), rate]
+                verdicts.append(verdict)
             put = txn.put
+            pack = _BUCKET.pack
             added = 0
-            for position, (prefix, rate, burst, key) in enumerate(steps):
-                name = prefix + values[key]
-                stored = get(name)
-                if stored is None:
-                    put(name, pack(1.0, now, rate))
-                    added += 1
-                    continue
-                level, last, _ = unpack(stored)
-                elapsed = now - last
-                if elapsed > 0.0:
-                    level -= rate * elapsed
-                if level - burst > EPSILON:
-                    txn.abort()
-                    wait = (level - burst) / rate
-                    return position, max(1, math.ceil(wait - EPSILON))
-                # A worker that read its clock before waiting for the write
-                # lock may come after one that read it later: the bucket's
-                # time never goes back, or its drain would count twice.
-                level = level + 1.0 if level > 0.0 else 1.0
-                put(name, pack(level, last if last > now else now, rate))
+            for name, bucket in held.items():
+                if bucket is not found[name] and bucket is not None:
+                    put(name, pack(*bucket))
+                    added += found[name] is None
             if added:
-                # After the updates: the buckets just counted hold at least one
+                # After the writes: the buckets just counted hold at least one
                 # request, so the sweep keeps them, and over the bound it
                 # evicts others.
-                keep = {prefix + values[key] for prefix, _, _, key in steps}
-                self._sweep(txn, now, _SWEEP_BATCH * added, keep)
-        return None
+                self._sweep(txn, checks[-1][2], _SWEEP_BATCH * added, held.keys())
+        return verdicts
 
-    def _sweep(self, txn: lmdb.Transaction, now: float, limit: int, keep: set[bytes]) -> None:
+    def _sweep(
+        self, txn: lmdb.Transaction, now: float, limit: int, keep: Collection[bytes]
+    ) -> None:
         """Examine up to `limit` buckets from where the last sweep stopped:
         delete those that have drained (a drained bucket admits exactly as an
         absent one), and while the store holds more than `max_keys`, any but

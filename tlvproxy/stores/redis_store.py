@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 import anyio
 import attrs
@@ -32,8 +32,12 @@ import trio
 from coredis.exceptions import NoScriptError, RedisError
 from coredis.retry import NoRetryPolicy
 
+from tlvproxy.stores.waiters import Failed
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from tlvproxy.stores.waiters import Answer, Waiter
 
 log = logging.getLogger("tlvproxy.ratelimit")
 
@@ -103,24 +107,6 @@ return {0}
 """
 # Redis names a script by its SHA-1.
 _SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
-
-
-@attrs.frozen(slots=True)
-class Failed:
-    """Redis did not answer a check within the budget, or answered nonsense."""
-
-    reason: str
-
-
-# A check's answer: None (every bucket counted), the position in the check's
-# keys of the first refusing bucket and its retry-after, or Failed.
-Answer = tuple[int, int] | Failed | None
-
-
-class Waiter(Protocol):
-    """Whoever waits for a check: resolved once, from this store's task."""
-
-    def resolve(self, answer: Answer) -> None: ...
 
 
 @attrs.define(slots=True)
