@@ -196,6 +196,59 @@ async def test_checks_still_queued_when_the_store_stops_fail() -> None:
         assert len(local.buckets) == 0
 
 
+async def test_a_bug_in_a_transaction_fails_its_checks_not_the_worker(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    rule_ = attrs.evolve(rule(rate=1.0, burst=1), on_store_error="deny")
+    async with running_local_checks() as local:
+        limits = RateLimits([rule_], metrics, local=local, clock=Clock())
+        made = local.buckets.check_batch
+
+        def broken(checks: object) -> object:
+            monkeypatch.setattr(local.buckets, "check_batch", made)
+            raise ValueError("a bug, not an lmdb.Error")
+
+        monkeypatch.setattr(local.buckets, "check_batch", broken)
+        check = limits.check("send", request_of("alice", "d"))
+        assert isinstance(check, Pending)
+        assert await check.wait() == Refusal("per_user", 1, store_failed=True)
+        assert "ValueError: a bug" in caplog.text
+        # The store's task goes on: the next check is made.
+        check = limits.check("send", request_of("alice", "d"))
+        assert isinstance(check, Pending)
+        assert await check.wait() is None
+        assert sample(metrics, "per_user") == 1
+
+
+def test_a_message_at_a_time_is_checked_at_once() -> None:
+    # A WebSocket session's messages: the verdict comes back from the call,
+    # without waiting for the store's task.
+    with local_checks() as local:
+        limits = RateLimits([rule(rate=1.0, burst=1)], Metrics(), local=local, clock=Clock())
+        alice = request_of("alice", "d")
+        assert limits.check("send", alice, at_once=True) is None
+        assert limits.check("send", alice, at_once=True) is None
+        assert limits.check("send", alice, at_once=True) == Refusal("per_user", 1)
+        # The same buckets as the checks made together.
+        check = limits.check("send", alice)
+        assert isinstance(check, Pending)
+        local.flush()
+        assert check.verdict == Refusal("per_user", 1)
+
+
+def test_a_batch_of_new_keys_is_bounded_after_it() -> None:
+    # The bound is applied once per transaction, sparing the buckets it used:
+    # over it by at most the batch's new buckets, and back under it after the next.
+    step = [(b"k", 0.001, 0.0, 0)]
+    with local_buckets(max_keys=4) as buckets:
+        batch = [(step, [b"%d" % i], 0.0) for i in range(256)]
+        assert buckets.check_batch(batch) == [None] * 256
+        assert len(buckets) <= 4 + 256
+        assert buckets.check_batch([(step, [b"new"], 0.0)]) == [None]
+        assert len(buckets) <= 4
+
+
 def test_a_failing_waiter_costs_only_its_own_check(caplog: pytest.LogCaptureFixture) -> None:
     class Broken:
         def resolve(self, answer: object) -> None:

@@ -225,7 +225,8 @@ class PushEndpoints:
         if limiter.applies(CREATE_COMMAND):
             verdict = limiter.check(CREATE_COMMAND, context)
             if isinstance(verdict, Pending):
-                # Redis answers on its store's task: the session opens there.
+                # The store answers on its own task (the LMDB store of
+                # several workers, or Redis): the session opens there.
                 verdict.then(partial(self._limited, creation))
                 return
             if verdict is not None:
@@ -233,7 +234,7 @@ class PushEndpoints:
         self._open(creation)
 
     def _limited(self, creation: _Creation, verdict: Refusal | None) -> None:
-        """Go on with a create whose rate limits waited for Redis."""
+        """Go on with a create whose rate limits waited for their store."""
         try:
             if verdict is not None:
                 raise session_core.refused(self._metrics, verdict)
@@ -248,7 +249,7 @@ class PushEndpoints:
     def _open(self, creation: _Creation) -> None:
         """Open the session `creation` asks for, if the limits admit it."""
         sessions = self._sessions
-        if sessions.is_draining():  # since the request came, while Redis answered
+        if sessions.is_draining():  # since the request came, while its store answered
             raise ShuttingDown("the gateway is shutting down; open the session elsewhere")
         runtime, spec, context = creation.runtime, creation.spec, creation.context
         refusal = sessions.admit(context.remote_addr, runtime.table.limits)
@@ -341,7 +342,8 @@ class PushEndpoints:
         session.messages_in += 1
         # Its answer, which every message gets once, counts in the session's
         # record now: it may come after the record is written, from another
-        # upstream's pool or a Redis verdict (docs/operations.md "Access records").
+        # upstream's pool or a rate-limit store's verdict (docs/operations.md
+        # "Access records").
         session.messages_out += 1
         self._in.inc()
         answer = partial(self._message_answer, reply)
@@ -365,7 +367,7 @@ class PushEndpoints:
             return
         verdict = session_core.rate_verdict(runtime, self._metrics, session.context, command)
         if isinstance(verdict, Pending):
-            # Redis answers on its store's task: the message goes on there.
+            # The store answers on its own task: the message goes on there.
             verdict.then(partial(self._admitted, session, parsed, answer))
         elif verdict is None:
             session.send(parsed, answer)
@@ -379,11 +381,16 @@ class PushEndpoints:
         answer: partial[None],
         refusal: Refusal | None,
     ) -> None:
-        if refusal is None:
-            session.send(request, answer)
-        else:
-            error = session_core.refused(self._metrics, refusal)
-            answer(ws_json.render_error(error, request.seq))
+        """Go on with a message whose rate limits waited for their store."""
+        try:
+            if refusal is None:
+                session.send(request, answer)
+            else:
+                error = session_core.refused(self._metrics, refusal)
+                answer(ws_json.render_error(error, request.seq))
+        except Exception:  # runs in the rate-limit store's task: a bug costs one answer
+            log.exception("a push-session message after its rate limits failed")
+            answer(ws_json.render_error(GatewayError("internal error"), request.seq))
 
     def _message_answer(self, reply: _Reply, text: bytes, fallback: str | None = None) -> None:
         self._out.inc()

@@ -213,8 +213,9 @@ class RestHandler:
             if runtime.limiter.applies(command.name):
                 verdict = runtime.limiter.check(command.name, context)
                 if isinstance(verdict, Pending):
-                    # Redis answers on its store's task: the request goes on
-                    # there, and this connection reads on meanwhile.
+                    # The store answers on its own task (the LMDB store of
+                    # several workers after this pass, or Redis): the request
+                    # goes on there, and this connection reads on meanwhile.
                     verdict.then(partial(self._resume, exchange, runtime, command, context, now))
                     return
                 if verdict is not None:
@@ -233,7 +234,7 @@ class RestHandler:
         now: float,
         verdict: Refusal | None,
     ) -> None:
-        """Go on with a request whose rate limits waited for Redis."""
+        """Go on with a request whose rate limits waited for their store."""
         try:
             if verdict is None:
                 self._forward(exchange, runtime, command, context, now)

@@ -165,15 +165,21 @@ def identity_refusal(
 
 
 def rate_verdict(
-    runtime: TableRuntime, metrics: Metrics, context: RequestContext, command: CommandSpec
+    runtime: TableRuntime,
+    metrics: Metrics,
+    context: RequestContext,
+    command: CommandSpec,
+    *,
+    at_once: bool = False,
 ) -> GatewayError | Pending | None:
     """The rate limits on one message: None when it may go now, the error it
-    gets when refused (counted), or a Pending whose verdict waits for Redis
-    (`refused` turns that verdict into the error)."""
+    gets when refused (counted), or a Pending whose verdict waits for a
+    store's task (`refused` turns that verdict into the error); `at_once`:
+    only for Redis (`RateLimits.check`)."""
     limiter = runtime.limiter
     if not limiter.applies(command.name):
         return None
-    verdict = limiter.check(command.name, context)
+    verdict = limiter.check(command.name, context, at_once=at_once)
     if verdict is None or isinstance(verdict, Pending):
         return verdict
     return refused(metrics, verdict)

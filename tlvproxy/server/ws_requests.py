@@ -239,8 +239,12 @@ class SessionRequests:
         """True when the message may be sent now; False when it was refused (it
         got a per-message `rate_limited` error, docs/configuration.md
         "rate_limits"); a Pending when the verdict waits for Redis: the caller
-        holds the message in `_verdict` and reading stops until it comes."""
-        verdict = session_core.rate_verdict(self._runtime, self._metrics, self._context, command)
+        holds the message in `_verdict` and reading stops until it comes. The
+        local store answers at once: a session's messages come one at a time,
+        and waiting a scheduler pass for each would slow the session down."""
+        verdict = session_core.rate_verdict(
+            self._runtime, self._metrics, self._context, command, at_once=True
+        )
         if verdict is None:
             return True
         if isinstance(verdict, Pending):

@@ -160,13 +160,17 @@ class RateLimits:
         """Whether any rule limits `command_name` (when not, `check` always admits)."""
         return self._plans.get(command_name, self._unlisted).applies
 
-    def check(self, command_name: str, request: RequestView) -> Verdict | Pending:
+    def check(
+        self, command_name: str, request: RequestView, *, at_once: bool = False
+    ) -> Verdict | Pending:
         """Admit one request for `command_name`, now.
 
         Returns None when every rule admits it (each bucket counting it), the
         `Refusal` of the first refusing rule, or a `Pending` whose verdict is
         one of those once the store's task answers: the LMDB store after this
-        scheduler pass, Redis within its 50 ms budget.
+        scheduler pass, Redis within its 50 ms budget. `at_once`: the LMDB
+        store checks it now, in a transaction of its own, for a caller that
+        handles one message at a time, so only Redis is waited for.
         """
         plan = self._plans.get(command_name, self._unlisted)
         # Each key's value, "-" when absent.
@@ -187,8 +191,11 @@ class RateLimits:
                 if plan.redis:
                     pending.then_redis(plan.redis_rules, partial(self._submit_redis, plan, texts))
                 values = [bounded(text) for text in texts]
-                local.submit(plan.local, values, self._clock(), pending)
-                return pending
+                if not at_once:
+                    local.submit(plan.local, values, self._clock(), pending)
+                    return pending
+                local.check_now(plan.local, values, self._clock(), pending)
+                return pending.verdict if pending.done else pending
             refusal = self._check_process(local, plan, texts)
             if refusal is not None:
                 return refusal
@@ -230,14 +237,14 @@ class Pending:
     awaits `wait()`, so that its messages keep their order.
     """
 
-    __slots__ = ("_callback", "_done", "_event", "_metrics", "_redis", "_rules", "verdict")
+    __slots__ = ("_callback", "_event", "_metrics", "_redis", "_rules", "done", "verdict")
 
     def __init__(self, rules: tuple[_Rule, ...], metrics: Metrics) -> None:
         self._rules = rules
         self._metrics = metrics
         self._callback: Callable[[Verdict], None] | None = None
         self._event: trio.Event | None = None
-        self._done = False
+        self.done = False
         # The request's Redis rules and how to submit it to them, once the
         # local store admits it.
         self._redis: tuple[tuple[_Rule, ...], Callable[[Pending], None]] | None = None
@@ -250,14 +257,14 @@ class Pending:
 
     def then(self, callback: Callable[[Verdict], None]) -> None:
         """Call `callback(verdict)` once it is known: now, if it is already."""
-        if self._done:
+        if self.done:
             callback(self.verdict)
         else:
             self._callback = callback
 
     async def wait(self) -> Verdict:
         """The verdict, once known."""
-        if not self._done:
+        if not self.done:
             if self._event is None:
                 self._event = trio.Event()
             await self._event.wait()
@@ -277,7 +284,7 @@ class Pending:
             submit(self)
             return
         self.verdict = verdict
-        self._done = True
+        self.done = True
         if self._event is not None:
             self._event.set()
         callback, self._callback = self._callback, None

@@ -83,22 +83,40 @@ class LocalChecks:
             for waiter in waiters:
                 _settle(waiter, Failed("the store stopped"))
 
+    def check_now(
+        self, steps: Sequence[Step], values: Sequence[bytes], now: float, waiter: Waiter
+    ) -> None:
+        """`submit`, but made at once, in a transaction of its own, and
+        `waiter` resolved before this returns: for a caller that handles one
+        message at a time (a WebSocket session), which would otherwise wait a
+        scheduler pass for each."""
+        self._make([(steps, values, now)], [waiter])
+
     def flush(self) -> None:
         """Make every submitted check now and resolve its waiter."""
         while self._queued:
             checks, waiters = self._queued[:_MAX_BATCH], self._waiters[:_MAX_BATCH]
             del self._queued[:_MAX_BATCH], self._waiters[:_MAX_BATCH]
-            answers: Sequence[Answer]
-            try:
-                answers = self.buckets.check_batch(checks)
-            except StoreError as exc:
-                now = checks[0][2]
-                if now >= self._next_log:
-                    self._next_log = now + _LOG_INTERVAL
-                    log.error("the local rate-limit store cannot answer", extra={"error": str(exc)})
-                answers = [Failed(str(exc))] * len(checks)
-            for waiter, answer in zip(waiters, answers, strict=True):
-                _settle(waiter, answer)
+            self._make(checks, waiters)
+
+    def _make(self, checks: list[Check], waiters: list[Waiter]) -> None:
+        answers: Sequence[Answer]
+        try:
+            answers = self.buckets.check_batch(checks)
+        except Exception as exc:
+            # The store cannot answer (StoreError), or a bug: these checks
+            # fail, and on_store_error decides for each; the worker goes on.
+            answers = [Failed(f"{type(exc).__name__}: {exc}")] * len(checks)
+            now = checks[0][2]
+            if now >= self._next_log:
+                self._next_log = now + _LOG_INTERVAL
+                log.error(
+                    "the local rate-limit store cannot answer",
+                    extra={"error": str(exc)},
+                    exc_info=not isinstance(exc, StoreError),
+                )
+        for waiter, answer in zip(waiters, answers, strict=True):
+            _settle(waiter, answer)
 
 
 def _settle(waiter: Waiter, answer: Answer) -> None:

@@ -18,7 +18,9 @@ Why checks together: what a transaction costs is mostly its reads and writes
 of buckets and the pages it takes from the other workers' caches, and the
 requests of one scheduler pass mostly share their buckets (one caller, one
 address). A batch reads each bucket once, applies every check to it in order,
-exactly as one transaction each would, and writes it once.
+as one transaction each would, and writes it once. Only the bound on buckets
+(`max_keys`) is applied once per batch, after its checks, sparing every bucket
+they used.
 """
 
 from __future__ import annotations
@@ -123,7 +125,9 @@ class LocalBuckets:
     def check_batch(self, checks: Sequence[Check]) -> list[Verdict]:
         """Make `checks` in order, in one transaction, and answer each: the
         same arithmetic as `policy.ratelimit.ProcessBuckets.check`, and the
-        same answers as one transaction per check. For each check either every
+        same answers as one transaction per check while the store holds fewer
+        than `max_keys` buckets (past it, evictions come after the checks, not
+        between them). For each check either every
         bucket counts the request and its answer is None, or none does and it
         is the first refusing step's position and retry-after. Raises
         StoreError when the store cannot answer (for any of them)."""
