@@ -63,6 +63,29 @@ async def malformed_for_bad(conn: RawConn, request: Request) -> None:
         await conn.answer(request)
 
 
+async def test_answers_of_one_read_are_counted_by_the_time_their_callers_see_them(
+    start_upstream,
+) -> None:
+    # Answers are counted in ints and published once per read: a caller that
+    # has its answer finds it in the metric, whatever else that read held.
+    upstream = await start_upstream()
+    metrics = Metrics()
+    labels = {"upstream": "im", "node": upstream.address, "outcome": "ok"}
+    seen: list[float] = []
+    async with pool_for(spec_for(upstream), metrics) as pool:
+
+        async def call() -> None:
+            await pool.request(0x1001, b"hello")
+            seen.append(sample(metrics, "tlvproxy_upstream_requests_total", **labels))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(call)
+        assert sample(metrics, "tlvproxy_upstream_requests_total", **labels) == 50
+    assert len(seen) == 50
+    assert all(count >= n for n, count in enumerate(sorted(seen), start=1))
+
+
 async def dead_port(start_upstream) -> RawUpstream:
     """An upstream whose port refuses connections."""
     upstream = await start_upstream()

@@ -64,6 +64,8 @@ from tlvproxy.framing import (
 from tlvproxy.timer import DeadlineTimer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tlvproxy.metrics import Metrics
 
 RECEIVE_SIZE: Final = 65536
@@ -161,6 +163,9 @@ class Connection:
     `max_in_flight` requests wait at once (capped by the seq space of the layout).
     The deadlines of submitted requests fire from `timer` (a running
     `DeadlineTimer`); without one, `run()` runs a timer of its own.
+    `after_read`, if given, is called once the frames of each read from the
+    socket are dispatched, and when reading ends: what their waiters counted
+    can be published then, once per read rather than once per frame.
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class Connection:
         max_in_flight: int,
         timer: DeadlineTimer | None = None,
         receiver: PushReceiver | None = None,
+        after_read: Callable[[], None] | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -202,6 +208,7 @@ class Connection:
         self._unsent = b""  # bytes of a write the socket did not take; the writer's
         self._sending = False  # the writer is sending `_unsent`: nobody else writes
         self._receiver = receiver
+        self._after_read = after_read
         self._cancel_scope: trio.CancelScope | None = None
         self.last_received = trio.current_time()
         self.closed = trio.Event()
@@ -453,8 +460,11 @@ class Connection:
         read = os.read
         waiters = self._waiters
         has_flags = self._has_flags
+        after_read = self._after_read
         try:
             while True:
+                if after_read is not None:
+                    after_read()
                 # Wait, then read: `receive_some` would try the read first, and
                 # with the responses just dispatched that read is usually bound
                 # to fail. The wait is this loop's checkpoint.
@@ -498,6 +508,9 @@ class Connection:
             )
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._finish(ConnectionLost(f"{self.node}: read failed: {exc}"), broken=True)
+        finally:
+            if after_read is not None:
+                after_read()
 
     # ------------------------------------------------------------ ending
 

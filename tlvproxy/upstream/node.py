@@ -60,6 +60,9 @@ class Node:
         self.changed = trio.Event()  # set (and replaced) when live or connecting changes
         self.became_unhealthy = trio.Event()  # replaced when the node recovers
         outcomes = metrics.upstream_requests
+        # Answers not yet in the metric (`count_answer`).
+        self.answered_ok = 0
+        self.answered_status = 0
         self.count_ok = outcomes.labels(upstream.name, self.name, "ok").inc
         self.count_status = outcomes.labels(upstream.name, self.name, "status").inc
         self.count_timeout = outcomes.labels(upstream.name, self.name, "timeout").inc
@@ -69,12 +72,26 @@ class Node:
         self.healthy_gauge.set(1)
 
     def count_answer(self, frame: Frame) -> None:
-        """An answer, whatever its status: counted, and the failure streak ends."""
+        """An answer, whatever its status: counted, and the failure streak ends.
+
+        Counted in plain ints, added to the metric by `publish_counts` when
+        the connection's read that brought it is dispatched: with several
+        workers each `inc` is a locked write to the worker's metrics file,
+        one per read rather than one per answer."""
         if frame.status:
-            self.count_status()
+            self.answered_status += 1
         else:
-            self.count_ok()
+            self.answered_ok += 1
         self.health.record_answer()
+
+    def publish_counts(self) -> None:
+        """Add the answers counted since the last call to the metric."""
+        if self.answered_ok:
+            self.count_ok(self.answered_ok)
+            self.answered_ok = 0
+        if self.answered_status:
+            self.count_status(self.answered_status)
+            self.answered_status = 0
 
     def count_lost(self, error: GatewayError) -> None:
         """No answer, the connection having broken or gone (not a timeout)."""

@@ -493,6 +493,7 @@ class Pool:
             max_in_flight=self._max_in_flight,
             receiver=receiver,
             timer=self._timer,
+            after_read=node.publish_counts,
         )
 
     async def connect(self, node: Node, *, counted: bool = False) -> Connection:
