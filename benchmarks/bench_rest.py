@@ -217,6 +217,7 @@ async def handler_cost(route: str, requests: int, concurrency: int) -> float:
         async with open_pool(table.upstreams["echo"], table.framing, metrics, timer) as pool:
             runtime = _runtime(table, pool, metrics)
             handler = RestHandler(lambda: runtime, metrics, access_log, tally)
+            nursery.start_soon(handler.run)
             request = Request(
                 method="POST",
                 target="/v1/echo",
@@ -280,6 +281,7 @@ async def http_cost(route: str, parser: str, requests: int, concurrency: int) ->
         async with open_pool(table.upstreams["echo"], table.framing, metrics, timer) as pool:
             runtime = _runtime(table, pool, metrics)
             handler = RestHandler(lambda: runtime, metrics, access_log, tally)
+            nursery.start_soon(handler.run)
             errors = error_response_for(lambda: runtime, metrics)
             settings = HttpSettings.from_limits(table.limits, parser)  # type: ignore[arg-type]
             signal = DrainSignal()

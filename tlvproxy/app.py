@@ -355,6 +355,8 @@ class Gateway:
             )
             push = PushEndpoints(self.push_sessions, self.metrics, self._handoff)
             rest = RestHandler(self.current, self.metrics, self.access_log, self.tally, push)
+            # In the outermost nursery: queued requests are worked on through the drain.
+            pool_nursery.start_soon(rest.run)
             errors = error_response_for(self.current, self.metrics)
             async with trio.open_nursery() as admin_nursery:
                 if admin_listener is not None:

