@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 import trio
 
 from tests.e2e.client import HttpClient, fetch
@@ -537,19 +538,23 @@ async def test_a_thousand_dropped_connections_leak_no_fd(gateway):
             await trio.sleep(0.01)
 
 
-async def test_a_bug_costs_its_own_request_not_the_others_of_its_pass(gateway, monkeypatch, caplog):
-    # The requests of a scheduler pass are worked on together, by one task:
-    # a bug while working on one answers it 500 and the others as usual.
+@pytest.mark.parametrize("stage", ["_inspected", "_admitted", "_forward"])
+async def test_a_bug_costs_its_own_request_not_the_others_of_its_pass(
+    gateway, monkeypatch, caplog, stage
+):
+    # The requests of a scheduler pass are worked on together, by one task,
+    # in three sweeps: a bug in any of them answers its request 500 and the
+    # others as usual.
     from tlvproxy.server.rest import RestHandler
 
-    work = RestHandler._work
+    original = getattr(RestHandler, stage)
 
-    def buggy(handler, exchange, runtime, request):
-        if request.body == b'{"boom": 1}':
+    def buggy(handler, exchange, *args):
+        if exchange.request.body == b'{"boom": 1}':
             raise RuntimeError("a bug")
-        work(handler, exchange, runtime, request)
+        return original(handler, exchange, *args)
 
-    monkeypatch.setattr(RestHandler, "_work", buggy)
+    monkeypatch.setattr(RestHandler, stage, buggy)
     answers = {}
 
     async def post(body: str) -> None:
