@@ -8,13 +8,13 @@ upstream, POST /v1/echo with the shared bench's 200-byte JSON body under wrk
 `echo` (rates high enough that nothing is refused: the cost measured is the
 bucket work, not refusals) and 50 WAF rules over path, query, body and headers
 (the demo's three plus 47 probes of the same kind; none matches the body).
-The pair is run `--rounds` times (default 5), alternating, and each figure is
+The pair is run `--rounds` times (default 9), alternating, and each figure is
 the median of its runs: single runs on the shared 2-core box move by 10% and
 more. The gateway's CPU time per request is printed too, steadier than req/s
 when wrk and the upstream compete for the cores. Target: less than 15% fewer
 req/s with the policy than without.
 
-Run: .venv/bin/python benchmarks/bench_policy_rest.py [--duration 5] [--rounds 5]
+Run: .venv/bin/python benchmarks/bench_policy_rest.py [--duration 5] [--rounds 9]
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def policy_rules() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
 def main() -> None:
     options = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     options.add_argument("--duration", type=int, default=5)
-    options.add_argument("--rounds", type=int, default=5)
+    options.add_argument("--rounds", type=int, default=9)
     args = options.parse_args()
     require_wrk()
     rate_limits, waf = policy_rules()
