@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from tlvproxy.logs import ACCESS_LOGGER, log_batch
+from tlvproxy.passes import PassSignal
 
 if TYPE_CHECKING:
     from tlvproxy.metrics import RequestTally
@@ -43,7 +44,7 @@ class AccessLog:
         self._logger = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
         self._tally = tally
         self._pending: list[tuple[float, dict[str, Any]]] = []
-        self._wake = trio.Event()
+        self._wake = PassSignal()
 
     def add(self, fields: dict[str, Any]) -> None:
         """Queue one record (`fields` become the record's attributes, as `extra`)."""
@@ -70,9 +71,6 @@ class AccessLog:
         """Flush after each scheduler pass that added records; forever, then once more."""
         task_status.started()
         try:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                self.flush()
+            await self._wake.each_pass(self.flush)
         finally:
             self.flush()

@@ -34,6 +34,7 @@ from tlvproxy.errors import (
     status_of,
 )
 from tlvproxy.logs import access_record
+from tlvproxy.passes import PassSignal
 from tlvproxy.server import cors
 from tlvproxy.server.fill import field_values, read_numbers, uid_of
 from tlvproxy.server.http_conn import Answer, Request, Response
@@ -167,17 +168,14 @@ class RestHandler:
         # Requests taken in this scheduler pass, for `run`'s task (each
         # exchange holds its request).
         self._queued: list[tuple[Exchange, TableRuntime]] = []
-        self._wake = trio.Event()
+        self._wake = PassSignal()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Work on the requests each scheduler pass queues, after it; until
         cancelled, then on those still queued."""
         task_status.started()
         try:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                self.flush()
+            await self._wake.each_pass(self.flush)
         finally:
             self.flush()
 

@@ -15,8 +15,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Final
 
-import trio
-
+from tlvproxy.passes import PassSignal
 from tlvproxy.stores.local_store import StoreError
 from tlvproxy.stores.waiters import Failed
 
@@ -48,7 +47,7 @@ class LocalChecks:
         # Submitted checks not made yet, and who waits for each.
         self._queued: list[Check] = []
         self._waiters: list[Waiter] = []
-        self._wake = trio.Event()  # a check was queued
+        self._wake = PassSignal()  # a check was queued
         self._stopped = False
         self._next_log = -math.inf
 
@@ -71,10 +70,7 @@ class LocalChecks:
         """Make the submitted checks until cancelled: each time the task runs,
         those of the scheduler pass before, in one transaction per _MAX_BATCH."""
         try:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                self.flush()
+            await self._wake.each_pass(self.flush)
         finally:
             # Stopped (the gateway exits): the checks not made hear once too,
             # and later ones at once.
