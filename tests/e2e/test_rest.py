@@ -570,6 +570,48 @@ async def test_a_bug_costs_its_own_request_not_the_others_of_its_pass(
         '{"c": 3}': 200,
     }
     assert error_of(answers['{"boom": 1}'])["code"] == "internal_error"
+    # As before the batching: the connection closes after a bug's answer.
+    assert answers['{"boom": 1}'].headers["connection"] == "close"
     assert "handler failed on POST /v1/echo" in caplog.text
     # The task goes on.
+    assert (await fetch(gateway.http_address, "POST", "/v1/echo", '{"d": 4}')).status == 200
+
+
+async def test_a_bug_while_answering_a_bug_costs_only_its_own_request(gateway, monkeypatch, caplog):
+    # The error answer itself fails (a bug in the access record, say): the
+    # request still gets a bare 500, and the worker and the others go on.
+    from tlvproxy.server.rest import Exchange, RestHandler
+
+    forward, finish = RestHandler._forward, Exchange.finish
+
+    def boom(exchange) -> bool:
+        return exchange.request.body == b'{"boom": 1}'
+
+    def buggy_forward(handler, exchange, *args):
+        if boom(exchange):
+            raise RuntimeError("a bug")
+        return forward(handler, exchange, *args)
+
+    def buggy_finish(exchange, *args, **kwargs):
+        if boom(exchange):
+            raise RuntimeError("a bug while answering")
+        return finish(exchange, *args, **kwargs)
+
+    monkeypatch.setattr(RestHandler, "_forward", buggy_forward)
+    monkeypatch.setattr(Exchange, "finish", buggy_finish)
+    answers = {}
+
+    async def post(body: str) -> None:
+        answers[body] = await fetch(gateway.http_address, "POST", "/v1/echo", body)
+
+    async with trio.open_nursery() as nursery:
+        for body in ('{"a": 1}', '{"boom": 1}', '{"b": 2}'):
+            nursery.start_soon(post, body)
+    assert {body: answer.status for body, answer in answers.items()} == {
+        '{"a": 1}': 200,
+        '{"boom": 1}': 500,
+        '{"b": 2}': 200,
+    }
+    assert error_of(answers['{"boom": 1}'])["code"] == "internal_error"
+    assert "answering POST /v1/echo after a failure failed" in caplog.text
     assert (await fetch(gateway.http_address, "POST", "/v1/echo", '{"d": 4}')).status == 200

@@ -142,3 +142,15 @@ def test_the_tally_is_published_below_the_log_level_too(sink):
     access.flush()
     assert collected.records == []
     assert _requests(metrics) == 1
+
+
+async def test_records_added_after_run_ends_are_written_at_once(sink):
+    # At shutdown another task (the REST task's last pass) may answer after
+    # this one has ended: its records are written as they come, not lost.
+    logger, collected = sink
+    access = AccessLog(logger)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(access.run)
+        nursery.cancel_scope.cancel()
+    access.add({"request_id": "late"})
+    assert [r.request_id for r in collected.records] == ["late"]

@@ -45,15 +45,17 @@ class AccessLog:
         self._tally = tally
         self._pending: list[tuple[float, dict[str, Any]]] = []
         self._wake = PassSignal()
+        # `run` has ended (the gateway stops): a record is written when added.
+        self._stopped = False
 
     def add(self, fields: dict[str, Any]) -> None:
         """Queue one record (`fields` become the record's attributes, as `extra`)."""
         pending = self._pending
         pending.append((time.time(), fields))
-        if len(pending) == 1:
-            self._wake.set()
-        elif len(pending) >= MAX_PENDING:
+        if self._stopped or len(pending) >= MAX_PENDING:
             self.flush()
+        elif len(pending) == 1:
+            self._wake.set()
 
     def flush(self) -> None:
         """Hand every pending record to the logger now, oldest first, then
@@ -73,4 +75,7 @@ class AccessLog:
         try:
             await self._wake.each_pass(self.flush)
         finally:
+            # The other tasks' last work (the REST task's last pass, say) may
+            # add records after this: those are written as they come.
+            self._stopped = True
             self.flush()

@@ -271,7 +271,7 @@ class RestHandler:
                 )
             if command.numeric_keys:
                 read_numbers(command, context)
-            now = trio.current_time()
+            now = exchange.submitted
             if runtime.limiter.applies(command.name):
                 verdict = runtime.limiter.check(command.name, context)
                 if isinstance(verdict, Pending):
@@ -296,15 +296,15 @@ class RestHandler:
         now: float,
         verdict: Refusal | None,
     ) -> None:
-        """Go on with a request whose rate limits waited for their store."""
-        try:
-            if verdict is None:
-                self._forward(exchange, runtime, command, context, now)
-            else:
-                exchange.on_error(self._refused(verdict), None)
-        except Exception:  # noqa: BLE001 - runs in the rate-limit store's task: a bug costs one answer
-            _log.exception("resuming a request after its rate limits failed")
-            exchange.on_error(GatewayError("internal error"), None)
+        """Go on with a request whose rate limits waited for their store (in
+        the store's task: a bug costs this one answer)."""
+        if verdict is None:
+            _guarded(self._forward, exchange, runtime, command, context, now)
+        else:
+            _guarded(self._refuse, exchange, verdict)
+
+    def _refuse(self, exchange: Exchange, verdict: Refusal) -> None:
+        exchange.on_error(self._refused(verdict), None)
 
     def _forward(
         self,
@@ -370,7 +370,13 @@ def _guarded(step: Callable[..., _T], exchange: Exchange, *args: Any) -> _T | No
         request = exchange.request
         # The path, not the target: a query may hold a token (docs/security.md).
         _log.exception("handler failed on %s %s", request.method, request.path)
-        exchange.on_error(GatewayError("internal error"), None)
+        # The connection closes after this answer, whatever state the bug left.
+        exchange.answer.keep_alive = False
+        try:
+            exchange.on_error(GatewayError("internal error"), None)
+        except Exception:  # noqa: BLE001 - the error answer failed too
+            _log.exception("answering %s %s after a failure failed", request.method, request.path)
+            exchange.answer.set(exchange.internal_error())
         return None
 
 
@@ -390,6 +396,7 @@ class Exchange:
         "identity",
         "request",
         "request_id",
+        "submitted",
         "table",
         "timeout",
     )
@@ -401,6 +408,9 @@ class Exchange:
         self.table = runtime.table
         self.request = request
         self.answer = answer
+        # When the whole request was read and handed over: its deadline
+        # counts from then (docs/reference.md "Timeouts").
+        self.submitted = trio.current_time()
         self.request_id = request_id_of(request)
         trusted = self.table.trusted_proxies
         self.client_ip = (
