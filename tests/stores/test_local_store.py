@@ -32,7 +32,7 @@ from tlvproxy.metrics import Metrics
 from tlvproxy.policy.ratelimit import ProcessBuckets, RateLimiter, Refusal
 from tlvproxy.stores.limits import Pending, RateLimits
 from tlvproxy.stores.local_batches import LocalChecks
-from tlvproxy.stores.local_store import LocalBuckets, StoreError
+from tlvproxy.stores.local_store import _BUCKET, LocalBuckets, StoreError
 from tlvproxy.stores.names import MAX_VALUE_BYTES, bounded, local_prefix
 
 if TYPE_CHECKING:
@@ -148,6 +148,69 @@ def test_checks_made_together_give_the_references_verdicts(drawn, events, cuts):
             local.flush()
             verdicts = [p.verdict if isinstance(p, Pending) else p for p in pending]
             assert verdicts == expected
+
+
+# Checks on buckets named in full, on two rules of one table, each check on
+# one or both of them and one of two key values; the time may go back (a
+# worker that read its clock before another).
+_TWO_RULES = st.tuples(
+    st.sampled_from([1.0, 3.0]), st.integers(0, 2), st.sampled_from([1.0, 3.0]), st.integers(0, 2)
+)
+_CHECKS = st.lists(
+    st.tuples(
+        st.sampled_from([(0,), (1,), (0, 1), (1, 0)]),
+        st.sampled_from([b"a", b"b"]),
+        st.sampled_from([0.0, 0.0, 0.05, 0.3, 1.0, -0.2]),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+def _live_buckets(store: LocalBuckets, now: float) -> dict[bytes, tuple[float, ...]]:
+    """The buckets that have not drained by `now` (a drained one admits as an absent one)."""
+    with store._env.begin(db=store._db) as txn:
+        states = {bytes(name): _BUCKET.unpack(value) for name, value in txn.cursor()}
+    return {
+        name: state for name, state in states.items() if state[0] - state[2] * (now - state[1]) > 0
+    }
+
+
+# A batch that admits every check is counted bucket by bucket, one that
+# refuses one check after the other: either way, its verdicts and the buckets
+# it leaves are those of one transaction per check.
+@settings(max_examples=100, deadline=None)
+@given(rules=_TWO_RULES, drawn=_CHECKS, cuts=st.lists(st.integers(1, 8), min_size=1, max_size=10))
+def test_a_batch_leaves_what_one_transaction_per_check_leaves(rules, drawn, cuts):
+    rate0, burst0, rate1, burst1 = rules
+    steps = [(b"r0:", rate0, float(burst0), 0), (b"r1:", rate1, float(burst1), 0)]
+    now = 100.0
+    checks = []
+    for chosen, value, delay in drawn:
+        now += delay
+        checks.append(([steps[index] for index in chosen], [value], now))
+    with local_buckets() as together, local_buckets() as alone:
+        left = checks
+        for cut in itertools.cycle(cuts):
+            if not left:
+                break
+            batch, left = left[:cut], left[cut:]
+            expected = [alone.check_batch([check])[0] for check in batch]
+            assert together.check_batch(batch) == expected
+        assert _live_buckets(together, now) == _live_buckets(alone, now)
+
+
+def test_a_rule_reloaded_within_a_batch_counts_at_each_checks_rate():
+    # The checks of a pass may come from two tables (a reload in between): the
+    # rule's bucket drains at each check's own rate and burst.
+    with local_buckets() as together, local_buckets() as alone:
+        old, new = (b"r:", 10.0, 1.0, 0), (b"r:", 1.0, 0.0, 0)
+        checks = [([old], [b"a"], 1.0), ([new], [b"a"], 1.05)]
+        expected = [alone.check_batch([check])[0] for check in checks]
+        # The old rule would admit the second (half a request has drained, of
+        # a burst of one); the new one refuses it.
+        assert expected == [None, (0, 1)]
+        assert together.check_batch(checks) == expected
 
 
 async def test_the_store_task_answers_after_the_pass_and_fails_when_stopped() -> None:
@@ -307,7 +370,7 @@ def test_one_process_bucket_names_are_bounded() -> None:
 _COUNTER = """
 import sys
 from pathlib import Path
-from tlvproxy.stores.local_store import LocalBuckets, StoreError
+from tlvproxy.stores.local_store import _BUCKET, LocalBuckets, StoreError
 buckets = LocalBuckets(Path(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()

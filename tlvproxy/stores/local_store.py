@@ -20,21 +20,24 @@ requests of one scheduler pass mostly share their buckets (one caller, one
 address). A batch reads each bucket once, applies every check to it in order,
 as one transaction each would, and writes it once. Only the bound on buckets
 (`max_keys`) is applied once per batch, after its checks, sparing every bucket
-they used.
+they used. A batch that admits every check, the usual one, is counted bucket by
+bucket (each bucket's requests in a tight loop, which halves the work of ten
+rules); one that refuses a check is made again one check after the other, as a
+refusal takes its request back out of the buckets that counted it.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import lmdb
 
 from tlvproxy.policy.ratelimit import EPSILON
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Sequence
+    from collections.abc import Callable, Collection, Mapping, Sequence
     from pathlib import Path
 
 # The bound on buckets, and the map that holds them: a million buckets with the
@@ -146,58 +149,23 @@ class LocalBuckets:
 
     def _check_all(self, checks: Sequence[Check]) -> list[Verdict]:
         # One write transaction: the checks and their counts are atomic across
-        # processes. Each bucket is read once, into `held`, and written once,
-        # if a check changed it; `found` keeps what was read.
-        verdicts: list[Verdict] = []
+        # processes. Every bucket is read once and written once, if counted in.
         with self._env.begin(write=True, db=self._db) as txn:
             get = txn.get
-            unpack = _BUCKET.unpack
-            found: dict[bytes, _Bucket] = {}
-            held: dict[bytes, _Bucket] = {}
-            for steps, values, now in checks:
-                # Each bucket counts the request as it admits it; a refusal
-                # puts back what this check replaced.
-                replaced: list[tuple[bytes, _Bucket]] = []
-                verdict: Verdict = None
-                for position, (prefix, rate, burst, key) in enumerate(steps):
-                    name = prefix + values[key]
-                    if name in held:
-                        bucket = held[name]
-                    else:
-                        stored = get(name)
-                        bucket = None if stored is None else list(unpack(stored))
-                        found[name] = held[name] = bucket
-                    replaced.append((name, bucket))
-                    if bucket is None:
-                        held[name] = [1.0, now, rate]
-                        continue
-                    level, last, _ = bucket
-                    elapsed = now - last
-                    if elapsed > 0.0:
-                        level -= rate * elapsed
-                    if level - burst > EPSILON:
-                        held.update(reversed(replaced))
-                        wait = (level - burst) / rate
-                        verdict = position, max(1, math.ceil(wait - EPSILON))
-                        break
-                    # A worker that read its clock before waiting for the
-                    # write lock may come after one that read it later: the
-                    # bucket's time never goes back, or its drain would count
-                    # twice.
-                    held[name] = [level + 1.0 if level > 0.0 else 1.0, max(last, now), rate]
-                verdicts.append(verdict)
+            counts = _count_every_check(get, checks)
+            if counts is None:
+                verdicts, counts = _check_one_by_one(get, checks)
+            else:
+                verdicts = [None] * len(checks)
             put = txn.put
             pack = _BUCKET.pack
-            added = 0
-            for name, bucket in held.items():
-                if bucket is not found[name] and bucket is not None:
-                    put(name, pack(*bucket))
-                    added += found[name] is None
-            if added:
+            for name, bucket in counts.changed.items():
+                put(name, pack(*bucket))
+            if counts.added:
                 # After the writes: the buckets just counted hold at least one
                 # request, so the sweep keeps them, and over the bound it
                 # evicts others.
-                self._sweep(txn, checks[-1][2], _SWEEP_BATCH * added, held.keys())
+                self._sweep(txn, checks[-1][2], _SWEEP_BATCH * counts.added, counts.used)
         return verdicts
 
     def _sweep(
@@ -247,6 +215,112 @@ class LocalBuckets:
             self._env.reader_check()
         except lmdb.Error as exc:
             raise StoreError(f"the rate-limit store failed: {exc}") from None
+
+
+class _Counts(NamedTuple):
+    """What a batch's checks leave to write: each changed bucket's new state,
+    the names of every bucket they used, and how many of those were absent."""
+
+    changed: Mapping[bytes, Sequence[float]]
+    used: Collection[bytes]
+    added: int
+
+
+def _count_every_check(
+    get: Callable[[bytes], bytes | None], checks: Sequence[Check]
+) -> _Counts | None:
+    """The batch on the assumption that every check is admitted: each bucket's
+    requests applied in the order of the checks, one bucket after the other.
+    None as soon as one would refuse (or a rule's rate or burst changed within
+    the batch, by a reload), and `_check_one_by_one` decides.
+
+    When every check is admitted, no refusal puts anything back, so a bucket's
+    state depends on its own requests alone: the same arithmetic in the same
+    order gives the same floats as checking one request after the other."""
+    # Each bucket's step, then the time of each request it counts.
+    lines: dict[bytes, list[Any]] = {}
+    for steps, values, now in checks:
+        for step in steps:
+            name = step[0] + values[step[3]]
+            line = lines.get(name)
+            if line is None:
+                lines[name] = [step, now]
+            elif (first := line[0]) is step or (first[1] == step[1] and first[2] == step[2]):
+                line.append(now)
+            else:
+                return None
+    unpack = _BUCKET.unpack
+    changed: dict[bytes, Sequence[float]] = {}
+    added = 0
+    for name, line in lines.items():
+        times = iter(line)
+        _, rate, burst, _ = next(times)
+        stored = get(name)
+        if stored is None:
+            # An absent bucket admits its first request.
+            level, last = 1.0, next(times)
+            added += 1
+        else:
+            level, last, _ = unpack(stored)
+        for now in times:
+            elapsed = now - last
+            if elapsed > 0.0:
+                level -= rate * elapsed
+                last = now
+            if level - burst > EPSILON:
+                return None
+            level = level + 1.0 if level > 0.0 else 1.0
+        changed[name] = (level, last, rate)
+    return _Counts(changed, lines.keys(), added)
+
+
+def _check_one_by_one(
+    get: Callable[[bytes], bytes | None], checks: Sequence[Check]
+) -> tuple[list[Verdict], _Counts]:
+    """The batch one check after the other, for one that some check refuses."""
+    verdicts: list[Verdict] = []
+    unpack = _BUCKET.unpack
+    # Each bucket read once, into `held`; `found` keeps what was read.
+    found: dict[bytes, _Bucket] = {}
+    held: dict[bytes, _Bucket] = {}
+    for steps, values, now in checks:
+        # Each bucket counts the request as it admits it; a refusal puts back
+        # what this check replaced.
+        replaced: list[tuple[bytes, _Bucket]] = []
+        verdict: Verdict = None
+        for position, (prefix, rate, burst, key) in enumerate(steps):
+            name = prefix + values[key]
+            if name in held:
+                bucket = held[name]
+            else:
+                stored = get(name)
+                bucket = None if stored is None else list(unpack(stored))
+                found[name] = held[name] = bucket
+            replaced.append((name, bucket))
+            if bucket is None:
+                held[name] = [1.0, now, rate]
+                continue
+            level, last, _ = bucket
+            elapsed = now - last
+            if elapsed > 0.0:
+                level -= rate * elapsed
+            if level - burst > EPSILON:
+                held.update(reversed(replaced))
+                wait = (level - burst) / rate
+                verdict = position, max(1, math.ceil(wait - EPSILON))
+                break
+            # A worker that read its clock before waiting for the write lock
+            # may come after one that read it later: the bucket's time never
+            # goes back, or its drain would count twice.
+            held[name] = [level + 1.0 if level > 0.0 else 1.0, max(last, now), rate]
+        verdicts.append(verdict)
+    changed = {
+        name: bucket
+        for name, bucket in held.items()
+        if bucket is not found[name] and bucket is not None
+    }
+    added = sum(found[name] is None for name in changed)
+    return verdicts, _Counts(changed, held.keys(), added)
 
 
 def _delete(cursor: lmdb.Cursor) -> bool:
