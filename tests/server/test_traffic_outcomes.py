@@ -165,8 +165,10 @@ async def test_a_million_elements_leave_room_for_other_tasks_throughout() -> Non
         copy = caller._copy
         assert copy is not None
         await until(lambda: copy.reply is not None)
-        caller.settled(answer(body(big, numbers=[0] * size)))
+        # The ticker first, so that it sees the comparison's first step too.
         nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        caller.settled(answer(body(big, numbers=[0] * size)))
         await until(lambda: outcome(metrics, "different") == 1)
         assert len(gaps) >= size // COMPARE_STEP
         # A step is about COMPARE_STEP elements, a millisecond or two; taking
