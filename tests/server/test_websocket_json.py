@@ -64,6 +64,17 @@ def test_parses_a_request_by_name_or_number(table) -> None:
     assert by_text.command.name == "echo"
 
 
+def test_integers_outside_64_bits_reach_the_upstream_exactly(table) -> None:
+    # orjson would read them as floats; the message goes to the json module.
+    parsed = ws_json.parse_request(
+        '{"cmd": "echo", "seq": 1, "body": [18446744073709551617, "é"]}',
+        table,
+        "im",
+        VIEW,
+    )
+    assert json.loads(parsed.body) == [2**64 + 1, "é"]
+
+
 def test_a_number_names_the_command_of_the_sessions_upstream(table) -> None:
     # 0x1003 is echo on im and echo_other on other: words are unique per upstream.
     on_im = ws_json.parse_request('{"cmd": 4099, "seq": 1}', table, "im", VIEW)

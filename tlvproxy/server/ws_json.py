@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import re
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -23,6 +22,7 @@ import orjson
 
 from tlvproxy.errors import BadRequest, GatewayError, ws_error_message
 from tlvproxy.schema.codec import JSON_CONTENT_TYPE
+from tlvproxy.schema.json_text import has_long_digit_run
 
 if TYPE_CHECKING:
     from tlvproxy.config.compiled import CompiledTable
@@ -51,8 +51,6 @@ class MessageRejected(Exception):
 
 # Built once: json.dumps with options builds an encoder on every call.
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
-# 19 digits in a row: maybe an integer outside 64 bits, which orjson reads as a float.
-_LONG_DIGIT_RUN: Final = re.compile(r"\d{19}")
 
 
 def dumps(value: Any) -> bytes:
@@ -76,7 +74,7 @@ def parse_request(text: str, table: CompiledTable, upstream: str, view: RequestV
     command, a command served by another upstream, or a body its codec refuses.
     """
     message: Any = None
-    if _LONG_DIGIT_RUN.search(text) is None:
+    if not has_long_digit_run(text.encode("utf-8", "surrogatepass")):
         # orjson parses a message 4x faster, to the same value. What it refuses
         # (NaN, a lone surrogate escape, invalid JSON) goes to the json module,
         # which decides and words the error.
