@@ -47,6 +47,7 @@ from tlvproxy.server.admission import (
 )
 from tlvproxy.server.handoff import DESCRIPTORS as HANDOFF_DESCRIPTORS
 from tlvproxy.server.handoff import Handoff
+from tlvproxy.server.http_answers import ReadyAnswers
 from tlvproxy.server.http_conn import (
     DeadlineTimer,
     DrainSignal,
@@ -130,6 +131,8 @@ class Gateway:
         self._drain_signal = DrainSignal()  # wakes idle keep-alive connections to close
         self.websockets = WebSocketSessions()  # the drain closes them with 1001
         self._timer = DeadlineTimer()  # fires every connection's time limits
+        # Writes the answers that other tasks set, after their scheduler pass.
+        self._ready_answers = ReadyAnswers()
         self._pools = UpstreamPools(metrics, self._timer, runtime_dir)
         # REST requests are counted in plain numbers and published with each
         # batch of access records, once per scheduler pass.
@@ -317,6 +320,7 @@ class Gateway:
                 self._admission,
                 Doorkeeper(pool_nursery),
                 timer=self._timer,
+                ready_answers=self._ready_answers,
                 drain_signal=self._drain_signal,
                 websockets=self.websockets,
                 certificates=self._certificates,
@@ -324,6 +328,7 @@ class Gateway:
             )
             # In the outermost nursery: it outlives every connection, drain included.
             pool_nursery.start_soon(self._timer.run)
+            await pool_nursery.start(self._ready_answers.run)
             pool_nursery.start_soon(self.access_log.run)
             pool_nursery.start_soon(self.traffic.run)
             if isinstance(self._local, LocalChecks):

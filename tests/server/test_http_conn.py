@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from tlvproxy.errors import GatewayError, RateLimited, status_of
+from tlvproxy.server.http_answers import ReadyAnswers
 from tlvproxy.server.http_conn import (
     Answer,
     DrainSignal,
@@ -221,6 +222,100 @@ async def test_answers_owed_when_the_client_half_closes_are_still_written(settin
         replies = [await client.reply() for _ in range(2)]
         assert [r.headers["x-path"] for r in replies if r] == ["/1", "/2"]
         assert await client.closed()
+
+
+def _received_now(client: Client) -> bytes:
+    """What the client's socket holds now, without waiting."""
+    try:
+        return os.read(client.stream.socket.fileno(), 65536)
+    except BlockingIOError:
+        return b""
+
+
+@pytest.mark.parametrize("running", [True, False])
+async def test_answers_other_tasks_set_are_written_after_their_pass(settings, running):
+    # Set in one pass by another task (here the test's), the answers of two
+    # connections are written together after it by the ReadyAnswers task;
+    # without the task running, each at once.
+    handler = HeldAnswers()
+    ready = ReadyAnswers()
+    async with trio.open_nursery() as nursery:
+        if running:
+            await nursery.start(ready.run)
+        async with serving(settings, handler, ready_answers=ready) as (open_client, _):
+            clients = [await open_client(), await open_client()]
+            for n, client in enumerate(clients):
+                await client.send(get(f"/{n}"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(handler.held) == 2
+            handler.release()
+            held = [_received_now(client) for client in clients]
+            if running:
+                assert held == [b"", b""]
+            else:
+                assert all(data.startswith(b"HTTP/1.1 200") for data in held)
+                return
+            replies = [await client.reply() for client in clients]
+            assert [r.headers["x-path"] for r in replies if r] == ["/0", "/1"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_answers_queued_when_the_ready_answers_task_ends_are_written(settings):
+    handler = HeldAnswers()
+    ready = ReadyAnswers()
+    scope = trio.CancelScope()
+
+    async def run_ready(task_status: trio.TaskStatus[None]) -> None:
+        with scope:
+            await ready.run(task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_ready)
+        async with serving(settings, handler, ready_answers=ready) as (open_client, _):
+            client = await open_client()
+            await client.send(get("/1"))
+            await trio.testing.wait_all_tasks_blocked()
+            handler.release()  # queued for after this pass
+            scope.cancel()  # ... and the task ends first
+            reply = await client.reply()
+            assert reply is not None
+            assert reply.headers["x-path"] == "/1"
+            # The task has ended: a later answer is written at once.
+            handler.released = False
+            await client.send(get("/2"))
+            await trio.testing.wait_all_tasks_blocked()
+            handler.release()
+            assert _received_now(client).startswith(b"HTTP/1.1 200")
+
+
+class _Connection:
+    """Just what ReadyAnswers calls on a connection, to make one fail."""
+
+    def __init__(self, fails: bool) -> None:
+        self.fails = fails
+        self.written = self.broken = False
+        self._write_queued = False
+
+    def _write_ready(self) -> None:
+        if self.fails:
+            raise RuntimeError("a bug")
+        self.written = True
+
+    def _break(self) -> None:
+        self.broken = True
+
+
+async def test_a_bug_writing_one_connection_costs_only_that_connection(caplog):
+    ready = ReadyAnswers()
+    failing, fine = _Connection(fails=True), _Connection(fails=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ready.run)
+        ready.add(failing)  # type: ignore[arg-type]
+        ready.add(fine)  # type: ignore[arg-type]
+        await trio.testing.wait_all_tasks_blocked()
+        assert (failing.broken, fine.written, fine.broken) == (True, True, False)
+        assert "writing an answer failed" in caplog.text
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_client_that_does_not_read_stops_being_read(settings):

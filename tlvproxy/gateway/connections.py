@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from tlvproxy.gateway.certificates import ServingCertificates
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.admission import Admission, Doorkeeper
+    from tlvproxy.server.http_answers import ReadyAnswers
     from tlvproxy.server.http_conn import (
         DeadlineTimer,
         DrainSignal,
@@ -68,6 +69,7 @@ class ClientConnections:
         door: Doorkeeper,
         *,
         timer: DeadlineTimer,
+        ready_answers: ReadyAnswers,
         drain_signal: DrainSignal,
         websockets: WebSocketSessions,
         certificates: ServingCertificates,
@@ -78,6 +80,7 @@ class ClientConnections:
         self._admission = admission
         self.door = door
         self._timer = timer
+        self._ready_answers = ready_answers
         self._drain_signal = drain_signal
         self._websockets = websockets
         self._certificates = certificates
@@ -172,6 +175,7 @@ class ClientConnections:
                 upgrade=upgrade,
                 drain_signal=self._drain_signal,
                 timer=self._timer,
+                ready_answers=self._ready_answers,
                 received=received,
             )
         finally:

@@ -62,7 +62,7 @@ from tlvproxy.timer import DeadlineTimer
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from tlvproxy.server.http_answers import AnsweringConnection
+    from tlvproxy.server.http_answers import AnsweringConnection, ReadyAnswers
     from tlvproxy.server.http_handover import HandingOverConnection
     from tlvproxy.server.http_waits import WaitingConnection
     from tlvproxy.server.parsers import RequestParser
@@ -118,6 +118,7 @@ async def serve_http_connection(
     draining: Callable[[], bool] = _never,
     drain_signal: DrainSignal | None = None,
     timer: DeadlineTimer | None = None,
+    ready_answers: ReadyAnswers | None = None,
     received: bytes = b"",
 ) -> None:
     """Serve HTTP/1.1 on `stream` until either side closes it; always close it.
@@ -133,7 +134,9 @@ async def serve_http_connection(
     is written; it owns the stream until it returns, and so does the handler
     a Submitter gives `Answer.take_over`. The time limits fire from
     `timer` (a running `DeadlineTimer`), or from a timer of the connection's
-    own. `received`: bytes of the connection read before (by another worker,
+    own. Answers that other tasks set are written after their scheduler pass
+    by `ready_answers` (a running `ReadyAnswers`), or at once without it.
+    `received`: bytes of the connection read before (by another worker,
     which handed it over), parsed first. Returns normally; only
     trio.Cancelled and KeyboardInterrupt get out.
     """
@@ -147,6 +150,7 @@ async def serve_http_connection(
         draining,
         drain_signal,
     )
+    connection._ready_answers = ready_answers
     if received:
         connection._parser.receive_data(received)
     if drain_signal is not None:
@@ -232,6 +236,9 @@ class _Connection(AnswerOrder, Waits, HandOver):
         self._order: deque[Answer] = deque()
         self._out = bytearray()
         self._flushing = False
+        # Writes the answers other tasks set, after their pass (None: at once).
+        self._ready_answers: ReadyAnswers | None = None
+        self._write_queued = False  # in `_ready_answers`' queue
         self._in_batch = False  # this task is handling a batch: it writes at its end
         self._answered_at = -math.inf  # when the last answer was written
         self._settled: trio.Event | None = None  # set when the order or `_out` shrinks
