@@ -19,6 +19,7 @@ from tlvproxy.errors import GatewayError, RateLimited, status_of
 from tlvproxy.server.http_answers import ReadyAnswers
 from tlvproxy.server.http_conn import (
     Answer,
+    DeadlineTimer,
     DrainSignal,
     Request,
     Response,
@@ -275,9 +276,10 @@ async def test_answers_queued_when_the_ready_answers_task_ends_are_written(setti
             client = await open_client()
             await client.send(get("/1"))
             await trio.testing.wait_all_tasks_blocked()
-            handler.release()  # queued for after this pass
-            scope.cancel()  # ... and the task ends first
-            reply = await client.reply()
+            scope.cancel()  # the task ends at its next turn ...
+            handler.release()  # ... with this answer queued: it writes it then
+            with trio.fail_after(2):
+                reply = await client.reply()
             assert reply is not None
             assert reply.headers["x-path"] == "/1"
             # The task has ended: a later answer is written at once.
@@ -288,33 +290,25 @@ async def test_answers_queued_when_the_ready_answers_task_ends_are_written(setti
             assert _received_now(client).startswith(b"HTTP/1.1 200")
 
 
-class _Connection:
-    """Just what ReadyAnswers calls on a connection, to make one fail."""
-
-    def __init__(self, fails: bool) -> None:
-        self.fails = fails
-        self.written = self.broken = False
-        self._write_queued = False
-
-    def _write_ready(self) -> None:
-        if self.fails:
-            raise RuntimeError("a bug")
-        self.written = True
-
-    def _break(self) -> None:
-        self.broken = True
-
-
-async def test_a_bug_writing_one_connection_costs_only_that_connection(caplog):
+async def test_a_bug_writing_one_connection_costs_only_that_connection(settings, caplog):
+    handler = HeldAnswers()
     ready = ReadyAnswers()
-    failing, fine = _Connection(fails=True), _Connection(fails=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(ready.run)
-        ready.add(failing)  # type: ignore[arg-type]
-        ready.add(fine)  # type: ignore[arg-type]
-        await trio.testing.wait_all_tasks_blocked()
-        assert (failing.broken, fine.written, fine.broken) == (True, True, False)
-        assert "writing an answer failed" in caplog.text
+        async with serving(settings, handler, ready_answers=ready) as (open_client, _):
+            failing, fine = await open_client(), await open_client()
+            await failing.send(get("/bug"))
+            await fine.send(get("/fine"))
+            await trio.testing.wait_all_tasks_blocked()
+            answers = {request.path: answer for request, answer in handler.held}
+            answers["/bug"].set(Response(200, None, b""))  # type: ignore[arg-type]  # a bug
+            answers["/fine"].set(Response(200, [("X-Path", "/fine")], b""))
+            with trio.fail_after(2):
+                assert await failing.closed()
+                reply = await fine.reply()
+            assert reply is not None
+            assert reply.headers["x-path"] == "/fine"
+            assert "writing an answer failed" in caplog.text
         nursery.cancel_scope.cancel()
 
 
@@ -763,29 +757,41 @@ async def test_a_submitter_takes_the_connection_over_after_the_answers_before(se
     assert handler.taken == [("/take", b"bytes past it")]
 
 
-async def test_a_take_over_the_drain_overtakes_is_answered_503(settings):
+@pytest.mark.parametrize("as_in_the_gateway", [False, True])
+async def test_a_take_over_the_drain_overtakes_is_answered_503(settings, as_in_the_gateway):
+    # In the gateway, one timer serves every connection and the answers other
+    # tasks set are written after their pass (ReadyAnswers): the 503 must
+    # still be written before the connection closes.
     drain = DrainSignal()
     handler = TakesOver()
-    async with serving(settings, handler, drain_signal=drain) as (open_client, _):
-        client = await open_client()
-        await client.send(get("/1") + get("/take"))
-        await trio.testing.wait_all_tasks_blocked()
-        drain.set()  # while /1 is owed
-        handler.held.release()
-        first = await client.reply()
-        assert first is not None
-        assert first.headers["x-path"] == "/1"
-        if settings.parser == "httptools":
-            # /take was read, and is owed an answer: not a stream, once draining.
-            second = await client.reply()
-            assert second is not None
-            assert second.status == 503
-            assert json.loads(second.body)["error"]["code"] == "shutting_down"
-            assert second.headers["connection"] == "close"
-        else:
-            # h11 reads /take only once /1 is answered: the drain's last answer.
-            assert first.headers["connection"] == "close"
-        assert await client.closed()
+    async with trio.open_nursery() as nursery:
+        shared: dict[str, object] = {}
+        if as_in_the_gateway:
+            shared["timer"] = DeadlineTimer()
+            shared["ready_answers"] = ReadyAnswers()
+            await nursery.start(shared["timer"].run)
+            await nursery.start(shared["ready_answers"].run)
+        async with serving(settings, handler, drain_signal=drain, **shared) as (open_client, _):
+            client = await open_client()
+            await client.send(get("/1") + get("/take"))
+            await trio.testing.wait_all_tasks_blocked()
+            drain.set()  # while /1 is owed
+            handler.held.release()
+            first = await client.reply()
+            assert first is not None
+            assert first.headers["x-path"] == "/1"
+            if settings.parser == "httptools":
+                # /take was read, and is owed an answer: not a stream, once draining.
+                second = await client.reply()
+                assert second is not None
+                assert second.status == 503
+                assert json.loads(second.body)["error"]["code"] == "shutting_down"
+                assert second.headers["connection"] == "close"
+            else:
+                # h11 reads /take only once /1 is answered: the drain's last answer.
+                assert first.headers["connection"] == "close"
+            assert await client.closed()
+        nursery.cancel_scope.cancel()
     assert handler.taken == []
 
 

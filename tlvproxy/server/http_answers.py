@@ -174,9 +174,11 @@ class ReadyAnswers:
                 try:
                     connection._write_ready()
                 except Exception:
-                    # A bug costs this connection, never the other answers.
+                    # A bug costs this connection, never the other answers:
+                    # nothing more is written to it, and it closes.
                     log.exception("writing an answer failed")
                     connection._break()
+                    connection._cancel()
 
 
 @runtime_checkable

@@ -44,6 +44,8 @@ class HandingOverConnection(Protocol):
 
     async def _settle(self, owed: int) -> None: ...
 
+    def _write_ready(self) -> None: ...
+
 
 class HandOver:
     """A connection's hand-over to the handler that takes it; a base of
@@ -85,6 +87,9 @@ class HandOver:
             answer.keep_alive = False
             error = ShuttingDown("the gateway is shutting down; retry on a new connection")
             answer.set(self._error_handler(error, request))
+            # Written now, by this task, before the connection closes: another
+            # task's answers wait for the end of the pass (ReadyAnswers).
+            self._write_ready()
             return
         self._order.pop()  # the last, and now the only one
         await self._settle(0)  # its bytes out (no answer is owed: none can close)
