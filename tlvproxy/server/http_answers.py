@@ -102,8 +102,9 @@ class Answer:
         connection = self._connection
         order = connection._order
         if not connection._in_batch and order and order[0] is self:
-            # Set by another task (the connection's own writes at the end of
-            # its batch): written after this scheduler pass, with the others.
+            # Set outside the connection's batch, by another task: written
+            # after this scheduler pass, with the others (within its batch,
+            # the connection's own task writes at the batch's end).
             ready = connection._ready_answers
             if ready is None:
                 connection._write_ready()
