@@ -183,11 +183,14 @@ def test_a_batch_counted_bucket_by_bucket_leaves_what_one_check_after_the_other_
 ):
     rate0, burst0, rate1, burst1 = rules
     steps = [(b"r0:", rate0, float(burst0), 0), (b"r1:", rate1, float(burst1), 0)]
+    # A command's steps are one object, shared by its checks (as in
+    # limits.RateLimits): consecutive checks of one kind are counted as a run.
+    kinds = {chosen: [steps[index] for index in chosen] for chosen, _, _ in drawn}
     now = 100.0
     checks = []
     for chosen, value, delay in drawn:
         now += delay
-        checks.append(([steps[index] for index in chosen], [value], now))
+        checks.append((kinds[chosen], [value], now))
     with local_buckets() as together, local_buckets() as one_by_one:
         left = checks
         for cut in itertools.cycle(cuts):

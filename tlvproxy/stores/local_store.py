@@ -237,24 +237,36 @@ def _count_every_check(
     When every check is admitted, no refusal puts anything back, so a bucket's
     state depends on its own requests alone: the same arithmetic in the same
     order gives the same floats as checking one request after the other."""
-    # Each bucket's step, then the time of each request it counts.
-    lines: dict[bytes, list[Any]] = {}
+    # Consecutive checks of one kind (the same rules and key values: one
+    # caller's requests, most of a batch) use the same buckets: gathered in
+    # runs, so that their buckets are named once a run.
+    runs: list[tuple[Sequence[Step], Sequence[bytes], list[float]]] = []
     for steps, values, now in checks:
+        if runs and (run := runs[-1])[0] is steps and run[1] == values:
+            run[2].append(now)
+        else:
+            runs.append((steps, values, [now]))
+    # Each bucket's step, the times of the requests it counts in the order of
+    # the checks, and whether that list is its own (or still a run's).
+    lines: dict[bytes, list[Any]] = {}
+    for steps, values, times in runs:
         for step in steps:
             name = step[0] + values[step[3]]
             line = lines.get(name)
             if line is None:
-                lines[name] = [step, now]
-            elif (first := line[0]) is step or (first[1] == step[1] and first[2] == step[2]):
-                line.append(now)
-            else:
+                lines[name] = [step, times, False]
+            elif (first := line[0]) is not step and (first[1] != step[1] or first[2] != step[2]):
                 return None
+            elif line[2]:
+                line[1].extend(times)
+            else:
+                line[1:] = [line[1] + times, True]
     unpack = _BUCKET.unpack
     changed: dict[bytes, Sequence[float]] = {}
     added = 0
-    for name, line in lines.items():
-        times = iter(line)
-        _, rate, burst, _ = next(times)
+    for name, (step, counted, _) in lines.items():
+        _, rate, burst, _ = step
+        times = iter(counted)
         stored = get(name)
         if stored is None:
             # An absent bucket admits its first request.
