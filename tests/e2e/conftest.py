@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import trio
 import yaml
 
 from tests.fixtures import FIXTURE_TABLE
@@ -21,8 +22,6 @@ from tlvproxy.metrics import Metrics
 from tlvproxy.mock_upstream import serve_mock_upstream
 
 if TYPE_CHECKING:
-    import trio
-
     from tlvproxy.config.model import Table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,9 +83,20 @@ class GatewayFactory:
     def table(self, **overrides: Any) -> Table:
         return load_table(write_table(self.directory, self.upstream, **overrides))
 
-    async def start(self, table: Table | None = None, **overrides: Any) -> Gateway:
+    async def start(
+        self, table: Table | None = None, *, runtime_dir: Path | None = None, **overrides: Any
+    ) -> Gateway:
+        """`runtime_dir`: as a worker of several has it (the `store: local`
+        buckets in LMDB there); None: a gateway of one process."""
         table = table or self.table(**overrides)
-        gateway = Gateway(table, Metrics(), http_parser=self.parser)  # type: ignore[arg-type]
+        if runtime_dir is not None:
+            await trio.Path(runtime_dir).mkdir(mode=0o700)  # the supervisor's, for its workers
+        gateway = Gateway(
+            table,  # type: ignore[arg-type]
+            Metrics(),
+            http_parser=self.parser,  # type: ignore[arg-type]
+            runtime_dir=runtime_dir,
+        )
         await self.nursery.start(gateway.run)
         return gateway
 

@@ -8,11 +8,14 @@ from typing import TYPE_CHECKING
 
 import h11
 import pytest
+import trio
 
 from tests.e2e.client import Answer, HttpClient, fetch
 from tests.e2e.test_rest import SEND, USER, error_of
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tests.e2e.conftest import GatewayFactory
     from tests.stores.redis_server import RedisServer
 
@@ -54,13 +57,17 @@ async def test_a_redis_limit_answers_429_with_retry_after(
     assert counted(gateway, "tlvproxy_rate_limited_total", "echo_limit") == 1
 
 
+@pytest.mark.parametrize("store", ["local", "redis"])
 async def test_pipelined_requests_are_answered_in_order(
-    gateways: GatewayFactory, redis: RedisServer
+    gateways: GatewayFactory, redis: RedisServer, tmp_path: Path, store: str
 ) -> None:
     # Three limited requests (the third refused) and an unlimited one between
     # them, in one write: the unlimited one waits for nothing, yet every
-    # answer leaves in request order.
-    gateway = await gateways.start(redis={"url": redis.url}, rate_limits=rules())
+    # answer leaves in request order. `local`: in the LMDB store of a worker
+    # of several, where the checks of one sweep are made together.
+    gateway = await gateways.start(
+        redis={"url": redis.url}, rate_limits=rules(store=store), runtime_dir=tmp_path / "run"
+    )
     client = await HttpClient.connect(gateway.http_address)
     requests = [
         ("POST", "/v1/echo", ECHO),
@@ -93,6 +100,48 @@ async def test_pipelined_requests_are_answered_in_order(
     await client.aclose()
     assert [a.status for a in answers] == [200, 200, 200, 429]
     assert answers[1].json()["nickname"] == "user1"  # the profile, in its place
+
+
+async def test_concurrent_requests_share_the_workers_local_store(
+    gateways: GatewayFactory, tmp_path: Path
+) -> None:
+    # Requests of several connections at once, as a worker of several
+    # gateways' workers checks them: together in one LMDB transaction, two
+    # admitted (burst 1), the others refused, each answered.
+    gateway = await gateways.start(rate_limits=rules(store="local"), runtime_dir=tmp_path / "run")
+    statuses: list[int] = []
+
+    async def one() -> None:
+        answer = await fetch(gateway.http_address, "POST", "/v1/echo", {"n": 1}, ECHO)
+        statuses.append(answer.status)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(6):
+            nursery.start_soon(one)
+    assert sorted(statuses) == [200, 200, 429, 429, 429, 429]
+    assert counted(gateway, "tlvproxy_rate_limited_total", "echo_limit") == 4
+
+
+async def test_a_request_admitted_locally_then_waits_for_redis(
+    gateways: GatewayFactory, redis: RedisServer, tmp_path: Path
+) -> None:
+    # A local rule that admits, then a Redis rule that refuses the third: the
+    # request goes on to Redis once the worker's shared store admits it.
+    limits = [
+        *rules(store="local", rate="1/m"),
+        {**rules()[0], "name": "echo_redis", "burst": 1},
+    ]
+    limits[0]["burst"] = 5
+    gateway = await gateways.start(
+        redis={"url": redis.url}, rate_limits=limits, runtime_dir=tmp_path / "run"
+    )
+    statuses = [
+        (await fetch(gateway.http_address, "POST", "/v1/echo", {"n": 1}, ECHO)).status
+        for _ in range(3)
+    ]
+    assert statuses == [200, 200, 429]
+    assert counted(gateway, "tlvproxy_rate_limited_total", "echo_redis") == 1
+    assert counted(gateway, "tlvproxy_rate_limited_total", "echo_limit") == 0
 
 
 async def test_a_frozen_redis_allows_or_denies_per_rule(

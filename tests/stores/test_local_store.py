@@ -247,6 +247,28 @@ async def test_the_store_task_answers_after_the_pass_and_fails_when_stopped() ->
     assert sample(metrics, "allowing") == sample(metrics, "denying") == 1
 
 
+async def test_held_checks_wait_for_their_callers_make_held() -> None:
+    # The REST sweep holds its checks and makes them itself, in its own pass:
+    # the store's task, running, does not make them for it.
+    async with running_local_checks() as local:
+        limits = RateLimits([rule(rate=1.0, burst=1)], Metrics(), local=local, clock=Clock())
+        checks = [limits.check("send", request_of("alice", "d"), held=True) for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert not any(isinstance(check, Pending) and check.done for check in checks)
+        assert len(local.buckets) == 0
+        limits.make_held()
+        assert [check.verdict for check in checks if isinstance(check, Pending)] == [
+            None,
+            None,
+            Refusal("per_user", 1),
+        ]
+    # Stopped: a held check fails at once.
+    check = limits.check("send", request_of("bob", "d"), held=True)
+    assert isinstance(check, Pending)
+    assert check.done
+    assert check.verdict is None  # on_store_error: allow
+
+
 async def test_checks_still_queued_when_the_store_stops_fail() -> None:
     metrics = Metrics()
     rule_ = attrs.evolve(rule(rate=1.0, burst=1), on_store_error="deny")

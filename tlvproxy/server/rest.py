@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from tlvproxy.metrics import Metrics, RequestTally
     from tlvproxy.policy.ratelimit import Refusal
     from tlvproxy.server.access_log import AccessLog
+    from tlvproxy.stores.limits import RateLimits
 
 _JSON = "application/json"
 # A caller's request id that can be echoed as a header value as it is.
@@ -169,6 +170,12 @@ class RestHandler:
         # exchange holds its request).
         self._queued: list[tuple[Exchange, TableRuntime]] = []
         self._wake = PassSignal()
+        # The rate limits with checks held in this sweep (RateLimits.check(held=True)),
+        # and the requests that wait for them.
+        self._holding: set[RateLimits] = set()
+        self._held: list[
+            tuple[Pending, Exchange, TableRuntime, CommandSpec, RequestContext, float]
+        ] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Work on the requests each scheduler pass queues, after it; until
@@ -190,6 +197,20 @@ class RestHandler:
             admitted = [
                 (item, found) for item in inspected if (found := _guarded(self._admitted, *item))
             ]
+            # The rate-limit checks the sweep held for the store of several
+            # workers, made together: their requests go on now, but those
+            # that wait for Redis, which go on when it answers.
+            for limiter in self._holding:
+                limiter.make_held()
+            self._holding.clear()
+            held, self._held = self._held, []
+            for pending, exchange, runtime, command, context, now in held:
+                if not pending.done:
+                    pending.then(partial(self._resume, exchange, runtime, command, context, now))
+                elif pending.verdict is None:
+                    admitted.append(((exchange, runtime), (command, context, now)))
+                else:
+                    _guarded(self._refuse, exchange, pending.verdict)
             for (exchange, runtime), (command, context, now) in admitted:
                 _guarded(self._forward, exchange, runtime, command, context, now)
 
@@ -272,13 +293,15 @@ class RestHandler:
             if command.numeric_keys:
                 read_numbers(command, context)
             now = exchange.submitted
-            if runtime.limiter.applies(command.name):
-                verdict = runtime.limiter.check(command.name, context)
+            limiter = runtime.limiter
+            if limiter.applies(command.name):
+                verdict = limiter.check(command.name, context, held=True)
                 if isinstance(verdict, Pending):
-                    # The store answers on its own task (the LMDB store of
-                    # several workers after this pass, or Redis): the request
-                    # goes on there, and this connection reads on meanwhile.
-                    verdict.then(partial(self._resume, exchange, runtime, command, context, now))
+                    # The LMDB store of several workers answers after this
+                    # sweep (`flush`), Redis on its own task: the request goes
+                    # on then, and this connection reads on meanwhile.
+                    self._holding.add(limiter)
+                    self._held.append((verdict, exchange, runtime, command, context, now))
                     return None
                 if verdict is not None:
                     raise self._refused(verdict)

@@ -161,7 +161,12 @@ class RateLimits:
         return self._plans.get(command_name, self._unlisted).applies
 
     def check(
-        self, command_name: str, request: RequestView, *, at_once: bool = False
+        self,
+        command_name: str,
+        request: RequestView,
+        *,
+        at_once: bool = False,
+        held: bool = False,
     ) -> Verdict | Pending:
         """Admit one request for `command_name`, now.
 
@@ -170,7 +175,9 @@ class RateLimits:
         one of those once the store's task answers: the LMDB store after this
         scheduler pass, Redis within its 50 ms budget. `at_once`: the LMDB
         store checks it now, in a transaction of its own, for a caller that
-        handles one message at a time, so only Redis is waited for.
+        handles one message at a time, so only Redis is waited for. `held`:
+        the LMDB store checks it when the caller calls `make_held`, which it
+        must before its scheduler pass ends, with the others it held.
         """
         plan = self._plans.get(command_name, self._unlisted)
         # Each key's value, "-" when absent.
@@ -191,6 +198,9 @@ class RateLimits:
                 if plan.redis:
                     pending.then_redis(plan.redis_rules, partial(self._submit_redis, plan, texts))
                 values = [bounded(text) for text in texts]
+                if held:
+                    local.hold(plan.local, values, self._clock(), pending)
+                    return pending
                 if not at_once:
                     local.submit(plan.local, values, self._clock(), pending)
                     return pending
@@ -204,6 +214,11 @@ class RateLimits:
         pending = Pending(plan.redis_rules, self._metrics)
         self._submit_redis(plan, texts, pending)
         return pending
+
+    def make_held(self) -> None:
+        """Make the checks `check(held=True)` held, and resolve their `Pending`s."""
+        if self._local is not None and not isinstance(self._local, ProcessBuckets):
+            self._local.flush()
 
     def _submit_redis(self, plan: _CommandPlan, texts: list[str], pending: Pending) -> None:
         assert self._redis is not None  # __init__ checked that every rule has its store

@@ -3,7 +3,9 @@ workers, made together (docs/configuration.md "Where the buckets live").
 
 Owns: the queue of checks submitted in a pass, the task that makes them after
 it, in one LMDB transaction per _MAX_BATCH (`LocalBuckets.check_batch`), and
-telling each waiter its answer; logging a store that cannot answer.
+telling each waiter its answer; logging a store that cannot answer. A caller
+that works on many requests at once (the REST sweep) holds its checks instead
+and makes them itself (`hold`, then `flush`), in the same pass.
 Must not: decide what a failed check means (the rule's `on_store_error` does,
 in `limits.py`), or wait on a request's task: a check is submitted and its
 `Waiter` resolved by this task.
@@ -58,13 +60,8 @@ class LocalChecks:
         (seconds): the bucket of the value at the step's key position in
         `values`. `waiter` hears the answer once `run`'s task has made it,
         after this scheduler pass; Failed when the store cannot answer."""
-        if self._stopped:
-            _settle(waiter, Failed("the store stopped"))
-            return
-        if not self._queued:
-            self._wake.set()
-        self._queued.append((steps, values, now))
-        self._waiters.append(waiter)
+        self.hold(steps, values, now, waiter)
+        self._wake.set()
 
     async def run(self) -> None:
         """Make the submitted checks until cancelled: each time the task runs,
@@ -78,6 +75,18 @@ class LocalChecks:
             waiters, self._waiters, self._queued = self._waiters, [], []
             for waiter in waiters:
                 _settle(waiter, Failed("the store stopped"))
+
+    def hold(
+        self, steps: Sequence[Step], values: Sequence[bytes], now: float, waiter: Waiter
+    ) -> None:
+        """`submit`, but made by the caller's `flush`, which it calls before its
+        scheduler pass ends: the caller's task goes on with the checks' requests
+        in the same pass, and this task does not wake for them."""
+        if self._stopped:
+            _settle(waiter, Failed("the store stopped"))
+            return
+        self._queued.append((steps, values, now))
+        self._waiters.append(waiter)
 
     def check_now(
         self, steps: Sequence[Step], values: Sequence[bytes], now: float, waiter: Waiter
