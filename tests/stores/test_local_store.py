@@ -217,6 +217,19 @@ def test_a_rule_reloaded_within_a_batch_counts_at_each_checks_rate():
         assert together.check_batch(checks) == expected
 
 
+def test_a_bucket_twice_in_one_check_counts_as_one_check_after_the_other():
+    # Two steps of one check on one bucket: a run of such checks counts each
+    # check's two requests in turn, not the run's times twice over.
+    steps = [(b"r:", 1.0, 2.0, 0), (b"r:", 1.0, 2.0, 0)]
+    checks = [(steps, [b"a"], 0.0), (steps, [b"a"], 5.0)]
+    with local_buckets() as together, local_buckets() as one_by_one:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(local_store, "_count_every_check", lambda get, checks: None)
+            expected = one_by_one.check_batch(checks)
+        assert together.check_batch(checks) == expected == [None, None]
+        assert _buckets(together) == _buckets(one_by_one) == {b"r:a": (2.0, 5.0, 1.0)}
+
+
 async def test_the_store_task_answers_after_the_pass_and_fails_when_stopped() -> None:
     metrics = Metrics()
     rules = [
@@ -256,12 +269,18 @@ async def test_held_checks_wait_for_their_callers_make_held() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert not any(isinstance(check, Pending) and check.done for check in checks)
         assert len(local.buckets) == 0
+        # A check submitted in the same pass (a push session's) is the
+        # store's task's, after the pass.
+        submitted = limits.check("send", request_of("carol", "d"))
         limits.make_held()
         assert [check.verdict for check in checks if isinstance(check, Pending)] == [
             None,
             None,
             Refusal("per_user", 1),
         ]
+        assert isinstance(submitted, Pending)
+        assert not submitted.done
+        assert await submitted.wait() is None
     # Stopped: a held check fails at once.
     check = limits.check("send", request_of("bob", "d"), held=True)
     assert isinstance(check, Pending)

@@ -218,7 +218,7 @@ class RateLimits:
     def make_held(self) -> None:
         """Make the checks `check(held=True)` held, and resolve their `Pending`s."""
         if self._local is not None and not isinstance(self._local, ProcessBuckets):
-            self._local.flush()
+            self._local.make_held()
 
     def _submit_redis(self, plan: _CommandPlan, texts: list[str], pending: Pending) -> None:
         assert self._redis is not None  # __init__ checked that every rule has its store
@@ -244,12 +244,14 @@ class RateLimits:
 
 
 class Pending:
-    """The verdict of a check that waits for a store's task: None or a `Refusal`.
+    """The verdict of a check that waits for a store: None or a `Refusal`.
 
-    The store resolves it once, from its own task: the LMDB store after the
-    scheduler pass of the check, Redis within the answer budget. A REST
-    request goes on in the callback given to `then`; a WebSocket session
-    awaits `wait()`, so that its messages keep their order.
+    The store resolves it once: the LMDB store after the scheduler pass of
+    the check, from its task (or a held check from the caller's `make_held`),
+    Redis within the answer budget, from its task. A push-session request
+    goes on in the callback given to `then`, as does a REST request that
+    waits for Redis; a WebSocket session awaits `wait()`, so that its
+    messages keep their order.
     """
 
     __slots__ = ("_callback", "_event", "_metrics", "_redis", "_rules", "done", "verdict")

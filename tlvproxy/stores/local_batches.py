@@ -5,10 +5,10 @@ Owns: the queue of checks submitted in a pass, the task that makes them after
 it, in one LMDB transaction per _MAX_BATCH (`LocalBuckets.check_batch`), and
 telling each waiter its answer; logging a store that cannot answer. A caller
 that works on many requests at once (the REST sweep) holds its checks instead
-and makes them itself (`hold`, then `flush`), in the same pass.
+and makes them itself (`hold`, then `make_held`), in the same pass.
 Must not: decide what a failed check means (the rule's `on_store_error` does,
 in `limits.py`), or wait on a request's task: a check is submitted and its
-`Waiter` resolved by this task.
+`Waiter` resolved by this task (a held one by its caller's `make_held`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class LocalChecks:
     """The checks on `buckets` that this process's requests submit.
 
     `submit` never waits: the check is made with the others of its scheduler
-    pass by `run`'s task, after the pass, and its waiter resolved then.
+    pass by `run`'s task, after the pass, and its waiter resolved then. `hold`
+    neither: its checks are made by the caller's `make_held`, in its own pass.
     """
 
     def __init__(self, buckets: LocalBuckets) -> None:
@@ -49,6 +50,9 @@ class LocalChecks:
         # Submitted checks not made yet, and who waits for each.
         self._queued: list[Check] = []
         self._waiters: list[Waiter] = []
+        # Held checks, for the caller's make_held.
+        self._held: list[Check] = []
+        self._held_waiters: list[Waiter] = []
         self._wake = PassSignal()  # a check was queued
         self._stopped = False
         self._next_log = -math.inf
@@ -60,8 +64,13 @@ class LocalChecks:
         (seconds): the bucket of the value at the step's key position in
         `values`. `waiter` hears the answer once `run`'s task has made it,
         after this scheduler pass; Failed when the store cannot answer."""
-        self.hold(steps, values, now, waiter)
-        self._wake.set()
+        if self._stopped:
+            _settle(waiter, Failed("the store stopped"))
+            return
+        if not self._queued:
+            self._wake.set()
+        self._queued.append((steps, values, now))
+        self._waiters.append(waiter)
 
     async def run(self) -> None:
         """Make the submitted checks until cancelled: each time the task runs,
@@ -79,14 +88,14 @@ class LocalChecks:
     def hold(
         self, steps: Sequence[Step], values: Sequence[bytes], now: float, waiter: Waiter
     ) -> None:
-        """`submit`, but made by the caller's `flush`, which it calls before its
-        scheduler pass ends: the caller's task goes on with the checks' requests
-        in the same pass, and this task does not wake for them."""
+        """`submit`, but made by the caller's `make_held`, which it calls before
+        its scheduler pass ends: the caller's task goes on with the checks'
+        requests in the same pass, and this task does not wake for them."""
         if self._stopped:
             _settle(waiter, Failed("the store stopped"))
             return
-        self._queued.append((steps, values, now))
-        self._waiters.append(waiter)
+        self._held.append((steps, values, now))
+        self._held_waiters.append(waiter)
 
     def check_now(
         self, steps: Sequence[Step], values: Sequence[bytes], now: float, waiter: Waiter
@@ -99,10 +108,18 @@ class LocalChecks:
 
     def flush(self) -> None:
         """Make every submitted check now and resolve its waiter."""
-        while self._queued:
-            checks, waiters = self._queued[:_MAX_BATCH], self._waiters[:_MAX_BATCH]
-            del self._queued[:_MAX_BATCH], self._waiters[:_MAX_BATCH]
-            self._make(checks, waiters)
+        self._make_all(self._queued, self._waiters)
+
+    def make_held(self) -> None:
+        """Make every held check now and resolve its waiter."""
+        self._make_all(self._held, self._held_waiters)
+
+    def _make_all(self, queued: list[Check], waiters: list[Waiter]) -> None:
+        # The lists are emptied as they are made: a waiter may queue more.
+        while queued:
+            checks, found = queued[:_MAX_BATCH], waiters[:_MAX_BATCH]
+            del queued[:_MAX_BATCH], waiters[:_MAX_BATCH]
+            self._make(checks, found)
 
     def _make(self, checks: list[Check], waiters: list[Waiter]) -> None:
         answers: Sequence[Answer]

@@ -247,24 +247,31 @@ def _count_every_check(
         else:
             runs.append((steps, values, [now]))
     # Each bucket's step, the times of the requests it counts in the order of
-    # the checks, and whether that list is its own (or still a run's).
+    # the checks, whether that list is its own (or still a run's), and the
+    # times of the last run that counted in it.
     lines: dict[bytes, list[Any]] = {}
     for steps, values, times in runs:
         for step in steps:
             name = step[0] + values[step[3]]
             line = lines.get(name)
             if line is None:
-                lines[name] = [step, times, False]
-            elif (first := line[0]) is not step and (first[1] != step[1] or first[2] != step[2]):
+                lines[name] = [step, times, False, times]
+            elif line[3] is times or (
+                (first := line[0]) is not step and (first[1] != step[1] or first[2] != step[2])
+            ):
+                # A bucket twice in one check, whose counts interleave; or a
+                # rule whose rate or burst changed.
                 return None
-            elif line[2]:
-                line[1].extend(times)
             else:
-                line[1:] = [line[1] + times, True]
+                line[3] = times
+                if line[2]:
+                    line[1].extend(times)
+                else:
+                    line[1:3] = [line[1] + times, True]
     unpack = _BUCKET.unpack
     changed: dict[bytes, Sequence[float]] = {}
     added = 0
-    for name, (step, counted, _) in lines.items():
+    for name, (step, counted, _, _) in lines.items():
         _, rate, burst, _ = step
         times = iter(counted)
         stored = get(name)
