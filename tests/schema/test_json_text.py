@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import re
 
-from tlvproxy.schema.json_text import loads
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tlvproxy.schema.json_text import dumps, loads
 
 
 # orjson reads an integer outside 64 bits as a float: such a body goes to the
@@ -26,3 +31,42 @@ def test_integers_outside_64_bits_are_read_exactly(text, value):
 def test_shorter_digit_runs_and_digits_in_strings_read_as_usual():
     text = b'{"id": 123456789012345678, "s": "1234567890123456789012", "f": 1.5}'
     assert loads(text) == {"id": 123456789012345678, "s": "1234567890123456789012", "f": 1.5}
+
+
+# Any value, with NaN, infinities, integers outside 64 bits, lone surrogates
+# and keys that are not strings among them.
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(st.characters(codec=None, exclude_categories=()), max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=4) | st.integers(0, 9), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(_VALUES)
+def test_dumps_writes_what_the_json_module_writes_and_refuses_what_it_refuses(value):
+    # orjson writes most values; what it would write differently (NaN as
+    # null) or refuses goes to the json module, the reference.
+    try:
+        expected = json.dumps(
+            value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+    except ValueError as refused:
+        with pytest.raises(type(refused), match=re.escape(str(refused))):
+            dumps(value)
+        return
+    text = dumps(value)
+    assert json.loads(text) == json.loads(expected)
+
+
+def test_dumps_refuses_nan_and_infinities_even_beside_a_null():
+    for value in [float("nan"), [None, float("inf")], {"a": None, "b": -float("inf")}]:
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            dumps(value)
+    assert dumps({"a": None, "b": 1e-7}) in (b'{"a":null,"b":1e-07}', b'{"a":null,"b":1e-7}')
