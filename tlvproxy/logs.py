@@ -65,6 +65,10 @@ class _Formatter(OrjsonFormatter):
         assert msec_format is not None
         assert msec_format.startswith("%s")
         self._msec_texts = tuple(msec_format % ("", msecs) for msecs in range(1000))
+        # The same, as JSON string content (digits and a comma: nothing to escape).
+        self._msec_json = tuple(text.encode() for text in self._msec_texts)
+        # The fields `format` writes before the extras.
+        self._head_names = frozenset({"time", "level", "logger", "message", *self.static_fields})
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """`logging.Formatter.formatTime`, the text of each second made once: the
@@ -118,6 +122,14 @@ class _Formatter(OrjsonFormatter):
         dumps = orjson.dumps
         plain = self._plain_names
         second, second_text = self._second
+        # What a line holds before its extras, as JSON text: the time, less its
+        # milliseconds and closing quote, and the other fields with their commas.
+        # A record without an extra of their names is written as that text and
+        # its extras' object: the same bytes as the one dict, without making it.
+        second_json = dumps(second_text)[:-1]
+        msec_json = self._msec_json
+        head = dumps({"level": level, "logger": name, "message": message, **static})[1:-1]
+        head_names = self._head_names
         try:
             for created, extra in batch:
                 if not plain.issuperset(extra) and not self._plain(extra):
@@ -130,20 +142,32 @@ class _Formatter(OrjsonFormatter):
                 if whole != second:
                     second = whole
                     second_text = time.strftime(time_format, converter(whole))
+                    second_json = dumps(second_text)[:-1]
                 msecs = int((created - whole) * 1000)  # below 0 before 1970
-                if msecs >= 0:
-                    stamp = second_text + msec_texts[msecs]
-                else:
-                    stamp = msec_format % (second_text, msecs)
-                data = {
-                    "time": stamp,
-                    "level": level,
-                    "logger": name,
-                    "message": message,
-                    **static,
-                    **extra,
-                }
                 try:
+                    if msecs >= 0 and head_names.isdisjoint(extra):
+                        text = dumps(extra, default=default, option=_STR_KEYS_OPTIONS)
+                        out.append(
+                            b'{"time":'
+                            + second_json
+                            + msec_json[msecs]
+                            + b'",'
+                            + head
+                            + (b"," + text[1:] if extra else b"}\n")
+                        )
+                        continue
+                    if msecs >= 0:
+                        stamp = second_text + msec_texts[msecs]
+                    else:
+                        stamp = msec_format % (second_text, msecs)
+                    data = {
+                        "time": stamp,
+                        "level": level,
+                        "logger": name,
+                        "message": message,
+                        **static,
+                        **extra,
+                    }
                     out.append(dumps(data, default=default, option=_STR_KEYS_OPTIONS))
                 except orjson.JSONEncodeError:
                     line = fallback(created, extra)
