@@ -26,6 +26,14 @@ def _reject_constant(name: str) -> Any:
 # every call, which costs more than parsing a small body (issue 10).
 _DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# orjson refusing dates, times, dataclasses and subclasses of the JSON types,
+# which it would write and the json module writes otherwise or refuses. (It
+# still writes a UUID or an Enum, which no parsed JSON or YAML value is.)
+_NATIVE_ONLY: Final = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
 
 
 # Every digit as "0", every other byte as a space: 19 digits in a row are then 19 zeros.
@@ -78,9 +86,11 @@ def dumps(value: Any) -> bytes:
     # in the form of their exponent: 1e-7, not 1e-07), but writes NaN and
     # the infinities as null: text holding a null goes to the json module,
     # as does whatever orjson refuses (an integer outside 64 bits, a key
-    # that is not a string, a lone surrogate, deep nesting).
+    # that is not a string, a lone surrogate, deep nesting), and, by
+    # _NATIVE_ONLY, the types it would write where the json module refuses
+    # them (a YAML table's dates).
     try:
-        text = orjson.dumps(value)
+        text = orjson.dumps(value, option=_NATIVE_ONLY)
     except orjson.JSONEncodeError:
         pass
     else:
