@@ -163,12 +163,12 @@ def test_the_time_field_is_what_logging_would_write(created, earlier):
 # ---------------------------------------------------------------- log_batch
 
 
-def _reference_line(logger: logging.Logger, created: float, extra: dict) -> bytes:
+def _reference_line(
+    logger: logging.Logger, created: float, extra: dict, msg: str = "request"
+) -> bytes:
     """The line a record made and formatted one at a time gets (what AccessLog
     did before `log_batch`): makeRecord, the record dated, LineHandler's format."""
-    record = logger.makeRecord(
-        logger.name, logging.INFO, __file__, 0, "request", (), None, extra=extra
-    )
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, (), None, extra=extra)
     record.created = created
     record.msecs = int((created - int(created)) * 1000) + 0.0
     return json_formatter().format(record).encode("utf-8", "backslashreplace") + b"\n"
@@ -263,6 +263,21 @@ def test_a_lone_surrogate_in_a_batch_is_written_as_the_formatter_writes_it():
     values = [json.loads(line) for line in written.splitlines()]
     assert values[1]["body_excerpt"] == "a\ud800b"
     assert [v.get("request_id") for v in values] == ["before", None, "after"]
+
+
+def test_a_message_orjson_refuses_is_written_as_the_formatter_writes_it():
+    # A lone surrogate in the batch's message: every line through the formatter.
+    batch = [(_NOW, {"request_id": "r"}), (_NOW, {})]
+    with _line_logger("tests.logs.message") as (logger, read):
+        log_batch(logger, "req\ud800", batch, pathname=__file__)
+        written = read()
+    assert written == b"".join(_reference_line(logger, c, e, "req\ud800") for c, e in batch)
+
+
+def test_the_last_second_before_1970_has_its_time_text():
+    # -1 is a second like any other, not the mark of no second yet.
+    record = logging.makeLogRecord({"created": -1.0, "msecs": 0.0})
+    assert json_formatter().formatTime(record) == logging.Formatter().formatTime(record)
 
 
 _EXTRA_NAMES = st.one_of(

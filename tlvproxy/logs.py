@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import select
 import sys
@@ -57,7 +58,8 @@ class _Formatter(OrjsonFormatter):
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             static_fields={"pid": os.getpid()},
         )
-        self._second: tuple[int, str] = (-1, "")  # a second, and its local time as text
+        # A second, and its local time as text; at first none (NaN equals no second).
+        self._second: tuple[float, str] = (math.nan, "")
         self._plain_names: set[str] = set()
         # Each millisecond's part of the time text: `default_msec_format` starts
         # with the second's text ("%s,%03d"), so the whole is text + part.
@@ -128,7 +130,14 @@ class _Formatter(OrjsonFormatter):
         # its extras' object: the same bytes as the one dict, without making it.
         second_json = dumps(second_text)[:-1]
         msec_json = self._msec_json
-        head = dumps({"level": level, "logger": name, "message": message, **static})[1:-1]
+        try:
+            head: bytes | None = dumps(
+                {"level": level, "logger": name, "message": message, **static}
+            )[1:-1]
+        except orjson.JSONEncodeError:
+            # A name or message orjson refuses: each line goes through the
+            # dict, and to `fallback`.
+            head = None
         head_names = self._head_names
         try:
             for created, extra in batch:
@@ -145,7 +154,7 @@ class _Formatter(OrjsonFormatter):
                     second_json = dumps(second_text)[:-1]
                 msecs = int((created - whole) * 1000)  # below 0 before 1970
                 try:
-                    if msecs >= 0 and head_names.isdisjoint(extra):
+                    if head is not None and msecs >= 0 and head_names.isdisjoint(extra):
                         text = dumps(extra, default=default, option=_STR_KEYS_OPTIONS)
                         out.append(
                             b'{"time":'
