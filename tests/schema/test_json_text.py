@@ -72,3 +72,11 @@ def test_dumps_refuses_nan_and_infinities_even_beside_a_null():
         with pytest.raises(ValueError, match="not JSON compliant"):
             dumps(value)
     assert dumps({"a": None, "b": 1e-7}) in (b'{"a":null,"b":1e-07}', b'{"a":null,"b":1e-7}')
+
+
+def test_dumps_refuses_deep_nesting_as_a_value_error():
+    deep: list = []
+    for _ in range(10_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nests too deeply"):
+        dumps(deep)

@@ -109,6 +109,17 @@ def test_fields_are_filled_from_the_opening_request(table) -> None:
         ('{"cmd": "new_message", "seq": 1}', 1, "push command"),
         ('{"cmd": "send_message", "seq": 1, "body": {"to_uid": -1}}', 1, "to_uid"),
         ('{"cmd": "send_message", "seq": 1, "body": []}', 1, "object"),
+        # Not JSON, as over REST, whatever the command.
+        ('{"cmd": "echo", "seq": 1, "body": [NaN]}', None, "NaN is not valid JSON"),
+        ('{"cmd": "send_message", "seq": 1, "body": {"to_uid": -Infinity}}', None, "Infinity"),
+        # Bodies nested deeper than the json module writes, with and without
+        # `fields` (whose body is written out again).
+        ('{"cmd": "echo", "seq": 1, "body": ' + "[" * 1000 + "]" * 1000 + "}", 1, "too deeply"),
+        (
+            '{"cmd": "send_message", "seq": 1, "body": {"x": ' + "[" * 1000 + "]" * 1000 + "}}",
+            1,
+            "too deeply",
+        ),
     ],
 )
 def test_rejections_carry_the_seq_and_a_bad_request(table, text, seq, expected) -> None:

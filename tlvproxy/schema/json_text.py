@@ -66,6 +66,13 @@ def loads(body: bytes) -> Any:
         raise ValueError("the JSON nests too deeply") from None
 
 
+def loads_text(text: str) -> Any:
+    """Parse JSON text already decoded, strictly (no NaN/Infinity literals),
+    with the json module: integers of any size are read exactly. Raises
+    ValueError, or RecursionError for deep nesting."""
+    return _DECODER.decode(text)
+
+
 def check_json(body: bytes) -> None:
     """Raise ValueError unless `body` is JSON text (strictly, as `loads`).
 
@@ -81,7 +88,8 @@ def check_json(body: bytes) -> None:
 
 def dumps(value: Any) -> bytes:
     """Compact JSON text (UTF-8) of `value`. Raises ValueError for NaN, an
-    infinity or a lone surrogate, TypeError for what JSON cannot hold."""
+    infinity, a lone surrogate or deep nesting, TypeError for what JSON
+    cannot hold."""
     # orjson writes a message 4x faster, to the same JSON (floats may differ
     # in the form of their exponent: 1e-7, not 1e-07), but writes NaN and
     # the infinities as null: text holding a null goes to the json module,
@@ -96,7 +104,10 @@ def dumps(value: Any) -> bytes:
     else:
         if b"null" not in text:
             return text
-    return _ENCODER.encode(value).encode()
+    try:
+        return _ENCODER.encode(value).encode()
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply") from None
 
 
 def dumps_converted(value: Any) -> bytes:

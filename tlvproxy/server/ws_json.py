@@ -22,7 +22,7 @@ import orjson
 
 from tlvproxy.errors import BadRequest, GatewayError, ws_error_message
 from tlvproxy.schema.codec import JSON_CONTENT_TYPE
-from tlvproxy.schema.json_text import has_long_digit_run
+from tlvproxy.schema.json_text import has_long_digit_run, loads_text
 
 if TYPE_CHECKING:
     from tlvproxy.config.compiled import CompiledTable
@@ -84,11 +84,15 @@ def parse_request(text: str, table: CompiledTable, upstream: str, view: RequestV
             message = None
     try:
         if message is None:
-            message = json.loads(text)
+            # Strict: a NaN or Infinity is no more JSON here than over REST.
+            message = loads_text(text)
     except (ValueError, RecursionError) as exc:
+        # A ValueError that is not a JSONDecodeError names a NaN or Infinity.
         # RecursionError: json.loads recurses once per nesting level, and
         # `[[[[...` fits max_message many thousand times over.
-        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        if isinstance(exc, RecursionError):
+            detail = "nested too deeply"
         raise MessageRejected(None, BadRequest(f"message is not valid JSON: {detail}")) from None
     if not isinstance(message, dict):
         raise MessageRejected(
@@ -121,6 +125,9 @@ def parse_request(text: str, table: CompiledTable, upstream: str, view: RequestV
             body = codec.encode_value(value)
     except BadRequest as exc:
         raise MessageRejected(seq, exc) from None
+    except RecursionError:
+        # A body nested deeper than the json module writes (orjson reads 1024 levels).
+        raise MessageRejected(seq, BadRequest("the body nests too deeply")) from None
     return JsonRequest(command=command, seq=seq, body=body)
 
 
