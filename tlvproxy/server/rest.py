@@ -297,9 +297,10 @@ class RestHandler:
             if limiter.applies(command.name):
                 verdict = limiter.check(command.name, context, held=True)
                 if isinstance(verdict, Pending):
-                    # The LMDB store of several workers answers after this
-                    # sweep (`flush`), Redis on its own task: the request goes
-                    # on then, and this connection reads on meanwhile.
+                    # The LMDB store of several workers answers at the end
+                    # of this sweep (`make_held`, in `flush`), Redis on its
+                    # own task: the request goes on then, and this connection
+                    # reads on meanwhile.
                     self._holding.add(limiter)
                     self._held.append((verdict, exchange, runtime, command, context, now))
                     return None
