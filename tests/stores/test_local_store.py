@@ -228,6 +228,15 @@ def test_a_bucket_twice_in_one_check_counts_as_one_check_after_the_other():
             expected = one_by_one.check_batch(checks)
         assert together.check_batch(checks) == expected == [None, None]
         assert _buckets(together) == _buckets(one_by_one) == {b"r:a": (2.0, 5.0, 1.0)}
+    # The same after a run of another kind on that bucket.
+    once = [steps[0]]
+    checks = [(once, [b"a"], 0.0), (steps, [b"a"], 5.0), (steps, [b"a"], 9.0)]
+    with local_buckets() as together, local_buckets() as one_by_one:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(local_store, "_count_every_check", lambda get, checks: None)
+            expected = one_by_one.check_batch(checks)
+        assert together.check_batch(checks) == expected
+        assert _buckets(together) == _buckets(one_by_one)
 
 
 async def test_the_store_task_answers_after_the_pass_and_fails_when_stopped() -> None:

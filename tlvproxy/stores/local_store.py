@@ -247,31 +247,32 @@ def _count_every_check(
         else:
             runs.append((steps, values, [now]))
     # Each bucket's step, the times of the requests it counts in the order of
-    # the checks, whether that list is its own (or still a run's), and the
-    # times of the last run that counted in it.
+    # the checks, and the times of the last run that counted in it (while
+    # that is the first run, the two are one list: the run's own).
     lines: dict[bytes, list[Any]] = {}
     for steps, values, times in runs:
         for step in steps:
             name = step[0] + values[step[3]]
             line = lines.get(name)
             if line is None:
-                lines[name] = [step, times, False, times]
-            elif line[3] is times or (
+                lines[name] = [step, times, times]
+            elif line[2] is times or (
                 (first := line[0]) is not step and (first[1] != step[1] or first[2] != step[2])
             ):
                 # A bucket twice in one check, whose counts interleave; or a
                 # rule whose rate or burst changed.
                 return None
             else:
-                line[3] = times
-                if line[2]:
-                    line[1].extend(times)
+                counted = line[1]
+                if counted is line[2]:
+                    line[1] = counted + times
                 else:
-                    line[1:3] = [line[1] + times, True]
+                    counted.extend(times)
+                line[2] = times
     unpack = _BUCKET.unpack
     changed: dict[bytes, Sequence[float]] = {}
     added = 0
-    for name, (step, counted, _, _) in lines.items():
+    for name, (step, counted, _) in lines.items():
         _, rate, burst, _ = step
         times = iter(counted)
         stored = get(name)
