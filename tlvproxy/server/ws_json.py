@@ -87,12 +87,14 @@ def parse_request(text: str, table: CompiledTable, upstream: str, view: RequestV
             # Strict: a NaN or Infinity is no more JSON here than over REST.
             message = loads_text(text)
     except (ValueError, RecursionError) as exc:
-        # A ValueError that is not a JSONDecodeError names a NaN or Infinity.
-        # RecursionError: json.loads recurses once per nesting level, and
-        # `[[[[...` fits max_message many thousand times over.
-        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         if isinstance(exc, RecursionError):
+            # The json module recurses once per nesting level, and `[[[[...`
+            # fits max_message many thousand times over.
             detail = "nested too deeply"
+        elif isinstance(exc, json.JSONDecodeError):
+            detail = exc.msg
+        else:
+            detail = str(exc)  # a NaN or Infinity
         raise MessageRejected(None, BadRequest(f"message is not valid JSON: {detail}")) from None
     if not isinstance(message, dict):
         raise MessageRejected(
