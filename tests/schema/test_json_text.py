@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tlvproxy.schema.json_text import dumps, loads
+from tlvproxy.schema.json_text import check_json, dumps, loads
 
 
 # orjson reads an integer outside 64 bits as a float: such a body goes to the
@@ -80,3 +80,111 @@ def test_dumps_refuses_deep_nesting_as_a_value_error():
         deep = [deep]
     with pytest.raises(ValueError, match="nests too deeply"):
         dumps(deep)
+
+
+def _reference_error(body: bytes) -> str | None:
+    """The json module's verdict, strictly (no NaN or Infinity): the reference.
+    None when it reads `body`, else its error."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        json.JSONDecoder(parse_constant=refuse).decode(text)
+    except ValueError as exc:  # UnicodeDecodeError is one
+        return str(exc)
+    except RecursionError:
+        return "the JSON nests too deeply"
+    return None
+
+
+# Pieces of JSON text, valid and not, among them what simdjson refuses and the
+# json module accepts (integers outside 64 bits, 1e400, lone surrogate escapes,
+# a byte order mark) and what neither accepts (NaN, control characters, bad UTF-8).
+_PIECES = st.sampled_from(
+    [
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b",",
+        b":",
+        b" ",
+        b"\n",
+        b'"a"',
+        b'"\\u00e9"',
+        b'"\\ud800"',
+        b'"\xc3\xa9"',
+        b'"\xff"',
+        b'"\x01"',
+        b"\x00",
+        b"\xef\xbb\xbf",
+        b"0",
+        b"-0",
+        b"1.5",
+        b"1e400",
+        b"-1e-400",
+        b"18446744073709551616",
+        b"01",
+        b"1.",
+        b".5",
+        b"true",
+        b"null",
+        b"NaN",
+        b"Infinity",
+        b'"',
+        b"\\",
+    ]
+)
+
+
+def _json_text(value: object) -> bytes:
+    """`value` as the json module writes it, NaN, lone surrogates and all."""
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text.encode("utf-8", "surrogatepass")
+
+
+@given(st.lists(_PIECES, max_size=12).map(b"".join) | _VALUES.map(_json_text))
+def test_check_json_accepts_exactly_what_the_json_module_accepts(body):
+    error = _reference_error(body)
+    if error is None:
+        check_json(body)
+    else:
+        with pytest.raises(ValueError, match=re.escape(error)):
+            check_json(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"n": 18446744073709551616}',
+        b"[1e400]",
+        b'"\\ud800"',
+        b"\xef\xbb\xbf{}",
+        '{"a": "\u00e9"}'.encode("utf-16"),
+        b"[" * 900 + b"]" * 900,
+    ],
+)
+def test_check_json_accepts_what_simdjson_refuses_and_the_json_module_accepts(body):
+    check_json(body)
+    check_json(b'{"after": true}')
+
+
+# Bodies over the 16 KiB that simdjson checks, and one under it.
+@pytest.mark.parametrize("size", [100, 16 * 1024 + 1, 200_000])
+def test_check_json_decides_bodies_of_any_size(size):
+    valid = b'{"s": "' + b"x" * size + b'"}'
+    check_json(valid)
+    with pytest.raises(ValueError, match="Unterminated string"):
+        check_json(valid[:-2])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        check_json(valid[:-1] + b", " + b'"n": NaN}')
+
+
+def test_check_json_words_errors_as_the_json_module_does():
+    with pytest.raises(ValueError, match="Expecting ',' delimiter: line 1 column 9"):
+        check_json(b'{"a": 1 "b": 2}')
+    with pytest.raises(ValueError, match="Expecting value"):
+        check_json(b"")
+    check_json(b"[1]")

@@ -3,8 +3,9 @@
 
 Owns: the one strict reading of JSON text every codec shares (no NaN or
 Infinity literals, any integer size, UTF-8, -16 or -32), orjson first where it
-reads the same value, the json module deciding and wording the rest; writing
-JSON text; and `show`, a value as an error message quotes it.
+reads the same value, the json module deciding and wording the rest; checking
+JSON text without reading it (simdjson first, for the usual small bodies);
+writing JSON text; and `show`, a value as an error message quotes it.
 Must not: do I/O or know a codec.
 """
 
@@ -14,6 +15,7 @@ import json
 from typing import Any, Final
 
 import orjson
+import simdjson
 
 from tlvproxy.errors import BadRequest
 
@@ -73,13 +75,32 @@ def loads_text(text: str) -> Any:
     return _DECODER.decode(text)
 
 
+# The largest body simdjson checks. Its parser keeps the buffers of the largest
+# document it has seen: under half a MiB for 16 KiB of text, measured at the
+# worst (every byte a bracket or a comma). Larger bodies go to orjson.
+_CHECKED_BY_SIMDJSON: Final = 16 * 1024
+_CHECKER: Final = simdjson.Parser(max_capacity=_CHECKED_BY_SIMDJSON)
+
+
 def check_json(body: bytes) -> None:
     """Raise ValueError unless `body` is JSON text (strictly, as `loads`).
 
-    Only validity matters here, not the value, so an integer outside 64 bits,
-    which orjson reads as a float, needs no second look: one orjson parse
-    accepts the usual body, and the json module decides the rest.
+    Only validity matters here, not the value. simdjson checks a body without
+    making a Python object of it (0.2 us for 200 bytes, against 0.6 for
+    orjson's `loads`, and more in a busy process, where each of its objects is
+    a fresh allocation). It accepts only what `loads` accepts; whatever it
+    refuses (a big integer, 1e400, a lone surrogate escape, UTF-16, text over
+    its capacity, invalid JSON) goes to orjson and then to the json module,
+    which decide, and word the error.
     """
+    try:
+        # The result, a proxy holding the parser until it is dropped, is dropped
+        # at once: the parser refuses a new document while one is held.
+        _CHECKER.parse(body)
+        return
+    except (ValueError, RuntimeError):
+        pass
+    # orjson reads an integer outside 64 bits as a float: still valid JSON.
     try:
         orjson.loads(body)
     except orjson.JSONDecodeError:
