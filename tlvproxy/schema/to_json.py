@@ -3,17 +3,26 @@ message type (docs/configuration.md "json").
 
 Owns: for one set of `json` options, a writer per message type, equal to
 `json_format.MessageToDict` with the matching flags, built from the
-descriptors so that an answer walks precomputed closures instead of them.
-Writers for nested messages are built on first use and then kept.
+descriptors so that an answer runs straight-line code instead of walking
+them. Writers for nested messages are built on first use and then kept.
 Must not: do I/O.
+
+A message type's writer is one generated function, as attrs and dataclasses
+generate `__init__`: a field's read, test and conversion are a line of it,
+where a closure per field cost a call each (2.8 -> 1.8 us for an 11-field
+message). Its source holds only what it makes itself: names, Python literals
+(`repr` of keys and field names) and field names that are plain ASCII
+identifiers; every other object is passed in its namespace. A map field keeps
+its closure.
 """
 
 from __future__ import annotations
 
 import base64
+import keyword
 import math
 import struct
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from tlvproxy.schema.protojson import WELL_KNOWN, T, is_map, json_format_writer
 
@@ -104,15 +113,10 @@ class Writers:
     def _build_writer(self, descriptor: Descriptor) -> Writer:
         if descriptor.full_name in WELL_KNOWN:
             return self._json_format
-        steps = tuple(self._field_writer(field) for field in descriptor.fields)
-
-        def write(message: Message) -> dict[str, Any]:
-            result: dict[str, Any] = {}
-            for step in steps:
-                step(message, result)
-            return result
-
-        return write
+        source = _WriterSource()
+        for field in descriptor.fields:
+            self._field_writer(field, source)
+        return source.compile(descriptor.full_name)
 
     def _value_writer(self, field: FieldDescriptor) -> Convert | None:
         """How one value of `field` becomes JSON; None when it is already JSON."""
@@ -138,68 +142,48 @@ class Writers:
             return lambda number: names.get(number, number)
         return None
 
-    def _field_writer(self, field: FieldDescriptor) -> Step:
+    def _field_writer(self, field: FieldDescriptor, source: _WriterSource) -> None:
+        """Add to `source` the code that writes `field`."""
         key = field.name if self._proto_names else field.json_name
         attr = field.name
         emit = self._emit_defaults
         if is_map(field):
             entry = field.message_type
             assert entry is not None  # a map field
-            return self._map_writer(key, attr, entry.fields_by_name["value"])
+            step = source.name(self._map_writer(key, attr, entry.fields_by_name["value"]))
+            source.statement(f"{step}(message, result)")
+            return
+        value = source.read(attr)
         convert = self._value_writer(field)
+        converter = None if convert is None else source.name(convert)
+
+        def written(expression: str) -> str:
+            return expression if converter is None else f"{converter}({expression})"
+
         if field.is_repeated:
-            if convert is None:
 
-                def repeated_plain(message: Message, result: dict[str, Any]) -> None:
-                    values = getattr(message, attr)
-                    if values or emit:
-                        result[key] = list(values)
+            def listed(values: str) -> str:
+                if converter is None:
+                    return f"list({values})"
+                return f"[{converter}(item) for item in {values}]"
 
-                return repeated_plain
-
-            def repeated(message: Message, result: dict[str, Any]) -> None:
-                values = getattr(message, attr)
-                if values or emit:
-                    result[key] = [convert(value) for value in values]
-
-            return repeated
-        write = convert if convert is not None else _identity
-        if field.has_presence:
-
-            def present(message: Message, result: dict[str, Any]) -> None:
-                if message.HasField(attr):
-                    result[key] = write(getattr(message, attr))
-
-            return present
-        if emit:
-
-            def always(message: Message, result: dict[str, Any]) -> None:
-                result[key] = write(getattr(message, attr))
-
-            return always
-        if field.cpp_type in (T.CPPTYPE_DOUBLE, T.CPPTYPE_FLOAT):
-
-            def floating(message: Message, result: dict[str, Any]) -> None:
-                value = getattr(message, attr)
-                if _float_present(value):
-                    result[key] = write(value)
-
-            return floating
-        if convert is None:
-
-            def plain(message: Message, result: dict[str, Any]) -> None:
-                value = getattr(message, attr)
-                if value:
-                    result[key] = value
-
-            return plain
-
-        def converted(message: Message, result: dict[str, Any]) -> None:
-            value = getattr(message, attr)
-            if value:
-                result[key] = write(value)
-
-        return converted
+            if emit:
+                source.always(key, listed(value))
+            else:
+                source.statement(
+                    f"values = {value}", f"if values: result[{key!r}] = {listed('values')}"
+                )
+        elif field.has_presence:
+            source.statement(f"if message.HasField({attr!r}): result[{key!r}] = {written(value)}")
+        elif emit:
+            source.always(key, written(value))
+        elif field.cpp_type in (T.CPPTYPE_DOUBLE, T.CPPTYPE_FLOAT):
+            present = source.name(_float_present)
+            source.statement(
+                f"value = {value}", f"if {present}(value): result[{key!r}] = {written('value')}"
+            )
+        else:
+            source.statement(f"value = {value}", f"if value: result[{key!r}] = {written('value')}")
 
     def _map_writer(self, key: str, attr: str, value_field: FieldDescriptor) -> Step:
         emit = self._emit_defaults
@@ -211,6 +195,50 @@ class Writers:
                 result[key] = {_map_key_json(k): write(v) for k, v in entries.items()}
 
         return write_map
+
+
+class _WriterSource:
+    """The source of one message type's writer, `write(message) -> dict`, as
+    it is put together: the fields written whatever their value first, as one
+    dict display, then a statement per field, in field order."""
+
+    def __init__(self) -> None:
+        self._display: list[str] = []
+        self._statements: list[str] = []
+        self._namespace: dict[str, object] = {}
+
+    def name(self, value: object) -> str:
+        """A name the source can use for `value`."""
+        name = f"_{len(self._namespace)}"
+        self._namespace[name] = value
+        return name
+
+    @staticmethod
+    def read(attr: str) -> str:
+        """The expression reading field `attr` of `message`."""
+        if attr.isascii() and attr.isidentifier() and not keyword.iskeyword(attr):
+            return f"message.{attr}"
+        return f"getattr(message, {attr!r})"
+
+    def always(self, key: str, expression: str) -> None:
+        if self._statements:
+            self._statements.append(f"result[{key!r}] = {expression}")
+        else:
+            self._display.append(f"{key!r}: {expression}")
+
+    def statement(self, *lines: str) -> None:
+        self._statements.extend(lines)
+
+    def compile(self, message_name: str) -> Writer:
+        lines = [
+            "def write(message):",
+            f"    result = {{{', '.join(self._display)}}}",
+            *(f"    {line}" for line in self._statements),
+            "    return result",
+        ]
+        namespace = dict(self._namespace)
+        exec(compile("\n".join(lines), f"<tlvproxy writer: {message_name}>", "exec"), namespace)
+        return cast("Writer", namespace["write"])
 
 
 def _identity(value: Any) -> Any:
