@@ -306,6 +306,35 @@ class Readers:
 
             return scalars
 
+        # The usual value, a JSON value of the field's own Python type, is set as
+        # it is; any other goes through `read`, which converts it or refuses.
+        cpp = field.cpp_type
+        if cpp in INT_RANGES:
+            low, high = INT_RANGES[cpp]
+
+            def integer(message: Message, value: Any, depth: int) -> None:
+                if type(value) is not int or not low <= value <= high:
+                    value = read(value)
+                setattr(message, attr, value)
+
+            return integer
+        if cpp == T.CPPTYPE_FLOAT:
+
+            def float32(message: Message, value: Any, depth: int) -> None:
+                if type(value) is not float or not -FLOAT32_LIMIT < value < FLOAT32_LIMIT:
+                    value = read(value)
+                setattr(message, attr, value)
+
+            return float32
+        if cpp in (T.CPPTYPE_DOUBLE, T.CPPTYPE_BOOL):
+            kind = float if cpp == T.CPPTYPE_DOUBLE else bool
+
+            def typed(message: Message, value: Any, depth: int) -> None:
+                if type(value) is not kind:
+                    value = read(value)
+                setattr(message, attr, value)
+
+            return typed
         if read is _string_reader:
 
             def string(message: Message, value: Any, depth: int) -> None:
