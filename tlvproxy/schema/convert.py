@@ -2,12 +2,13 @@
 (docs/configuration.md "json"), for one set of `json` options.
 
 Owns: `Converters`, the writers (to_json.py) and fast readers (from_json.py)
-of one schema put together, built when a codec is made, so a request walks
-precomputed closures instead of the descriptors (json_format costs ~35 us a
-round trip). The codec's generic reader is the reference for the readers: one
-that meets anything but the plain accepted case raises `Fallback`, and the
-codec runs the generic reader over a fresh message, which then builds the
-message or raises the BadRequest naming the field.
+of one schema put together, built when a codec is made, so a request runs
+precomputed closures (readers) and generated functions (writers) instead of
+walking the descriptors (json_format costs ~35 us a round trip). The
+codec's generic reader is the reference for the readers: one that meets
+anything but the plain accepted case raises `Fallback`, and the codec runs
+the generic reader over a fresh message, which then builds the message or
+raises the BadRequest naming the field.
 Must not: do I/O, write error messages, or decide what input is valid.
 
 Well-known types (Timestamp, Struct, wrappers, ...) go through json_format for
