@@ -167,6 +167,44 @@ def test_reload_with_a_changed_proto_builds_a_new_independent_table(workdir):
     )
 
 
+def test_commands_share_converters_only_under_the_same_json_options(workdir):
+    table = load(
+        workdir,
+        MINIMAL
+        + """\
+  - name: profile_again
+    command: 0x1003
+    upstream: im
+    request: demo.im.GetProfileRequest
+    response: demo.im.Profile
+    http: {method: GET, path: "/v2/users/{user_id}/profile"}
+  - name: profile_camel
+    command: 0x1005
+    upstream: im
+    request: demo.im.GetProfileRequest
+    response: demo.im.Profile
+    http: {method: GET, path: "/v3/users/{user_id}/profile"}
+    json: {field_names: camel, emit_defaults: false}
+""",
+    )
+    codecs = table.codecs
+    body = codecs["get_profile"].encode_response({"user_id": 7, "created_at": 5})
+    every_field = {
+        "user_id": 7,
+        "nickname": "",
+        "gender": "GENDER_UNSPECIFIED",
+        "status": "STATUS_OFFLINE",
+        "created_at": "5",
+        "tags": [],
+    }
+    assert codecs["get_profile"].decode_response(body) == every_field
+    assert codecs["profile_again"].decode_response(body) == every_field
+    assert codecs["profile_camel"].decode_response(body) == {"userId": 7, "createdAt": "5"}
+    # The same options: one writer, compiled once for the table.
+    assert codecs["get_profile"]._response.write is codecs["profile_again"]._response.write
+    assert codecs["get_profile"]._response.write is not codecs["profile_camel"]._response.write
+
+
 def test_defaults_when_sections_are_absent(workdir):
     table = load(workdir, "proto: {paths: [proto], files: [demo/im.proto]}\n")
     assert table.commands == ()

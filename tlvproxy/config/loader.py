@@ -52,6 +52,7 @@ from tlvproxy.schema.codec import (
     ProtobufCodec,
     RawCodec,
 )
+from tlvproxy.schema.convert import Converters
 from tlvproxy.units import parse_duration
 
 if TYPE_CHECKING:
@@ -314,6 +315,9 @@ def _codecs(
     json_codec = JsonCodec()
     raw_codec = RawCodec()
     codecs: dict[str, CommandCodec] = {}
+    # One set per `json` options: a message type's converters are built once
+    # (a writer is compiled code), however many commands use it.
+    converters: dict[JsonOptions, Converters] = {}
     for command in commands:
         if command.codec == "json":
             codecs[command.name] = json_codec
@@ -322,14 +326,19 @@ def _codecs(
         else:
             response = command.push if command.push else command.response
             assert response is not None  # the loader required it
+            json_options = command.json or options
+            shared = converters.get(json_options)
+            if shared is None:
+                shared = converters[json_options] = Converters(json_options, schema.pool)
             codecs[command.name] = ProtobufCodec(
                 command.name,
                 schema.message_class(command.request) if command.request else None,
                 schema.message_class(response),
-                command.json or options,
+                json_options,
                 schema,
                 # What one answer may expand to (docs/reference.md "Answers too
                 # large to render").
                 max_rendered=RENDER_FACTOR * max_body,
+                converters=shared,
             )
     return codecs

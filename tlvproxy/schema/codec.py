@@ -161,7 +161,9 @@ class ProtobufCodec(CommandCodec):
     through converters specialised per message type (convert.py), falling back
     to the generic reader for anything but plainly valid input; `fast=False`
     keeps the reference path (generic reader, json_format writer) for tests and
-    benchmarks. Both give the same answers.
+    benchmarks. Both give the same answers. `converters`, those of `options`
+    over `schema`'s pool, may be shared by the codecs of one table: each
+    message type's converters are then built once.
 
     A response whose JSON would be over `max_rendered` bytes raises
     AnswerTooLarge: from a lower bound read off the decoded message before any
@@ -180,6 +182,7 @@ class ProtobufCodec(CommandCodec):
         *,
         fast: bool = True,
         max_rendered: int = DEFAULT_MAX_RENDERED,
+        converters: Converters | None = None,
     ) -> None:
         self.command = command
         self.request = request
@@ -188,7 +191,10 @@ class ProtobufCodec(CommandCodec):
         self.max_rendered = max_rendered
         self._size = Sizers(options).sizer(schema.descriptor(response.DESCRIPTOR.full_name))
         self._reader = GenericReader(schema, options.ignore_unknown_fields)
-        converters = Converters(options, schema.pool) if fast else None
+        if not fast:
+            converters = None
+        elif converters is None:
+            converters = Converters(options, schema.pool)
         self._request = None if request is None else _Side(request, converters, options, schema)
         self._response = _Side(response, converters, options, schema)
 
