@@ -143,7 +143,8 @@ class _Side:
             if value is not _NO_BODY:
                 self.merge(value, message, 0)
             for values in overlays:
-                self.overlay(message, values)
+                if values:
+                    self.overlay(message, values)
         except Fallback:
             return False
         return True
@@ -219,7 +220,8 @@ class ProtobufCodec(CommandCodec):
 
     def encode_request(self, body: bytes, overlays: Sequence[Mapping[str, str]]) -> bytes:
         side = self._request_side()
-        return self._build(side, parse_body(body) if body.strip() else _NO_BODY, overlays)
+        value = _NO_BODY if not body or body.isspace() else parse_body(body)
+        return self._build(side, value, overlays)
 
     def encode_value(self, value: Any) -> bytes:
         return self._build(self._request_side(), _NO_BODY if value is None else value)
