@@ -84,7 +84,11 @@ def _int_text_reader(low: int, high: int) -> Convert:
 def _double_reader(value: Any) -> float:
     kind = type(value)
     if kind is float:
-        return float(value)
+        # value - value is 0.0 exactly when value is finite. A number that is
+        # not (1e400 read by the json module, YAML's .inf) is refused.
+        if value - value == 0.0:
+            return float(value)
+        raise Fallback
     if kind is int:
         try:
             return float(value)
@@ -326,15 +330,22 @@ class Readers:
                 setattr(message, attr, value)
 
             return float32
-        if cpp in (T.CPPTYPE_DOUBLE, T.CPPTYPE_BOOL):
-            kind = float if cpp == T.CPPTYPE_DOUBLE else bool
+        if cpp == T.CPPTYPE_DOUBLE:
 
-            def typed(message: Message, value: Any, depth: int) -> None:
-                if type(value) is not kind:
+            def double(message: Message, value: Any, depth: int) -> None:
+                if type(value) is not float or value - value != 0.0:
                     value = read(value)
                 setattr(message, attr, value)
 
-            return typed
+            return double
+        if cpp == T.CPPTYPE_BOOL:
+
+            def boolean(message: Message, value: Any, depth: int) -> None:
+                if type(value) is not bool:
+                    value = read(value)
+                setattr(message, attr, value)
+
+            return boolean
         if read is _string_reader:
 
             def string(message: Message, value: Any, depth: int) -> None:

@@ -56,6 +56,9 @@ _TYPE_NAMES: Final = {
     _T.TYPE_SINT64: "sint64",
 }
 _SPECIAL_FLOATS: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_NOT_FINITE: Final = (
+    ' (a number must be finite: write "NaN", "Infinity" or "-Infinity" as a string)'
+)
 
 
 class _Invalid(Exception):
@@ -128,6 +131,9 @@ def _floating(field: FieldDescriptor, value: object) -> float:
             number = float(value)
         except OverflowError:
             raise _Invalid(_describe_type(field), value, " (out of range)") from None
+        if not math.isfinite(number):
+            # 1e400 as the json module reads it, or YAML's .inf and .nan.
+            raise _Invalid(_describe_type(field), value, _NOT_FINITE)
     elif isinstance(value, str) and value in _SPECIAL_FLOATS:
         return _SPECIAL_FLOATS[value]
     elif isinstance(value, str):
