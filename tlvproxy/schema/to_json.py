@@ -9,7 +9,7 @@ Must not: do I/O.
 
 A message type's writer is one generated function, as attrs and dataclasses
 generate `__init__`: a field's read, test and conversion are a line of it,
-where a closure per field cost a call each (2.8 -> 1.8 us for an 11-field
+where a closure per field cost a call each (2.8 -> 1.7 us for an 11-field
 message). Its source holds only what it makes itself: names, Python literals
 (`repr` of keys and field names) and field names that are plain ASCII
 identifiers; every other object is passed in its namespace. A map field keeps
