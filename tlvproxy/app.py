@@ -54,6 +54,7 @@ from tlvproxy.server.http_conn import (
 )
 from tlvproxy.server.push_http import PushEndpoints
 from tlvproxy.server.push_sessions import PushSessions
+from tlvproxy.server.read_hub import ReadHub
 from tlvproxy.server.rest import RestHandler, error_response_for
 from tlvproxy.server.traffic import CommandTraffic, Traffic
 from tlvproxy.server.websocket import WebSocketSessions
@@ -133,6 +134,8 @@ class Gateway:
         self._timer = DeadlineTimer()  # fires every connection's time limits
         # Writes the answers that other tasks set, after their scheduler pass.
         self._ready_answers = ReadyAnswers()
+        # Waits for every idle client connection's next request, in one task.
+        self._read_hub = ReadHub()
         self._pools = UpstreamPools(metrics, self._timer, runtime_dir)
         # REST requests are counted in plain numbers and published with each
         # batch of access records, once per scheduler pass.
@@ -321,6 +324,7 @@ class Gateway:
                 Doorkeeper(pool_nursery),
                 timer=self._timer,
                 ready_answers=self._ready_answers,
+                read_hub=self._read_hub,
                 drain_signal=self._drain_signal,
                 websockets=self.websockets,
                 certificates=self._certificates,
@@ -329,6 +333,7 @@ class Gateway:
             # In the outermost nursery: it outlives every connection, drain included.
             pool_nursery.start_soon(self._timer.run)
             await pool_nursery.start(self._ready_answers.run)
+            await pool_nursery.start(self._read_hub.run)
             pool_nursery.start_soon(self.access_log.run)
             pool_nursery.start_soon(self.traffic.run)
             if isinstance(self._local, LocalChecks):

@@ -25,6 +25,7 @@ from tlvproxy.server.http_conn import (
     Response,
     serve_http_connection,
 )
+from tlvproxy.server.read_hub import ReadHub
 
 
 async def echo(request: Request) -> Response:
@@ -88,6 +89,19 @@ class Client:
         return not await self._fill() and self.buffer == b""
 
 
+# Whether `serving` gives its connections a read hub: every test here runs
+# with one and without (the `waits` fixture sets it).
+_WAITS = {"hub": False}
+
+
+@pytest.fixture(autouse=True, params=["own waits", "read hub"])
+def waits(request, monkeypatch):
+    """Each test with the connections waiting for requests in their own
+    tasks, then in a read hub's."""
+    monkeypatch.setitem(_WAITS, "hub", request.param == "read hub")
+    return request.param
+
+
 @asynccontextmanager
 async def serving(settings, handler=echo, **kwargs):
     """A real server on 127.0.0.1:0; yields (open_client, connections nursery)."""
@@ -96,6 +110,10 @@ async def serving(settings, handler=echo, **kwargs):
         await serve_http_connection(stream, "127.0.0.1", settings, handler, error_handler, **kwargs)
 
     async with trio.open_nursery() as nursery, trio.open_nursery() as connections:
+        if _WAITS["hub"]:
+            hub = ReadHub()
+            await nursery.start(hub.run)
+            kwargs["read_hub"] = hub
         listeners = await nursery.start(
             partial(trio.serve_tcp, host="127.0.0.1", handler_nursery=connections),
             on_connection,

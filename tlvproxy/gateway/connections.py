@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         Request,
         Submitter,
     )
+    from tlvproxy.server.read_hub import ReadHub
     from tlvproxy.server.runtime import TableRuntime
     from tlvproxy.server.websocket import WebSocketSessions
 
@@ -70,6 +71,7 @@ class ClientConnections:
         *,
         timer: DeadlineTimer,
         ready_answers: ReadyAnswers,
+        read_hub: ReadHub,
         drain_signal: DrainSignal,
         websockets: WebSocketSessions,
         certificates: ServingCertificates,
@@ -81,6 +83,7 @@ class ClientConnections:
         self.door = door
         self._timer = timer
         self._ready_answers = ready_answers
+        self._read_hub = read_hub
         self._drain_signal = drain_signal
         self._websockets = websockets
         self._certificates = certificates
@@ -176,6 +179,7 @@ class ClientConnections:
                 drain_signal=self._drain_signal,
                 timer=self._timer,
                 ready_answers=self._ready_answers,
+                read_hub=self._read_hub,
                 received=received,
             )
         finally:

@@ -36,6 +36,7 @@ import os
 from collections import deque
 from typing import TYPE_CHECKING
 
+import outcome
 import trio
 
 from tlvproxy.errors import GatewayError, RequestTimeout, ShuttingDown
@@ -53,10 +54,13 @@ from tlvproxy.server.http_waits import DrainSignal, Waits
 from tlvproxy.server.parser_choice import new_parser
 from tlvproxy.server.parsers import (
     NEED_DATA,
+    Closed,
+    NeedData,
     RequestEnd,
     RequestHead,
     split_target,
 )
+from tlvproxy.server.read_hub import Closes
 from tlvproxy.timer import DeadlineTimer
 
 if TYPE_CHECKING:
@@ -66,6 +70,7 @@ if TYPE_CHECKING:
     from tlvproxy.server.http_handover import HandingOverConnection
     from tlvproxy.server.http_waits import WaitingConnection
     from tlvproxy.server.parsers import RequestParser
+    from tlvproxy.server.read_hub import ReadHub
 
 log = logging.getLogger("tlvproxy.http")
 
@@ -119,6 +124,7 @@ async def serve_http_connection(
     drain_signal: DrainSignal | None = None,
     timer: DeadlineTimer | None = None,
     ready_answers: ReadyAnswers | None = None,
+    read_hub: ReadHub | None = None,
     received: bytes = b"",
 ) -> None:
     """Serve HTTP/1.1 on `stream` until either side closes it; always close it.
@@ -136,6 +142,8 @@ async def serve_http_connection(
     `timer` (a running `DeadlineTimer`), or from a timer of the connection's
     own. Answers that other tasks set are written after their scheduler pass
     by `ready_answers` (a running `ReadyAnswers`), or at once without it.
+    The waits for a next request are `read_hub`'s (a running `ReadHub`) on
+    a plain socket, or the connection task's own without it.
     `received`: bytes of the connection read before (by another worker,
     which handed it over), parsed first. Returns normally; only
     trio.Cancelled and KeyboardInterrupt get out.
@@ -151,6 +159,7 @@ async def serve_http_connection(
         drain_signal,
     )
     connection._ready_answers = ready_answers
+    connection._read_hub = read_hub
     if received:
         connection._parser.receive_data(received)
     if drain_signal is not None:
@@ -177,6 +186,9 @@ async def serve_http_connection(
                     nursery.cancel_scope.cancel()
         finally:
             connection._closed = True
+            if connection._watched:
+                assert read_hub is not None  # watched by it
+                read_hub.remove(connection._fd)
             if drain_signal is not None:
                 drain_signal._connections.discard(connection)
         handover = connection._handover
@@ -239,6 +251,16 @@ class _Connection(AnswerOrder, Waits, HandOver):
         # Writes the answers other tasks set, after their pass (None: at once).
         self._ready_answers: ReadyAnswers | None = None
         self._write_queued = False  # in `_ready_answers`' queue
+        # Waits for the next request, with one task for all connections (None:
+        # this task waits itself); `_watched` once the socket is in its set.
+        self._read_hub: ReadHub | None = None
+        self._watched = False
+        self.parked: trio.lowlevel.Task | None = None  # this task, parked in the hub
+        self.missed = False  # the hub saw bytes come while this task was not parked
+        # The deadline of the next request's head: None until its first byte.
+        self._header_deadline: float | None = None
+        # The deadline of the wait for the next request (see `_ended`).
+        self._idle_deadline = math.inf
         self._in_batch = False  # this task is handling a batch: it writes at its end
         self._answered_at = -math.inf  # when the last answer was written
         self._settled: trio.Event | None = None  # set when the order or `_out` shrinks
@@ -292,20 +314,30 @@ class _Connection(AnswerOrder, Waits, HandOver):
         """Serve requests until the connection ends; True to close it gracefully."""
         parser = self._parser
         header_timeout = self._settings.header_timeout
-        # A new connection's first head must arrive within header_timeout of the
-        # accept; later ones within header_timeout of their first byte
-        # (docs/configuration.md "limits").
         now = self._now
         signal = self._drain_signal
         draining = self._draining
         fd = self._fd
         stream = self._stream
         wait_readable = trio.lowlevel.wait_readable
-        idle_deadline = now() + header_timeout
-        header_deadline: float | None = idle_deadline
+        # A new connection's first head must arrive within header_timeout of the
+        # accept; later ones within header_timeout of their first byte
+        # (docs/configuration.md "limits"). Attributes, not locals: the read
+        # hub's `on_readable` handles requests too.
+        self._first_deadline(now() + header_timeout)
+        hub = self._read_hub if fd >= 0 else None
+        if hub is not None and hub.running:
+            hub.add(fd, self)
+            self._watched = True
+        # An event the read hub took from the parser for this task to handle.
+        pending: RequestHead | RequestEnd | Closed | Closes | None = None
+        event: NeedData | RequestHead | RequestEnd | Closed | Closes
         while True:
             self._in_batch = True
-            event = parser.next_event()
+            if pending is None:
+                event = parser.next_event()
+            else:
+                event, pending = pending, None
             if event is NEED_DATA:
                 self._in_batch = False
                 # Right after an answer, the peer has had no time to send more:
@@ -321,18 +353,22 @@ class _Connection(AnswerOrder, Waits, HandOver):
                     if self._is_draining():
                         await self._settle(0)
                         return False
-                    deadline = idle_deadline
+                    deadline = self._idle_deadline
                 else:
-                    if header_deadline is None:
+                    if self._header_deadline is None:
                         # The request began with the bytes read last; the rest
                         # must follow within header_timeout.
-                        header_deadline = now() + header_timeout
-                    deadline = header_deadline
+                        self._header_deadline = now() + header_timeout
+                    deadline = self._header_deadline
                     if self._head is not None and parser.expects_continue:
                         # After every earlier answer, as the order demands.
                         await self._settle(0)
                         self._send_now(parser.send_continue())
                         answered = True
+                if self.missed:
+                    # The read hub saw bytes come while this task was busy.
+                    self.missed = False
+                    answered = False
                 data = None if answered else await self._read_now()
                 if data is None:
                     # Wait for bytes until `deadline`; past it (or once
@@ -349,6 +385,14 @@ class _Connection(AnswerOrder, Waits, HandOver):
                     try:
                         if fd < 0:
                             data = _as_bytes(await stream.receive_some(_RECEIVE_SIZE))
+                        elif idle and self._watched and hub is not None and hub.running:
+                            # Parked until the hub's task has something for
+                            # this one: most requests it handles itself.
+                            woken = await hub.park(self)
+                            if isinstance(woken, bytes):
+                                data = woken
+                            else:
+                                pending = woken
                         else:
                             # Waited on first: `_read_now` found nothing, or an
                             # answer just went out and the peer had no time to
@@ -371,7 +415,8 @@ class _Connection(AnswerOrder, Waits, HandOver):
                         # came in: they are too late, and the handler must not
                         # run in a cancelled scope.
                         await trio.lowlevel.checkpoint()
-                parser.receive_data(data)
+                if data is not None:
+                    parser.receive_data(data)
             elif type(event) is RequestHead:
                 self._head = event
                 self._received_at = now()
@@ -393,10 +438,7 @@ class _Connection(AnswerOrder, Waits, HandOver):
                     keep_alive = head.keep_alive
                 if self._submit is not None:
                     if not self._submit_request(request, keep_alive):
-                        if self._taken is not None:
-                            await self._hand_over_taken(request)
-                            return False
-                        return True
+                        return await self._closes(request)
                 elif not await self._answer(request, keep_alive):
                     return True
                 if (
@@ -411,15 +453,102 @@ class _Connection(AnswerOrder, Waits, HandOver):
                     await self._settle(_MAX_PIPELINED - 1 if self._pipelining else 0)
                     if self._closing:
                         return True
-                header_deadline = None
-                # An early deadline for the wait for the next request: `expire`
-                # moves it to keepalive_timeout after the last answer.
-                idle_deadline = self._received_at + self._settings.keepalive_timeout
+                self._ended(self._received_at)
+            elif type(event) is Closes:
+                return await self._closes(event.request)
             else:
                 # The peer closed (or shut down its sending side) between
                 # requests: the answers still owed are written first (a
                 # pipelining parser reads the end before they are ready).
                 return bool(self._order or self._out)
+
+    def _first_deadline(self, deadline: float) -> None:
+        # The first request's head must come by `deadline`.
+        self._header_deadline = self._idle_deadline = deadline
+
+    def _ended(self, received_at: float) -> None:
+        # A request received at `received_at` was submitted: the next one's
+        # head has header_timeout from its first byte, and the wait for it an
+        # early deadline, which `expire` moves to keepalive_timeout after the
+        # last answer.
+        self._header_deadline = None
+        self._idle_deadline = received_at + self._settings.keepalive_timeout
+
+    async def _closes(self, request: Request) -> bool:
+        # The answer to `request` closes the connection: hand it over when
+        # the Submitter took it over (`Answer.take_over`); else True.
+        if self._taken is not None:
+            await self._hand_over_taken(request)
+            return False
+        return True
+
+    def on_readable(self) -> None:
+        """The read hub's call: bytes came while this connection's task is
+        parked, waiting for its next request. Read them and handle the
+        requests they complete as `_serve_requests` would, without waking
+        the task; wake it (`ReadHub.wake`) with what it must await itself: the
+        end of the stream, a request under way (its header_timeout), an
+        upgrade, a request that closes the connection or must wait for earlier
+        answers, the drain. An exception (a malformed request) is the hub's
+        to hand the task, which raises it."""
+        try:
+            data = os.read(self._fd, _RECEIVE_SIZE)
+        except BlockingIOError:
+            return  # the bytes of an earlier readiness, read already
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+        hub = self._read_hub
+        assert hub is not None  # only its hub calls this
+        if not data or len(data) == _RECEIVE_SIZE:
+            # The end of the stream, or maybe more bytes behind these, which
+            # would get no readiness of their own: the task's to read.
+            hub.wake(self, outcome.Value(data))
+            return
+        parser = self._parser
+        parser.receive_data(data)
+        self._in_batch = True
+        try:
+            while True:
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    break
+                if type(event) is RequestHead:
+                    if self._is_draining():
+                        hub.wake(self, outcome.Value(event))  # a 503 and a close
+                        return
+                    self._head = event
+                    self._received_at = self._now()
+                elif type(event) is RequestEnd:
+                    head = self._head
+                    assert head is not None  # the parser yields a head before its end
+                    if (
+                        head.upgrade
+                        or not head.keep_alive
+                        or self._submit is None
+                        or not self._pipelining
+                        or len(self._order) + 1 >= _MAX_PIPELINED
+                        or len(self._out) > MAX_OUT
+                    ):
+                        hub.wake(self, outcome.Value(event))
+                        return
+                    self._head = None
+                    request = self._request(head, event.body)
+                    if not self._submit_request(request, True):
+                        hub.wake(self, outcome.Value(Closes(request)))
+                        return
+                    self._ended(self._received_at)
+                else:
+                    hub.wake(self, outcome.Value(event))
+                    return
+        finally:
+            self._in_batch = False
+        if self._answered:
+            self._answered = False
+            self._write_ready()
+        if self.parked is None:
+            return  # an answer closed the connection: its task was cancelled
+        if self._head is not None or parser.has_partial_request or self._is_draining():
+            hub.wake(self, outcome.Value(None))
 
     _answered = False  # an answer was queued since the last write (see `_answer`)
 
