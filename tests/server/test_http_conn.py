@@ -103,14 +103,24 @@ def waits(request, monkeypatch):
 
 
 @asynccontextmanager
-async def serving(settings, handler=echo, **kwargs):
-    """A real server on 127.0.0.1:0; yields (open_client, connections nursery)."""
+async def serving(settings, handler=echo, *, tasks=None, ended=None, **kwargs):
+    """A real server on 127.0.0.1:0; yields (open_client, connections nursery).
+    `tasks` (a set) gets each connection's task; `ended` (a trio.Event) is
+    set when a connection ends."""
 
     async def on_connection(stream):
-        await serve_http_connection(stream, "127.0.0.1", settings, handler, error_handler, **kwargs)
+        if tasks is not None:
+            tasks.add(trio.lowlevel.current_task())
+        try:
+            await serve_http_connection(
+                stream, "127.0.0.1", settings, handler, error_handler, **kwargs
+            )
+        finally:
+            if ended is not None:
+                ended.set()
 
     async with trio.open_nursery() as nursery, trio.open_nursery() as connections:
-        if _WAITS["hub"]:
+        if _WAITS["hub"] and "read_hub" not in kwargs:
             hub = ReadHub()
             await nursery.start(hub.run)
             kwargs["read_hub"] = hub

@@ -5,8 +5,10 @@ suite with a hub and without one; these are the hub's own cases."""
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
 from contextlib import asynccontextmanager
-from functools import partial
 
 import pytest
 import trio
@@ -15,10 +17,10 @@ import trio.testing
 from tests.server.test_http_conn import (
     Client,
     HeldAnswers,
-    error_handler,
     get,
     post,
 )
+from tests.server.test_http_conn import serving as serving_http
 from tlvproxy.server import http_conn
 from tlvproxy.server.http_conn import (
     Answer,
@@ -26,7 +28,6 @@ from tlvproxy.server.http_conn import (
     HttpSettings,
     Request,
     Response,
-    serve_http_connection,
 )
 from tlvproxy.server.read_hub import ReadHub
 
@@ -56,9 +57,9 @@ class Steps(trio.abc.Instrument):
 
 
 @asynccontextmanager
-async def serving(settings, handler, *, hub=None, tasks=None, **kwargs):
-    """A server whose connections wait in `hub` (a new one, run here, by
-    default); yields (open_client, hub, hub's cancel scope)."""
+async def serving(settings, handler, *, hub=None, **kwargs):
+    """test_http_conn.py's server, its connections waiting in `hub` (a new
+    one, run here, by default); yields (open_client, the hub's cancel scope)."""
     hub = ReadHub() if hub is None else hub
     hub_scope = trio.CancelScope()
 
@@ -66,28 +67,35 @@ async def serving(settings, handler, *, hub=None, tasks=None, **kwargs):
         with hub_scope:
             await hub.run(task_status=task_status)
 
-    async def on_connection(stream):
-        if tasks is not None:
-            tasks.add(trio.lowlevel.current_task())
-        await serve_http_connection(
-            stream, "127.0.0.1", settings, handler, error_handler, read_hub=hub, **kwargs
-        )
-
-    async with trio.open_nursery() as nursery, trio.open_nursery() as connections:
+    async with trio.open_nursery() as nursery:
         await nursery.start(run_hub)
-        listeners = await nursery.start(
-            partial(trio.serve_tcp, host="127.0.0.1", handler_nursery=connections),
-            on_connection,
-            0,
-        )
-        port = listeners[0].socket.getsockname()[1]
-
-        async def open_client() -> Client:
-            return Client(await trio.open_tcp_stream("127.0.0.1", port))
-
-        yield open_client, hub_scope
+        async with serving_http(settings, handler, read_hub=hub, **kwargs) as (open_client, _):
+            yield open_client, hub_scope
         nursery.cancel_scope.cancel()
-        connections.cancel_scope.cancel()
+
+
+def httptools_settings(max_request_body: int = 4096) -> HttpSettings:
+    """The `settings` fixture's, with httptools only."""
+    return HttpSettings(
+        max_header_bytes=1024,
+        max_request_body=max_request_body,
+        header_timeout=5.0,
+        keepalive_timeout=20.0,
+        parser="httptools",
+    )
+
+
+async def first_request(client: Client, handler: AtOnce | HeldAnswers | None = None) -> None:
+    """One request answered, then the connection's task parked in the hub;
+    a `HeldAnswers` handler holds the answers after it again."""
+    await client.send(get("/first"))
+    if isinstance(handler, HeldAnswers):
+        await trio.testing.wait_all_tasks_blocked()
+        handler.release()
+    assert await replies(client, 1) == ["/first"]
+    if isinstance(handler, HeldAnswers):
+        handler.released = False
+    await trio.testing.wait_all_tasks_blocked()
 
 
 async def replies(client: Client, count: int) -> list[str]:
@@ -105,9 +113,7 @@ async def test_requests_are_handled_without_waking_the_connection_task(settings)
     steps = Steps()
     async with serving(settings, handler, tasks=steps.watched) as (open_client, _):
         client = await open_client()
-        await client.send(get("/first"))
-        assert await replies(client, 1) == ["/first"]
-        await trio.testing.wait_all_tasks_blocked()
+        await first_request(client)
         trio.lowlevel.add_instrument(steps)
         try:
             for n in range(5):
@@ -144,8 +150,7 @@ async def test_a_request_split_across_reads_is_served(settings):
 async def test_a_request_begun_while_parked_times_out_with_408(settings, autojump_clock):
     async with serving(settings, AtOnce()) as (open_client, _):
         client = await open_client()
-        await client.send(get("/first"))
-        assert await replies(client, 1) == ["/first"]
+        await first_request(client)
         await client.send(b"GET /slow HTTP/1.1\r\nHost: te")
         with trio.fail_after(settings.header_timeout + 1):
             answer = await client.reply()
@@ -157,8 +162,7 @@ async def test_a_request_begun_while_parked_times_out_with_408(settings, autojum
 async def test_a_parked_connection_closes_after_keepalive_timeout(settings, autojump_clock):
     async with serving(settings, AtOnce()) as (open_client, _):
         client = await open_client()
-        await client.send(get("/first"))
-        assert await replies(client, 1) == ["/first"]
+        await first_request(client)
         start = trio.current_time()
         assert await client.closed()
         assert trio.current_time() - start == pytest.approx(settings.keepalive_timeout, abs=0.5)
@@ -193,18 +197,11 @@ async def test_a_request_that_closes_is_answered_then_the_connection_closes(sett
 async def test_a_request_larger_than_one_read_is_served():
     # More than one read's 64 KiB at once: the task reads the rest (those
     # bytes get no readiness of their own).
-    settings = HttpSettings(
-        max_header_bytes=1024,
-        max_request_body=300_000,
-        header_timeout=5.0,
-        keepalive_timeout=20.0,
-        parser="httptools",
-    )
+    settings = httptools_settings(300_000)
     body = bytes(range(256)) * 1000
     async with serving(settings, AtOnce()) as (open_client, _):
         client = await open_client()
-        await client.send(get("/first"))
-        assert await replies(client, 1) == ["/first"]
+        await first_request(client)
         await client.send(post("/big", body) + get("/after"))
         with trio.fail_after(5):
             answer = await client.reply()
@@ -218,21 +215,13 @@ async def test_requests_behind_a_full_read_are_served(monkeypatch):
     # requests; a 5th waits behind them in the socket, and gets no readiness
     # of its own.
     monkeypatch.setattr(http_conn, "_RECEIVE_SIZE", 4096)
-    settings = HttpSettings(
-        max_header_bytes=1024,
-        max_request_body=4096,
-        header_timeout=5.0,
-        keepalive_timeout=20.0,
-        parser="httptools",
-    )
+    settings = httptools_settings()
     head_size = len(post("/0", b"x" * 500)) - 500
     requests = [post(f"/{n}", b"x" * (1024 - head_size)) for n in range(5)]
     assert {len(request) for request in requests} == {1024}
     async with serving(settings, AtOnce()) as (open_client, _):
         client = await open_client()
-        await client.send(get("/first"))
-        assert await replies(client, 1) == ["/first"]
-        await trio.testing.wait_all_tasks_blocked()
+        await first_request(client)
         await client.send(b"".join(requests))
         assert await replies(client, 5) == [f"/{n}" for n in range(5)]
 
@@ -289,11 +278,7 @@ async def test_bytes_that_come_while_the_task_is_busy_are_not_missed(settings):
     handler = HeldAnswers()
     async with serving(settings, handler) as (open_client, _):
         client = await open_client()
-        await client.send(get("/first"))
-        await trio.testing.wait_all_tasks_blocked()
-        handler.release()
-        assert await replies(client, 1) == ["/first"]
-        handler.released = False
+        await first_request(client, handler)
         await client.send(b"".join(get(f"/{n}") for n in range(31)))
         await trio.testing.wait_all_tasks_blocked()
         await client.send(get("/meanwhile"))
@@ -316,3 +301,110 @@ async def test_when_the_hub_stops_its_connections_wait_on_their_own(settings):
         late = await open_client()
         await late.send(get("/c"))
         assert await replies(late, 1) == ["/c"]
+
+
+def send_then_shut(client: Client, data: bytes) -> None:
+    """`data` and the end of the client's sending side in one step: the
+    server sees one readiness for both."""
+    sock = client.stream.socket
+    assert os.write(sock.fileno(), data) == len(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+async def test_a_request_and_the_end_of_the_stream_in_one_readiness(settings):
+    # The end of the stream comes with the bytes before it: the answer goes
+    # out, then the connection closes at once, not keepalive_timeout later.
+    async with serving(settings, AtOnce()) as (open_client, _):
+        client = await open_client()
+        await first_request(client)
+        send_then_shut(client, get("/a"))
+        with trio.fail_after(3):
+            assert await replies(client, 1) == ["/a"]
+            assert await client.closed()
+
+
+async def test_requests_and_the_end_of_the_stream_while_answers_are_owed(settings):
+    handler = HeldAnswers()
+    async with serving(settings, handler) as (open_client, _):
+        client = await open_client()
+        await first_request(client, handler)
+        send_then_shut(client, get("/1") + get("/2"))
+        await trio.testing.wait_all_tasks_blocked()
+        handler.release()
+        with trio.fail_after(3):
+            assert await replies(client, 2) == ["/1", "/2"]
+            assert await client.closed()
+
+
+async def test_the_end_of_the_stream_while_the_task_is_busy():
+    # The task settles 31 answers owed; a request and the end of the stream
+    # come meanwhile, their readiness seen by the hub: the task reads until
+    # nothing is left (the request, then the end) before it parks.
+    settings = httptools_settings()
+    handler = HeldAnswers()
+    async with serving(settings, handler) as (open_client, _):
+        client = await open_client()
+        await first_request(client, handler)
+        await client.send(b"".join(get(f"/{n}") for n in range(32)))
+        await trio.testing.wait_all_tasks_blocked()
+        send_then_shut(client, get("/late"))
+        await trio.testing.wait_all_tasks_blocked()
+        handler.release()
+        with trio.fail_after(3):
+            assert await replies(client, 33) == [f"/{n}" for n in range(32)] + ["/late"]
+            assert await client.closed()
+
+
+async def test_a_request_and_a_reset_in_one_readiness_end_the_connection(settings):
+    # A client that sends a request and resets at once holds nothing open:
+    # the gateway's end of the connection must not wait keepalive_timeout.
+    ended = trio.Event()
+    async with serving(settings, AtOnce(), ended=ended) as (open_client, _):
+        client = await open_client()
+        await first_request(client)
+        sock = client.stream.socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        os.write(sock.fileno(), get("/a"))
+        sock.close()
+        with trio.fail_after(3):
+            await ended.wait()
+
+
+async def test_a_connection_the_kernel_will_not_watch_waits_on_its_own(settings, monkeypatch):
+    # epoll_ctl can fail (the kernel's limit on watches): that connection
+    # waits for its requests in its own task, and is served all the same.
+    def refuse(self, fd, connection):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ReadHub, "add", refuse)
+    async with serving(settings, AtOnce()) as (open_client, _):
+        client = await open_client()
+        for path in ("/a", "/b"):
+            await client.send(get(path))
+            assert await replies(client, 1) == [path]
+
+
+async def test_a_hub_runs_again_after_it_ended():
+    # Stopped, then run again: the connections accepted from then on wait in
+    # it, and their requests are handled there.
+    settings = httptools_settings()
+    hub = ReadHub()
+    steps = Steps()
+    async with serving(settings, AtOnce(), hub=hub, tasks=steps.watched) as (open_client, scope):
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not hub.running
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            client = await open_client()
+            await first_request(client)
+            trio.lowlevel.add_instrument(steps)
+            try:
+                for path in ("/a", "/b"):
+                    await client.send(get(path))
+                    assert await replies(client, 1) == [path]
+                await trio.testing.wait_all_tasks_blocked()
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert steps.steps == 0
+            nursery.cancel_scope.cancel()

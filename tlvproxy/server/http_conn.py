@@ -18,14 +18,17 @@ and `error_handler`). The values it shares with its callers and handlers
 this module hands them on, so that its callers import the driver from one place.
 
 Requests are state, not tasks (docs/reference.md "How a request flows"): the
-connection's one task reads, parses and hands each request to the handler
-with its `Answer`, its place in the answer order. A `Submitter` (the REST
-handler) sets the answer later, from whichever task completes it (the
-upstream connection's reader, or its timer): that task writes the answers now
-ready at the head of the order with a non-blocking send, so this task is woken
-once per batch of bytes received, never a second time for the answer. Only a
-send that would block is left to a flush task started for it. An async
-`Handler` (the admin API) is simply awaited.
+connection reads, parses and hands each request to the handler with its
+`Answer`, its place in the answer order. While it waits for its next request
+its task is parked in the worker's `ReadHub` (read_hub.py), whose task
+calls `on_readable` when bytes come: most requests are read, parsed and
+submitted there, and the connection's task is woken only for what must wait
+in it. A `Submitter` (the REST handler) sets the answer later, from
+whichever task completes it (the upstream connection's reader, or its
+timer): that task writes the answers now ready at the head of the order with
+a non-blocking send, never waking this one for the answer. Only a send that
+would block is left to a flush task started for it. An async `Handler` (the
+admin API) is simply awaited.
 """
 
 from __future__ import annotations
@@ -186,11 +189,11 @@ async def serve_http_connection(
                     nursery.cancel_scope.cancel()
         finally:
             connection._closed = True
+            if drain_signal is not None:
+                drain_signal._connections.discard(connection)
             if connection._watched:
                 assert read_hub is not None  # watched by it
                 read_hub.remove(connection._fd)
-            if drain_signal is not None:
-                drain_signal._connections.discard(connection)
         handover = connection._handover
         # An upgraded session keeps none of the HTTP state (an idle WebSocket
         # is light): the connection, its parser and its nursery go now.
@@ -325,10 +328,18 @@ class _Connection(AnswerOrder, Waits, HandOver):
         # (docs/configuration.md "limits"). Attributes, not locals: the read
         # hub's `on_readable` handles requests too.
         self._first_deadline(now() + header_timeout)
-        hub = self._read_hub if fd >= 0 else None
+        # The read hub waits for a plain socket's next request when the parser
+        # pipelines: with h11, which answers each request before it parses
+        # the next, every request would wake this task anyway.
+        hub = self._read_hub if fd >= 0 and self._pipelining else None
         if hub is not None and hub.running:
-            hub.add(fd, self)
-            self._watched = True
+            try:
+                hub.add(fd, self)
+                self._watched = True
+            except OSError:
+                # The kernel refused the watch (its limit on them): this task
+                # waits on its own.
+                log.debug("HTTP connection from %s waits on its own", self._remote_addr)
         # An event the read hub took from the parser for this task to handle.
         pending: RequestHead | RequestEnd | Closed | Closes | None = None
         event: NeedData | RequestHead | RequestEnd | Closed | Closes
@@ -366,11 +377,13 @@ class _Connection(AnswerOrder, Waits, HandOver):
                         self._send_now(parser.send_continue())
                         answered = True
                 if self.missed:
-                    # The read hub saw bytes come while this task was busy.
-                    self.missed = False
+                    # The read hub saw bytes come while this task was busy, or
+                    # woke it: read until none are left (an edge-triggered
+                    # readiness is reported once, the end of the stream too).
                     answered = False
                 data = None if answered else await self._read_now()
                 if data is None:
+                    self.missed = False
                     # Wait for bytes until `deadline`; past it (or once
                     # draining, when idle) the timer cancels the connection's
                     # scope and `serve` decides: a 408 when a request was under
@@ -482,15 +495,16 @@ class _Connection(AnswerOrder, Waits, HandOver):
             return False
         return True
 
-    def on_readable(self) -> None:
+    def on_readable(self, ended: bool) -> None:
         """The read hub's call: bytes came while this connection's task is
-        parked, waiting for its next request. Read them and handle the
-        requests they complete as `_serve_requests` would, without waking
-        the task; wake it (`ReadHub.wake`) with what it must await itself: the
-        end of the stream, a request under way (its header_timeout), an
-        upgrade, a request that closes the connection or must wait for earlier
-        answers, the drain. An exception (a malformed request) is the hub's
-        to hand the task, which raises it."""
+        parked, waiting for its next request (`ended`: the stream ended after
+        them). Read them and handle the requests they complete as
+        `_serve_requests` would, without waking the task; wake it
+        (`ReadHub.wake`) with what it must await itself: the end of the
+        stream, a request under way (its header_timeout), an upgrade, a
+        request that closes the connection or must wait for earlier answers,
+        the drain. An exception (a malformed request) is the hub's to hand
+        the task, which raises it."""
         try:
             data = os.read(self._fd, _RECEIVE_SIZE)
         except BlockingIOError:
@@ -499,7 +513,7 @@ class _Connection(AnswerOrder, Waits, HandOver):
             raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
         hub = self._read_hub
         assert hub is not None  # only its hub calls this
-        if not data or len(data) == _RECEIVE_SIZE:
+        if ended or not data or len(data) == _RECEIVE_SIZE:
             # The end of the stream, or maybe more bytes behind these, which
             # would get no readiness of their own: the task's to read.
             hub.wake(self, outcome.Value(data))

@@ -43,6 +43,9 @@ log = logging.getLogger("tlvproxy.http")
 
 # The most readiness events one poll takes; the rest wait for the next pass.
 _MAX_EVENTS = 256
+# The events that say the stream ended (the peer's FIN or reset, an error):
+# reported with the bytes before them, in one readiness.
+_ENDED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class Closes:
@@ -60,32 +63,36 @@ class ParkedConnection(Protocol):
 
     # Its task, while parked in `ReadHub.park`; None otherwise.
     parked: trio.lowlevel.Task | None
-    # Bytes may have come while its task was not parked: it reads before it
-    # parks again.
+    # Bytes may have come while its task was not parked: it reads until
+    # none are left before it parks again.
     missed: bool
 
-    def on_readable(self) -> None: ...
+    def on_readable(self, ended: bool) -> None: ...
 
 
 class ReadHub:
     """The idle connections of one worker, waited on by one task (`run`)."""
 
     def __init__(self) -> None:
-        self._epoll = select.epoll()
+        self._epoll: select.epoll | None = None  # while `run`'s task runs
         self._connections: dict[int, ParkedConnection] = {}
         # Only while `run`'s task runs: connections park only then.
         self.running = False
 
     def add(self, fd: int, connection: ParkedConnection) -> None:
         """Watch the socket `fd` of `connection` until `remove(fd)`; bytes
-        already there are reported too. Only while `running`."""
-        self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
+        already there are reported too, and the end of the stream (a FIN or a
+        reset) with its own flag. Only while `running`; raises OSError when
+        the kernel refuses (the caller then waits on its own)."""
+        assert self._epoll is not None  # only while running
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
         self._connections[fd] = connection
 
     def remove(self, fd: int) -> None:
         """Stop watching `fd`, before it is closed or handed on."""
-        if self._connections.pop(fd, None) is not None and not self._epoll.closed:
-            self._epoll.unregister(fd)
+        epoll = self._epoll
+        if self._connections.pop(fd, None) is not None and epoll is not None:
+            epoll.unregister(fd)
 
     @staticmethod
     async def park(connection: ParkedConnection) -> Woken:
@@ -102,8 +109,9 @@ class ReadHub:
 
     @staticmethod
     def wake(connection: ParkedConnection, result: outcome.Outcome[Woken]) -> None:
-        """Resume `connection`'s parked task with `result`. It reads before it
-        parks again: bytes may come meanwhile, whose readiness it misses."""
+        """Resume `connection`'s parked task with `result`. It reads until no
+        bytes are left before it parks again: bytes may come meanwhile, whose
+        readiness it misses."""
         task = connection.parked
         assert task is not None  # only a parked task is woken
         connection.parked = None
@@ -120,14 +128,14 @@ class ReadHub:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hand the bytes that arrive to their connections, until cancelled;
         then wake every parked task, which waits on its own from then on."""
-        epoll = self._epoll
+        epoll = self._epoll = select.epoll()
         connections = self._connections
         self.running = True
         task_status.started()
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
-                for fd, _ in epoll.poll(0, _MAX_EVENTS):
+                for fd, events in epoll.poll(0, _MAX_EVENTS):
                     connection = connections.get(fd)
                     if connection is None:
                         continue
@@ -135,7 +143,7 @@ class ReadHub:
                         connection.missed = True
                         continue
                     try:
-                        connection.on_readable()
+                        connection.on_readable(events & _ENDED != 0)
                     except Exception as exc:
                         # Its task raises it (a parse error is a 400 and a
                         # close there); never the others'.
@@ -145,4 +153,6 @@ class ReadHub:
             self.running = False
             for connection in list(connections.values()):
                 self._wake_parked(connection, outcome.Value(None))
-            self._epoll.close()
+            connections.clear()
+            self._epoll = None
+            epoll.close()
