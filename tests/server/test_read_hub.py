@@ -408,3 +408,23 @@ async def test_a_hub_runs_again_after_it_ended():
                 trio.lowlevel.remove_instrument(steps)
             assert steps.steps == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_that_outlives_a_hub_run_waits_on_its_own():
+    # Accepted during the hub's first run, it is not in the set of the next:
+    # it must not park there, where nothing would wake it.
+    settings = httptools_settings()
+    hub = ReadHub()
+    async with serving(settings, AtOnce(), hub=hub) as (open_client, scope):
+        client = await open_client()
+        await first_request(client)
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not hub.running
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            for path in ("/b", "/c", "/d"):
+                await client.send(get(path))
+                assert await replies(client, 1) == [path]
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()

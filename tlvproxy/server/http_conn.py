@@ -398,7 +398,7 @@ class _Connection(AnswerOrder, Waits, HandOver):
                     try:
                         if fd < 0:
                             data = _as_bytes(await stream.receive_some(_RECEIVE_SIZE))
-                        elif idle and self._watched and hub is not None and hub.running:
+                        elif idle and hub is not None and hub.watches(fd, self):
                             # Parked until the hub's task has something for
                             # this one: most requests it handles itself.
                             woken = await hub.park(self)

@@ -88,6 +88,11 @@ class ReadHub:
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
         self._connections[fd] = connection
 
+    def watches(self, fd: int, connection: ParkedConnection) -> bool:
+        """Whether `fd` is in this run's set, for `connection`: one added
+        during an earlier run of the hub is not, and waits on its own."""
+        return self._connections.get(fd) is connection
+
     def remove(self, fd: int) -> None:
         """Stop watching `fd`, before it is closed or handed on."""
         epoll = self._epoll
@@ -128,6 +133,7 @@ class ReadHub:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hand the bytes that arrive to their connections, until cancelled;
         then wake every parked task, which waits on its own from then on."""
+        assert self._epoll is None  # one run at a time
         epoll = self._epoll = select.epoll()
         connections = self._connections
         self.running = True
