@@ -539,7 +539,6 @@ class _Connection(AnswerOrder, Waits, HandOver):
                         head.upgrade
                         or not head.keep_alive
                         or self._submit is None
-                        or not self._pipelining
                         or len(self._order) + 1 >= _MAX_PIPELINED
                         or len(self._out) > MAX_OUT
                     ):
