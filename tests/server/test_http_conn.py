@@ -719,9 +719,12 @@ async def test_a_thousand_dropped_connections_leak_nothing(settings):
         async with trio.open_nursery() as nursery:
             for n in range(1000):
                 nursery.start_soon(drop, n)
-        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-        assert len(connections.child_tasks) == 0
-        assert open_fds() == fds_before
+        # Every connection ends and gives its descriptor back: on a loaded
+        # box some take more than one quiet spell to, so this waits for it,
+        # up to a bound a leak never meets.
+        with trio.fail_after(10):
+            while connections.child_tasks or open_fds() != fds_before:
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
         client = await open_client()
         await client.send(get("/still-alive"))
         reply = await client.reply()
