@@ -191,9 +191,8 @@ async def serve_http_connection(
             connection._closed = True
             if drain_signal is not None:
                 drain_signal._connections.discard(connection)
-            if connection._watched:
-                assert read_hub is not None  # watched by it
-                read_hub.remove(connection._fd)
+            if read_hub is not None:
+                read_hub.remove(connection._fd, connection)
         handover = connection._handover
         # An upgraded session keeps none of the HTTP state (an idle WebSocket
         # is light): the connection, its parser and its nursery go now.
@@ -255,9 +254,8 @@ class _Connection(AnswerOrder, Waits, HandOver):
         self._ready_answers: ReadyAnswers | None = None
         self._write_queued = False  # in `_ready_answers`' queue
         # Waits for the next request, with one task for all connections (None:
-        # this task waits itself); `_watched` once the socket is in its set.
+        # this task waits itself).
         self._read_hub: ReadHub | None = None
-        self._watched = False
         self.parked: trio.lowlevel.Task | None = None  # this task, parked in the hub
         self.missed = False  # the hub saw bytes come while this task was not parked
         # The deadline of the next request's head: None until its first byte.
@@ -335,7 +333,6 @@ class _Connection(AnswerOrder, Waits, HandOver):
         if hub is not None and hub.running:
             try:
                 hub.add(fd, self)
-                self._watched = True
             except OSError:
                 # The kernel refused the watch (its limit on them): this task
                 # waits on its own.

@@ -93,11 +93,13 @@ class ReadHub:
         during an earlier run of the hub is not, and waits on its own."""
         return self._connections.get(fd) is connection
 
-    def remove(self, fd: int) -> None:
-        """Stop watching `fd`, before it is closed or handed on."""
-        epoll = self._epoll
-        if self._connections.pop(fd, None) is not None and epoll is not None:
-            epoll.unregister(fd)
+    def remove(self, fd: int, connection: ParkedConnection) -> None:
+        """Stop watching `fd` for `connection`, before it is closed or handed
+        on; nothing when this run does not watch it."""
+        if self.watches(fd, connection):
+            del self._connections[fd]
+            assert self._epoll is not None  # the set is cleared when a run ends
+            self._epoll.unregister(fd)
 
     @staticmethod
     async def park(connection: ParkedConnection) -> Woken:
