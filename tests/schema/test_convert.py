@@ -334,6 +334,64 @@ def test_accepts_and_rejects_what_parse_dict_does(rich, value, ignore_unknown):
         assert cls.FromString(fast[1]) == expected
 
 
+# Valid values for a third of conv.All's fields: a body holding them is read
+# by the generated reader, which looks each field up; a body holding fewer
+# goes to the dispatching reader, which the cases above reach.
+DENSE = {
+    "f_double": 1.5,
+    "f_float": 2.5,
+    "f_int32": 1,
+    "f_int64": "2",
+    "f_uint32": 3,
+    "f_uint64": 4,
+    "f_sint32": -5,
+    "f_sint64": "-6",
+    "f_fixed32": 7,
+    "f_fixed64": "8",
+    "f_sfixed32": -9,
+    "f_sfixed64": "-10",
+    "f_bool": True,
+    "f_string": "s",
+    "f_bytes": "AAEC",
+    "f_enum": "COLOR_RED",
+    "f_leaf": {"name": "n", "color": 2, "count": 3},
+    "r_string": ["a", "b"],
+}
+
+
+@pytest.mark.parametrize("ignore_unknown", [False, True])
+@pytest.mark.parametrize("value", MALFORMED + ACCEPTED + STRICTER)
+def test_the_generated_reader_agrees_with_the_reference_on_dense_bodies(
+    rich, value, ignore_unknown
+):
+    # The value's fields replace DENSE's, whichever spelling either uses.
+    fields = rich.descriptor("conv.All").fields
+    named = {
+        spelling
+        for f in fields
+        if {f.name, f.json_name} & set(value)
+        for spelling in (f.name, f.json_name)
+    }
+    body = {**{k: v for k, v in DENSE.items() if k not in named}, **value}
+    fast = codec_result(rich, body, ignore_unknown, fast=True)
+    assert fast == codec_result(rich, body, ignore_unknown, fast=False)
+    if value not in STRICTER:
+        cls = rich.message_class("conv.All")
+        assert fast[0] == parse_dict_accepts(body, cls, rich.pool, ignore_unknown)
+
+
+def test_the_generated_reader_takes_a_dense_body_without_falling_back(rich):
+    cls = rich.message_class("conv.All")
+    message = cls()
+    Converters(JsonOptions(), rich.pool).reader(cls.DESCRIPTOR)(DENSE, message, 0)
+    assert message == json_format.ParseDict(DENSE, cls(), descriptor_pool=rich.pool)
+    # Both spellings of a field, or a key that is no field's, is the generic
+    # reader's to decide.
+    for body in ({**DENSE, "fInt32": 1}, {**DENSE, "nope": 1}, {**DENSE, "f_leaf": None}):
+        with pytest.raises(Fallback):
+            Converters(JsonOptions(), rich.pool).reader(cls.DESCRIPTOR)(body, cls(), 0)
+
+
 @pytest.mark.parametrize("value", STRICTER)
 def test_rejects_what_parse_dict_lets_through(rich, value):
     cls = rich.message_class("conv.All")
@@ -401,8 +459,11 @@ JSON_VALUES = st.recursive(
         max_size=4,
     ),
     ignore_unknown=st.booleans(),
+    dense=st.booleans(),
 )
-def test_fast_and_reference_codecs_agree_on_any_json(rich, body, ignore_unknown):
+def test_fast_and_reference_codecs_agree_on_any_json(rich, body, ignore_unknown, dense):
+    if dense:
+        body = {**DENSE, **body}
     assert codec_result(rich, body, ignore_unknown, fast=True) == codec_result(
         rich, body, ignore_unknown, fast=False
     )

@@ -3,8 +3,8 @@
 
 Owns: `Converters`, the writers (to_json.py) and fast readers (from_json.py)
 of one schema put together, built when a codec is made, so a request runs
-precomputed closures (readers) and generated functions (writers) instead of
-walking the descriptors (json_format costs ~35 us a round trip). The
+functions generated per message type instead of walking the descriptors
+(json_format costs ~35 us a round trip). The
 codec's generic reader is the reference for the readers: one that meets
 anything but the plain accepted case raises `Fallback`, and the codec runs
 the generic reader over a fresh message, which then builds the message or

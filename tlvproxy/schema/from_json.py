@@ -2,17 +2,20 @@
 specialised per message type (docs/configuration.md "json").
 
 Owns: for one set of `json` options, a reader and an overlay per message type,
-built from the descriptors so that a request walks precomputed closures
-instead of them. A reader meets only the plain accepted case; anything else
-(a wrong type, null, an unknown field, a duplicate key, two members of a
-oneof, too deep a body, ...) raises `Fallback`, and the codec's generic reader
-(codec.py) decides, words the error, or builds the message.
+built from the descriptors so that a request does not walk them: a reader is
+one generated function, as a writer is (to_json.py), and a body holding few
+of its type's fields goes to closures keyed by field name instead. A reader
+meets only the plain accepted case; anything else (a wrong type, null, an
+unknown field, a duplicate key, two members of a oneof, too deep a body, ...)
+raises `Fallback`, and the codec's generic reader (codec.py) decides, words
+the error, or builds the message.
 Must not: do I/O, write error messages, or decide what input is valid.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from google.protobuf import json_format
@@ -25,6 +28,7 @@ from tlvproxy.schema.protojson import (
     PARSE_DICT_ERRORS,
     WELL_KNOWN,
     Fallback,
+    GeneratedSource,
     T,
     decode_base64,
     is_real_oneof_member,
@@ -165,6 +169,58 @@ def _enum_reader(field: FieldDescriptor, from_text: bool) -> Convert:
     return read
 
 
+# A body holding under one in `_SPARSE` of its type's fields goes to the
+# dispatching reader. The generated reader looks each field up, about 0.05 us
+# for one the body does not hold, and saves up to 0.15 us on one it holds.
+_SPARSE: Final = 3
+# What `dict.get` gives for a key the body does not hold (null is a value).
+_MISSING: Final = object()
+
+
+def _assignment(target: str, value: str) -> str:
+    """`target = value`, for `target` as `GeneratedSource.attribute` writes it."""
+    if target.startswith("getattr("):
+        return f"setattr({target.removeprefix('getattr(').removesuffix(')')}, {value})"
+    return f"{target} = {value}"
+
+
+def _two_members(oneofs: tuple[frozenset[str], ...], value: dict[str, Any]) -> bool:
+    """Whether `value` holds two members (or spellings) of one oneof."""
+    return any(len(keys.intersection(value)) > 1 for keys in oneofs)
+
+
+def _dispatching_reader(
+    setters: dict[str, SetField],
+    spellings: tuple[tuple[str, str], ...],
+    oneofs: tuple[frozenset[str], ...],
+    ignore_unknown: bool,
+) -> Merge:
+    """merge(value, message, depth) key by key: each key's setter from `setters`."""
+    checked = bool(spellings or oneofs)
+
+    def merge(value: object, message: Message, depth: int) -> None:
+        if type(value) is not dict or depth >= MAX_DEPTH:
+            raise Fallback
+        message.SetInParent()
+        for key, item in value.items():
+            setter = setters.get(key)
+            if setter is None:
+                if ignore_unknown:
+                    continue
+                raise Fallback
+            if item is None:
+                raise Fallback
+            setter(message, item, depth)
+        if checked and len(value) > 1:
+            for name, json_name in spellings:
+                if name in value and json_name in value:
+                    raise Fallback
+            if _two_members(oneofs, value):
+                raise Fallback
+
+    return merge
+
+
 class Readers:
     """The fast readers and overlays of one schema under one set of `json`
     options: `reader` and `overlay` return those of a message type, building
@@ -172,6 +228,7 @@ class Readers:
 
     def __init__(self, options: JsonOptions, pool: DescriptorPool) -> None:
         self._ignore_unknown = options.ignore_unknown_fields
+        self._proto_names = options.field_names == "proto"
         self._pool = pool
         self._readers: dict[str, Merge] = {}
         self._overlays: dict[str, Overlay] = {}
@@ -229,31 +286,129 @@ class Readers:
             )
             if len(members) > 1
         )
-        checked = bool(spellings or oneofs)
-        ignore_unknown = self._ignore_unknown
+        dispatching = _dispatching_reader(setters, spellings, oneofs, self._ignore_unknown)
+        spelled = sum(1 if f.name == f.json_name else 2 for f in descriptor.fields)
+        if len(setters) != spelled:
+            # Two fields share a spelling (proto2 allows it): only the
+            # dispatching reader, key by key, sees which one a key means.
+            return dispatching
+        return self._generated_reader(descriptor, setters, dispatching, spellings, oneofs)
 
-        def merge(value: object, message: Message, depth: int) -> None:
-            if type(value) is not dict or depth >= MAX_DEPTH:
-                raise Fallback
-            message.SetInParent()
-            for key, item in value.items():
-                setter = setters.get(key)
-                if setter is None:
-                    if ignore_unknown:
-                        continue
-                    raise Fallback
-                if item is None:
-                    raise Fallback
-                setter(message, item, depth)
-            if checked and len(value) > 1:
-                for name, json_name in spellings:
-                    if name in value and json_name in value:
-                        raise Fallback
-                for keys in oneofs:
-                    if len(keys.intersection(value)) > 1:
-                        raise Fallback
+    def _generated_reader(
+        self,
+        descriptor: Descriptor,
+        setters: dict[str, SetField],
+        dispatching: Merge,
+        spellings: tuple[tuple[str, str], ...],
+        oneofs: tuple[frozenset[str], ...],
+    ) -> Merge:
+        """merge(value, message, depth) as one generated function that looks
+        each field up in `value`, in field order: 2.7 us where the dispatching
+        reader took 3.8 for an 11-field message with 8 fields in the body.
+        A body holding few of many fields goes to the dispatching reader,
+        which pays for the keys the body holds instead of the fields."""
+        source = GeneratedSource()
+        fallback = source.name(Fallback)
+        missing = source.name(_MISSING)
+        fields = descriptor.fields
+        lines = source.lines
+        lines.append(f"if type(value) is not dict or depth >= {MAX_DEPTH}:")
+        lines.append(f"    raise {fallback}")
+        lines.append(f"if len(value) * {_SPARSE} < {len(fields)}:")
+        lines.append(f"    return {source.name(dispatching)}(value, message, depth)")
+        lines.extend(("message.SetInParent()", "get = value.get", "found = 0"))
+        for field in fields:
+            # The spelling the answers use first: callers tend to send it.
+            first, second = field.json_name, field.name
+            if self._proto_names:
+                first, second = second, first
+            lines.append(f"item = get({first!r}, {missing})")
+            if first != second:
+                lines.append(f"if item is {missing}:")
+                lines.append(f"    item = get({second!r}, {missing})")
+            lines.append(f"if item is not {missing}:")
+            lines.append("    found += 1")
+            field_lines = self._field_lines(field, setters, source, fallback)
+            lines.extend(f"    {line}" for line in field_lines)
+        lines.append("if found != len(value):")
+        if not self._ignore_unknown:
+            # A key that is no field's.
+            lines.append(f"    raise {fallback}")
+        elif spellings:
+            for name, json_name in spellings:
+                lines.append(f"    if {name!r} in value and {json_name!r} in value:")
+                lines.append(f"        raise {fallback}")
+        else:
+            lines.append("    pass")
+        if oneofs:
+            lines.append(f"if len(value) > 1 and {source.name(_two_members)}({oneofs!r}, value):")
+            lines.append(f"    raise {fallback}")
+        return source.compile("merge(value, message, depth)", f"reader: {descriptor.full_name}")
 
-        return merge
+    def _field_lines(
+        self,
+        field: FieldDescriptor,
+        setters: dict[str, SetField],
+        source: GeneratedSource,
+        fallback: str,
+    ) -> list[str]:
+        """The lines that set `field` of `message` from `item`, a value the
+        body holds for it (null included), or raise `fallback`."""
+        target = source.attribute("message", field.name)
+        entry = field.message_type
+        if field.is_repeated or entry is not None:
+            # Null is never the plain case (a well-known type may take it).
+            lines = ["if item is None:", f"    raise {fallback}"]
+            if entry is not None and not field.is_repeated:
+                merge = source.later(partial(self.reader, entry))
+                lines.append(f"{merge}(item, {target}, depth + 1)")
+            elif entry is None and self._scalar_reader(field) is _string_reader:
+                lines += [
+                    "if type(item) is not list:",
+                    f"    raise {fallback}",
+                    "for element in item:",
+                    "    if type(element) is not str:",
+                    f"        raise {fallback}",
+                    "try:",
+                    f"    {target}.extend(item)",
+                    "except UnicodeEncodeError:",
+                    f"    raise {fallback} from None",
+                ]
+            else:
+                lines.append(f"{source.name(setters[field.name])}(message, item, depth)")
+            return lines
+        read = self._scalar_reader(field)
+        converted = f"item = {source.name(read)}(item)"
+        cpp = field.cpp_type
+        # The usual value, a JSON value of the field's own Python type, is set as
+        # it is; any other goes through its reader, which converts it or refuses.
+        if cpp in INT_RANGES:
+            low, high = INT_RANGES[cpp]
+            test = f"type(item) is not int or not {low} <= item <= {high}"
+        elif cpp == T.CPPTYPE_FLOAT:
+            limit = source.name(FLOAT32_LIMIT)
+            test = f"type(item) is not float or not -{limit} < item < {limit}"
+        elif cpp == T.CPPTYPE_DOUBLE:
+            # item - item is 0.0 exactly when item is finite.
+            test = "type(item) is not float or item - item != 0.0"
+        elif cpp == T.CPPTYPE_BOOL:
+            test = "type(item) is not bool"
+        elif read is _string_reader:
+            test, converted = "type(item) is not str", f"raise {fallback}"
+        else:
+            test = ""
+        lines = [f"if {test}:", f"    {converted}"] if test else [converted]
+        if cpp != T.CPPTYPE_STRING:
+            return [*lines, _assignment(target, "item")]
+        # A string protobuf cannot encode (a lone surrogate) raises
+        # UnicodeEncodeError; the generic reader names the field.
+        return [
+            *lines,
+            "try:",
+            f"    {_assignment(target, 'item')}",
+            "except UnicodeEncodeError:",
+            f"    raise {fallback} from None",
+        ]
 
     def _scalar_reader(self, field: FieldDescriptor) -> Convert:
         cpp = field.cpp_type

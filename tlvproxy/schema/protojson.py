@@ -12,8 +12,9 @@ Must not: do I/O or write error messages.
 from __future__ import annotations
 
 import base64
+import keyword
 import re
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     SetField = Callable[[Message, Any, int], None]
     SetText = Callable[[Message, str], None]
     Convert = Callable[[Any], Any]
+    Function = Callable[..., Any]
 
 # Same bound as json_format's max_recursion_depth: deeper bodies are refused
 # rather than risking Python's recursion limit on recursive message types.
@@ -120,3 +122,53 @@ def is_real_oneof_member(field: FieldDescriptor) -> bool:
     # A proto3 `optional` field sits in a one-member synthetic oneof.
     oneof = field.containing_oneof
     return oneof is not None and not (len(oneof.fields) == 1 and oneof.name == f"_{field.name}")
+
+
+class GeneratedSource:
+    """The source of one generated converter function, as attrs and
+    dataclasses generate `__init__`: a field's work is a few lines of one
+    function, where a closure per field costs a call each.
+
+    The source holds only what it makes itself: names, Python literals and
+    field names that are plain ASCII identifiers; every other object is passed
+    in its namespace, through `name` or `later`.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._namespace: dict[str, object] = {}
+
+    def name(self, value: object) -> str:
+        """A name the source can use for `value`."""
+        name = f"_{len(self._namespace)}"
+        self._namespace[name] = value
+        return name
+
+    def later(self, resolve: Callable[[], Function]) -> str:
+        """A name for a function known only when it is first called (a nested
+        type's converter, which may be this one's): that call resolves it and
+        rebinds the name, so that later calls go straight to it."""
+        namespace = self._namespace
+        name = f"_{len(namespace)}"
+
+        def first(*args: Any) -> Any:
+            function = namespace[name] = resolve()
+            return function(*args)
+
+        namespace[name] = first
+        return name
+
+    @staticmethod
+    def attribute(target: str, attr: str) -> str:
+        """The expression reading field `attr` of `target`."""
+        if attr.isascii() and attr.isidentifier() and not keyword.iskeyword(attr):
+            return f"{target}.{attr}"
+        return f"getattr({target}, {attr!r})"
+
+    def compile(self, signature: str, label: str) -> Function:
+        """`def signature:` with the lines as its body (indented here)."""
+        text = "\n".join([f"def {signature}:", *(f"    {line}" for line in self.lines)])
+        # The namespace is the function's globals: `later` rebinds its names there.
+        exec(compile(text, f"<tlvproxy {label}>", "exec"), self._namespace)
+        name = signature.partition("(")[0]
+        return cast("Function", self._namespace[name])
