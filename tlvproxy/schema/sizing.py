@@ -107,6 +107,53 @@ class Sizers:
         """`"name":` as written: field names are ASCII identifiers."""
         return len(field.name if self._proto_names else field.json_name) + 3
 
+    def per_byte(self, descriptor: Descriptor) -> int:
+        """The most a sizer of this type counts per byte of body beyond the
+        type's least: `sizer(message, limit) <= least + per_byte * len(body)`
+        for any body, so that the codec need not run it on a small one.
+
+        What the sizer adds comes with bytes of the body: an element of a
+        repeated field takes a byte at least (a packed number), an element
+        that is a message or a map entry two (a tag and a length), a message
+        field that is set two, and each counts at most its least and a comma,
+        plus the key and brackets of its field once. A message's own fields
+        count in its own bytes, the same way: so the most over the types the
+        body can hold is a bound for all of them.
+        """
+        emit = self._emit_defaults
+        most = 1
+        seen: set[str] = set()
+        todo = [descriptor]
+        while todo:
+            current = todo.pop()
+            if current.full_name in seen or current.full_name in WELL_KNOWN:
+                continue
+            seen.add(current.full_name)
+            for field in current.fields:
+                shown = 0 if emit else self._key(field) + 2
+                entry = field.message_type
+                if _is_map(field):
+                    assert entry is not None  # a map field
+                    value = entry.fields_by_name["value"]
+                    least = _least_scalar(value)
+                    if value.message_type is not None:
+                        least = self._element(value.message_type)
+                        todo.append(value.message_type)
+                    counted, taken = shown + 3 + least + 1, 2
+                elif field.is_repeated and entry is None:
+                    counted, taken = shown + _least_scalar(field) + 1, 1
+                elif field.is_repeated:
+                    assert entry is not None  # a repeated message field
+                    counted, taken = shown + self._element(entry) + 1, 2
+                    todo.append(entry)
+                elif entry is not None:
+                    counted, taken = self._key(field) + self.least(entry), 2
+                    todo.append(entry)
+                else:
+                    continue
+                most = max(most, -(-counted // taken))
+        return most
+
     def sizer(self, descriptor: Descriptor) -> Sizer | None:
         """The sizer of this type; None when it has no repeated, map or message
         field, so that its JSON cannot outgrow its body by structure."""
