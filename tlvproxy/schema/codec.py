@@ -41,7 +41,15 @@ from google.protobuf.message import DecodeError, EncodeError, Message
 from tlvproxy.errors import AnswerTooLarge, BadRequest, UpstreamProtocolError
 from tlvproxy.schema.convert import Converters
 from tlvproxy.schema.generic_reader import GenericReader
-from tlvproxy.schema.json_text import check_json, dumps, dumps_converted, loads, parse_body, show
+from tlvproxy.schema.json_text import (
+    check_json,
+    dumps,
+    dumps_converted,
+    loads,
+    loads_inexact,
+    parse_body,
+    show,
+)
 from tlvproxy.schema.protojson import (
     Fallback,
     decode_base64,
@@ -212,12 +220,21 @@ class ProtobufCodec(CommandCodec):
         return self._request
 
     def _build(
-        self, side: _Side, value: object, overlays: Sequence[Mapping[str, str]] = ()
+        self,
+        side: _Side,
+        value: object,
+        overlays: Sequence[Mapping[str, str]] = (),
+        inexact: bytes | None = None,
     ) -> bytes:
+        """The message of `value` and `overlays`, serialised. `inexact`: the
+        body `value` was read from by `loads_inexact`, read again exactly for
+        the generic reader."""
         message = side.cls()
         if not side.fast_fill(message, value, overlays):
             # The generic reader is the reference: it builds the message or raises
             # the BadRequest naming the field.
+            if inexact is not None:
+                value = parse_body(inexact)
             message = side.cls()
             if value is not _NO_BODY:
                 self._reader.merge_body(value, message)
@@ -227,8 +244,16 @@ class ProtobufCodec(CommandCodec):
 
     def encode_request(self, body: bytes, overlays: Sequence[Mapping[str, str]]) -> bytes:
         side = self._request_side()
-        value = _NO_BODY if not body or body.isspace() else parse_body(body)
-        return self._build(side, value, overlays)
+        if not body or body.isspace():
+            return self._build(side, _NO_BODY, overlays)
+        try:
+            value = loads_inexact(body)
+        except ValueError:
+            # The exact reading decides, words the error, or reads what orjson refuses.
+            return self._build(side, parse_body(body), overlays)
+        # A fast reader takes a float only where an integer outside 64 bits, which
+        # loads_inexact reads as a float, would become that same float.
+        return self._build(side, value, overlays, inexact=body)
 
     def encode_value(self, value: Any) -> bytes:
         return self._build(self._request_side(), _NO_BODY if value is None else value)
