@@ -104,6 +104,19 @@ def test_empty_elements_grow_the_estimate_by_near_per_byte(demo, options):
     assert grown <= sizers.per_byte(descriptor) * 20_000 < grown * 1.25
 
 
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_per_byte_is_the_same_whichever_type_is_asked_first(rich, demo, options):
+    # One Sizers serves a table's codecs, and remembers each type's figure,
+    # recursive types (conv.All holds itself) included.
+    for schema, prefix in ((rich, "conv."), (demo, "demo.")):
+        names = [cls.DESCRIPTOR.full_name for cls in classes_of(schema, prefix)]
+        for order in (names, names[::-1]):
+            shared = Sizers(options)
+            for name in order:
+                descriptor = schema.descriptor(name)
+                assert shared.per_byte(descriptor) == Sizers(options).per_byte(descriptor)
+
+
 def test_a_long_key_for_each_nested_message_counts_per_byte(tmp_path):
     (tmp_path / "wrap.proto").write_text(
         'syntax = "proto3";\npackage w;\n'

@@ -55,7 +55,6 @@ from tlvproxy.schema.protojson import (
     decode_base64,
     json_format_writer,
 )
-from tlvproxy.schema.sizing import Sizers
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -129,16 +128,30 @@ class _Side:
         schema: Schema,
     ) -> None:
         self.cls = cls
-        descriptor = schema.descriptor(cls.DESCRIPTOR.full_name)
+        self._descriptor = descriptor = schema.descriptor(cls.DESCRIPTOR.full_name)
+        self._converters = converters
         self.merge: Merge | None = None
         self.overlay: Overlay | None = None
         self.write: Writer
         if converters is None:
             self.write = json_format_writer(options, schema.pool)
         else:
-            self.merge = converters.reader(descriptor)
+            # The reader and the writer are built on first use: they are
+            # compiled code (0.5 and 0.14 ms for a message type of 10 fields),
+            # which a table of hundreds of commands would pay at every load.
+            self.merge = self._first_merge
             self.overlay = converters.overlay(descriptor)
-            self.write = converters.writer(descriptor)
+            self.write = self._first_write
+
+    def _first_merge(self, value: object, message: Message, depth: int) -> None:
+        assert self._converters is not None  # merge is None without converters
+        self.merge = merge = self._converters.reader(self._descriptor)
+        merge(value, message, depth)
+
+    def _first_write(self, message: Message) -> Any:
+        assert self._converters is not None  # write is json_format's without converters
+        self.write = write = self._converters.writer(self._descriptor)
+        return write(message)
 
     def fast_fill(
         self, message: Message, value: object, overlays: Sequence[Mapping[str, str]]
@@ -198,7 +211,9 @@ class ProtobufCodec(CommandCodec):
         self.response = response
         self.options = options
         self.max_rendered = max_rendered
-        sizers = Sizers(options)
+        if converters is None:
+            converters = Converters(options, schema.pool)
+        sizers = converters.sizers
         descriptor = schema.descriptor(response.DESCRIPTOR.full_name)
         self._size = sizers.sizer(descriptor)
         # Below this many bytes a body's estimate cannot be over max_rendered:
@@ -207,12 +222,11 @@ class ProtobufCodec(CommandCodec):
             descriptor
         ) + 1
         self._reader = GenericReader(schema, options.ignore_unknown_fields)
-        if not fast:
-            converters = None
-        elif converters is None:
-            converters = Converters(options, schema.pool)
-        self._request = None if request is None else _Side(request, converters, options, schema)
-        self._response = _Side(response, converters, options, schema)
+        fast_converters = converters if fast else None
+        self._request = (
+            None if request is None else _Side(request, fast_converters, options, schema)
+        )
+        self._response = _Side(response, fast_converters, options, schema)
 
     def _request_side(self) -> _Side:
         if self._request is None:

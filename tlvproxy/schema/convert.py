@@ -28,6 +28,7 @@ from tlvproxy.schema.protojson import (
     Fallback,
     json_format_writer,
 )
+from tlvproxy.schema.sizing import Sizers
 from tlvproxy.schema.to_json import Writers
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ __all__ = [
 
 
 class Converters:
-    """The writers and fast readers of one schema under one set of `json` options.
+    """The writers, fast readers and sizers of one schema under one set of `json` options.
 
     `writer`, `reader` and `overlay` return the converter for a message type,
     building and keeping it (and, on first use, those of its nested types).
@@ -56,6 +57,8 @@ class Converters:
     def __init__(self, options: JsonOptions, pool: DescriptorPool) -> None:
         self._writers = Writers(options, pool)
         self._readers = Readers(options, pool)
+        # What bounds an answer's JSON before it is written (sizing.py).
+        self.sizers = Sizers(options)
 
     def writer(self, descriptor: Descriptor) -> Writer:
         """message -> its JSON value, as json_format.MessageToDict gives it."""

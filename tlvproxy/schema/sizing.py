@@ -76,6 +76,7 @@ class Sizers:
         self._proto_names = options.field_names == "proto"
         self._least: dict[str, int] = {}
         self._sizers: dict[str, Sizer | None] = {}
+        self._per_byte: dict[str, int] = {}
 
     def least(self, descriptor: Descriptor) -> int:
         """The fewest bytes any message of this type renders to."""
@@ -120,6 +121,10 @@ class Sizers:
         count in its own bytes, the same way: so the most over the types the
         body can hold is a bound for all of them.
         """
+        known = self._per_byte
+        name = descriptor.full_name
+        if name in known:
+            return known[name]
         emit = self._emit_defaults
         most = 1
         seen: set[str] = set()
@@ -129,6 +134,10 @@ class Sizers:
             if current.full_name in seen or current.full_name in WELL_KNOWN:
                 continue
             seen.add(current.full_name)
+            if current.full_name in known:
+                # Already the most over every type that one can hold.
+                most = max(most, known[current.full_name])
+                continue
             for field in current.fields:
                 shown = 0 if emit else self._key(field) + 2
                 entry = field.message_type
@@ -152,6 +161,7 @@ class Sizers:
                 else:
                     continue
                 most = max(most, -(-counted // taken))
+        known[name] = most
         return most
 
     def sizer(self, descriptor: Descriptor) -> Sizer | None:
