@@ -160,7 +160,9 @@ def limited_tls_gateway(
             "admin": f"127.0.0.1:{admin}",
         },
         tls={"certificates": [GW_ENTRY]},
-        sessions=SESSIONS,
+        # The storm takes 10 s and more on a slow box, with no message for
+        # the session on some of it: it must not end idle meanwhile.
+        sessions={**SESSIONS, "idle_timeout": "120s"},
         rate_limits=[],
         # Every client is 127.0.0.1: only the descriptors limit them.
         limits={"max_connections_per_ip": 10000},
