@@ -79,8 +79,15 @@ INTEGER_TEXT: Final = re.compile(r"-?[0-9]+")
 
 # What ParseDict raises on bad input: json_format.Parse wraps any exception of
 # ParseDict in ParseError, but ParseDict itself lets some through (a wrapper
-# type given "x" raises ValueError from int()).
-PARSE_DICT_ERRORS: Final = (json_format.ParseError, ValueError, TypeError, AttributeError)
+# type given "x" raises ValueError from int(), a Struct given an integer of
+# 400 digits OverflowError from float()).
+PARSE_DICT_ERRORS: Final = (
+    json_format.ParseError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+)
 
 
 class Fallback(Exception):
