@@ -414,6 +414,10 @@ BIG = "100000000000000000000000"  # 1e22: orjson reads it as a float
         f'{{"f_uint64": 18446744073709551616, "f_double": {BIG}}}',
         '{"r_int64": [1, -9223372036854775809]}',
         f'{{"w_int64": {BIG}}}',
+        # Read as the float -2**63, which json_format would take as INT64_MIN.
+        '{"w_int64": -9223372036854775809}',
+        '{"w_int64": -9223372036854776832, "f_double": 1.5}',
+        '{"w_struct": {"a": [1, {"b": -9223372036854775809}]}}',
         # No float holds it: json_format's float() overflows.
         '{"w_struct": {"a": 1' + "0" * 400 + "}}",
         f'{{"f_string": {BIG}}}',

@@ -213,6 +213,7 @@ class ProtobufCodec(CommandCodec):
         self.max_rendered = max_rendered
         if converters is None:
             converters = Converters(options, schema.pool)
+        assert converters.options == options, "converters of other json options"
         sizers = converters.sizers
         descriptor = schema.descriptor(response.DESCRIPTOR.full_name)
         self._size = sizers.sizer(descriptor)

@@ -55,6 +55,7 @@ class Converters:
     """
 
     def __init__(self, options: JsonOptions, pool: DescriptorPool) -> None:
+        self.options = options
         self._writers = Writers(options, pool)
         self._readers = Readers(options, pool)
         # What bounds an answer's JSON before it is written (sizing.py).

@@ -71,10 +71,11 @@ def loads(body: bytes) -> Any:
 def loads_inexact(body: bytes) -> Any:
     """`loads` with orjson alone: an integer outside 64 bits comes back as the
     nearest float (10000000000000000000000 as 1e22). Only for a reader that
-    takes a float solely where such an integer would become that same float
-    (a double field, as the protobuf readers do), and reads the body again
-    with `loads` before it refuses anything. Raises ValueError (orjson's
-    JSONDecodeError) for what orjson refuses, which `loads` may still read."""
+    takes a float of that size solely where such an integer would become that
+    same float (a double field, as the protobuf readers do), and reads the
+    body again with `loads` before it refuses anything. Raises ValueError
+    (orjson's JSONDecodeError) for what orjson refuses, which `loads` may
+    still read."""
     return orjson.loads(body)
 
 
