@@ -200,13 +200,6 @@ _SPARSE: Final = 3
 _MISSING: Final = object()
 
 
-def _assignment(target: str, value: str) -> str:
-    """`target = value`, for `target` as `GeneratedSource.attribute` writes it."""
-    if target.startswith("getattr("):
-        return f"setattr({target.removeprefix('getattr(').removesuffix(')')}, {value})"
-    return f"{target} = {value}"
-
-
 def _two_members(oneofs: tuple[frozenset[str], ...], value: dict[str, Any]) -> bool:
     """Whether `value` holds two members (or spellings) of one oneof."""
     return any(len(keys.intersection(value)) > 1 for keys in oneofs)
@@ -380,6 +373,7 @@ class Readers:
         """The lines that set `field` of `message` from `item`, a value the
         body holds for it (null included), or raise `fallback`."""
         target = source.attribute("message", field.name)
+        assignment = source.assignment("message", field.name, "item")
         entry = field.message_type
         if field.is_repeated or entry is not None:
             # Null is never the plain case (a well-known type may take it).
@@ -424,13 +418,13 @@ class Readers:
             test = ""
         lines = [f"if {test}:", f"    {converted}"] if test else [converted]
         if cpp != T.CPPTYPE_STRING:
-            return [*lines, _assignment(target, "item")]
+            return [*lines, assignment]
         # A string protobuf cannot encode (a lone surrogate) raises
         # UnicodeEncodeError; the generic reader names the field.
         return [
             *lines,
             "try:",
-            f"    {_assignment(target, 'item')}",
+            f"    {assignment}",
             "except UnicodeEncodeError:",
             f"    raise {fallback} from None",
         ]

@@ -131,6 +131,11 @@ def is_real_oneof_member(field: FieldDescriptor) -> bool:
     return oneof is not None and not (len(oneof.fields) == 1 and oneof.name == f"_{field.name}")
 
 
+def _plain_name(attr: str) -> bool:
+    """Whether generated source may write `attr` as it is, after a dot."""
+    return attr.isascii() and attr.isidentifier() and not keyword.iskeyword(attr)
+
+
 class GeneratedSource:
     """The source of one generated converter function, as attrs and
     dataclasses generate `__init__`: a field's work is a few lines of one
@@ -168,9 +173,16 @@ class GeneratedSource:
     @staticmethod
     def attribute(target: str, attr: str) -> str:
         """The expression reading field `attr` of `target`."""
-        if attr.isascii() and attr.isidentifier() and not keyword.iskeyword(attr):
+        if _plain_name(attr):
             return f"{target}.{attr}"
         return f"getattr({target}, {attr!r})"
+
+    @staticmethod
+    def assignment(target: str, attr: str, value: str) -> str:
+        """The statement setting field `attr` of `target` to `value`."""
+        if _plain_name(attr):
+            return f"{target}.{attr} = {value}"
+        return f"setattr({target}, {attr!r}, {value})"
 
     def compile(self, signature: str, label: str) -> Function:
         """`def signature:` with the lines as its body (indented here)."""
