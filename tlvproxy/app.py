@@ -60,6 +60,7 @@ from tlvproxy.server.traffic import CommandTraffic, Traffic
 from tlvproxy.server.websocket import WebSocketSessions
 from tlvproxy.stores.limits import RateLimits
 from tlvproxy.stores.local_batches import LocalChecks
+from tlvproxy.upstream.connection import Sender
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -136,7 +137,10 @@ class Gateway:
         self._ready_answers = ReadyAnswers()
         # Waits for every idle client connection's next request, in one task.
         self._read_hub = ReadHub()
-        self._pools = UpstreamPools(metrics, self._timer, runtime_dir)
+        # Writes the frames upstream connections queued, after their scheduler
+        # pass; a worker's, so that sessions outlive the pool they came from.
+        self._sender = Sender()
+        self._pools = UpstreamPools(metrics, self._timer, self._sender, runtime_dir)
         # REST requests are counted in plain numbers and published with each
         # batch of access records, once per scheduler pass.
         self.tally = RequestTally(metrics)
@@ -332,6 +336,7 @@ class Gateway:
             )
             # In the outermost nursery: it outlives every connection, drain included.
             pool_nursery.start_soon(self._timer.run)
+            await pool_nursery.start(self._sender.run)
             await pool_nursery.start(self._ready_answers.run)
             await pool_nursery.start(self._read_hub.run)
             pool_nursery.start_soon(self.access_log.run)

@@ -189,3 +189,33 @@ def test_websocket_messages_go_through_the_pools_in_force_after_a_reload(
         lambda: outcomes(gateway, "get_profile") == {"different": 5}, "the copies' comparisons"
     )
     assert counted(gateway, "tlvproxy_mirror_outstanding") == 0
+
+
+def test_sessions_keep_their_own_connection_when_their_pool_is_retired(
+    procs: Processes, upstream: str
+) -> None:
+    gateway = start(procs, upstream)
+    websocket = WebSocket(gateway.http_port, "/ws?uid=13&did=c")
+    push = Session(gateway.http_port, "uid=14&did=d")
+
+    def both_echo(seq: int) -> None:
+        websocket.send({"cmd": "echo", "seq": seq, "body": {"n": seq}})
+        answer = websocket.receive()
+        assert isinstance(answer, dict), answer
+        assert (answer["seq"], answer["body"]) == (seq, {"n": seq}), answer
+        assert push.send({"cmd": "echo", "seq": seq, "body": {"n": seq}}).json()["body"] == {
+            "n": seq
+        }
+
+    try:
+        both_echo(1)
+        # A new connect_timeout for the sessions' upstream: the reload retires
+        # the pool they were opened on, and their connections stay theirs
+        # (docs/operations.md "Reload").
+        table = upstreams_now(gateway)
+        table["im"] = {**table["im"], "connect_timeout": "1500ms"}
+        reload(gateway, upstreams=table)
+        for seq in range(2, 5):
+            both_echo(seq)
+    finally:
+        websocket.close()

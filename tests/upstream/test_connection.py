@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+import socket
 import struct
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -14,10 +16,13 @@ from rawtlv import HEADER, PushLog, RawConn, RawUpstream, Request, echo, pack
 from tlvproxy.errors import BadRequest, PayloadTooLarge, UpstreamProtocolError
 from tlvproxy.framing import HeaderField, HeaderLayout, default_layout
 from tlvproxy.metrics import Metrics
-from tlvproxy.upstream.connection import Connection, ConnectionLost, SendFailed
+from tlvproxy.upstream.connection import Connection, ConnectionLost, Sender, SendFailed
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from tlvproxy.errors import GatewayError
+    from tlvproxy.framing import Frame
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -391,3 +396,111 @@ async def test_close_fails_sent_requests_as_lost(start_upstream) -> None:
         # Its bytes reached the node, so it is lost, not "never sent": no blind retry.
         with pytest.raises(ConnectionLost, match="lost before the response"):
             await conn.request(0x1001, b"x")
+
+
+class Answers:
+    """A `Waiter` that keeps what it hears."""
+
+    deadline = math.inf
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.errors: list[GatewayError] = []
+
+    def on_response(self, frame: Frame) -> None:
+        self.frames.append(frame)
+
+    def on_error(self, error: GatewayError) -> None:
+        self.errors.append(error)
+
+    def on_timeout(self) -> None:
+        raise AssertionError("no deadline was set")
+
+
+@asynccontextmanager
+async def raw_peer(
+    receive_buffer: int | None = None,
+) -> AsyncIterator[tuple[trio.SocketStream, socket.socket]]:
+    """A connected stream for a Connection, and the other end's socket, which
+    the test reads itself (non-blocking) when it wants to."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        if receive_buffer is not None:
+            # Before the connection exists: the accepted socket inherits it.
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        stream = await trio.open_tcp_stream("127.0.0.1", server.getsockname()[1])
+        peer, _ = server.accept()
+    with peer:
+        peer.setblocking(False)
+        yield stream, peer
+
+
+async def read_requests(peer: socket.socket, count: int) -> list[Request]:
+    """The next `count` request frames that reach `peer`, waited for."""
+    buffer = bytearray()
+    requests: list[Request] = []
+    while len(requests) < count:
+        await trio.lowlevel.wait_readable(peer)
+        buffer += peer.recv(1 << 20)
+        while len(buffer) >= 22:
+            _, flags, command, seq, uid, length, _, _ = HEADER.unpack_from(buffer, 1)
+            if len(buffer) < 22 + length:
+                break
+            requests.append(Request(flags, command, seq, uid, bytes(buffer[21 : 21 + length])))
+            del buffer[: 22 + length]
+    assert not buffer
+    return requests
+
+
+async def test_frames_queued_in_a_pass_leave_once_it_is_over() -> None:
+    sender = Sender()
+    answers = Answers()
+    async with (
+        raw_peer() as (stream_a, peer_a),
+        raw_peer() as (stream_b, peer_b),
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(sender.run)
+        conns = [
+            Connection(
+                stream, default_layout(), Metrics(), node="n", max_in_flight=64, sender=sender
+            )
+            for stream in (stream_a, stream_b)
+        ]
+        for conn in conns:
+            await nursery.start(conn.run)
+        for i in range(3):
+            for conn in conns:
+                conn.submit(answers, 0x1003, b"pass-%d" % i)
+        for peer in (peer_a, peer_b):
+            with pytest.raises(BlockingIOError):
+                peer.recv(1 << 20)  # nothing is written while the pass goes on
+        for peer in (peer_a, peer_b):
+            bodies = [request.body for request in await read_requests(peer, 3)]
+            assert bodies == [b"pass-0", b"pass-1", b"pass-2"]
+        # Past sixteen frames in a pass, they go at once; the rest after the pass.
+        for i in range(20):
+            conns[0].submit(answers, 0x1003, b"long-%d" % i)
+        bodies = [request.body for request in await read_requests(peer_a, 20)]
+        assert bodies == [b"long-%d" % i for i in range(20)]
+        assert answers.errors == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_frames_queued_while_the_socket_is_full_follow_in_their_order() -> None:
+    body = bytes(16384)
+    answers = Answers()
+    async with raw_peer(receive_buffer=4096) as (stream, peer), trio.open_nursery() as nursery:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        conn = Connection(stream, default_layout(), Metrics(), node="n", max_in_flight=256)
+        await nursery.start(conn.run)
+        for i in range(40):
+            conn.submit(answers, 0x1003, i.to_bytes(2, "big") + body)
+        await trio.sleep(0.05)
+        assert conn._sending  # the socket pushed back: the writer has the rest
+        for i in range(40, 60):
+            conn.submit(answers, 0x1003, i.to_bytes(2, "big") + body)
+        requests = await read_requests(peer, 60)
+        assert answers.errors == []
+        nursery.cancel_scope.cancel()
+    assert [int.from_bytes(request.body[:2], "big") for request in requests] == list(range(60))
+    assert all(request.body[2:] == body for request in requests)

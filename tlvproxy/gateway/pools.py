@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from tlvproxy.framing import HeaderLayout
     from tlvproxy.metrics import Metrics
     from tlvproxy.timer import DeadlineTimer
+    from tlvproxy.upstream.connection import Sender
 
 # The gateway's records, under the logger name docs/operations.md "Logs" gives.
 log = logging.getLogger("tlvproxy.app")
@@ -51,9 +52,12 @@ class UpstreamPools:
     """The pools of the current table by upstream name (`handles`, which the
     gateway replaces with what `build` returns when it installs a table)."""
 
-    def __init__(self, metrics: Metrics, timer: DeadlineTimer, runtime_dir: Path | None) -> None:
+    def __init__(
+        self, metrics: Metrics, timer: DeadlineTimer, sender: Sender, runtime_dir: Path | None
+    ) -> None:
         self._metrics = metrics
         self._timer = timer
+        self._sender = sender
         self._runtime_dir = runtime_dir
         self.handles: dict[str, PoolHandle] = {}
 
@@ -100,7 +104,7 @@ class UpstreamPools:
     ) -> None:
         close = trio.Event()
         async with (
-            open_pool(spec, layout, self._metrics, self._timer) as pool,
+            open_pool(spec, layout, self._metrics, self._timer, self._sender) as pool,
             trio.open_nursery() as discovery,
         ):
             if spec.discovery is not None:

@@ -1,10 +1,11 @@
 """One multiplexed TLV connection to an upstream node (docs/protocol.md).
 
 Owns: a trio stream to one node, its reader task (frames decoded with
-`FrameDecoder`, each response handed to the waiter of its seq), its writer task
-(the frames queued during one scheduler pass leave in one send), seq
-allocation, the in-flight cap, the deadlines of the requests it carries, and
-push delivery.
+`FrameDecoder`, each response handed to the waiter of its seq), its writer
+task (the rest of a write the socket did not take at once), seq allocation,
+the in-flight cap, the deadlines of the requests it carries, and push
+delivery; and `Sender`, one task for many connections that writes, once a
+scheduler pass is over, the frames each queued in it.
 Must not: choose nodes, count health or retry: the pool does.
 
 Requests are state, not tasks (docs/reference.md "How a request flows"): a
@@ -155,6 +156,45 @@ class _TaskWaiter:
         return trio.lowlevel.Abort.SUCCEEDED
 
 
+class Sender:
+    """Writes the frames connections queued in a scheduler pass once the pass
+    is over: each connection's in one write, from one task (`run`) for all of
+    them. A connection queues its first frame of a pass with `schedule`.
+
+    Why one task and not a writer per connection: a session has a connection
+    of its own, so a writer per connection woke once per request, where this
+    task wakes once per pass however many connections queued in it. The
+    gateway runs one per worker, as it does the `DeadlineTimer`: a session's
+    connection outlives the pool it came from.
+    """
+
+    def __init__(self) -> None:
+        self._due: list[Connection] = []
+        self._wake = trio.Event()
+        self._idle = False
+
+    def schedule(self, conn: Connection) -> None:
+        """Write what `conn` queued when this pass is over."""
+        self._due.append(conn)
+        if self._idle:
+            self._idle = False
+            self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write each pass's frames, until cancelled."""
+        task_status.started()
+        while True:
+            due = self._due
+            if not due:
+                self._wake = trio.Event()
+                self._idle = True
+                await self._wake.wait()
+                continue
+            self._due = []
+            for conn in due:
+                conn._send_due()
+
+
 class Connection:
     """A multiplexed connection to the node `node` ("host:port") over `stream`.
 
@@ -162,7 +202,8 @@ class Connection:
     if given, is called with each upstream-initiated frame and told of the end. At most
     `max_in_flight` requests wait at once (capped by the seq space of the layout).
     The deadlines of submitted requests fire from `timer` (a running
-    `DeadlineTimer`); without one, `run()` runs a timer of its own.
+    `DeadlineTimer`); without one, `run()` runs a timer of its own. Queued
+    frames leave from `sender` (a running `Sender`), or from one `run()` runs.
     `after_read`, if given, is called once the frames of each read from the
     socket are dispatched, and when reading ends: what their waiters counted
     can be published then, once per read rather than once per frame.
@@ -177,6 +218,7 @@ class Connection:
         node: str,
         max_in_flight: int,
         timer: DeadlineTimer | None = None,
+        sender: Sender | None = None,
         receiver: PushReceiver | None = None,
         after_read: Callable[[], None] | None = None,
     ) -> None:
@@ -200,8 +242,12 @@ class Connection:
         self._timer = timer
         self._own_timer = timer is None
         self.timer_deadline = math.inf  # the deadline registered with the timer
+        # Frames queued and not yet written. While it holds any and nobody is
+        # `_sending`, the connection is due at `_sender`.
         self._outbox: list[bytes] = []
         self._outbox_seqs: list[int] = []
+        self._sender = Sender() if sender is None else sender
+        self._own_sender = sender is None
         self._writer_idle = False
         self._wake = trio.Event()
         self._fd = stream.socket.fileno()
@@ -237,7 +283,8 @@ class Connection:
 
     def submit(self, waiter: Waiter, command: int, body: bytes, uid: int = 0) -> int:
         """Queue one request frame for `waiter`; its seq. The frame leaves with
-        every other frame queued in the same scheduler pass, in one send.
+        every other frame queued on the connection in the same scheduler pass,
+        in one send, once the pass is over.
 
         Raises, and then never calls `waiter`: SendFailed (closed, or the
         in-flight cap reached), PayloadTooLarge (body over the layout's
@@ -337,16 +384,24 @@ class Connection:
         outbox = self._outbox
         outbox.append(wire)
         self._outbox_seqs.append(seq)
-        if len(outbox) >= _EARLY_SEND and not self._sending:
+        if self._sending:
+            return  # the writer writes them after what it is writing
+        if len(outbox) == 1:
+            # The sender writes after this scheduler pass: every frame queued
+            # in the pass leaves in one send.
+            self._sender.schedule(self)
+        elif len(outbox) >= _EARLY_SEND:
             # A long pass would hold the first frames back until its end: a
             # slow upstream would then see requests in waves and sit idle in
             # between. Send what has piled up now.
             self._send_queued()
-        elif self._writer_idle:
-            # The writer runs after this scheduler pass: every frame queued in
-            # the pass leaves in its one send.
-            self._writer_idle = False
-            self._wake.set()
+
+    def _send_due(self) -> None:
+        """The sender's call, once the pass that queued frames is over. It
+        may come after they were sent early, or while the writer is writing
+        (it writes them after): a write then would be out of turn."""
+        if self._outbox and not self._sending:
+            self._send_queued()
 
     def _send_queued(self) -> None:
         """Write the queued frames now without waiting; what the socket does
@@ -422,6 +477,8 @@ class Connection:
                     await nursery.start(self._timer.run)
                     if self.timer_deadline != math.inf:
                         self._timer.watch(self, self.timer_deadline)
+                if self._own_sender:
+                    await nursery.start(self._sender.run)
                 nursery.start_soon(self._write_loop)
                 task_status.started()
                 await self._read_loop()
@@ -430,26 +487,22 @@ class Connection:
             await trio.aclose_forcefully(self.stream)
 
     async def _write_loop(self) -> None:
-        outbox = self._outbox
+        # Writes the rest of a write the socket did not take at once, then
+        # what was queued meanwhile: until the socket takes a write whole,
+        # the frames wait here, in order, and not at the sender.
         send_all = self.stream.send_all
         try:
             while True:
-                if self._unsent:
-                    # The rest of a write the socket did not take at once.
-                    data, self._unsent = self._unsent, b""
-                    await send_all(data)
-                    self._sending = False
-                    continue
-                if not outbox:
+                if not self._unsent:
                     self._wake = trio.Event()
                     self._writer_idle = True
                     await self._wake.wait()
                     continue
-                # Every request queued since the last write goes in one send,
-                # written at once when the socket buffer takes it all (the
-                # usual case): send_all would add a scheduler pass after the
-                # write, and waiting for the next request is a checkpoint already.
-                self._send_queued()
+                data, self._unsent = self._unsent, b""
+                await send_all(data)
+                self._sending = False
+                if self._outbox:
+                    self._send_queued()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._finish(ConnectionLost(f"{self.node}: write failed: {exc}"), broken=True)
 

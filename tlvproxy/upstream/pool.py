@@ -62,7 +62,7 @@ from tlvproxy.metrics import OUTCOMES
 from tlvproxy.timer import DeadlineTimer
 from tlvproxy.upstream.attempt import Attempt, Completion, Reply, TaskCompletion
 from tlvproxy.upstream.balance import HashRing, RoundRobin
-from tlvproxy.upstream.connection import Connection, PushReceiver, SendFailed
+from tlvproxy.upstream.connection import Connection, PushReceiver, Sender, SendFailed
 from tlvproxy.upstream.health import BACKOFF_BASE
 from tlvproxy.upstream.node import Node, NodeState
 from tlvproxy.upstream.session import Session
@@ -116,6 +116,7 @@ class Pool:
         metrics: Metrics,
         nursery: trio.Nursery,
         timer: DeadlineTimer,
+        sender: Sender,
     ) -> None:
         if not spec.nodes and spec.discovery is None:
             raise ValueError(f"upstream {spec.name!r} has no nodes")
@@ -124,6 +125,7 @@ class Pool:
         self._metrics = metrics
         self._nursery = nursery
         self._timer = timer
+        self._sender = sender
         self._nodes: list[Node] = []
         self._round_robin: RoundRobin | None = None
         self._ring: HashRing | None = None
@@ -493,6 +495,7 @@ class Pool:
             max_in_flight=self._max_in_flight,
             receiver=receiver,
             timer=self._timer,
+            sender=self._sender,
             after_read=node.publish_counts,
         )
 
@@ -600,17 +603,24 @@ async def open_pool(
     layout: HeaderLayout,
     metrics: Metrics,
     timer: DeadlineTimer | None = None,
+    sender: Sender | None = None,
 ) -> AsyncIterator[Pool]:
     """A running pool for `spec`; its connections and tasks end with the context.
 
     Request deadlines fire from `timer` (a running `DeadlineTimer`, shared by a
-    worker's pools), or from a timer of the pool's own.
+    worker's pools), or from a timer of the pool's own; queued frames leave
+    from `sender` (a running `Sender`, the worker's), or from one of the pool's
+    own. A session's connection outlives the pool only with the worker's: it
+    needs both after the pool closes (a reload retires it).
     """
     async with trio.open_nursery() as nursery:
         if timer is None:
             timer = DeadlineTimer()
             await nursery.start(timer.run)
-        pool = Pool(spec, layout, metrics, nursery, timer)
+        if sender is None:
+            sender = Sender()
+            await nursery.start(sender.run)
+        pool = Pool(spec, layout, metrics, nursery, timer, sender)
         for node in pool._nodes:
             nursery.start_soon(pool._watch_health, node)
         try:
