@@ -40,8 +40,10 @@ from tlvproxy.config.loader import load_table
 from tlvproxy.metrics import Metrics, RequestTally
 from tlvproxy.mock_upstream import serve_mock_upstream
 from tlvproxy.policy.waf import Waf
+from tlvproxy.server import ws_reading
 from tlvproxy.server.access_log import AccessLog
 from tlvproxy.server.http_conn import HttpSettings, serve_http_connection
+from tlvproxy.server.read_hub import ReadHub
 from tlvproxy.server.rest import RestHandler, error_response_for
 from tlvproxy.server.websocket import WebSocketSessions, serve_websocket
 from tlvproxy.server.ws_calls import BinaryCall, JsonCall
@@ -278,6 +280,7 @@ class Gateway:
     port: int
     sessions: WebSocketSessions
     metrics: Metrics
+    hub_scope: trio.CancelScope  # the read hub's task runs in it
 
 
 class WrappedStream(trio.abc.Stream):
@@ -326,12 +329,15 @@ async def open_gateway(
     send_buffer: int | None = None,
     wrap: bool = False,
     redis: str | None = None,
+    read_hub: bool = True,
 ) -> AsyncIterator[Gateway]:
     """The HTTP driver with `serve_websocket` as its upgrade handler, on a real pool.
 
     `send_buffer` sets SO_SNDBUF on the gateway's side of each client connection;
     `wrap` hands the session a `WrappedStream` instead of the socket's stream;
-    `redis` is the URL of the store of `store: redis` rate limits.
+    `redis` is the URL of the store of `store: redis` rate limits; with
+    `read_hub`, a worker's read hub waits for the sessions' bytes, as in the
+    gateway, else each session's task waits for its own.
     """
     metrics = Metrics()
     sessions = WebSocketSessions()
@@ -341,6 +347,17 @@ async def open_gateway(
             open_pool(table.upstreams["im"], table.framing, metrics) as pool,
         ):
             nursery.start_soon(local.run)
+            hub = None
+            hub_scope = trio.CancelScope()
+            if read_hub:
+                hub = ReadHub()
+
+                async def run_hub(*, task_status: trio.TaskStatus[None]) -> None:
+                    assert hub is not None
+                    with hub_scope:
+                        await hub.run(task_status=task_status)
+
+                await nursery.start(run_hub)
             shared = None
             if redis is not None:
                 shared = RedisBuckets(redis)
@@ -363,7 +380,13 @@ async def open_gateway(
                 if wrap:
                     stream = WrappedStream(stream)
                 await serve_websocket(
-                    request, stream, leftover, runtime=runtime, metrics=metrics, sessions=sessions
+                    request,
+                    stream,
+                    leftover,
+                    runtime=runtime,
+                    metrics=metrics,
+                    sessions=sessions,
+                    read_hub=hub,
                 )
 
             async def handle(stream: trio.SocketStream) -> None:
@@ -378,11 +401,12 @@ async def open_gateway(
                     errors,
                     upgrade=upgrade,
                     draining=sessions.is_draining,
+                    read_hub=hub,
                 )
 
             listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
             port = listeners[0].socket.getsockname()[1]
-            yield Gateway(port=port, sessions=sessions, metrics=metrics)
+            yield Gateway(port=port, sessions=sessions, metrics=metrics, hub_scope=hub_scope)
             nursery.cancel_scope.cancel()
 
 
@@ -392,9 +416,14 @@ async def upstream() -> AsyncIterator[tuple[str, trio.CancelScope]]:
         yield found
 
 
-@pytest.fixture
-async def gateway(tmp_path: Path, upstream: tuple[str, trio.CancelScope]) -> AsyncIterator[Gateway]:
-    async with open_gateway(make_table(tmp_path, [upstream[0]])) as found:
+@pytest.fixture(params=["hub", "task"])
+async def gateway(
+    request: pytest.FixtureRequest, tmp_path: Path, upstream: tuple[str, trio.CancelScope]
+) -> AsyncIterator[Gateway]:
+    """A gateway whose sessions' bytes the read hub waits for ("hub"), or each
+    session's task ("task": the hub does not run, as while a worker stops)."""
+    table = make_table(tmp_path, [upstream[0]])
+    async with open_gateway(table, read_hub=request.param == "hub") as found:
         yield found
 
 
@@ -794,6 +823,67 @@ async def test_a_client_that_stops_reading_gets_every_answer_when_it_reads_again
         await trio.testing.wait_all_tasks_blocked()
         assert count_tasks("._flush") == 0
         assert (await client.call("echo", 99, 99))["body"] == 99
+        await client.close()
+
+
+@pytest.mark.parametrize("read_hub", [True, False], ids=["hub", "task"])
+async def test_past_32_requests_in_flight_reading_waits_for_an_answer(
+    tmp_path: Path, read_hub: bool
+) -> None:
+    async with (
+        open_scripted_upstream() as upstream,
+        open_gateway(make_table(tmp_path, [upstream.node]), read_hub=read_hub) as gateway,
+    ):
+        client = await Client.connect(gateway.port)
+        for seq in range(40):
+            await client.send({"cmd": "echo", "seq": seq, "body": seq})
+        requests = await upstream.wait_for(32)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(requests) == 32  # the 33rd message waits, unread
+        answered: list[int] = []
+        for index in range(40):
+            # Each answer frees a slot: the next message goes upstream.
+            requests = await upstream.wait_for(min(32 + index, 40))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(requests) == min(32 + index, 40)
+            _, upstream_seq, _, body = requests[index]
+            await upstream.send(frame(0x1003, upstream_seq, body, flags=1))
+            answered.append((await client.receive_json())["seq"])
+        assert answered == list(range(40))
+        await client.close()
+
+
+async def test_reads_that_fill_the_buffer_lose_no_message(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reads of 1 KiB, and three messages of 5 KB that arrive together: a read
+    # leaves bytes behind it, which no new readiness announces.
+    monkeypatch.setattr(ws_reading, "READ_SIZE", 1024)
+    client = await Client.connect(gateway.port)
+    assert (await client.call("echo", 9, 9))["body"] == 9
+    await trio.testing.wait_all_tasks_blocked()  # the session waits for bytes
+    bodies = [str(seq) * 5_000 for seq in range(3)]
+    data = b"".join(
+        client.ws.send(TextMessage(data=json.dumps({"cmd": "echo", "seq": seq, "body": body})))
+        for seq, body in enumerate(bodies)
+    )
+    await client.stream.send_all(data)
+    with trio.fail_after(10):
+        answers = [await client.receive_json() for _ in bodies]
+    # (In the order of the upstream's answers.)
+    assert sorted((answer["seq"], answer["body"]) for answer in answers) == list(enumerate(bodies))
+    await client.close()
+
+
+async def test_sessions_read_on_their_own_once_the_read_hub_stops(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope]
+) -> None:
+    async with open_gateway(make_table(tmp_path, [upstream[0]])) as gateway:
+        client = await Client.connect(gateway.port)
+        assert (await client.call("echo", 1, "before"))["body"] == "before"
+        gateway.hub_scope.cancel()  # as when a worker stops
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await client.call("echo", 2, "after"))["body"] == "after"
         await client.close()
 
 

@@ -261,4 +261,5 @@ class ClientConnections:
             runtime=self._current(),
             metrics=self._metrics,
             sessions=self._websockets,
+            read_hub=self._read_hub,
         )

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from tlvproxy.config.model import WebSocketSpec
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.http_conn import Request
+    from tlvproxy.server.read_hub import ReadHub
     from tlvproxy.server.runtime import TableRuntime
 
 __all__ = ["WebSocketSessions", "serve_websocket"]
@@ -57,6 +58,7 @@ def serve_websocket(
     runtime: TableRuntime,
     metrics: Metrics,
     sessions: WebSocketSessions,
+    read_hub: ReadHub | None = None,
 ) -> Awaitable[None]:
     """The WebSocket session on `stream`, to await: it runs until the session
     closes, then closes `stream`; it never raises for anything the client or
@@ -64,7 +66,9 @@ def serve_websocket(
 
     `leftover` holds the bytes the HTTP driver read past the request head. A bad
     handshake is answered 400 (404 off `websocket.path`) and the stream closed.
-    The session is one of `sessions` while it runs. A plain function that
+    The session is one of `sessions` while it runs; its client's bytes are
+    waited for by `read_hub` (a running `ReadHub`) when given and the stream
+    is plain TCP. A plain function that
     returns the coroutine to await, so that no frame of its own stays on the
     stack of every idle session.
     """
@@ -105,6 +109,7 @@ def serve_websocket(
         context=context,
         uid=uid,
         expires=expires,
+        read_hub=read_hub,
     )
     return session.run()
 

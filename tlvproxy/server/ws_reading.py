@@ -17,6 +17,15 @@ frame, which judges it. An idle session has no wsproto connection at all.
 Backpressure: at most `MAX_IN_FLIGHT` requests of a session wait for their
 answer; with that many the reader stops reading, so TCP pushes back on the
 client.
+
+The read hub (read_hub.py): on plain TCP, the session's socket is in the
+worker's hub while it serves, and its task, instead of waiting for the socket
+itself, parks there. The hub's task calls `on_readable` when bytes come: it
+reads them and handles their messages as the loop would, and wakes the task
+only for what the task must do itself: wait for a verdict or a request slot,
+close, or read again (a full read, the end of the stream). Why: a task woken
+per message costs a trio wake-up and an epoll_ctl per read, where the hub
+pays one wake-up per scheduler pass for all the sessions that got bytes in it.
 """
 
 from __future__ import annotations
@@ -25,10 +34,12 @@ import contextlib
 import os
 from typing import TYPE_CHECKING, Final, Protocol
 
+import outcome
 import trio
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping, Pong
 
+from tlvproxy.server.read_hub import ReadHub
 from tlvproxy.server.ws_wire import (
     BINARY,
     FIN,
@@ -82,6 +93,9 @@ class ReadingSession(Protocol):
     _in_flight: int
     _slot_freed: trio.Event | None
     _count_in: Counter
+    _hub: ReadHub | None
+    parked: trio.lowlevel.Task | None
+    missed: bool
     close_code: int | None
     messages_in: int
 
@@ -96,6 +110,12 @@ class ReadingSession(Protocol):
     def _on_message(self, message: str | bytes) -> None: ...
 
     async def _await_verdict(self) -> None: ...
+
+    def on_readable(self, ended: bool) -> None: ...
+
+    async def _hub_read(self, hub: ReadHub) -> bytes | None: ...
+
+    def _receive(self, data: bytes) -> None: ...
 
     def _on_frames(self) -> bool: ...
 
@@ -124,6 +144,76 @@ class SessionReading:
     _fragments: int
     _held: str | bytes | None
     _slot_freed: trio.Event | None
+    _hub: ReadHub | None
+    missed: bool
+
+    def _watch_reads(self: ReadingSession) -> None:
+        """Put the client's socket in the read hub, if there is one and it runs."""
+        hub = self._hub
+        if hub is None or not hub.running:
+            self._hub = None
+            return
+        try:
+            hub.add(self._fd, self)
+        except OSError:
+            self._hub = None  # the kernel refused: the task waits on its own
+
+    def on_readable(self: ReadingSession, ended: bool) -> None:
+        """The read hub's call: bytes came while the task is parked (`ended`:
+        the stream ended after them). Their messages are handled here; the
+        task is woken with bytes it must handle itself (a full read, which may
+        have more behind it, or the end), or with None when it must look again
+        (a held message, a verdict, the session closing)."""
+        try:
+            data = os.read(self._fd, READ_SIZE)
+        except BlockingIOError:
+            return  # the bytes of an earlier readiness, read already
+        except OSError:
+            data = b""  # reset by the client: as good as EOF
+        hub = self._hub
+        assert hub is not None  # only its hub calls this
+        if ended or not data or len(data) == READ_SIZE:
+            hub.wake(self, outcome.Value(data))
+            return
+        self._received_at = trio.current_time()
+        self._receive(data)
+        look_again = self._on_frames() or self._held is not None or self._verdict is not None
+        # (A close cancels the parked wait: there is no task to wake then.)
+        if look_again and self.parked is not None:
+            hub.wake(self, outcome.Value(None))
+
+    async def _hub_read(self: ReadingSession, hub: ReadHub) -> bytes | None:
+        """The client's next bytes (b"" at the end of the stream), or None when
+        `on_readable` handled them or the task must look again."""
+        if self.missed:
+            # A readiness came while the task was not parked: the socket is
+            # read until it is empty before the task parks.
+            self.missed = False
+            try:
+                data = os.read(self._fd, READ_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return b""
+            else:
+                self.missed = len(data) == READ_SIZE  # more may be behind
+                return data
+        woken = await ReadHub.park(self)
+        assert woken is None or isinstance(woken, bytes)  # what on_readable wakes it with
+        return woken
+
+    def _receive(self: ReadingSession, data: bytes) -> None:
+        """`data`, which is not the end of the stream, joins the bytes to handle."""
+        inbox = self._inbox
+        if self._inbox_at == len(inbox):
+            self._inbox = data
+        else:
+            # Part of a frame is waiting: join in one growing buffer.
+            if not isinstance(inbox, bytearray) or self._inbox_at:
+                inbox = bytearray(inbox[self._inbox_at :])
+            inbox += data
+            self._inbox = inbox
+        self._inbox_at = 0
 
     async def _read_loop(self: ReadingSession) -> None:
         """Take the client's messages until the session starts closing."""
@@ -158,7 +248,13 @@ class SessionReading:
                         return
                     if self._held is not None or self._verdict is not None:
                         continue
-                    if fd >= 0:
+                    hub = self._hub
+                    if hub is not None and hub.watches(fd, self):
+                        woken = await self._hub_read(hub)
+                        if woken is None:
+                            continue
+                        data = woken
+                    elif fd >= 0:
                         # Wait, then read: the bytes before were all handled, so a
                         # read first would mostly fail. The wait is the checkpoint.
                         await trio.lowlevel.wait_readable(fd)
@@ -180,16 +276,7 @@ class SessionReading:
                         self._wsproto().receive_data(None)
                         self._on_events()
                         return
-                    inbox = self._inbox
-                    if self._inbox_at == len(inbox):
-                        self._inbox = data
-                    else:
-                        # Part of a frame is waiting: join in one growing buffer.
-                        if not isinstance(inbox, bytearray) or self._inbox_at:
-                            inbox = bytearray(inbox[self._inbox_at :])
-                        inbox += data
-                        self._inbox = inbox
-                    self._inbox_at = 0
+                    self._receive(data)
             now = trio.current_time()
             if self.close_code is None and now >= self._expires:
                 self._begin_close(POLICY, "the session's credentials expired")

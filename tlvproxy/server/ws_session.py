@@ -13,9 +13,11 @@ json mode (`ws_json.py` does), or the policy and rendering every json-mode
 session shares, WebSocket or push session (`session_core.py` does).
 
 Requests are state, not tasks (docs/reference.md "How a request
-flows"). The session's one task reads the client: it parses a batch of
-messages and submits each request to the dedicated upstream connection as a
-waiter (`ws_calls`) whose deadline is the command's timeout. The connection's
+flows"). The session reads the client in batches: it parses the messages
+of each read and submits each request to the dedicated upstream connection as
+a waiter (`ws_calls`) whose deadline is the command's timeout. On plain TCP
+the worker's read hub calls it when bytes come, so that its own task stays
+parked unless it must wait (ws_reading.py). The connection's
 reader completes it (or the worker's deadline timer, with a per-message
 `upstream_timeout`, or the connection's end, with a 1011 close): it renders
 the response and writes it to the client with a non-blocking send. Pushes go
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
     from tlvproxy.framing import Frame
     from tlvproxy.metrics import Metrics
     from tlvproxy.server.http_conn import Request
+    from tlvproxy.server.read_hub import ReadHub
     from tlvproxy.server.runtime import TableRuntime
     from tlvproxy.server.view import RequestContext
     from tlvproxy.server.ws_drain import WebSocketSessions
@@ -111,6 +114,7 @@ class WebSocketSession(SessionReading, SessionRequests, SessionWriting):
         "_fragmented",
         "_fragments",
         "_held",
+        "_hub",
         "_in_flight",
         "_inbox",
         "_inbox_at",
@@ -139,7 +143,9 @@ class WebSocketSession(SessionReading, SessionRequests, SessionWriting):
         "close_reason",
         "messages_in",
         "messages_out",
+        "missed",
         "node",
+        "parked",
     )
 
     def __init__(
@@ -156,6 +162,7 @@ class WebSocketSession(SessionReading, SessionRequests, SessionWriting):
         context: RequestContext,
         uid: int | None,
         expires: float = math.inf,
+        read_hub: ReadHub | None = None,
     ) -> None:
         self._request = request
         self._request_id = request_id
@@ -185,6 +192,13 @@ class WebSocketSession(SessionReading, SessionRequests, SessionWriting):
         # Reading. `_reading`, the cancel scope of the idle period under way, is
         # also cancelled when the session starts closing.
         self._reading: trio.CancelScope | None = None
+        # The worker's read hub, which waits for the client's bytes while the
+        # session serves (plain TCP only); its task stays `parked` there,
+        # unless it must await something, and reads itself after it `missed`
+        # a readiness (see ws_reading.py).
+        self._hub = read_hub if self._fd >= 0 else None
+        self.parked: trio.lowlevel.Task | None = None
+        self.missed = True
         self._received_at = trio.current_time()  # when the last bytes came
         self._active_at = self._received_at  # when the last message or ping came
         self._text_parts: list[str] | None = None  # the fragments of a message under way
@@ -240,10 +254,13 @@ class WebSocketSession(SessionReading, SessionRequests, SessionWriting):
                         self.node = upstream.node
                         self._upstream = upstream
                         self._serving = True
+                        self._watch_reads()
                         try:
                             await self._read_loop()
                         finally:
                             self._serving = False
+                            if self._hub is not None:
+                                self._hub.remove(self._fd, self)
                             if self.close_code is None:
                                 # Cancelled from outside (the drain's deadline passed)
                                 # or a bug: no closing handshake, no flush task left.
