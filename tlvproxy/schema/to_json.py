@@ -182,7 +182,9 @@ class Writers:
 
             def listed(values: str) -> str:
                 if converter is None:
-                    return f"list({values})"
+                    # A slice of a repeated scalar field is a list: half the
+                    # time of list(), which iterates it element by element.
+                    return f"{values}[:]"
                 return f"[{converter}(item) for item in {values}]"
 
             if emit:
