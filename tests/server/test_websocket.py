@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -873,6 +874,65 @@ async def test_reads_that_fill_the_buffer_lose_no_message(
     # (In the order of the upstream's answers.)
     assert sorted((answer["seq"], answer["body"]) for answer in answers) == list(enumerate(bodies))
     await client.close()
+
+
+@pytest.mark.parametrize("read_hub", [True, False], ids=["hub", "task"])
+async def test_a_client_gone_behind_a_full_read_ends_its_session(
+    tmp_path: Path, upstream: tuple[str, trio.CancelScope], read_hub: bool
+) -> None:
+    # 100 KB of a 200 KB message and the client's FIN arrive together: the
+    # end of the stream is behind a full read and a short one.
+    table = make_table(tmp_path, [upstream[0]], max_message="1 MiB", idle_timeout="60s")
+    async with open_gateway(table, read_hub=read_hub) as gateway:
+        with LogWatcher("tlvproxy.access") as access:
+            client = await Client.connect(gateway.port)
+            assert (await client.call("echo", 1, 1))["status"] == 0
+            await trio.testing.wait_all_tasks_blocked()  # the session waits for bytes
+            message = json.dumps({"cmd": "echo", "seq": 2, "body": "x" * 200_000})
+            whole = client.ws.send(TextMessage(data=message))
+            # Written without a checkpoint, through a second descriptor of the socket.
+            with socket.socket(fileno=os.dup(client.stream.socket.fileno())) as raw:
+                assert raw.send(whole[:100_000]) > 65536
+                raw.shutdown(socket.SHUT_WR)
+            [record] = await access.wait_for(1)  # within 10 s, not the idle 60 s
+    assert (record.close_code, record.messages_in) == (1006, 1)
+
+
+async def test_a_client_whose_bytes_never_stop_does_not_hold_the_worker(
+    gateway: Gateway,
+) -> None:
+    # Another process floods a session with pings for 3 s, never reading the
+    # pongs; each read of the session finds more bytes. Meanwhile a task of
+    # the worker's must still run every few milliseconds.
+    flood = r"""
+import socket, struct, sys, time
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sock.sendall(b"GET /ws?uid=1&did=a HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+             b"Sec-WebSocket-Version: 13\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += sock.recv(4096)
+ping = struct.pack("!BB", 0x89, 0x80 | 100) + b"mask" + b"x" * 100
+chunk = ping * 20_000
+end = time.monotonic() + 3
+while time.monotonic() < end:
+    sock.sendall(chunk)
+sock.close()
+"""
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            partial(trio.run_process, [sys.executable, "-c", flood, str(gateway.port)])
+        )
+        longest = 0.0
+        last = trio.current_time()
+        while process.returncode is None:
+            await trio.sleep(0.005)
+            now = trio.current_time()
+            longest = max(longest, now - last)
+            last = now
+    assert process.returncode == 0
+    assert longest < 1.0, f"the worker's other tasks waited {longest:.2f} s"
 
 
 async def test_sessions_read_on_their_own_once_the_read_hub_stops(

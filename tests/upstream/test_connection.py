@@ -477,7 +477,8 @@ async def test_frames_queued_in_a_pass_leave_once_it_is_over() -> None:
         for peer in (peer_a, peer_b):
             bodies = [request.body for request in await read_requests(peer, 3)]
             assert bodies == [b"pass-0", b"pass-1", b"pass-2"]
-        # Past sixteen frames in a pass, they go at once; the rest after the pass.
+        # Twenty frames in one pass, more than the sixteen written before the
+        # pass ends: every one arrives whole, in order.
         for i in range(20):
             conns[0].submit(answers, 0x1003, b"long-%d" % i)
         bodies = [request.body for request in await read_requests(peer_a, 20)]

@@ -1,16 +1,18 @@
 """One task that waits for the next request of every idle HTTP connection of
-a worker (docs/reference.md "How a request flows").
+a worker, and for the next message of every WebSocket session
+(docs/reference.md "How a request flows").
 
 Owns: `ReadHub`: an epoll set of the worker's plain-TCP client sockets, each
-added once for its connection's life (edge-triggered: a readiness is
-reported when bytes arrive, and never again for the same bytes), and the task
-that waits on it. A connection waiting for its next request parks its task
-here (`park`). When bytes arrive for a parked connection, the hub's task
-calls the connection's `on_readable` (http_conn.py), which reads them and
-handles the requests they complete itself: the connection's task stays
-parked, and is woken (`wake`) only for what it must await.
-Must not: read, parse or answer (the connection does), or wake a task that is
-not parked here.
+added once for its connection's life, or its session's (edge-triggered: a
+readiness is reported when bytes arrive, and never again for the same
+bytes), and the task that waits on it. A connection waiting for its next
+request, or a session for its next message, parks its task here (`park`).
+When bytes arrive for a parked one, the hub's task calls its `on_readable`
+(http_conn.py, ws_reading.py), which reads them and handles the requests or
+messages they complete itself: the task stays parked, and is woken (`wake`)
+only for what it must await.
+Must not: read, parse or answer (the connection or session does), or wake a
+task that is not parked here.
 
 Why: a connection task woken for each request costs a trio wake-up, a
 reschedule and an epoll_ctl per wait: 8 us of CPU per request on the

@@ -186,18 +186,19 @@ class SessionReading:
         """The client's next bytes (b"" at the end of the stream), or None when
         `on_readable` handled them or the task must look again."""
         if self.missed:
-            # A readiness came while the task was not parked: the socket is
-            # read until it is empty before the task parks.
-            self.missed = False
+            # A readiness may have come while the task was not parked, or bytes
+            # be left behind a full read: the socket is read until it says it is
+            # empty, since neither those bytes nor the end of the stream behind
+            # them get a readiness of their own. Each read is a checkpoint, as
+            # the wait it stands for: a client whose bytes are always there (a
+            # flood of pings, which takes no request slot) must not hold the worker.
+            await trio.lowlevel.checkpoint()
             try:
-                data = os.read(self._fd, READ_SIZE)
+                return os.read(self._fd, READ_SIZE)
             except BlockingIOError:
-                pass
+                self.missed = False
             except OSError:
                 return b""
-            else:
-                self.missed = len(data) == READ_SIZE  # more may be behind
-                return data
         woken = await ReadHub.park(self)
         assert woken is None or isinstance(woken, bytes)  # what on_readable wakes it with
         return woken
