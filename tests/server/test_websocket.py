@@ -878,32 +878,38 @@ async def test_reads_that_fill_the_buffer_lose_no_message(
 
 @pytest.mark.parametrize("read_hub", [True, False], ids=["hub", "task"])
 async def test_a_client_gone_behind_a_full_read_ends_its_session(
-    tmp_path: Path, upstream: tuple[str, trio.CancelScope], read_hub: bool
+    tmp_path: Path,
+    upstream: tuple[str, trio.CancelScope],
+    read_hub: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # 100 KB of a 200 KB message and the client's FIN arrive together: the
-    # end of the stream is behind a full read and a short one.
-    table = make_table(tmp_path, [upstream[0]], max_message="1 MiB", idle_timeout="60s")
+    # Reads of 1 KiB; 5 KB of a message and the client's FIN arrive together:
+    # the end of the stream is behind full reads and a short one, and gets
+    # no readiness of its own.
+    monkeypatch.setattr(ws_reading, "READ_SIZE", 1024)
+    table = make_table(tmp_path, [upstream[0]], idle_timeout="60s")
     async with open_gateway(table, read_hub=read_hub) as gateway:
         with LogWatcher("tlvproxy.access") as access:
             client = await Client.connect(gateway.port)
             assert (await client.call("echo", 1, 1))["status"] == 0
             await trio.testing.wait_all_tasks_blocked()  # the session waits for bytes
-            message = json.dumps({"cmd": "echo", "seq": 2, "body": "x" * 200_000})
+            message = json.dumps({"cmd": "echo", "seq": 2, "body": "x" * 20_000})
             whole = client.ws.send(TextMessage(data=message))
             # Written without a checkpoint, through a second descriptor of the socket.
             with socket.socket(fileno=os.dup(client.stream.socket.fileno())) as raw:
-                assert raw.send(whole[:100_000]) > 65536
+                assert raw.send(whole[:5_000]) == 5_000
                 raw.shutdown(socket.SHUT_WR)
             [record] = await access.wait_for(1)  # within 10 s, not the idle 60 s
     assert (record.close_code, record.messages_in) == (1006, 1)
 
 
 async def test_a_client_whose_bytes_never_stop_does_not_hold_the_worker(
-    gateway: Gateway,
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Another process floods a session with pings for 3 s, never reading the
-    # pongs; each read of the session finds more bytes. Meanwhile a task of
-    # the worker's must still run every few milliseconds.
+    # pongs; with reads of 1 KiB, each read of the session finds more bytes.
+    # Meanwhile a task of the worker's must still run every few milliseconds.
+    monkeypatch.setattr(ws_reading, "READ_SIZE", 1024)
     flood = r"""
 import socket, struct, sys, time
 sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))

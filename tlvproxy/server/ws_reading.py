@@ -189,16 +189,20 @@ class SessionReading:
             # A readiness may have come while the task was not parked, or bytes
             # be left behind a full read: the socket is read until it says it is
             # empty, since neither those bytes nor the end of the stream behind
-            # them get a readiness of their own. Each read is a checkpoint, as
-            # the wait it stands for: a client whose bytes are always there (a
-            # flood of pings, which takes no request slot) must not hold the worker.
-            await trio.lowlevel.checkpoint()
+            # them get a readiness of their own. A read that finds bytes yields
+            # (shielded: they are the caller's), as the wait it stands for
+            # would: a client whose bytes are always there (a flood of pings,
+            # which takes no request slot) must not hold the worker.
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                return os.read(self._fd, READ_SIZE)
+                data = os.read(self._fd, READ_SIZE)
             except BlockingIOError:
                 self.missed = False
             except OSError:
                 return b""
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
         woken = await ReadHub.park(self)
         assert woken is None or isinstance(woken, bytes)  # what on_readable wakes it with
         return woken
