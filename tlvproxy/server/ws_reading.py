@@ -23,7 +23,8 @@ worker's hub while it serves, and its task, instead of waiting for the socket
 itself, parks there. The hub's task calls `on_readable` when bytes come: it
 reads them and handles their messages as the loop would, and wakes the task
 only for what the task must do itself: wait for a verdict or a request slot,
-close, or read again (a full read, the end of the stream). Why: a task woken
+or read again (a full read, the end of the stream); a close cancels the
+task's wait. Why: a task woken
 per message costs a trio wake-up and an epoll_ctl per read, where the hub
 pays one wake-up per scheduler pass for all the sessions that got bytes in it.
 """
@@ -113,7 +114,7 @@ class ReadingSession(Protocol):
 
     def on_readable(self, ended: bool) -> None: ...
 
-    async def _hub_read(self, hub: ReadHub) -> bytes | None: ...
+    async def _hub_read(self) -> bytes | None: ...
 
     def _receive(self, data: bytes) -> None: ...
 
@@ -163,7 +164,7 @@ class SessionReading:
         the stream ended after them). Their messages are handled here; the
         task is woken with bytes it must handle itself (a full read, which may
         have more behind it, or the end), or with None when it must look again
-        (a held message, a verdict, the session closing)."""
+        (a held message, a verdict). A close cancels the task's wait instead."""
         try:
             data = os.read(self._fd, READ_SIZE)
         except BlockingIOError:
@@ -182,7 +183,7 @@ class SessionReading:
         if look_again and self.parked is not None:
             hub.wake(self, outcome.Value(None))
 
-    async def _hub_read(self: ReadingSession, hub: ReadHub) -> bytes | None:
+    async def _hub_read(self: ReadingSession) -> bytes | None:
         """The client's next bytes (b"" at the end of the stream), or None when
         `on_readable` handled them or the task must look again."""
         if self.missed:
@@ -255,7 +256,7 @@ class SessionReading:
                         continue
                     hub = self._hub
                     if hub is not None and hub.watches(fd, self):
-                        woken = await self._hub_read(hub)
+                        woken = await self._hub_read()
                         if woken is None:
                             continue
                         data = woken
