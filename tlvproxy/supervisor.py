@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -87,15 +88,26 @@ def _listed(
 
 class _WorkerMetrics:
     """The workers' metrics summed from their multiprocess files, without the
-    reload counter: the supervisor counts reloads once, not once per worker."""
+    reload counter: the supervisor counts reloads once, not once per worker.
+
+    A worker makes a file the first time it uses a kind of metric (its first
+    request makes its histogram file), and the file is empty until the worker
+    sizes it. prometheus-client fails on an empty file, which failed /metrics
+    and /admin/config with 500 when they came at that moment; such a file
+    holds no value yet, so it is left out of the sum.
+    """
 
     def __init__(self, path: str) -> None:
-        self._collector = multiprocess.MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]  # prometheus_client.multiprocess is unannotated
+        self._path = Path(path)
 
     def collect(self) -> Iterator[Metric]:
-        for family in self._collector.collect():  # type: ignore[no-untyped-call]  # unannotated, as above
+        files = [str(f) for f in self._path.glob("*.db") if f.stat().st_size >= _HEADER]
+        for family in multiprocess.MultiProcessCollector.merge(files):  # type: ignore[no-untyped-call]  # prometheus_client.multiprocess is unannotated
             if family.name != _RELOADS:
                 yield family
+
+
+_HEADER = 8  # prometheus-client's multiprocess file: bytes used (4), padding (4)
 
 
 class _Only:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,3 +145,28 @@ def test_workers_drain_when_the_supervisor_is_killed(procs: Processes, upstream:
             return False
 
     wait_for(lambda: not any(map(running, workers)), "the orphaned workers to exit")
+
+
+def test_metrics_and_config_answer_while_a_worker_makes_a_metrics_file(
+    procs: Processes, upstream: str
+) -> None:
+    # A worker makes its histogram file at its first request; until the worker
+    # sizes it, the file is empty. This is that moment, held still.
+    gateway = procs.gateway(upstream, "--workers", "2")
+    (directory,) = Path(tempfile.gettempdir()).glob(f"tlvproxy-metrics-{gateway.process.pid}-*")
+    worker = min(workers_of(gateway))
+    assert not list(directory.glob("histogram_*.db"))
+    (directory / f"histogram_{worker}.db").touch()
+
+    config = gateway.admin("GET", "/admin/config")
+    assert config.status == 200, config
+    assert config.json()["source"] == str(gateway.table)
+    scraped = gateway.admin("GET", "/metrics")
+    assert scraped.status == 200, scraped
+    # The worker goes on with the file it finds empty, as with one it made.
+    for n in range(20):
+        assert gateway.call("POST", "/v1/echo", {"n": n}).status == 200
+    # A worker hands its counts to its files once per scheduler pass, after
+    # the answers of that pass are sent.
+    duration = "tlvproxy_http_request_duration_seconds_count"
+    wait_for(lambda: metric(gateway.metrics(), duration, route="echo") == 20, "20 requests")
