@@ -9,9 +9,16 @@ harness's echo upstream: tlvproxy-json and tlvproxy-json-w2 (the `json` codec,
 1 and 2 workers), and tlvproxy-pb and tlvproxy-pb-w2 (the protobuf route:
 JSON -> bench.Echo -> JSON), with access records (to a file, as in
 production they go to a pipe) and metrics on. `--quick` measures 4 s per
-target after a 1 s warm-up. A second run then measures tlvproxy-json alone
-with `--upstream-delay-us 1000` (an upstream answering after 1 ms), to set
-beside its zero-delay figure; `--no-delay-run` skips it.
+target after a 1 s warm-up.
+
+A fifth target, tlvproxy-json-delay, is tlvproxy-json on an upstream that
+answers after 1 ms: the harness's own echo program (`tlv_echo PORT 1000`,
+what its `--upstream-delay-us 1000` starts), which this script starts beside
+the harness's. It is measured in the same run as tlvproxy-json, round-robin
+with it, so that its figure is set beside a zero-delay figure of the same
+minutes: on this 2-core box, two runs a few minutes apart differ by up to
+10%. `--no-delay-run` leaves it out. Its echo's CPU is in no column (the
+harness counts only its own upstream's).
 
 trio-ceiling is the harness's own trio + httptools translator with no logs,
 metrics, policy or timeouts, built for few wake-ups: what the stack can do on
@@ -26,10 +33,17 @@ both sides are normalised that way before they are compared.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 HERE = Path(__file__).resolve().parent
 BENCH_DIR = HERE.parent.parent / "shared" / "bench"
@@ -78,27 +92,64 @@ sys.exit(rc)
 """
 
 
+# In the order the harness measures them, round after round: the 1-worker
+# targets whose figures are set beside one another next to each other.
 TARGETS = {
     "tlvproxy-json": "--route json --workers 1",
-    "tlvproxy-json-w2": "--route json --workers 2",
     "tlvproxy-pb": "--route protobuf --workers 1",
+    "tlvproxy-json-delay": "--route json --workers 1",  # on the delayed upstream
+    "tlvproxy-json-w2": "--route json --workers 2",
     "tlvproxy-pb-w2": "--route protobuf --workers 2",
 }
+DELAYED = "tlvproxy-json-delay"
+DELAY_US = 1000
 
 
-def target_options(names: list[str]) -> list[str]:
-    """The harness's --start options for the tlvproxy targets `names`."""
-    launcher = (
-        f"{sys.executable} {HERE / 'shared_target.py'} --port {{port}} --upstream {{upstream}}"
-    )
+def target_options(delayed_upstream: str | None) -> list[str]:
+    """The harness's --start options for TARGETS: DELAYED on `delayed_upstream`
+    (HOST:PORT), or left out when it is None; the others on the harness's
+    upstream."""
+    launcher = f"{sys.executable} {HERE / 'shared_target.py'} --port {{port}} --upstream"
     options = []
-    for name in names:
-        options += ["--start", f"{name}={launcher} {TARGETS[name]}"]
+    for name, route in TARGETS.items():
+        upstream = delayed_upstream if name == DELAYED else "{upstream}"
+        if upstream is not None:
+            options += ["--start", f"{name}={launcher} {upstream} {route}"]
     return options
 
 
-def harness(python: str, peers: str, names: list[str], args: list[str]) -> int:
-    """One run of the harness: the built-in `peers` and the tlvproxy targets `names`."""
+@contextlib.contextmanager
+def delayed_echo() -> Iterator[str]:
+    """The harness's echo upstream answering after DELAY_US, on a free
+    127.0.0.1 port (built by the harness's own Makefile, as the harness does);
+    yields its HOST:PORT, and stops it on the way out."""
+    subprocess.run(["make", "-s", "-C", str(BENCH_DIR / "upstream")], check=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    echo = subprocess.Popen(
+        [str(BENCH_DIR / "upstream" / "tlv_echo"), str(port), str(DELAY_US)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if echo.poll() is not None or time.monotonic() > deadline:
+                    sys.exit(f"bench_shared: tlv_echo did not listen on port {port}")
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        echo.terminate()
+        echo.wait()
+
+
+def harness(python: str, peers: str, args: list[str], delayed_upstream: str | None) -> int:
+    """One run of the harness: the built-in `peers` and the tlvproxy targets
+    (DELAYED on `delayed_upstream`, or none when it is None)."""
     # Results go to our build/ folder: ../shared is the team's, not a scratch space.
     results = HERE.parent / "build" / "bench-results"
     command = [
@@ -109,7 +160,7 @@ def harness(python: str, peers: str, names: list[str], args: list[str]) -> int:
         peers,
         "--out",
         str(results),
-        *target_options(names),
+        *target_options(delayed_upstream),
         *args,
     ]
     return subprocess.run(command, cwd=BENCH_DIR, check=False).returncode
@@ -128,13 +179,12 @@ def main() -> None:
         sys.exit(f"bench_shared: needs python3 and {BENCH_DIR}/bench.py")
     # Medians of three rounds: one run on the 2-core box moves by 10% or more.
     repeat = [] if "--repeat" in args else ["--repeat", "3"]
-    rc = harness(python, PEERS, list(TARGETS), [*repeat, *args])
-    if delay_run and "--upstream-delay-us" not in args:
-        # The json route again, with an upstream that answers after 1 ms: the
-        # gateway must keep its throughput with many requests waiting.
-        print("\n== the json route with --upstream-delay-us 1000", flush=True)
-        delayed = [*repeat, *args, "--upstream-delay-us", "1000"]
-        rc = harness(python, "", ["tlvproxy-json"], delayed) or rc
+    # With --upstream-delay-us every target is delayed already.
+    if not delay_run or "--upstream-delay-us" in args:
+        rc = harness(python, PEERS, [*repeat, *args], None)
+    else:
+        with delayed_echo() as upstream:
+            rc = harness(python, PEERS, [*repeat, *args], upstream)
     sys.exit(rc)
 
 
