@@ -166,6 +166,7 @@ def test_metrics_and_config_answer_while_a_worker_makes_a_metrics_file(
     # The worker goes on with the file it finds empty, as with one it made.
     for n in range(20):
         assert gateway.call("POST", "/v1/echo", {"n": n}).status == 200
+    wait_for(lambda: worker in pids_serving(gateway, "/v1/echo"), "the worker's answers")
     # A worker hands its counts to its files once per scheduler pass, after
     # the answers of that pass are sent.
     duration = "tlvproxy_http_request_duration_seconds_count"
