@@ -17,8 +17,9 @@ what its `--upstream-delay-us 1000` starts), which this script starts beside
 the harness's. It is measured in the same run as tlvproxy-json, round-robin
 with it, so that its figure is set beside a zero-delay figure of the same
 minutes: on this 2-core box, two runs a few minutes apart differ by up to
-10%. `--no-delay-run` leaves it out. Its echo's CPU is in no column (the
-harness counts only its own upstream's).
+10%. `--no-delay-run` leaves it out, as does `--upstream-delay-us` (every
+target is delayed then). The harness counts its echo's CPU in that target's
+"other cores" (about 0.06), not in "upstream cores".
 
 trio-ceiling is the harness's own trio + httptools translator with no logs,
 metrics, policy or timeouts, built for few wake-ups: what the stack can do on
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -130,17 +132,21 @@ def delayed_echo() -> Iterator[str]:
     echo = subprocess.Popen(
         [str(BENCH_DIR / "upstream" / "tlv_echo"), str(port), str(DELAY_US)],
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # its counters at exit would follow the table
     )
     try:
         deadline = time.monotonic() + 10
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
             except OSError:
-                if echo.poll() is not None or time.monotonic() > deadline:
-                    sys.exit(f"bench_shared: tlv_echo did not listen on port {port}")
                 time.sleep(0.05)
+            else:
+                # Ours, not another program that took the port meanwhile.
+                if echo.poll() is None:
+                    break
+            if echo.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"bench_shared: tlv_echo did not listen on port {port}")
         yield f"127.0.0.1:{port}"
     finally:
         echo.terminate()
@@ -163,10 +169,19 @@ def harness(python: str, peers: str, args: list[str], delayed_upstream: str | No
         *target_options(delayed_upstream),
         *args,
     ]
-    return subprocess.run(command, cwd=BENCH_DIR, check=False).returncode
+    process = subprocess.Popen(command, cwd=BENCH_DIR)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        # The harness has the Ctrl-C too: let it stop what it started.
+        process.wait()
+        raise
 
 
 def main() -> None:
+    # A SIGTERM or SIGHUP unwinds as an exit, so delayed_echo stops its echo.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda number, _frame: sys.exit(128 + number))
     args = sys.argv[1:]
     if "--quick" in args:
         args.remove("--quick")
@@ -180,7 +195,8 @@ def main() -> None:
     # Medians of three rounds: one run on the 2-core box moves by 10% or more.
     repeat = [] if "--repeat" in args else ["--repeat", "3"]
     # With --upstream-delay-us every target is delayed already.
-    if not delay_run or "--upstream-delay-us" in args:
+    delayed = any(a.split("=", 1)[0] == "--upstream-delay-us" for a in args)
+    if not delay_run or delayed:
         rc = harness(python, PEERS, [*repeat, *args], None)
     else:
         with delayed_echo() as upstream:
