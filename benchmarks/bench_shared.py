@@ -12,14 +12,15 @@ production they go to a pipe) and metrics on. `--quick` measures 4 s per
 target after a 1 s warm-up.
 
 A fifth target, tlvproxy-json-delay, is tlvproxy-json on an upstream that
-answers after 1 ms: the harness's own echo program (`tlv_echo PORT 1000`,
-what its `--upstream-delay-us 1000` starts), which this script starts beside
-the harness's. It is measured in the same run as tlvproxy-json, round-robin
-with it, so that its figure is set beside a zero-delay figure of the same
-minutes: on this 2-core box, two runs a few minutes apart differ by up to
-10%. `--no-delay-run` leaves it out, as does `--upstream-delay-us` (every
-target is delayed then). The harness counts its echo's CPU in that target's
-"other cores" (about 0.06), not in "upstream cores".
+answers after 1 ms: the harness's own echo program with a 1000 us delay
+(what its `--upstream-delay-us 1000` starts), which this script builds in a
+temporary directory and starts beside the harness's. It is measured in the
+same run as tlvproxy-json, round-robin with it, so that its figure is set
+beside a zero-delay figure of the same minutes: on this 2-core box, two runs
+a few minutes apart differ by up to 10%. `--no-delay-run` leaves it out, as
+does `--upstream-delay-us` (every target is delayed then). The harness
+counts its echo's CPU in that target's "other cores" (about 0.06), not in
+"upstream cores".
 
 trio-ceiling is the harness's own trio + httptools translator with no logs,
 metrics, policy or timeouts, built for few wake-ups: what the stack can do on
@@ -37,12 +38,13 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from harness.processes import echo_upstream
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -123,34 +125,12 @@ def target_options(delayed_upstream: str | None) -> list[str]:
 @contextlib.contextmanager
 def delayed_echo() -> Iterator[str]:
     """The harness's echo upstream answering after DELAY_US, on a free
-    127.0.0.1 port (built by the harness's own Makefile, as the harness does);
-    yields its HOST:PORT, and stops it on the way out."""
-    subprocess.run(["make", "-s", "-C", str(BENCH_DIR / "upstream")], check=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    echo = subprocess.Popen(
-        [str(BENCH_DIR / "upstream" / "tlv_echo"), str(port), str(DELAY_US)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # its counters at exit would follow the table
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except OSError:
-                time.sleep(0.05)
-            else:
-                # Ours, not another program that took the port meanwhile.
-                if echo.poll() is None:
-                    break
-            if echo.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"bench_shared: tlv_echo did not listen on port {port}")
+    127.0.0.1 port; yields its HOST:PORT, and stops it on the way out."""
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        echo_upstream(Path(directory), DELAY_US) as port,
+    ):
         yield f"127.0.0.1:{port}"
-    finally:
-        echo.terminate()
-        echo.wait()
 
 
 def harness(python: str, peers: str, args: list[str], delayed_upstream: str | None) -> int:

@@ -78,11 +78,12 @@ def build_echo(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def echo_upstream(directory: Path) -> Iterator[int]:
+def echo_upstream(directory: Path, delay_us: int = 0) -> Iterator[int]:
     """The C echo upstream (built in `directory`) on a free loopback port
     until the block ends; yields the port. It answers every request frame
-    with the same body, flags=1, status 0."""
-    with child([str(build_echo(directory)), "0"], stderr=subprocess.DEVNULL) as (_, line):
+    with the same body, flags=1, status 0, after `delay_us` microseconds."""
+    argv = [str(build_echo(directory)), "0", str(delay_us)]
+    with child(argv, stderr=subprocess.DEVNULL) as (_, line):
         found = re.search(r"127\.0\.0\.1:(\d+)", line)
         if found is None:
             raise SystemExit(f"tlv_echo did not say where it listens: {line!r}")
